@@ -1,0 +1,193 @@
+"""Configuration dataclasses: the model's shape, the KV cache, and the engine's limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (``rope_type == "llama3"`` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder-only transformer."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position: int = 8192
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    rope_scaling: Optional[RopeScaling] = None
+    bos_token_id: int = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        for name in ("num_layers", "hidden_size", "num_heads", "head_dim", "intermediate_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def q_size(self) -> int:
+        """Width of the query projection output."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of one of the key / value projection outputs."""
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes of K and V that one token occupies across all layers."""
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        h, f = self.hidden_size, self.intermediate_size
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * f + 2 * h
+        emb = self.vocab_size * h
+        return self.num_layers * per_layer + emb * (1 if self.tie_embeddings else 2) + h
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the shape, used to refuse mismatched peers."""
+        payload = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# Shapes of real models. The weights of "smollm2-135m" are real (GGUF); the others are
+# random-weight presets of the published shapes, used where only speed matters.
+SMOLLM2_135M = ModelConfig(
+    name="smollm2-135m",
+    num_layers=30,
+    hidden_size=576,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=49152,
+    max_position=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_embeddings=True,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+)
+
+TINY = ModelConfig(
+    name="tiny",
+    num_layers=2,
+    hidden_size=128,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=256,
+    vocab_size=49152,
+    max_position=2048,
+    rope_theta=10000.0,
+    tie_embeddings=True,
+)
+
+LLAMA_1B = ModelConfig(
+    name="llama-1b",
+    num_layers=16,
+    hidden_size=2048,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    vocab_size=128256,
+    max_position=131072,
+    rope_theta=500000.0,
+    tie_embeddings=True,
+    rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192),
+    bos_token_id=128000,
+    eos_token_ids=(128001, 128009),
+)
+
+LLAMA_8B = ModelConfig(
+    name="llama-8b",
+    num_layers=32,
+    hidden_size=4096,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position=8192,
+    rope_theta=500000.0,
+    tie_embeddings=False,
+    bos_token_id=128000,
+    eos_token_ids=(128001, 128009),
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SMOLLM2_135M, TINY, LLAMA_1B, LLAMA_8B)}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool: block size and how many blocks (or how much memory) it gets."""
+
+    block_size: int = 16
+    num_blocks: Optional[int] = None
+    memory_budget_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+    def resolve_num_blocks(self, model: ModelConfig, dtype_bytes: int, default_budget_bytes: int) -> int:
+        """How many blocks the pool holds: explicit count, else the memory budget divided by block bytes."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        budget = self.memory_budget_bytes if self.memory_budget_bytes is not None else default_budget_bytes
+        block_bytes = self.block_size * model.kv_bytes_per_token(dtype_bytes)
+        num = budget // block_bytes
+        if num < 1:
+            raise ValueError(
+                f"KV memory budget of {budget} bytes is smaller than one block ({block_bytes} bytes)"
+            )
+        return int(num)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling limits and numerics switches of one engine."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    policy: str = "prefill_first"
+    chunk_size: int = 256
+    batch_invariant: bool = False
+    max_model_len: Optional[int] = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
