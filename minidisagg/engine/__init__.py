@@ -1,0 +1,1 @@
+"""The colocated engine: sequences, scheduling policies, the model runner and the step loop."""

@@ -1,0 +1,268 @@
+"""The steppable colocated engine: requests in, one scheduled step at a time, outputs out."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from minidisagg.config import EngineConfig
+from minidisagg.engine.clock import Clock, WallClock
+from minidisagg.engine.runner import ModelRunner
+from minidisagg.engine.sampling import SamplingParams, make_generator
+from minidisagg.engine.scheduler import Policy, Scheduler, StepBudget
+from minidisagg.engine.sequence import Sequence
+from minidisagg.kv.block_manager import BlockManager
+from minidisagg.kv.cache import PagedKVCache
+from minidisagg.metrics import RequestMetrics, RequestTimeline
+from minidisagg.models.registry import LoadedModel
+from minidisagg.stages.base import Stage, StageResult
+from minidisagg.stages.decode import DecodeStage
+from minidisagg.stages.prefill import PrefillStage
+
+CPU_KV_BUDGET_BYTES = 512 * 2**20
+CUDA_KV_FRACTION_OF_FREE = 0.6
+
+PromptInput = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class RequestOutput:
+    """A request's result so far (vLLM-shaped). ``metrics`` is set once it has finished."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: Optional[str]
+    metrics: Optional[RequestMetrics]
+    timeline: RequestTimeline
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One stage run inside one engine step: what ran, for how long, when it ended (engine clock)."""
+
+    stage: str
+    num_seqs: int
+    num_tokens: int
+    elapsed_s: float
+    end_s: float
+
+
+@dataclass
+class EngineStats:
+    """Counters the labs read: steps, stage time, preemptions, KV pool occupancy."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    num_preemptions: int = 0
+
+
+def default_num_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
+    """Pool size: the configured count or budget, else 512 MiB on CPU or 60% of free GPU memory."""
+    dtype_bytes = torch.tensor([], dtype=loaded.model.dtype).element_size()
+    if loaded.model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(loaded.model.device)
+        default_budget = int(free * CUDA_KV_FRACTION_OF_FREE)
+    else:
+        default_budget = CPU_KV_BUDGET_BYTES
+    return config.cache.resolve_num_blocks(loaded.config, dtype_bytes, default_budget)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model and one KV pool.
+
+    ``add_request`` queues work (optionally arriving later on the engine clock); each
+    ``step`` admits arrivals, asks the scheduler for a plan and runs the prefill and decode
+    stages. Pass ``prefill_stage`` / ``decode_stage`` (a ``Stage`` subclass) to replace a phase.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig = EngineConfig(),
+        clock: Optional[Clock] = None,
+        policy: Policy | str | None = None,
+        prefill_stage: type[Stage] = PrefillStage,
+        decode_stage: type[Stage] = DecodeStage,
+    ) -> None:
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.config = config
+        self.clock: Clock = clock or WallClock()
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
+        num_blocks = default_num_blocks(loaded, config)
+        self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.cache.block_size, loaded.model.dtype, loaded.model.device)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, config.batch_invariant)
+        self.prefill_stage: Stage = prefill_stage(self.runner)
+        self.decode_stage: Stage = decode_stage(self.runner)
+        budget = StepBudget(config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(policy or config.policy, budget, self.blocks)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._pending: list[tuple[float, int, Sequence]] = []
+        self._seqs: dict[str, Sequence] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
+        """Turn a string or ``{"prompt_token_ids": [...]}`` into (text, ids), validating it."""
+        if isinstance(prompt, str):
+            text, ids = prompt, self.loaded.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
+                f"(prompt plus at least one generated token)"
+            )
+        if len(ids) + 1 > self.blocks.capacity_tokens:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the KV pool holds only {self.blocks.capacity_tokens}; "
+                f"raise CacheConfig(num_blocks=...) or memory_budget_bytes"
+            )
+        return text, ids
+
+    def add_request(
+        self,
+        prompt: PromptInput,
+        params: Optional[SamplingParams] = None,
+        arrival_time: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> str:
+        """Queue a request; with ``arrival_time`` (engine clock seconds) it becomes visible only then."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize_prompt(prompt)
+        seq_id = next(self._ids)
+        request_id = request_id if request_id is not None else str(seq_id)
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival = self.clock.now() if arrival_time is None else float(arrival_time)
+        seq = Sequence(seq_id, request_id, ids, params, RequestTimeline(arrival_s=arrival), prompt=text,
+                       generator=make_generator(params, self.loaded.model.device))
+        self._seqs[request_id] = seq
+        heapq.heappush(self._pending, (arrival, seq_id, seq))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its blocks return to the pool."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        self._pending = [p for p in self._pending if p[2] is not seq]
+        heapq.heapify(self._pending)
+        self.scheduler.finish(seq, "abort")
+        seq.timeline.finish_s = self.clock.now()
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is pending, waiting or running."""
+        return bool(self._pending) or self.scheduler.has_work()
+
+    # ---- the step loop ----------------------------------------------------------------------
+    def _admit_arrivals(self) -> None:
+        now = self.clock.now()
+        while self._pending and self._pending[0][0] <= now:
+            _, _, seq = heapq.heappop(self._pending)
+            if not seq.is_finished:
+                self.scheduler.add(seq)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling iteration; returns outputs of requests that got a token or finished."""
+        self._admit_arrivals()
+        if not self.scheduler.has_work():
+            if not self._pending:
+                return []
+            self.clock.wait_until(self._pending[0][0])
+            self._admit_arrivals()
+        plan = self.scheduler.schedule()
+        touched: dict[int, Sequence] = {}
+        now = self.clock.now()
+        for chunk in plan.prefills:
+            tl = chunk.seq.timeline
+            tl.scheduled_s = now if tl.scheduled_s is None else tl.scheduled_s
+            tl.prefill_start_s = now if tl.prefill_start_s is None else tl.prefill_start_s
+        runs: list[tuple[Stage, list]] = [(self.prefill_stage, plan.prefills), (self.decode_stage, plan.decodes)]
+        if not plan.prefill_before_decode:
+            runs.reverse()
+        for stage, work in runs:
+            if work:
+                result = stage.run(work)
+                self.clock.advance(result.elapsed_s)
+                self._apply(stage, result, touched)
+        for seq in self.scheduler.finished:
+            seq.timeline.finish_s = self.clock.now() if seq.timeline.finish_s is None else seq.timeline.finish_s
+            touched[seq.seq_id] = seq
+        self.scheduler.finished.clear()
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        return [self.output_of(s) for s in touched.values()]
+
+    def _apply(self, stage: Stage, result: StageResult, touched: dict[int, Sequence]) -> None:
+        t = self.clock.now()
+        self.stats.steps.append(StepRecord(stage.name, len(result.seqs), result.num_tokens, result.elapsed_s, t))
+        for seq, token in zip(result.seqs, result.new_token_ids):
+            if token is None:
+                continue
+            if seq in self.scheduler.waiting:
+                self.scheduler.on_prefill_done(seq)
+                if seq.timeline.prefill_end_s is None:
+                    seq.timeline.prefill_end_s = t
+            seq.output_token_ids.append(token)
+            seq.timeline.record_token(t)
+            touched[seq.seq_id] = seq
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
+        p = seq.params
+        if not p.ignore_eos and token in self.model_config.eos_token_ids:
+            return "stop"
+        if p.stop_token_ids and token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self._stop_string_at(seq) is not None:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _stop_string_at(self, seq: Sequence) -> Optional[int]:
+        text = self.loaded.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in seq.params.stop or [] if s in text]
+        return min(hits) if hits else None
+
+    def output_of(self, seq: Sequence) -> RequestOutput:
+        """The request's current ``RequestOutput``."""
+        text = ""
+        if self.loaded.has_tokenizer_loaded:
+            text = self.loaded.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            cut = self._stop_string_at(seq) if seq.params.stop else None
+            text = text if cut is None else text[:cut]
+        metrics = None
+        if seq.is_finished and seq.output_token_ids:
+            metrics = RequestMetrics.from_timeline(seq.timeline)
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), text, list(seq.output_token_ids),
+                             seq.is_finished, seq.finish_reason, metrics, seq.timeline, seq.num_preemptions)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (the LLM front end calls this after returning its output)."""
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.is_finished:
+            del self._seqs[request_id]

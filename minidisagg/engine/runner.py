@@ -1,0 +1,81 @@
+"""The model runner: turns a list of work items into packed tensors, runs the model, returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minidisagg.kernels.attention import AttentionMetadata
+from minidisagg.kv.cache import PagedKVCache
+from minidisagg.models.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """Tokens of one sequence to run now, at positions ``start_pos ...``, with the blocks holding its KV."""
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    want_logits: bool
+
+
+class ModelRunner:
+    """Owns the model and the KV pool; executes one forward pass over a packed batch."""
+
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, batch_invariant: bool = False) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.batch_invariant = batch_invariant
+        self.device = model.device
+
+    def _prepare(self, items: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.kv_cache.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts, lens, ctx_lens, logit_rows = [], [], [], []
+        max_blocks = max(len(it.block_table) for it in items)
+        tables = torch.zeros(len(items), max_blocks, dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it.token_ids)
+            end = it.start_pos + n
+            if n < 1 or -(-end // bs) > len(it.block_table):
+                raise ValueError(f"batch item {i}: {n} tokens ending at {end} do not fit {len(it.block_table)} blocks")
+            starts.append(len(input_ids))
+            lens.append(n)
+            ctx_lens.append(end)
+            input_ids.extend(it.token_ids)
+            positions.extend(range(it.start_pos, end))
+            slots.extend(it.block_table[p // bs] * bs + p % bs for p in range(it.start_pos, end))
+            tables[i, : len(it.block_table)] = torch.tensor(it.block_table, dtype=torch.long)
+            if it.want_logits:
+                logit_rows.append(len(input_ids) - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_starts=starts,
+            query_lens=lens,
+            context_lens=ctx_lens,
+            block_tables=tables.to(dev),
+            context_lens_tensor=torch.tensor(ctx_lens, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            batch_invariant=self.batch_invariant,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta, logit_rows
+
+    def execute(self, items: list[BatchItem]) -> torch.Tensor:
+        """Run the items as one packed batch; returns float32 logits for items with ``want_logits``, in order."""
+        if not items:
+            raise ValueError("execute() needs at least one batch item")
+        ids, pos, meta, logit_rows = self._prepare(items)
+        hidden = self.model(ids, pos, self.kv_cache, meta)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows], self.batch_invariant)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (so timings are honest on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

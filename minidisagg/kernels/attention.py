@@ -1,0 +1,165 @@
+"""Attention over the paged KV cache: packed variable-length prefill and batched decode.
+
+Every query token belongs to one sequence; its keys are that sequence's cached tokens up to
+and including its own position. The cache is [num_blocks, block_size, num_kv_heads, head_dim]
+per layer, and a sequence's block table lists the blocks that hold its tokens in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+INVARIANT_QUERY_TILE = 16
+INVARIANT_KEY_BLOCK = 64
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries sit in the packed batch and where its keys sit in the cache."""
+
+    query_starts: list[int]
+    query_lens: list[int]
+    context_lens: list[int]  # tokens in the cache after this step's write, per sequence
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    context_lens_tensor: torch.Tensor  # [num_seqs] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of each new token
+    batch_invariant: bool = False
+
+    @property
+    def num_seqs(self) -> int:
+        """Number of sequences in the batch."""
+        return len(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """True when every sequence contributes exactly one query token."""
+        return all(n == 1 for n in self.query_lens)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """One sequence's cached tokens [context_len, KH, D], in order."""
+    block_size = cache.shape[1]
+    num_blocks = -(-context_len // block_size)
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:context_len]
+
+
+def decode_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Batched decode attention: q [B, H, D], one query per sequence, returns [B, H, D]."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = max(meta.context_lens)
+    max_blocks = -(-max_len // k_cache.shape[1])
+    tables = meta.block_tables[:, :max_blocks]
+    keys = k_cache[tables].flatten(1, 2)[:, :max_len]  # [B, L, KH, D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_len]
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys.float()) * scale
+    positions = torch.arange(max_len, device=q.device)
+    valid = positions[None, :] < meta.context_lens_tensor[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values.float())
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def prefill_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Packed varlen causal attention with torch SDPA, one sequence at a time.
+
+    q [T, H, D]; k, v [T, KH, D] are this step's new tokens (already in the cache too).
+    A sequence with earlier tokens in the cache (a later prefill chunk) reads them from its pages.
+    """
+    out = torch.empty_like(q)
+    for i, (start, n, ctx) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
+        qs = q[start : start + n].transpose(0, 1)
+        if ctx == n:
+            ks, vs, mask, causal = k[start : start + n], v[start : start + n], None, True
+        else:
+            ks = _gather_context(k_cache, meta.block_tables[i], ctx)
+            vs = _gather_context(v_cache, meta.block_tables[i], ctx)
+            query_pos = torch.arange(ctx - n, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= query_pos[:, None]
+            causal = False
+        o = F.scaled_dot_product_attention(
+            qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask, is_causal=causal, scale=scale,
+            enable_gqa=True,
+        )
+        out[start : start + n] = o.transpose(0, 1)
+    return out
+
+
+def invariant_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Batch-invariant attention for any mix of prefill chunks and decodes.
+
+    Each query row is computed in fixed-shape tiles (INVARIANT_QUERY_TILE queries against
+    INVARIANT_KEY_BLOCK keys at absolute positions), with an online softmax over key blocks in
+    a fixed order, so its bits depend only on its own sequence, never on batching or chunking.
+    """
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    tile, kblock = INVARIANT_QUERY_TILE, INVARIANT_KEY_BLOCK
+    for i, (start, n, ctx) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
+        keys = _gather_context(k_cache, meta.block_tables[i], ctx).float()
+        values = _gather_context(v_cache, meta.block_tables[i], ctx).float()
+        padded_ctx = -(-ctx // kblock) * kblock
+        keys = F.pad(keys, (0, 0, 0, 0, 0, padded_ctx - ctx)).permute(1, 2, 0)  # [KH, D, Lp]
+        values = F.pad(values, (0, 0, 0, 0, 0, padded_ctx - ctx)).transpose(0, 1)  # [KH, Lp, D]
+        for t0 in range(0, n, tile):
+            rows = min(tile, n - t0)
+            qt = q.new_zeros(tile, num_heads, head_dim, dtype=torch.float32)
+            qt[:rows] = q[start + t0 : start + t0 + rows].float()
+            qt = qt.view(tile, num_kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(num_kv_heads, tile * group, head_dim)
+            query_pos = (ctx - n + t0 + torch.arange(tile, device=q.device)).repeat_interleave(group)
+            run_max = torch.full((num_kv_heads, tile * group, 1), float("-inf"), device=q.device)
+            run_sum = torch.zeros((num_kv_heads, tile * group, 1), device=q.device)
+            acc = torch.zeros((num_kv_heads, tile * group, head_dim), device=q.device)
+            last_key = ctx - n + t0 + rows  # keys at positions >= last_key are never visible to this tile
+            for k0 in range(0, last_key, kblock):
+                scores = torch.bmm(qt, keys[:, :, k0 : k0 + kblock]) * scale
+                key_pos = k0 + torch.arange(kblock, device=q.device)
+                visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < ctx)
+                scores = scores.masked_fill(~visible, float("-inf"))
+                new_max = torch.maximum(run_max, scores.amax(-1, keepdim=True))
+                safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+                p = torch.exp(scores - safe_max)
+                correction = torch.exp(torch.where(torch.isinf(run_max), torch.full_like(run_max, float("-inf")), run_max - safe_max))
+                run_sum = run_sum * correction + p.sum(-1, keepdim=True)
+                acc = acc * correction + torch.bmm(p, values[:, k0 : k0 + kblock])
+                run_max = new_max
+            res = (acc / run_sum).view(num_kv_heads, tile, group, head_dim).permute(1, 0, 2, 3)
+            out[start + t0 : start + t0 + rows] = res.reshape(tile, num_heads, head_dim)[:rows].to(q.dtype)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Dispatch point for attention. The new k, v must already be written to the cache."""
+    if meta.batch_invariant:
+        return invariant_attention(q, k_cache, v_cache, meta, scale)
+    if meta.is_decode:
+        return decode_attention_reference(q, k_cache, v_cache, meta, scale)
+    return prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale)

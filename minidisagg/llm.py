@@ -1,0 +1,159 @@
+"""``LLM``: the vLLM-shaped front door: load a model, generate from prompts or chats."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional, Sequence as Seq
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.engine.clock import Clock
+from minidisagg.engine.llm_engine import LLMEngine, PromptInput, RequestOutput
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.scheduler import Policy
+from minidisagg.models.registry import load_model
+from minidisagg.models.tokenizer import Tokenizer
+from minidisagg.stages.base import Stage
+from minidisagg.stages.decode import DecodeStage
+from minidisagg.stages.prefill import PrefillStage
+
+PROGRESS_MIN_REQUESTS = 8
+Message = dict[str, str]
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() or "JPY_PARENT_PID" in os.environ or "ipykernel" in sys.modules
+
+
+class LLM:
+    """Load a model and serve requests with the colocated engine.
+
+    >>> llm = LLM("smollm2-135m")
+    >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+    ...          SamplingParams(temperature=0, max_tokens=16))[0].text
+    'The capital of France is Paris.'
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        *,
+        policy: Policy | str = "prefill_first",
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: Optional[int] = None,
+        block_size: int = 16,
+        num_kv_blocks: Optional[int] = None,
+        kv_memory_budget_bytes: Optional[int] = None,
+        batch_invariant: bool = False,
+        random_weights: bool = False,
+        seed: int = 0,
+        clock: Optional[Clock] = None,
+        prefill_stage: type[Stage] = PrefillStage,
+        decode_stage: type[Stage] = DecodeStage,
+    ) -> None:
+        cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes)
+        self.config = EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            policy=policy if isinstance(policy, str) else getattr(policy, "__name__", "custom"),
+            batch_invariant=batch_invariant,
+            max_model_len=max_model_len,
+            cache=cache,
+        )
+        self.loaded = load_model(model, device=device, dtype=dtype, seed=seed, random_weights=random_weights)
+        self.engine = LLMEngine(self.loaded, self.config, clock=clock, policy=policy,
+                                prefill_stage=prefill_stage, decode_stage=decode_stage)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self.loaded.model.device
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (``encode``, ``decode``, ``apply_chat_template``)."""
+        return self.loaded.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Seq[PromptInput],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order.
+
+        A bad prompt raises ``ValueError`` before anything is queued, so no other request is lost.
+        """
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        params = self._params_for(len(prompts), sampling_params)
+        for p in prompts:
+            self.engine.tokenize_prompt(p)  # validate all before queueing any
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Seq[Message] | Seq[Seq[Message]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the chat template to one conversation or a list of them, then generate."""
+        if not messages:
+            raise ValueError("chat() needs at least one message")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
+        tok = self.get_tokenizer()
+        prompts: list[dict[str, Any]] = []
+        for conv in conversations:
+            for m in conv:  # type: ignore[union-attr]
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
+            ids = tok.apply_chat_template(list(conv), add_generation_prompt=True)  # type: ignore[arg-type]
+            prompts.append({"prompt_token_ids": ids, "prompt": tok.apply_chat_template(list(conv), tokenize=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _params_for(self, n: int, sp: SamplingParams | Seq[SamplingParams] | None) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        sp = list(sp)
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts")
+        return sp
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        show = use_tqdm and len(request_ids) >= PROGRESS_MIN_REQUESTS and _show_progress()
+        columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, disable=not show, transient=True) as progress:
+            task = progress.add_task("generate", total=len(request_ids))
+            try:
+                while len(done) < len(wanted):
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in wanted:
+                            done[out.request_id] = out
+                            self.engine.release(out.request_id)
+                            progress.advance(task)
+            except BaseException:
+                for rid in wanted - done.keys():
+                    self.engine.abort(rid)
+                    self.engine.release(rid)
+                raise
+        return [done[r] for r in request_ids]
+
+    def shutdown(self) -> None:
+        """Release the engine (workers, in disaggregated mode)."""
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

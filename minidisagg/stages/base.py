@@ -1,0 +1,67 @@
+"""The ``Stage`` protocol: one phase of inference run over a batch of sequences, timed."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Generic, Optional, TypeVar
+
+from minidisagg.engine.runner import BatchItem, ModelRunner
+from minidisagg.engine.sampling import sample
+from minidisagg.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prefill the next ``num_tokens`` uncomputed tokens of ``seq``."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this chunk completes the sequence's prefill (so a token is sampled)."""
+        return self.num_tokens == self.seq.num_prefill_tokens_left
+
+
+@dataclass
+class StageResult:
+    """What a stage did: the token sampled for each sequence (``None`` if none yet) and how long it took."""
+
+    seqs: list[Sequence]
+    new_token_ids: list[Optional[int]]
+    elapsed_s: float
+    num_tokens: int
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+WorkT = TypeVar("WorkT")
+
+
+class Stage(ABC, Generic[WorkT]):
+    """A phase of inference. Subclass it and pass the subclass to ``LLM`` to change how a phase runs.
+
+    ``run`` must write the batch's KV into the sequences' pages, advance each sequence's
+    ``num_computed_tokens``, and return the sampled tokens; it must not append them (the
+    engine does, so that stopping rules live in one place).
+    """
+
+    name: str = "stage"
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    @abstractmethod
+    def run(self, work: list[WorkT]) -> StageResult:
+        """Run one batch of work."""
+
+    def execute_timed(self, items: list[BatchItem], seqs: list[Sequence]) -> tuple[list[Optional[int]], float]:
+        """Run the model over ``items``, sample where logits were asked for, and time it all."""
+        t0 = time.perf_counter()
+        logits = self.runner.execute(items)
+        wanted = [s for s, it in zip(seqs, items) if it.want_logits]
+        sampled = iter(sample(logits, [s.params for s in wanted], [s.generator for s in wanted]))
+        tokens = [next(sampled) if it.want_logits else None for it in items]
+        self.runner.synchronize()
+        return tokens, time.perf_counter() - t0
