@@ -24,3 +24,54 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_gguf):
+    """SmolLM2-135M loaded once on CPU in float32 (engines in tests share it)."""
+    from minidisagg.models.registry import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """The outside reference: HF transformers' LlamaForCausalLM loaded from the same GGUF."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    """The random-weight ``tiny`` preset on CPU (fast; no download)."""
+    from minidisagg.models.registry import load_model
+
+    return load_model("tiny", device="cpu", dtype="float32", seed=0)
+
+
+def make_engine(loaded, **overrides):
+    """An LLMEngine over an already loaded model, with EngineConfig fields overridden."""
+    from minidisagg.config import CacheConfig, EngineConfig
+    from minidisagg.engine.llm_engine import LLMEngine
+
+    cache_fields = {k: overrides.pop(k) for k in ("num_blocks", "block_size") if k in overrides}
+    clock = overrides.pop("clock", None)
+    config = EngineConfig(cache=CacheConfig(**cache_fields), **overrides)
+    return LLMEngine(loaded, config, clock=clock)
+
+
+def run_all(engine):
+    """Step the engine until every request is done; returns finished outputs by request id."""
+    done = {}
+    for _ in range(100_000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    else:
+        raise AssertionError("engine did not finish")
+    return done

@@ -23,6 +23,8 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear_batch_invariant(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = INVARIANT_TILE_ROWS) -> torch.Tensor:
     """``x @ weight.T`` computed in fixed ``tile_rows``-row tiles (rows zero-padded)."""
     rows = x.shape[0]
+    if rows == 0:
+        return x.new_zeros(0, weight.shape[0])
     num_tiles = -(-rows // tile_rows)
     padded = x.new_zeros(num_tiles * tile_rows, x.shape[1])
     padded[:rows] = x
