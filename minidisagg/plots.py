@@ -1,0 +1,52 @@
+"""Matplotlib figures the CLI, labs and slides share (nothing in the engine imports this)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from minidisagg.metrics import RequestTimeline
+
+
+def plot_itl_timeline(
+    ax: Axes,
+    decode_timelines: Sequence[RequestTimeline],
+    prefill_timelines: Sequence[RequestTimeline] = (),
+    title: str = "",
+) -> None:
+    """Inter-token latency (ms) of each steady decode request against time, long-prompt prefills shaded."""
+    for i, tl in enumerate(decode_timelines):
+        times = tl.token_times_s
+        gaps_ms = [1000 * (b - a) for a, b in zip(times, times[1:])]
+        ax.plot(times[1:], gaps_ms, lw=1, alpha=0.8, label="decode requests" if i == 0 else None)
+    for i, tl in enumerate(prefill_timelines):
+        ax.axvline(tl.arrival_s, color="crimson", ls="--", lw=1, label="long prompt arrives" if i == 0 else None)
+        if tl.prefill_start_s is not None and tl.prefill_end_s is not None:
+            ax.axvspan(tl.prefill_start_s, tl.prefill_end_s, color="crimson", alpha=0.12,
+                       label="its prefill runs" if i == 0 else None)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("inter-token latency (ms)")
+    ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def itl_timeline_figure(
+    panels: Sequence[tuple[str, Sequence[RequestTimeline], Sequence[RequestTimeline]]],
+    path: Optional[str | Path] = None,
+) -> Figure:
+    """One ITL timeline panel per run, stacked with a shared time axis; saved to ``path`` if given."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, (title, decodes, prefills) in zip(axes[:, 0], panels):
+        plot_itl_timeline(ax, decodes, prefills, title)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
