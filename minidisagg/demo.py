@@ -8,7 +8,6 @@ spike); ``chunked`` spreads the prefill over steps with a token budget.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,10 +19,10 @@ from rich.table import Table
 
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
-from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.replay import replay
 from minidisagg.metrics import summarize
-from minidisagg.models.registry import LoadedModel, load_model
-from minidisagg.workload import TimedRequest, interference_workload
+from minidisagg.models.registry import load_model
+from minidisagg.workload import interference_workload
 
 
 @dataclass(frozen=True)
@@ -59,30 +58,6 @@ class PolicyRun:
     duration_s: float
 
 
-def replay(loaded: LoadedModel, workload: list[TimedRequest], config: EngineConfig, seed: int,
-           progress: Optional[Progress] = None, label: str = "") -> tuple[list[RequestOutput], float]:
-    """Replay a timed workload on wall time; returns outputs in workload order and the run's duration."""
-    engine = LLMEngine(loaded, config)
-    rng = random.Random(seed)
-    vocab = min(loaded.config.vocab_size, 49152)
-    ids = []
-    for req in workload:
-        prompt = [rng.randrange(100, vocab) for _ in range(req.prompt_len)]
-        params = SamplingParams(temperature=0, max_tokens=req.output_len, ignore_eos=True)
-        ids.append(engine.add_request({"prompt_token_ids": prompt}, params, arrival_time=req.arrival_s))
-    total = sum(r.output_len for r in workload)
-    task = progress.add_task(label, total=total) if progress else None
-    done: dict[str, RequestOutput] = {}
-    while engine.has_unfinished():
-        outs = engine.step()
-        for out in outs:
-            if out.finished:
-                done[out.request_id] = out
-        if progress is not None and task is not None:
-            progress.update(task, completed=sum(len(s.output_token_ids) for s in engine._seqs.values()))
-    return [done[i] for i in ids], engine.clock.now()
-
-
 def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | Path = ".",
              settings: Optional[DemoSettings] = None, console: Optional[Console] = None) -> dict[str, PolicyRun]:
     """Run the interference scenario under ``prefill_first`` and ``chunked``; print a table, save a PNG."""
@@ -106,8 +81,9 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
         for policy, budget in budgets.items():
             config = EngineConfig(policy=policy, max_num_batched_tokens=budget, max_num_seqs=64,
                                   cache=CacheConfig())
-            outs, duration = replay(loaded, workload, config, settings.seed, progress, policy)
-            runs[policy] = PolicyRun(policy, outs[: settings.num_decodes], outs[settings.num_decodes:], duration)
+            engine = LLMEngine(loaded, config)
+            outs = replay(engine, workload, settings.seed, progress, policy)
+            runs[policy] = PolicyRun(policy, outs[: settings.num_decodes], outs[settings.num_decodes:], engine.clock.now())
     table = Table(title=f"{settings.num_decodes} steady decodes + {settings.num_long} prompts of "
                         f"{settings.long_prompt_len} tokens")
     for col in ("policy", "ITL p50 (ms)", "ITL p99 (ms)", "max ITL (ms)", "long-prompt TTFT p50 (s)", "decode tok/s"):

@@ -1,0 +1,55 @@
+"""Replay a timed workload (Poisson, CSV, the interference scenario) through an engine."""
+
+from __future__ import annotations
+
+import random
+from typing import Optional, Sequence
+
+from rich.progress import Progress, TaskID
+
+from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.workload import TimedRequest
+
+SYNTHETIC_TOKEN_RANGE = (100, 49152)  # ordinary (non-special) ids of the SmolLM2 vocabulary
+
+
+def submit_workload(engine: LLMEngine, workload: Sequence[TimedRequest], seed: int = 0) -> list[str]:
+    """Queue every request at its arrival time, with seeded synthetic prompt ids; returns request ids.
+
+    Outputs are greedy and ignore EOS, so each request produces exactly ``output_len`` tokens.
+    """
+    rng = random.Random(seed)
+    low, high = SYNTHETIC_TOKEN_RANGE
+    high = min(high, engine.model_config.vocab_size)
+    ids = []
+    for req in workload:
+        prompt = [rng.randrange(low, high) for _ in range(req.prompt_len)]
+        params = SamplingParams(temperature=0, max_tokens=req.output_len, ignore_eos=True)
+        ids.append(engine.add_request({"prompt_token_ids": prompt}, params, arrival_time=req.arrival_s))
+    return ids
+
+
+def run_to_completion(
+    engine: LLMEngine, request_ids: Sequence[str], progress: Optional[Progress] = None, task: Optional[TaskID] = None
+) -> list[RequestOutput]:
+    """Step until the given requests finish; returns their outputs in order (progress counts tokens)."""
+    done: dict[str, RequestOutput] = {}
+    tokens = 0
+    while len(done) < len(request_ids) and engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+                tokens += len(out.token_ids)
+        if progress is not None and task is not None:
+            running = sum(len(s.output_token_ids) for s in engine.scheduler.running)
+            progress.update(task, completed=tokens + running)
+    return [done[r] for r in request_ids]
+
+
+def replay(engine: LLMEngine, workload: Sequence[TimedRequest], seed: int = 0,
+           progress: Optional[Progress] = None, label: str = "replay") -> list[RequestOutput]:
+    """Submit a workload and run it to the end; outputs come back in workload order."""
+    ids = submit_workload(engine, workload, seed)
+    task = progress.add_task(label, total=sum(r.output_len for r in workload)) if progress else None
+    return run_to_completion(engine, ids, progress, task)
