@@ -46,6 +46,7 @@ class RequestTimeline:
     transfer_start_s: float | None = None
     transfer_end_s: float | None = None
     decode_start_s: float | None = None
+    kv_transfer_bytes: int = 0
 
     def record_token(self, t_s: float) -> None:
         """Record that one more output token became available at time ``t_s``."""
@@ -72,7 +73,8 @@ class RequestMetrics:
     ``queue_s`` is (scheduled time, or prefill start if never recorded) - arrival and
     ``prefill_s`` is prefill end - prefill start; either is NaN when its timestamps were
     not recorded. ``transfer_s`` (transfer end - start) and ``decode_queue_s`` (decode
-    start - transfer end) are None for a colocated request.
+    start - transfer end) and ``decode_s`` (finish - decode start) are None for a colocated
+    request; ``kv_transfer_bytes`` is then 0.
     """
 
     ttft_s: float
@@ -84,6 +86,13 @@ class RequestMetrics:
     num_output_tokens: int
     transfer_s: float | None = None
     decode_queue_s: float | None = None
+    decode_s: float | None = None
+    kv_transfer_bytes: int = 0
+
+    @property
+    def kv_transfer_s(self) -> float | None:
+        """Time the request's KV pages took to move (same as ``transfer_s``)."""
+        return self.transfer_s
 
     @classmethod
     def from_timeline(cls, tl: RequestTimeline) -> RequestMetrics:
@@ -114,6 +123,8 @@ class RequestMetrics:
             num_output_tokens=n,
             transfer_s=_span(tl.transfer_start_s, tl.transfer_end_s),
             decode_queue_s=_span(tl.transfer_end_s, tl.decode_start_s),
+            decode_s=_span(tl.decode_start_s, tl.finish_s),
+            kv_transfer_bytes=tl.kv_transfer_bytes,
         )
 
     def as_dict(self) -> dict[str, float | int | list[float] | None]:

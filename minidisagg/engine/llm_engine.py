@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,7 +14,7 @@ from minidisagg.engine.clock import Clock, WallClock
 from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sampling import SamplingParams, make_generator
 from minidisagg.engine.scheduler import Policy, Scheduler, StepBudget
-from minidisagg.engine.sequence import Sequence
+from minidisagg.engine.sequence import Sequence, SequenceState, SequenceStatus
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.metrics import RequestMetrics, RequestTimeline
@@ -109,6 +109,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._pending: list[tuple[float, int, Sequence]] = []
         self._seqs: dict[str, Sequence] = {}
+        # Disaggregation hook: when set, a sequence whose prefill completed (and that is not
+        # finished) is handed to this callback with its blocks still owned, instead of decoding here.
+        self.handoff: Optional[Callable[[Sequence], None]] = None
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
@@ -230,6 +233,10 @@ class LLMEngine:
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+            elif self.handoff is not None and seq.status is SequenceStatus.RUNNING and len(seq.output_token_ids) == 1:
+                self.scheduler.running.remove(seq)
+                seq.status = SequenceStatus.HANDED_OFF
+                self.handoff(seq)
 
     def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
         p = seq.params
@@ -266,3 +273,43 @@ class LLMEngine:
         seq = self._seqs.get(request_id)
         if seq is not None and seq.is_finished:
             del self._seqs[request_id]
+
+    # ---- disaggregation: hand a prefilled sequence over, or take one in ------------------------
+    def release_handed_off(self, seq: Sequence) -> None:
+        """The decode side holds this sequence now: free its blocks here and forget it."""
+        self.blocks.free(seq.seq_id)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "handed_off"
+        self._seqs.pop(seq.request_id, None)
+
+    def reserve(self, key: str, num_tokens: int) -> Optional[list[int]]:
+        """Reserve blocks for ``num_tokens`` incoming tokens under ``key``; None when the pool is too full."""
+        if num_tokens + 1 > self.blocks.capacity_tokens:
+            raise ValueError(f"{num_tokens} tokens can never fit this KV pool ({self.blocks.capacity_tokens} slots)")
+        if self.blocks.block_table(key) or not self.blocks.can_grow(key, num_tokens):
+            return None
+        return list(self.blocks.grow(key, num_tokens))
+
+    def cancel_reservation(self, key: str) -> int:
+        """Return a reservation's blocks to the pool; returns how many."""
+        return self.blocks.free(key)
+
+    def adopt(self, state: SequenceState, key: str) -> Sequence:
+        """Continue a sequence prefilled elsewhere whose KV now sits in the blocks reserved under ``key``."""
+        if state.request_id in self._seqs:
+            raise ValueError(f"request id {state.request_id!r} is already in use")
+        if not state.output_token_ids:
+            raise ValueError(f"request {state.request_id}: a handed-off sequence must carry its first token")
+        params = state.sampling_params()
+        seq = Sequence(next(self._ids), state.request_id, list(state.prompt_token_ids), params,
+                       state.restore_timeline(), prompt=state.prompt, output_token_ids=list(state.output_token_ids),
+                       generator=state.restore_generator(self.loaded.model.device))
+        seq.num_computed_tokens = seq.num_tokens - 1
+        if self.blocks.blocks_needed(seq.num_computed_tokens) > len(self.blocks.block_table(key)):
+            raise ValueError(f"request {state.request_id}: reservation {key!r} is too small for its KV")
+        seq.block_table = self.blocks.rename(key, seq.seq_id)
+        seq.status = SequenceStatus.RUNNING
+        self._seqs[seq.request_id] = seq
+        self.scheduler.running.append(seq)
+        return seq

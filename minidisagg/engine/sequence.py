@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -17,6 +19,7 @@ class SequenceStatus(enum.Enum):
 
     WAITING = "waiting"
     RUNNING = "running"
+    HANDED_OFF = "handed_off"  # prefilled; its KV is being shipped to a decode worker
     FINISHED = "finished"
 
 
@@ -69,3 +72,58 @@ class Sequence:
     def last_token_id(self) -> int:
         """The newest token (the input of the next decode step)."""
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+
+@dataclass
+class SequenceState:
+    """A sequence minus its KV pages: what a decode worker needs to continue a prefilled request.
+
+    It travels with the pages (as a dict, JSON-friendly) and carries the sampler's generator
+    state, so seeded sampling continues the same random stream after the hand-off.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: dict[str, Any]
+    timeline: dict[str, Any]
+    prompt: Optional[str] = None
+    generator_state_b64: Optional[str] = None
+
+    @classmethod
+    def of(cls, seq: Sequence) -> "SequenceState":
+        """Snapshot a sequence."""
+        gen = None
+        if seq.generator is not None:
+            gen = base64.b64encode(seq.generator.get_state().numpy().tobytes()).decode()
+        return cls(seq.request_id, list(seq.prompt_token_ids), list(seq.output_token_ids),
+                   dataclasses.asdict(seq.params), dataclasses.asdict(seq.timeline), seq.prompt, gen)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SequenceState":
+        """Inverse of ``to_dict``; raises ValueError naming a missing or extra field."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - names or {"request_id", "prompt_token_ids"} - set(data):
+            raise ValueError(f"malformed sequence state: expected fields {sorted(names)}, got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        return cls(**data)
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's sampling parameters."""
+        return SamplingParams(**self.params)
+
+    def restore_timeline(self) -> RequestTimeline:
+        """The request's timeline so far."""
+        return RequestTimeline(**self.timeline)
+
+    def restore_generator(self, device: torch.device) -> Optional[torch.Generator]:
+        """The sampler's generator at the point of hand-off (None for greedy)."""
+        if self.generator_state_b64 is None:
+            return None
+        gen = torch.Generator(device="cpu" if device.type == "cpu" else device)
+        state = torch.frombuffer(bytearray(base64.b64decode(self.generator_state_b64)), dtype=torch.uint8)
+        gen.set_state(state)
+        return gen

@@ -67,6 +67,14 @@ class BlockManager:
         self._free.extend(table)
         return len(table)
 
+    def rename(self, old_key: object, new_key: object) -> list[int]:
+        """Hand the blocks owned under ``old_key`` to ``new_key`` (a reservation becoming a sequence)."""
+        if new_key in self._tables:
+            raise ValueError(f"{new_key!r} already owns blocks")
+        table = self._tables.pop(old_key, [])
+        self._tables[new_key] = table
+        return table
+
     def owners(self) -> list[object]:
         """Keys of sequences that currently own blocks."""
         return list(self._tables)

@@ -1,0 +1,79 @@
+"""A request's KV pages: gather them out of the pool, scatter them into another, describe the layout.
+
+This is what crosses the wire in disaggregated serving: for each layer, the K and V of the
+request's blocks, shape [2, num_blocks, block_size, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from minidisagg.kv.cache import PagedKVCache
+
+KV_LAYOUT_NAME = "layers,2,blocks,block_size,kv_heads,head_dim"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Everything a receiver must agree on to interpret a sender's pages."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, cache: PagedKVCache) -> "KVLayout":
+        """The layout of a page pool."""
+        m = cache.model
+        return cls(m.num_layers, m.num_kv_heads, m.head_dim, cache.block_size, cache.dtype)
+
+    def layer_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of one layer's pages for ``num_blocks`` blocks."""
+        return (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def layer_nbytes(self, num_blocks: int) -> int:
+        """Bytes of one layer's pages for ``num_blocks`` blocks."""
+        itemsize = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def request_nbytes(self, num_blocks: int) -> int:
+        """Bytes of a request's pages across all layers."""
+        return self.num_layers * self.layer_nbytes(num_blocks)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as a plain string, e.g. ``bfloat16``."""
+        return str(self.dtype).removeprefix("torch.")
+
+
+def _index(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
+    return torch.as_tensor(list(block_ids), dtype=torch.long, device=cache.device)
+
+
+def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> torch.Tensor:
+    """A contiguous copy of one layer's pages for the given blocks: [2, n, block_size, kv_heads, head_dim]."""
+    return cache.kv[layer].index_select(1, _index(cache, block_ids))
+
+
+def scatter_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int], pages: torch.Tensor) -> None:
+    """Write one layer's pages into the given blocks of ``cache``."""
+    expected = (2, len(block_ids), *cache.kv.shape[3:])
+    if tuple(pages.shape) != expected:
+        raise ValueError(f"layer {layer} pages have shape {tuple(pages.shape)}, expected {expected}")
+    cache.kv[layer].index_copy_(1, _index(cache, block_ids), pages.to(device=cache.device, dtype=cache.dtype))
+
+
+def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
+    """All layers' pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
+    return cache.kv.index_select(2, _index(cache, block_ids))
+
+
+def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor) -> None:
+    """Write all layers' pages into the given blocks of ``cache``."""
+    for layer in range(cache.kv.shape[0]):
+        scatter_layer(cache, layer, block_ids, pages[layer])
