@@ -10,6 +10,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, PromptInput, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
@@ -29,7 +30,7 @@ def _show_progress() -> bool:
 
 
 class LLM:
-    """Load a model and serve requests with the colocated engine.
+    """Load a model and serve requests, colocated (one engine) or disaggregated (prefill and decode workers).
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -56,6 +57,14 @@ class LLM:
         clock: Optional[Clock] = None,
         prefill_stage: type[Stage] = PrefillStage,
         decode_stage: type[Stage] = DecodeStage,
+        mode: str = "colocated",
+        transport: str = "inproc",
+        num_prefill: int = 1,
+        num_decode: int = 1,
+        routing: str = "round_robin",
+        kv_overlap: bool = True,
+        kv_failure_policy: str = "fail",
+        request_timeout_s: float = 600.0,
     ) -> None:
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes)
         self.config = EngineConfig(
@@ -66,9 +75,18 @@ class LLM:
             max_model_len=max_model_len,
             cache=cache,
         )
+        if mode not in ("colocated", "disagg"):
+            raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")
+        self.mode = mode
         self.loaded = load_model(model, device=device, dtype=dtype, seed=seed, random_weights=random_weights)
-        self.engine = LLMEngine(self.loaded, self.config, clock=clock, policy=policy,
-                                prefill_stage=prefill_stage, decode_stage=decode_stage)
+        self.engine: LLMEngine | DisaggCluster
+        if mode == "colocated":
+            self.engine = LLMEngine(self.loaded, self.config, clock=clock, policy=policy,
+                                    prefill_stage=prefill_stage, decode_stage=decode_stage)
+        else:
+            self.engine = DisaggCluster(self.loaded, self.config, transport=transport, num_prefill=num_prefill,
+                                        num_decode=num_decode, routing=routing, overlap=kv_overlap,
+                                        kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s)
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +168,9 @@ class LLM:
         return [done[r] for r in request_ids]
 
     def shutdown(self) -> None:
-        """Release the engine (workers, in disaggregated mode)."""
+        """Stop every worker this LLM started (disaggregated mode); safe to call twice."""
+        if isinstance(getattr(self, "engine", None), DisaggCluster):
+            self.engine.shutdown()
 
     def __enter__(self) -> "LLM":
         return self

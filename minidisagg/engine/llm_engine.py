@@ -43,6 +43,7 @@ class RequestOutput:
     metrics: Optional[RequestMetrics]
     timeline: RequestTimeline
     num_preemptions: int = 0
+    error: Optional[str] = None  # why a request failed (finish_reason "error")
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class LLMEngine:
         self._seqs[request_id] = seq
         heapq.heappush(self._pending, (arrival, seq_id, seq))
         return request_id
+
+    def sequence(self, request_id: str) -> Sequence:
+        """The live sequence of a request (KeyError if unknown or released)."""
+        return self._seqs[request_id]
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its blocks return to the pool."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -29,6 +30,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.batch_invariant = batch_invariant
         self.device = model.device
+        self.layer_hook: Optional[Callable[[int], None]] = None  # called after each layer's KV is written
 
     def _prepare(self, items: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.kv_cache.block_size
@@ -71,7 +73,7 @@ class ModelRunner:
         if not items:
             raise ValueError("execute() needs at least one batch item")
         ids, pos, meta, logit_rows = self._prepare(items)
-        hidden = self.model(ids, pos, self.kv_cache, meta)
+        hidden = self.model(ids, pos, self.kv_cache, meta, self.layer_hook)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[rows], self.batch_invariant)
 

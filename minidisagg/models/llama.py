@@ -7,7 +7,7 @@ fused (q/k/v into one matrix, gate/up into one) so each layer does four matmuls.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -89,14 +89,24 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: PagedKVCache,
+        meta: AttentionMetadata,
+        layer_done: Optional[Callable[[int], None]] = None,
     ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] after the final norm; writes every token's KV into the cache."""
+        """Hidden states [num_tokens, hidden] after the final norm; writes every token's KV into the cache.
+
+        ``layer_done(i)`` is called once layer ``i``'s KV is in the cache (for layer-wise KV shipping).
+        """
         hidden = self.embed[input_ids]
         residual = None
         for index, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache.layer(index)
             hidden, residual = layer(hidden, residual, positions, self.cos_sin, k_cache, v_cache, meta)
+            if layer_done is not None:
+                layer_done(index)
         hidden, _ = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps, residual)
         return hidden
 

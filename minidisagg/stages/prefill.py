@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 from minidisagg.engine.runner import BatchItem
+from minidisagg.engine.sequence import Sequence
 from minidisagg.stages.base import PrefillChunk, Stage, StageResult
 
 
@@ -29,3 +32,25 @@ class PrefillStage(Stage[PrefillChunk]):
         for chunk in work:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         return StageResult(seqs, new_tokens, elapsed, sum(c.num_tokens for c in work))
+
+
+class LayerwisePrefillStage(PrefillStage):
+    """A prefill that announces each finished layer, so a request's KV can ship while later layers compute.
+
+    ``on_layer(seqs, layer)`` is called after ``layer``'s KV of this batch is in the cache, with
+    the sequences whose prefill this batch completes (the ones about to be handed off).
+    """
+
+    name = "prefill"
+    on_layer: Optional[Callable[[list[Sequence], int], None]] = None
+
+    def run(self, work: list[PrefillChunk]) -> StageResult:
+        """Run the batch with a per-layer hook on the runner."""
+        finishing = [c.seq for c in work if c.is_last]
+        hook = self.on_layer
+        if hook is not None and finishing:
+            self.runner.layer_hook = lambda layer: hook(finishing, layer)
+        try:
+            return super().run(work)
+        finally:
+            self.runner.layer_hook = None

@@ -1,0 +1,305 @@
+"""CPU decode throughput: minidisagg against HF transformers ``generate`` and a bare-matmul ceiling.
+
+Every configuration generates from the same prompt token ids (SmolLM2-135M's chat template),
+greedily, ignoring EOS, with ``batch`` copies of the prompt. Its decode throughput is
+
+    tokens_per_s = batch * (N - 1) / (T(N) - T(1))
+
+where T(k) is the wall time of one generate call producing k new tokens per sequence
+(prefill included in both, so the difference is N - 1 decode steps). The ceiling is the same
+number of steps of a bare chain of the model's matmuls (``F.linear`` over the real weight
+shapes, no attention, norms or sampling): what the engine can approach on this machine.
+Configurations are interleaved inside every repetition and the median over repetitions is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+PROMPT = "Write a short story about a robot who learns to paint."
+HF_FP32 = "HF transformers fp32"
+GENERATORS = (HF_FP32, "minidisagg fp32", "minidisagg bf16")
+CEILINGS = {"float32": "matmul ceiling fp32", "bfloat16": "matmul ceiling bf16"}
+DTYPE_OF = {HF_FP32: "float32", "minidisagg fp32": "float32", "minidisagg bf16": "bfloat16",
+            **{name: d for d, name in CEILINGS.items()}}
+WARMUP_TOKENS = 4
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, the bf16 instruction sets present, library versions and load."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    import transformers
+
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
+
+
+class Generator:
+    """One configuration that can generate ``n`` tokens for ``batch`` prompt copies; ``run`` times it."""
+
+    def __init__(self, name: str, generate: Callable[[int, int], list[int]]) -> None:
+        self.name = name
+        self._generate = generate
+
+    def run(self, batch: int, n: int) -> tuple[float, list[int]]:
+        """Seconds for one generate call, and the first sequence's new tokens."""
+        t0 = time.perf_counter()
+        tokens = self._generate(batch, n)
+        return time.perf_counter() - t0, tokens
+
+
+def hf_generator(prompt_ids: list[int]) -> Generator:
+    """HF transformers ``generate`` (greedy, ``min_new_tokens`` forcing N tokens) on the same GGUF."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from minidisagg.models.fetch import SMOLLM2_GGUF, fetch
+
+    transformers.logging.set_verbosity_error()
+    path = fetch(SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+    def generate(batch: int, n: int) -> list[int]:
+        ids = torch.tensor([prompt_ids] * batch)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=model.config.eos_token_id)
+        return out[0, len(prompt_ids):].tolist()
+
+    return Generator(HF_FP32, generate)
+
+
+def minidisagg_generator(name: str, llm: Any, prompt_ids: list[int]) -> Generator:
+    """An ``LLM`` generating greedily with ``ignore_eos`` (``LLM.generate``, progress bar off)."""
+    from minidisagg import SamplingParams
+
+    def generate(batch: int, n: int) -> list[int]:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": prompt_ids}] * batch, params, use_tqdm=False)
+        return outs[0].token_ids
+
+    return Generator(name, generate)
+
+
+def matmul_chain_weights(dtype: torch.dtype, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Distinct random weights with SmolLM2-135M's shapes: per layer qkv, o, gate_up, down; then lm_head."""
+    from minidisagg.config import PRESETS
+
+    cfg = PRESETS["smollm2-135m"]
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(cfg.q_size + 2 * cfg.kv_size, h), (h, cfg.q_size), (2 * f, h), (h, f)]
+
+    def w(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=gen) * cols**-0.5).to(dtype)
+
+    layers = [[w(*s) for s in shapes] for _ in range(cfg.num_layers)]
+    return layers + [[w(cfg.vocab_size, h)]]
+
+
+def matmul_chain_step(x: torch.Tensor, weights: list[list[torch.Tensor]]) -> torch.Tensor:
+    """One decode step's matmuls: each output sliced to the next matmul's input width."""
+    for qkv, o, gate_up, down in weights[:-1]:
+        a = F.linear(x, qkv)[:, : o.shape[1]]
+        b = F.linear(a, o)
+        c = F.linear(b, gate_up)[:, : down.shape[1]]
+        x = F.linear(c, down)
+    return F.linear(x, weights[-1][0])
+
+
+def ceiling_generator(name: str, dtype: torch.dtype) -> Generator:
+    """The matmul chain, timed like a generator: ``n`` tokens = ``n`` steps (the first stands in for prefill)."""
+    weights = matmul_chain_weights(dtype)
+    hidden = weights[0][1].shape[0]
+
+    def generate(batch: int, n: int) -> list[int]:
+        x = torch.randn(batch, hidden).to(dtype)
+        with torch.inference_mode():
+            for _ in range(n):
+                logits = matmul_chain_step(x, weights)
+        return logits[0, :1].int().tolist()
+
+    return Generator(name, generate)
+
+
+def run_cpu_decode_bench(
+    batch_sizes: Sequence[int] = (1, 8), new_tokens: int = 64, repeats: int = 3, progress: bool = True,
+    threads: Optional[int] = None,
+) -> dict[str, Any]:
+    """Measure decode tokens/s of every configuration at every batch size; returns the result dict.
+
+    ``threads`` sets ``torch.set_num_threads`` first (default: leave torch's choice, one per core).
+    """
+    if new_tokens < 2 or repeats < 1:
+        raise ValueError("new_tokens must be >= 2 and repeats >= 1")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True, quiet=not progress)
+    info = machine_info()
+    from minidisagg import LLM
+
+    with console.status("loading models"):
+        engines = {"minidisagg fp32": LLM("smollm2-135m", device="cpu", dtype="float32"),
+                   "minidisagg bf16": LLM("smollm2-135m", device="cpu", dtype="bfloat16")}
+        chat = [{"role": "user", "content": PROMPT}]
+        prompt_ids = engines["minidisagg fp32"].get_tokenizer().apply_chat_template(chat, add_generation_prompt=True)
+        gens = [hf_generator(prompt_ids)] + [minidisagg_generator(n, llm, prompt_ids) for n, llm in engines.items()]
+        gens += [ceiling_generator(name, getattr(torch, d)) for d, name in CEILINGS.items()]
+    decode_s: dict[tuple[str, int], list[float]] = {(g.name, b): [] for g in gens for b in batch_sizes}
+    stage_s: dict[tuple[str, int], list[float]] = {k: [] for k in decode_s}
+    tokens: dict[tuple[str, int], list[int]] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        warm = bar.add_task("warm-up", total=len(gens) * len(batch_sizes))
+        for g in gens:
+            for b in batch_sizes:
+                g.run(b, WARMUP_TOKENS)
+                bar.advance(warm)
+        task = bar.add_task("timed runs", total=repeats * len(gens) * len(batch_sizes))
+        for r in range(repeats):
+            order = gens[r % len(gens):] + gens[: r % len(gens)]  # rotate who goes first
+            for b in batch_sizes:
+                for g in order:
+                    bar.update(task, description=f"rep {r + 1}/{repeats}  batch {b}  {g.name}")
+                    t_one, _ = g.run(b, 1)
+                    llm = engines.get(g.name)
+                    mark = len(llm.engine.stats.steps) if llm else 0
+                    t_n, toks = g.run(b, new_tokens)
+                    decode_s[(g.name, b)].append(t_n - t_one)
+                    tokens[(g.name, b)] = toks
+                    if llm:
+                        steps = [s for s in llm.engine.stats.steps[mark:] if s.stage == "decode"]
+                        stage_s[(g.name, b)].append(sum(s.elapsed_s for s in steps))
+                    bar.advance(task)
+    info["loadavg_end"] = list(os.getloadavg())
+    rows = []
+    for b in batch_sizes:
+        rate = {g.name: b * (new_tokens - 1) / statistics.median(decode_s[(g.name, b)]) for g in gens}
+        for g in gens:
+            row: dict[str, Any] = {
+                "name": g.name, "batch": b, "dtype": DTYPE_OF[g.name],
+                "tokens_per_s": round(rate[g.name], 2),
+                "vs_hf_fp32": round(rate[g.name] / rate[HF_FP32], 3),
+                "fraction_of_matmul_ceiling": round(rate[g.name] / rate[CEILINGS[DTYPE_OF[g.name]]], 3),
+                "decode_s_per_repeat": [round(s, 4) for s in decode_s[(g.name, b)]],
+            }
+            if stage_s[(g.name, b)]:
+                row["decode_stage_tokens_per_s"] = round(b * (new_tokens - 1) / statistics.median(stage_s[(g.name, b)]), 2)
+            if g.name in GENERATORS:
+                ref, mine = tokens[(HF_FP32, b)], tokens[(g.name, b)]
+                row["greedy_prefix_match_hf"] = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), len(ref))
+            rows.append(row)
+    by = {(r["name"], r["batch"]): r for r in rows}
+    goals = {}
+    for b in batch_sizes:
+        goals[f"minidisagg fp32 >= 1.2x HF fp32 at batch {b}"] = by[("minidisagg fp32", b)]["vs_hf_fp32"] >= 1.2
+        goals[f"minidisagg bf16 >= 2x HF fp32 at batch {b}"] = by[("minidisagg bf16", b)]["vs_hf_fp32"] >= 2.0
+    return {
+        "benchmark": "cpu-decode", "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
+        "settings": {"model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)", "prompt": PROMPT,
+                     "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "repeats": repeats,
+                     "batch_sizes": list(batch_sizes), "greedy": True, "ignore_eos": True,
+                     "definition": "tokens_per_s = batch * (N - 1) / median(T(N) - T(1)); T(k) = wall time of "
+                                   "one generate call making k new tokens per sequence"},
+        "rows": rows, "goals": goals,
+    }
+
+
+def render_table(result: dict[str, Any]) -> Table:
+    """The rows as a rich table."""
+    table = Table(title=f"CPU decode throughput, {result['machine']['cpu']} ({result['machine']['cores']} cores)")
+    for col in ("config", "batch", "tokens/s", "vs HF fp32", "of matmul ceiling", "greedy = HF"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in result["rows"]:
+        match = r.get("greedy_prefix_match_hf")
+        table.add_row(r["name"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['vs_hf_fp32']:.2f}x",
+                      f"{r['fraction_of_matmul_ceiling']:.2f}", "" if match is None else f"{match}/{result['settings']['new_tokens']}")
+    return table
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The result as a Markdown report: machine, definition, table and goals."""
+    m, s = result["machine"], result["settings"]
+    lines = [f"# CPU decode throughput ({result['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, avx512_bf16 {m['avx512_bf16']}, "
+             f"amx_bf16 {m['amx_bf16']}; torch {m['torch']}, transformers {m['transformers']}; "
+             f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.", "",
+             f"Model {s['model']}; prompt of {s['prompt_tokens']} tokens; N = {s['new_tokens']} new tokens, greedy, "
+             f"EOS ignored; median of {s['repeats']} interleaved repetitions. {s['definition']}.", "",
+             "| config | batch | decode tokens/s | vs HF fp32 | fraction of matmul ceiling | greedy tokens = HF fp32 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        match = r.get("greedy_prefix_match_hf")
+        shown = "" if match is None else f"{match}/{s['new_tokens']}"
+        lines.append(f"| {r['name']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['vs_hf_fp32']:.2f}x | "
+                     f"{r['fraction_of_matmul_ceiling']:.2f} | {shown} |")
+    lines += ["", "Goals:", ""] + [f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in result["goals"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def default_out_dir() -> Path:
+    """``benchmarks/results`` of the source checkout when there is one, else under the current directory."""
+    repo = Path(__file__).resolve().parents[1]
+    base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
+    return base / "benchmarks" / "results"
+
+
+def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> tuple[Path, Path]:
+    """Write ``cpu-decode-<date>.json`` and ``.md``; returns their paths."""
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"cpu-decode-{result['date'][:10]}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(to_markdown(result))
+    return json_path, md_path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m minidisagg.bench_cpu [--batch-sizes 1 8] [--new-tokens 64] [--repeats 3]``."""
+    parser = argparse.ArgumentParser(prog="minidisagg bench cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    result = run_cpu_decode_bench(args.batch_sizes, args.new_tokens, args.repeats, not args.no_progress, args.threads)
+    console = Console()
+    console.print(render_table(result))
+    for goal, ok in result["goals"].items():
+        console.print(f"[{'green' if ok else 'red'}]{'met' if ok else 'MISSED'}[/]: {goal}")
+    json_path, md_path = write_results(result, args.out_dir)
+    console.print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

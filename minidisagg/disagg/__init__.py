@@ -1,0 +1,1 @@
+"""Disaggregated serving: prefill workers, decode workers, the router between them, and launchers."""

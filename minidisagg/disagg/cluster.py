@@ -1,0 +1,185 @@
+"""A disaggregated deployment behind the same steppable surface as ``LLMEngine``.
+
+``DisaggCluster`` owns the prefill and decode workers, routes each request to a pair,
+collects the decode workers' outputs, and enforces a deadline on every request so a
+caller never hangs. ``LLM(mode="disagg")`` drives it exactly as it drives the colocated engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from minidisagg.config import EngineConfig
+from minidisagg.disagg.decode_worker import DecodeWorker
+from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
+from minidisagg.disagg.router import Router
+from minidisagg.engine.clock import WallClock
+from minidisagg.engine.llm_engine import LLMEngine, PromptInput, RequestOutput
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.metrics import RequestTimeline
+from minidisagg.models.registry import LoadedModel
+from minidisagg.transport.base import KVSender
+from minidisagg.transport.inproc import InprocSender
+
+KV_FAILURE_POLICIES = ("fail", "recompute")
+TRANSPORTS = ("inproc",)
+POLL_S = 0.02
+
+
+@dataclass
+class _Live:
+    submission: Submission
+    prefill: int
+    decode: int
+    deadline_s: float
+    attempts: int = 1
+    tokens_seen: int = 0
+
+
+class DisaggCluster:
+    """xPyD serving in one process: worker threads joined by a KV transport."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, transport: str = "inproc",
+                 num_prefill: int = 1, num_decode: int = 1, routing: str = "round_robin", overlap: bool = True,
+                 kv_failure_policy: str = "fail", request_timeout_s: float = 600.0, max_attempts: int = 3) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; known: {list(TRANSPORTS)}")
+        if kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(f"kv_failure_policy must be one of {list(KV_FAILURE_POLICIES)}, got {kv_failure_policy!r}")
+        if request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.clock = WallClock()
+        self.transport = transport
+        self.kv_failure_policy = kv_failure_policy
+        self.request_timeout_s = request_timeout_s
+        self.max_attempts = max_attempts
+        self.router = Router(num_prefill, num_decode, routing)
+        self._outputs: queue.Queue[RequestOutput | FailedRequest] = queue.Queue()
+        self.decode_workers = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
+                               for i in range(num_decode)]
+        self.prefill_workers = [
+            PrefillWorker(f"p{i}", loaded, config, self.clock, self._senders(), self._outputs.put, overlap=overlap)
+            for i in range(num_prefill)
+        ]
+        self._validator: LLMEngine = self.prefill_workers[0].engine
+        self._live: dict[str, _Live] = {}
+        self._ids = itertools.count()
+        self._dead_decodes: set[int] = set()
+        for worker in [*self.decode_workers, *self.prefill_workers]:
+            worker.start()
+
+    def _senders(self) -> dict[str, KVSender]:
+        return {w.name: InprocSender(w) for w in self.decode_workers}
+
+    # ---- the LLMEngine surface ----------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
+        """Validate and tokenize a prompt exactly as the colocated engine does."""
+        return self._validator.tokenize_prompt(prompt)
+
+    def add_request(self, prompt: PromptInput, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None, request_id: Optional[str] = None) -> str:
+        """Route a request to a prefill/decode pair and queue it on the prefill worker."""
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        request_id = request_id if request_id is not None else f"r{next(self._ids)}"
+        if request_id in self._live:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival = self.clock.now() if arrival_time is None else float(arrival_time)
+        sub = Submission(request_id, ids, params, arrival, "", prompt=text)
+        self._route(sub, attempts=1, arrival=arrival)
+        return request_id
+
+    def _route(self, sub: Submission, attempts: int, arrival: float) -> None:
+        p, d = self.router.pick([w.load() for w in self.prefill_workers], [w.load() for w in self.decode_workers],
+                                sorted(self._dead_decodes))
+        sub.decode_target = self.decode_workers[d].name
+        self._live[sub.request_id] = _Live(sub, p, d, max(arrival, self.clock.now()) + self.request_timeout_s, attempts)
+        self.prefill_workers[p].submit(sub)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is still in flight."""
+        return bool(self._live)
+
+    def step(self) -> list[RequestOutput]:
+        """Collect what the workers produced since the last call (waiting briefly); enforce deadlines."""
+        outputs: list[RequestOutput] = []
+        try:
+            item = self._outputs.get(timeout=POLL_S)
+            while True:
+                out = self._handle(item)
+                if out is not None:
+                    outputs.append(out)
+                item = self._outputs.get_nowait()
+        except queue.Empty:
+            pass
+        outputs.extend(self._check_workers())
+        outputs.extend(self._expire())
+        return outputs
+
+    def _check_workers(self) -> list[RequestOutput]:
+        """A crashed decode worker takes its requests down: fail or recompute them elsewhere."""
+        failed: list[RequestOutput] = []
+        for index, worker in enumerate(self.decode_workers):
+            if index in self._dead_decodes or worker.error is None:
+                continue
+            self._dead_decodes.add(index)
+            for rid in [r for r, live in self._live.items() if live.decode == index]:
+                out = self._handle(FailedRequest(rid, f"decode worker {worker.name} died: {worker.error}"))
+                if out is not None:
+                    failed.append(out)
+        for worker in self.prefill_workers:
+            if worker.error is not None:
+                raise RuntimeError(f"prefill worker {worker.name} crashed: {worker.error}") from worker.error
+        return failed
+
+    def _handle(self, item: RequestOutput | FailedRequest) -> Optional[RequestOutput]:
+        live = self._live.get(item.request_id)
+        if live is None:
+            return None  # a late output of a request that already failed or timed out
+        if isinstance(item, FailedRequest):
+            if self.kv_failure_policy == "recompute" and live.attempts < self.max_attempts:
+                self._live.pop(item.request_id)
+                self._route(live.submission, live.attempts + 1, live.submission.arrival_s)
+                return None
+            return self._fail(item.request_id, item.error)
+        new_tokens = len(item.token_ids) - live.tokens_seen
+        if new_tokens <= 0 and not item.finished:
+            return None  # a recomputed request re-emitting tokens the caller already has
+        live.tokens_seen = len(item.token_ids)
+        if item.finished:
+            del self._live[item.request_id]
+        return item
+
+    def _fail(self, request_id: str, error: str) -> RequestOutput:
+        live = self._live.pop(request_id)
+        sub = live.submission
+        tl = RequestTimeline(arrival_s=sub.arrival_s, finish_s=self.clock.now())
+        for worker in self.decode_workers:
+            worker.abort(request_id)
+        return RequestOutput(request_id, sub.prompt, list(sub.prompt_token_ids), "", [], True, "error", None, tl,
+                             error=error)
+
+    def _expire(self) -> list[RequestOutput]:
+        now = self.clock.now()
+        late = [rid for rid, live in self._live.items() if now > live.deadline_s]
+        return [self._fail(rid, f"no result within request_timeout_s={self.request_timeout_s}") for rid in late]
+
+    def abort(self, request_id: str) -> None:
+        """Give up on a request (its late outputs are dropped; decode blocks are freed)."""
+        if request_id in self._live:
+            self._fail(request_id, "aborted")
+
+    def release(self, request_id: str) -> None:
+        """Nothing to forget: finished requests leave ``_live`` as they finish."""
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop every worker thread."""
+        deadline = time.monotonic() + timeout_s
+        for worker in [*self.prefill_workers, *self.decode_workers]:
+            worker.stop(max(0.1, deadline - time.monotonic()))

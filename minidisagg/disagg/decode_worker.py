@@ -1,0 +1,141 @@
+"""The decode worker: receives prefilled requests' KV pages and decodes them with the usual engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from minidisagg.config import EngineConfig
+from minidisagg.engine.clock import Clock
+from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
+from minidisagg.engine.sequence import SequenceState
+from minidisagg.kv.pages import KVLayout, scatter_layer
+from minidisagg.models.registry import LoadedModel
+from minidisagg.stages.base import Stage
+from minidisagg.stages.decode import DecodeStage
+
+log = logging.getLogger(__name__)
+OutputSink = Callable[[RequestOutput], None]
+IDLE_WAIT_S = 0.05
+
+
+class DecodeWorker:
+    """An ``LLMEngine`` that only decodes: sequences arrive prefilled, through ``KVReceiver`` calls.
+
+    It is the receiving end of every transport. Reservations are blocks held under the
+    transfer id; ``commit`` turns one into a running sequence. Outputs (each new token, and
+    the final result) go to ``sink``.
+    """
+
+    def __init__(self, name: str, loaded: LoadedModel, config: EngineConfig, clock: Clock, sink: OutputSink,
+                 decode_stage: type[Stage] = DecodeStage) -> None:
+        self.name = name
+        self.engine = LLMEngine(loaded, config, clock=clock, policy="decode_first", decode_stage=decode_stage)
+        self.layout = KVLayout.of(self.engine.kv_cache)
+        self.sink = sink
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._reserved: dict[str, list[int]] = {}
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    # ---- KVReceiver -------------------------------------------------------------------------
+    def reserve(self, transfer_id: str, num_tokens: int) -> bool:
+        """Reserve blocks for an incoming request; False when the pool cannot take it now."""
+        with self._lock:
+            if transfer_id in self._reserved:
+                raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
+            blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
+            if blocks is None:
+                return False
+            self._reserved[transfer_id] = blocks
+            return True
+
+    def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+        """Scatter one layer's pages into the reservation (no lock: the blocks are ours alone)."""
+        blocks = self._reserved.get(transfer_id)
+        if blocks is None:
+            raise ValueError(f"no reservation for transfer {transfer_id!r}")
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} out of range (model has {self.layout.num_layers})")
+        scatter_layer(self.engine.kv_cache, layer, blocks, pages)
+
+    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
+        """Adopt the sequence whose pages now sit in the reservation; it decodes from the next step."""
+        with self._lock:
+            if transfer_id not in self._reserved:
+                raise ValueError(f"no reservation for transfer {transfer_id!r}")
+            seq = self.engine.adopt(state, f"transfer:{transfer_id}")
+            del self._reserved[transfer_id]
+            now = self.engine.clock.now()
+            seq.timeline.transfer_end_s = now
+            seq.timeline.kv_transfer_bytes = num_bytes
+            seq.timeline.record_token(now)  # the first token reaches the client with its KV
+            first = self.engine.output_of(seq)
+        self.sink(first)
+        self._wake.set()
+
+    def cancel(self, transfer_id: str) -> None:
+        """Give a reservation back to the pool."""
+        with self._lock:
+            if self._reserved.pop(transfer_id, None) is not None:
+                self.engine.cancel_reservation(f"transfer:{transfer_id}")
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def load(self) -> int:
+        """Sequences in flight here (for least-loaded routing)."""
+        return len(self.engine.scheduler.running) + len(self._reserved)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free blocks in this worker's pool."""
+        return self.engine.blocks.num_free_blocks
+
+    def step(self) -> bool:
+        """One decode iteration; returns whether there was work."""
+        with self._lock:
+            if not self.engine.has_unfinished():
+                return False
+            start = self.engine.clock.now()
+            outputs = self.engine.step()
+            for out in outputs:
+                if out.timeline.decode_start_s is None:
+                    out.timeline.decode_start_s = start
+                if out.finished:
+                    self.engine.release(out.request_id)
+        for out in outputs:
+            self.sink(out)
+        return True
+
+    def run_forever(self) -> None:
+        """Decode until ``stop``; sleeps on an event while idle."""
+        try:
+            while not self._stop.is_set():
+                if not self.step():
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+        except BaseException as exc:  # surface to the owner instead of dying silently
+            self.error = exc
+            log.exception("decode worker %s crashed", self.name)
+
+    def start(self) -> None:
+        """Run the loop on a daemon thread."""
+        self._thread = threading.Thread(target=self.run_forever, name=f"decode-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def abort(self, request_id: str) -> None:
+        """Stop decoding one request and free its blocks."""
+        with self._lock:
+            self.engine.abort(request_id)
+            self.engine.release(request_id)

@@ -1,0 +1,1 @@
+"""KV transports: move KV pages from prefill workers to decode workers."""

@@ -1,0 +1,79 @@
+"""The ``KVTransport`` protocol: how a prefill worker ships one request's KV pages to a decode worker.
+
+A transfer has four moves, the same over every transport:
+
+1. ``reserve``: ask the decode worker to set aside blocks for the request (credit-based
+   flow control: when it is full, the answer is no and the prefill side waits);
+2. ``send_layer``: the pages of one layer, [2, num_blocks, block_size, kv_heads, head_dim],
+   possibly while later layers are still being computed;
+3. ``commit``: the sequence's state (tokens, sampling, timeline); the decode worker adopts
+   it and acknowledges, after which the prefill worker frees its own pages;
+4. ``cancel``: give the reservation back if anything went wrong.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from minidisagg.engine.sequence import SequenceState
+
+
+class TransferError(RuntimeError):
+    """A KV transfer failed (peer gone, timed out, refused); the request can be failed or recomputed."""
+
+
+class KVReceiver(Protocol):
+    """What a decode worker offers to transports (all methods are thread-safe)."""
+
+    def reserve(self, transfer_id: str, num_tokens: int) -> bool:
+        """Reserve blocks for ``num_tokens`` tokens; False when the pool is full right now."""
+
+    def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+        """Scatter one layer's pages into the reserved blocks."""
+
+    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
+        """All layers arrived: adopt the sequence and start decoding it."""
+
+    def cancel(self, transfer_id: str) -> None:
+        """Drop a reservation (and anything written into it)."""
+
+
+@dataclass
+class TransferStats:
+    """Bytes and time a sender has moved, for bandwidth figures."""
+
+    num_transfers: int = 0
+    bytes_sent: int = 0
+    send_s: float = 0.0
+
+
+class KVSender(ABC):
+    """The prefill side of one link to one decode worker."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.stats = TransferStats()
+
+    @abstractmethod
+    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
+        """Ask for blocks; True when granted, False when the decode worker is full."""
+
+    @abstractmethod
+    def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+        """Ship one layer's pages (a contiguous tensor)."""
+
+    @abstractmethod
+    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:
+        """Hand over the sequence and wait for the acknowledgement (TransferError on failure)."""
+
+    @abstractmethod
+    def cancel(self, transfer_id: str) -> None:
+        """Release the reservation on the decode side (best effort)."""
+
+    def close(self) -> None:
+        """Release the link."""

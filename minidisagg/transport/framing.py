@@ -1,0 +1,408 @@
+"""Wire layer of the socket KV transport: length-prefixed frames over a blocking TCP socket.
+
+Every message is one frame: a fixed prefix, a JSON header, then raw payload bytes::
+
+    prefix (20 bytes, little-endian, struct "<4sBBHIQ")
+      magic        4s   b"MDKV"
+      version      u8   1
+      kind         u8   a FrameKind (HELLO=1 ... BYE=12)
+      flags        u16  0 (reserved)
+      header_len   u32  bytes of JSON that follow
+      payload_len  u64  raw bytes after the header (may be 0)
+    header   header_len bytes of UTF-8 JSON, always an object (a dict)
+    payload  payload_len bytes, e.g. one layer's KV pages
+
+Why this shape:
+- magic and version catch a peer that speaks something else, or a stream that lost its
+  place, on the very next frame.
+- The header carries small self-describing metadata (request id, layer, dtype, shape);
+  the payload carries bulk bytes that are never JSON-encoded and never copied: the sender
+  hands the tensor's own memory to ``sendall`` and the receiver can ``recv_into`` a
+  preallocated KV tensor (``recv_frame(..., into=...)``).
+- Lengths come first, so the receiver checks them against its limits before it
+  allocates or reads anything: a corrupt prefix claiming 2**40 bytes fails at once.
+
+Errors: a malformed frame raises ``FrameError`` (a ValueError); the peer closing raises
+``PeerClosed``; ``timeout_s`` is a deadline for the whole frame and raises TimeoutError.
+After any error, except a receive timeout before the frame's first byte, the byte stream
+is out of step: close the socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import math
+import socket
+import struct
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+
+PREFIX = struct.Struct("<4sBBHIQ")
+MAGIC = b"MDKV"
+WIRE_VERSION = 1
+DEFAULT_MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_PAYLOAD_BYTES = 4 << 30
+SOCKET_BUFFER_BYTES = 4 << 20
+
+
+class FrameError(ValueError):
+    """A frame broke the wire format or a limit (bad magic, unknown kind, too large, bad JSON, ...)."""
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection (cleanly between frames, or mid-frame: say which)."""
+
+
+class HandshakeError(ConnectionError):
+    """The two sides of a connection disagree on who they are or on the KV layout."""
+
+
+class FrameKind(enum.IntEnum):
+    """What a frame means; the receiver rejects numbers it does not know."""
+
+    HELLO = 1  # client -> server: a Hello
+    HELLO_OK = 2  # server -> client: the server's Hello
+    ERROR = 3  # either way: {"message": ...}; the sender closes next
+    RESERVE = 4  # prefill -> decode: ask for KV blocks for a request
+    GRANT = 5  # decode -> prefill: the blocks granted
+    LAYER = 6  # prefill -> decode: one layer's KV pages (payload)
+    DONE = 7  # prefill -> decode: all layers of a request sent
+    ACK = 8  # receipt
+    REQUEST = 9  # router/client -> worker: a generation request
+    TOKENS = 10  # worker -> router/client: generated tokens
+    PING = 11  # liveness check
+    BYE = 12  # orderly goodbye before close
+
+
+@dataclass
+class Frame:
+    """One received (or to-be-sent) message: kind, JSON header and raw payload."""
+
+    kind: FrameKind
+    header: dict[str, Any]
+    payload: memoryview | bytes | bytearray = b""
+
+
+def peer_name(sock: socket.socket) -> str:
+    """``host:port`` of the socket's peer, or a short description when it has none."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "an unconnected socket"
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return f"unix socket {address!r}" if address else "a unix socket peer"
+
+
+def tensor_memoryview(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view sharing memory with a contiguous CPU tensor (any dtype, bfloat16 too)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise FrameError(
+            f"tensor payloads must be contiguous CPU tensors (got device={tensor.device}, "
+            f"contiguous={tensor.is_contiguous()}): call .contiguous().cpu() first"
+        )
+    # numpy has no bfloat16, so reinterpret as bytes first; reshape(-1) also covers 0-dim.
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def encode_head(kind: FrameKind | int, header: dict[str, Any], payload_len: int) -> bytes:
+    """The prefix plus JSON header of a frame whose payload has ``payload_len`` bytes."""
+    try:
+        kind = FrameKind(kind)
+    except ValueError:
+        raise FrameError(f"unknown frame kind {kind!r} (known: {[k.name for k in FrameKind]})") from None
+    if not isinstance(header, dict):
+        raise FrameError(f"header must be a dict, got {type(header).__name__}")
+    try:
+        header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise FrameError(f"header is not JSON-serializable: {exc}") from exc
+    if len(header_bytes) > DEFAULT_MAX_HEADER_BYTES:
+        raise FrameError(f"header too large: {len(header_bytes)} bytes > {DEFAULT_MAX_HEADER_BYTES}")
+    prefix = PREFIX.pack(MAGIC, WIRE_VERSION, int(kind), 0, len(header_bytes), payload_len)
+    return prefix + header_bytes
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    """Set the socket timeout to what is left until ``deadline``; raise socket.timeout if nothing is."""
+    if deadline is not None:
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            raise socket.timeout
+        sock.settimeout(remaining_s)
+
+
+def _restore_timeout(sock: socket.socket, timeout_s: float | None) -> None:
+    with contextlib.suppress(OSError):  # closed meanwhile: nothing to restore
+        sock.settimeout(timeout_s)
+
+
+def send_frame(
+    sock: socket.socket,
+    kind: FrameKind,
+    header: dict[str, Any],
+    payload: torch.Tensor | bytes | bytearray | memoryview | None = None,
+    timeout_s: float | None = None,
+) -> int:
+    """Send one frame within ``timeout_s`` (None: the socket's own timeout); returns bytes sent.
+
+    Tensor payloads go out without a copy: ``sendall`` reads the tensor's memory directly.
+    """
+    if payload is None:
+        body = memoryview(b"")
+    elif isinstance(payload, torch.Tensor):
+        body = tensor_memoryview(payload)
+    else:
+        body = memoryview(payload)
+        if not body.contiguous:
+            raise FrameError("payload memoryview must be contiguous")
+    head = encode_head(kind, header, body.nbytes)
+    deadline = _deadline(timeout_s)
+    previous_timeout_s = sock.gettimeout()
+    try:
+        for part in (head, body) if body.nbytes else (head,):
+            _arm(sock, deadline)
+            sock.sendall(part)
+    except socket.timeout:
+        raise TimeoutError(
+            f"could not send {FrameKind(kind).name} frame ({len(head) + body.nbytes} bytes) to "
+            f"{peer_name(sock)} within {timeout_s} s; the stream is now unusable"
+        ) from None
+    finally:
+        if deadline is not None:
+            _restore_timeout(sock, previous_timeout_s)
+    return len(head) + body.nbytes
+
+
+class _Reader:
+    """Reads exact byte counts of one frame, tracking progress for error messages."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float | None) -> None:
+        self.sock, self.timeout_s, self.deadline = sock, timeout_s, _deadline(timeout_s)
+        self.received, self.expected = 0, PREFIX.size  # expected grows once the prefix is parsed
+
+    def read_into(self, view: memoryview) -> None:
+        got = 0
+        while got < view.nbytes:
+            try:
+                _arm(self.sock, self.deadline)
+                n = self.sock.recv_into(view[got:])
+            except socket.timeout:
+                self._timed_out()
+            if n == 0:
+                where = "between frames" if self.received == 0 else (
+                    f"mid-frame after {self.received} of {self.expected} bytes"
+                )
+                raise PeerClosed(f"{peer_name(self.sock)} closed the connection {where}")
+            got += n
+            self.received += n
+
+    def _timed_out(self) -> NoReturn:
+        who = peer_name(self.sock)
+        if self.received == 0:
+            raise TimeoutError(f"no frame from {who} within {self.timeout_s} s")
+        raise TimeoutError(
+            f"frame from {who} incomplete after {self.timeout_s} s: got {self.received} of {self.expected} bytes"
+        )
+
+
+def recv_frame(
+    sock: socket.socket,
+    timeout_s: float | None = None,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    into: Callable[[dict[str, Any], int], memoryview | None] | None = None,
+) -> Frame:
+    """Receive exactly one frame within ``timeout_s`` (None: the socket's own timeout).
+
+    The payload lands in a fresh writable bytearray, or, when ``into(header, payload_len)``
+    returns a writable memoryview of exactly ``payload_len`` bytes, directly in that memory
+    (``into`` is called only for non-empty payloads and may return None to decline).
+    """
+    reader = _Reader(sock, timeout_s)
+    previous_timeout_s = sock.gettimeout()
+    try:
+        prefix = bytearray(PREFIX.size)
+        reader.read_into(memoryview(prefix))
+        kind, header_len, payload_len = _parse_prefix(prefix, max_header_bytes, max_payload_bytes)
+        reader.expected += header_len + payload_len
+        header_bytes = bytearray(header_len)
+        reader.read_into(memoryview(header_bytes))
+        header = _parse_header(header_bytes)
+        payload: memoryview | bytearray = bytearray()
+        if payload_len:
+            target = into(header, payload_len) if into is not None else None
+            payload = bytearray(payload_len) if target is None else _check_target(target, payload_len)
+            reader.read_into(memoryview(payload).cast("B"))
+        return Frame(kind, header, payload)
+    finally:
+        if timeout_s is not None:
+            _restore_timeout(sock, previous_timeout_s)
+
+
+def _parse_prefix(prefix: bytearray, max_header_bytes: int, max_payload_bytes: int) -> tuple[FrameKind, int, int]:
+    magic, version, kind, flags, header_len, payload_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not a minidisagg peer, or out of step")
+    if version != WIRE_VERSION:
+        raise FrameError(f"wrong wire version {version} (this side speaks {WIRE_VERSION})")
+    if kind not in FrameKind._value2member_map_:
+        raise FrameError(f"unknown frame kind {kind} (known: {[k.name for k in FrameKind]})")
+    if flags != 0:
+        raise FrameError(f"unsupported flags 0x{flags:04x} (version {WIRE_VERSION} defines none)")
+    if header_len > max_header_bytes:
+        raise FrameError(f"header too large: {header_len} bytes > max_header_bytes={max_header_bytes}")
+    if payload_len > max_payload_bytes:
+        raise FrameError(f"payload too large: {payload_len} bytes > max_payload_bytes={max_payload_bytes}")
+    return FrameKind(kind), header_len, payload_len
+
+
+def _parse_header(header_bytes: bytearray) -> dict[str, Any]:
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError(f"invalid JSON header ({len(header_bytes)} bytes): {exc}") from exc
+    if not isinstance(header, dict):
+        raise FrameError(f"header not an object: got JSON {type(header).__name__}")
+    return header
+
+
+def _check_target(target: memoryview, payload_len: int) -> memoryview:
+    if not isinstance(target, memoryview) or target.readonly or not target.c_contiguous:
+        raise FrameError("into() must return a writable, contiguous memoryview (or None)")
+    if target.nbytes != payload_len:
+        raise FrameError(f"into() returned a view of {target.nbytes} bytes for a payload of {payload_len} bytes")
+    return target
+
+
+def payload_tensor(frame: Frame, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor view of a received frame's payload, sharing its memory (no copy)."""
+    itemsize, numel = dtype.itemsize, math.prod(int(size) for size in shape)
+    payload_bytes = memoryview(frame.payload).nbytes
+    if payload_bytes != numel * itemsize:
+        raise FrameError(
+            f"payload has {payload_bytes} bytes, but shape {tuple(shape)} of {dtype} needs {numel * itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    buffer = frame.payload
+    if isinstance(buffer, bytes) or memoryview(buffer).readonly:
+        buffer = bytearray(buffer)  # torch wants writable memory; only sent-side frames get here
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(tuple(shape))
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What each side declares on connect: who it is and the KV layout it speaks."""
+
+    role: str  # "prefill" | "decode" | "router" | "client"
+    fingerprint: str  # model config hash
+    dtype: str  # e.g. "bfloat16"
+    block_size: int
+    kv_layout: str  # e.g. "layers,2,blocks,block_size,kv_heads,head_dim"
+    version: int = 1
+
+    def to_header(self) -> dict[str, Any]:
+        """This Hello as a frame header."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> Hello:
+        """Parse a peer's Hello, raising HandshakeError naming any missing or mistyped field."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in header and field.default is dataclasses.MISSING:
+                raise HandshakeError(f"malformed HELLO: missing field {field.name!r}")
+            value = header.get(field.name, field.default)
+            if type(value).__name__ != field.type:  # annotations are strings: "str" or "int"
+                raise HandshakeError(f"malformed HELLO: {field.name} should be {field.type}, got {value!r}")
+            values[field.name] = value
+        return cls(**values)
+
+
+_COMPARED_FIELDS = ("fingerprint", "dtype", "block_size", "kv_layout", "version")
+_HANDSHAKE_MAX_HEADER_BYTES = 64 << 10
+
+
+def client_handshake(sock: socket.socket, hello: Hello, timeout_s: float) -> Hello:
+    """Send our HELLO and return the server's Hello, or raise HandshakeError with its reason."""
+    send_frame(sock, FrameKind.HELLO, hello.to_header(), timeout_s=timeout_s)
+    reply = recv_frame(sock, timeout_s, max_header_bytes=_HANDSHAKE_MAX_HEADER_BYTES, max_payload_bytes=0)
+    if reply.kind == FrameKind.ERROR:
+        raise HandshakeError(f"{peer_name(sock)} refused the handshake: {reply.header.get('message', reply.header)}")
+    if reply.kind != FrameKind.HELLO_OK:
+        raise HandshakeError(f"expected HELLO_OK or ERROR from {peer_name(sock)}, got {reply.kind.name}")
+    return Hello.from_header(reply.header)
+
+
+def server_handshake(
+    sock: socket.socket, hello: Hello, timeout_s: float, accept_roles: Collection[str] | None = None
+) -> Hello:
+    """Wait for the client's HELLO, check it against ours, reply HELLO_OK or ERROR; returns the client's Hello."""
+    frame = recv_frame(sock, timeout_s, max_header_bytes=_HANDSHAKE_MAX_HEADER_BYTES, max_payload_bytes=0)
+    try:
+        if frame.kind != FrameKind.HELLO:
+            raise HandshakeError(f"expected HELLO, got {frame.kind.name}")
+        theirs = Hello.from_header(frame.header)
+    except HandshakeError as exc:
+        _refuse(sock, str(exc), timeout_s)
+    mismatches = [
+        f"{name}: ours={getattr(hello, name)} theirs={getattr(theirs, name)}"
+        for name in _COMPARED_FIELDS
+        if getattr(hello, name) != getattr(theirs, name)
+    ]
+    if accept_roles is not None and theirs.role not in accept_roles:
+        mismatches.insert(0, f"role: accepted={sorted(accept_roles)} theirs={theirs.role}")
+    if mismatches:
+        _refuse(sock, f"{hello.role} and {theirs.role} disagree on " + "; ".join(mismatches), timeout_s)
+    send_frame(sock, FrameKind.HELLO_OK, hello.to_header(), timeout_s=timeout_s)
+    return theirs
+
+
+def _refuse(sock: socket.socket, message: str, timeout_s: float) -> NoReturn:
+    with contextlib.suppress(OSError):  # the client may already be gone; our own error matters more
+        send_frame(sock, FrameKind.ERROR, {"message": message}, timeout_s=timeout_s)
+    raise HandshakeError(message)
+
+
+def tune_socket(sock: socket.socket, buffer_bytes: int | None = SOCKET_BUFFER_BYTES) -> None:
+    """Turn on TCP_NODELAY and ask for ``buffer_bytes`` send/receive buffers; failures are ignored."""
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    if buffer_bytes is not None:
+        options += [(socket.SOL_SOCKET, opt, buffer_bytes) for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF)]
+    for level, option, value in options:
+        with contextlib.suppress(OSError):  # e.g. TCP options on a unix socket
+            sock.setsockopt(level, option, value)
+
+
+def connect(host: str, port: int, timeout_s: float, retries: int = 0, retry_delay_s: float = 0.2) -> socket.socket:
+    """Open a tuned blocking TCP connection; each of ``1 + retries`` attempts gets ``timeout_s``."""
+    last_error: OSError | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(retry_delay_s)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as exc:
+            last_error = exc
+            continue
+        tune_socket(sock)
+        sock.settimeout(None)  # per-call timeout_s arguments govern from here on
+        return sock
+    raise ConnectionError(
+        f"could not connect to {host}:{port} within {timeout_s} s per attempt "
+        f"after {retries + 1} attempt(s): {last_error}"
+    ) from last_error
