@@ -18,7 +18,7 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        if num_blocks < 1 or block_size < 1:
+        if not isinstance(num_blocks, int) or not isinstance(block_size, int) or num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -56,6 +56,8 @@ class BlockManager:
         extra = self.num_extra_blocks(seq_key, num_tokens)
         if extra > self.num_free_blocks:
             raise OutOfBlocksError(f"need {extra} blocks, {self.num_free_blocks} free")
+        if extra == 0:
+            return self._tables.get(seq_key, [])
         table = self._tables.setdefault(seq_key, [])
         for _ in range(extra):
             table.append(self._free.popleft())
