@@ -96,8 +96,12 @@ class DisaggCluster:
         return request_id
 
     def _route(self, sub: Submission, attempts: int, arrival: float) -> None:
-        p, d = self.router.pick([w.load() for w in self.prefill_workers], [w.load() for w in self.decode_workers],
-                                sorted(self._dead_decodes))
+        prefill_loads = [0] * len(self.prefill_workers)
+        decode_loads = [0] * len(self.decode_workers)
+        for live in self._live.values():
+            prefill_loads[live.prefill] += 1
+            decode_loads[live.decode] += 1
+        p, d = self.router.pick(prefill_loads, decode_loads, sorted(self._dead_decodes))
         sub.decode_target = self.decode_workers[d].name
         self._live[sub.request_id] = _Live(sub, p, d, max(arrival, self.clock.now()) + self.request_timeout_s, attempts)
         self.prefill_workers[p].submit(sub)

@@ -86,10 +86,6 @@ class DecodeWorker:
                 self.engine.cancel_reservation(f"transfer:{transfer_id}")
 
     # ---- the loop ---------------------------------------------------------------------------
-    def load(self) -> int:
-        """Sequences in flight here (for least-loaded routing)."""
-        return len(self.engine.scheduler.running) + len(self._reserved)
-
     @property
     def num_free_blocks(self) -> int:
         """Free blocks in this worker's pool."""

@@ -91,10 +91,6 @@ class PrefillWorker:
         """Queue a request (thread-safe)."""
         self._inbox.put(submission)
 
-    def load(self) -> int:
-        """Requests queued or in flight here (for least-loaded routing)."""
-        return self._inbox.qsize() + len(self._pending) + len(self._transfers)
-
     # ---- admission with credits ------------------------------------------------------------
     def _admit(self) -> None:
         while True:

@@ -18,14 +18,15 @@ Why this shape:
 - The header carries small self-describing metadata (request id, layer, dtype, shape);
   the payload carries bulk bytes that are never JSON-encoded and never copied: the sender
   hands the tensor's own memory to ``sendall`` and the receiver can ``recv_into`` a
-  preallocated KV tensor (``recv_frame(..., into=...)``).
+  preallocated KV tensor (``recv_frame(..., into=...)``). Receiving into fresh memory
+  instead makes the kernel fault in every page of it, which costs measurable bandwidth.
 - Lengths come first, so the receiver checks them against its limits before it
   allocates or reads anything: a corrupt prefix claiming 2**40 bytes fails at once.
 
 Errors: a malformed frame raises ``FrameError`` (a ValueError); the peer closing raises
 ``PeerClosed``; ``timeout_s`` is a deadline for the whole frame and raises TimeoutError.
 After any error, except a receive timeout before the frame's first byte, the byte stream
-is out of step: close the socket.
+is out of step: close the socket. Use at most one sending and one receiving thread per socket.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def send_frame(
     except socket.timeout:
         raise TimeoutError(
             f"could not send {FrameKind(kind).name} frame ({len(head) + body.nbytes} bytes) to "
-            f"{peer_name(sock)} within {timeout_s} s; the stream is now unusable"
+            f"{peer_name(sock)} within {timeout_s or sock.gettimeout()} s; the stream is now unusable"
         ) from None
     finally:
         if deadline is not None:
@@ -191,7 +192,8 @@ class _Reader:
     """Reads exact byte counts of one frame, tracking progress for error messages."""
 
     def __init__(self, sock: socket.socket, timeout_s: float | None) -> None:
-        self.sock, self.timeout_s, self.deadline = sock, timeout_s, _deadline(timeout_s)
+        self.sock, self.deadline = sock, _deadline(timeout_s)
+        self.timeout_s = sock.gettimeout() if timeout_s is None else timeout_s  # for messages
         self.received, self.expected = 0, PREFIX.size  # expected grows once the prefix is parsed
 
     def read_into(self, view: memoryview) -> None:
@@ -259,15 +261,17 @@ def _parse_prefix(prefix: bytearray, max_header_bytes: int, max_payload_bytes: i
         raise FrameError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not a minidisagg peer, or out of step")
     if version != WIRE_VERSION:
         raise FrameError(f"wrong wire version {version} (this side speaks {WIRE_VERSION})")
-    if kind not in FrameKind._value2member_map_:
-        raise FrameError(f"unknown frame kind {kind} (known: {[k.name for k in FrameKind]})")
+    try:
+        kind = FrameKind(kind)
+    except ValueError:
+        raise FrameError(f"unknown frame kind {kind} (known: {[k.name for k in FrameKind]})") from None
     if flags != 0:
         raise FrameError(f"unsupported flags 0x{flags:04x} (version {WIRE_VERSION} defines none)")
     if header_len > max_header_bytes:
         raise FrameError(f"header too large: {header_len} bytes > max_header_bytes={max_header_bytes}")
     if payload_len > max_payload_bytes:
         raise FrameError(f"payload too large: {payload_len} bytes > max_payload_bytes={max_payload_bytes}")
-    return FrameKind(kind), header_len, payload_len
+    return kind, header_len, payload_len
 
 
 def _parse_header(header_bytes: bytearray) -> dict[str, Any]:
