@@ -6,16 +6,20 @@ import time
 
 
 class WallClock:
-    """Seconds since the clock was made; waiting really sleeps."""
+    """Seconds since ``origin_s`` (default: when the clock was made); waiting really sleeps.
+
+    ``origin_s`` is a ``time.perf_counter()`` reading. On Linux that counter is the system-wide
+    monotonic clock, so processes on one host given the same origin share one timeline.
+    """
 
     simulated = False
 
-    def __init__(self) -> None:
-        self._t0 = time.perf_counter()
+    def __init__(self, origin_s: float | None = None) -> None:
+        self.origin_s = time.perf_counter() if origin_s is None else origin_s
 
     def now(self) -> float:
         """Current time in seconds."""
-        return time.perf_counter() - self._t0
+        return time.perf_counter() - self.origin_s
 
     def wait_until(self, t_s: float) -> None:
         """Sleep until ``t_s``."""

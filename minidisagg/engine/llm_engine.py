@@ -65,6 +65,30 @@ class EngineStats:
     num_preemptions: int = 0
 
 
+def validate_prompt(prompt: PromptInput, tokenizer: Callable[[], Any], vocab_size: int,
+                    max_model_len: int) -> tuple[Optional[str], list[int]]:
+    """Turn a string or ``{"prompt_token_ids": [...]}`` into (text, ids); ValueError says what is wrong."""
+    if isinstance(prompt, str):
+        text, ids = prompt, tokenizer().encode(prompt)
+    elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+    elif isinstance(prompt, (list, tuple)):
+        text, ids = None, list(prompt)
+    else:
+        raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("the prompt is empty: it needs at least one token")
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens; this engine's context is {max_model_len} tokens "
+            f"(prompt plus at least one generated token)"
+        )
+    return text, ids
+
+
 def default_num_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
     """Pool size: the configured count or budget, else 512 MiB on CPU or 60% of free GPU memory."""
     dtype_bytes = torch.tensor([], dtype=loaded.model.dtype).element_size()
@@ -117,25 +141,8 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
         """Turn a string or ``{"prompt_token_ids": [...]}`` into (text, ids), validating it."""
-        if isinstance(prompt, str):
-            text, ids = prompt, self.loaded.tokenizer.encode(prompt)
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        elif isinstance(prompt, (list, tuple)):
-            text, ids = None, list(prompt)
-        else:
-            raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
-                f"(prompt plus at least one generated token)"
-            )
+        text, ids = validate_prompt(prompt, lambda: self.loaded.tokenizer, self.model_config.vocab_size,
+                                    self.max_model_len)
         if len(ids) + 1 > self.blocks.capacity_tokens:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens but the KV pool holds only {self.blocks.capacity_tokens}; "

@@ -5,7 +5,7 @@ Every message is one frame: a fixed prefix, a JSON header, then raw payload byte
     prefix (20 bytes, little-endian, struct "<4sBBHIQ")
       magic        4s   b"MDKV"
       version      u8   1
-      kind         u8   a FrameKind (HELLO=1 ... BYE=12)
+      kind         u8   a FrameKind (HELLO=1 ... CANCEL=13)
       flags        u16  0 (reserved)
       header_len   u32  bytes of JSON that follow
       payload_len  u64  raw bytes after the header (may be 0)
@@ -80,6 +80,7 @@ class FrameKind(enum.IntEnum):
     TOKENS = 10  # worker -> router/client: generated tokens
     PING = 11  # liveness check
     BYE = 12  # orderly goodbye before close
+    CANCEL = 13  # prefill -> decode: give a reservation back
 
 
 @dataclass
@@ -197,6 +198,7 @@ class _Reader:
         self.received, self.expected = 0, PREFIX.size  # expected grows once the prefix is parsed
 
     def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely, or raise PeerClosed / TimeoutError saying how far the frame got."""
         got = 0
         while got < view.nbytes:
             try:
