@@ -127,6 +127,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 2
 
 
+def parse_peers(text: str) -> dict[str, tuple[str, int]]:
+    """``d0=127.0.0.1:7001,d1=host:7002`` -> {"d0": ("127.0.0.1", 7001), ...}."""
+    peers: dict[str, tuple[str, int]] = {}
+    for item in filter(None, text.split(",")):
+        name, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        if not name or not host or not port.isdigit():
+            raise ValueError(f"--peers entries look like name=host:port, got {item!r}")
+        peers[name] = (host, int(port))
+    return peers
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run one worker process (prefill or decode) until terminated."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    import torch
+
+    from minidisagg.config import CacheConfig, EngineConfig
+    from minidisagg.disagg.serve import DecodeServer, PrefillServer
+    from minidisagg.engine.clock import WallClock
+    from minidisagg.models.registry import load_model
+
+    if args.cpu_cores:
+        os.sched_setaffinity(0, {int(c) for c in args.cpu_cores.split(",")})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.role == "router":
+        from minidisagg.disagg.router_server import serve_router
+
+        return serve_router(args)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                        random_weights=args.random_weights)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          batch_invariant=args.batch_invariant,
+                          cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks))
+    clock = WallClock(args.clock_origin)
+    if args.role == "decode":
+        server = DecodeServer(loaded, config, args.host, args.port, clock=clock)
+    else:
+        server = PrefillServer(loaded, config, parse_peers(args.peers or ""), args.host, args.port,
+                               overlap=not args.no_overlap, clock=clock)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    threading.Thread(target=server.serve_forever, args=(Path(args.ready_file) if args.ready_file else None,),
+                     daemon=True).start()
+    console.print(f"{args.role} worker listening on {args.host}:{server.port}", highlight=False)
+    done.wait()
+    server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="minidisagg", description=__doc__)
@@ -158,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--out", default=".", help="folder for the PNG timeline")
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="run a prefill, decode or router process")
+    serve.add_argument("--role", choices=["prefill", "decode", "router"], required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    serve.add_argument("--peers", default="", help="prefill: decode workers as name=host:port,...; "
+                                                  "router: prefill=host:port,...;decode=host:port,...")
+    serve.add_argument("--model", default="smollm2-135m")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--random-weights", action="store_true")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--num-kv-blocks", type=int, default=None)
+    serve.add_argument("--batch-invariant", action="store_true")
+    serve.add_argument("--no-overlap", action="store_true", help="send KV after the prefill, not layer by layer")
+    serve.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    serve.add_argument("--cpu-cores", default="", help="pin this process to these cores, e.g. 0 or 0,1")
+    serve.add_argument("--clock-origin", type=float, default=None, help="shared perf_counter origin")
+    serve.add_argument("--ready-file", default="", help="write the bound port here once listening")
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks (cpu)")
     bench.add_argument("suite", choices=["cpu"])

@@ -78,7 +78,9 @@ class LLM:
         if mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")
         self.mode = mode
-        self.loaded = load_model(model, device=device, dtype=dtype, seed=seed, random_weights=random_weights)
+        remote = mode == "disagg" and transport != "inproc"  # workers load the weights themselves
+        self.loaded = load_model(model, device=device, dtype=dtype, seed=seed, random_weights=random_weights,
+                                 weights=not remote)
         self.engine: LLMEngine | DisaggCluster
         if mode == "colocated":
             self.engine = LLMEngine(self.loaded, self.config, clock=clock, policy=policy,
@@ -86,12 +88,13 @@ class LLM:
         else:
             self.engine = DisaggCluster(self.loaded, self.config, transport=transport, num_prefill=num_prefill,
                                         num_decode=num_decode, routing=routing, overlap=kv_overlap,
-                                        kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s)
+                                        kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s,
+                                        model_ref=model)
 
     @property
     def device(self) -> torch.device:
         """Where the model runs."""
-        return self.loaded.model.device
+        return self.loaded.device
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer (``encode``, ``decode``, ``apply_chat_template``)."""

@@ -18,15 +18,14 @@ from minidisagg.disagg.decode_worker import DecodeWorker
 from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
 from minidisagg.disagg.router import Router
 from minidisagg.engine.clock import WallClock
-from minidisagg.engine.llm_engine import LLMEngine, PromptInput, RequestOutput
+from minidisagg.engine.llm_engine import PromptInput, RequestOutput, validate_prompt
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.metrics import RequestTimeline
 from minidisagg.models.registry import LoadedModel
-from minidisagg.transport.base import KVSender
 from minidisagg.transport.inproc import InprocSender
 
 KV_FAILURE_POLICIES = ("fail", "recompute")
-TRANSPORTS = ("inproc",)
+TRANSPORTS = ("inproc", "socket")
 POLL_S = 0.02
 
 
@@ -45,7 +44,8 @@ class DisaggCluster:
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, transport: str = "inproc",
                  num_prefill: int = 1, num_decode: int = 1, routing: str = "round_robin", overlap: bool = True,
-                 kv_failure_policy: str = "fail", request_timeout_s: float = 600.0, max_attempts: int = 3) -> None:
+                 kv_failure_policy: str = "fail", request_timeout_s: float = 600.0, max_attempts: int = 3,
+                 model_ref: Optional[str] = None, pin_cores: bool = False, worker_threads: int = 0) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; known: {list(TRANSPORTS)}")
         if kv_failure_policy not in KV_FAILURE_POLICIES:
@@ -54,6 +54,7 @@ class DisaggCluster:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
         self.loaded = loaded
         self.model_config = loaded.config
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         self.clock = WallClock()
         self.transport = transport
         self.kv_failure_policy = kv_failure_policy
@@ -61,26 +62,57 @@ class DisaggCluster:
         self.max_attempts = max_attempts
         self.router = Router(num_prefill, num_decode, routing)
         self._outputs: queue.Queue[RequestOutput | FailedRequest] = queue.Queue()
-        self.decode_workers = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
-                               for i in range(num_decode)]
-        self.prefill_workers = [
-            PrefillWorker(f"p{i}", loaded, config, self.clock, self._senders(), self._outputs.put, overlap=overlap)
-            for i in range(num_prefill)
-        ]
-        self._validator: LLMEngine = self.prefill_workers[0].engine
+        self.processes: list = []
+        if transport == "inproc":
+            self.decode_workers: list = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
+                                         for i in range(num_decode)]
+            senders = lambda: {w.name: InprocSender(w) for w in self.decode_workers}  # noqa: E731
+            self.prefill_workers: list = [
+                PrefillWorker(f"p{i}", loaded, config, self.clock, senders(), self._outputs.put, overlap=overlap)
+                for i in range(num_prefill)
+            ]
+            for worker in [*self.decode_workers, *self.prefill_workers]:
+                worker.start()
+        else:
+            self._start_processes(model_ref or loaded.name, config, num_prefill, num_decode, overlap, pin_cores,
+                                  worker_threads)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
         self._dead_decodes: set[int] = set()
-        for worker in [*self.decode_workers, *self.prefill_workers]:
-            worker.start()
 
-    def _senders(self) -> dict[str, KVSender]:
-        return {w.name: InprocSender(w) for w in self.decode_workers}
+    def _start_processes(self, model_ref: str, config: EngineConfig, num_prefill: int, num_decode: int,
+                         overlap: bool, pin_cores: bool, worker_threads: int) -> None:
+        from minidisagg.disagg.launch import RemoteWorker, launch_local, stop_processes
+        from minidisagg.kv.pages import KVLayout
+        from minidisagg.transport.socket import make_hello
+
+        loaded = self.loaded
+        args = ["--model", model_ref, "--device", str(loaded.device), "--dtype", str(loaded.dtype).removeprefix("torch."),
+                "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+                "--block-size", str(config.cache.block_size), "--clock-origin", repr(self.clock.origin_s),
+                "--threads", str(worker_threads)]
+        if config.cache.num_blocks is not None:
+            args += ["--num-kv-blocks", str(config.cache.num_blocks)]
+        if config.batch_invariant:
+            args.append("--batch-invariant")
+        if loaded.random_weights:
+            args.append("--random-weights")
+        prefills, decodes, self.log_dir = launch_local(args, num_prefill, num_decode, overlap, pin_cores)
+        self.processes = prefills + decodes
+        cfg = loaded.config
+        layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.cache.block_size, loaded.dtype)
+        hello = make_hello("router", cfg.fingerprint(), layout)
+        try:
+            self.decode_workers = [RemoteWorker(d.name, d.host, d.port, hello, self._outputs) for d in decodes]
+            self.prefill_workers = [RemoteWorker(p.name, p.host, p.port, hello, self._outputs) for p in prefills]
+        except BaseException:
+            stop_processes(self.processes)
+            raise
 
     # ---- the LLMEngine surface ----------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
-        """Validate and tokenize a prompt exactly as the colocated engine does."""
-        return self._validator.tokenize_prompt(prompt)
+        """Validate and tokenize a prompt as the colocated engine does (workers check KV capacity)."""
+        return validate_prompt(prompt, lambda: self.loaded.tokenizer, self.model_config.vocab_size, self.max_model_len)
 
     def add_request(self, prompt: PromptInput, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None, request_id: Optional[str] = None) -> str:
@@ -139,7 +171,7 @@ class DisaggCluster:
                     failed.append(out)
         for worker in self.prefill_workers:
             if worker.error is not None:
-                raise RuntimeError(f"prefill worker {worker.name} crashed: {worker.error}") from worker.error
+                raise RuntimeError(f"prefill worker {worker.name} failed: {worker.error}")
         return failed
 
     def _handle(self, item: RequestOutput | FailedRequest) -> Optional[RequestOutput]:
@@ -183,7 +215,12 @@ class DisaggCluster:
         """Nothing to forget: finished requests leave ``_live`` as they finish."""
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop every worker thread."""
+        """Stop every worker thread and process (safe to call twice)."""
         deadline = time.monotonic() + timeout_s
         for worker in [*self.prefill_workers, *self.decode_workers]:
             worker.stop(max(0.1, deadline - time.monotonic()))
+        if self.processes:
+            from minidisagg.disagg.launch import stop_processes
+
+            stop_processes(self.processes, max(1.0, deadline - time.monotonic()))
+            self.processes = []

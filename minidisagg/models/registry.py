@@ -69,10 +69,12 @@ class LoadedModel:
 
     name: str
     config: ModelConfig
-    model: LlamaModel
+    model: Optional[LlamaModel]
     load_s: float
     tokenizer_loader: Callable[[], Tokenizer]
     random_weights: bool = False
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
     _tokenizer: Optional[Tokenizer] = field(default=None, repr=False)
 
     @property
@@ -99,10 +101,12 @@ def load_model(
     seed: int = 0,
     random_weights: bool = False,
     download: bool = True,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load a model by name (see ``known_models``), HF-format directory, or ``.gguf`` file.
 
     ``random_weights=True`` keeps the shape but fills seeded random weights (for speed work).
+    ``weights=False`` loads only the shape and tokenizer (a router that serves no model itself).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -131,7 +135,9 @@ def load_model(
             f"unknown model {model!r}: use one of {known_models()}, a local HF-format directory "
             f"(config.json + *.safetensors + tokenizer.json), or a .gguf file"
         )
-    net = LlamaModel(config, dt, dev)
-    net.load_weights(tensors)
+    net = None
+    if weights:
+        net = LlamaModel(config, dt, dev)
+        net.load_weights(tensors)
     return LoadedModel(config.name if model in PRESETS else str(path), config, net, time.perf_counter() - t0,
-                       tok_loader, random_weights)
+                       tok_loader, random_weights, device=dev, dtype=dt)

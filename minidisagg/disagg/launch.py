@@ -1,0 +1,196 @@
+"""Start worker processes (``minidisagg serve``) on this machine and talk to them from the router.
+
+Children die with their parent (``PR_SET_PDEATHSIG`` on Linux) and are terminated, then
+killed, by ``stop_processes``: no orphan processes, even when the router crashes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from minidisagg.disagg.prefill_worker import FailedRequest, Submission
+from minidisagg.disagg.serve import output_from_dict, submission_to_dict
+from minidisagg.engine.llm_engine import RequestOutput
+from minidisagg.transport.framing import (
+    FrameKind,
+    Hello,
+    PeerClosed,
+    client_handshake,
+    connect,
+    recv_frame,
+    send_frame,
+)
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 180.0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class WorkerProcess:
+    """A running ``minidisagg serve`` child: its role, name, address and log file."""
+
+    role: str
+    name: str
+    proc: subprocess.Popen
+    host: str
+    port: int
+    log_path: Path
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the child's log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def spawn_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
+                 cpu_cores: Optional[str] = None, ready_timeout_s: float = READY_TIMEOUT_S) -> WorkerProcess:
+    """Start one worker process and wait until it listens (or fail with its log)."""
+    ready = log_dir / f"{name}.port"
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", "minidisagg.cli", "serve", "--role", role, "--host", host, "--port", "0",
+           "--ready-file", str(ready), *serve_args]
+    if cpu_cores:
+        cmd += ["--cpu-cores", cpu_cores]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    worker = WorkerProcess(role, name, proc, host, 0, log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{role} worker {name} exited with code {proc.returncode}:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            stop_processes([worker])
+            raise TimeoutError(f"{role} worker {name} was not listening after {ready_timeout_s} s:\n{worker.log_tail()}")
+        time.sleep(0.05)
+    worker.port = int(ready.read_text())
+    return worker
+
+
+def stop_processes(workers: Sequence[WorkerProcess], timeout_s: float = 10.0) -> None:
+    """Terminate every worker, then kill any that outlive ``timeout_s``."""
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for w in workers:
+        try:
+            w.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait(5)
+
+
+def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, overlap: bool = True,
+                 pin_cores: bool = False) -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
+    """Start ``num_decode`` decode servers, then ``num_prefill`` prefill servers pointing at them."""
+    log_dir = Path(tempfile.mkdtemp(prefix="minidisagg-workers-"))
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    core_list = sorted(cores)
+
+    def core_for(i: int) -> Optional[str]:
+        return str(core_list[i % len(core_list)]) if pin_cores and core_list else None
+
+    decodes: list[WorkerProcess] = []
+    prefills: list[WorkerProcess] = []
+    try:
+        for i in range(num_decode):
+            decodes.append(spawn_worker("decode", f"d{i}", serve_args, log_dir, cpu_cores=core_for(num_prefill + i)))
+        peers = ",".join(f"{d.name}={d.host}:{d.port}" for d in decodes)
+        extra = ["--peers", peers] + ([] if overlap else ["--no-overlap"])
+        for i in range(num_prefill):
+            prefills.append(spawn_worker("prefill", f"p{i}", [*serve_args, *extra], log_dir, cpu_cores=core_for(i)))
+    except BaseException:
+        stop_processes(prefills + decodes)
+        raise
+    return prefills, decodes, log_dir
+
+
+class RemoteWorker:
+    """The router's connection to one worker server: submit or abort requests, receive outputs.
+
+    Outputs land on ``outputs``; a lost connection sets ``error`` (the cluster then fails or
+    recomputes this worker's requests).
+    """
+
+    def __init__(self, name: str, host: str, port: int, hello: Hello,
+                 outputs: "queue.Queue[RequestOutput | FailedRequest]", timeout_s: float = 30.0) -> None:
+        self.name = name
+        self.timeout_s = timeout_s
+        self.sock = connect(host, port, timeout_s, retries=20)
+        client_handshake(self.sock, hello, timeout_s)
+        self.outputs = outputs
+        self.error: Optional[str] = None
+        self._lock = threading.Lock()
+        self._closing = False
+        self._reader = threading.Thread(target=self._read_loop, name=f"router-{name}", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = recv_frame(self.sock, None)
+                if frame.kind == FrameKind.TOKENS:
+                    self.outputs.put(output_from_dict(frame.header))
+                elif frame.kind == FrameKind.ERROR:
+                    rid = frame.header.get("request_id")
+                    if rid is None:
+                        raise ConnectionError(f"{self.name} reported: {frame.header.get('message')}")
+                    self.outputs.put(FailedRequest(str(rid), str(frame.header.get("message"))))
+        except (PeerClosed, OSError, ValueError) as exc:
+            if not self._closing:
+                self.error = f"connection to {self.name} lost: {exc}"
+                log.warning("%s", self.error)
+
+    def _send(self, header: dict) -> None:
+        if self.error is not None:
+            raise ConnectionError(self.error)
+        with self._lock:
+            send_frame(self.sock, FrameKind.REQUEST, header, timeout_s=self.timeout_s)
+
+    def submit(self, sub: Submission) -> None:
+        """Queue a request on this prefill server."""
+        try:
+            self._send({"request_id": sub.request_id, "submission": submission_to_dict(sub)})
+        except OSError as exc:
+            self.outputs.put(FailedRequest(sub.request_id, f"prefill worker {self.name} unreachable: {exc}"))
+
+    def abort(self, request_id: str) -> None:
+        """Ask a decode server to drop a request (best effort)."""
+        try:
+            self._send({"abort": request_id})
+        except OSError:
+            pass
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Say BYE and close."""
+        self._closing = True
+        try:
+            with self._lock:
+                send_frame(self.sock, FrameKind.BYE, {}, timeout_s=timeout_s)
+        except OSError:
+            pass
+        self.sock.close()

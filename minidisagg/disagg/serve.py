@@ -1,0 +1,233 @@
+"""Worker processes: a decode server and a prefill server speaking the socket protocol.
+
+Who connects to whom (every connection starts with a HELLO carrying the model fingerprint):
+
+- the router connects to each prefill server (role ``router``) and sends REQUEST frames;
+  the prefill server answers on that connection with TOKENS (a request that stopped at its
+  first token) or ERROR (a request it could not hand over);
+- each prefill server connects to every decode server (role ``prefill``): the KV link;
+- the router connects to each decode server (role ``router``) and receives TOKENS frames,
+  one per new token, the last one marked finished; it may send REQUEST {"abort": id}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from minidisagg.config import EngineConfig
+from minidisagg.disagg.decode_worker import DecodeWorker
+from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
+from minidisagg.engine.clock import WallClock
+from minidisagg.engine.llm_engine import RequestOutput
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.kv.pages import KVLayout
+from minidisagg.metrics import RequestTimeline
+from minidisagg.models.registry import LoadedModel
+from minidisagg.transport.framing import FrameError, FrameKind, PeerClosed, recv_frame, send_frame, server_handshake
+from minidisagg.transport.socket import (
+    SocketSender,
+    accept_loop,
+    listen,
+    make_hello,
+    serve_kv_link,
+    wait_readable,
+)
+
+log = logging.getLogger(__name__)
+HANDSHAKE_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 30.0
+
+
+def output_to_dict(out: RequestOutput) -> dict[str, Any]:
+    """A RequestOutput as a JSON-friendly dict (metrics are recomputed from the timeline)."""
+    d = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "metrics"}
+    d["timeline"] = dataclasses.asdict(out.timeline)
+    return d
+
+
+def output_from_dict(d: dict[str, Any]) -> RequestOutput:
+    """Inverse of ``output_to_dict``."""
+    from minidisagg.metrics import RequestMetrics
+
+    d = dict(d)
+    timeline = RequestTimeline(**d.pop("timeline"))
+    metrics = RequestMetrics.from_timeline(timeline) if d.get("finished") and d.get("token_ids") else None
+    return RequestOutput(timeline=timeline, metrics=metrics, **d)
+
+
+def submission_to_dict(sub: Submission) -> dict[str, Any]:
+    """A Submission as a JSON-friendly dict."""
+    d = dataclasses.asdict(sub)
+    return d
+
+
+def submission_from_dict(d: dict[str, Any]) -> Submission:
+    """Inverse of ``submission_to_dict``; ValueError for a malformed request."""
+    try:
+        d = dict(d)
+        d["params"] = SamplingParams(**d["params"])
+        return Submission(**d)
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"malformed request: {exc}") from exc
+
+
+class _Subscribers:
+    """Router connections that want this worker's outputs."""
+
+    def __init__(self) -> None:
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+
+    def remove(self, sock: socket.socket) -> None:
+        with self._lock:
+            if sock in self._socks:
+                self._socks.remove(sock)
+
+    def send(self, kind: FrameKind, header: dict[str, Any]) -> None:
+        with self._lock:
+            for sock in list(self._socks):
+                try:
+                    send_frame(sock, kind, header, timeout_s=SEND_TIMEOUT_S)
+                except OSError as exc:  # a router went away: keep serving the others
+                    log.warning("dropping subscriber: %s", exc)
+                    self._socks.remove(sock)
+
+
+class WorkerServer:
+    """Shared skeleton: listen, handshake every connection, dispatch it by role."""
+
+    role = "worker"
+
+    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int) -> None:
+        self.hello = make_hello(self.role, loaded.config.fingerprint(), layout)
+        self.server = listen(host, port)
+        self.port = self.server.getsockname()[1]
+        self.stop_event = threading.Event()
+        self.subscribers = _Subscribers()
+
+    def handle(self, sock: socket.socket, peer: str) -> None:
+        """Handshake, then serve the connection by the peer's role; errors drop only this connection."""
+        try:
+            theirs = server_handshake(sock, self.hello, HANDSHAKE_TIMEOUT_S, self.accepted_roles())
+            self.serve_role(theirs.role, sock, peer)
+        except (ConnectionError, FrameError, OSError, TimeoutError) as exc:
+            log.warning("%s: connection from %s dropped: %s", self.role, peer, exc)
+        finally:
+            self.subscribers.remove(sock)
+            sock.close()
+
+    def accepted_roles(self) -> set[str]:
+        """Roles allowed to connect."""
+        return {"router"}
+
+    def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
+        """Serve one accepted connection."""
+        raise NotImplementedError
+
+    def serve_router(self, sock: socket.socket, peer: str, on_request: Callable[[dict[str, Any]], None]) -> None:
+        """Subscribe a router to outputs and feed its REQUEST frames to ``on_request`` until it leaves."""
+        self.subscribers.add(sock)
+        while wait_readable(sock, self.stop_event):
+            try:
+                frame = recv_frame(sock, SEND_TIMEOUT_S, max_payload_bytes=0)
+            except PeerClosed:
+                return
+            if frame.kind == FrameKind.BYE:
+                return
+            if frame.kind == FrameKind.PING:
+                continue
+            if frame.kind != FrameKind.REQUEST:
+                raise FrameError(f"unexpected {frame.kind.name} frame from a router")
+            try:
+                on_request(frame.header)
+            except ValueError as exc:  # one bad request: report it, keep the connection
+                self.subscribers.send(FrameKind.ERROR, {"request_id": frame.header.get("request_id"),
+                                                        "message": str(exc)})
+
+    def serve_forever(self, ready_file: Optional[Path] = None) -> None:
+        """Accept connections until stopped; writes the bound port to ``ready_file`` once listening."""
+        if ready_file is not None:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(str(self.port))
+            tmp.replace(ready_file)
+        accept_loop(self.server, self.handle, self.stop_event, self.role)
+
+    def stop(self) -> None:
+        """Stop accepting and close the listener."""
+        self.stop_event.set()
+        self.server.close()
+
+
+class DecodeServer(WorkerServer):
+    """A DecodeWorker behind a socket: KV links from prefill servers, outputs to routers."""
+
+    role = "decode"
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, host: str = "127.0.0.1", port: int = 0,
+                 clock: Optional[WallClock] = None) -> None:
+        self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
+        super().__init__(loaded, self.worker.layout, host, port)
+        self.worker.start()
+
+    def _emit(self, out: RequestOutput) -> None:
+        self.subscribers.send(FrameKind.TOKENS, output_to_dict(out))
+
+    def accepted_roles(self) -> set[str]:
+        return {"router", "prefill"}
+
+    def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
+        if role == "prefill":
+            serve_kv_link(sock, self.worker, self.worker.layout, self.stop_event, peer)
+        else:
+            self.serve_router(sock, peer, lambda h: self.worker.abort(str(h.get("abort"))))
+
+    def stop(self) -> None:
+        super().stop()
+        self.worker.stop()
+
+
+class PrefillServer(WorkerServer):
+    """A PrefillWorker behind a socket: requests from routers, KV out to decode servers."""
+
+    role = "prefill"
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, decode_peers: dict[str, tuple[str, int]],
+                 host: str = "127.0.0.1", port: int = 0, overlap: bool = True,
+                 clock: Optional[WallClock] = None) -> None:
+        self.worker = PrefillWorker("prefill", loaded, config, clock or WallClock(), {}, self._emit, overlap=overlap)
+        layout = KVLayout.of(self.worker.engine.kv_cache)
+        sender_hello = make_hello("prefill", loaded.config.fingerprint(), layout)
+        self.worker.senders.update({name: SocketSender(h, p, sender_hello) for name, (h, p) in decode_peers.items()})
+        super().__init__(loaded, layout, host, port)
+        self.worker.start()
+
+    def _emit(self, item: RequestOutput | FailedRequest) -> None:
+        if isinstance(item, FailedRequest):
+            self.subscribers.send(FrameKind.ERROR, {"request_id": item.request_id, "message": item.error})
+        else:
+            self.subscribers.send(FrameKind.TOKENS, output_to_dict(item))
+
+    def _on_request(self, header: dict[str, Any]) -> None:
+        sub = submission_from_dict(header.get("submission", {}))
+        if sub.decode_target not in self.worker.senders:
+            raise ValueError(f"unknown decode worker {sub.decode_target!r}; known: {sorted(self.worker.senders)}")
+        self.worker.engine.tokenize_prompt({"prompt_token_ids": sub.prompt_token_ids})  # validate here too
+        self.worker.submit(sub)
+
+    def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
+        self.serve_router(sock, peer, self._on_request)
+
+    def stop(self) -> None:
+        super().stop()
+        self.worker.stop()
+        for sender in self.worker.senders.values():
+            sender.close()

@@ -1,0 +1,236 @@
+"""TCP transport: KV pages cross a real socket between processes (or hosts), layer by layer.
+
+The prefill side holds a ``SocketSender`` per decode worker; the decode side runs
+``serve_kv_link`` for each prefill connection. Frames are those of ``framing``: RESERVE ->
+GRANT, LAYER (payload = one layer's pages), DONE -> ACK, CANCEL. A malformed frame or a
+dead peer drops that one connection, and every reservation it held goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from minidisagg.engine.sequence import SequenceState
+from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout
+from minidisagg.transport.base import KVReceiver, KVSender, TransferError
+from minidisagg.transport.framing import (
+    FrameError,
+    FrameKind,
+    Hello,
+    PeerClosed,
+    client_handshake,
+    connect,
+    recv_frame,
+    send_frame,
+)
+
+log = logging.getLogger(__name__)
+FRAME_TIMEOUT_S = 30.0
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_hello(role: str, fingerprint: str, layout: KVLayout) -> Hello:
+    """The Hello a worker of ``role`` sends or expects for this model and KV layout."""
+    return Hello(role=role, fingerprint=fingerprint, dtype=layout.dtype_name, block_size=layout.block_size,
+                 kv_layout=KV_LAYOUT_NAME)
+
+
+class SocketSender(KVSender):
+    """One TCP link from a prefill worker to a decode worker (thread-safe; one exchange at a time)."""
+
+    name = "socket"
+
+    def __init__(self, host: str, port: int, hello: Hello, timeout_s: float = FRAME_TIMEOUT_S,
+                 connect_retries: int = 50) -> None:
+        super().__init__()
+        self.address = f"{host}:{port}"
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self.sock = connect(host, port, timeout_s, retries=connect_retries)
+        client_handshake(self.sock, hello, timeout_s)
+        self._broken: Optional[str] = None
+
+    def _exchange(self, kind: FrameKind, header: dict[str, Any], reply_kind: Optional[FrameKind],
+                  payload: Optional[torch.Tensor] = None, timeout_s: Optional[float] = None) -> dict[str, Any]:
+        if self._broken is not None:
+            raise TransferError(f"link to {self.address} is down: {self._broken}")
+        timeout = timeout_s or self.timeout_s
+        try:
+            with self._lock:
+                send_frame(self.sock, kind, header, payload, timeout_s=timeout)
+                if reply_kind is None:
+                    return {}
+                reply = recv_frame(self.sock, timeout, max_payload_bytes=0)
+        except (OSError, FrameError) as exc:
+            self._broken = str(exc)
+            self.sock.close()
+            raise TransferError(f"link to {self.address} failed: {exc}") from exc
+        if reply.kind == FrameKind.ERROR:
+            raise TransferError(f"{self.address} refused: {reply.header.get('message')}")
+        if reply.kind != reply_kind or reply.header.get("transfer_id") != header.get("transfer_id"):
+            self._broken = f"expected {reply_kind.name}, got {reply.kind.name}"
+            self.sock.close()
+            raise TransferError(f"link to {self.address} is out of step: {self._broken}")
+        return reply.header
+
+    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
+        """RESERVE -> GRANT."""
+        reply = self._exchange(FrameKind.RESERVE, {"transfer_id": transfer_id, "num_tokens": num_tokens},
+                               FrameKind.GRANT, timeout_s=timeout_s)
+        return bool(reply.get("ok"))
+
+    def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+        """One LAYER frame; the payload is the pages' own memory (no copy)."""
+        pages = pages.detach().to("cpu").contiguous()
+        header = {"transfer_id": transfer_id, "layer": layer, "shape": list(pages.shape),
+                  "dtype": str(pages.dtype).removeprefix("torch.")}
+        t0 = time.perf_counter()
+        self._exchange(FrameKind.LAYER, header, None, pages)
+        self.stats.send_s += time.perf_counter() - t0
+        self.stats.bytes_sent += pages.numel() * pages.element_size()
+
+    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:
+        """DONE -> ACK; a refusal raises TransferError."""
+        reply = self._exchange(FrameKind.DONE, {"transfer_id": transfer_id, "state": state.to_dict(),
+                                                "num_bytes": num_bytes}, FrameKind.ACK, timeout_s=timeout_s)
+        if not reply.get("ok"):
+            raise TransferError(f"{self.address} could not adopt {transfer_id}: {reply.get('error')}")
+        self.stats.num_transfers += 1
+
+    def cancel(self, transfer_id: str) -> None:
+        """CANCEL, best effort (a dead link frees the reservation on its own)."""
+        try:
+            self._exchange(FrameKind.CANCEL, {"transfer_id": transfer_id}, None)
+        except TransferError:
+            pass
+
+    def close(self) -> None:
+        """Say BYE and close."""
+        if self._broken is None:
+            try:
+                with self._lock:
+                    send_frame(self.sock, FrameKind.BYE, {}, timeout_s=1.0)
+            except OSError:
+                pass
+        self.sock.close()
+
+
+def wait_readable(sock: socket.socket, stop: threading.Event, poll_s: float = 0.2) -> bool:
+    """Block until ``sock`` has bytes (True) or ``stop`` is set (False)."""
+    while not stop.is_set():
+        ready, _, _ = select.select([sock], [], [], poll_s)
+        if ready:
+            return True
+    return False
+
+
+def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, stop: threading.Event,
+                  peer: str = "", frame_timeout_s: float = FRAME_TIMEOUT_S) -> None:
+    """Serve one prefill worker's link until it says BYE, drops, or sends garbage.
+
+    Whatever happens, reservations made over this link and not committed are cancelled.
+    """
+    reserved: dict[str, int] = {}  # transfer id -> number of blocks
+    buffers: dict[int, torch.Tensor] = {}  # staging buffer per block count, reused (fresh pages cost bandwidth)
+
+    def staging(header: dict[str, Any], nbytes: int) -> memoryview:
+        tid, layer, shape = header.get("transfer_id"), header.get("layer"), header.get("shape")
+        if tid not in reserved:
+            raise FrameError(f"LAYER for unknown transfer {tid!r}")
+        if not isinstance(layer, int) or not 0 <= layer < layout.num_layers:
+            raise FrameError(f"LAYER with bad layer index {layer!r}")
+        expected = list(layout.layer_shape(reserved[tid]))
+        if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
+            raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
+        if nbytes != layout.layer_nbytes(reserved[tid]):
+            raise FrameError(f"LAYER payload of {nbytes} bytes; expected {layout.layer_nbytes(reserved[tid])}")
+        buffer = buffers.get(reserved[tid])
+        if buffer is None:
+            buffer = buffers[reserved[tid]] = torch.empty(expected, dtype=layout.dtype)
+            if len(buffers) > 8:
+                buffers.pop(next(iter(buffers)))
+        header["_tensor"] = buffer
+        return memoryview(buffer.view(torch.uint8).numpy()).cast("B")
+
+    try:
+        while wait_readable(sock, stop):
+            frame = recv_frame(sock, frame_timeout_s, into=staging)
+            h = frame.header
+            tid = h.get("transfer_id")
+            if frame.kind == FrameKind.RESERVE:
+                num_tokens = h.get("num_tokens")
+                if not isinstance(tid, str) or not isinstance(num_tokens, int) or num_tokens < 1:
+                    raise FrameError(f"malformed RESERVE {h}")
+                try:
+                    ok = receiver.reserve(tid, num_tokens)
+                except ValueError as exc:
+                    send_frame(sock, FrameKind.ERROR, {"transfer_id": tid, "message": str(exc)}, timeout_s=frame_timeout_s)
+                    continue
+                if ok:
+                    reserved[tid] = -(-num_tokens // layout.block_size)
+                send_frame(sock, FrameKind.GRANT, {"transfer_id": tid, "ok": ok}, timeout_s=frame_timeout_s)
+            elif frame.kind == FrameKind.LAYER:
+                receiver.write_layer(tid, h["layer"], h["_tensor"])
+            elif frame.kind == FrameKind.DONE:
+                if tid not in reserved:
+                    raise FrameError(f"DONE for unknown transfer {tid!r}")
+                try:
+                    receiver.commit(tid, SequenceState.from_dict(h.get("state")), int(h.get("num_bytes", 0)))
+                    reserved.pop(tid)
+                    reply: dict[str, Any] = {"transfer_id": tid, "ok": True}
+                except (ValueError, TypeError) as exc:
+                    reply = {"transfer_id": tid, "ok": False, "error": str(exc)}
+                send_frame(sock, FrameKind.ACK, reply, timeout_s=frame_timeout_s)
+            elif frame.kind == FrameKind.CANCEL:
+                if reserved.pop(tid, None) is not None:
+                    receiver.cancel(tid)
+            elif frame.kind == FrameKind.BYE:
+                return
+            elif frame.kind == FrameKind.PING:
+                send_frame(sock, FrameKind.ACK, {"transfer_id": tid}, timeout_s=frame_timeout_s)
+            else:
+                raise FrameError(f"unexpected {frame.kind.name} frame on a KV link")
+    except PeerClosed:
+        pass
+    except (FrameError, OSError, KeyError) as exc:
+        log.warning("dropping KV link from %s: %s", peer or "a prefill worker", exc)
+        try:
+            send_frame(sock, FrameKind.ERROR, {"message": str(exc)}, timeout_s=1.0)
+        except OSError:
+            pass
+    finally:
+        for tid in reserved:
+            receiver.cancel(tid)
+        sock.close()
+
+
+Handler = Callable[[socket.socket, str], None]
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one)."""
+    server = socket.create_server((host, port), reuse_port=False)
+    server.listen(64)
+    return server
+
+
+def accept_loop(server: socket.socket, handler: Handler, stop: threading.Event, name: str) -> None:
+    """Accept connections until ``stop``; each one is handled on its own daemon thread."""
+    server.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, addr = server.accept()
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+        conn.settimeout(None)
+        peer = f"{addr[0]}:{addr[1]}"
+        threading.Thread(target=handler, args=(conn, peer), name=f"{name}-{peer}", daemon=True).start()
