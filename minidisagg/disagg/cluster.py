@@ -79,6 +79,7 @@ class DisaggCluster:
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
         self._dead_decodes: set[int] = set()
+        self._dead_prefills: set[int] = set()
 
     def _start_processes(self, model_ref: str, config: EngineConfig, num_prefill: int, num_decode: int,
                          overlap: bool, pin_cores: bool, worker_threads: int) -> None:
@@ -127,15 +128,16 @@ class DisaggCluster:
         self._route(sub, attempts=1, arrival=arrival)
         return request_id
 
-    def _route(self, sub: Submission, attempts: int, arrival: float) -> None:
+    def _route(self, sub: Submission, attempts: int, arrival: float, tokens_seen: int = 0) -> None:
         prefill_loads = [0] * len(self.prefill_workers)
         decode_loads = [0] * len(self.decode_workers)
         for live in self._live.values():
             prefill_loads[live.prefill] += 1
             decode_loads[live.decode] += 1
-        p, d = self.router.pick(prefill_loads, decode_loads, sorted(self._dead_decodes))
+        p, d = self.router.pick(prefill_loads, decode_loads, sorted(self._dead_prefills), sorted(self._dead_decodes))
         sub.decode_target = self.decode_workers[d].name
-        self._live[sub.request_id] = _Live(sub, p, d, max(arrival, self.clock.now()) + self.request_timeout_s, attempts)
+        deadline = max(arrival, self.clock.now()) + self.request_timeout_s
+        self._live[sub.request_id] = _Live(sub, p, d, deadline, attempts, tokens_seen)
         self.prefill_workers[p].submit(sub)
 
     def has_unfinished(self) -> bool:
@@ -159,19 +161,19 @@ class DisaggCluster:
         return outputs
 
     def _check_workers(self) -> list[RequestOutput]:
-        """A crashed decode worker takes its requests down: fail or recompute them elsewhere."""
+        """A dead worker takes only its own requests down: fail them, or recompute them elsewhere."""
         failed: list[RequestOutput] = []
-        for index, worker in enumerate(self.decode_workers):
-            if index in self._dead_decodes or worker.error is None:
-                continue
-            self._dead_decodes.add(index)
-            for rid in [r for r, live in self._live.items() if live.decode == index]:
-                out = self._handle(FailedRequest(rid, f"decode worker {worker.name} died: {worker.error}"))
-                if out is not None:
-                    failed.append(out)
-        for worker in self.prefill_workers:
-            if worker.error is not None:
-                raise RuntimeError(f"prefill worker {worker.name} failed: {worker.error}")
+        for kind, workers, dead in (("decode", self.decode_workers, self._dead_decodes),
+                                    ("prefill", self.prefill_workers, self._dead_prefills)):
+            for index, worker in enumerate(workers):
+                if index in dead or worker.error is None:
+                    continue
+                dead.add(index)
+                mine = [r for r, live in self._live.items() if getattr(live, kind) == index]
+                for rid in mine:
+                    out = self._handle(FailedRequest(rid, f"{kind} worker {worker.name} died: {worker.error}"))
+                    if out is not None:
+                        failed.append(out)
         return failed
 
     def _handle(self, item: RequestOutput | FailedRequest) -> Optional[RequestOutput]:
@@ -181,8 +183,12 @@ class DisaggCluster:
         if isinstance(item, FailedRequest):
             if self.kv_failure_policy == "recompute" and live.attempts < self.max_attempts:
                 self._live.pop(item.request_id)
-                self._route(live.submission, live.attempts + 1, live.submission.arrival_s)
-                return None
+                try:
+                    self._route(live.submission, live.attempts + 1, live.submission.arrival_s, live.tokens_seen)
+                    return None
+                except RuntimeError as exc:  # nowhere left to run it
+                    self._live[item.request_id] = live
+                    return self._fail(item.request_id, f"{item.error}; cannot recompute: {exc}")
             return self._fail(item.request_id, item.error)
         new_tokens = len(item.token_ids) - live.tokens_seen
         if new_tokens <= 0 and not item.finished:

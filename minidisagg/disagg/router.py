@@ -24,17 +24,20 @@ class Router:
         self._next_decode = itertools.cycle(range(num_decode))
 
     def pick(self, prefill_loads: Sequence[int], decode_loads: Sequence[int],
-             exclude_decode: Sequence[int] = ()) -> tuple[int, int]:
-        """(prefill index, decode index) for the next request; ``exclude_decode`` lists dead decode workers."""
-        alive = [d for d in range(self.num_decode) if d not in exclude_decode]
-        if not alive:
-            raise RuntimeError("no decode worker is alive")
+             exclude_prefill: Sequence[int] = (), exclude_decode: Sequence[int] = ()) -> tuple[int, int]:
+        """(prefill index, decode index) for the next request, skipping the dead workers listed."""
+        alive_p = [i for i in range(self.num_prefill) if i not in exclude_prefill]
+        alive_d = [i for i in range(self.num_decode) if i not in exclude_decode]
+        if not alive_p or not alive_d:
+            raise RuntimeError(f"no {'prefill' if not alive_p else 'decode'} worker is alive")
         if self.policy == "least_loaded":
-            p = min(range(self.num_prefill), key=lambda i: (prefill_loads[i], i))
-            d = min(alive, key=lambda i: (decode_loads[i], i))
+            p = min(alive_p, key=lambda i: (prefill_loads[i], i))
+            d = min(alive_d, key=lambda i: (decode_loads[i], i))
             return p, d
         p = next(self._next_prefill)
+        while p not in alive_p:
+            p = next(self._next_prefill)
         d = next(self._next_decode)
-        while d not in alive:
+        while d not in alive_d:
             d = next(self._next_decode)
         return p, d
