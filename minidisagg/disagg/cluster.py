@@ -7,6 +7,7 @@ caller never hangs. ``LLM(mode="disagg")`` drives it exactly as it drives the co
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import time
@@ -25,8 +26,13 @@ from minidisagg.models.registry import LoadedModel
 from minidisagg.transport.inproc import InprocSender
 
 KV_FAILURE_POLICIES = ("fail", "recompute")
-TRANSPORTS = ("inproc", "socket")
+TRANSPORTS = ("inproc", "socket", "dist")
 POLL_S = 0.02
+
+
+def _attempt_id(request_id: str, attempt: int) -> str:
+    """The id workers see for one attempt at a request."""
+    return f"{request_id}@{attempt}"
 
 
 @dataclass
@@ -88,7 +94,9 @@ class DisaggCluster:
         from minidisagg.transport.socket import make_hello
 
         loaded = self.loaded
-        args = ["--model", model_ref, "--device", str(loaded.device), "--dtype", str(loaded.dtype).removeprefix("torch."),
+        # dist: a bare "cuda" lets each NCCL rank take a GPU of its own (cuda:<rank % device_count>)
+        device = loaded.device.type if self.transport == "dist" else str(loaded.device)
+        args = ["--model", model_ref, "--device", device, "--dtype", str(loaded.dtype).removeprefix("torch."),
                 "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
                 "--block-size", str(config.cache.block_size), "--clock-origin", repr(self.clock.origin_s),
                 "--threads", str(worker_threads)]
@@ -98,7 +106,8 @@ class DisaggCluster:
             args.append("--batch-invariant")
         if loaded.random_weights:
             args.append("--random-weights")
-        prefills, decodes, self.log_dir = launch_local(args, num_prefill, num_decode, overlap, pin_cores)
+        prefills, decodes, self.log_dir = launch_local(args, num_prefill, num_decode, overlap, pin_cores,
+                                                       transport=self.transport)
         self.processes = prefills + decodes
         cfg = loaded.config
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.cache.block_size, loaded.dtype)
@@ -138,7 +147,8 @@ class DisaggCluster:
         sub.decode_target = self.decode_workers[d].name
         deadline = max(arrival, self.clock.now()) + self.request_timeout_s
         self._live[sub.request_id] = _Live(sub, p, d, deadline, attempts, tokens_seen)
-        self.prefill_workers[p].submit(sub)
+        # Workers see one id per attempt, so late outputs of an abandoned attempt are recognised.
+        self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=_attempt_id(sub.request_id, attempts)))
 
     def has_unfinished(self) -> bool:
         """Whether any request is still in flight."""
@@ -146,7 +156,7 @@ class DisaggCluster:
 
     def step(self) -> list[RequestOutput]:
         """Collect what the workers produced since the last call (waiting briefly); enforce deadlines."""
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = self._check_workers()
         try:
             item = self._outputs.get(timeout=POLL_S)
             while True:
@@ -156,7 +166,6 @@ class DisaggCluster:
                 item = self._outputs.get_nowait()
         except queue.Empty:
             pass
-        outputs.extend(self._check_workers())
         outputs.extend(self._expire())
         return outputs
 
@@ -169,41 +178,43 @@ class DisaggCluster:
                 if index in dead or worker.error is None:
                     continue
                 dead.add(index)
-                mine = [r for r, live in self._live.items() if getattr(live, kind) == index]
-                for rid in mine:
-                    out = self._handle(FailedRequest(rid, f"{kind} worker {worker.name} died: {worker.error}"))
+                mine = [(r, live.attempts) for r, live in self._live.items() if getattr(live, kind) == index]
+                for rid, attempt in mine:
+                    out = self._handle(FailedRequest(_attempt_id(rid, attempt),
+                                                     f"{kind} worker {worker.name} died: {worker.error}"))
                     if out is not None:
                         failed.append(out)
         return failed
 
     def _handle(self, item: RequestOutput | FailedRequest) -> Optional[RequestOutput]:
-        live = self._live.get(item.request_id)
-        if live is None:
-            return None  # a late output of a request that already failed or timed out
+        rid, _, attempt = item.request_id.rpartition("@")
+        live = self._live.get(rid)
+        if live is None or str(live.attempts) != attempt:
+            return None  # a late output of a request that already failed, timed out or moved on
         if isinstance(item, FailedRequest):
             if self.kv_failure_policy == "recompute" and live.attempts < self.max_attempts:
-                self._live.pop(item.request_id)
+                self._live.pop(rid)
                 try:
                     self._route(live.submission, live.attempts + 1, live.submission.arrival_s, live.tokens_seen)
                     return None
                 except RuntimeError as exc:  # nowhere left to run it
-                    self._live[item.request_id] = live
-                    return self._fail(item.request_id, f"{item.error}; cannot recompute: {exc}")
-            return self._fail(item.request_id, item.error)
+                    self._live[rid] = live
+                    return self._fail(rid, f"{item.error}; cannot recompute: {exc}")
+            return self._fail(rid, item.error)
         new_tokens = len(item.token_ids) - live.tokens_seen
         if new_tokens <= 0 and not item.finished:
             return None  # a recomputed request re-emitting tokens the caller already has
         live.tokens_seen = len(item.token_ids)
         if item.finished:
-            del self._live[item.request_id]
-        return item
+            del self._live[rid]
+        return dataclasses.replace(item, request_id=rid)
 
     def _fail(self, request_id: str, error: str) -> RequestOutput:
         live = self._live.pop(request_id)
         sub = live.submission
         tl = RequestTimeline(arrival_s=sub.arrival_s, finish_s=self.clock.now())
         for worker in self.decode_workers:
-            worker.abort(request_id)
+            worker.abort(_attempt_id(request_id, live.attempts))
         return RequestOutput(request_id, sub.prompt, list(sub.prompt_token_ids), "", [], True, "error", None, tl,
                              error=error)
 

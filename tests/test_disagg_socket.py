@@ -1,0 +1,161 @@
+"""Disaggregated serving over TCP between real processes, and the faults it must survive."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+
+import pytest
+
+from minidisagg import LLM, SamplingParams
+from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.disagg.serve import DecodeServer
+from minidisagg.engine.sequence import SequenceState
+from minidisagg.kv.pages import KVLayout
+from minidisagg.transport.base import TransferError
+from minidisagg.transport.framing import HandshakeError
+from minidisagg.transport.socket import SocketSender, make_hello
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts_for(seed: int, n: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randint(3, 50))]} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def seed() -> int:
+    return random.SystemRandom().randrange(1 << 30)
+
+
+@pytest.fixture(scope="module")
+def reference(seed):
+    llm = LLM("tiny", device="cpu", batch_invariant=True)
+    prompts = prompts_for(seed, 6)
+    return prompts, [o.token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+def test_two_processes_equal_colocated_and_leave_no_orphans(reference, seed):
+    prompts, ref = reference
+    llm = LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_prefill=1,
+              num_decode=2, kv_overlap=True)
+    procs = list(llm.engine.processes)
+    try:
+        assert len(procs) == 3 and all(p.proc.poll() is None for p in procs)
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == ref, f"seed {seed}"
+        for o, p in zip(outs, prompts):
+            layout_bytes = 2 * 2 * 2 * 32 * 4 * 16 * -(-len(p["prompt_token_ids"]) // 16)  # layers*kv*heads*dim*fp32*block
+            assert o.metrics.kv_transfer_bytes == layout_bytes
+            assert o.metrics.transfer_s > 0 and o.timeline.prefill_end_s <= o.timeline.transfer_end_s
+    finally:
+        llm.shutdown()
+    assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
+
+
+def test_killed_decode_process_fails_only_its_requests(reference, seed):
+    prompts, ref = reference
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_decode=2,
+             request_timeout_s=120) as llm:
+        victim = next(p for p in llm.engine.processes if p.name == "d1")
+        ids = [llm.engine.add_request(p, params) for p in prompts]
+        time.sleep(1.0)
+        victim.proc.kill()
+        done, t0 = {}, time.monotonic()
+        while llm.engine.has_unfinished():
+            assert time.monotonic() - t0 < 120, "hung after a decode process died"
+            for out in llm.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        errors = [done[i] for i in ids if done[i].finish_reason == "error"]
+        fine = [done[i] for i in ids if done[i].finish_reason != "error"]
+        assert fine, "no request survived on the healthy decode worker"
+        assert all(len(o.token_ids) == 200 for o in fine)
+        assert all("d1" in o.error for o in errors)
+
+
+def test_recompute_policy_moves_requests_off_a_dead_decode(reference, seed):
+    prompts, _ = reference
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    ref = [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True).generate(prompts, params)]
+    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_decode=2,
+             kv_failure_policy="recompute", request_timeout_s=120) as llm:
+        next(p for p in llm.engine.processes if p.name == "d1").proc.kill()
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == ref, f"seed {seed}"
+
+
+def test_full_decode_pool_over_sockets(reference, seed):
+    prompts, ref = reference
+    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket",
+             num_kv_blocks=8) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == ref, f"seed {seed}"
+
+
+@pytest.fixture
+def decode_server(tiny_loaded):
+    server = DecodeServer(tiny_loaded, EngineConfig(cache=CacheConfig(num_blocks=32)))
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.stop()
+
+
+def _hello(loaded, server, fingerprint=None, block_size=None):
+    layout = server.worker.layout
+    if block_size is not None:
+        layout = KVLayout(layout.num_layers, layout.num_kv_heads, layout.head_dim, block_size, layout.dtype)
+    return make_hello("prefill", fingerprint or loaded.config.fingerprint(), layout)
+
+
+def _all_free(server, timeout_s=5.0) -> bool:
+    blocks = server.worker.engine.blocks
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if blocks.num_free_blocks == blocks.num_blocks:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_handshake_mismatch_is_refused_clearly(tiny_loaded, decode_server):
+    hello = _hello(tiny_loaded, decode_server, fingerprint="0" * 16, block_size=8)
+    with pytest.raises(HandshakeError, match="fingerprint.*block_size"):
+        SocketSender("127.0.0.1", decode_server.port, hello)
+
+
+def test_garbage_and_cut_connections_leak_nothing(tiny_loaded, decode_server):
+    # garbage bytes instead of a HELLO: dropped, server keeps serving
+    with socket.create_connection(("127.0.0.1", decode_server.port), timeout=5) as raw:
+        raw.sendall(os.urandom(4096))
+        raw.settimeout(5)
+        try:
+            raw.recv(1024)
+        except OSError:
+            pass
+    # a prefill link that reserves blocks, then vanishes mid-transfer: the reservation comes back
+    sender = SocketSender("127.0.0.1", decode_server.port, _hello(tiny_loaded, decode_server))
+    assert sender.reserve("t1", 40, timeout_s=5)
+    assert decode_server.worker.engine.blocks.num_free_blocks < 32
+    sender.sock.close()
+    assert _all_free(decode_server), "a cut connection leaked its reservation"
+    # a link that sends pages of the wrong shape is dropped, and its reservation freed
+    sender = SocketSender("127.0.0.1", decode_server.port, _hello(tiny_loaded, decode_server))
+    assert sender.reserve("t2", 40, timeout_s=5)
+    import torch
+
+    sender.send_layer("t2", 0, torch.zeros(2, 1, 16, 2, 32))  # 1 block, but 3 were reserved
+    with pytest.raises(TransferError):
+        sender.commit("t2", SequenceState("r", [1], [2], {}, {"arrival_s": 0.0}), 0, timeout_s=5)
+    assert _all_free(decode_server)
+    # and a well-behaved link still works afterwards
+    sender = SocketSender("127.0.0.1", decode_server.port, _hello(tiny_loaded, decode_server))
+    assert sender.reserve("t3", 10, timeout_s=5)
+    sender.cancel("t3")
+    assert _all_free(decode_server)
+    sender.close()
