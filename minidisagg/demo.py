@@ -8,6 +8,7 @@ spike); ``chunked`` spreads the prefill over steps with a token budget.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,57 +50,92 @@ class DemoSettings:
 
 
 @dataclass
-class PolicyRun:
-    """One policy's replay: the engine's outputs split into steady decodes and long prompts."""
+class DemoRun:
+    """One configuration's replay: the steady decodes and the long prompts, and how long it took."""
 
-    policy: str
+    label: str
     decodes: list[RequestOutput]
     longs: list[RequestOutput]
     duration_s: float
+    start_s: float = 0.0
+
+    def summary_row(self) -> list[str]:
+        """Cells of this run's row in the demo table."""
+        every = self.decodes + self.longs
+        s = summarize([o.metrics for o in self.decodes], self.duration_s)
+        ttft = summarize([o.metrics for o in every], self.duration_s)
+        moved = sum(o.metrics.kv_transfer_bytes for o in every)
+        moving_s = sum(o.metrics.transfer_s or 0.0 for o in every)
+        tokens_per_s = sum(len(o.token_ids) for o in every) / self.duration_s
+        return [self.label, f"{ttft.ttft_p50_s:.2f}", f"{ttft.ttft_p99_s:.2f}", f"{1e3 * s.itl_p50_s:.0f}",
+                f"{1e3 * s.itl_p99_s:.0f}", f"{tokens_per_s:.1f}", f"{moved / 1e6:.1f}" if moved else "-",
+                f"{moved / moving_s / 1e9:.2f}" if moved and moving_s else "-"]
+
+
+def _split(label: str, outs: list[RequestOutput], num_decodes: int, duration_s: float, start_s: float = 0.0) -> DemoRun:
+    return DemoRun(label, outs[:num_decodes], outs[num_decodes:], duration_s, start_s)
 
 
 def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | Path = ".",
-             settings: Optional[DemoSettings] = None, console: Optional[Console] = None) -> dict[str, PolicyRun]:
-    """Run the interference scenario under ``prefill_first`` and ``chunked``; print a table, save a PNG."""
+             settings: Optional[DemoSettings] = None, console: Optional[Console] = None,
+             disagg: bool = True) -> dict[str, DemoRun]:
+    """Replay the interference scenario colocated (prefill_first, chunked) and disaggregated; table + PNG.
+
+    Both sides get the same compute: on CPU the colocated engine uses every core's thread, while
+    the prefill and decode processes are each pinned to one core with one thread.
+    """
+    from minidisagg.disagg.cluster import DisaggCluster
     from minidisagg.plots import itl_timeline_figure
 
     console = console or Console()
     loaded = load_model(model, device=device)
-    settings = settings or DemoSettings.for_device(loaded.model.device)
+    dev = loaded.device
+    settings = settings or DemoSettings.for_device(dev)
     threads = torch.get_num_threads()
-    console.print(f"[bold]minidisagg demo[/]: {loaded.name} on {loaded.model.device} ({loaded.model.dtype}), "
-                  f"{threads} CPU threads" if loaded.model.device.type == "cpu" else "")
+    where = f"{threads} CPU threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    console.print(f"[bold]minidisagg demo[/]: {loaded.name} on {dev} ({loaded.dtype}), {where}", highlight=False)
     workload = interference_workload(
         settings.num_decodes, settings.decode_prompt_len, settings.decode_output_len, settings.num_long,
         settings.long_prompt_len, settings.long_every_s, long_output_len=8, start_long_s=settings.start_long_s,
     )
-    budgets = {"prefill_first": 1 << 20, "chunked": settings.chunk_budget_tokens}
-    runs: dict[str, PolicyRun] = {}
+    runs: dict[str, DemoRun] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        for policy, budget in budgets.items():
-            config = EngineConfig(policy=policy, max_num_batched_tokens=budget, max_num_seqs=64,
-                                  cache=CacheConfig())
-            engine = LLMEngine(loaded, config)
-            outs = replay(engine, workload, settings.seed, progress, policy)
-            runs[policy] = PolicyRun(policy, outs[: settings.num_decodes], outs[settings.num_decodes:], engine.clock.now())
-    table = Table(title=f"{settings.num_decodes} steady decodes + {settings.num_long} prompts of "
-                        f"{settings.long_prompt_len} tokens")
-    for col in ("policy", "ITL p50 (ms)", "ITL p99 (ms)", "max ITL (ms)", "long-prompt TTFT p50 (s)", "decode tok/s"):
+        for policy, budget in (("prefill_first", 1 << 20), ("chunked", settings.chunk_budget_tokens)):
+            label = f"colocated {policy}"
+            engine = LLMEngine(loaded, EngineConfig(policy=policy, max_num_batched_tokens=budget, cache=CacheConfig()))
+            outs = replay(engine, workload, settings.seed, progress, label)
+            runs[label] = _split(label, outs, settings.num_decodes, engine.clock.now())
+        if disagg:
+            label = "disaggregated 1P1D (socket)"
+            task = progress.add_task(f"{label}: starting two worker processes", total=None)
+            cluster = DisaggCluster(loaded, EngineConfig(cache=CacheConfig()), transport="socket",
+                                    model_ref=model, pin_cores=dev.type == "cpu", worker_threads=1 if dev.type == "cpu" else 0)
+            progress.remove_task(task)
+            try:
+                start = cluster.clock.now()
+                shifted = [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in workload]
+                outs = replay(cluster, shifted, settings.seed, progress, label)
+                runs[label] = _split(label, outs, settings.num_decodes, cluster.clock.now() - start, start)
+            finally:
+                cluster.shutdown()
+    table = Table(title=f"{settings.num_decodes} steady decodes while {settings.num_long} prompts of "
+                        f"{settings.long_prompt_len} tokens arrive")
+    for col in ("run", "TTFT p50 (s)", "TTFT p99 (s)", "ITL p50 (ms)", "ITL p99 (ms)", "tokens/s", "KV MB moved",
+                "transfer GB/s"):
         table.add_column(col, justify="right")
     for run in runs.values():
-        s = summarize([o.metrics for o in run.decodes], run.duration_s)
-        max_itl = max(max(o.metrics.itl_s) for o in run.decodes)
-        long_ttft = summarize([o.metrics for o in run.longs], run.duration_s).ttft_p50_s
-        table.add_row(run.policy, f"{1e3 * s.itl_p50_s:.1f}", f"{1e3 * s.itl_p99_s:.1f}", f"{1e3 * max_itl:.1f}",
-                      f"{long_ttft:.2f}", f"{s.output_tokens_per_s:.1f}")
+        table.add_row(*run.summary_row())
     console.print(table)
+    if disagg and dev.type == "cpu":
+        console.print(f"Colocated runs use {threads} threads; each disaggregated worker is pinned to one core "
+                      f"with one thread.", highlight=False)
     png = Path(out_dir) / "minidisagg-demo-itl.png"
     itl_timeline_figure(
-        [(f"{r.policy}: inter-token latency of the steady decodes", [o.timeline for o in r.decodes],
-          [o.timeline for o in r.longs]) for r in runs.values()],
+        [(f"{r.label}: inter-token latency of the steady decodes", [o.timeline for o in r.decodes],
+          [o.timeline for o in r.longs], r.start_s) for r in runs.values()],
         png,
     )
-    console.print(f"ITL timeline written to [bold]{png}[/]")
+    console.print(f"ITL timelines written to [bold]{png}[/]")
     return runs

@@ -17,16 +17,17 @@ def plot_itl_timeline(
     decode_timelines: Sequence[RequestTimeline],
     prefill_timelines: Sequence[RequestTimeline] = (),
     title: str = "",
+    t0_s: float = 0.0,
 ) -> None:
-    """Inter-token latency (ms) of each steady decode request against time, long-prompt prefills shaded."""
+    """Inter-token latency (ms) of each steady decode request against time since ``t0_s``, prefills shaded."""
     for i, tl in enumerate(decode_timelines):
-        times = tl.token_times_s
+        times = [t - t0_s for t in tl.token_times_s]
         gaps_ms = [1000 * (b - a) for a, b in zip(times, times[1:])]
         ax.plot(times[1:], gaps_ms, lw=1, alpha=0.8, label="decode requests" if i == 0 else None)
     for i, tl in enumerate(prefill_timelines):
-        ax.axvline(tl.arrival_s, color="crimson", ls="--", lw=1, label="long prompt arrives" if i == 0 else None)
+        ax.axvline(tl.arrival_s - t0_s, color="crimson", ls="--", lw=1, label="long prompt arrives" if i == 0 else None)
         if tl.prefill_start_s is not None and tl.prefill_end_s is not None:
-            ax.axvspan(tl.prefill_start_s, tl.prefill_end_s, color="crimson", alpha=0.12,
+            ax.axvspan(tl.prefill_start_s - t0_s, tl.prefill_end_s - t0_s, color="crimson", alpha=0.12,
                        label="its prefill runs" if i == 0 else None)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("inter-token latency (ms)")
@@ -38,13 +39,13 @@ def plot_itl_timeline(
 
 
 def itl_timeline_figure(
-    panels: Sequence[tuple[str, Sequence[RequestTimeline], Sequence[RequestTimeline]]],
+    panels: Sequence[tuple[str, Sequence[RequestTimeline], Sequence[RequestTimeline], float]],
     path: Optional[str | Path] = None,
 ) -> Figure:
-    """One ITL timeline panel per run, stacked with a shared time axis; saved to ``path`` if given."""
+    """One ITL timeline panel per run (title, decodes, long prompts, start time), stacked; saved if ``path``."""
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), sharex=True, squeeze=False)
-    for ax, (title, decodes, prefills) in zip(axes[:, 0], panels):
-        plot_itl_timeline(ax, decodes, prefills, title)
+    for ax, (title, decodes, prefills, t0_s) in zip(axes[:, 0], panels):
+        plot_itl_timeline(ax, decodes, prefills, title, t0_s)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

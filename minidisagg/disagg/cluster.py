@@ -83,6 +83,7 @@ class DisaggCluster:
             self._start_processes(model_ref or loaded.name, config, num_prefill, num_decode, overlap, pin_cores,
                                   worker_threads)
         self._live: dict[str, _Live] = {}
+        self._future: dict[str, Submission] = {}
         self._ids = itertools.count()
         self._dead_decodes: set[int] = set()
         self._dead_prefills: set[int] = set()
@@ -130,12 +131,20 @@ class DisaggCluster:
         params = params or SamplingParams()
         text, ids = self.tokenize_prompt(prompt)
         request_id = request_id if request_id is not None else f"r{next(self._ids)}"
-        if request_id in self._live:
+        if request_id in self._live or request_id in self._future:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = self.clock.now() if arrival_time is None else float(arrival_time)
         sub = Submission(request_id, ids, params, arrival, "", prompt=text)
-        self._route(sub, attempts=1, arrival=arrival)
+        self._future[request_id] = sub  # routed when it arrives, so it holds no KV credit before then
+        self._admit_arrivals()
         return request_id
+
+    def _admit_arrivals(self) -> None:
+        now = self.clock.now()
+        for rid, sub in list(self._future.items()):
+            if sub.arrival_s <= now:
+                del self._future[rid]
+                self._route(sub, attempts=1, arrival=sub.arrival_s)
 
     def _route(self, sub: Submission, attempts: int, arrival: float, tokens_seen: int = 0) -> None:
         prefill_loads = [0] * len(self.prefill_workers)
@@ -151,11 +160,12 @@ class DisaggCluster:
         self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=_attempt_id(sub.request_id, attempts)))
 
     def has_unfinished(self) -> bool:
-        """Whether any request is still in flight."""
-        return bool(self._live)
+        """Whether any request is still waiting to arrive or in flight."""
+        return bool(self._live or self._future)
 
     def step(self) -> list[RequestOutput]:
         """Collect what the workers produced since the last call (waiting briefly); enforce deadlines."""
+        self._admit_arrivals()
         outputs: list[RequestOutput] = self._check_workers()
         try:
             item = self._outputs.get(timeout=POLL_S)
@@ -225,6 +235,7 @@ class DisaggCluster:
 
     def abort(self, request_id: str) -> None:
         """Give up on a request (its late outputs are dropped; decode blocks are freed)."""
+        self._future.pop(request_id, None)
         if request_id in self._live:
             self._fail(request_id, "aborted")
 

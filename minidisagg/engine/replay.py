@@ -1,9 +1,12 @@
-"""Replay a timed workload (Poisson, CSV, the interference scenario) through an engine."""
+"""Replay a timed workload (Poisson, CSV, the interference scenario) through an engine.
+
+Anything with the engine's steppable surface works: ``LLMEngine`` or a ``DisaggCluster``.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from rich.progress import Progress, TaskID
 
@@ -14,7 +17,7 @@ from minidisagg.workload import TimedRequest
 SYNTHETIC_TOKEN_RANGE = (100, 49152)  # ordinary (non-special) ids of the SmolLM2 vocabulary
 
 
-def submit_workload(engine: LLMEngine, workload: Sequence[TimedRequest], seed: int = 0) -> list[str]:
+def submit_workload(engine: "LLMEngine | Any", workload: Sequence[TimedRequest], seed: int = 0) -> list[str]:
     """Queue every request at its arrival time, with seeded synthetic prompt ids; returns request ids.
 
     Outputs are greedy and ignore EOS, so each request produces exactly ``output_len`` tokens.
@@ -31,23 +34,22 @@ def submit_workload(engine: LLMEngine, workload: Sequence[TimedRequest], seed: i
 
 
 def run_to_completion(
-    engine: LLMEngine, request_ids: Sequence[str], progress: Optional[Progress] = None, task: Optional[TaskID] = None
+    engine: "LLMEngine | Any", request_ids: Sequence[str], progress: Optional[Progress] = None, task: Optional[TaskID] = None
 ) -> list[RequestOutput]:
     """Step until the given requests finish; returns their outputs in order (progress counts tokens)."""
     done: dict[str, RequestOutput] = {}
-    tokens = 0
+    tokens: dict[str, int] = {}
     while len(done) < len(request_ids) and engine.has_unfinished():
         for out in engine.step():
+            tokens[out.request_id] = len(out.token_ids)
             if out.finished:
                 done[out.request_id] = out
-                tokens += len(out.token_ids)
         if progress is not None and task is not None:
-            running = sum(len(s.output_token_ids) for s in engine.scheduler.running)
-            progress.update(task, completed=tokens + running)
+            progress.update(task, completed=sum(tokens.values()))
     return [done[r] for r in request_ids]
 
 
-def replay(engine: LLMEngine, workload: Sequence[TimedRequest], seed: int = 0,
+def replay(engine: "LLMEngine | Any", workload: Sequence[TimedRequest], seed: int = 0,
            progress: Optional[Progress] = None, label: str = "replay") -> list[RequestOutput]:
     """Submit a workload and run it to the end; outputs come back in workload order."""
     ids = submit_workload(engine, workload, seed)
