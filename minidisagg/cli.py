@@ -113,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The interference demo."""
     from minidisagg.demo import run_demo
 
-    run_demo(model=args.model, device=args.device, out_dir=args.out, console=console)
+    run_demo(model=args.model, device=args.device, out_dir=args.out, console=console, disagg=not args.colocated_only)
     return 0
 
 
@@ -160,6 +160,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from minidisagg.disagg.router_server import serve_router
 
         return serve_router(args)
+    decode_ranks = None
+    if args.dist_init:  # join the deployment's torch.distributed group first: under NCCL it picks the GPU
+        from minidisagg.transport.dist import init_dist, parse_peer_ranks
+
+        args.device = init_dist(args.dist_init, args.dist_rank, args.dist_world, args.dist_backend, args.device)
+        if args.role == "prefill":
+            args.peers, decode_ranks = parse_peer_ranks(args.peers or "")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                         random_weights=args.random_weights)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -170,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = DecodeServer(loaded, config, args.host, args.port, clock=clock)
     else:
         server = PrefillServer(loaded, config, parse_peers(args.peers or ""), args.host, args.port,
-                               overlap=not args.no_overlap, clock=clock)
+                               overlap=not args.no_overlap, clock=clock, decode_ranks=decode_ranks)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -179,6 +186,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     console.print(f"{args.role} worker listening on {args.host}:{server.port}", highlight=False)
     done.wait()
     server.stop()
+    if args.dist_init:
+        from minidisagg.transport.dist import shutdown_dist
+
+        shutdown_dist()
     return 0
 
 
@@ -208,10 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="show versions, device, Triton and cache state")
     doctor.set_defaults(func=cmd_doctor)
 
-    demo = sub.add_parser("demo", help="prefill/decode interference on the colocated engine")
+    demo = sub.add_parser("demo", help="interference: colocated engine vs disaggregated workers")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--out", default=".", help="folder for the PNG timeline")
+    demo.add_argument("--colocated-only", action="store_true", help="skip the disaggregated run")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run a prefill, decode or router process")
@@ -235,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cpu-cores", default="", help="pin this process to these cores, e.g. 0 or 0,1")
     serve.add_argument("--clock-origin", type=float, default=None, help="shared perf_counter origin")
     serve.add_argument("--ready-file", default="", help="write the bound port here once listening")
+    serve.add_argument("--dist-init", default="", help="dist transport: rendezvous, e.g. tcp://127.0.0.1:29500; "
+                                                      "prefill --peers then read name=host:port@rank")
+    serve.add_argument("--dist-rank", type=int, default=None, help="this worker's rank (decodes first by convention)")
+    serve.add_argument("--dist-world", type=int, default=None, help="number of workers in the process group")
+    serve.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,
+                       help="default: nccl on a CUDA device, else gloo")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks (cpu)")

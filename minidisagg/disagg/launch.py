@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,12 +65,12 @@ class WorkerProcess:
             return "(no log)"
 
 
-def spawn_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
-                 cpu_cores: Optional[str] = None, ready_timeout_s: float = READY_TIMEOUT_S) -> WorkerProcess:
-    """Start one worker process and wait until it listens (or fail with its log)."""
+def start_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
+                 cpu_cores: Optional[str] = None, port: int = 0) -> WorkerProcess:
+    """Start one worker process without waiting for it (see ``wait_ready``)."""
     ready = log_dir / f"{name}.port"
     log_path = log_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", "minidisagg.cli", "serve", "--role", role, "--host", host, "--port", "0",
+    cmd = [sys.executable, "-m", "minidisagg.cli", "serve", "--role", role, "--host", host, "--port", str(port),
            "--ready-file", str(ready), *serve_args]
     if cpu_cores:
         cmd += ["--cpu-cores", cpu_cores]
@@ -77,17 +78,47 @@ def spawn_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path,
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    worker = WorkerProcess(role, name, proc, host, 0, log_path)
+    return WorkerProcess(role, name, proc, host, port, log_path)
+
+
+def wait_ready(workers: Sequence[WorkerProcess], ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until every worker listens (its ready file holds the port); stop them all if one fails."""
     deadline = time.monotonic() + ready_timeout_s
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{role} worker {name} exited with code {proc.returncode}:\n{worker.log_tail()}")
-        if time.monotonic() > deadline:
-            stop_processes([worker])
-            raise TimeoutError(f"{role} worker {name} was not listening after {ready_timeout_s} s:\n{worker.log_tail()}")
-        time.sleep(0.05)
-    worker.port = int(ready.read_text())
+    waiting = list(workers)
+    while waiting:
+        for worker in list(waiting):
+            ready = worker.log_path.with_suffix(".port")
+            if ready.exists():
+                worker.port = int(ready.read_text())
+                waiting.remove(worker)
+            elif worker.proc.poll() is not None:
+                stop_processes(workers)
+                raise RuntimeError(f"{worker.role} worker {worker.name} exited with code {worker.proc.returncode}:\n"
+                                   f"{worker.log_tail()}")
+        if waiting and time.monotonic() > deadline:
+            stop_processes(workers)
+            raise TimeoutError(f"{waiting[0].role} worker {waiting[0].name} was not listening after "
+                               f"{ready_timeout_s} s:\n{waiting[0].log_tail()}")
+        if waiting:
+            time.sleep(0.05)
+
+
+def spawn_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
+                 cpu_cores: Optional[str] = None, ready_timeout_s: float = READY_TIMEOUT_S) -> WorkerProcess:
+    """Start one worker process and wait until it listens (or fail with its log)."""
+    worker = start_worker(role, name, serve_args, log_dir, host, cpu_cores)
+    wait_ready([worker], ready_timeout_s)
     return worker
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free right now on ``host`` (another process may still take one first)."""
+    socks = [socket.create_server((host, 0)) for _ in range(count)]
+    try:
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def stop_processes(workers: Sequence[WorkerProcess], timeout_s: float = 10.0) -> None:
@@ -105,8 +136,15 @@ def stop_processes(workers: Sequence[WorkerProcess], timeout_s: float = 10.0) ->
 
 
 def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, overlap: bool = True,
-                 pin_cores: bool = False) -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
-    """Start ``num_decode`` decode servers, then ``num_prefill`` prefill servers pointing at them."""
+                 pin_cores: bool = False, transport: str = "socket", dist_backend: Optional[str] = None,
+                 host: str = "127.0.0.1") -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
+    """Start ``num_decode`` decode servers and ``num_prefill`` prefill servers pointing at them.
+
+    ``transport="socket"``: decodes first (each picks its own port), then prefills.
+    ``transport="dist"``: every worker joins one torch.distributed group, so all start at
+    once: decodes get ranks ``0..D-1`` and ports picked here, prefills ranks ``D..D+P-1`` and
+    ``--peers d0=host:port@0,...``; then we wait for all of them to listen.
+    """
     log_dir = Path(tempfile.mkdtemp(prefix="minidisagg-workers-"))
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     core_list = sorted(cores)
@@ -116,13 +154,27 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
 
     decodes: list[WorkerProcess] = []
     prefills: list[WorkerProcess] = []
+    no_overlap = [] if overlap else ["--no-overlap"]
     try:
-        for i in range(num_decode):
-            decodes.append(spawn_worker("decode", f"d{i}", serve_args, log_dir, cpu_cores=core_for(num_prefill + i)))
-        peers = ",".join(f"{d.name}={d.host}:{d.port}" for d in decodes)
-        extra = ["--peers", peers] + ([] if overlap else ["--no-overlap"])
-        for i in range(num_prefill):
-            prefills.append(spawn_worker("prefill", f"p{i}", [*serve_args, *extra], log_dir, cpu_cores=core_for(i)))
+        if transport == "dist":
+            rendezvous_port, *decode_ports = free_ports(host, 1 + num_decode)
+            world = ["--dist-init", f"tcp://{host}:{rendezvous_port}", "--dist-world", str(num_decode + num_prefill)]
+            world += ["--dist-backend", dist_backend] if dist_backend else []
+            for i, port in enumerate(decode_ports):
+                decodes.append(start_worker("decode", f"d{i}", [*serve_args, *world, "--dist-rank", str(i)], log_dir,
+                                            host, core_for(num_prefill + i), port))
+            peers = ",".join(f"{d.name}={d.host}:{d.port}@{rank}" for rank, d in enumerate(decodes))
+            for i in range(num_prefill):
+                args = [*serve_args, *world, "--dist-rank", str(num_decode + i), "--peers", peers, *no_overlap]
+                prefills.append(start_worker("prefill", f"p{i}", args, log_dir, host, core_for(i)))
+            wait_ready(decodes + prefills)
+        else:
+            for i in range(num_decode):
+                decodes.append(spawn_worker("decode", f"d{i}", serve_args, log_dir, host, core_for(num_prefill + i)))
+            peers = ",".join(f"{d.name}={d.host}:{d.port}" for d in decodes)
+            for i in range(num_prefill):
+                prefills.append(spawn_worker("prefill", f"p{i}", [*serve_args, "--peers", peers, *no_overlap],
+                                             log_dir, host, core_for(i)))
     except BaseException:
         stop_processes(prefills + decodes)
         raise

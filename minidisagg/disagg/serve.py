@@ -202,11 +202,21 @@ class PrefillServer(WorkerServer):
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, decode_peers: dict[str, tuple[str, int]],
                  host: str = "127.0.0.1", port: int = 0, overlap: bool = True,
-                 clock: Optional[WallClock] = None) -> None:
+                 clock: Optional[WallClock] = None, decode_ranks: Optional[dict[str, int]] = None) -> None:
+        """``decode_ranks`` (name -> torch.distributed rank) switches the KV links to the dist transport."""
         self.worker = PrefillWorker("prefill", loaded, config, clock or WallClock(), {}, self._emit, overlap=overlap)
         layout = KVLayout.of(self.worker.engine.kv_cache)
         sender_hello = make_hello("prefill", loaded.config.fingerprint(), layout)
-        self.worker.senders.update({name: SocketSender(h, p, sender_hello) for name, (h, p) in decode_peers.items()})
+        senders: dict[str, SocketSender]
+        if decode_ranks is None:
+            senders = {name: SocketSender(h, p, sender_hello) for name, (h, p) in decode_peers.items()}
+        else:
+            from minidisagg.transport.dist import DistSender
+
+            if missing := sorted(set(decode_peers) - set(decode_ranks)):
+                raise ValueError(f"no torch.distributed rank for decode worker(s) {missing}")
+            senders = {name: DistSender(h, p, sender_hello, decode_ranks[name]) for name, (h, p) in decode_peers.items()}
+        self.worker.senders.update(senders)
         super().__init__(loaded, layout, host, port)
         self.worker.start()
 

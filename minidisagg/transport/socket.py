@@ -2,7 +2,8 @@
 
 The prefill side holds a ``SocketSender`` per decode worker; the decode side runs
 ``serve_kv_link`` for each prefill connection. Frames are those of ``framing``: RESERVE ->
-GRANT, LAYER (payload = one layer's pages), DONE -> ACK, CANCEL. A malformed frame or a
+GRANT, LAYER (payload = one layer's pages; with ``via: dist`` the pages follow by
+torch.distributed instead, see ``dist.py``), DONE -> ACK, CANCEL. A malformed frame or a
 dead peer drops that one connection, and every reservation it held goes back to the pool.
 """
 
@@ -138,9 +139,12 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
     Whatever happens, reservations made over this link and not committed are cancelled.
     """
     reserved: dict[str, int] = {}  # transfer id -> number of blocks
-    buffers: dict[int, torch.Tensor] = {}  # staging buffer per block count, reused (fresh pages cost bandwidth)
+    # staging buffer per (block count, device), reused (fresh pages cost bandwidth)
+    buffers: dict[tuple[int, str], torch.Tensor] = {}
+    dist_source: dict[str, int] = {}  # the prefill rank this link's via=dist pages come from, once seen
 
-    def staging(header: dict[str, Any], nbytes: int) -> memoryview:
+    def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """Check a LAYER header against its reservation; the staging tensor its pages go into."""
         tid, layer, shape = header.get("transfer_id"), header.get("layer"), header.get("shape")
         if tid not in reserved:
             raise FrameError(f"LAYER for unknown transfer {tid!r}")
@@ -149,15 +153,34 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         expected = list(layout.layer_shape(reserved[tid]))
         if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
             raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
-        if nbytes != layout.layer_nbytes(reserved[tid]):
-            raise FrameError(f"LAYER payload of {nbytes} bytes; expected {layout.layer_nbytes(reserved[tid])}")
-        buffer = buffers.get(reserved[tid])
+        key = (reserved[tid], str(device))
+        buffer = buffers.get(key)
         if buffer is None:
-            buffer = buffers[reserved[tid]] = torch.empty(expected, dtype=layout.dtype)
+            buffer = buffers[key] = torch.empty(expected, dtype=layout.dtype, device=device)
             if len(buffers) > 8:
                 buffers.pop(next(iter(buffers)))
+        return buffer
+
+    def staging(header: dict[str, Any], nbytes: int) -> memoryview:
+        if header.get("via", "socket") != "socket":
+            raise FrameError(f"LAYER via={header.get('via')!r} must not carry a payload")
+        buffer = checked_buffer(header, torch.device("cpu"))
+        if nbytes != buffer.numel() * buffer.element_size():
+            raise FrameError(f"LAYER payload of {nbytes} bytes; expected {buffer.numel() * buffer.element_size()}")
         header["_tensor"] = buffer
         return memoryview(buffer.view(torch.uint8).numpy()).cast("B")
+
+    def dist_pages(header: dict[str, Any]) -> torch.Tensor:
+        """Header checked like a socket payload's, then the pages by torch.distributed (see dist.py)."""
+        from minidisagg.transport import dist as kv_dist  # lazy: dist.py builds on this module
+
+        buffer = checked_buffer(header, kv_dist.transfer_device())
+        src_rank = kv_dist.check_src_rank(header.get("src_rank"))
+        if dist_source.setdefault("rank", src_rank) != src_rank:
+            raise FrameError(f"LAYER via=dist from rank {src_rank} on a link that carried rank {dist_source['rank']}")
+        kv_dist.SOURCE_CLAIMS.claim(src_rank, sock)
+        kv_dist.recv_pages(buffer, src_rank, frame_timeout_s)
+        return buffer
 
     try:
         while wait_readable(sock, stop):
@@ -177,6 +200,11 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                     reserved[tid] = -(-num_tokens // layout.block_size)
                 send_frame(sock, FrameKind.GRANT, {"transfer_id": tid, "ok": ok}, timeout_s=frame_timeout_s)
             elif frame.kind == FrameKind.LAYER:
+                via = h.get("via", "socket")
+                if via == "dist":
+                    h["_tensor"] = dist_pages(h)
+                elif via != "socket" or not isinstance(h.get("_tensor"), torch.Tensor):
+                    raise FrameError(f"LAYER via={via!r} without pages")
                 receiver.write_layer(tid, h["layer"], h["_tensor"])
             elif frame.kind == FrameKind.DONE:
                 if tid not in reserved:
@@ -208,6 +236,10 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
     finally:
         for tid in reserved:
             receiver.cancel(tid)
+        if dist_source:
+            from minidisagg.transport.dist import SOURCE_CLAIMS
+
+            SOURCE_CLAIMS.release(sock)
         sock.close()
 
 

@@ -1,0 +1,205 @@
+"""torch.distributed transport: control frames over the socket link, KV pages over point-to-point send/recv.
+
+Production systems pair a small side channel with a fast data plane; this transport does the
+same. RESERVE -> GRANT, DONE -> ACK and CANCEL still travel as socket frames (``socket.py``),
+but a LAYER frame carries only its header, marked ``{"via": "dist", "src_rank": R}``; the
+pages follow as one ``torch.distributed`` send (gloo on CPU; NCCL keeps CUDA tensors on the
+GPU, so pages go device to device without touching the host).
+
+One process group spans every worker of a deployment. ``launch_local`` assigns the ranks:
+decode workers ``0 .. D-1``, prefill workers ``D .. D+P-1``; the prefill learns each decode
+worker's rank from its ``--peers`` list (``d0=127.0.0.1:7001@0,...``). The decode side learns
+the sender's rank from the LAYER header and checks it before receiving.
+
+Ordering: a link's frames and tensors go out under the sender's lock, and each link is served
+by one thread on the decode side, so for a (prefill, decode) pair a header and its tensor are
+matched first-in first-out. A source rank belongs to one link at a time (``SourceClaims``), so
+a second link claiming a live source is dropped instead of stealing its pages.
+
+Threads: gloo runs send/recv on the calling thread and matches them by (source, tag) on a
+per-peer connection, so decode threads receiving from *different* sources at once do not
+interfere (measured with torch 2.13: two threads, two sources, 50 tensors each, no mix-ups;
+a peer that dies fails a pending recv at once with "Connection closed by peer"). Gloo's
+send waits until the receiver has posted its recv. Caveat: a gloo wait that times out closes
+that pair's connection for good, so a timed-out link is never retried: the request fails (or
+is recomputed) and the sender stays broken. If the decode side drops a link on a bad frame,
+the prefill's pending send only fails after its ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from minidisagg.transport.base import TransferError
+from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
+from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
+
+log = logging.getLogger(__name__)
+BACKENDS = ("gloo", "nccl")
+INIT_TIMEOUT_S = 120.0
+KV_TAG = 0x4B56  # one constant tag: pairs are FIFO, so tags need not tell layers apart (NCCL ignores them)
+CONNECT_RETRIES = 600  # x 0.2 s: workers start together, so a decode may still be loading when prefill dials
+
+
+def default_backend(device: str | torch.device) -> str:
+    """NCCL for CUDA workers, gloo otherwise."""
+    if str(device) == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_dist(init_method: str, rank: Optional[int], world_size: Optional[int], backend: Optional[str] = None,
+              device: str = "auto", timeout_s: float = INIT_TIMEOUT_S) -> str:
+    """Join the deployment's process group; returns the device this worker should load its model on.
+
+    Under NCCL every rank needs a GPU of its own: a device given without an index becomes
+    ``cuda:<rank % device_count>`` and becomes the current CUDA device.
+    """
+    if not isinstance(rank, int) or not isinstance(world_size, int):
+        raise ValueError("--dist-init needs --dist-rank and --dist-world")
+    backend = backend or default_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"--dist-backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"--dist-rank must be in [0, {world_size}), got {rank}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("--dist-backend nccl needs CUDA; use gloo on CPU")
+        dev = torch.device("cuda" if str(device) == "auto" else device)
+        if dev.type != "cuda":
+            raise ValueError(f"--dist-backend nccl needs a CUDA device, got --device {device}")
+        index = dev.index if dev.index is not None else rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = f"cuda:{index}"
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # noqa: BLE001 - c10d raises RuntimeError, DistStoreError, ValueError...
+        raise RuntimeError(
+            f"rank {rank} of {world_size} could not join the {backend} process group at {init_method} "
+            f"within {timeout_s:.0f} s (did every worker start, with the same --dist-init and --dist-world?): {exc}"
+        ) from exc
+    log.info("joined %s process group as rank %d of %d on %s", backend, rank, world_size, device)
+    return device
+
+
+def shutdown_dist() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def transfer_device() -> torch.device:
+    """Where KV pages travel: the current GPU under NCCL, host memory under gloo (or with no group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def parse_peer_ranks(text: str) -> tuple[str, dict[str, int]]:
+    """``d0=h:7001@0,d1=h:7002@1`` -> (``d0=h:7001,d1=h:7002``, {"d0": 0, "d1": 1})."""
+    peers, ranks = [], {}
+    for item in filter(None, text.split(",")):
+        address, at, rank = item.rpartition("@")
+        if not at or not rank.isdigit():
+            raise ValueError(f"with --dist-init, --peers entries look like name=host:port@rank, got {item!r}")
+        peers.append(address)
+        ranks[address.partition("=")[0]] = int(rank)
+    return ",".join(peers), ranks
+
+
+def check_src_rank(value: object) -> int:
+    """The sender's rank from a LAYER header, or FrameError when it cannot be a peer of this process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise FrameError("LAYER via=dist, but this worker joined no torch.distributed process group")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FrameError(f"LAYER via=dist with non-integer src_rank {value!r}")
+    if not 0 <= value < dist.get_world_size() or value == dist.get_rank():
+        raise FrameError(f"LAYER via=dist with src_rank {value}: not a peer of rank {dist.get_rank()} "
+                         f"in a world of {dist.get_world_size()}")
+    return value
+
+
+class SourceClaims:
+    """Which KV link of this process receives from which prefill rank (an explicit registry).
+
+    Two links receiving from one source would race for the same (source, tag) queue and
+    steal each other's pages, so a source belongs to the first link that used it, until that
+    link ends. Process-wide because the process group is.
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, src_rank: int, link: object) -> None:
+        """Record ``link`` as the receiver of ``src_rank``; FrameError when another link holds it."""
+        with self._lock:
+            owner = self._owners.setdefault(src_rank, link)
+        if owner is not link:
+            raise FrameError(f"LAYER via=dist from rank {src_rank}, which already sends on another link")
+
+    def release(self, link: object) -> None:
+        """Forget every source ``link`` held."""
+        with self._lock:
+            for rank in [r for r, owner in self._owners.items() if owner is link]:
+                del self._owners[rank]
+
+
+SOURCE_CLAIMS = SourceClaims()
+
+
+def recv_pages(buffer: torch.Tensor, src_rank: int, timeout_s: float) -> None:
+    """Receive one layer's pages from ``src_rank`` into ``buffer``; ConnectionError/TimeoutError on failure."""
+    try:
+        work = dist.irecv(buffer, src=src_rank, tag=KV_TAG)
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        if "timed out" in str(exc).lower():
+            raise TimeoutError(f"KV pages from rank {src_rank} did not arrive within {timeout_s} s") from exc
+        raise ConnectionError(f"KV receive from rank {src_rank} failed: {exc}") from exc
+
+
+class DistSender(SocketSender):
+    """A socket control link to one decode worker whose LAYER pages go by ``torch.distributed.send``."""
+
+    name = "dist"
+
+    def __init__(self, host: str, port: int, hello: Hello, dst_rank: int, timeout_s: float = FRAME_TIMEOUT_S,
+                 connect_retries: int = CONNECT_RETRIES) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DistSender needs torch.distributed.init_process_group (see init_dist) first")
+        if not 0 <= dst_rank < dist.get_world_size() or dst_rank == dist.get_rank():
+            raise ValueError(f"decode rank {dst_rank} is not a peer of rank {dist.get_rank()} "
+                             f"in a world of {dist.get_world_size()}")
+        super().__init__(host, port, hello, timeout_s, connect_retries)
+        self.src_rank = dist.get_rank()
+        self.dst_rank = dst_rank
+        self.device = transfer_device()
+
+    def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+        """A payload-free LAYER frame, then the pages by ``torch.distributed`` (both under the link's lock)."""
+        if self._broken is not None:
+            raise TransferError(f"link to {self.address} is down: {self._broken}")
+        pages = pages.detach().to(self.device).contiguous()
+        header = {"transfer_id": transfer_id, "layer": layer, "shape": list(pages.shape),
+                  "dtype": str(pages.dtype).removeprefix("torch."), "via": "dist", "src_rank": self.src_rank}
+        t0 = time.perf_counter()
+        with self._lock:
+            try:
+                send_frame(self.sock, FrameKind.LAYER, header, timeout_s=self.timeout_s)
+                work = dist.isend(pages, dst=self.dst_rank, tag=KV_TAG)
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            except (OSError, FrameError, RuntimeError) as exc:
+                self._broken = str(exc)
+                self.sock.close()
+                raise TransferError(f"link to {self.address} (rank {self.dst_rank}) failed: {exc}") from exc
+        self.stats.send_s += time.perf_counter() - t0
+        self.stats.bytes_sent += pages.numel() * pages.element_size()

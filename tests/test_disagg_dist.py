@@ -1,0 +1,136 @@
+"""The dist transport: KV pages by torch.distributed between real processes, control frames over sockets."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from minidisagg import LLM, SamplingParams
+from minidisagg.kv.pages import KVLayout
+from minidisagg.transport.framing import FrameKind, recv_frame, send_frame
+from minidisagg.transport.socket import SocketSender, make_hello
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+BLOCK_SIZE = 16
+
+
+def prompts_for(seed: int, n: int = 5) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randint(3, 50))]} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def seed() -> int:
+    return random.SystemRandom().randrange(1 << 30)
+
+
+@pytest.fixture(scope="module")
+def reference(seed):
+    prompts = prompts_for(seed)
+    return prompts, [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True).generate(prompts, GREEDY)]
+
+
+def layout_of(llm: LLM) -> KVLayout:
+    cfg = llm.loaded.config
+    return KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, BLOCK_SIZE, llm.loaded.dtype)
+
+
+def check_outputs(llm: LLM, prompts, ref, seed) -> None:
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == ref, f"seed {seed}: dist output differs from colocated"
+    for o, p in zip(outs, prompts):
+        num_blocks = -(-len(p["prompt_token_ids"]) // BLOCK_SIZE)
+        assert o.metrics.kv_transfer_bytes == layout_of(llm).request_nbytes(num_blocks), f"seed {seed}"
+        assert o.metrics.transfer_s > 0 and o.timeline.prefill_end_s <= o.timeline.transfer_end_s
+
+
+def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed):
+    prompts, ref = reference
+    llm = LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="dist", num_prefill=1,
+              num_decode=2)
+    procs = list(llm.engine.processes)
+    try:
+        assert len(procs) == 3 and all(p.proc.poll() is None for p in procs)
+        check_outputs(llm, prompts, ref, seed)
+    finally:
+        llm.shutdown()
+    assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
+
+
+def _prefill_link(llm: LLM, port: int) -> SocketSender:
+    return SocketSender("127.0.0.1", port, make_hello("prefill", llm.loaded.config.fingerprint(), layout_of(llm)))
+
+
+def _garbage_link(llm: LLM, port: int, header_update: dict, payload: bytes = b"") -> str:
+    """Open a prefill link to a decode worker, reserve, send one bad LAYER; return the ERROR it answers."""
+    sender = _prefill_link(llm, port)
+    try:
+        assert sender.reserve("garbage", 20, timeout_s=10)  # 2 blocks, which the dropped link must give back
+        header = {"transfer_id": "garbage", "layer": 0, "shape": list(layout_of(llm).layer_shape(2)),
+                  "dtype": "float32", "via": "dist", "src_rank": 1, **header_update}
+        send_frame(sender.sock, FrameKind.LAYER, header, payload or None, timeout_s=10)
+        reply = recv_frame(sender.sock, 10)
+        assert reply.kind == FrameKind.ERROR, reply
+        with pytest.raises(ConnectionError):  # PeerClosed, or a reset when our payload went unread
+            recv_frame(sender.sock, 10)
+        return str(reply.header["message"])
+    finally:
+        sender.sock.close()
+
+
+def test_dist_1p1d_equals_colocated_and_garbage_drops_only_its_link(reference, seed):
+    """Bad src_rank, shape, dtype or via: FrameError on that link only; the real prefill link keeps working."""
+    prompts, ref = reference
+    num_blocks = 32
+    llm = LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="dist", num_prefill=1,
+              num_decode=1, num_kv_blocks=num_blocks)
+    procs = list(llm.engine.processes)
+    try:
+        check_outputs(llm, prompts, ref, seed)  # the real link (prefill = rank 1) has now claimed its source
+        port = next(p.port for p in procs if p.name == "d0")  # decode = rank 0
+        cases = [
+            ({"src_rank": 0}, "not a peer"),  # the decode worker itself
+            ({"src_rank": 2}, "not a peer"),  # outside a world of 2
+            ({"src_rank": "1"}, "non-integer"),
+            ({"src_rank": None}, "non-integer"),
+            ({"src_rank": 1}, "another link"),  # a live source another link receives from
+            ({"shape": [2, 3, BLOCK_SIZE, 1, 1]}, "expected"),
+            ({"dtype": "bfloat16"}, "expected"),
+            ({"layer": 99}, "layer index"),
+            ({"via": "pigeon"}, "without pages"),
+        ]
+        for update, message in cases:
+            assert message in _garbage_link(llm, port, update), update
+        assert "must not carry a payload" in _garbage_link(llm, port, {}, payload=bytes(layout_of(llm).layer_nbytes(2)))
+        probe = _prefill_link(llm, port)  # every dropped link gave its blocks back: the whole pool is free
+        try:
+            deadline, attempt = time.monotonic() + 10, 0
+            while not probe.reserve(f"probe-{attempt}", num_blocks * BLOCK_SIZE - 1, timeout_s=10):
+                assert time.monotonic() < deadline, "garbage links leaked KV blocks"
+                attempt += 1
+                time.sleep(0.1)
+            probe.cancel(f"probe-{attempt}")
+        finally:
+            probe.close()
+        check_outputs(llm, prompts, ref, seed)
+    finally:
+        llm.shutdown()
+    assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
+
+
+@pytest.mark.gpu
+def test_dist_nccl_equals_colocated_on_gpus(seed):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs a GPU per rank: 1P1D needs 2 GPUs")
+    prompts = prompts_for(seed)
+    ref = [o.token_ids for o in LLM("tiny", device="cuda", batch_invariant=True).generate(prompts, GREEDY)]
+    llm = LLM("tiny", device="cuda", batch_invariant=True, mode="disagg", transport="dist")
+    procs = list(llm.engine.processes)
+    try:
+        check_outputs(llm, prompts, ref, seed)
+    finally:
+        llm.shutdown()
+    assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
