@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 from minidisagg.disagg.prefill_worker import FailedRequest, Submission
 from minidisagg.disagg.serve import output_from_dict, submission_to_dict
 from minidisagg.engine.llm_engine import RequestOutput
+from minidisagg.transport.socket import wait_readable
 from minidisagg.transport.framing import (
     FrameKind,
     Hello,
@@ -194,16 +195,20 @@ class RemoteWorker:
         self.timeout_s = timeout_s
         self.sock = connect(host, port, timeout_s, retries=20)
         client_handshake(self.sock, hello, timeout_s)
+        # One timeout for the socket's whole life: two threads share it, and changing a socket's
+        # timeout while another thread blocks in recv can make that recv fail with EAGAIN.
+        self.sock.settimeout(timeout_s)
         self.outputs = outputs
         self.error: Optional[str] = None
         self._lock = threading.Lock()
         self._closing = False
+        self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name=f"router-{name}", daemon=True)
         self._reader.start()
 
     def _read_loop(self) -> None:
         try:
-            while True:
+            while wait_readable(self.sock, self._stop):
                 frame = recv_frame(self.sock, None)
                 if frame.kind == FrameKind.TOKENS:
                     self.outputs.put(output_from_dict(frame.header))
@@ -221,7 +226,7 @@ class RemoteWorker:
         if self.error is not None:
             raise ConnectionError(self.error)
         with self._lock:
-            send_frame(self.sock, FrameKind.REQUEST, header, timeout_s=self.timeout_s)
+            send_frame(self.sock, FrameKind.REQUEST, header)
 
     def submit(self, sub: Submission) -> None:
         """Queue a request on this prefill server."""
@@ -240,9 +245,11 @@ class RemoteWorker:
     def stop(self, timeout_s: float = 1.0) -> None:
         """Say BYE and close."""
         self._closing = True
+        self._stop.set()
         try:
             with self._lock:
-                send_frame(self.sock, FrameKind.BYE, {}, timeout_s=timeout_s)
+                send_frame(self.sock, FrameKind.BYE, {})
         except OSError:
             pass
+        self._reader.join(timeout_s)
         self.sock.close()

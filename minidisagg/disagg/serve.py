@@ -96,7 +96,7 @@ class _Subscribers:
         with self._lock:
             for sock in list(self._socks):
                 try:
-                    send_frame(sock, kind, header, timeout_s=SEND_TIMEOUT_S)
+                    send_frame(sock, kind, header)
                 except OSError as exc:  # a router went away: keep serving the others
                     log.warning("dropping subscriber: %s", exc)
                     self._socks.remove(sock)
@@ -118,6 +118,8 @@ class WorkerServer:
         """Handshake, then serve the connection by the peer's role; errors drop only this connection."""
         try:
             theirs = server_handshake(sock, self.hello, HANDSHAKE_TIMEOUT_S, self.accepted_roles())
+            # Fixed for the connection's life: a reader and other writers share this socket.
+            sock.settimeout(SEND_TIMEOUT_S)
             self.serve_role(theirs.role, sock, peer)
         except (ConnectionError, FrameError, OSError, TimeoutError) as exc:
             log.warning("%s: connection from %s dropped: %s", self.role, peer, exc)
@@ -138,7 +140,7 @@ class WorkerServer:
         self.subscribers.add(sock)
         while wait_readable(sock, self.stop_event):
             try:
-                frame = recv_frame(sock, SEND_TIMEOUT_S, max_payload_bytes=0)
+                frame = recv_frame(sock, None, max_payload_bytes=0)
             except PeerClosed:
                 return
             if frame.kind == FrameKind.BYE:
