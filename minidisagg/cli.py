@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--role", choices=["prefill", "decode", "router"], required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    serve.add_argument("--peers", default="", help="prefill: decode workers as name=host:port,...; "
-                                                  "router: prefill=host:port,...;decode=host:port,...")
+    serve.add_argument("--peers", default="", help="prefill: decode workers as NAME=host:port,...; "
+                                                  "router: prefill=NAME@host:port,...;decode=NAME@host:port,...")
     serve.add_argument("--model", default="smollm2-135m")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", default="auto")
@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cpu-cores", default="", help="pin this process to these cores, e.g. 0 or 0,1")
     serve.add_argument("--clock-origin", type=float, default=None, help="shared perf_counter origin")
     serve.add_argument("--ready-file", default="", help="write the bound port here once listening")
+    serve.add_argument("--routing", choices=["round_robin", "least_loaded"], default="round_robin",
+                       help="router: how requests are spread over workers")
+    serve.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
+                       help="router: what happens to requests of a worker that dies")
+    serve.add_argument("--request-timeout-s", type=float, default=600.0, help="router: deadline of every request")
     serve.add_argument("--dist-init", default="", help="dist transport: rendezvous, e.g. tcp://127.0.0.1:29500; "
                                                       "prefill --peers then read name=host:port@rank")
     serve.add_argument("--dist-rank", type=int, default=None, help="this worker's rank (decodes first by convention)")

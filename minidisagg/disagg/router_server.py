@@ -497,9 +497,9 @@ def serve_router(args: argparse.Namespace) -> int:
                           cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks))
     try:
         cluster = RemoteCluster(loaded, config, prefill_addrs, decode_addrs,
-                                routing=getattr(args, "routing", "round_robin"),
-                                kv_failure_policy=getattr(args, "kv_failure_policy", "fail"),
-                                request_timeout_s=getattr(args, "request_timeout_s", 600.0),
+                                routing=args.routing,
+                                kv_failure_policy=args.kv_failure_policy,
+                                request_timeout_s=args.request_timeout_s,
                                 clock_origin_s=args.clock_origin)
     except ConnectionError as exc:
         log.error("router could not start: %s", exc)
