@@ -159,3 +159,33 @@ def test_garbage_and_cut_connections_leak_nothing(tiny_loaded, decode_server):
     sender.cancel("t3")
     assert _all_free(decode_server)
     sender.close()
+
+
+def test_forgotten_llm_still_stops_its_processes(tmp_path):
+    """An LLM dropped without shutdown() leaves no orphans once the interpreter exits."""
+    import subprocess
+    import sys
+
+    script = (
+        "from minidisagg import LLM, SamplingParams\n"
+        "llm = LLM('tiny', device='cpu', mode='disagg', transport='socket')\n"
+        "llm.generate([{'prompt_token_ids': [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=2))\n"
+        "print(' '.join(str(p.proc.pid) for p in llm.engine.processes))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "orphaned worker processes"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, just not reaped
+        return f.read().split()[2] != "Z"

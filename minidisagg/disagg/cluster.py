@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 import queue
 import time
 from dataclasses import dataclass
@@ -28,6 +29,14 @@ from minidisagg.transport.inproc import InprocSender
 KV_FAILURE_POLICIES = ("fail", "recompute")
 TRANSPORTS = ("inproc", "socket", "dist")
 POLL_S = 0.02
+
+
+def _stop_remote(workers: list, processes: list) -> None:
+    from minidisagg.disagg.launch import stop_processes
+
+    for worker in workers:
+        worker.stop()
+    stop_processes(processes)
 
 
 def _attempt_id(request_id: str, attempt: int) -> str:
@@ -119,6 +128,8 @@ class DisaggCluster:
         except BaseException:
             stop_processes(self.processes)
             raise
+        # An LLM dropped without shutdown() still stops its processes (at the latest, at interpreter exit).
+        weakref.finalize(self, _stop_remote, [*self.prefill_workers, *self.decode_workers], list(self.processes))
 
     # ---- the LLMEngine surface ----------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
