@@ -10,13 +10,8 @@ import pytest
 
 from minidisagg import LLM, SamplingParams
 from minidisagg.disagg.launch import spawn_worker, stop_processes
-from minidisagg.disagg.router_server import (
-    MAX_LINE_BYTES,
-    BadRequest,
-    parse_request,
-    parse_router_peers,
-    stream_request,
-)
+from minidisagg.disagg.router_protocol import MAX_LINE_BYTES, BadRequest, parse_request, stream_request
+from minidisagg.disagg.router_server import parse_router_peers
 
 MODEL_ARGS = ["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--random-weights", "--batch-invariant"]
 TIMEOUT_S = 30.0
