@@ -129,13 +129,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def parse_peers(text: str) -> dict[str, tuple[str, int]]:
     """``d0=127.0.0.1:7001,d1=host:7002`` -> {"d0": ("127.0.0.1", 7001), ...}."""
+    from minidisagg.transport.socket import parse_host_port
+
     peers: dict[str, tuple[str, int]] = {}
     for item in filter(None, text.split(",")):
         name, _, address = item.partition("=")
-        host, _, port = address.rpartition(":")
-        if not name or not host or not port.isdigit():
+        try:
+            peers[name] = parse_host_port(address)
+        except ValueError:
+            raise ValueError(f"--peers entries look like name=host:port, got {item!r}") from None
+        if not name:
             raise ValueError(f"--peers entries look like name=host:port, got {item!r}")
-        peers[name] = (host, int(port))
     return peers
 
 
@@ -156,10 +160,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {int(c) for c in args.cpu_cores.split(",")})
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          batch_invariant=args.batch_invariant,
+                          cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks))
     if args.role == "router":
         from minidisagg.disagg.router_server import serve_router
 
-        return serve_router(args)
+        return serve_router(args, config)
     decode_ranks = None
     if args.dist_init:  # join the deployment's torch.distributed group first: under NCCL it picks the GPU
         from minidisagg.transport.dist import init_dist, parse_peer_ranks
@@ -169,9 +176,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.peers, decode_ranks = parse_peer_ranks(args.peers or "")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                         random_weights=args.random_weights)
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          batch_invariant=args.batch_invariant,
-                          cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks))
     clock = WallClock(args.clock_origin)
     if args.role == "decode":
         server = DecodeServer(loaded, config, args.host, args.port, clock=clock)

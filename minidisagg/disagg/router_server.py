@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.config import EngineConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.disagg.launch import RemoteWorker
 from minidisagg.disagg.prefill_worker import Submission
@@ -40,7 +40,7 @@ from minidisagg.kv.pages import KVLayout
 from minidisagg.models.registry import LoadedModel
 from minidisagg.models.tokenizer import Tokenizer
 from minidisagg.transport.framing import FrameError
-from minidisagg.transport.socket import accept_loop, listen, make_hello
+from minidisagg.transport.socket import accept_loop, listen, make_hello, parse_host_port
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
@@ -67,14 +67,16 @@ def parse_router_peers(text: str) -> tuple[dict[str, Address], dict[str, Address
         for i, entry in enumerate(filter(None, (e.strip() for e in entries.split(",")))):
             name, at, address = entry.partition("@")
             name, address = (name, address) if at else (f"{role[0]}{i}", entry)
-            host, _, port = address.rpartition(":")
-            host = host.strip("[]")
-            if not name or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            try:
+                host_port = parse_host_port(address)
+            except ValueError:
+                host_port = None
+            if not name or host_port is None:
                 raise ValueError(f"router --peers entries look like name@host:port, got {entry!r} "
                                  f"(example: {PEERS_EXAMPLE!r})")
             if name in addrs:
                 raise ValueError(f"router --peers names {role} worker {name!r} twice")
-            addrs[name] = (host, int(port))
+            addrs[name] = host_port
         if not addrs:
             raise ValueError(f"router --peers section {role} lists no worker")
         sections[role] = addrs
@@ -314,7 +316,7 @@ class RouterServer:
         self.cluster.shutdown(timeout_s / 2)
 
 
-def serve_router(args: argparse.Namespace) -> int:
+def serve_router(args: argparse.Namespace, config: EngineConfig) -> int:
     """Run the router role (``minidisagg serve --role router``) until SIGTERM/SIGINT; returns the exit code."""
     from minidisagg.models.registry import load_model
 
@@ -327,9 +329,6 @@ def serve_router(args: argparse.Namespace) -> int:
         tokenizer = loaded.tokenizer
     except Exception as exc:  # noqa: BLE001 - token-id requests still work without it
         log.warning("no tokenizer (%s): only prompt_token_ids requests are served, without text", exc)
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          batch_invariant=args.batch_invariant,
-                          cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks))
     try:
         cluster = RemoteCluster(loaded, config, prefill_addrs, decode_addrs,
                                 routing=args.routing,

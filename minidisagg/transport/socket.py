@@ -246,6 +246,15 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
 Handler = Callable[[socket.socket, str], None]
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 hosts may be bracketed) -> (host, port); ValueError when malformed."""
+    host, _, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host, int(port)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket (port 0 picks a free one)."""
     server = socket.create_server((host, port), reuse_port=False)
