@@ -118,11 +118,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks: ``cpu`` compares decode throughput with HF transformers."""
+    """Benchmarks: ``cpu`` (decode vs HF transformers), ``transport`` (KV transfer vs its ceilings)."""
     if args.suite == "cpu":
         from minidisagg.bench_cpu import main as bench_cpu_main
 
         return bench_cpu_main(args.rest) or 0
+    if args.suite == "transport":
+        from minidisagg.bench_transport import main as bench_transport_main
+
+        return bench_transport_main(args.rest) or 0
     console.print(f"[red]unknown benchmark {args.suite!r}[/]")
     return 2
 
@@ -264,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: nccl on a CUDA device, else gloo")
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks (cpu)")
-    bench.add_argument("suite", choices=["cpu"])
+    bench = sub.add_parser("bench", help="benchmarks (cpu, transport)")
+    bench.add_argument("suite", choices=["cpu", "transport"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
