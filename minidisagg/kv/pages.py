@@ -60,12 +60,27 @@ def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> t
     return cache.kv[layer].index_select(1, _index(cache, block_ids))
 
 
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Split a block table into runs of consecutive ids: (position in table, first block id, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, block in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == block:
+            start, first, length = runs[-1]
+            runs[-1] = (start, first, length + 1)
+        else:
+            runs.append((pos, block, 1))
+    return runs
+
+
 def scatter_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int], pages: torch.Tensor) -> None:
-    """Write one layer's pages into the given blocks of ``cache``."""
+    """Write one layer's pages into the given blocks of ``cache`` (a plain copy per run of consecutive blocks)."""
     expected = (2, len(block_ids), *cache.kv.shape[3:])
     if tuple(pages.shape) != expected:
         raise ValueError(f"layer {layer} pages have shape {tuple(pages.shape)}, expected {expected}")
-    cache.kv[layer].index_copy_(1, _index(cache, block_ids), pages.to(device=cache.device, dtype=cache.dtype))
+    pages = pages.to(device=cache.device, dtype=cache.dtype)
+    target = cache.kv[layer]
+    for pos, first, length in block_runs(block_ids):
+        target[:, first : first + length].copy_(pages[:, pos : pos + length])
 
 
 def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
