@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minidisagg.kernels.triton_support import use_triton
+
 INVARIANT_QUERY_TILE = 16
 INVARIANT_KEY_BLOCK = 64
 
@@ -160,6 +162,12 @@ def paged_attention(
     """Dispatch point for attention. The new k, v must already be written to the cache."""
     if meta.batch_invariant:
         return invariant_attention(q, k_cache, v_cache, meta, scale)
+    if use_triton(q):
+        from minidisagg.kernels import attention_triton  # imports triton, so only when it is used
+
+        if meta.is_decode:
+            return attention_triton.decode_attention_triton(q, k_cache, v_cache, meta, scale)
+        return attention_triton.prefill_attention_triton(q, k_cache, v_cache, meta, scale)
     if meta.is_decode:
         return decode_attention_reference(q, k_cache, v_cache, meta, scale)
     return prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale)

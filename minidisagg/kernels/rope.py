@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from minidisagg.config import RopeScaling
+from minidisagg.kernels.triton_support import next_pow2, triton_modules, use_triton
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None) -> torch.Tensor:
@@ -54,8 +56,70 @@ def apply_rope_reference(
     return rotate(q), rotate(k)
 
 
+@functools.cache
+def rope_kernel() -> Any:
+    """The Triton kernel, built on first use (so triton is imported only when it runs)."""
+    triton, tl = triton_modules()
+
+    @triton.jit
+    def _rope(
+        q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
+        q_token_stride, q_head_stride, k_token_stride, k_head_stride, table_stride,
+        num_heads, num_kv_heads, half,
+        BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        # One program per token rotates all its q heads and k heads in place, in float32.
+        token = tl.program_id(0).to(tl.int64)
+        row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * table_stride
+        d = tl.arange(0, BLOCK_HALF)[None, :]
+        cos = tl.load(row + d, mask=d < half, other=0.0).to(tl.float32)
+        sin = tl.load(row + half + d, mask=d < half, other=0.0).to(tl.float32)
+
+        # q: x1 is the first half of a head, x2 the second: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+        h = tl.arange(0, BLOCK_H)[:, None]
+        mask = (h < num_heads) & (d < half)
+        ptrs = q_ptr + token * q_token_stride + h * q_head_stride + d
+        x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + half, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
+
+        # k: the same rotation over the KV heads.
+        h = tl.arange(0, BLOCK_KH)[:, None]
+        mask = (h < num_kv_heads) & (d < half)
+        ptrs = k_ptr + token * k_token_stride + h * k_head_stride + d
+        x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + half, (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty), mask=mask)
+
+    return _rope
+
+
+def apply_rope_triton(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton RoPE: rotates q [T, H, D] and k [T, KH, D] in place (views of a fused QKV are fine)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    table = cos_sin if cos_sin.stride(-1) == 1 else cos_sin.contiguous()
+    tokens, num_heads, head_dim = q.shape
+    if tokens > 0:
+        rope_kernel()[(tokens,)](
+            q, k, positions.contiguous(), table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), table.stride(0),
+            num_heads, k.shape[1], head_dim // 2,
+            BLOCK_H=next_pow2(num_heads), BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=next_pow2(head_dim // 2),
+        )
+    return q, k
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch point for RoPE on packed tokens."""
+    """Dispatch point for RoPE on packed tokens; use the returned tensors (Triton rotates in place)."""
+    if use_triton(q):
+        return apply_rope_triton(q, k, positions, cos_sin)
     return apply_rope_reference(q, k, positions, cos_sin)
