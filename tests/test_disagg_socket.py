@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import time
 
@@ -189,3 +190,30 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, just not reaped
         return f.read().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_killed_prefill_process(reference, seed, policy):
+    """Killing one of two prefill workers fails (or reroutes) only the requests it still held."""
+    prompts, ref = reference
+    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_prefill=2,
+             kv_failure_policy=policy, request_timeout_s=120) as llm:
+        victim = next(p for p in llm.engine.processes if p.name == "p1")
+        victim.proc.send_signal(signal.SIGSTOP)  # frozen: whatever was routed to it is stuck there
+        ids = [llm.engine.add_request(p, GREEDY) for p in prompts]
+        victim.proc.kill()
+        done, t0 = {}, time.monotonic()
+        while llm.engine.has_unfinished():
+            assert time.monotonic() - t0 < 120, "hung after a prefill process died"
+            for out in llm.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        outs = [done[i] for i in ids]
+        errors = [o for o in outs if o.finish_reason == "error"]
+        if policy == "fail":
+            assert errors and all("p1" in o.error for o in errors)
+        else:
+            assert not errors
+        for i, out in enumerate(outs):
+            if out.finish_reason != "error":
+                assert out.token_ids == ref[i], f"seed {seed}, request {i}"

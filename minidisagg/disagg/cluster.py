@@ -52,6 +52,7 @@ class _Live:
     deadline_s: float
     attempts: int = 1
     tokens_seen: int = 0
+    on_decode: bool = False  # its KV reached the decode worker: the prefill worker no longer matters
 
 
 class DisaggCluster:
@@ -199,7 +200,8 @@ class DisaggCluster:
                 if index in dead or worker.error is None:
                     continue
                 dead.add(index)
-                mine = [(r, live.attempts) for r, live in self._live.items() if getattr(live, kind) == index]
+                mine = [(r, live.attempts) for r, live in self._live.items()
+                        if getattr(live, kind) == index and not (kind == "prefill" and live.on_decode)]
                 for rid, attempt in mine:
                     out = self._handle(FailedRequest(_attempt_id(rid, attempt),
                                                      f"{kind} worker {worker.name} died: {worker.error}"))
@@ -222,6 +224,7 @@ class DisaggCluster:
                     self._live[rid] = live
                     return self._fail(rid, f"{item.error}; cannot recompute: {exc}")
             return self._fail(rid, item.error)
+        live.on_decode = True
         new_tokens = len(item.token_ids) - live.tokens_seen
         if new_tokens <= 0 and not item.finished:
             return None  # a recomputed request re-emitting tokens the caller already has
