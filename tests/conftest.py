@@ -75,3 +75,19 @@ def run_all(engine):
     else:
         raise AssertionError("engine did not finish")
     return done
+
+
+def token_prompts(seed: int, n: int, lo: int = 3, hi: int = 50) -> list[dict]:
+    """``n`` random token-id prompts (ordinary SmolLM2 ids) of ``lo``..``hi`` tokens, from ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def module_seed() -> int:
+    """A fresh seed per test module (put it in assertion messages)."""
+    import random
+
+    return random.SystemRandom().randrange(1 << 30)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import random
 import time
 
 import pytest
 import torch
 
+from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
 from minidisagg.kv.pages import KVLayout
 from minidisagg.transport.framing import FrameKind, recv_frame, send_frame
@@ -17,19 +17,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 BLOCK_SIZE = 16
 
 
-def prompts_for(seed: int, n: int = 5) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randint(3, 50))]} for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
-def seed() -> int:
-    return random.SystemRandom().randrange(1 << 30)
+def seed(module_seed) -> int:
+    return module_seed
 
 
 @pytest.fixture(scope="module")
 def reference(seed):
-    prompts = prompts_for(seed)
+    prompts = token_prompts(seed, 5)
     return prompts, [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True).generate(prompts, GREEDY)]
 
 
@@ -125,7 +120,7 @@ def test_dist_1p1d_equals_colocated_and_garbage_drops_only_its_link(reference, s
 def test_dist_nccl_equals_colocated_on_gpus(seed):
     if torch.cuda.device_count() < 2:
         pytest.skip("NCCL needs a GPU per rank: 1P1D needs 2 GPUs")
-    prompts = prompts_for(seed)
+    prompts = token_prompts(seed, 5)
     ref = [o.token_ids for o in LLM("tiny", device="cuda", batch_invariant=True).generate(prompts, GREEDY)]
     llm = LLM("tiny", device="cuda", batch_invariant=True, mode="disagg", transport="dist")
     procs = list(llm.engine.processes)

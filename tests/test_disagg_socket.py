@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import time
 
 import pytest
 
+from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.serve import DecodeServer
@@ -22,20 +22,15 @@ from minidisagg.transport.socket import SocketSender, make_hello
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def prompts_for(seed: int, n: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randint(3, 50))]} for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
-def seed() -> int:
-    return random.SystemRandom().randrange(1 << 30)
+def seed(module_seed) -> int:
+    return module_seed
 
 
 @pytest.fixture(scope="module")
 def reference(seed):
     llm = LLM("tiny", device="cpu", batch_invariant=True)
-    prompts = prompts_for(seed, 6)
+    prompts = token_prompts(seed, 6)
     return prompts, [o.token_ids for o in llm.generate(prompts, GREEDY)]
 
 
