@@ -51,23 +51,23 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len:
 def decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Batched decode attention: q [B, H, D], one query per sequence, returns [B, H, D]."""
+    """Batched decode attention: q [B, H, D], one query per sequence, returns [B, H, D].
+
+    Gathers every sequence's pages into a padded [B, KV heads, L, D] batch and runs SDPA with a
+    padding mask (none when all sequences have the same length).
+    """
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     max_len = max(meta.context_lens)
     max_blocks = -(-max_len // k_cache.shape[1])
     tables = meta.block_tables[:, :max_blocks]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_len]  # [B, L, KH, D]
-    values = v_cache[tables].flatten(1, 2)[:, :max_len]
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys.float()) * scale
-    positions = torch.arange(max_len, device=q.device)
-    valid = positions[None, :] < meta.context_lens_tensor[:, None]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, values.float())
-    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+    keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, KH, L, D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    mask = None
+    if min(meta.context_lens) != max_len:
+        positions = torch.arange(max_len, device=q.device)
+        mask = (positions[None, :] < meta.context_lens_tensor[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
 
 
 def prefill_attention_reference(

@@ -43,17 +43,18 @@ def cos_sin_cache(
 def apply_rope_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [T, H, D] and k [T, KH, D] by their positions; returns new tensors in the input dtype."""
+    """Rotate q [T, H, D] and k [T, KH, D] by their positions; returns new tensors in the input dtype.
+
+    Each head's halves (x1, x2) become (x1 cos - x2 sin, x2 cos + x1 sin); q and k are rotated
+    together so the reference costs a handful of ops per layer, not a few dozen.
+    """
     half = q.shape[-1] // 2
-    table = cos_sin[positions]
-    cos = torch.cat([table[:, :half], table[:, :half]], dim=-1).unsqueeze(1)
-    sin = torch.cat([table[:, half:], table[:, half:]], dim=-1).unsqueeze(1)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    table = cos_sin[positions].unsqueeze(1)
+    cos, sin = table[..., :half], table[..., half:]
+    x = torch.cat([q, k], dim=1).float()
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(q.dtype)
+    return rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
 
 
 @functools.cache
