@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from minidisagg import LLM, SamplingParams
 
 PROMPT = "Write a short story about a robot who learns to paint."
 HF_FP32 = "HF transformers fp32"
@@ -54,9 +57,19 @@ def machine_info() -> dict[str, Any]:
     import transformers
 
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "minidisagg_commit": _git_commit(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
+
+
+def _git_commit() -> Optional[str]:
+    """The source checkout's HEAD commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 class Generator:
@@ -95,10 +108,8 @@ def hf_generator(prompt_ids: list[int]) -> Generator:
     return Generator(HF_FP32, generate)
 
 
-def minidisagg_generator(name: str, llm: Any, prompt_ids: list[int]) -> Generator:
+def minidisagg_generator(name: str, llm: LLM, prompt_ids: list[int]) -> Generator:
     """An ``LLM`` generating greedily with ``ignore_eos`` (``LLM.generate``, progress bar off)."""
-    from minidisagg import SamplingParams
-
     def generate(batch: int, n: int) -> list[int]:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": prompt_ids}] * batch, params, use_tqdm=False)
@@ -162,8 +173,6 @@ def run_cpu_decode_bench(
         torch.set_num_threads(threads)
     console = Console(stderr=True, quiet=not progress)
     info = machine_info()
-    from minidisagg import LLM
-
     with console.status("loading models"):
         engines = {"minidisagg fp32": LLM("smollm2-135m", device="cpu", dtype="float32"),
                    "minidisagg bf16": LLM("smollm2-135m", device="cpu", dtype="bfloat16")}
@@ -198,28 +207,15 @@ def run_cpu_decode_bench(
                         stage_s[(g.name, b)].append(sum(s.elapsed_s for s in steps))
                     bar.advance(task)
     info["loadavg_end"] = list(os.getloadavg())
-    rows = []
-    for b in batch_sizes:
-        rate = {g.name: b * (new_tokens - 1) / statistics.median(decode_s[(g.name, b)]) for g in gens}
-        for g in gens:
-            row: dict[str, Any] = {
-                "name": g.name, "batch": b, "dtype": DTYPE_OF[g.name],
-                "tokens_per_s": round(rate[g.name], 2),
-                "vs_hf_fp32": round(rate[g.name] / rate[HF_FP32], 3),
-                "fraction_of_matmul_ceiling": round(rate[g.name] / rate[CEILINGS[DTYPE_OF[g.name]]], 3),
-                "decode_s_per_repeat": [round(s, 4) for s in decode_s[(g.name, b)]],
-            }
-            if stage_s[(g.name, b)]:
-                row["decode_stage_tokens_per_s"] = round(b * (new_tokens - 1) / statistics.median(stage_s[(g.name, b)]), 2)
-            if g.name in GENERATORS:
-                ref, mine = tokens[(HF_FP32, b)], tokens[(g.name, b)]
-                row["greedy_prefix_match_hf"] = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), len(ref))
-            rows.append(row)
+    rows = _summarize(decode_s, stage_s, tokens, batch_sizes, new_tokens)
     by = {(r["name"], r["batch"]): r for r in rows}
-    goals = {}
+    goals, goals_best = {}, {}
     for b in batch_sizes:
-        goals[f"minidisagg fp32 >= 1.2x HF fp32 at batch {b}"] = by[("minidisagg fp32", b)]["vs_hf_fp32"] >= 1.2
-        goals[f"minidisagg bf16 >= 2x HF fp32 at batch {b}"] = by[("minidisagg bf16", b)]["vs_hf_fp32"] >= 2.0
+        hf_best = by[(HF_FP32, b)]["tokens_per_s_best"]
+        for name, factor in (("minidisagg fp32", 1.2), ("minidisagg bf16", 2.0)):
+            goal = f"{name} >= {factor:g}x HF fp32 at batch {b}"
+            goals[goal] = by[(name, b)]["vs_hf_fp32"] >= factor
+            goals_best[goal] = by[(name, b)]["tokens_per_s_best"] >= factor * hf_best
     return {
         "benchmark": "cpu-decode", "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
         "settings": {"model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)", "prompt": PROMPT,
@@ -227,18 +223,50 @@ def run_cpu_decode_bench(
                      "batch_sizes": list(batch_sizes), "greedy": True, "ignore_eos": True,
                      "definition": "tokens_per_s = batch * (N - 1) / median(T(N) - T(1)); T(k) = wall time of "
                                    "one generate call making k new tokens per sequence"},
-        "rows": rows, "goals": goals,
+        "rows": rows, "goals": goals, "goals_on_best": goals_best,
     }
+
+
+def _summarize(
+    decode_s: dict[tuple[str, int], list[float]],
+    stage_s: dict[tuple[str, int], list[float]],
+    tokens: dict[tuple[str, int], list[int]],
+    batch_sizes: Sequence[int],
+    new_tokens: int,
+) -> list[dict[str, Any]]:
+    """One row per (configuration, batch): median and best tokens/s and the ratios."""
+    rows = []
+    names = list(dict.fromkeys(name for name, _ in decode_s))
+    for b in batch_sizes:
+        work = b * (new_tokens - 1)
+        rate = {n: work / statistics.median(decode_s[(n, b)]) for n in names}
+        for n in names:
+            row: dict[str, Any] = {
+                "name": n, "batch": b, "dtype": DTYPE_OF[n],
+                "tokens_per_s": round(rate[n], 2),
+                "vs_hf_fp32": round(rate[n] / rate[HF_FP32], 3),
+                "fraction_of_matmul_ceiling": round(rate[n] / rate[CEILINGS[DTYPE_OF[n]]], 3),
+                "tokens_per_s_best": round(work / min(decode_s[(n, b)]), 2),
+                "decode_s_per_repeat": [round(t, 4) for t in decode_s[(n, b)]],
+            }
+            if stage_s[(n, b)]:
+                row["decode_stage_tokens_per_s"] = round(work / statistics.median(stage_s[(n, b)]), 2)
+            if n in GENERATORS:
+                ref, mine = tokens[(HF_FP32, b)], tokens[(n, b)]
+                row["greedy_prefix_match_hf"] = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), len(ref))
+            rows.append(row)
+    return rows
 
 
 def render_table(result: dict[str, Any]) -> Table:
     """The rows as a rich table."""
     table = Table(title=f"CPU decode throughput, {result['machine']['cpu']} ({result['machine']['cores']} cores)")
-    for col in ("config", "batch", "tokens/s", "vs HF fp32", "of matmul ceiling", "greedy = HF"):
+    for col in ("config", "batch", "tokens/s", "best", "vs HF fp32", "of matmul ceiling", "greedy = HF"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in result["rows"]:
         match = r.get("greedy_prefix_match_hf")
-        table.add_row(r["name"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['vs_hf_fp32']:.2f}x",
+        table.add_row(r["name"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s_best']:.1f}",
+                      f"{r['vs_hf_fp32']:.2f}x",
                       f"{r['fraction_of_matmul_ceiling']:.2f}", "" if match is None else f"{match}/{result['settings']['new_tokens']}")
     return table
 
@@ -249,17 +277,21 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [f"# CPU decode throughput ({result['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, avx512_bf16 {m['avx512_bf16']}, "
              f"amx_bf16 {m['amx_bf16']}; torch {m['torch']}, transformers {m['transformers']}; "
+             f"minidisagg at commit {(m.get('minidisagg_commit') or 'unknown')[:10]}; "
              f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.", "",
              f"Model {s['model']}; prompt of {s['prompt_tokens']} tokens; N = {s['new_tokens']} new tokens, greedy, "
              f"EOS ignored; median of {s['repeats']} interleaved repetitions. {s['definition']}.", "",
-             "| config | batch | decode tokens/s | vs HF fp32 | fraction of matmul ceiling | greedy tokens = HF fp32 |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| config | batch | decode tokens/s (median) | best | vs HF fp32 | fraction of matmul ceiling | greedy tokens = HF fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         match = r.get("greedy_prefix_match_hf")
         shown = "" if match is None else f"{match}/{s['new_tokens']}"
-        lines.append(f"| {r['name']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['vs_hf_fp32']:.2f}x | "
+        lines.append(f"| {r['name']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_best']:.1f} | {r['vs_hf_fp32']:.2f}x | "
                      f"{r['fraction_of_matmul_ceiling']:.2f} | {shown} |")
-    lines += ["", "Goals:", ""] + [f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in result["goals"].items()]
+    best = result.get("goals_on_best", {})
+    lines += ["", "Goals (on the medians; in brackets, on the best repetitions):", ""]
+    lines += [f"- {'met' if ok else 'MISSED'} ({'met' if best.get(goal) else 'missed'}): {goal}"
+              for goal, ok in result["goals"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     console = Console()
     console.print(render_table(result))
     for goal, ok in result["goals"].items():
-        console.print(f"[{'green' if ok else 'red'}]{'met' if ok else 'MISSED'}[/]: {goal}")
+        on_best = "met" if result["goals_on_best"][goal] else "missed"
+        console.print(f"[{'green' if ok else 'red'}]{'met' if ok else 'MISSED'}[/] (on best: {on_best}): {goal}")
     json_path, md_path = write_results(result, args.out_dir)
     console.print(f"wrote {json_path} and {md_path}")
     return 0

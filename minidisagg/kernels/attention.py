@@ -59,9 +59,13 @@ def decode_attention_reference(
     num_seqs, num_heads, head_dim = q.shape
     max_len = max(meta.context_lens)
     max_blocks = -(-max_len // k_cache.shape[1])
-    tables = meta.block_tables[:, :max_blocks]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, KH, L, D]
-    values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    flat = meta.block_tables[:, :max_blocks].reshape(-1)  # index_select of whole blocks: a fast gather
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        pages = cache.index_select(0, flat).view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])
+        return pages[:, :max_len].transpose(1, 2)  # [B, KH, L, D]
+
+    keys, values = gather(k_cache), gather(v_cache)
     mask = None
     if min(meta.context_lens) != max_len:
         positions = torch.arange(max_len, device=q.device)
