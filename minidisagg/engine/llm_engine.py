@@ -299,7 +299,10 @@ class LLMEngine:
         """Reserve blocks for ``num_tokens`` incoming tokens under ``key``; None when the pool is too full."""
         if num_tokens + 1 > self.blocks.capacity_tokens:
             raise ValueError(f"{num_tokens} tokens can never fit this KV pool ({self.blocks.capacity_tokens} slots)")
-        if self.blocks.block_table(key) or not self.blocks.can_grow(key, num_tokens):
+        # Leave a block of headroom per running sequence, so incoming KV does not starve their growth.
+        headroom = len(self.scheduler.running)
+        needed = self.blocks.blocks_needed(num_tokens)
+        if self.blocks.block_table(key) or needed + headroom > self.blocks.num_free_blocks:
             return None
         return list(self.blocks.grow(key, num_tokens))
 

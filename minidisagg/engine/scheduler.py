@@ -169,8 +169,10 @@ class Scheduler:
             if self.blocks.can_grow(seq.seq_id, seq.num_tokens):
                 seq.block_table = self.blocks.grow(seq.seq_id, seq.num_tokens)
                 fitted.append(seq)
+            elif self.blocks.blocks_needed(seq.num_tokens) > self.blocks.num_blocks:
+                self.finish(seq, "length")  # alone, it would overflow the whole KV pool
             else:
-                self.finish(seq, "length")  # alone, it already fills the whole KV pool
+                self.preempt(seq)  # the rest is held by blocks it cannot take (e.g. incoming KV): retry later
         return fitted
 
     def _fit_prefills(self, chunks: list[PrefillChunk]) -> list[PrefillChunk]:
