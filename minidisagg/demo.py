@@ -65,7 +65,7 @@ class DemoRun:
         s = summarize([o.metrics for o in self.decodes], self.duration_s)
         ttft = summarize([o.metrics for o in every], self.duration_s)
         moved = sum(o.metrics.kv_transfer_bytes for o in every)
-        moving_s = sum(o.metrics.transfer_s or 0.0 for o in every)
+        moving_s = sum(o.metrics.kv_send_s for o in every)  # time on the wire, not waiting for layers
         tokens_per_s = sum(len(o.token_ids) for o in every) / self.duration_s
         return [self.label, f"{ttft.ttft_p50_s:.2f}", f"{ttft.ttft_p99_s:.2f}", f"{1e3 * s.itl_p50_s:.0f}",
                 f"{1e3 * s.itl_p99_s:.0f}", f"{tokens_per_s:.1f}", f"{moved / 1e6:.1f}" if moved else "-",
@@ -103,12 +103,12 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         for policy, budget in (("prefill_first", 1 << 20), ("chunked", settings.chunk_budget_tokens)):
-            label = f"colocated {policy}"
+            label = f"colocated, {policy}"
             engine = LLMEngine(loaded, EngineConfig(policy=policy, max_num_batched_tokens=budget, cache=CacheConfig()))
             outs = replay(engine, workload, settings.seed, progress, label)
             runs[label] = _split(label, outs, settings.num_decodes, engine.clock.now())
         if disagg:
-            label = "disaggregated 1P1D (socket)"
+            label = "disagg 1P1D, socket"
             task = progress.add_task(f"{label}: starting two worker processes", total=None)
             cluster = DisaggCluster(loaded, EngineConfig(cache=CacheConfig()), transport="socket",
                                     model_ref=model, pin_cores=dev.type == "cpu", worker_threads=1 if dev.type == "cpu" else 0)
@@ -122,8 +122,8 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
                 cluster.shutdown()
     table = Table(title=f"{settings.num_decodes} steady decodes while {settings.num_long} prompts of "
                         f"{settings.long_prompt_len} tokens arrive")
-    for col in ("run", "TTFT p50 (s)", "TTFT p99 (s)", "ITL p50 (ms)", "ITL p99 (ms)", "tokens/s", "KV MB moved",
-                "transfer GB/s"):
+    table.add_column("run", no_wrap=True)
+    for col in ("TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tok/s", "KV MB", "KV GB/s"):
         table.add_column(col, justify="right")
     for run in runs.values():
         table.add_row(*run.summary_row())

@@ -47,6 +47,7 @@ class RequestTimeline:
     transfer_end_s: float | None = None
     decode_start_s: float | None = None
     kv_transfer_bytes: int = 0
+    kv_send_s: float = 0.0  # time spent actually sending pages (excludes waiting for layers to be computed)
 
     def record_token(self, t_s: float) -> None:
         """Record that one more output token became available at time ``t_s``."""
@@ -88,6 +89,7 @@ class RequestMetrics:
     decode_queue_s: float | None = None
     decode_s: float | None = None
     kv_transfer_bytes: int = 0
+    kv_send_s: float = 0.0
 
     @property
     def kv_transfer_s(self) -> float | None:
@@ -125,6 +127,7 @@ class RequestMetrics:
             decode_queue_s=_span(tl.transfer_end_s, tl.decode_start_s),
             decode_s=_span(tl.decode_start_s, tl.finish_s),
             kv_transfer_bytes=tl.kv_transfer_bytes,
+            kv_send_s=tl.kv_send_s,
         )
 
     def as_dict(self) -> dict[str, float | int | list[float] | None]:

@@ -23,7 +23,8 @@ def plot_itl_timeline(
     for i, tl in enumerate(decode_timelines):
         times = [t - t0_s for t in tl.token_times_s]
         gaps_ms = [1000 * (b - a) for a, b in zip(times, times[1:])]
-        ax.plot(times[1:], gaps_ms, lw=1, alpha=0.8, label="decode requests" if i == 0 else None)
+        # steps: each gap is drawn across the interval it lasted, so a stall reads as a plateau, not a ramp
+        ax.plot(times[1:], gaps_ms, lw=1, alpha=0.8, drawstyle="steps-pre", label="decode requests" if i == 0 else None)
     for i, tl in enumerate(prefill_timelines):
         ax.axvline(tl.arrival_s - t0_s, color="crimson", ls="--", lw=1, label="long prompt arrives" if i == 0 else None)
         if tl.prefill_start_s is not None and tl.prefill_end_s is not None:

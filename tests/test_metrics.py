@@ -72,7 +72,7 @@ def test_as_dict() -> None:
     assert d["num_output_tokens"] == 3 and d["transfer_s"] is None
     assert set(d) == {
         "ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s", "prefill_s",
-        "num_output_tokens", "transfer_s", "decode_queue_s", "decode_s", "kv_transfer_bytes",
+        "num_output_tokens", "transfer_s", "decode_queue_s", "decode_s", "kv_transfer_bytes", "kv_send_s",
     }
 
 

@@ -154,7 +154,9 @@ class PrefillWorker:
                     if not transfer.started:
                         transfer.started = True
                         transfer.seq.timeline.transfer_start_s = self.engine.clock.now()
+                    sent_at = time.perf_counter()
                     transfer.sender.send_layer(transfer.transfer_id, layer, pages)
+                    transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
                     transfer.num_bytes += pages.numel() * pages.element_size()
                 else:
                     state = SequenceState.of(transfer.seq)  # the engine no longer touches a handed-off seq
