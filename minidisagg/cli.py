@@ -1,4 +1,4 @@
-"""The ``minidisagg`` command line: demo, generate, fetch, doctor, bench."""
+"""The ``minidisagg`` command line: demo, generate, fetch, doctor, serve, bench, course, slides."""
 
 from __future__ import annotations
 
@@ -117,18 +117,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# subcommand suites -> the module whose ``main(argv)`` runs them (imported only when used)
+BENCH_SUITES = {
+    "cpu": "minidisagg.bench_cpu",
+    "transport": "minidisagg.bench_transport",
+    "gpu": "minidisagg.bench_gpu",
+    "disagg": "minidisagg.bench_disagg",
+}
+COURSE_ACTIONS = {"build": "minidisagg.course.build"}
+SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
+
+
+def _run_module_main(module_name: str, rest: Sequence[str]) -> int:
+    """Import ``module_name`` and call its ``main(rest)``."""
+    import importlib
+
+    return importlib.import_module(module_name).main(list(rest)) or 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks: ``cpu`` (decode vs HF transformers), ``transport`` (KV transfer vs its ceilings)."""
-    if args.suite == "cpu":
-        from minidisagg.bench_cpu import main as bench_cpu_main
+    """Benchmarks: cpu (decode vs HF), transport (KV transfer), gpu (rooflines), disagg (goodput)."""
+    return _run_module_main(BENCH_SUITES[args.suite], args.rest)
 
-        return bench_cpu_main(args.rest) or 0
-    if args.suite == "transport":
-        from minidisagg.bench_transport import main as bench_transport_main
 
-        return bench_transport_main(args.rest) or 0
-    console.print(f"[red]unknown benchmark {args.suite!r}[/]")
-    return 2
+def cmd_course(args: argparse.Namespace) -> int:
+    """Course tooling: ``build`` writes labs/ from solutions/."""
+    return _run_module_main(COURSE_ACTIONS[args.action], args.rest)
+
+
+def cmd_slides(args: argparse.Namespace) -> int:
+    """Slides: ``build`` renders slides/*.ipynb to self-contained reveal.js HTML."""
+    return _run_module_main(SLIDES_ACTIONS[args.action], args.rest)
 
 
 def parse_peers(text: str) -> dict[str, tuple[str, int]]:
@@ -268,10 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: nccl on a CUDA device, else gloo")
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks (cpu, transport)")
-    bench.add_argument("suite", choices=["cpu", "transport"])
+    bench = sub.add_parser("bench", help="benchmarks (" + ", ".join(BENCH_SUITES) + ")")
+    bench.add_argument("suite", choices=list(BENCH_SUITES))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    course = sub.add_parser("course", help="course tooling (build labs/ from solutions/)")
+    course.add_argument("action", choices=list(COURSE_ACTIONS))
+    course.add_argument("rest", nargs=argparse.REMAINDER)
+    course.set_defaults(func=cmd_course)
+
+    slides = sub.add_parser("slides", help="lecture decks (build reveal.js HTML)")
+    slides.add_argument("action", choices=list(SLIDES_ACTIONS))
+    slides.add_argument("rest", nargs=argparse.REMAINDER)
+    slides.set_defaults(func=cmd_slides)
     return parser
 
 
