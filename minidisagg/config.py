@@ -183,6 +183,7 @@ class EngineConfig:
     batch_invariant: bool = False
     max_model_len: Optional[int] = None
     cache: CacheConfig = field(default_factory=CacheConfig)
+    cuda_graphs: bool = True  # decode by CUDA graph replay where possible (CUDA + Triton kernels only)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

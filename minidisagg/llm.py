@@ -32,6 +32,9 @@ def _show_progress() -> bool:
 class LLM:
     """Load a model and serve requests, colocated (one engine) or disaggregated (prefill and decode workers).
 
+    Disaggregated worker processes (``transport="socket"`` or ``"dist"``) can be pinned, one
+    device per worker: ``prefill_devices=["cuda:0"], decode_devices=["cuda:1"]``.
+
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
     ...          SamplingParams(temperature=0, max_tokens=16))[0].text
@@ -52,6 +55,7 @@ class LLM:
         num_kv_blocks: Optional[int] = None,
         kv_memory_budget_bytes: Optional[int] = None,
         batch_invariant: bool = False,
+        cuda_graphs: bool = True,
         random_weights: bool = False,
         seed: int = 0,
         clock: Optional[Clock] = None,
@@ -65,6 +69,8 @@ class LLM:
         kv_overlap: bool = True,
         kv_failure_policy: str = "fail",
         request_timeout_s: float = 600.0,
+        prefill_devices: Optional[Seq[str]] = None,
+        decode_devices: Optional[Seq[str]] = None,
     ) -> None:
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes)
         self.config = EngineConfig(
@@ -74,6 +80,7 @@ class LLM:
             batch_invariant=batch_invariant,
             max_model_len=max_model_len,
             cache=cache,
+            cuda_graphs=cuda_graphs,
         )
         if mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")
@@ -89,7 +96,8 @@ class LLM:
             self.engine = DisaggCluster(self.loaded, self.config, transport=transport, num_prefill=num_prefill,
                                         num_decode=num_decode, routing=routing, overlap=kv_overlap,
                                         kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s,
-                                        model_ref=model)
+                                        model_ref=model, prefill_devices=prefill_devices,
+                                        decode_devices=decode_devices)
 
     @property
     def device(self) -> torch.device:

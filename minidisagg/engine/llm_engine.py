@@ -125,7 +125,8 @@ class LLMEngine:
         num_blocks = default_num_blocks(loaded, config)
         self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.cache.block_size, loaded.model.dtype, loaded.model.device)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, config.batch_invariant)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, config.batch_invariant, cuda_graphs=config.cuda_graphs,
+                                  max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs)
         self.prefill_stage: Stage = prefill_stage(self.runner)
         self.decode_stage: Stage = decode_stage(self.runner)
         budget = StepBudget(config.max_num_seqs, config.max_num_batched_tokens)

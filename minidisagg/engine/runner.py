@@ -7,7 +7,9 @@ from typing import Callable, Optional
 
 import torch
 
+from minidisagg.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from minidisagg.kernels.attention import AttentionMetadata
+from minidisagg.kernels.triton_support import use_triton
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
@@ -25,12 +27,17 @@ class BatchItem:
 class ModelRunner:
     """Owns the model and the KV pool; executes one forward pass over a packed batch."""
 
-    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, batch_invariant: bool = False) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, batch_invariant: bool = False,
+                 cuda_graphs: bool = False, max_model_len: Optional[int] = None, max_num_seqs: int = 64) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.batch_invariant = batch_invariant
         self.device = model.device
         self.layer_hook: Optional[Callable[[int], None]] = None  # called after each layer's KV is written
+        self.decode_graphs: Optional[DecodeGraphs] = None
+        if cuda_graphs and graphs_supported(model, batch_invariant):
+            self.decode_graphs = DecodeGraphs(model, kv_cache, max_model_len or model.cfg.max_position,
+                                              graph_batch_sizes(max_num_seqs))
 
     def _prepare(self, items: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.kv_cache.block_size
@@ -72,12 +79,28 @@ class ModelRunner:
         """Run the items as one packed batch; returns float32 logits for items with ``want_logits``, in order."""
         if not items:
             raise ValueError("execute() needs at least one batch item")
+        if self._graph_eligible(items):
+            return self.decode_graphs.run(  # type: ignore[union-attr]
+                [it.token_ids[0] for it in items], [it.start_pos for it in items], [it.block_table for it in items])
         ids, pos, meta, logit_rows = self._prepare(items)
         hidden = self.model(ids, pos, self.kv_cache, meta, self.layer_hook)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[rows], self.batch_invariant)
 
+    def _graph_eligible(self, items: list[BatchItem]) -> bool:
+        """A pure decode batch that fits a captured bucket, with no per-layer Python hook to call."""
+        graphs = self.decode_graphs
+        return (graphs is not None and self.layer_hook is None and graphs.bucket_for(len(items)) is not None
+                and all(len(it.token_ids) == 1 and it.want_logits for it in items))
+
     def synchronize(self) -> None:
         """Wait for queued device work (so timings are honest on CUDA)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def graphs_supported(model: LlamaModel, batch_invariant: bool) -> bool:
+    """CUDA graphs need a CUDA model on the Triton kernels (the torch references size tensors on the host)."""
+    if model.device.type != "cuda" or batch_invariant:
+        return False
+    return use_triton(torch.empty(0, device=model.device))

@@ -29,6 +29,7 @@ class AttentionMetadata:
     context_lens_tensor: torch.Tensor  # [num_seqs] int64
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of each new token
     batch_invariant: bool = False
+    num_splits: int | None = None  # decode attention's context splits, pinned (CUDA graphs); None: chosen per call
 
     @property
     def num_seqs(self) -> int:
@@ -170,7 +171,7 @@ def paged_attention(
         from minidisagg.kernels import attention_triton  # imports triton, so only when it is used
 
         if meta.is_decode:
-            return attention_triton.decode_attention_triton(q, k_cache, v_cache, meta, scale)
+            return attention_triton.decode_attention_triton(q, k_cache, v_cache, meta, scale, meta.num_splits)
         return attention_triton.prefill_attention_triton(q, k_cache, v_cache, meta, scale)
     if meta.is_decode:
         return decode_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -22,7 +22,7 @@ from minidisagg.kernels.attention import AttentionMetadata
 from minidisagg.kernels.triton_support import next_pow2
 
 LOG2_E = 1.4426950408889634
-MIN_SPLIT_TOKENS = 256  # a decode split never covers fewer keys than this (unless forced)
+MIN_SPLIT_TOKENS = 64  # a decode split never covers fewer keys than one key tile (unless forced)
 MAX_SPLITS = 64
 DECODE_BLOCK_N = 64
 PREFILL_BLOCK_N = 64
