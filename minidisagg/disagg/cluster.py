@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import weakref
 import queue
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence as Seq
 
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
@@ -61,13 +62,17 @@ class DisaggCluster:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, transport: str = "inproc",
                  num_prefill: int = 1, num_decode: int = 1, routing: str = "round_robin", overlap: bool = True,
                  kv_failure_policy: str = "fail", request_timeout_s: float = 600.0, max_attempts: int = 3,
-                 model_ref: Optional[str] = None, pin_cores: bool = False, worker_threads: int = 0) -> None:
+                 model_ref: Optional[str] = None, pin_cores: bool = False, worker_threads: int = 0,
+                 prefill_devices: Optional[Seq[str]] = None, decode_devices: Optional[Seq[str]] = None) -> None:
+        """``prefill_devices`` / ``decode_devices`` pin each worker process ("cpu", "cuda:N"; not for inproc)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; known: {list(TRANSPORTS)}")
         if kv_failure_policy not in KV_FAILURE_POLICIES:
             raise ValueError(f"kv_failure_policy must be one of {list(KV_FAILURE_POLICIES)}, got {kv_failure_policy!r}")
         if request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        if transport == "inproc" and (prefill_devices is not None or decode_devices is not None):
+            raise ValueError("inproc workers share this process's model; pin devices with transport 'socket' or 'dist'")
         self.loaded = loaded
         self.model_config = loaded.config
         self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
@@ -91,7 +96,7 @@ class DisaggCluster:
                 worker.start()
         else:
             self._start_processes(model_ref or loaded.name, config, num_prefill, num_decode, overlap, pin_cores,
-                                  worker_threads)
+                                  worker_threads, prefill_devices, decode_devices)
         self._live: dict[str, _Live] = {}
         self._future: dict[str, Submission] = {}
         self._ids = itertools.count()
@@ -99,7 +104,8 @@ class DisaggCluster:
         self._dead_prefills: set[int] = set()
 
     def _start_processes(self, model_ref: str, config: EngineConfig, num_prefill: int, num_decode: int,
-                         overlap: bool, pin_cores: bool, worker_threads: int) -> None:
+                         overlap: bool, pin_cores: bool, worker_threads: int, prefill_devices: Optional[Seq[str]],
+                         decode_devices: Optional[Seq[str]]) -> None:
         from minidisagg.disagg.launch import RemoteWorker, launch_local, stop_processes
         from minidisagg.kv.pages import KVLayout
         from minidisagg.transport.socket import make_hello
@@ -118,7 +124,8 @@ class DisaggCluster:
         if loaded.random_weights:
             args.append("--random-weights")
         prefills, decodes, self.log_dir = launch_local(args, num_prefill, num_decode, overlap, pin_cores,
-                                                       transport=self.transport)
+                                                       transport=self.transport, prefill_devices=prefill_devices,
+                                                       decode_devices=decode_devices)
         self.processes = prefills + decodes
         cfg = loaded.config
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.cache.block_size, loaded.dtype)
@@ -179,8 +186,11 @@ class DisaggCluster:
         """Collect what the workers produced since the last call (waiting briefly); enforce deadlines."""
         self._admit_arrivals()
         outputs: list[RequestOutput] = self._check_workers()
+        # wait for outputs, but no longer than until the next arrival, so it is routed on time
+        next_arrival_s = min((sub.arrival_s for sub in self._future.values()), default=math.inf)
+        wait_s = min(POLL_S, max(0.0, next_arrival_s - self.clock.now()))
         try:
-            item = self._outputs.get(timeout=POLL_S)
+            item = self._outputs.get(timeout=wait_s) if wait_s > 0 else self._outputs.get_nowait()
             while True:
                 out = self._handle(item)
                 if out is not None:

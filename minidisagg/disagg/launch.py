@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
 from minidisagg.disagg.prefill_worker import FailedRequest, Submission
 from minidisagg.disagg.serve import output_from_dict, submission_to_dict
 from minidisagg.engine.llm_engine import RequestOutput
@@ -67,15 +68,16 @@ class WorkerProcess:
 
 
 def start_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
-                 cpu_cores: Optional[str] = None, port: int = 0) -> WorkerProcess:
-    """Start one worker process without waiting for it (see ``wait_ready``)."""
+                 cpu_cores: Optional[str] = None, port: int = 0, device: Optional[str] = None) -> WorkerProcess:
+    """Start one worker process without waiting for it (see ``wait_ready``); ``device`` pins it (see ``placement``)."""
     ready = log_dir / f"{name}.port"
     log_path = log_dir / f"{name}.log"
+    device_args, device_env = placement(device)
     cmd = [sys.executable, "-m", "minidisagg.cli", "serve", "--role", role, "--host", host, "--port", str(port),
-           "--ready-file", str(ready), *serve_args]
+           "--ready-file", str(ready), *serve_args, *device_args]
     if cpu_cores:
         cmd += ["--cpu-cores", cpu_cores]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **device_env)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
@@ -105,9 +107,10 @@ def wait_ready(workers: Sequence[WorkerProcess], ready_timeout_s: float = READY_
 
 
 def spawn_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
-                 cpu_cores: Optional[str] = None, ready_timeout_s: float = READY_TIMEOUT_S) -> WorkerProcess:
+                 cpu_cores: Optional[str] = None, ready_timeout_s: float = READY_TIMEOUT_S,
+                 device: Optional[str] = None) -> WorkerProcess:
     """Start one worker process and wait until it listens (or fail with its log)."""
-    worker = start_worker(role, name, serve_args, log_dir, host, cpu_cores)
+    worker = start_worker(role, name, serve_args, log_dir, host, cpu_cores, device=device)
     wait_ready([worker], ready_timeout_s)
     return worker
 
@@ -138,14 +141,22 @@ def stop_processes(workers: Sequence[WorkerProcess], timeout_s: float = 10.0) ->
 
 def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, overlap: bool = True,
                  pin_cores: bool = False, transport: str = "socket", dist_backend: Optional[str] = None,
-                 host: str = "127.0.0.1") -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
+                 host: str = "127.0.0.1", prefill_devices: Optional[Sequence[str]] = None,
+                 decode_devices: Optional[Sequence[str]] = None) -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
     """Start ``num_decode`` decode servers and ``num_prefill`` prefill servers pointing at them.
+
+    ``prefill_devices`` / ``decode_devices`` (``"cpu"`` or ``"cuda:N"``, one per worker) pin
+    each worker to a device; left out, every worker uses the ``--device`` in ``serve_args``.
 
     ``transport="socket"``: decodes first (each picks its own port), then prefills.
     ``transport="dist"``: every worker joins one torch.distributed group, so all start at
     once: decodes get ranks ``0..D-1`` and ports picked here, prefills ranks ``D..D+P-1`` and
     ``--peers d0=host:port@0,...``; then we wait for all of them to listen.
     """
+    prefill_at = check_placement(prefill_devices, num_prefill, "prefill")
+    decode_at = check_placement(decode_devices, num_decode, "decode")
+    if transport == "dist":
+        check_dist_placement([*prefill_at, *decode_at])
     log_dir = Path(tempfile.mkdtemp(prefix="minidisagg-workers-"))
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     core_list = sorted(cores)
@@ -163,19 +174,20 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
             world += ["--dist-backend", dist_backend] if dist_backend else []
             for i, port in enumerate(decode_ports):
                 decodes.append(start_worker("decode", f"d{i}", [*serve_args, *world, "--dist-rank", str(i)], log_dir,
-                                            host, core_for(num_prefill + i), port))
+                                            host, core_for(num_prefill + i), port, decode_at[i]))
             peers = ",".join(f"{d.name}={d.host}:{d.port}@{rank}" for rank, d in enumerate(decodes))
             for i in range(num_prefill):
                 args = [*serve_args, *world, "--dist-rank", str(num_decode + i), "--peers", peers, *no_overlap]
-                prefills.append(start_worker("prefill", f"p{i}", args, log_dir, host, core_for(i)))
+                prefills.append(start_worker("prefill", f"p{i}", args, log_dir, host, core_for(i), device=prefill_at[i]))
             wait_ready(decodes + prefills)
         else:
             for i in range(num_decode):
-                decodes.append(spawn_worker("decode", f"d{i}", serve_args, log_dir, host, core_for(num_prefill + i)))
+                decodes.append(spawn_worker("decode", f"d{i}", serve_args, log_dir, host, core_for(num_prefill + i),
+                                            device=decode_at[i]))
             peers = ",".join(f"{d.name}={d.host}:{d.port}" for d in decodes)
             for i in range(num_prefill):
                 prefills.append(spawn_worker("prefill", f"p{i}", [*serve_args, "--peers", peers, *no_overlap],
-                                             log_dir, host, core_for(i)))
+                                             log_dir, host, core_for(i), device=prefill_at[i]))
     except BaseException:
         stop_processes(prefills + decodes)
         raise

@@ -16,6 +16,11 @@ by one thread on the decode side, so for a (prefill, decode) pair a header and i
 matched first-in first-out. A source rank belongs to one link at a time (``SourceClaims``), so
 a second link claiming a live source is dropped instead of stealing its pages.
 
+Streams (NCCL): the sender does not wait on its sends, and the receiver lets each layer's pages
+land on a side stream, waits for them on the host, then copies them in on its own stream. So
+neither worker's compute stream ever waits on the link: a decode step never stalls behind
+pages the prefill GPU has not computed yet, and a prefill never stalls behind a busy decoder.
+
 Threads: gloo runs send/recv on the calling thread and matches them by (source, tag) on a
 per-peer connection, so decode threads receiving from *different* sources at once do not
 interfere (measured with torch 2.13: two threads, two sources, 50 tensors each, no mix-ups;
@@ -156,9 +161,46 @@ class SourceClaims:
 SOURCE_CLAIMS = SourceClaims()
 
 
+_LINK_STREAMS = threading.local()  # each receiving thread's own CUDA stream, by device
+
+
+def _link_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's side stream on ``device`` (made on first use)."""
+    streams = getattr(_LINK_STREAMS, "by_device", None)
+    if streams is None:
+        streams = _LINK_STREAMS.by_device = {}
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+def _recv_cuda(buffer: torch.Tensor, src_rank: int, timeout_s: float) -> None:
+    """NCCL receive that never makes the caller's stream wait on the network.
+
+    The decode worker's compute stream must not stall on pages still in flight (the sender
+    may still be computing them): the pages land in a fresh tensor on this thread's side
+    stream, the host waits for them, and only then are they copied into ``buffer`` on the
+    caller's stream. A receive that never completes is ended by the process group's timeout.
+    """
+    side = _link_stream(buffer.device)
+    with torch.cuda.stream(side):
+        landing = torch.empty_like(buffer)
+        work = dist.irecv(landing, src=src_rank, tag=KV_TAG)
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))  # side stream waits for NCCL (host does not)
+    side.synchronize()
+    buffer.copy_(landing)
+    landing.record_stream(torch.cuda.current_stream(buffer.device))
+
+
 def recv_pages(buffer: torch.Tensor, src_rank: int, timeout_s: float) -> None:
-    """Receive one layer's pages from ``src_rank`` into ``buffer``; ConnectionError/TimeoutError on failure."""
+    """Receive one layer's pages from ``src_rank`` into ``buffer``; ConnectionError/TimeoutError on failure.
+
+    Returns once the pages are on this side (on a GPU: queued into ``buffer`` after they landed).
+    """
     try:
+        if buffer.is_cuda:
+            _recv_cuda(buffer, src_rank, timeout_s)
+            return
         work = dist.irecv(buffer, src=src_rank, tag=KV_TAG)
         work.wait(timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as exc:
@@ -183,6 +225,7 @@ class DistSender(SocketSender):
         self.src_rank = dist.get_rank()
         self.dst_rank = dst_rank
         self.device = transfer_device()
+        self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []  # NCCL sends not yet known to be done
 
     def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """A payload-free LAYER frame, then the pages by ``torch.distributed`` (both under the link's lock)."""
@@ -196,7 +239,14 @@ class DistSender(SocketSender):
             try:
                 send_frame(self.sock, FrameKind.LAYER, header, timeout_s=self.timeout_s)
                 work = dist.isend(pages, dst=self.dst_rank, tag=KV_TAG)
-                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+                if pages.is_cuda:
+                    # NCCL: no wait, so the prefill's compute stream never stalls on the decode side posting its
+                    # receive; the send is ordered after the pages' gather, and the decode side returns only
+                    # once the pages landed. Keep each send's tensor alive until it completes.
+                    self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
+                    self._in_flight.append((work, pages))
+                else:
+                    work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
             except (OSError, FrameError, RuntimeError) as exc:
                 self._broken = str(exc)
                 self.sock.close()

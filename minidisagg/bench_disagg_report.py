@@ -1,0 +1,172 @@
+"""Goals, Markdown and figures of ``minidisagg bench disagg`` (see ``bench_disagg``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+GOODPUT_RATIO_GOAL = 1.5
+KV_FRACTION_GOAL = 0.70
+COLOCATED_BASELINE = "colocated-prefill_first"
+DISAGG_CONFIGS = ("disagg-overlap", "disagg-no-overlap")
+
+
+def card_name(devices: Sequence[str]) -> str:
+    """A short name of the accelerator for file names: ``h100``, ``h200``, ... or ``cpu``."""
+    if all(d == "cpu" for d in devices) or not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    found = re.search(r"\b([a-z]\d{2,4})\b", name)
+    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def machine_summary(devices: Sequence[str]) -> dict[str, Any]:
+    """Library versions, the CPU, and each GPU used."""
+    from minidisagg.bench_transport import machine
+
+    info = machine()
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
+    info["devices"] = list(devices)
+    return info
+
+
+def _sweep(res: dict[str, Any], config: str, workload: str) -> Optional[dict[str, Any]]:
+    return next((s for s in res["sweeps"] if s["config"] == config and s["workload"] == workload), None)
+
+
+def evaluate_goals(result: dict[str, Any]) -> dict[str, bool]:
+    """The issue's goals, each with the numbers that decide it in its name."""
+    goals: dict[str, bool] = {}
+    best_ratio, where = 0.0, ""
+    for model, res in result["models"].items():
+        for workload in sorted({s["workload"] for s in res["sweeps"]}):
+            base = _sweep(res, COLOCATED_BASELINE, workload)
+            disagg = [s for c in DISAGG_CONFIGS if (s := _sweep(res, c, workload))]
+            if base is None or not disagg:
+                continue
+            best = max(s["goodput_per_gpu_rps"] for s in disagg)
+            ratio = best / base["goodput_per_gpu_rps"] if base["goodput_per_gpu_rps"] > 0 else math.inf * (best > 0)
+            if ratio > best_ratio or not where:
+                best_ratio, where = ratio, f"{model} {workload}"
+    if where:
+        goals[f"best disagg goodput per GPU >= {GOODPUT_RATIO_GOAL}x 2-replica {COLOCATED_BASELINE} on some workload "
+              f"(best: {best_ratio:.2f}x, {where})"] = best_ratio >= GOODPUT_RATIO_GOAL
+    for model, res in result["models"].items():
+        probe, ceiling = res.get("kv_probe", {}), res.get("kv_ceiling", {})
+        if "achieved_GBps" in probe and "per_layer_GBps" in ceiling:
+            fraction = probe["achieved_GBps"] / ceiling["per_layer_GBps"]
+            res["kv_fraction_of_ceiling"] = fraction
+            goals[f"{model}: KV transfer of a {probe['prompt_tokens']}-token request >= {KV_FRACTION_GOAL:.0%} of plain "
+                  f"send/recv ({probe['achieved_GBps']:.3g} of {ceiling['per_layer_GBps']:.3g} GB/s = {fraction:.0%})"
+                  ] = fraction >= KV_FRACTION_GOAL
+        if "greedy_check" in res:
+            check = res["greedy_check"]
+            goals[f"{model}: disaggregated greedy tokens == colocated on {check['num_prompts']} prompts"] = check["equal"]
+    return goals
+
+
+def _ms(x: Optional[float]) -> str:
+    return "" if x is None else f"{1e3 * x:.1f}"
+
+
+def fixed_rate_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per workload and configuration: the point at the fixed rate (the one with timelines)."""
+    rows = []
+    for s in res["sweeps"]:
+        rate = res["calibration"].get(s["workload"], {}).get("fixed_rate_rps")
+        point = next((p for p in s["points"] if rate is not None and math.isclose(p["rate_rps"], rate)), None)
+        if point is not None:
+            rows.append({"workload": s["workload"], "config": s["config"], **point})
+    return rows
+
+
+def reading(result: dict[str, Any]) -> list[str]:
+    """Generated sentences carrying the main numbers (to be edited into prose)."""
+    lines = []
+    for model, res in result["models"].items():
+        for workload in sorted({s["workload"] for s in res["sweeps"]}):
+            parts = [f"{s['config']} {s['goodput_per_gpu_rps']:.3g}" for s in res["sweeps"] if s["workload"] == workload]
+            lines.append(f"- {model}, {workload}: goodput per GPU (req/s at 90% attainment): " + ", ".join(parts) + ".")
+        for row in fixed_rate_rows(res):
+            if row["config"] in (COLOCATED_BASELINE, "disagg-overlap"):
+                lines.append(f"- {model}, {row['workload']} at {row['rate_rps']:.3g} req/s, {row['config']}: ITL p50/p99 "
+                             f"{_ms(row['itl_p50_s'])}/{_ms(row['itl_p99_s'])} ms, TTFT p50/p99 "
+                             f"{_ms(row['ttft_p50_s'])}/{_ms(row['ttft_p99_s'])} ms.")
+        probe = res.get("kv_probe", {})
+        if "achieved_GBps" in probe:
+            lines.append(f"- {model}: a {probe['prompt_tokens']}-token request moves {probe['kv_bytes'] / 1e6:.1f} MB of "
+                         f"KV in {_ms(probe['transfer_s'])} ms ({probe['achieved_GBps']:.1f} GB/s, "
+                         f"{probe['transfer_over_ttft']:.1%} of its TTFT).")
+    return lines or ["- (no sweep finished)"]
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The report: settings, SLOs, goodput, fixed-rate latencies, KV link, goals, a generated reading."""
+    m, s = result["machine"], result["settings"]
+    lines = [f"# Disaggregated 1P1D vs 2 colocated replicas ({result['card']}, {result['date']})", "",
+             f"Devices {s['devices']} ({', '.join(m.get('gpus', [m.get('cpu', '?')]))}); torch {m.get('torch')}; "
+             f"elapsed {result.get('elapsed_s', 0):.0f} s of a {s['time_budget_s']:.0f} s budget. SLOs are "
+             f"{s['ttft_slo_scale']}x the unloaded TTFT of a mean-length prompt and {s['tpot_slo_scale']}x the "
+             "unloaded TPOT of a lone request, both measured on one colocated replica before the sweeps: TTFT room "
+             "for a few prompts of queueing; TPOT room for modest batching, not for decode steps stalled behind "
+             "prefills. Goodput = highest rate with >= 90% of requests meeting both; per GPU = / 2 for both set-ups "
+             "(two replicas, or one prefill + one decode GPU). Requests unfinished at the deadline count as misses."]
+    for model, res in result["models"].items():
+        lines += ["", f"## {model}", "", "| workload | unloaded TTFT ms | unloaded TPOT ms | SLO TTFT ms | SLO TPOT ms | "
+                  "rates (req/s) |", "|---|---:|---:|---:|---:|---|"]
+        for w, c in res["calibration"].items():
+            lines.append(f"| {w} | {_ms(c['ttft_s'])} | {_ms(c['tpot_s'])} | {_ms(c['slo']['ttft_s'])} | "
+                         f"{_ms(c['slo']['tpot_s'])} | {', '.join(f'{r:.3g}' for r in c['rates_rps'])} |")
+        lines += ["", "| workload | configuration | goodput req/s | per GPU | attainment by rate | skipped rates |",
+                  "|---|---|---:|---:|---|---|"]
+        for sw in res["sweeps"]:
+            curve = ", ".join(f"{p['rate_rps']:.3g}: {p['attainment']:.2f}" for p in sw["points"])
+            lines.append(f"| {sw['workload']} | {sw['config']} | {sw['goodput_rps']:.3g} | "
+                         f"{sw['goodput_per_gpu_rps']:.3g} | {curve} | {', '.join(f'{r:.3g}' for r in sw['skipped_rates_rps'])} |")
+        lines += ["", "At the fixed rate:", "", "| workload | configuration | req/s | TTFT p50 ms | TTFT p99 ms | "
+                  "ITL p50 ms | ITL p99 ms | queue ms | prefill ms | transfer ms | decode queue ms | KV MB/req | "
+                  "transfer span / TTFT |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in fixed_rate_rows(res):
+            b, kv = r["breakdown_median_s"], r["kv_bytes_per_request_median"]
+            ratio = r["transfer_over_ttft_median"]
+            lines.append(f"| {r['workload']} | {r['config']} | {r['rate_rps']:.3g} | {_ms(r['ttft_p50_s'])} | "
+                         f"{_ms(r['ttft_p99_s'])} | {_ms(r['itl_p50_s'])} | {_ms(r['itl_p99_s'])} | "
+                         f"{_ms(b['queue_s'])} | {_ms(b['prefill_s'])} | {_ms(b['transfer_s'])} | "
+                         f"{_ms(b['decode_queue_s'])} | {'' if kv is None else f'{kv / 1e6:.1f}'} | "
+                         f"{'' if ratio is None else f'{ratio:.3f}'} |")
+        probe, ceiling = res.get("kv_probe", {}), res.get("kv_ceiling", {})
+        lines += ["", "Breakdown medians: queue = arrival to prefill start; transfer = prefill end to the first token "
+                  "on the decode side (what the transfer adds to TTFT); decode queue = first token to the first "
+                  "decode step. Transfer span = first layer sent to all pages landed (with overlap it runs during "
+                  "the prefill).", "", f"KV link: probe {json.dumps(probe)}; plain send/recv ceiling {json.dumps(ceiling)}."]
+        if "greedy_check" in res:
+            lines.append(f"Greedy check: {json.dumps(res['greedy_check'])}.")
+        for error in res.get("errors", []):
+            lines.append(f"Error: {error}")
+        if res.get("skipped_sweeps"):
+            lines.append(f"Not measured (time budget): {', '.join(res['skipped_sweeps'])}.")
+    lines += ["", "## Goals", ""] + [f"- {'met' if ok else 'MISSED'}: {g}" for g, ok in result.get("goals", {}).items()]
+    lines += [f"- error: {e}" for e in result.get("errors", [])]
+    lines += ["", "## Reading (generated; edit into prose)", ""] + reading(result)
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
+    """Write ``disagg-<card>-<date>.json`` and ``.md`` (and the PNGs); returns the paths."""
+    from minidisagg.bench_disagg_plots import write_plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"disagg-{result['card']}-{result['date'][:10]}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md_path.write_text(to_markdown(result))
+    return [json_path, md_path, *(write_plots(result, stem) if plots else [])]

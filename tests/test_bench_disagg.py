@@ -1,0 +1,155 @@
+"""``minidisagg bench disagg``: the CPU smoke run end to end, replica routing, and device pinning errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from conftest import token_prompts
+from minidisagg import LLM, SamplingParams
+from minidisagg.bench_disagg import main
+from minidisagg.bench_disagg_sweep import attainment_of, point_goodput
+from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
+from minidisagg.disagg.replicas import ReplicaCluster
+from minidisagg.metrics import SLO, goodput
+
+CONFIGS = {"colocated-prefill_first", "colocated-chunked", "disagg-overlap", "disagg-no-overlap"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("disagg-smoke")
+    seed = random.SystemRandom().randrange(1 << 16)
+    assert main(["--smoke", "--out", str(out), "--seed", str(seed)]) == 0
+    (json_path,) = out.glob("disagg-cpu-*.json")
+    return json.loads(json_path.read_text()), out, seed
+
+
+def test_smoke_writes_the_whole_schema(smoke):
+    result, out, seed = smoke
+    stem = next(out.glob("disagg-cpu-*.json")).stem
+    for suffix in (".md", "-attainment.png", "-itl-timeline.png", "-ttft-breakdown.png"):
+        assert (out / f"{stem}{suffix}").stat().st_size > 0, suffix
+    assert result["errors"] == [] and not result["models"]["tiny"].get("skipped_sweeps"), f"seed {seed}"
+    # under a minute on a quiet 2-core machine; shared machines run up to twice as slow
+    assert result["elapsed_s"] < 120, f"seed {seed}: the smoke run took {result['elapsed_s']:.0f} s"
+    res = result["models"]["tiny"]
+    assert {s["config"] for s in res["sweeps"]} == CONFIGS
+    assert {s["workload"] for s in res["sweeps"]} == {"chat", "summarization"}
+    assert "Goals" in (out / f"{stem}.md").read_text()
+
+
+def test_smoke_attainment_and_goodput_are_consistent(smoke):
+    result, _, seed = smoke
+    for sweep in result["models"]["tiny"]["sweeps"]:
+        points = sweep["points"]
+        assert points, f"seed {seed}: {sweep['config']} {sweep['workload']} measured nothing"
+        rates = [p["rate_rps"] for p in points]
+        assert rates == sorted(rates)
+        slo = SLO(**sweep["slo"])
+        for p in points:
+            assert 0.0 <= p["attainment"] <= 1.0
+            assert p["num_finished"] <= p["num_requests"] == len(p["requests_ttft_tpot_s"])
+            assert math.isclose(attainment_of(p, slo), p["attainment"])  # recomputed from the stored requests
+        # monotone-ish: load does not make things much better
+        assert points[-1]["attainment"] <= points[0]["attainment"] + 0.5, f"seed {seed}: {sweep}"
+        expected = goodput(rates, [p["attainment"] for p in points])
+        assert math.isclose(sweep["goodput_rps"], expected), f"seed {seed}"
+        assert math.isclose(sweep["goodput_per_gpu_rps"], expected / 2)
+
+
+def test_smoke_measures_the_kv_link_and_greedy_equality(smoke):
+    result, _, seed = smoke
+    res = result["models"]["tiny"]
+    assert res["greedy_check"]["equal"] is True, f"seed {seed}: {res['greedy_check']}"
+    probe, ceiling = res["kv_probe"], res["kv_ceiling"]
+    assert probe["kv_bytes"] == ceiling["kv_bytes"] > 0
+    assert probe["achieved_GBps"] > 0 and ceiling["per_layer_GBps"] > 0 and ceiling["one_message_GBps"] > 0
+    disagg = [s for s in res["sweeps"] if s["config"].startswith("disagg")]
+    for sweep in disagg:
+        point = sweep["points"][0]
+        assert point["kv_bytes_per_request_median"] > 0
+        assert point["breakdown_median_s"]["transfer_s"] is not None
+    colocated = [s for s in res["sweeps"] if s["config"].startswith("colocated")]
+    assert all(s["points"][0]["kv_bytes_per_request_median"] is None for s in colocated)
+    assert any(s["timelines"] for s in res["sweeps"]), "no ITL timeline was recorded"
+    assert len(result["goals"]) == 3
+
+
+def test_goodput_of_points_uses_metrics_goodput():
+    rng = random.Random()
+    rates = sorted(rng.sample(range(1, 50), 5))
+    attainments = sorted((rng.random() for _ in rates), reverse=True)
+    points = [{"rate_rps": float(r), "attainment": a} for r, a in zip(rates, attainments)]
+    assert point_goodput(points) == goodput(rates, attainments)
+    assert point_goodput([]) == 0.0
+
+
+def test_replicas_route_least_loaded_and_match_one_engine():
+    seed = random.SystemRandom().randrange(1 << 30)
+    prompts = token_prompts(seed, 6)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True).generate(prompts, params)]
+    config = EngineConfig(batch_invariant=True, cache=CacheConfig(num_blocks=128))
+    with ReplicaCluster("tiny", config, ["cpu", "cpu"], threads=1) as cluster:
+        ids = [cluster.add_request(p, params) for p in prompts]  # all at once: least loaded alternates
+        done = {}
+        while len(done) < len(ids):
+            done.update({o.request_id: o for o in cluster.step() if o.finished})
+        assert [cluster.assignment[i] for i in ids] == [0, 1] * 3, f"seed {seed}"
+        assert [done[i].token_ids for i in ids] == ref, f"seed {seed}: replicas differ from one engine"
+        assert all(done[i].metrics.ttft_s > 0 for i in ids)
+        cluster.add_request(prompts[0], params, arrival_time=cluster.clock.now() + 60, request_id="x")
+        with pytest.raises(ValueError, match="already in use"):
+            cluster.add_request(prompts[0], params, request_id="x")
+        cluster.abort("x")
+        assert not cluster.has_unfinished()
+        assert cluster.wait_idle(10)
+        procs = list(cluster.processes)
+    assert all(not p.is_alive() for p in procs), "replica processes outlived shutdown"
+
+
+@pytest.mark.parametrize("devices, count, message", [
+    (["cpu"], 2, "got 1 prefill device"),
+    (["gpu:0"], 1, "must be 'cpu' or 'cuda:N'"),
+    (["cuda"], 1, "must be 'cpu' or 'cuda:N'"),
+    (["cuda:99"], 1, "does not exist"),
+])
+def test_placement_rejects_bad_devices(devices, count, message):
+    with pytest.raises(ValueError, match=message):
+        check_placement(devices, count, "prefill")
+
+
+def test_dist_placement_needs_one_backend_and_a_gpu_per_rank():
+    check_dist_placement(["cpu", "cpu"])
+    check_dist_placement([None, None])
+    with pytest.raises(ValueError, match="mix CPU and GPU"):
+        check_dist_placement(["cpu", "cuda:0"])
+    with pytest.raises(ValueError, match="GPU of its own"):
+        check_dist_placement(["cuda:1", "cuda:1"])
+    with pytest.raises(ValueError, match="every worker"):
+        check_dist_placement(["cpu", None])
+    with pytest.raises(ValueError, match="inproc"):
+        LLM("tiny", device="cpu", mode="disagg", transport="inproc", prefill_devices=["cpu"], decode_devices=["cpu"])
+
+
+def test_placement_puts_the_pinned_gpu_first(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert placement("cuda:1") == (["--device", "cuda:0"], {"CUDA_VISIBLE_DEVICES": "5,4,6"})
+    assert placement("cuda:0") == (["--device", "cuda:0"], {"CUDA_VISIBLE_DEVICES": "4,5,6"})
+    assert placement("cpu") == (["--device", "cpu"], {})
+    assert placement(None) == ([], {})
+    assert check_placement(["cuda:2", "cpu"], 2, "decode") == ["cuda:2", "cpu"]
+    with pytest.raises(ValueError, match="does not exist"):
+        check_placement(["cuda:3"], 1, "decode")
+
+
+def test_bad_flags_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="exactly two devices"):
+        main(["--devices", "cuda:0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="time-budget-s"):
+        main(["--smoke", "--time-budget-s", "0", "--out", str(tmp_path)])
