@@ -119,6 +119,12 @@ class DisaggCluster:
                 "--threads", str(worker_threads)]
         if config.cache.num_blocks is not None:
             args += ["--num-kv-blocks", str(config.cache.num_blocks)]
+        if config.cache.memory_budget_bytes is not None:
+            args += ["--kv-memory-budget-bytes", str(config.cache.memory_budget_bytes)]
+        if config.max_model_len is not None:
+            args += ["--max-model-len", str(config.max_model_len)]
+        if not config.cuda_graphs:
+            args.append("--no-cuda-graphs")
         if config.batch_invariant:
             args.append("--batch-invariant")
         if loaded.random_weights:

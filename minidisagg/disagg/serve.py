@@ -41,6 +41,7 @@ from minidisagg.transport.socket import (
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 30.0
+STREAM_EVERY_TOKENS = 8  # a decode server streams a request's output every this many tokens (and when it ends)
 
 
 def output_to_dict(out: RequestOutput) -> dict[str, Any]:
@@ -181,7 +182,10 @@ class DecodeServer(WorkerServer):
         self.worker.start()
 
     def _emit(self, out: RequestOutput) -> None:
-        self.subscribers.send(FrameKind.TOKENS, output_to_dict(out))
+        # Each frame carries the whole output so far; sending one per token would make the decode loop
+        # pay O(n^2) encoding per request. Stream every STREAM_EVERY_TOKENS tokens, and always the last.
+        if out.finished or len(out.token_ids) % STREAM_EVERY_TOKENS == 1:
+            self.subscribers.send(FrameKind.TOKENS, output_to_dict(out))
 
     def accepted_roles(self) -> set[str]:
         return {"router", "prefill"}
