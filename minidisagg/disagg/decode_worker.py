@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -20,6 +21,7 @@ from minidisagg.stages.decode import DecodeStage
 log = logging.getLogger(__name__)
 OutputSink = Callable[[RequestOutput], None]
 IDLE_WAIT_S = 0.05
+WAITER_GRACE_S = 0.05
 
 
 class DecodeWorker:
@@ -37,16 +39,38 @@ class DecodeWorker:
         self.layout = KVLayout.of(self.engine.kv_cache)
         self.sink = sink
         self._lock = threading.RLock()
+        # Python locks are not fair: a loop that releases and at once re-takes the lock can starve
+        # transport threads (reserve, commit) for seconds. Callers announce themselves, and the loop
+        # lets them in before its next step.
+        self._num_waiting = 0
+        self._waiting_lock = threading.Lock()
+        self._no_waiters = threading.Event()
+        self._no_waiters.set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reserved: dict[str, list[int]] = {}
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
 
+    @contextmanager
+    def _engine_access(self) -> Iterator[None]:
+        """Hold the engine for a transport call, ahead of the decode loop's next step."""
+        with self._waiting_lock:
+            self._num_waiting += 1
+            self._no_waiters.clear()
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._waiting_lock:
+                self._num_waiting -= 1
+                if self._num_waiting == 0:
+                    self._no_waiters.set()
+
     # ---- KVReceiver -------------------------------------------------------------------------
     def reserve(self, transfer_id: str, num_tokens: int) -> bool:
         """Reserve blocks for an incoming request; False when the pool cannot take it now."""
-        with self._lock:
+        with self._engine_access():
             if transfer_id in self._reserved:
                 raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
             blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
@@ -66,7 +90,7 @@ class DecodeWorker:
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
         """Adopt the sequence whose pages now sit in the reservation; it decodes from the next step."""
-        with self._lock:
+        with self._engine_access():
             if transfer_id not in self._reserved:
                 raise ValueError(f"no reservation for transfer {transfer_id!r}")
             seq = self.engine.adopt(state, f"transfer:{transfer_id}")
@@ -81,7 +105,7 @@ class DecodeWorker:
 
     def cancel(self, transfer_id: str) -> None:
         """Give a reservation back to the pool."""
-        with self._lock:
+        with self._engine_access():
             if self._reserved.pop(transfer_id, None) is not None:
                 self.engine.cancel_reservation(f"transfer:{transfer_id}")
 
@@ -93,6 +117,7 @@ class DecodeWorker:
 
     def step(self) -> bool:
         """One decode iteration; returns whether there was work."""
+        self._no_waiters.wait(WAITER_GRACE_S)  # transport calls first (bounded, so a stuck one cannot stall decode)
         with self._lock:
             if not self.engine.has_unfinished():
                 return False
@@ -132,6 +157,6 @@ class DecodeWorker:
 
     def abort(self, request_id: str) -> None:
         """Stop decoding one request and free its blocks."""
-        with self._lock:
+        with self._engine_access():
             self.engine.abort(request_id)
             self.engine.release(request_id)
