@@ -18,11 +18,15 @@ def interactive_figure(control: widgets.ValueWidget, draw: Callable[[Any, Figure
     out = widgets.Output()
 
     def redraw(value: Any) -> None:
-        with out:
-            out.clear_output(wait=True)
-            fig = plt.figure(figsize=(8, 3.6))
+        # The figure goes into the Output widget as display data, not through ``with out:``:
+        # capturing prints inside a cell that nbclient executes races its reply on the shell channel.
+        fig = plt.figure(figsize=(8, 3.6))
+        try:
             draw(value, fig)
-            plt.show()
+            out.outputs = ()
+            out.append_display_data(fig)
+        finally:
+            plt.close(fig)
 
     control.observe(lambda change: redraw(change["new"]), names="value")
     box = widgets.VBox([control, out])

@@ -1,0 +1,225 @@
+"""Checks of lab 3 (interference): a chunked-prefill scheduling policy, and ITL percentiles from token times.
+
+Task 1 runs the learner's policy on fresh random schedules built from real ``Sequence`` objects,
+judges each plan against the scheduler's rules and the engine's own ``chunked`` policy, then
+replays a short interference workload with it. Task 2 compares pooled ITL percentiles with
+``minidisagg.metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from minidisagg.course.checking import CheckResult, failed, not_implemented, passed
+from minidisagg.course.interference_lab import Scenario, run_scenario
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.scheduler import POLICIES, StepBudget, StepPlan
+from minidisagg.engine.sequence import Sequence, SequenceStatus
+from minidisagg.metrics import RequestMetrics, RequestTimeline, percentile, summarize
+from minidisagg.models.registry import LoadedModel, load_model
+from minidisagg.stages.base import PrefillChunk
+
+NUM_SCHEDULES = 40
+NUM_ITL_CASES = 40
+ITL_TOLERANCE_S = 1e-12
+REPLAY_REPEATS = 3
+
+
+@dataclass
+class Schedule:
+    """One random scheduling situation: queues as the scheduler would pass them, and the step budget."""
+
+    index: int
+    waiting: list[Sequence]
+    running: list[Sequence]
+    budget: StepBudget
+
+    def describe(self) -> str:
+        """The situation in one line, so a FAIL can be reproduced by hand."""
+        left = [s.num_prefill_tokens_left for s in self.waiting]
+        return (f"schedule {self.index} ({len(self.running)} running; waiting prompts with {left} tokens left; "
+                f"budget {self.budget.max_num_batched_tokens} tokens, {self.budget.max_num_seqs} seqs)")
+
+
+def _sequence(seq_id: int, rng: random.Random, prompt_len: int) -> Sequence:
+    """A real sequence with random token ids and a fresh timeline."""
+    ids = [rng.randrange(100, 49152) for _ in range(prompt_len)]
+    return Sequence(seq_id, f"req{seq_id}", ids, SamplingParams(temperature=0, max_tokens=64), RequestTimeline(0.0))
+
+
+def random_schedule(index: int, rng: random.Random) -> Schedule:
+    """A random schedule; ``index % 4`` picks the regime so every rule is exercised within a few cases.
+
+    0: prompts longer than the budget (chunks split), 1: a budget larger than all waiting work,
+    2: many short prompts and few sequence slots, 3: anything (empty queues included).
+    """
+    regime = index % 4
+    max_num_seqs = rng.randint(3, 6) if regime == 2 else rng.randint(2, 24)
+    num_running = rng.randint(0, min(max_num_seqs - 1, 8)) if regime == 2 else rng.randint(0, max_num_seqs)
+    num_waiting = {0: rng.randint(1, 4), 1: rng.randint(1, 4), 2: rng.randint(4, 10), 3: rng.randint(0, 5)}[regime]
+    prompt_lens = [rng.randint(8, 40) if regime == 2 else rng.randint(1, 600) for _ in range(num_waiting)]
+    if regime == 0:
+        budget_tokens = num_running + rng.randint(1, max(1, sum(prompt_lens) - 1))
+    elif regime == 1:
+        budget_tokens = num_running + sum(prompt_lens) + rng.randint(0, 300)
+    else:
+        budget_tokens = max(1, num_running) + rng.randint(0, 700)
+    ids = iter(range(1000 * index, 1000 * index + 100))
+    running = []
+    for _ in range(num_running):
+        seq = _sequence(next(ids), rng, rng.randint(1, 80))
+        seq.output_token_ids = [rng.randrange(100, 49152) for _ in range(rng.randint(1, 20))]
+        seq.num_computed_tokens = seq.num_tokens - 1
+        seq.status = SequenceStatus.RUNNING
+        running.append(seq)
+    waiting = [_sequence(next(ids), rng, n) for n in prompt_lens]
+    if waiting and rng.random() < 0.5 and len(waiting[0].prompt_token_ids) > 1:
+        waiting[0].num_computed_tokens = rng.randint(1, len(waiting[0].prompt_token_ids) - 1)  # earlier chunks done
+    return Schedule(index, waiting, running, StepBudget(max_num_seqs, budget_tokens))
+
+
+def _state(seqs: list[Sequence]) -> list[tuple[int, int, SequenceStatus, int]]:
+    return [(s.seq_id, s.num_computed_tokens, s.status, len(s.output_token_ids)) for s in seqs]
+
+
+def _plan_text(plan: StepPlan) -> str:
+    chunks = [(c.seq.request_id, c.num_tokens) for c in plan.prefills]
+    return f"decodes {[s.request_id for s in plan.decodes]}, prefill chunks {chunks}"
+
+
+def rule_broken(plan: object, sched: Schedule) -> Optional[str]:
+    """The first scheduler rule ``plan`` breaks for ``sched``, as a sentence; None when it keeps them all."""
+    if not isinstance(plan, StepPlan):
+        return f"rule 'returns a StepPlan' broken: got {type(plan).__name__}"
+    if not all(isinstance(c, PrefillChunk) for c in plan.prefills) or not all(isinstance(s, Sequence) for s in plan.decodes):
+        return "rule 'returns a StepPlan' broken: prefills must be PrefillChunk objects and decodes Sequence objects"
+    budget, running, waiting = sched.budget, sched.running, sched.waiting
+    want_decodes = running[: budget.max_num_seqs]
+    decode_ids = [s.seq_id for s in plan.decodes]
+    if sorted(decode_ids) != sorted(s.seq_id for s in want_decodes):
+        missing = [s.request_id for s in want_decodes if s.seq_id not in decode_ids]
+        wrong = sorted({s.request_id for s in plan.decodes if s not in want_decodes or decode_ids.count(s.seq_id) > 1})
+        return (f"rule 'all decodes included' broken: every running sequence decodes once per step; "
+                f"missing {missing}, not running or repeated {wrong}")
+    waiting_ids = [s.seq_id for s in waiting]
+    chunk_ids = [c.seq.seq_id for c in plan.prefills]
+    for chunk in plan.prefills:
+        if chunk.seq.seq_id not in waiting_ids or chunk_ids.count(chunk.seq.seq_id) > 1:
+            return f"rule 'prefill only waiting prompts, once each' broken by request {chunk.seq.request_id}"
+        if not 1 <= chunk.num_tokens <= chunk.seq.num_prefill_tokens_left:
+            return (f"rule 'chunks never exceed what is left of a prompt' broken: request {chunk.seq.request_id} got "
+                    f"{chunk.num_tokens} tokens with {chunk.seq.num_prefill_tokens_left} left")
+    used = len(plan.decodes) + sum(c.num_tokens for c in plan.prefills)
+    if used > budget.max_num_batched_tokens:
+        return (f"rule 'token budget never exceeded' broken: {len(plan.decodes)} decode tokens + "
+                f"{[c.num_tokens for c in plan.prefills]} prefill tokens = {used} > {budget.max_num_batched_tokens}")
+    num_seqs = len(plan.decodes) + len(plan.prefills)
+    if num_seqs > budget.max_num_seqs:
+        return f"rule 'at most max_num_seqs sequences' broken: {num_seqs} > {budget.max_num_seqs}"
+    if chunk_ids != waiting_ids[: len(chunk_ids)]:
+        return (f"rule 'FIFO order of waiting prompts' broken: chunks went to {[c.seq.request_id for c in plan.prefills]}, "
+                f"but the queue is {[s.request_id for s in waiting]} (oldest first)")
+    for chunk in plan.prefills[:-1]:
+        if chunk.num_tokens < chunk.seq.num_prefill_tokens_left:
+            return (f"rule 'FIFO order of waiting prompts' broken: request {chunk.seq.request_id} got only "
+                    f"{chunk.num_tokens} of its {chunk.seq.num_prefill_tokens_left} tokens, yet a later prompt was scheduled")
+    work_left = sum(s.num_prefill_tokens_left for s in waiting) > sum(c.num_tokens for c in plan.prefills)
+    can_extend = bool(plan.prefills) and plan.prefills[-1].num_tokens < plan.prefills[-1].seq.num_prefill_tokens_left
+    if work_left and used < budget.max_num_batched_tokens and (can_extend or num_seqs < budget.max_num_seqs):
+        return (f"rule 'budget used fully when work is left' broken: the plan computes {used} of "
+                f"{budget.max_num_batched_tokens} tokens while prompts still wait")
+    return None
+
+
+def task1(policy: Callable[[list[Sequence], list[Sequence], StepBudget], StepPlan],
+          loaded: Optional[LoadedModel] = None, long_prompt_len: Optional[int] = None) -> CheckResult:
+    """Check a chunked-prefill policy on 40 random schedules, then replay a workload with it against prefill_first.
+
+    ``loaded`` is the model for the replay (default: the small random ``tiny`` preset on CPU).
+    """
+    rng = random.Random()
+    reference = POLICIES["chunked"]
+    for index in range(NUM_SCHEDULES):
+        sched = random_schedule(index, rng)
+        before = _state(sched.waiting + sched.running)
+        try:
+            plan = policy(list(sched.waiting), list(sched.running), sched.budget)
+        except NotImplementedError as err:
+            return not_implemented("Lab 3, Task 1", err)
+        if _state(sched.waiting + sched.running) != before:
+            return failed(f"{sched.describe()}: rule 'a policy only plans' broken: it changed the sequences "
+                          f"(their computed tokens, status or outputs); the engine does that when the plan runs")
+        broken = rule_broken(plan, sched)
+        if broken is not None:
+            return failed(f"{sched.describe()}: {broken}; the plan was {_plan_text(plan) if isinstance(plan, StepPlan) else plan!r}")
+        want = reference(list(sched.waiting), list(sched.running), sched.budget)
+        got_chunks = [(c.seq.seq_id, c.num_tokens) for c in plan.prefills]
+        if got_chunks != [(c.seq.seq_id, c.num_tokens) for c in want.prefills]:
+            return failed(f"{sched.describe()}: differs from the engine's chunked policy: got {_plan_text(plan)}, "
+                          f"expected {_plan_text(want)}")
+    loaded = loaded or load_model("tiny", device="cpu", dtype="float32")
+    length = long_prompt_len or min(1024, loaded.config.max_position // 2)
+    scenario = Scenario(num_decodes=2, decode_output_len=12, num_long=1, long_prompt_len=length, start_long_s=0.0,
+                        token_budget=max(32, length // 4))
+    best_p99_s = {"prefill_first": math.inf, "policy": math.inf}
+    for _ in range(REPLAY_REPEATS):  # the best of a few replays: noise from other programs only adds time
+        try:
+            mine = run_scenario(loaded, scenario, policy)
+        except NotImplementedError as err:
+            return not_implemented("Lab 3, Task 1", err)
+        except Exception as err:  # the engine's own checks (PolicyError) or a crash inside the policy
+            return failed(f"the engine could not run a replay with this policy: {type(err).__name__}: {err}")
+        want = [scenario.decode_output_len] * scenario.num_decodes + [scenario.long_output_len] * scenario.num_long
+        got = [len(o.token_ids) for o in mine.decodes + mine.longs]
+        if got != want:
+            return failed(f"in the engine replay the requests produced {got} tokens; expected {want}")
+        best_p99_s["policy"] = min(best_p99_s["policy"], mine.itl_p99_s)
+        best_p99_s["prefill_first"] = min(best_p99_s["prefill_first"], run_scenario(loaded, scenario, "prefill_first").itl_p99_s)
+    ratio = best_p99_s["prefill_first"] / best_p99_s["policy"]
+    verdict = f"{ratio:.1f}x lower than" if ratio >= 1 else f"{1 / ratio:.1f}x higher than"
+    return passed(f"{NUM_SCHEDULES} random schedules; ITL p99 {verdict} prefill_first")
+
+
+def _random_token_times(rng: random.Random) -> list[list[float]]:
+    """Token times of a few requests: each non-decreasing, some with a single token, at least one gap in all."""
+    times: list[list[float]] = []
+    for _ in range(rng.randint(1, 6)):
+        t = rng.uniform(0.0, 5.0)
+        row = [t]
+        for _ in range(rng.choice([0, 1, 2, rng.randint(3, 60)])):
+            t += rng.expovariate(1 / 0.03) if rng.random() > 0.05 else rng.uniform(0.3, 2.0)  # a stall now and then
+            row.append(t)
+        times.append(row)
+    if all(len(row) < 2 for row in times):
+        times[0].append(times[0][0] + rng.uniform(0.01, 0.1))
+    return times
+
+
+def task2(itl_percentile_s: Callable[[list[list[float]], float], float]) -> CheckResult:
+    """Check pooled ITL percentiles against ``minidisagg.metrics`` on 40 random sets of token times."""
+    rng = random.Random()
+    worst = 0.0
+    for case in range(NUM_ITL_CASES):
+        token_times = _random_token_times(rng)
+        q = [50.0, 90.0, 99.0, round(rng.uniform(0, 100), 1)][case % 4]
+        timelines = [RequestTimeline(arrival_s=row[0], token_times_s=list(row), finish_s=row[-1]) for row in token_times]
+        metrics = [RequestMetrics.from_timeline(tl) for tl in timelines]
+        if q == 50.0:
+            want = summarize(metrics, 1.0).itl_p50_s
+        elif q == 99.0:
+            want = summarize(metrics, 1.0).itl_p99_s
+        else:
+            want = percentile([gap for m in metrics for gap in m.itl_s], q)
+        try:
+            got = itl_percentile_s([list(row) for row in token_times], q)
+        except NotImplementedError as err:
+            return not_implemented("Lab 3, Task 2", err)
+        if not isinstance(got, (int, float)) or not math.isfinite(got) or abs(got - want) > ITL_TOLERANCE_S:
+            lens = [len(row) for row in token_times]
+            return failed(f"case {case} ({len(token_times)} requests with {lens} tokens, q={q}): got {got!r} s, "
+                          f"expected {want!r} s (gaps pooled over requests, linear interpolation between order statistics)")
+        worst = max(worst, abs(got - want))
+    return passed(f"{NUM_ITL_CASES} random token timelines; max error {worst:.1e} s")

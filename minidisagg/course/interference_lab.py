@@ -1,0 +1,183 @@
+"""Lab 3 helpers: replay the interference scenario on one colocated engine and read off its latencies.
+
+Replays run on a ``SimulatedClock``: time advances by the measured cost of each engine step and
+jumps over idle gaps, so a replay never sleeps and other processes' waits do not show up as latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.course.device import LabDevice
+from minidisagg.engine.clock import SimulatedClock
+from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
+from minidisagg.engine.replay import replay
+from minidisagg.engine.scheduler import Policy
+from minidisagg.metrics import RequestTimeline, Summary, percentile, summarize
+from minidisagg.models.registry import LoadedModel
+from minidisagg.workload import Fixed, TimedRequest, Uniform, interference_workload, poisson_workload
+
+KV_SLACK_BLOCKS = 8
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Steady decodes from t=0 while long prompts arrive, and the step token budget the engine gets."""
+
+    num_decodes: int = 4
+    decode_prompt_len: int = 32
+    decode_output_len: int = 32
+    num_long: int = 2
+    long_prompt_len: int = 384
+    long_every_s: float = 0.8
+    start_long_s: float = 0.2
+    long_output_len: int = 4
+    token_budget: int = 128
+    seed: int = 0
+
+    def workload(self) -> list[TimedRequest]:
+        """The timed requests: the decodes first (all arrive at t=0), then the long prompts."""
+        return interference_workload(self.num_decodes, self.decode_prompt_len, self.decode_output_len, self.num_long,
+                                     self.long_prompt_len, self.long_every_s, self.long_output_len, self.start_long_s)
+
+
+@dataclass(frozen=True)
+class LabSizes:
+    """Every size lab 3 runs at: small on a CPU, real shapes and long prompts on a GPU."""
+
+    model: str
+    timeline: Scenario
+    sweep: Scenario  # one long prompt over a few decodes: the base of the length and budget sweeps
+    long_prompt_lens: tuple[int, ...]
+    token_budgets: tuple[int, ...]
+    load_rates_rps: tuple[float, ...]
+    load_num_requests: int
+    load_prompt_lens: tuple[int, int]
+    load_output_len: int
+    slider_lens: tuple[int, int, int]  # min, max, step of the widget's long-prompt slider
+
+    @classmethod
+    def for_lab(cls, lab: LabDevice) -> "LabSizes":
+        """Sizes that show the effect within seconds on ``lab``'s device."""
+        if lab.is_gpu:
+            return cls("llama-1b",
+                       Scenario(num_decodes=16, decode_output_len=96, num_long=3, long_prompt_len=8192,
+                                long_every_s=0.5, start_long_s=0.2, token_budget=2048),
+                       Scenario(num_decodes=8, decode_output_len=32, num_long=1, long_prompt_len=8192,
+                                start_long_s=0.05, token_budget=2048),
+                       (1024, 2048, 4096, 8192, 16384), (512, 1024, 2048, 4096, 8192),
+                       (10.0, 20.0, 40.0, 80.0), 32, (512, 4096), 16, (1024, 16384, 1024))
+        return cls(lab.real_model, Scenario(),
+                   Scenario(num_decodes=2, decode_output_len=12, num_long=1, long_prompt_len=512,
+                            start_long_s=0.1, token_budget=128),
+                   (64, 128, 256, 512), (64, 128, 256, 512), (1.0, 2.0, 4.0), 6, (16, 128), 8, (64, 768, 64))
+
+
+@dataclass
+class ScenarioRun:
+    """One replay of a scenario: outputs of the steady decodes and of the long prompts."""
+
+    label: str
+    decodes: list[RequestOutput]
+    longs: list[RequestOutput]
+    duration_s: float
+
+    @property
+    def decode_itl_s(self) -> list[float]:
+        """Every inter-token gap of every steady decode, pooled."""
+        return [gap for o in self.decodes for gap in o.metrics.itl_s]
+
+    @property
+    def itl_p50_s(self) -> float:
+        """Median inter-token latency of the steady decodes."""
+        return percentile(self.decode_itl_s, 50.0)
+
+    @property
+    def itl_p99_s(self) -> float:
+        """99th-percentile inter-token latency of the steady decodes."""
+        return percentile(self.decode_itl_s, 99.0)
+
+    @property
+    def long_ttft_s(self) -> float:
+        """Mean time to first token of the long prompts (NaN without any)."""
+        return sum(o.metrics.ttft_s for o in self.longs) / len(self.longs) if self.longs else math.nan
+
+    @property
+    def long_prefill_s(self) -> float:
+        """Mean time from the first to the last prefill step of the long prompts (NaN without any)."""
+        return sum(o.metrics.prefill_s for o in self.longs) / len(self.longs) if self.longs else math.nan
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        """Output tokens of every request over the replay's duration."""
+        return sum(len(o.token_ids) for o in self.decodes + self.longs) / self.duration_s
+
+    def panel(self, title: Optional[str] = None) -> tuple[str, list[RequestTimeline], list[RequestTimeline], float]:
+        """This run as one panel of ``minidisagg.plots.itl_timeline_figure``."""
+        return (title or self.label, [o.timeline for o in self.decodes], [o.timeline for o in self.longs], 0.0)
+
+    def describe(self) -> str:
+        """One line: ITL p50 / p99, long-prompt TTFT and throughput."""
+        return (f"{self.label:<28} ITL p50 {1e3 * self.itl_p50_s:7.1f} ms   ITL p99 {1e3 * self.itl_p99_s:7.1f} ms   "
+                f"long-prompt TTFT {1e3 * self.long_ttft_s:7.1f} ms   {self.output_tokens_per_s:6.1f} tokens/s")
+
+
+def kv_blocks_for(workload: Sequence[TimedRequest], block_size: int = 16) -> int:
+    """A KV pool just large enough to hold every request of ``workload`` at once (plus a little slack)."""
+    return sum(-(-(r.prompt_len + r.output_len) // block_size) for r in workload) + KV_SLACK_BLOCKS
+
+
+def make_engine(loaded: LoadedModel, policy: Policy | str, token_budget: int,
+                workload: Sequence[TimedRequest], max_num_seqs: int = 64) -> LLMEngine:
+    """A colocated engine on a simulated clock, with a KV pool and CUDA graphs (on a GPU) sized for ``workload``."""
+    name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
+    config = EngineConfig(max_num_seqs=min(max_num_seqs, len(workload)), max_num_batched_tokens=token_budget,
+                          policy=name, cache=CacheConfig(num_blocks=kv_blocks_for(workload)))
+    engine = LLMEngine(loaded, config, clock=SimulatedClock(), policy=policy)
+    if engine.runner.decode_graphs is not None:
+        engine.runner.decode_graphs.capture_all()  # now, so that no replayed step pays for a capture
+    return engine
+
+
+def run_scenario(loaded: LoadedModel, scenario: Scenario, policy: Policy | str, label: Optional[str] = None,
+                 **changes: int | float) -> ScenarioRun:
+    """Replay ``scenario`` (with any field replaced by ``changes``) under ``policy``."""
+    scenario = dataclasses.replace(scenario, **changes) if changes else scenario
+    workload = scenario.workload()
+    engine = make_engine(loaded, policy, scenario.token_budget, workload)
+    outs = replay(engine, workload, scenario.seed)
+    name = label or (policy if isinstance(policy, str) else getattr(policy, "__name__", "custom policy"))
+    return ScenarioRun(name, outs[: scenario.num_decodes], outs[scenario.num_decodes:], engine.clock.now())
+
+
+def warm_up(loaded: LoadedModel) -> None:
+    """Run small replays under both built-in policies, so one-time costs (kernel builds, caches) stay out of timings.
+
+    On a GPU the replays cover several chunk shapes: each new tile size of a Triton kernel compiles once.
+    """
+    shapes = [(64, 32)] if loaded.device.type == "cpu" else [(60, 32), (1000, 300), (4100, 2048)]
+    for long_prompt_len, token_budget in shapes:
+        scenario = Scenario(num_decodes=2, decode_prompt_len=16, decode_output_len=4, num_long=1,
+                            long_prompt_len=long_prompt_len, start_long_s=0.0, token_budget=token_budget)
+        for policy in ("prefill_first", "chunked"):
+            run_scenario(loaded, scenario, policy)
+
+
+def run_load(loaded: LoadedModel, sizes: LabSizes, rate_rps: float, policy: Policy | str, token_budget: int,
+             seed: int = 1) -> Summary:
+    """Replay Poisson arrivals at ``rate_rps`` (sizes from ``sizes``) and summarise every request."""
+    low, high = sizes.load_prompt_lens
+    workload = poisson_workload(rate_rps, sizes.load_num_requests, Uniform(low, high), Fixed(sizes.load_output_len), seed)
+    engine = make_engine(loaded, policy, token_budget, workload)
+    outs = replay(engine, workload, seed)
+    return summarize([o.metrics for o in outs], engine.clock.now())
+
+
+def pooled_itl_percentile_s(token_times_s: Sequence[Sequence[float]], q: float) -> float:
+    """The q-th percentile of every gap between consecutive token times, pooled over requests."""
+    gaps = [b - a for times in token_times_s for a, b in zip(times, times[1:])]
+    return percentile(gaps, q)

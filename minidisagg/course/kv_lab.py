@@ -1,0 +1,189 @@
+"""Lab 2 helpers: a layer split around its attention, the engine's own logits, decode timing, block tables drawn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from minidisagg.engine.runner import BatchItem, ModelRunner
+from minidisagg.kernels.activation import silu_and_mul
+from minidisagg.kernels.attention import AttentionMetadata
+from minidisagg.kernels.linear import linear
+from minidisagg.kernels.norm import rms_norm
+from minidisagg.kernels.rope import apply_rope
+from minidisagg.kv.block_manager import BlockManager
+from minidisagg.kv.cache import PagedKVCache
+from minidisagg.models.llama import LlamaModel
+from minidisagg.roofline import time_fn_s
+
+if TYPE_CHECKING:  # matplotlib is needed only to draw
+    from matplotlib.axes import Axes
+
+
+# --- one layer, opened up around attention (the same math as LlamaLayer.forward, minus the paged cache) ---
+
+def embed(model: LlamaModel, token_ids: torch.Tensor) -> torch.Tensor:
+    """Embeddings [n, hidden] of ``token_ids`` [n]."""
+    return model.embed[token_ids.to(model.device)]
+
+
+@torch.inference_mode()
+def attention_inputs(model: LlamaModel, layer_index: int, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer ``layer_index`` up to attention: returns q [n, H, D], k and v [n, KH, D] (RoPE applied), residual."""
+    layer = model.layers[layer_index]
+    cfg = model.cfg
+    x, residual = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps, residual)
+    q, k, v = linear(x, layer.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q = q.reshape(-1, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, k, positions.to(model.device), model.cos_sin)
+    return q, k, v, residual
+
+
+@torch.inference_mode()
+def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention of the last ``n`` tokens q [n, H, D] over all ``L`` tokens' keys/values [L, KH, D]; returns [n, H, D].
+
+    Query ``i`` sits at position ``L - n + i`` and sees keys at positions ``0 .. L - n + i``.
+    """
+    n, length = q.shape[0], keys.shape[0]
+    if n > length:
+        raise ValueError(f"{n} queries but only {length} keys: the new tokens' keys must be in the cache too")
+    query_pos = torch.arange(length - n, length, device=q.device)
+    mask = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=mask, scale=q.shape[-1] ** -0.5, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+@torch.inference_mode()
+def attention_outputs(model: LlamaModel, layer_index: int, attn: torch.Tensor,
+                      residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer_index`` after attention (O projection, norm, MLP): returns (hidden, residual)."""
+    layer = model.layers[layer_index]
+    cfg = model.cfg
+    hidden = linear(attn.reshape(-1, cfg.q_size), layer.o_proj)
+    x, residual = rms_norm(hidden, layer.post_attn_norm, cfg.rms_norm_eps, residual)
+    return linear(silu_and_mul(linear(x, layer.gate_up_proj)), layer.down_proj), residual
+
+
+@torch.inference_mode()
+def final_logits(model: LlamaModel, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [n, vocab] after the last layer."""
+    hidden, _ = rms_norm(hidden, model.norm, model.cfg.rms_norm_eps, residual)
+    return model.compute_logits(hidden)
+
+
+# --- the engine as the outside reference ---
+
+def engine_logits(model: LlamaModel, token_ids: Sequence[int], block_size: int = 16) -> torch.Tensor:
+    """Logits [len(token_ids), vocab] of every position, from one forward pass of the engine's ``LlamaModel``."""
+    n = len(token_ids)
+    if n < 1:
+        raise ValueError("engine_logits needs at least one token")
+    num_blocks = -(-n // block_size)
+    cache = PagedKVCache(model.cfg, num_blocks, block_size, model.dtype, model.device)
+    dev = model.device
+    meta = AttentionMetadata(  # one sequence whose blocks are 0, 1, 2, ...: token i sits in slot i
+        query_starts=[0], query_lens=[n], context_lens=[n],
+        block_tables=torch.arange(num_blocks, device=dev)[None, :],
+        context_lens_tensor=torch.tensor([n], device=dev),
+        slot_mapping=torch.arange(n, device=dev),
+    )
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=dev)
+    return model.compute_logits(model(ids, torch.arange(n, device=dev), cache, meta))
+
+
+def decode_with_engine_cache(model: LlamaModel, prompt_ids: Sequence[int], num_new_tokens: int,
+                             block_size: int = 16) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding on the engine's paged KV cache (prefill once, then one token per step): tokens and logits."""
+    num_blocks = max(1, -(-(len(prompt_ids) + num_new_tokens) // block_size))
+    runner = ModelRunner(model, PagedKVCache(model.cfg, num_blocks, block_size, model.dtype, model.device))
+    table = list(range(num_blocks))
+    logits = [runner.execute([BatchItem(list(prompt_ids), 0, table, True)])[0]]
+    tokens = [int(logits[-1].argmax())]
+    while len(tokens) < num_new_tokens:
+        position = len(prompt_ids) + len(tokens) - 1
+        logits.append(runner.execute([BatchItem([tokens[-1]], position, table, True)])[0])
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, torch.stack(logits)
+
+
+# --- decode step time against context length ---
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """One measured decode step: batch size, context length per sequence, time, and the KV bytes it read."""
+
+    batch: int
+    context_len: int
+    step_s: float
+    kv_bytes: int
+
+
+class DecodeTimer:
+    """A KV pool with room for ``batch`` sequences of ``max_context`` tokens, filled, to time decode steps."""
+
+    def __init__(self, model: LlamaModel, batch: int, max_context: int, block_size: int = 16) -> None:
+        self.model = model
+        self.batch = batch
+        self.block_size = block_size
+        self.blocks_per_seq = -(-max_context // block_size)
+        self.cache = PagedKVCache(model.cfg, batch * self.blocks_per_seq, block_size, model.dtype, model.device)
+        self.cache.kv.fill_(0.01)  # touch every page: a zero-filled pool may not be backed by memory yet
+        self.runner = ModelRunner(model, self.cache)
+
+    def measure(self, context_len: int, iters: int = 3) -> DecodeTiming:
+        """Median time of one decode step in which each of the ``batch`` sequences has ``context_len`` tokens."""
+        if not 1 <= context_len <= self.blocks_per_seq * self.block_size:
+            raise ValueError(f"context_len must be in 1..{self.blocks_per_seq * self.block_size}, got {context_len}")
+        per_seq = self.blocks_per_seq
+        items = [BatchItem([1 + i], context_len - 1, list(range(i * per_seq, (i + 1) * per_seq)), True)
+                 for i in range(self.batch)]
+        # Each step rewrites the newest token's slot, so the pool stays the same size between calls.
+        step_s = time_fn_s(lambda: self.runner.execute(items), self.model.device, warmup=1, iters=iters)
+        kv_bytes = self.batch * context_len * self.cache.bytes_per_block // self.block_size
+        return DecodeTiming(self.batch, context_len, step_s, kv_bytes)
+
+
+# --- the block table, drawn ---
+
+def draw_block_pool(ax: Axes, manager: BlockManager, token_counts: dict[object, int], title: str = "") -> None:
+    """Physical blocks of ``manager`` as a row of cells, each labelled with the owner's logical block index."""
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    owner_of: dict[int, tuple[object, int]] = {}
+    for key in manager.owners():
+        for logical, physical in enumerate(manager.block_table(key)):
+            owner_of[physical] = (key, logical)
+    for physical in range(manager.num_blocks):
+        if physical in owner_of:
+            key, logical = owner_of[physical]
+            color = colors[sum(map(ord, str(key))) % len(colors)]  # stable across snapshots
+            bs = manager.block_size
+            used = min(bs, token_counts.get(key, 0) - logical * bs)
+            ax.add_patch(_cell(physical, color, alpha=0.85))
+            ax.text(physical + 0.5, 0.55, f"{key}{logical}", ha="center", va="center", fontsize=9, color="white",
+                    weight="bold")
+            ax.text(physical + 0.5, 0.18, f"{used}/{bs}", ha="center", va="center", fontsize=7, color="white")
+        else:
+            ax.add_patch(_cell(physical, "lightgray", alpha=0.6))
+            ax.text(physical + 0.5, 0.5, "free", ha="center", va="center", fontsize=7, color="dimgray")
+    ax.set_xlim(0, manager.num_blocks)
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.set_xticks([b + 0.5 for b in range(manager.num_blocks)])
+    ax.set_xticklabels([str(b) for b in range(manager.num_blocks)], fontsize=7)
+    ax.set_xlabel("physical block id", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9, loc="left")
+
+
+def _cell(x: int, color: str, alpha: float):  # noqa: ANN202 - a matplotlib patch
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x + 0.04, 0.05), 0.92, 0.9, color=color, alpha=alpha)

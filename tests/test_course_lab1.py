@@ -1,0 +1,104 @@
+"""Lab 1 checks: PASS for the roofline module's own functions, a precise FAIL for subtly wrong ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minidisagg import roofline
+from minidisagg.course import check
+from minidisagg.course.checking import CheckFailed
+from minidisagg.course.gemm_lab import LayerGemmBench, layer_gemms
+from minidisagg.config import PRESETS
+
+
+def test_task1_passes_with_the_roofline_module(module_seed):
+    result = check.lab1.task1(roofline.arithmetic_intensity, seed=module_seed)
+    assert result.passed, f"seed {module_seed}"
+    assert "200 random GEMM shapes" in result.detail
+
+
+def _without_output_write(m, n, k, dtype):
+    return roofline.gemm_flops(m, n, k) / ((m * k + k * n) * roofline.dtype_bytes(dtype))
+
+
+def _multiply_adds_as_one_flop(m, n, k, dtype):
+    return roofline.arithmetic_intensity(m, n, k, dtype) / 2
+
+
+def _always_two_bytes(m, n, k, dtype):
+    return roofline.gemm_flops(m, n, k) / ((m * k + k * n + m * n) * 2)
+
+
+@pytest.mark.parametrize("wrong", [_without_output_write, _multiply_adds_as_one_flop, _always_two_bytes])
+def test_task1_fails_a_subtly_wrong_count(wrong, module_seed):
+    with pytest.raises(CheckFailed) as info:
+        check.lab1.task1(wrong, seed=module_seed)
+    message = str(info.value)
+    assert "Lab 1, Task 1" in message and "arithmetic_intensity(m=" in message and "expected" in message, message
+
+
+def test_task1_reports_not_implemented():
+    def stub(m, n, k, dtype):
+        raise NotImplementedError("Lab 1, Task 1: count the FLOPs and the bytes")
+
+    with pytest.raises(CheckFailed, match="not implemented yet"):
+        check.lab1.task1(stub)
+
+
+def test_task1_names_the_case_that_crashed_and_refuses_a_non_function():
+    with pytest.raises(CheckFailed, match=r"raised ZeroDivisionError"):
+        check.lab1.task1(lambda m, n, k, dtype: 1 / 0)
+    with pytest.raises(CheckFailed, match="pass your function itself"):
+        check.lab1.task1(0.5)
+
+
+def test_task2_passes_with_the_roofline_module(module_seed):
+    result = check.lab1.task2(roofline.roofline_time_s, seed=module_seed)
+    assert result.passed and "compute-bound" in result.detail, f"seed {module_seed}"
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        lambda f, b, p, bw: f / p + b / bw,  # adds the two times
+        lambda f, b, p, bw: min(f / p, b / bw),  # the smaller, not the larger
+        lambda f, b, p, bw: max(f / bw, b / p),  # rates swapped
+    ],
+    ids=["sum", "min", "swapped"],
+)
+def test_task2_fails_a_subtly_wrong_bound(wrong, module_seed):
+    with pytest.raises(CheckFailed) as info:
+        check.lab1.task2(wrong, seed=module_seed)
+    message = str(info.value)
+    assert "Lab 1, Task 2" in message and "-bound" in message and "expected" in message, message
+
+
+def test_task2_reports_not_implemented():
+    def stub(flops, bytes_moved, peak, bandwidth):
+        raise NotImplementedError("Lab 1, Task 2: the larger of the two times")
+
+    with pytest.raises(CheckFailed, match="Lab 1, Task 2: not implemented yet"):
+        check.lab1.task2(stub)
+
+
+def test_layer_gemms_match_the_model_weights():
+    from minidisagg.models.llama import LlamaLayer
+
+    cfg = PRESETS["smollm2-135m"]
+    layer = LlamaLayer(cfg, torch.float32, "meta")
+    shapes = {g.name: (g.out_features, g.in_features) for g in layer_gemms(cfg)}
+    assert shapes == {name: tuple(getattr(layer, name).shape) for name in shapes}
+
+
+def test_bench_measures_a_point_with_counted_flops_and_bytes():
+    cfg = PRESETS["tiny"]
+    bench = LayerGemmBench(cfg, "cpu", torch.float32, stream_bytes=0)
+    point = bench.measure(8, "decode B=8", iters=2)
+    assert bench.num_copies == 1
+    assert point.flops == sum(roofline.gemm_flops(8, g.out_features, g.in_features) for g in layer_gemms(cfg))
+    assert point.bytes_moved == sum(roofline.gemm_bytes(8, g.out_features, g.in_features, torch.float32)
+                                    for g in layer_gemms(cfg))
+    assert point.time_s > 0 and point.intensity == pytest.approx(point.flops / point.bytes_moved)
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        bench.measure(0)

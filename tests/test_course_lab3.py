@@ -1,0 +1,186 @@
+"""Lab 3 checks: they pass the engine's own chunked policy and a correct ITL percentile, and name what a broken one breaks."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from minidisagg.course.check import lab3
+from minidisagg.course.checking import CheckFailed
+from minidisagg.course.device import LabDevice
+from minidisagg.course.interference_lab import LabSizes, Scenario, pooled_itl_percentile_s, run_scenario
+from minidisagg.engine.scheduler import POLICIES, StepBudget, StepPlan
+from minidisagg.engine.sequence import Sequence
+from minidisagg.metrics import percentile, summarize
+from minidisagg.stages.base import PrefillChunk
+
+chunked = POLICIES["chunked"]
+
+
+def drops_a_decode(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    plan = chunked(waiting, running, budget)
+    return dataclasses.replace(plan, decodes=plan.decodes[1:])
+
+
+def overruns_the_budget(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    """Forgets that decodes spend tokens too: chunks fill the whole budget."""
+    chunks, free = [], budget.max_num_batched_tokens
+    for seq in waiting:
+        if free <= 0 or len(running) + len(chunks) >= budget.max_num_seqs:
+            break
+        chunks.append(PrefillChunk(seq, min(seq.num_prefill_tokens_left, free)))
+        free -= chunks[-1].num_tokens
+    return StepPlan(prefills=chunks, decodes=list(running), prefill_before_decode=False)
+
+
+def lifo(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    return chunked(list(reversed(waiting)), running, budget)
+
+
+def leaves_a_token_unused(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    return chunked(waiting, running, StepBudget(budget.max_num_seqs, budget.max_num_batched_tokens - 1))
+
+
+def chunk_past_the_prompt(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    plan = chunked(waiting, running, budget)
+    if plan.prefills:
+        first = plan.prefills[0]
+        plan.prefills[0] = PrefillChunk(first.seq, first.seq.num_prefill_tokens_left + 1)
+    return plan
+
+
+def too_many_sequences(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    return chunked(waiting, running, StepBudget(10_000, budget.max_num_batched_tokens))
+
+
+def advances_the_sequences(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    plan = chunked(waiting, running, budget)
+    for chunk in plan.prefills:
+        chunk.seq.num_computed_tokens += chunk.num_tokens
+    return plan
+
+
+def not_done(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    raise NotImplementedError("Lab 3, Task 1: fill the step")
+
+
+def test_task1_passes_the_engines_chunked_policy(capsys):
+    result = lab3.task1(chunked)
+    assert result.passed
+    assert "40 random schedules; ITL p99" in result.detail and "prefill_first" in result.detail
+    assert capsys.readouterr().out.startswith("PASS  (40 random schedules")
+
+
+@pytest.mark.parametrize(
+    ("policy", "rule"),
+    [
+        (drops_a_decode, "all decodes included"),
+        (overruns_the_budget, "token budget never exceeded"),
+        (lifo, "FIFO order of waiting prompts"),
+        (leaves_a_token_unused, "budget used fully when work is left"),
+        (chunk_past_the_prompt, "chunks never exceed what is left of a prompt"),
+        (too_many_sequences, "at most max_num_seqs sequences"),
+        (advances_the_sequences, "a policy only plans"),
+    ],
+)
+def test_task1_names_the_broken_rule_and_the_schedule(policy, rule, capsys):
+    with pytest.raises(CheckFailed, match=rule):
+        lab3.task1(policy)
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL  schedule ") and "tokens left" in out and "budget" in out
+
+
+def test_task1_reports_not_implemented():
+    with pytest.raises(CheckFailed, match="Lab 3, Task 1: not implemented yet"):
+        lab3.task1(not_done)
+
+
+def test_task1_rejects_a_plan_that_is_not_a_step_plan():
+    with pytest.raises(CheckFailed, match="returns a StepPlan"):
+        lab3.task1(lambda waiting, running, budget: (waiting, running))
+
+
+def test_random_schedules_exercise_every_rule_and_the_engine_keeps_them():
+    rng = random.Random()
+    split, leftover, seq_capped, partial_head = 0, 0, 0, 0
+    for index in range(200):
+        sched = lab3.random_schedule(index, rng)
+        plan = chunked(list(sched.waiting), list(sched.running), sched.budget)
+        assert lab3.rule_broken(plan, sched) is None, sched.describe()
+        used = len(plan.decodes) + sum(c.num_tokens for c in plan.prefills)
+        split += any(c.num_tokens < c.seq.num_prefill_tokens_left for c in plan.prefills)
+        leftover += used < sched.budget.max_num_batched_tokens
+        seq_capped += len(plan.decodes) + len(plan.prefills) == sched.budget.max_num_seqs and len(plan.prefills) < len(sched.waiting)
+        partial_head += bool(sched.waiting) and sched.waiting[0].num_computed_tokens > 0
+    assert min(split, leftover, seq_capped, partial_head) >= 10
+
+
+def _gaps_percentile(token_times: list[list[float]], q: float) -> float:
+    return float(np.percentile([b - a for row in token_times for a, b in zip(row, row[1:])], q))
+
+
+def test_task2_passes_a_correct_percentile(capsys):
+    assert lab3.task2(_gaps_percentile).passed
+    assert capsys.readouterr().out.startswith("PASS  (40 random token timelines; max error")
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param(lambda tt, q: float(np.percentile([b - a for r in tt for a, b in zip(r, r[1:])], q, method="nearest")),
+                     id="nearest-rank"),
+        pytest.param(lambda tt, q: float(np.mean([np.percentile(np.diff(r), q) for r in tt if len(r) > 1])),
+                     id="per-request-average"),
+        pytest.param(lambda tt, q: _gaps_percentile(tt, q) * 1000, id="milliseconds"),
+    ],
+)
+def test_task2_fails_wrong_percentiles(wrong):
+    with pytest.raises(CheckFailed, match=r"case \d+ .*expected"):
+        lab3.task2(wrong)
+
+
+def test_task2_reports_not_implemented():
+    def not_yet(token_times, q):
+        raise NotImplementedError("Lab 3, Task 2: pool the gaps")
+
+    with pytest.raises(CheckFailed, match="Lab 3, Task 2: not implemented yet"):
+        lab3.task2(not_yet)
+
+
+def test_pooled_itl_percentile_matches_metrics():
+    rng = np.random.default_rng()
+    rows = [list(np.cumsum(rng.exponential(0.05, size=int(n)))) for n in rng.integers(1, 30, size=5)]
+    rows.append([0.0, 0.1])
+    gaps = [b - a for row in rows for a, b in zip(row, row[1:])]
+    assert pooled_itl_percentile_s(rows, 99.0) == pytest.approx(percentile(gaps, 99.0), abs=1e-15)
+
+
+def test_run_scenario_splits_decodes_from_long_prompts(tiny_loaded):
+    scenario = Scenario(num_decodes=3, decode_prompt_len=8, decode_output_len=6, num_long=2, long_prompt_len=80,
+                        long_every_s=0.01, start_long_s=0.001, long_output_len=3, token_budget=32)
+    for policy in ("prefill_first", "chunked", chunked):
+        run = run_scenario(tiny_loaded, scenario, policy)
+        assert [len(o.token_ids) for o in run.decodes] == [6, 6, 6]
+        assert [len(o.prompt_token_ids) for o in run.longs] == [80, 80]
+        assert [len(o.token_ids) for o in run.longs] == [3, 3]
+        summary = summarize([o.metrics for o in run.decodes], run.duration_s)
+        assert run.itl_p99_s == pytest.approx(summary.itl_p99_s) and run.itl_p50_s == pytest.approx(summary.itl_p50_s)
+        assert run.long_ttft_s > 0 and run.output_tokens_per_s > 0
+    chunked_run = run_scenario(tiny_loaded, scenario, "chunked", token_budget=16)
+    assert all(o.metrics.prefill_s > 0 for o in chunked_run.longs)  # several chunks: prefill spans steps
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_lab_sizes_fit_the_notebook(device):
+    lab = LabDevice(torch.device(device), torch.float32, "smollm2-135m", ("tiny",), full_sweeps=device == "cuda")
+    sizes = LabSizes.for_lab(lab)
+    assert sizes.sweep.long_prompt_len in sizes.long_prompt_lens
+    low, high, step = sizes.slider_lens
+    start = sizes.sweep.long_prompt_len // 2
+    assert low <= start <= high and (start - low) % step == 0
+    assert sizes.timeline.num_long >= 2 and sizes.timeline.start_long_s > 0
+    assert (sizes.model == "llama-1b") == (device == "cuda")
