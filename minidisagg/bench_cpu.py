@@ -302,15 +302,20 @@ def default_out_dir() -> Path:
     return base / "benchmarks" / "results"
 
 
-def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> tuple[Path, Path]:
-    """Write ``cpu-decode-<date>.json`` and ``.md``; returns their paths."""
+def write_result_files(result: dict[str, Any], stem: str, markdown: str,
+                       out_dir: Optional[Path] = None) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir`` (default ``benchmarks/results``)."""
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"cpu-decode-{result['date'][:10]}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(to_markdown(result))
+    md_path.write_text(markdown)
     return json_path, md_path
+
+
+def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> tuple[Path, Path]:
+    """Write ``cpu-decode-<date>.json`` and ``.md``; returns their paths."""
+    return write_result_files(result, f"cpu-decode-{result['date'][:10]}", to_markdown(result), out_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from minidisagg.bench_cpu import _git_commit, default_out_dir
+from minidisagg.bench_cpu import _git_commit, default_out_dir, write_result_files
 from minidisagg.bench_gpu_rows import Row, decode_row, engine_llm, prefill_row
 from minidisagg.roofline import measure_copy_bandwidth, measure_matmul_rate
 
@@ -171,13 +171,8 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> tuple[Path, Path]:
     """Write ``gpu-<card>-<date>.json`` and ``.md``; returns their paths."""
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"gpu-{card_slug(result['card'])}-{result['date'][:10]}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(to_markdown(result))
-    return json_path, md_path
+    stem = f"gpu-{card_slug(result['card'])}-{result['date'][:10]}"
+    return write_result_files(result, stem, to_markdown(result), out_dir)
 
 
 def _csv(text: str) -> list[str]:
