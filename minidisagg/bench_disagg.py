@@ -118,7 +118,7 @@ def _disagg(model: str, s: Settings, overlap: bool) -> Any:
     return LLM(model, device=device, mode="disagg", transport="dist", random_weights=True, seed=s.seed,
                kv_overlap=overlap, max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.prefill_token_budget,
                num_kv_blocks=s.num_kv_blocks, batch_invariant=s.batch_invariant, request_timeout_s=300.0,
-               prefill_devices=[s.devices[0]], decode_devices=[s.devices[1]])
+               prefill_devices=[s.devices[0]], decode_devices=[s.devices[1]], worker_threads=s.threads)
 
 
 def run_model(model: str, s: Settings, budget: Budget, model_budget_s: float, save: Callable[[], None],

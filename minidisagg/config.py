@@ -105,7 +105,9 @@ TINY = ModelConfig(
     vocab_size=49152,
     max_position=2048,
     rope_theta=10000.0,
-    tie_embeddings=True,
+    # untied: with random weights a tied head mostly echoes the last token (its embedding dominates the
+    # residual), so greedy tokens would hardly depend on the context or the KV cache; untied they do
+    tie_embeddings=False,
 )
 
 LLAMA_1B = ModelConfig(

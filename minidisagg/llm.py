@@ -33,7 +33,8 @@ class LLM:
     """Load a model and serve requests, colocated (one engine) or disaggregated (prefill and decode workers).
 
     Disaggregated worker processes (``transport="socket"`` or ``"dist"``) can be pinned, one
-    device per worker: ``prefill_devices=["cuda:0"], decode_devices=["cuda:1"]``.
+    device per worker: ``prefill_devices=["cuda:0"], decode_devices=["cuda:1"]``. ``worker_threads`` sets
+    their torch CPU threads (0: torch's default).
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -71,6 +72,7 @@ class LLM:
         request_timeout_s: float = 600.0,
         prefill_devices: Optional[Seq[str]] = None,
         decode_devices: Optional[Seq[str]] = None,
+        worker_threads: int = 0,
     ) -> None:
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes)
         self.config = EngineConfig(
@@ -97,7 +99,7 @@ class LLM:
                                         num_decode=num_decode, routing=routing, overlap=kv_overlap,
                                         kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s,
                                         model_ref=model, prefill_devices=prefill_devices,
-                                        decode_devices=decode_devices)
+                                        decode_devices=decode_devices, worker_threads=worker_threads)
 
     @property
     def device(self) -> torch.device:

@@ -25,7 +25,7 @@ def seed(module_seed) -> int:
 @pytest.fixture(scope="module")
 def reference(seed):
     prompts = token_prompts(seed, 5)
-    return prompts, [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True).generate(prompts, GREEDY)]
+    return prompts, [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True, seed=seed).generate(prompts, GREEDY)]
 
 
 def layout_of(llm: LLM) -> KVLayout:
@@ -44,7 +44,7 @@ def check_outputs(llm: LLM, prompts, ref, seed) -> None:
 
 def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed):
     prompts, ref = reference
-    llm = LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="dist", num_prefill=1,
+    llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="dist", num_prefill=1,
               num_decode=2)
     procs = list(llm.engine.processes)
     try:
@@ -80,7 +80,7 @@ def test_dist_1p1d_equals_colocated_and_garbage_drops_only_its_link(reference, s
     """Bad src_rank, shape, dtype or via: FrameError on that link only; the real prefill link keeps working."""
     prompts, ref = reference
     num_blocks = 32
-    llm = LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="dist", num_prefill=1,
+    llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="dist", num_prefill=1,
               num_decode=1, num_kv_blocks=num_blocks)
     procs = list(llm.engine.processes)
     try:
@@ -121,8 +121,8 @@ def test_dist_nccl_equals_colocated_on_gpus(seed):
     if torch.cuda.device_count() < 2:
         pytest.skip("NCCL needs a GPU per rank: 1P1D needs 2 GPUs")
     prompts = token_prompts(seed, 5)
-    ref = [o.token_ids for o in LLM("tiny", device="cuda", batch_invariant=True).generate(prompts, GREEDY)]
-    llm = LLM("tiny", device="cuda", batch_invariant=True, mode="disagg", transport="dist")
+    ref = [o.token_ids for o in LLM("tiny", device="cuda", batch_invariant=True, seed=seed).generate(prompts, GREEDY)]
+    llm = LLM("tiny", device="cuda", batch_invariant=True, seed=seed, mode="disagg", transport="dist")
     procs = list(llm.engine.processes)
     try:
         check_outputs(llm, prompts, ref, seed)

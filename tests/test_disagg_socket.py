@@ -29,14 +29,14 @@ def seed(module_seed) -> int:
 
 @pytest.fixture(scope="module")
 def reference(seed):
-    llm = LLM("tiny", device="cpu", batch_invariant=True)
+    llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed)
     prompts = token_prompts(seed, 6)
     return prompts, [o.token_ids for o in llm.generate(prompts, GREEDY)]
 
 
 def test_two_processes_equal_colocated_and_leave_no_orphans(reference, seed):
     prompts, ref = reference
-    llm = LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_prefill=1,
+    llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="socket", num_prefill=1,
               num_decode=2, kv_overlap=True)
     procs = list(llm.engine.processes)
     try:
@@ -55,7 +55,7 @@ def test_two_processes_equal_colocated_and_leave_no_orphans(reference, seed):
 def test_killed_decode_process_fails_only_its_requests(reference, seed):
     prompts, ref = reference
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_decode=2,
+    with LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="socket", num_decode=2,
              request_timeout_s=120) as llm:
         victim = next(p for p in llm.engine.processes if p.name == "d1")
         ids = [llm.engine.add_request(p, params) for p in prompts]
@@ -77,8 +77,8 @@ def test_killed_decode_process_fails_only_its_requests(reference, seed):
 def test_recompute_policy_moves_requests_off_a_dead_decode(reference, seed):
     prompts, _ = reference
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    ref = [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True).generate(prompts, params)]
-    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_decode=2,
+    ref = [o.token_ids for o in LLM("tiny", device="cpu", batch_invariant=True, seed=seed).generate(prompts, params)]
+    with LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="socket", num_decode=2,
              kv_failure_policy="recompute", request_timeout_s=120) as llm:
         next(p for p in llm.engine.processes if p.name == "d1").proc.kill()
         outs = llm.generate(prompts, params)
@@ -87,7 +87,7 @@ def test_recompute_policy_moves_requests_off_a_dead_decode(reference, seed):
 
 def test_full_decode_pool_over_sockets(reference, seed):
     prompts, ref = reference
-    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket",
+    with LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="socket",
              num_kv_blocks=8) as llm:
         assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == ref, f"seed {seed}"
 
@@ -191,7 +191,7 @@ def _alive(pid: int) -> bool:
 def test_killed_prefill_process(reference, seed, policy):
     """Killing one of two prefill workers fails (or reroutes) only the requests it still held."""
     prompts, ref = reference
-    with LLM("tiny", device="cpu", batch_invariant=True, mode="disagg", transport="socket", num_prefill=2,
+    with LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="socket", num_prefill=2,
              kv_failure_policy=policy, request_timeout_s=120) as llm:
         victim = next(p for p in llm.engine.processes if p.name == "p1")
         victim.proc.send_signal(signal.SIGSTOP)  # frozen: whatever was routed to it is stuck there

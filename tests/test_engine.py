@@ -175,3 +175,17 @@ def test_kv_cache_contents_match_a_fresh_prefill(tiny_loaded):
     seq2 = fresh._seqs[rid2]
     prefilled_kv = fresh.kv_cache.kv[:, :, seq2.block_table].flatten(2, 3)[:, :, : len(tokens)]
     assert torch.equal(decoded_kv, prefilled_kv)
+
+
+def test_tiny_greedy_tokens_depend_on_the_context(tiny_loaded, seed):
+    """Token-equality tests on ``tiny`` only mean something if its greedy token reads the KV cache: changing
+    one early prompt token must change the next token for a good share of prompts (not just echo the last)."""
+    rng = random.Random(seed)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prompts = [[rng.randrange(100, 49152) for _ in range(rng.randrange(8, 48))] for _ in range(24)]
+    edited = [[(p[0] + 7) % 49152, *p[1:]] for p in prompts]
+    firsts = generate(make_engine(tiny_loaded), [*prompts, *edited], params)
+    changed = sum(firsts[i] != firsts[i + len(prompts)] for i in range(len(prompts)))
+    echoed = sum(firsts[i] == [p[-1]] for i, p in enumerate(prompts))
+    assert changed >= len(prompts) // 4, f"seed {seed}: only {changed}/{len(prompts)} first tokens read the context"
+    assert echoed <= len(prompts) // 4, f"seed {seed}: {echoed}/{len(prompts)} prompts echo their last token"

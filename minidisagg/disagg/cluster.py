@@ -128,7 +128,7 @@ class DisaggCluster:
         if config.batch_invariant:
             args.append("--batch-invariant")
         if loaded.random_weights:
-            args.append("--random-weights")
+            args += ["--random-weights", "--seed", str(loaded.seed)]
         prefills, decodes, self.log_dir = launch_local(args, num_prefill, num_decode, overlap, pin_cores,
                                                        transport=self.transport, prefill_devices=prefill_devices,
                                                        decode_devices=decode_devices)

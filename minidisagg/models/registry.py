@@ -75,6 +75,7 @@ class LoadedModel:
     random_weights: bool = False
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    seed: int = 0  # what seeded random weights (worker processes rebuild the same ones from it)
     _tokenizer: Optional[Tokenizer] = field(default=None, repr=False)
 
     @property
@@ -140,4 +141,4 @@ def load_model(
         net = LlamaModel(config, dt, dev)
         net.load_weights(tensors)
     return LoadedModel(config.name if model in PRESETS else str(path), config, net, time.perf_counter() - t0,
-                       tok_loader, random_weights, device=dev, dtype=dt)
+                       tok_loader, random_weights, device=dev, dtype=dt, seed=seed)
