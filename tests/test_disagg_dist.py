@@ -43,9 +43,10 @@ def check_outputs(llm: LLM, prompts, ref, seed) -> None:
 
 
 def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed):
+    """Without overlap: each request's layers go as one stacked message."""
     prompts, ref = reference
     llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="dist", num_prefill=1,
-              num_decode=2)
+              num_decode=2, kv_overlap=False)
     procs = list(llm.engine.processes)
     try:
         assert len(procs) == 3 and all(p.proc.poll() is None for p in procs)
@@ -95,6 +96,8 @@ def test_dist_1p1d_equals_colocated_and_garbage_drops_only_its_link(reference, s
             ({"shape": [2, 3, BLOCK_SIZE, 1, 1]}, "expected"),
             ({"dtype": "bfloat16"}, "expected"),
             ({"layer": 99}, "layer index"),
+            ({"num_layers": 3}, "num_layers"),  # more layers than the model has
+            ({"num_layers": True}, "num_layers"),
             ({"via": "pigeon"}, "without pages"),
         ]
         for update, message in cases:

@@ -157,6 +157,37 @@ def test_garbage_and_cut_connections_leak_nothing(tiny_loaded, decode_server):
     sender.close()
 
 
+def test_pipelined_reservations_and_stacked_layers_land_exactly(tiny_loaded, decode_server, seed):
+    """reserve_many answers each request in order (grant, full, refusal); send_layers' one message lands
+    byte for byte in the reserved blocks; a stacked header that overruns the model drops only its link."""
+    import torch
+
+    layout, worker = decode_server.worker.layout, decode_server.worker
+    sender = SocketSender("127.0.0.1", decode_server.port, _hello(tiny_loaded, decode_server))
+    answers = sender.reserve_many([("a", 40), ("b", 17), ("c", 10_000), ("d", 500)], timeout_s=5)
+    assert answers[:2] == [True, True] and answers[3] is False, answers  # d: 32 blocks, 27 left
+    assert isinstance(answers[2], TransferError) and "never fit" in str(answers[2])
+    gen = torch.Generator().manual_seed(seed)
+    pages_a = torch.randn(layout.num_layers, *layout.layer_shape(3), generator=gen)
+    pages_b = torch.randn(*layout.layer_shape(2), generator=gen)
+    sender.send_layers("a", 0, pages_a)
+    sender.send_layer("b", 1, pages_b)
+    assert sender.reserve("z", 1, timeout_s=5)  # a round trip: the link has handled both LAYER frames
+    kv = worker.engine.kv_cache.kv
+    assert torch.equal(kv[:, :, worker._reserved["a"]], pages_a)
+    assert torch.equal(kv[1, :, worker._reserved["b"]], pages_b)
+    sender.commit("a", SequenceState("ra", [1] * 40, [2], {"max_tokens": 1}, {"arrival_s": 0.0}), pages_a.nbytes, 5)
+    for tid in ("b", "z"):
+        sender.cancel(tid)
+    bad = SocketSender("127.0.0.1", decode_server.port, _hello(tiny_loaded, decode_server))
+    assert bad.reserve("e", 20, timeout_s=5)
+    bad.send_layers("e", 1, torch.zeros(layout.num_layers, *layout.layer_shape(2)))  # layers 1..N overrun
+    with pytest.raises(TransferError, match="num_layers"):
+        bad.commit("e", SequenceState("re", [1] * 20, [2], {}, {"arrival_s": 0.0}), 0, timeout_s=5)
+    sender.close()
+    assert _all_free(decode_server), "a reservation leaked"
+
+
 def test_forgotten_llm_still_stops_its_processes(tmp_path):
     """An LLM dropped without shutdown() leaves no orphans once the interpreter exits."""
     import subprocess

@@ -15,7 +15,7 @@ from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
-from minidisagg.kv.pages import gather_layer
+from minidisagg.kv.pages import gather_layer, gather_layers
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
 from minidisagg.transport.base import KVSender, TransferError
@@ -99,17 +99,14 @@ class PrefillWorker:
             except queue.Empty:
                 break
         still_pending = []
-        for sub in self._pending:
-            sender = self.senders[sub.decode_target]
-            tid = f"{self.name}-{next(self._ids)}"
-            try:
-                granted = sender.reserve(tid, len(sub.prompt_token_ids), self.timeout_s)
-            except (TransferError, OSError, ValueError) as exc:
-                self.sink(FailedRequest(sub.request_id, f"decode worker {sub.decode_target} unreachable: {exc}"))
+        for sub, tid, granted in self._reserve_pending():
+            if isinstance(granted, TransferError):
+                self.sink(FailedRequest(sub.request_id, f"decode worker {sub.decode_target} unreachable: {granted}"))
                 continue
             if not granted:
                 still_pending.append(sub)  # decode is full: wait for credit
                 continue
+            sender = self.senders[sub.decode_target]
             try:
                 self.engine.add_request({"prompt_token_ids": sub.prompt_token_ids, "prompt": sub.prompt}, sub.params,
                                         arrival_time=sub.arrival_s, request_id=sub.request_id)
@@ -119,6 +116,22 @@ class PrefillWorker:
                 continue
             self._transfers[sub.request_id] = _Transfer(tid, sub, sender, self.engine.sequence(sub.request_id))
         self._pending = still_pending
+
+    def _reserve_pending(self) -> list[tuple[Submission, str, bool | TransferError]]:
+        """Ask each decode worker for blocks for every pending request it is to get, in one exchange per worker."""
+        by_target: dict[str, list[tuple[int, Submission, str]]] = {}
+        for i, sub in enumerate(self._pending):
+            by_target.setdefault(sub.decode_target, []).append((i, sub, f"{self.name}-{next(self._ids)}"))
+        answers: list[tuple[int, Submission, str, bool | TransferError]] = []
+        for target, items in by_target.items():
+            try:
+                granted = self.senders[target].reserve_many(
+                    [(tid, len(sub.prompt_token_ids)) for _, sub, tid in items], self.timeout_s)
+            except (TransferError, OSError, ValueError) as exc:
+                error = exc if isinstance(exc, TransferError) else TransferError(str(exc))
+                granted = [error] * len(items)
+            answers.extend((i, sub, tid, g) for (i, sub, tid), g in zip(items, granted))
+        return [(sub, tid, g) for _, sub, tid, g in sorted(answers, key=lambda a: a[0])]  # arrival order
 
     # ---- hand-off: called on this worker's thread from inside engine.step() ---------------
     def _on_layer(self, seqs: list[Sequence], layer: int) -> None:
@@ -131,10 +144,8 @@ class PrefillWorker:
     def _on_handoff(self, seq: Sequence) -> None:
         transfer = self._transfers[seq.request_id]
         seq.timeline.token_times_s.clear()  # the client gets the first token from the decode worker
-        if not self.overlap:
-            for layer in range(self.engine.model_config.num_layers):
-                pages = gather_layer(self.engine.kv_cache, layer, seq.block_table)
-                self._send_queue.put(("layer", transfer, (layer, pages)))
+        if not self.overlap:  # the prefill is over: every layer in one message
+            self._send_queue.put(("layers", transfer, (0, gather_layers(self.engine.kv_cache, seq.block_table))))
         self._send_queue.put(("commit", transfer, seq))
 
     # ---- the sender thread ------------------------------------------------------------------
@@ -149,13 +160,14 @@ class PrefillWorker:
                     self._finished_transfers.put(transfer)
                 continue
             try:
-                if kind == "layer":
+                if kind in ("layer", "layers"):
                     layer, pages = payload  # type: ignore[misc]
                     if not transfer.started:
                         transfer.started = True
                         transfer.seq.timeline.transfer_start_s = self.engine.clock.now()
                     sent_at = time.perf_counter()
-                    transfer.sender.send_layer(transfer.transfer_id, layer, pages)
+                    send = transfer.sender.send_layer if kind == "layer" else transfer.sender.send_layers
+                    send(transfer.transfer_id, layer, pages)
                     transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
                     transfer.num_bytes += pages.numel() * pages.element_size()
                 else:

@@ -60,6 +60,11 @@ def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> t
     return cache.kv[layer].index_select(1, _index(cache, block_ids))
 
 
+def gather_layers(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
+    """A contiguous copy of every layer's pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
+    return cache.kv.index_select(2, _index(cache, block_ids))
+
+
 def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """Split a block table into runs of consecutive ids: (position in table, first block id, length)."""
     runs: list[tuple[int, int, int]] = []

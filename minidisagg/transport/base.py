@@ -5,7 +5,8 @@ A transfer has four moves, the same over every transport:
 1. ``reserve``: ask the decode worker to set aside blocks for the request (credit-based
    flow control: when it is full, the answer is no and the prefill side waits);
 2. ``send_layer``: the pages of one layer, [2, num_blocks, block_size, kv_heads, head_dim],
-   possibly while later layers are still being computed;
+   possibly while later layers are still being computed (or ``send_layers``: several
+   consecutive layers stacked into one message, once the prefill has ended);
 3. ``commit``: the sequence's state (tokens, sampling, timeline); the decode worker adopts
    it and acknowledges, after which the prefill worker frees its own pages;
 4. ``cancel``: give the reservation back if anything went wrong.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -66,6 +67,39 @@ class KVSender(ABC):
     @abstractmethod
     def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Ship one layer's pages (a contiguous tensor)."""
+
+    def send_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
+        """Ship consecutive layers stacked as [num_layers, 2, num_blocks, ...] (default: one ``send_layer`` each).
+
+        Transports override this to move them as one message: one header and one send instead of
+        one per layer, which is what a finished prefill wants.
+        """
+        for i in range(pages.shape[0]):
+            self.send_layer(transfer_id, first_layer + i, pages[i])
+
+    def reserve_many(self, requests: Sequence[tuple[str, int]], timeout_s: float) -> list[bool | TransferError]:
+        """Reserve for several transfers, each (transfer id, number of tokens).
+
+        Each entry of the answer is True (granted), False (the decode worker is full now) or the
+        TransferError that refused that one request. A broken link raises TransferError for all.
+        The default asks one at a time; a transport over a network pipelines the questions.
+        """
+        answers: list[bool | TransferError] = []
+        for transfer_id, num_tokens in requests:
+            try:
+                answers.append(self.reserve(transfer_id, num_tokens, timeout_s))
+            except TransferError as exc:
+                if self.is_broken:
+                    raise
+                answers.append(exc)
+            except ValueError as exc:  # an in-process receiver refusing this one request
+                answers.append(TransferError(str(exc)))
+        return answers
+
+    @property
+    def is_broken(self) -> bool:
+        """Whether the link is down for good (every later call fails)."""
+        return False
 
     @abstractmethod
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:

@@ -16,10 +16,17 @@ by one thread on the decode side, so for a (prefill, decode) pair a header and i
 matched first-in first-out. A source rank belongs to one link at a time (``SourceClaims``), so
 a second link claiming a live source is dropped instead of stealing its pages.
 
-Streams (NCCL): the sender does not wait on its sends, and the receiver lets each layer's pages
-land on a side stream, waits for them on the host, then copies them in on its own stream. So
-neither worker's compute stream ever waits on the link: a decode step never stalls behind
-pages the prefill GPU has not computed yet, and a prefill never stalls behind a busy decoder.
+Streams (NCCL): the sender does not wait on its sends. The receiving thread posts each receive,
+and the scatter of the pages into the pool, on a side stream of its own and goes straight on to
+the next frame: the host waits once per request, when DONE arrives (``wait_received``), not once
+per layer. So neither worker's compute stream ever waits on the link (a decode step never stalls
+behind pages the prefill GPU has not computed yet, a prefill never behind a busy decoder), and
+the link's cost per layer is a frame and two kernel launches, not a host round trip. The blocks
+being written belong to a reservation that no decode step reads before the commit; blocks come
+back to the pool only once the steps that used them have finished on the host.
+
+Messages: with layer-wise overlap each layer goes as it is computed (a LAYER header and one
+send); a finished prefill sends all layers as one stacked message (``send_layers``).
 
 Threads: gloo runs send/recv on the calling thread and matches them by (source, tag) on a
 per-peer connection, so decode threads receiving from *different* sources at once do not
@@ -33,11 +40,12 @@ the prefill's pending send only fails after its ``timeout_s``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import threading
 import time
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -174,32 +182,40 @@ def _link_stream(device: torch.device) -> torch.cuda.Stream:
     return streams[device]
 
 
-def _recv_cuda(buffer: torch.Tensor, src_rank: int, timeout_s: float) -> None:
-    """NCCL receive that never makes the caller's stream wait on the network.
+def receive_stream(device: torch.device) -> ContextManager[object]:
+    """Where this thread receives pages and scatters them (its side stream on a GPU; see Streams above)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(_link_stream(device))
 
-    The decode worker's compute stream must not stall on pages still in flight (the sender
-    may still be computing them): the pages land in a fresh tensor on this thread's side
-    stream, the host waits for them, and only then are they copied into ``buffer`` on the
-    caller's stream. A receive that never completes is ended by the process group's timeout.
+
+def wait_received(device: torch.device, timeout_s: float, poll_s: float = 50e-6) -> None:
+    """Block until everything this thread queued on its side stream is done; TimeoutError after ``timeout_s``.
+
+    Polls an event rather than synchronizing, so a receive that never completes cannot hang the link.
     """
-    side = _link_stream(buffer.device)
-    with torch.cuda.stream(side):
-        landing = torch.empty_like(buffer)
-        work = dist.irecv(landing, src=src_rank, tag=KV_TAG)
-        work.wait(timeout=datetime.timedelta(seconds=timeout_s))  # side stream waits for NCCL (host does not)
-    side.synchronize()
-    buffer.copy_(landing)
-    landing.record_stream(torch.cuda.current_stream(buffer.device))
+    if device.type != "cuda":
+        return
+    done = torch.cuda.Event()
+    done.record(_link_stream(device))
+    deadline = time.monotonic() + timeout_s
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"KV pages on {device} did not land within {timeout_s} s")
+        time.sleep(poll_s)
 
 
 def recv_pages(buffer: torch.Tensor, src_rank: int, timeout_s: float) -> None:
-    """Receive one layer's pages from ``src_rank`` into ``buffer``; ConnectionError/TimeoutError on failure.
+    """Receive pages from ``src_rank`` into ``buffer``; ConnectionError/TimeoutError on failure.
 
-    Returns once the pages are on this side (on a GPU: queued into ``buffer`` after they landed).
+    On the CPU (gloo) it returns once the pages are here. On a GPU (NCCL) it only queues the
+    receive on the current stream (call it under ``receive_stream``) and returns at once; the
+    pages are in ``buffer`` for later work on that stream, and ``wait_received`` waits for them.
     """
     try:
         if buffer.is_cuda:
-            _recv_cuda(buffer, src_rank, timeout_s)
+            # no timeout argument: with one, NCCL's wait blocks the host until the pages are here
+            dist.irecv(buffer, src=src_rank, tag=KV_TAG).wait()
             return
         work = dist.irecv(buffer, src=src_rank, tag=KV_TAG)
         work.wait(timeout=datetime.timedelta(seconds=timeout_s))
@@ -227,13 +243,12 @@ class DistSender(SocketSender):
         self.device = transfer_device()
         self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []  # NCCL sends not yet known to be done
 
-    def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+    def _send_pages(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
         """A payload-free LAYER frame, then the pages by ``torch.distributed`` (both under the link's lock)."""
         if self._broken is not None:
             raise TransferError(f"link to {self.address} is down: {self._broken}")
         pages = pages.detach().to(self.device).contiguous()
-        header = {"transfer_id": transfer_id, "layer": layer, "shape": list(pages.shape),
-                  "dtype": str(pages.dtype).removeprefix("torch."), "via": "dist", "src_rank": self.src_rank}
+        header = {**self._layer_header(transfer_id, layer, pages, stacked), "via": "dist", "src_rank": self.src_rank}
         t0 = time.perf_counter()
         with self._lock:
             try:
@@ -241,8 +256,8 @@ class DistSender(SocketSender):
                 work = dist.isend(pages, dst=self.dst_rank, tag=KV_TAG)
                 if pages.is_cuda:
                     # NCCL: no wait, so the prefill's compute stream never stalls on the decode side posting its
-                    # receive; the send is ordered after the pages' gather, and the decode side returns only
-                    # once the pages landed. Keep each send's tensor alive until it completes.
+                    # receive; the send is ordered after the pages' gather, and the decode side acknowledges
+                    # DONE only once the pages landed. Keep each send's tensor alive until it completes.
                     self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
                     self._in_flight.append((work, pages))
                 else:

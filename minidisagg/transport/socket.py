@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -70,9 +70,7 @@ class SocketSender(KVSender):
                     return {}
                 reply = recv_frame(self.sock, timeout, max_payload_bytes=0)
         except (OSError, FrameError) as exc:
-            self._broken = str(exc)
-            self.sock.close()
-            raise TransferError(f"link to {self.address} failed: {exc}") from exc
+            raise self._fail(exc) from exc
         if reply.kind == FrameKind.ERROR:
             raise TransferError(f"{self.address} refused: {reply.header.get('message')}")
         if reply.kind != reply_kind or reply.header.get("transfer_id") != header.get("transfer_id"):
@@ -87,15 +85,58 @@ class SocketSender(KVSender):
                                FrameKind.GRANT, timeout_s=timeout_s)
         return bool(reply.get("ok"))
 
-    def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
-        """One LAYER frame; the payload is the pages' own memory (no copy)."""
-        pages = pages.detach().to("cpu").contiguous()
+    @property
+    def is_broken(self) -> bool:
+        """Whether the link is down for good."""
+        return self._broken is not None
+
+    def _fail(self, exc: BaseException) -> TransferError:
+        self._broken = str(exc)
+        self.sock.close()
+        return TransferError(f"link to {self.address} failed: {exc}")
+
+    def reserve_many(self, requests: Sequence[tuple[str, int]], timeout_s: float) -> list[bool | TransferError]:
+        """Every RESERVE first, then every reply: one round trip for the lot instead of one per request."""
+        if self._broken is not None:
+            raise TransferError(f"link to {self.address} is down: {self._broken}")
+        answers: list[bool | TransferError] = []
+        with self._lock:
+            try:
+                for transfer_id, num_tokens in requests:
+                    send_frame(self.sock, FrameKind.RESERVE, {"transfer_id": transfer_id, "num_tokens": num_tokens},
+                               timeout_s=timeout_s)
+                for transfer_id, _ in requests:
+                    reply = recv_frame(self.sock, timeout_s, max_payload_bytes=0)
+                    if reply.header.get("transfer_id") != transfer_id or reply.kind not in (FrameKind.GRANT,
+                                                                                            FrameKind.ERROR):
+                        raise FrameError(f"expected GRANT for {transfer_id}, got {reply.kind.name} {reply.header}")
+                    answers.append(bool(reply.header.get("ok")) if reply.kind == FrameKind.GRANT else
+                                   TransferError(f"{self.address} refused: {reply.header.get('message')}"))
+            except (OSError, FrameError) as exc:
+                raise self._fail(exc) from exc
+        return answers
+
+    def _layer_header(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> dict[str, Any]:
         header = {"transfer_id": transfer_id, "layer": layer, "shape": list(pages.shape),
                   "dtype": str(pages.dtype).removeprefix("torch.")}
+        if stacked:
+            header["num_layers"] = pages.shape[0]
+        return header
+
+    def _send_pages(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
+        pages = pages.detach().to("cpu").contiguous()
         t0 = time.perf_counter()
-        self._exchange(FrameKind.LAYER, header, None, pages)
+        self._exchange(FrameKind.LAYER, self._layer_header(transfer_id, layer, pages, stacked), None, pages)
         self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += pages.numel() * pages.element_size()
+
+    def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+        """One LAYER frame; the payload is the pages' own memory (no copy)."""
+        self._send_pages(transfer_id, layer, pages, stacked=False)
+
+    def send_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
+        """One LAYER frame for consecutive layers (header ``num_layers``; shape [num_layers, 2, ...])."""
+        self._send_pages(transfer_id, first_layer, pages, stacked=True)
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:
         """DONE -> ACK; a refusal raises TransferError."""
@@ -123,6 +164,10 @@ class SocketSender(KVSender):
         self.sock.close()
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def wait_readable(sock: socket.socket, stop: threading.Event, poll_s: float = 0.2) -> bool:
     """Block until ``sock`` has bytes (True) or ``stop`` is set (False)."""
     while not stop.is_set():
@@ -148,12 +193,18 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         tid, layer, shape = header.get("transfer_id"), header.get("layer"), header.get("shape")
         if tid not in reserved:
             raise FrameError(f"LAYER for unknown transfer {tid!r}")
-        if not isinstance(layer, int) or not 0 <= layer < layout.num_layers:
+        if not _is_int(layer) or not 0 <= layer < layout.num_layers:
             raise FrameError(f"LAYER with bad layer index {layer!r}")
         expected = list(layout.layer_shape(reserved[tid]))
+        if "num_layers" in header:  # consecutive layers stacked in one message
+            count = header["num_layers"]
+            if not _is_int(count) or not 1 <= count <= layout.num_layers - layer:
+                raise FrameError(f"LAYER with num_layers {count!r} from layer {layer} "
+                                 f"(the model has {layout.num_layers})")
+            expected = [count, *expected]
         if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
             raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
-        key = (reserved[tid], str(device))
+        key = (tuple(expected), str(device))
         buffer = buffers.get(key)
         if buffer is None:
             buffer = buffers[key] = torch.empty(expected, dtype=layout.dtype, device=device)
@@ -182,6 +233,21 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         kv_dist.recv_pages(buffer, src_rank, frame_timeout_s)
         return buffer
 
+    def write_pages(header: dict[str, Any], pages: torch.Tensor) -> None:
+        tid, layer = header["transfer_id"], header["layer"]
+        if "num_layers" not in header:
+            receiver.write_layer(tid, layer, pages)
+            return
+        for i in range(pages.shape[0]):
+            receiver.write_layer(tid, layer + i, pages[i])
+
+    def landed() -> None:
+        """Wait until pages received by torch.distributed on this link sit in the pool (once per request)."""
+        if dist_source:
+            from minidisagg.transport import dist as kv_dist
+
+            kv_dist.wait_received(kv_dist.transfer_device(), frame_timeout_s)
+
     try:
         while wait_readable(sock, stop):
             frame = recv_frame(sock, frame_timeout_s, into=staging)
@@ -202,13 +268,18 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             elif frame.kind == FrameKind.LAYER:
                 via = h.get("via", "socket")
                 if via == "dist":
-                    h["_tensor"] = dist_pages(h)
+                    from minidisagg.transport import dist as kv_dist
+
+                    with kv_dist.receive_stream(kv_dist.transfer_device()):  # see dist.py: Streams
+                        write_pages(h, dist_pages(h))
                 elif via != "socket" or not isinstance(h.get("_tensor"), torch.Tensor):
                     raise FrameError(f"LAYER via={via!r} without pages")
-                receiver.write_layer(tid, h["layer"], h["_tensor"])
+                else:
+                    write_pages(h, h["_tensor"])
             elif frame.kind == FrameKind.DONE:
                 if tid not in reserved:
                     raise FrameError(f"DONE for unknown transfer {tid!r}")
+                landed()
                 try:
                     receiver.commit(tid, SequenceState.from_dict(h.get("state")), int(h.get("num_bytes", 0)))
                     reserved.pop(tid)
@@ -218,6 +289,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                 send_frame(sock, FrameKind.ACK, reply, timeout_s=frame_timeout_s)
             elif frame.kind == FrameKind.CANCEL:
                 if reserved.pop(tid, None) is not None:
+                    landed()  # nothing may still be writing into blocks that go back to the pool
                     receiver.cancel(tid)
             elif frame.kind == FrameKind.BYE:
                 return
@@ -234,6 +306,11 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         except OSError:
             pass
     finally:
+        if reserved:
+            try:
+                landed()
+            except (TimeoutError, ConnectionError, RuntimeError) as exc:
+                log.warning("pages from %s still in flight as its link closed: %s", peer or "a prefill worker", exc)
         for tid in reserved:
             receiver.cancel(tid)
         if dist_source:
