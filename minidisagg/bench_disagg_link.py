@@ -2,9 +2,10 @@
 on one long request, and the greedy-equality check (disaggregated tokens == colocated tokens).
 
 Ceiling: two fresh processes on the same two devices as the deployment (NCCL between GPUs,
-gloo on CPU) send the pages of one request as the transport does, one message per layer,
-with plain ``torch.distributed`` send/recv; timed on the receiver from a barrier until the
-last layer has landed. A single message of the whole request is measured too.
+gloo on CPU) send the pages of one request with plain ``torch.distributed`` send/recv, both
+ways the transport can: one message per layer (layer-wise overlap) and one message for the
+whole request (a finished prefill); timed on the receiver from a barrier until the last page
+has landed.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def probe_transfer(cluster: Any, num_tokens: int, repeats: int = 3, seed: int = 
     """Send ``repeats`` lone requests of ``num_tokens`` prompt tokens through a disaggregated deployment.
 
     Transfer time = first layer sent -> the decode side holds every page and adopts the
-    request; with overlap off this is pure transfer.
+    request; with overlap off this is pure transfer, and the pages go as one message
+    (``messages: one_message``), so the matching ceiling is one plain send of the same bytes.
     """
     rows = []
     for i in range(repeats):
@@ -115,7 +117,8 @@ def probe_transfer(cluster: Any, num_tokens: int, repeats: int = 3, seed: int = 
     return {"prompt_tokens": num_tokens, "kv_bytes": kv_bytes, "transfer_s": transfer_s,
             "best_transfer_s": min(r[1] for r in rows), "achieved_GBps": kv_bytes / transfer_s / 1e9,
             "best_GBps": kv_bytes / min(r[1] for r in rows) / 1e9,
-            "transfer_over_ttft": statistics.median(r[1] / r[2] for r in rows), "repeats": repeats}
+            "transfer_over_ttft": statistics.median(r[1] / r[2] for r in rows), "repeats": repeats,
+            "messages": "one_message"}
 
 
 def greedy_tokens(engine: Any, prompts: list[list[int]], max_tokens: int) -> list[Optional[list[int]]]:

@@ -52,7 +52,7 @@ from minidisagg.config import PRESETS, CacheConfig, EngineConfig, ModelConfig
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
 from minidisagg.kv.cache import PagedKVCache
-from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages, scatter_layer
+from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages, scatter_layer, scatter_pages
 from minidisagg.transport.framing import server_handshake
 from minidisagg.transport.inproc import InprocSender
 from minidisagg.transport.socket import SocketSender, listen, make_hello, serve_kv_link
@@ -112,6 +112,13 @@ class PagedReceiver:
         cache, blocks = self._reserved[transfer_id]
         scatter_layer(cache, layer, blocks, pages)
         self.counters["layers"] += 1
+        self.counters["bytes"] += pages.numel() * pages.element_size()
+
+    def write_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
+        """Scatter consecutive layers at once."""
+        cache, blocks = self._reserved[transfer_id]
+        scatter_pages(cache, blocks, pages, first_layer)
+        self.counters["layers"] += pages.shape[0]
         self.counters["bytes"] += pages.numel() * pages.element_size()
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:

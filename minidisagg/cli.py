@@ -125,6 +125,7 @@ BENCH_SUITES = {
     "disagg": "minidisagg.bench_disagg",
 }
 COURSE_ACTIONS = {"build": "minidisagg.course.build"}
+WORKER_SWITCH_INTERVAL_S = 0.0005  # see cmd_serve
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
 
 
@@ -183,6 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {int(c) for c in args.cpu_cores.split(",")})
     if args.threads:
         torch.set_num_threads(args.threads)
+    # A worker's engine loop shares the GIL with its link threads (KV frames, reservations, outputs). By
+    # default a waiting thread gets the GIL only after 5 ms, so each KV frame could wait that long behind
+    # a busy step loop; a shorter interval bounds that wait at a small cost in extra switches.
+    sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
                           cuda_graphs=not args.no_cuda_graphs,

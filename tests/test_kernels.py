@@ -462,3 +462,8 @@ def test_scatter_and_gather_pages_round_trip_any_block_order():
     assert torch.equal(gather_layer(cache, 1, ids), pages[1]), f"seed {seed}"
     untouched = [b for b in range(40) if b not in ids]
     assert torch.equal(cache.kv[:, :, untouched], before[:, :, untouched]), f"seed {seed}"
+    last = torch.randn(1, *pages.shape[1:])  # a stack that starts at a later layer
+    scatter_pages(cache, ids, last, first_layer=TINY.num_layers - 1)
+    assert torch.equal(gather_pages(cache, ids)[-1], last[0]) and torch.equal(gather_layer(cache, 0, ids), pages[0])
+    with pytest.raises(ValueError, match="from layer 1"):
+        scatter_pages(cache, ids, pages, first_layer=1)  # would run past the last layer

@@ -13,7 +13,7 @@ from minidisagg.config import EngineConfig
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.kv.pages import KVLayout, scatter_layer
+from minidisagg.kv.pages import KVLayout, scatter_layer, scatter_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
@@ -81,12 +81,19 @@ class DecodeWorker:
 
     def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Scatter one layer's pages into the reservation (no lock: the blocks are ours alone)."""
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} out of range (model has {self.layout.num_layers})")
+        scatter_layer(self.engine.kv_cache, layer, self._blocks_of(transfer_id), pages)
+
+    def write_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
+        """Scatter consecutive layers' pages into the reservation at once (no lock, as ``write_layer``)."""
+        scatter_pages(self.engine.kv_cache, self._blocks_of(transfer_id), pages, first_layer)
+
+    def _blocks_of(self, transfer_id: str) -> list[int]:
         blocks = self._reserved.get(transfer_id)
         if blocks is None:
             raise ValueError(f"no reservation for transfer {transfer_id!r}")
-        if not 0 <= layer < self.layout.num_layers:
-            raise ValueError(f"layer {layer} out of range (model has {self.layout.num_layers})")
-        scatter_layer(self.engine.kv_cache, layer, blocks, pages)
+        return blocks
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
         """Adopt the sequence whose pages now sit in the reservation; it decodes from the next step."""

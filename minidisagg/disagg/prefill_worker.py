@@ -15,7 +15,7 @@ from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
-from minidisagg.kv.pages import gather_layer, gather_layers
+from minidisagg.kv.pages import gather_layer, gather_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
 from minidisagg.transport.base import KVSender, TransferError
@@ -145,7 +145,7 @@ class PrefillWorker:
         transfer = self._transfers[seq.request_id]
         seq.timeline.token_times_s.clear()  # the client gets the first token from the decode worker
         if not self.overlap:  # the prefill is over: every layer in one message
-            self._send_queue.put(("layers", transfer, (0, gather_layers(self.engine.kv_cache, seq.block_table))))
+            self._send_queue.put(("layers", transfer, (0, gather_pages(self.engine.kv_cache, seq.block_table))))
         self._send_queue.put(("commit", transfer, seq))
 
     # ---- the sender thread ------------------------------------------------------------------

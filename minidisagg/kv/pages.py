@@ -60,11 +60,6 @@ def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> t
     return cache.kv[layer].index_select(1, _index(cache, block_ids))
 
 
-def gather_layers(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
-    """A contiguous copy of every layer's pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
-    return cache.kv.index_select(2, _index(cache, block_ids))
-
-
 def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """Split a block table into runs of consecutive ids: (position in table, first block id, length)."""
     runs: list[tuple[int, int, int]] = []
@@ -93,7 +88,18 @@ def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
     return cache.kv.index_select(2, _index(cache, block_ids))
 
 
-def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor) -> None:
-    """Write all layers' pages into the given blocks of ``cache``."""
-    for layer in range(cache.kv.shape[0]):
-        scatter_layer(cache, layer, block_ids, pages[layer])
+def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor, first_layer: int = 0) -> None:
+    """Write consecutive layers' pages [n, 2, blocks, ...] into the given blocks of ``cache``, from ``first_layer``.
+
+    One copy per run of consecutive blocks covers every layer at once.
+    """
+    num_layers = pages.shape[0] if pages.dim() == cache.kv.dim() else -1
+    expected = (num_layers, 2, len(block_ids), *cache.kv.shape[3:])
+    if tuple(pages.shape) != expected or not 0 <= first_layer <= cache.kv.shape[0] - num_layers:
+        raise ValueError(f"pages of shape {tuple(pages.shape)} from layer {first_layer}; expected "
+                         f"[n, 2, {len(block_ids)}, {', '.join(map(str, cache.kv.shape[3:]))}] with "
+                         f"{first_layer} + n <= {cache.kv.shape[0]}")
+    pages = pages.to(device=cache.device, dtype=cache.dtype)
+    target = cache.kv[first_layer : first_layer + num_layers]
+    for pos, first, length in block_runs(block_ids):
+        target[:, :, first : first + length].copy_(pages[:, :, pos : pos + length])

@@ -36,6 +36,9 @@ class KVReceiver(Protocol):
     def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Scatter one layer's pages into the reserved blocks."""
 
+    def write_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
+        """Scatter consecutive layers' pages [n, 2, blocks, ...] into the reserved blocks."""
+
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
         """All layers arrived: adopt the sequence and start decoding it."""
 

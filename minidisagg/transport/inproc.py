@@ -30,6 +30,13 @@ class InprocSender(KVSender):
         self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += pages.numel() * pages.element_size()
 
+    def send_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
+        """Give the receiver consecutive layers' pages to scatter at once."""
+        t0 = time.perf_counter()
+        self.receiver.write_layers(transfer_id, first_layer, pages)
+        self.stats.send_s += time.perf_counter() - t0
+        self.stats.bytes_sent += pages.numel() * pages.element_size()
+
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:
         """Hand the sequence over; errors from the receiver become TransferError."""
         try:

@@ -238,8 +238,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         if "num_layers" not in header:
             receiver.write_layer(tid, layer, pages)
             return
-        for i in range(pages.shape[0]):
-            receiver.write_layer(tid, layer + i, pages[i])
+        receiver.write_layers(tid, layer, pages)
 
     def landed() -> None:
         """Wait until pages received by torch.distributed on this link sit in the pool (once per request)."""
