@@ -51,8 +51,10 @@ def evaluate_goals(result: dict[str, Any]) -> dict[str, bool]:
             disagg = [s for c in DISAGG_CONFIGS if (s := _sweep(res, c, workload))]
             if base is None or not disagg:
                 continue
-            best = max(s["goodput_per_gpu_rps"] for s in disagg)
-            ratio = best / base["goodput_per_gpu_rps"] if base["goodput_per_gpu_rps"] > 0 else math.inf * (best > 0)
+            best, base_rps = max(s["goodput_per_gpu_rps"] for s in disagg), base["goodput_per_gpu_rps"]
+            if base_rps <= 0:  # the baseline met 90% at no rate tried (its lowest was too high): no ratio to take
+                continue
+            ratio = best / base_rps
             if ratio > best_ratio or not where:
                 best_ratio, where = ratio, f"{model} {workload}"
     if where:

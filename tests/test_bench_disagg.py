@@ -153,3 +153,22 @@ def test_bad_flags_are_clear_errors(tmp_path):
         main(["--devices", "cuda:0", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="time-budget-s"):
         main(["--smoke", "--time-budget-s", "0", "--out", str(tmp_path)])
+
+
+def test_goodput_goal_takes_the_best_comparable_ratio():
+    """A workload whose baseline met the SLOs at no rate tried gives no ratio (not inf or nan); the best other wins."""
+    from minidisagg.bench_disagg_report import evaluate_goals
+
+    rng = random.Random()
+    base, best = rng.uniform(0.5, 3.0), rng.uniform(0.5, 6.0)
+
+    def sweep(config, workload, rps):
+        return {"config": config, "workload": workload, "goodput_per_gpu_rps": rps, "points": []}
+
+    sweeps = [sweep("colocated-prefill_first", "chat", 0.0), sweep("disagg-no-overlap", "chat", 9.0),
+              sweep("colocated-prefill_first", "summarization", base), sweep("disagg-overlap", "summarization", 0.1),
+              sweep("disagg-no-overlap", "summarization", best)]
+    goals = evaluate_goals({"models": {"m": {"sweeps": sweeps}}})
+    ((name, met),) = [(g, ok) for g, ok in goals.items() if "goodput" in g]
+    assert f"best: {best / base:.2f}x, m summarization" in name
+    assert met == (best / base >= 1.5)

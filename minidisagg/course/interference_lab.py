@@ -138,8 +138,7 @@ def make_engine(loaded: LoadedModel, policy: Policy | str, token_budget: int,
     config = EngineConfig(max_num_seqs=min(max_num_seqs, len(workload)), max_num_batched_tokens=token_budget,
                           policy=name, cache=CacheConfig(num_blocks=kv_blocks_for(workload)))
     engine = LLMEngine(loaded, config, clock=SimulatedClock(), policy=policy)
-    if engine.runner.decode_graphs is not None:
-        engine.runner.decode_graphs.capture_all()  # now, so that no replayed step pays for a capture
+    engine.capture_cuda_graphs()  # now, so that no replayed step pays for a capture
     return engine
 
 

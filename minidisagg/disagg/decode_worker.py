@@ -36,6 +36,7 @@ class DecodeWorker:
                  decode_stage: type[Stage] = DecodeStage) -> None:
         self.name = name
         self.engine = LLMEngine(loaded, config, clock=clock, policy="decode_first", decode_stage=decode_stage)
+        self.engine.capture_cuda_graphs()  # a server captures at start: no request pays for a capture
         self.layout = KVLayout.of(self.engine.kv_cache)
         self.sink = sink
         self._lock = threading.RLock()

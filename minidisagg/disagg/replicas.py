@@ -62,6 +62,7 @@ def _replica_main(index: int, spec: ReplicaSpec, inbox: Any, outbox: Any) -> Non
         loaded = load_model(spec.model, device=device_args[-1] if device_args else "auto", dtype=spec.dtype,
                             seed=spec.seed, random_weights=spec.random_weights)
         engine = LLMEngine(loaded, spec.config, clock=WallClock(spec.clock_origin_s))
+        engine.capture_cuda_graphs()  # before "ready": no measured request pays for a capture
         outbox.put(("ready", index, str(loaded.device)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails loudly
         outbox.put(("error", index, traceback.format_exc()))
@@ -88,6 +89,7 @@ def _replica_main(index: int, spec: ReplicaSpec, inbox: Any, outbox: Any) -> Non
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 engine = LLMEngine(loaded, msg[1], clock=WallClock(spec.clock_origin_s))
+                engine.capture_cuda_graphs()
                 outbox.put(("policy", index, msg[1].policy))
             elif kind == "ping":
                 outbox.put(("pong", index, engine.has_unfinished()))

@@ -188,6 +188,18 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         seq.timeline.finish_s = self.clock.now()
 
+    def capture_cuda_graphs(self) -> int:
+        """Capture every decode CUDA graph bucket now; returns how many (0 without graphs).
+
+        Graphs are otherwise captured the first time a batch size needs one, which stalls that
+        step for a while; servers capture them all at start, so no request pays for a capture.
+        """
+        graphs = self.runner.decode_graphs
+        if graphs is None:
+            return 0
+        graphs.capture_all()
+        return len(graphs.captured_batch_sizes)
+
     def has_unfinished(self) -> bool:
         """Whether any request is pending, waiting or running."""
         return bool(self._pending) or self.scheduler.has_work()

@@ -1,8 +1,9 @@
-"""TCP transport: KV pages cross a real socket between processes (or hosts), layer by layer.
+"""TCP transport: KV pages cross a real socket between processes (or hosts), by layer or all layers at once.
 
 The prefill side holds a ``SocketSender`` per decode worker; the decode side runs
 ``serve_kv_link`` for each prefill connection. Frames are those of ``framing``: RESERVE ->
-GRANT, LAYER (payload = one layer's pages; with ``via: dist`` the pages follow by
+GRANT, LAYER (payload = one layer's pages, or with ``num_layers`` that many consecutive
+layers stacked; with ``via: dist`` the pages follow by
 torch.distributed instead, see ``dist.py``), DONE -> ACK, CANCEL. A malformed frame or a
 dead peer drops that one connection, and every reservation it held goes back to the pool.
 """
