@@ -7,8 +7,9 @@ greedily, ignoring EOS, with ``batch`` copies of the prompt. Its decode throughp
 
 where T(k) is the wall time of one generate call producing k new tokens per sequence
 (prefill included in both, so the difference is N - 1 decode steps). The ceiling is the same
-number of steps of a bare chain of the model's matmuls (``F.linear`` over the real weight
-shapes, no attention, norms or sampling): what the engine can approach on this machine.
+number of steps of a bare chain of the model's matmuls (through the engine's own ``linear``
+dispatch over the real weight shapes, so the fastest matmul kernel the engine has, no attention,
+norms or sampling): what the engine can approach on this machine.
 Configurations are interleaved inside every repetition and the median over repetitions is kept.
 """
 
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
+
+from minidisagg.kernels.linear import linear
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -137,11 +139,11 @@ def matmul_chain_weights(dtype: torch.dtype, seed: int = 0) -> list[list[torch.T
 def matmul_chain_step(x: torch.Tensor, weights: list[list[torch.Tensor]]) -> torch.Tensor:
     """One decode step's matmuls: each output sliced to the next matmul's input width."""
     for qkv, o, gate_up, down in weights[:-1]:
-        a = F.linear(x, qkv)[:, : o.shape[1]]
-        b = F.linear(a, o)
-        c = F.linear(b, gate_up)[:, : down.shape[1]]
-        x = F.linear(c, down)
-    return F.linear(x, weights[-1][0])
+        a = linear(x, qkv)[:, : o.shape[1]].contiguous()
+        b = linear(a, o)
+        c = linear(b, gate_up)[:, : down.shape[1]].contiguous()
+        x = linear(c, down)
+    return linear(x, weights[-1][0])
 
 
 def ceiling_generator(name: str, dtype: torch.dtype) -> Generator:

@@ -467,3 +467,30 @@ def test_scatter_and_gather_pages_round_trip_any_block_order():
     assert torch.equal(gather_pages(cache, ids)[-1], last[0]) and torch.equal(gather_layer(cache, 0, ids), pages[0])
     with pytest.raises(ValueError, match="from layer 1"):
         scatter_pages(cache, ids, pages, first_layer=1)  # would run past the last layer
+
+
+@pytest.mark.skipif(not __import__("minidisagg.kernels.linear", fromlist=["x"]).cpu_packing_available(),
+                    reason="this torch build has no oneDNN packed linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_packed_linear_matches_torch_and_follows_weight_changes(dtype):
+    """The dispatch point's oneDNN-packed path: bf16 bit-equal to F.linear at any row count, fp32 within
+    rounding (and plain F.linear below its row threshold); an in-place weight change is picked up."""
+    from minidisagg.kernels import linear as lin
+
+    seed = random.SystemRandom().randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    out_f, in_f = 37 + seed % 200, 19 + seed % 300  # odd sizes
+    weight = torch.nn.Parameter((torch.randn(out_f, in_f, generator=gen) * 0.05).to(dtype), requires_grad=False)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 8, 13):
+            x = torch.randn(rows, in_f, generator=gen).to(dtype)
+            got, want = linear(x, weight), F.linear(x, weight)
+            if dtype == torch.bfloat16 or rows < lin.FP32_PACKED_MIN_ROWS:
+                assert torch.equal(got, want), f"seed {seed}, rows {rows}"
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {seed}, rows {rows}")
+        if lin._wants_packed(x, weight):  # bf16 without CPU support stays on F.linear
+            first = getattr(weight, lin.PACKED_ATTR)[1]
+            weight.mul_(-2.0)  # in place: the packed copy must not go stale
+            torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+            assert getattr(weight, lin.PACKED_ATTR)[1] is not first

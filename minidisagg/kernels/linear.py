@@ -1,18 +1,36 @@
-"""Matrix multiply ``x @ w.T``, with a batch-invariant mode.
+"""Matrix multiply ``x @ w.T``: the dispatch point of every projection, with a batch-invariant mode.
 
 Float matmuls are not batch-invariant: the bits of one row of ``F.linear`` can depend on
 how many rows the call had (BLAS picks a different kernel for M=1, and different blocking
 for large M). In batch-invariant mode the rows are padded to a multiple of a fixed tile and
 computed tile by tile, so every call the kernel sees has the same shape and a row's result
 never depends on the rest of the batch.
+
+On the CPU, weights packed once into oneDNN's blocked layout (as torch.compile's CPU backend
+does) stream faster than ``F.linear`` re-reading the plain layout every call. Measured on a
+2-core Xeon over SmolLM2-135M's 121 projections: bf16 20.5 -> 13.6 ms at 1 row and 21.6 ->
+13.8 ms at 8 rows, with bit-identical results; fp32 50.7 -> 29 ms at 8 rows, but slower at
+1-2 rows (21.8 -> 27.5 ms), where plain ``F.linear`` stays. A packed copy is made on first use
+of a weight (and again if the weight is changed in place), so fp32 models that batch hold their
+weights twice. ``MINIDISAGG_CPU_PACKED_LINEAR=0`` turns packing off.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 INVARIANT_TILE_ROWS = 16
+FP32_PACKED_MIN_ROWS = 3  # below this, plain F.linear (MKL's GEMV path) is the faster fp32 kernel
+PACK_HINT_ROWS = 8  # the batch size oneDNN tunes the packed layout for (any row count works)
+
+PACKED_ATTR = "_minidisagg_packed"  # (weight version, packed copy), kept on the weight so it lives as long
+_packing: dict[str, Optional[bool]] = {"enabled": None}
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -33,8 +51,47 @@ def linear_batch_invariant(x: torch.Tensor, weight: torch.Tensor, tile_rows: int
     return out.view(num_tiles * tile_rows, -1)[:rows]
 
 
+def cpu_packing_available() -> bool:
+    """Whether this torch build and CPU can run oneDNN-packed linears (and the switch allows it)."""
+    if _packing["enabled"] is None:
+        _packing["enabled"] = (
+            os.environ.get("MINIDISAGG_CPU_PACKED_LINEAR", "1") != "0"
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        )
+    return bool(_packing["enabled"])
+
+
+def _wants_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype != weight.dtype or x.shape[0] == 0:
+        return False
+    if weight.dtype == torch.bfloat16:
+        return cpu_packing_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32 and x.shape[0] >= FP32_PACKED_MIN_ROWS and cpu_packing_available()
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in oneDNN's packed layout, made on first use and remade if the weight changed in place."""
+    entry = getattr(weight, PACKED_ATTR, None)
+    if entry is None or entry[0] != weight._version:
+        entry = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT_ROWS))
+        setattr(weight, PACKED_ATTR, entry)
+    return entry[1]
+
+
+def linear_cpu_packed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` with the weight packed for oneDNN (CPU, float32 or bfloat16)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(weight), None, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
     """Dispatch point for every projection in the model. ``x`` is [tokens, in_features]."""
     if batch_invariant:
         return linear_batch_invariant(x, weight)
+    if _wants_packed(x, weight):
+        try:
+            return linear_cpu_packed(x, weight)
+        except RuntimeError as exc:  # an unusual build or CPU: fall back for good, once, with the reason
+            log.warning("oneDNN packed linear unavailable (%s); using F.linear", exc)
+            _packing["enabled"] = False
     return linear_reference(x, weight)
