@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any, Optional
 
 import torch
@@ -40,20 +41,40 @@ def cos_sin_cache(
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
+_STEP_TABLES = threading.local()  # per thread: (positions, cos_sin, cos [T, 1, D], signed sin [T, 1, D])
+
+
+def _rotation_tables(positions: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin rows [T, 1, D] for these positions, built once per forward pass.
+
+    Every layer of a forward pass passes the same ``positions`` tensor, so a one-entry cache keyed
+    by identity serves 29 of SmolLM2's 30 layers (holding the tensors keeps the identity unique).
+    """
+    last = getattr(_STEP_TABLES, "last", None)
+    if last is not None and last[0] is positions and last[1] is cos_sin:
+        return last[2], last[3]
+    half = cos_sin.shape[-1] // 2
+    table = cos_sin[positions].unsqueeze(1)
+    cos, sin = table[..., :half], table[..., half:]
+    tables = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+    _STEP_TABLES.last = (positions, cos_sin, *tables)
+    return tables
+
+
 def apply_rope_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H, D] and k [T, KH, D] by their positions; returns new tensors in the input dtype.
 
-    Each head's halves (x1, x2) become (x1 cos - x2 sin, x2 cos + x1 sin); q and k are rotated
-    together so the reference costs a handful of ops per layer, not a few dozen.
+    Each head's halves (x1, x2) become (x1 cos - x2 sin, x2 cos + x1 sin), computed as
+    ``x * [cos, cos] + [x2, x1] * [-sin, sin]`` (the same roundings); q and k are rotated together
+    so the reference costs a handful of ops per layer, not a few dozen.
     """
     half = q.shape[-1] // 2
-    table = cos_sin[positions].unsqueeze(1)
-    cos, sin = table[..., :half], table[..., half:]
+    cos, signed_sin = _rotation_tables(positions, cos_sin)
     x = torch.cat([q, k], dim=1).float()
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(q.dtype)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    rotated = (x * cos + swapped * signed_sin).to(q.dtype)
     return rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
 
 
