@@ -8,9 +8,9 @@ never depends on the rest of the batch.
 
 On the CPU, weights packed once into oneDNN's blocked layout (as torch.compile's CPU backend
 does) stream faster than ``F.linear`` re-reading the plain layout every call. Measured on a
-2-core Xeon over SmolLM2-135M's 121 projections: bf16 20.5 -> 13.6 ms at 1 row and 21.6 ->
-13.8 ms at 8 rows, with bit-identical results; fp32 50.7 -> 29 ms at 8 rows, but slower at
-1-2 rows (21.8 -> 27.5 ms), where plain ``F.linear`` stays. A packed copy is made on first use
+2-core Xeon over SmolLM2-135M's 121 projections: bf16 at 1 row 23.9 -> 17.7 ms, with
+bit-identical results; fp32 at 8 rows 51.4 -> 38.6 ms, but slower at 1-2 rows (21.8 -> 27.5
+ms), where plain ``F.linear`` stays (``benchmarks/NOTES.md``). A packed copy is made on first use
 of a weight (and again if the weight is changed in place), so fp32 models that batch hold their
 weights twice. ``MINIDISAGG_CPU_PACKED_LINEAR=0`` turns packing off.
 """
