@@ -95,6 +95,19 @@ def test_cuda_graphs_continuous_batching(seed):
     assert same >= len(batch) - 1, f"seed {seed}: only {same}/{len(batch)} sequences equal"
 
 
+def test_capture_cuda_graphs_captures_every_bucket_and_replays_equal(seed):
+    """A server's capture at start covers every bucket; tokens afterwards equal eager (tiny, fp32)."""
+    from minidisagg.engine.cuda_graphs import graph_batch_sizes
+
+    batch = prompts(seed, 6, 49152)
+    llm = engine("tiny", "float32", max_num_seqs=8)
+    assert llm.engine.capture_cuda_graphs() == len(graph_batch_sizes(8))
+    assert llm.engine.runner.decode_graphs.captured_batch_sizes == graph_batch_sizes(8)
+    eager = engine("tiny", "float32", max_num_seqs=8, cuda_graphs=False)
+    assert greedy(llm, batch) == greedy(eager, batch), f"seed {seed}"
+    assert LLM("tiny", device="cpu").engine.capture_cuda_graphs() == 0  # no graphs off CUDA
+
+
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
 def test_cuda_graph_logits_close_to_eager_bf16(seed, batch_size):
     """bf16: one decode step by graph replay and eagerly give logits equal to bf16 precision."""
