@@ -172,6 +172,10 @@ def run_model(model: str, s: Settings, budget: Budget, model_budget_s: float, sa
         for policy in ("prefill_first", "chunked"):
             replicas.set_config(_engine_config(s, policy))
             sweep_all(f"colocated-{policy}", replicas, lambda: replicas.assignment)
+    # the ceiling before the disaggregated sweeps, so a run cut short by its budget still has it
+    layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, dtype)
+    res["kv_ceiling"] = measure_ceiling(layout, s.probe_tokens, s.devices, repeats=3 if s.smoke else 5)
+    save()
     for overlap in (True, False):
         started = time.monotonic()
         launches_left -= 1
@@ -199,11 +203,6 @@ def run_model(model: str, s: Settings, budget: Budget, model_budget_s: float, sa
             sweep_all("disagg-overlap" if overlap else "disagg-no-overlap", llm.engine)
         finally:
             llm.shutdown()
-    layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, dtype)
-    if "kv_probe" not in res and budget.left_s() <= 0:
-        return
-    res["kv_ceiling"] = measure_ceiling(layout, s.probe_tokens, s.devices, repeats=3 if s.smoke else 5)
-    save()
 
 
 def run_bench(s: Settings, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -102,9 +102,12 @@ def probe_transfer(cluster: Any, num_tokens: int, repeats: int = 3, seed: int = 
     """Send ``repeats`` lone requests of ``num_tokens`` prompt tokens through a disaggregated deployment.
 
     Transfer time = first layer sent -> the decode side holds every page and adopts the
-    request; with overlap off this is pure transfer, and the pages go as one message
-    (``messages: one_message``), so the matching ceiling is one plain send of the same bytes.
+    request; with overlap off this is pure transfer. The pages go ``layers_per_message``
+    layers at a time, and the probe is held to the stricter ceiling, one plain send of all
+    the same bytes (``ceiling: one_message``).
     """
+    from minidisagg.disagg.prefill_worker import message_layers_from_env
+
     rows = []
     for i in range(repeats):
         run = run_requests(cluster, [TimedRequest(0.0, num_tokens, 2)], 120.0, seed + i)
@@ -118,7 +121,7 @@ def probe_transfer(cluster: Any, num_tokens: int, repeats: int = 3, seed: int = 
             "best_transfer_s": min(r[1] for r in rows), "achieved_GBps": kv_bytes / transfer_s / 1e9,
             "best_GBps": kv_bytes / min(r[1] for r in rows) / 1e9,
             "transfer_over_ttft": statistics.median(r[1] / r[2] for r in rows), "repeats": repeats,
-            "messages": "one_message"}
+            "layers_per_message": message_layers_from_env(), "ceiling": "one_message"}
 
 
 def greedy_tokens(engine: Any, prompts: list[list[int]], max_tokens: int) -> list[Optional[list[int]]]:

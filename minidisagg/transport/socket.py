@@ -22,6 +22,7 @@ import torch
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout
 from minidisagg.transport.base import KVReceiver, KVSender, TransferError
+from minidisagg.transport.trace import kv_trace
 from minidisagg.transport.framing import (
     FrameError,
     FrameKind,
@@ -185,8 +186,10 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
     Whatever happens, reservations made over this link and not committed are cancelled.
     """
     reserved: dict[str, int] = {}  # transfer id -> number of blocks
-    # staging buffer per (block count, device), reused (fresh pages cost bandwidth)
-    buffers: dict[tuple[int, str], torch.Tensor] = {}
+    # staging buffers by (shape, device, turn), reused (fresh pages cost bandwidth); on a GPU two
+    # per shape take turns, so one message's scatter overlaps the next message's receive
+    buffers: dict[tuple[tuple[int, ...], str, int], torch.Tensor] = {}
+    turns: dict[tuple[tuple[int, ...], str], int] = {}
     dist_source: dict[str, int] = {}  # the prefill rank this link's via=dist pages come from, once seen
 
     def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -205,12 +208,16 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             expected = [count, *expected]
         if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
             raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
-        key = (tuple(expected), str(device))
+        shape_key = (tuple(expected), str(device))
+        turn = turns[shape_key] = (turns.get(shape_key, -1) + 1) % (2 if device.type == "cuda" else 1)
+        key = (*shape_key, turn)
         buffer = buffers.get(key)
         if buffer is None:
             buffer = buffers[key] = torch.empty(expected, dtype=layout.dtype, device=device)
             if len(buffers) > 8:
-                buffers.pop(next(iter(buffers)))
+                from minidisagg.transport.dist import buffer_released
+
+                buffer_released(buffers.pop(next(iter(buffers))))  # not while a scatter still reads it
         return buffer
 
     def staging(header: dict[str, Any], nbytes: int) -> memoryview:
@@ -222,8 +229,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         header["_tensor"] = buffer
         return memoryview(buffer.view(torch.uint8).numpy()).cast("B")
 
-    def dist_pages(header: dict[str, Any]) -> torch.Tensor:
-        """Header checked like a socket payload's, then the pages by torch.distributed (see dist.py)."""
+    def dist_pages(header: dict[str, Any]) -> None:
+        """Header checked like a socket payload's, then the pages by torch.distributed into the pool (dist.py)."""
         from minidisagg.transport import dist as kv_dist  # lazy: dist.py builds on this module
 
         buffer = checked_buffer(header, kv_dist.transfer_device())
@@ -231,8 +238,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         if dist_source.setdefault("rank", src_rank) != src_rank:
             raise FrameError(f"LAYER via=dist from rank {src_rank} on a link that carried rank {dist_source['rank']}")
         kv_dist.SOURCE_CLAIMS.claim(src_rank, sock)
-        kv_dist.recv_pages(buffer, src_rank, frame_timeout_s)
-        return buffer
+        kv_dist.receive_and_write(buffer, src_rank, frame_timeout_s, lambda pages: write_pages(header, pages))
 
     def write_pages(header: dict[str, Any], pages: torch.Tensor) -> None:
         tid, layer = header["transfer_id"], header["layer"]
@@ -267,11 +273,10 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                 send_frame(sock, FrameKind.GRANT, {"transfer_id": tid, "ok": ok}, timeout_s=frame_timeout_s)
             elif frame.kind == FrameKind.LAYER:
                 via = h.get("via", "socket")
+                kv_trace(f"layer-frame-{h.get('layer')}", tid)
                 if via == "dist":
-                    from minidisagg.transport import dist as kv_dist
-
-                    with kv_dist.receive_stream(kv_dist.transfer_device()):  # see dist.py: Streams
-                        write_pages(h, dist_pages(h))
+                    dist_pages(h)
+                    kv_trace(f"layer-queued-{h.get('layer')}", tid)
                 elif via != "socket" or not isinstance(h.get("_tensor"), torch.Tensor):
                     raise FrameError(f"LAYER via={via!r} without pages")
                 else:
@@ -279,9 +284,12 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             elif frame.kind == FrameKind.DONE:
                 if tid not in reserved:
                     raise FrameError(f"DONE for unknown transfer {tid!r}")
+                kv_trace("done-frame", tid)
                 landed()
+                kv_trace("landed", tid)
                 try:
                     receiver.commit(tid, SequenceState.from_dict(h.get("state")), int(h.get("num_bytes", 0)))
+                    kv_trace("committed", tid)
                     reserved.pop(tid)
                     reply: dict[str, Any] = {"transfer_id": tid, "ok": True}
                 except (ValueError, TypeError) as exc:
