@@ -56,7 +56,7 @@ def timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def instrument(llm: LLM) -> None:
     """Patch the module-level names the engine calls through (the engine's code is untouched)."""
     for name, part in [("linear", "matmul (F.linear, incl. lm_head)"), ("paged_attention", "attention"), ("rms_norm", "rms_norm"),
-                       ("apply_rope", "rope"), ("write_kv", "kv write"), ("silu_and_mul", "silu_and_mul")]:
+                       ("rope_and_write_kv", "rope + kv write"), ("silu_and_mul", "silu_and_mul")]:
         setattr(llama, name, timed(part, getattr(llama, name)))
     llama.LlamaLayer.forward = timed("layer glue (split/view/reshape, module call)", llama.LlamaLayer.forward)
     llama.LlamaModel.forward = timed("model glue (embed, layer loop)", llama.LlamaModel.forward)

@@ -186,7 +186,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor)
 
 def decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    num_splits: int | None = None, block_n: int = DECODE_BLOCK_N,
+    num_splits: int | None = None, block_n: int = DECODE_BLOCK_N, num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention (flash-decoding): q [B, H, D], one query per sequence, returns [B, H, D].
 
@@ -208,6 +209,7 @@ def decode_attention_triton(
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32: no tf32 rounding
+    launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.context_lens_tensor,
         out, part_max, part_sum, part_acc,
@@ -215,7 +217,7 @@ def decode_attention_triton(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P=max(MIN_DOT_ROWS, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_P=next_pow2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SINGLE_SPLIT=single, DOT_PRECISION=precision,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SINGLE_SPLIT=single, DOT_PRECISION=precision, **launch,
     )
     if not single:
         _decode_combine_kernel[(num_seqs, num_heads)](

@@ -15,10 +15,10 @@ from torch import nn
 from minidisagg.config import ModelConfig
 from minidisagg.kernels.activation import silu_and_mul
 from minidisagg.kernels.attention import AttentionMetadata, paged_attention
-from minidisagg.kernels.cache_write import write_kv
 from minidisagg.kernels.linear import linear
 from minidisagg.kernels.norm import rms_norm
-from minidisagg.kernels.rope import apply_rope, cos_sin_cache
+from minidisagg.kernels.rope import cos_sin_cache
+from minidisagg.kernels.rope_cache import rope_and_write_kv
 from minidisagg.kv.cache import PagedKVCache
 
 
@@ -58,8 +58,7 @@ class LlamaLayer(nn.Module):
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, k, positions, cos_sin)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q, k = rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim**-0.5)
         hidden = linear(attn.reshape(-1, cfg.q_size), self.o_proj, inv)
         x, residual = rms_norm(hidden, self.post_attn_norm, cfg.rms_norm_eps, residual)
