@@ -1,13 +1,13 @@
 """Take a disaggregated deployment's KV transfer apart: lone long requests, traced step by step.
 
-For each model and each layers-per-message setting, a 1P1D deployment over the ``dist``
+For each model and each GIL switch interval of the workers, a 1P1D deployment over the ``dist``
 transport (NCCL between two GPUs, gloo on the CPU) without layer-wise overlap moves a lone
 ``--tokens``-token request ``--repeats`` times. Both workers log a timestamp at each step of
 each transfer (``MINIDISAGG_KV_TRACE=1``, see ``minidisagg/transport/trace.py``); the script
 merges them into one timeline per transfer and prints the median time of every step after the
 hand-off, beside the plain send/recv ceiling of the same bytes measured in the same run.
 
-    python benchmarks/probe_kv_link.py --models llama-8b,llama-1b --message-layers 32,8,4 --out /tmp/probe
+    python benchmarks/probe_kv_link.py --models llama-8b,llama-1b --switch-intervals-ms 0.5,5 --out /tmp/probe
     python benchmarks/probe_kv_link.py --models tiny --devices cpu,cpu --tokens 128   # on a CPU
 """
 
@@ -42,8 +42,8 @@ def step_medians_ms(log_dir: Path, skip_first: int) -> dict[str, float]:
     return {name: round(statistics.median(v), 3) for name, v in sorted(by_step.items(), key=lambda kv: statistics.median(kv[1]))}
 
 
-def probe_model(model: str, devices: list[str], tokens: int, message_layers: list[int], repeats: int) -> dict[str, Any]:
-    """The ceiling, then one deployment per layers-per-message setting."""
+def probe_model(model: str, devices: list[str], tokens: int, repeats: int, switch_intervals_s: list[float]) -> dict[str, Any]:
+    """The ceiling, then one deployment per GIL switch interval of the workers."""
     cfg = PRESETS[model]
     gpu = devices[0] != "cpu"
     import torch
@@ -52,8 +52,8 @@ def probe_model(model: str, devices: list[str], tokens: int, message_layers: lis
     layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, dtype)
     result: dict[str, Any] = {"ceiling": measure_ceiling(layout, tokens, devices, repeats=5), "settings": {}}
     print(f"{model}: ceiling {json.dumps(result['ceiling'])}", flush=True)
-    for per_message in message_layers:
-        os.environ["MINIDISAGG_KV_MESSAGE_LAYERS"] = str(per_message)
+    for interval_s in switch_intervals_s:
+        os.environ["MINIDISAGG_SWITCH_INTERVAL_S"] = str(interval_s)
         llm = LLM(model, device="cuda" if gpu else "cpu", mode="disagg", transport="dist", random_weights=True,
                   kv_overlap=False, max_num_seqs=8, max_num_batched_tokens=max(2048, tokens),
                   request_timeout_s=120.0, prefill_devices=[devices[0]], decode_devices=[devices[1]])
@@ -64,10 +64,10 @@ def probe_model(model: str, devices: list[str], tokens: int, message_layers: lis
             steps = step_medians_ms(llm.engine.log_dir, skip_first=len(warm))
         finally:
             llm.shutdown()
-        result["settings"][str(per_message)] = {"probe": probe, "steps_ms": steps}
+        result["settings"][f"switch {interval_s * 1e3:g} ms"] = {"probe": probe, "steps_ms": steps}
         ceiling_s = result["ceiling"].get("one_message_s")
         ratio = ceiling_s / probe["transfer_s"] if ceiling_s and "transfer_s" in probe else None
-        print(f"{model} {per_message} layers/message: {json.dumps(probe)}\n  of one-message ceiling: {ratio}\n"
+        print(f"{model}, switch interval {interval_s * 1e3:g} ms: {json.dumps(probe)}\n  of one-message ceiling: {ratio}\n"
               f"  steps (ms after hand-off): {json.dumps(steps)}", flush=True)
     return result
 
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="llama-8b,llama-1b")
     parser.add_argument("--devices", default="cuda:0,cuda:1")
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--message-layers", default="32,8,4")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--switch-intervals-ms", default="0.5", help="the workers' GIL switch intervals to try")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
     devices = args.devices.split(",")
-    results = {m: probe_model(m, devices, args.tokens, [int(x) for x in args.message_layers.split(",")], args.repeats)
-               for m in args.models.split(",")}
+    intervals_s = [float(x) / 1e3 for x in args.switch_intervals_ms.split(",")]
+    results = {m: probe_model(m, devices, args.tokens, args.repeats, intervals_s) for m in args.models.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "probe-kv-link.json").write_text(json.dumps(results, indent=1))
     return 0

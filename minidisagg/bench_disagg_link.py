@@ -2,10 +2,10 @@
 on one long request, and the greedy-equality check (disaggregated tokens == colocated tokens).
 
 Ceiling: two fresh processes on the same two devices as the deployment (NCCL between GPUs,
-gloo on CPU) send the pages of one request with plain ``torch.distributed`` send/recv, both
-ways the transport can: one message per layer (layer-wise overlap) and one message for the
-whole request (a finished prefill); timed on the receiver from a barrier until the last page
-has landed.
+gloo on CPU) send the pages of one request with plain ``torch.distributed`` send/recv, the ways
+the transport can: one message per layer (layer-wise overlap), one message for the whole
+request, and one batch of a piece per layer and K/V (a finished prefill sent straight from the
+pool, one run of blocks); timed on the receiver from a barrier until the last page has landed.
 """
 
 from __future__ import annotations
@@ -45,16 +45,22 @@ def _ceiling_rank(rank: int, device: str, init: str, layer_shape: tuple[int, ...
                                 timeout=datetime.timedelta(seconds=CEILING_TIMEOUT_S))
         layers = [torch.ones(layer_shape, dtype=dtype, device=dev) for _ in range(num_layers)]
         whole = torch.ones((num_layers, *layer_shape), dtype=dtype, device=dev)
+        pieces = [layer[half] for layer in layers for half in (0, 1)]
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-        timings: dict[str, list[float]] = {"per_layer": [], "one_message": []}
+        timings: dict[str, list[float]] = {"per_layer": [], "one_message": [], "one_batch": []}
         barrier = (lambda: dist.barrier(device_ids=[dev.index])) if backend == "nccl" else dist.barrier
         for i in range(repeats + 1):  # the first round warms the connection up
-            for kind, tensors in (("per_layer", layers), ("one_message", [whole])):
+            for kind, tensors in (("per_layer", layers), ("one_message", [whole]), ("one_batch", pieces)):
                 barrier()
                 sync()
                 t0 = time.perf_counter()
-                for t in tensors:
-                    dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
+                if kind == "one_batch":
+                    op = dist.isend if rank == 0 else dist.irecv
+                    for work in dist.batch_isend_irecv([dist.P2POp(op, t, 1 - rank) for t in tensors]):
+                        work.wait()
+                else:
+                    for t in tensors:
+                        dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
                 sync()
                 if i:
                     timings[kind].append(time.perf_counter() - t0)
@@ -92,22 +98,21 @@ def measure_ceiling(layout: KVLayout, num_tokens: int, devices: Sequence[str], r
     nbytes = layout.request_nbytes(num_blocks)
     if status != "ok":
         return {"error": str(payload)[-2000:], "kv_bytes": nbytes}
-    per_layer, whole = statistics.median(payload["per_layer"]), statistics.median(payload["one_message"])
-    return {"kv_bytes": nbytes, "num_messages": layout.num_layers, "message_bytes": layout.layer_nbytes(num_blocks),
-            "per_layer_s": per_layer, "per_layer_GBps": nbytes / per_layer / 1e9,
-            "one_message_s": whole, "one_message_GBps": nbytes / whole / 1e9, "repeats": repeats}
+    out: dict[str, Any] = {"kv_bytes": nbytes, "num_messages": layout.num_layers,
+                           "message_bytes": layout.layer_nbytes(num_blocks), "repeats": repeats}
+    for kind, seconds in payload.items():
+        out[f"{kind}_s"] = statistics.median(seconds)
+        out[f"{kind}_GBps"] = nbytes / out[f"{kind}_s"] / 1e9
+    return out
 
 
 def probe_transfer(cluster: Any, num_tokens: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
     """Send ``repeats`` lone requests of ``num_tokens`` prompt tokens through a disaggregated deployment.
 
     Transfer time = first layer sent -> the decode side holds every page and adopts the
-    request; with overlap off this is pure transfer. The pages go ``layers_per_message``
-    layers at a time, and the probe is held to the stricter ceiling, one plain send of all
-    the same bytes (``ceiling: one_message``).
+    request; with overlap off this is pure transfer, and the pages go as one message, so the
+    matching ceiling is one plain send of the same bytes (``ceiling: one_message``).
     """
-    from minidisagg.disagg.prefill_worker import message_layers_from_env
-
     rows = []
     for i in range(repeats):
         run = run_requests(cluster, [TimedRequest(0.0, num_tokens, 2)], 120.0, seed + i)
@@ -121,7 +126,7 @@ def probe_transfer(cluster: Any, num_tokens: int, repeats: int = 3, seed: int = 
             "best_transfer_s": min(r[1] for r in rows), "achieved_GBps": kv_bytes / transfer_s / 1e9,
             "best_GBps": kv_bytes / min(r[1] for r in rows) / 1e9,
             "transfer_over_ttft": statistics.median(r[1] / r[2] for r in rows), "repeats": repeats,
-            "layers_per_message": message_layers_from_env(), "ceiling": "one_message"}
+            "ceiling": "one_message"}
 
 
 def greedy_tokens(engine: Any, prompts: list[list[int]], max_tokens: int) -> list[Optional[list[int]]]:

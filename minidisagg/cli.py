@@ -125,7 +125,7 @@ BENCH_SUITES = {
     "disagg": "minidisagg.bench_disagg",
 }
 COURSE_ACTIONS = {"build": "minidisagg.course.build"}
-WORKER_SWITCH_INTERVAL_S = 0.0005  # see cmd_serve
+WORKER_SWITCH_INTERVAL_S = float(os.environ.get("MINIDISAGG_SWITCH_INTERVAL_S", "0.0005"))  # see cmd_serve
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
 
 

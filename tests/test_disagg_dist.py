@@ -42,9 +42,8 @@ def check_outputs(llm: LLM, prompts, ref, seed) -> None:
         assert o.metrics.transfer_s > 0 and o.timeline.prefill_end_s <= o.timeline.transfer_end_s
 
 
-def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed, monkeypatch):
-    """Without overlap: each request's layers go stacked, here one layer per message (so two messages)."""
-    monkeypatch.setenv("MINIDISAGG_KV_MESSAGE_LAYERS", "1")  # the worker processes inherit it
+def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed):
+    """Without overlap: each request's layers go as one stacked message."""
     prompts, ref = reference
     llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="dist", num_prefill=1,
               num_decode=2, kv_overlap=False)

@@ -55,13 +55,10 @@ def prompts_for(rng: random.Random, n: int, lo: int = 3, hi: int = 70) -> list[l
     return [[rng.randrange(100, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("num_prefill, num_decode, routing, overlap, message_layers", [
-    (1, 1, "round_robin", True, "8"), (1, 1, "round_robin", False, "8"), (1, 1, "round_robin", False, "1"),
-    (2, 3, "least_loaded", True, "8"),
+@pytest.mark.parametrize("num_prefill, num_decode, routing, overlap", [
+    (1, 1, "round_robin", True), (1, 1, "round_robin", False), (2, 3, "least_loaded", True),
 ])
-def test_disagg_equals_colocated(tiny_loaded, rng, num_prefill, num_decode, routing, overlap, message_layers,
-                                 monkeypatch):
-    monkeypatch.setenv("MINIDISAGG_KV_MESSAGE_LAYERS", message_layers)
+def test_disagg_equals_colocated(tiny_loaded, rng, num_prefill, num_decode, routing, overlap):
     r, seed = rng
     prompts = prompts_for(r, 8)
     ref = colocated(tiny_loaded, prompts)
@@ -183,20 +180,3 @@ def test_bad_arguments(tiny_loaded):
         assert not cluster.has_unfinished()
     finally:
         cluster.shutdown()
-
-
-def test_message_layer_ranges_cover_every_layer_once(monkeypatch):
-    from minidisagg.disagg.prefill_worker import message_layers_from_env
-    from minidisagg.kv.pages import message_layer_ranges
-
-    for num_layers in (1, 2, 7, 16, 32):
-        for per_message in (1, 3, 8, 40):
-            ranges = message_layer_ranges(num_layers, per_message)
-            assert [layer for first, end in ranges for layer in range(first, end)] == list(range(num_layers))
-            assert all(0 < end - first <= per_message for first, end in ranges)
-    with pytest.raises(ValueError, match=">= 1"):
-        message_layer_ranges(4, 0)
-    for bad in ("0", "-2", "many"):
-        monkeypatch.setenv("MINIDISAGG_KV_MESSAGE_LAYERS", bad)
-        with pytest.raises(ValueError, match="MINIDISAGG_KV_MESSAGE_LAYERS"):
-            message_layers_from_env()

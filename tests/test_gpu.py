@@ -129,5 +129,8 @@ def test_cuda_graph_logits_close_to_eager_bf16(seed, batch_size):
     eager = runner.execute(items)
     runner.decode_graphs = graphs
     assert graphs.captured_batch_sizes
+    # bf16 through 16 random layers: the paths differ in attention splits, so compare like bf16 noise, not bits
     scale = eager.abs().max().item()
-    assert (graphed - eager).abs().max().item() <= 0.02 * scale, f"seed {seed}"
+    relative_rms = ((graphed - eager).norm() / eager.norm()).item()
+    assert relative_rms <= 1e-2 and (graphed - eager).abs().max().item() <= 0.05 * scale, \
+        f"seed {seed}: relative rms {relative_rms:.2e}, max {(graphed - eager).abs().max().item():.3g} of {scale:.3g}"

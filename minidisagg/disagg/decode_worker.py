@@ -17,6 +17,7 @@ from minidisagg.kv.pages import KVLayout, scatter_layer, scatter_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
+from minidisagg.transport.trace import kv_trace
 
 log = logging.getLogger(__name__)
 OutputSink = Callable[[RequestOutput], None]
@@ -99,9 +100,11 @@ class DecodeWorker:
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
         """Adopt the sequence whose pages now sit in the reservation; it decodes from the next step."""
         with self._engine_access():
+            kv_trace("engine-held", transfer_id)
             if transfer_id not in self._reserved:
                 raise ValueError(f"no reservation for transfer {transfer_id!r}")
             seq = self.engine.adopt(state, f"transfer:{transfer_id}")
+            kv_trace("adopted", transfer_id)
             del self._reserved[transfer_id]
             now = self.engine.clock.now()
             seq.timeline.transfer_end_s = now

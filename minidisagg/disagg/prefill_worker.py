@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -16,8 +15,7 @@ from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
-from minidisagg.kv import streams
-from minidisagg.kv.pages import gather_layer, gather_pages, message_layer_ranges
+from minidisagg.kv.pages import gather_layer, gather_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
 from minidisagg.transport.base import KVSender, TransferError
@@ -25,19 +23,6 @@ from minidisagg.transport.trace import kv_trace
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
-# A finished prefill's pages go a few layers per message (see kv.pages.message_layer_ranges);
-# MINIDISAGG_KV_MESSAGE_LAYERS overrides it for every prefill worker of a deployment.
-DEFAULT_MESSAGE_LAYERS = 8
-
-
-def message_layers_from_env(default: int = DEFAULT_MESSAGE_LAYERS) -> int:
-    """Layers per stacked KV message: ``MINIDISAGG_KV_MESSAGE_LAYERS`` if set, else ``default``."""
-    text = os.environ.get("MINIDISAGG_KV_MESSAGE_LAYERS", "")
-    if not text:
-        return default
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"MINIDISAGG_KV_MESSAGE_LAYERS must be a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 @dataclass
@@ -77,13 +62,12 @@ class PrefillWorker:
     Flow control is credit-based: a request is admitted to the engine only after its decode
     worker reserved blocks for it, so a full decode worker makes prefill wait, never drop.
     With ``overlap=True`` each layer's pages are queued for sending as soon as that layer is
-    computed; otherwise the layers are sent after the prefill ends, ``message_layers`` per
-    stacked message (default: ``message_layers_from_env()``).
+    computed; otherwise all layers are sent after the prefill ends.
     """
 
     def __init__(self, name: str, loaded: LoadedModel, config: EngineConfig, clock: Clock,
                  senders: dict[str, KVSender], sink: Callable[[RequestOutput | FailedRequest], None],
-                 overlap: bool = True, timeout_s: float = 30.0, message_layers: Optional[int] = None) -> None:
+                 overlap: bool = True, timeout_s: float = 30.0) -> None:
         self.name = name
         self.engine = LLMEngine(loaded, config, clock=clock, policy="prefill_first", prefill_stage=LayerwisePrefillStage)
         self.engine.handoff = self._on_handoff
@@ -91,9 +75,6 @@ class PrefillWorker:
         assert isinstance(stage, LayerwisePrefillStage)
         stage.on_layer = self._on_layer if overlap else None
         self.overlap = overlap
-        self.message_layers = message_layers_from_env() if message_layers is None else message_layers
-        if self.message_layers < 1:
-            raise ValueError(f"message_layers must be >= 1, got {self.message_layers}")
         self.senders = senders
         self.sink = sink
         self.timeout_s = timeout_s
@@ -159,17 +140,14 @@ class PrefillWorker:
             transfer = self._transfers.get(seq.request_id)
             if transfer is not None:
                 pages = gather_layer(self.engine.kv_cache, layer, seq.block_table)
-                self._send_queue.put(("layer", transfer, (layer, pages, streams.ready_event(pages))))
+                self._send_queue.put(("layer", transfer, (layer, pages)))
 
     def _on_handoff(self, seq: Sequence) -> None:
         transfer = self._transfers[seq.request_id]
         kv_trace("handoff", transfer.transfer_id)
         seq.timeline.token_times_s.clear()  # the client gets the first token from the decode worker
-        if not self.overlap:  # the prefill is over: the layers go stacked, a few per message
-            cache = self.engine.kv_cache
-            for first, end in message_layer_ranges(cache.kv.shape[0], self.message_layers):
-                pages = gather_pages(cache, seq.block_table, slice(first, end))
-                self._send_queue.put(("layers", transfer, (first, pages, streams.ready_event(pages))))
+        if not self.overlap:  # the prefill is over: every layer in one message
+            self._send_queue.put(("layers", transfer, (0, gather_pages(self.engine.kv_cache, seq.block_table))))
         self._send_queue.put(("commit", transfer, seq))
 
     # ---- the sender thread ------------------------------------------------------------------
@@ -185,15 +163,14 @@ class PrefillWorker:
                 continue
             try:
                 if kind in ("layer", "layers"):
-                    layer, pages, ready = payload  # type: ignore[misc]
+                    layer, pages = payload  # type: ignore[misc]
                     if not transfer.started:
                         transfer.started = True
                         transfer.seq.timeline.transfer_start_s = self.engine.clock.now()
                     sent_at = time.perf_counter()
                     send = transfer.sender.send_layer if kind == "layer" else transfer.sender.send_layers
                     kv_trace(f"send-{layer}", transfer.transfer_id)
-                    with streams.after(ready, pages.device):  # ordered after its gather, not after later compute
-                        send(transfer.transfer_id, layer, pages)
+                    send(transfer.transfer_id, layer, pages)
                     kv_trace(f"sent-{layer}", transfer.transfer_id)
                     transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
                     transfer.num_bytes += pages.numel() * pages.element_size()

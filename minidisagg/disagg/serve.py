@@ -27,6 +27,7 @@ from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.kv.pages import KVLayout
 from minidisagg.metrics import RequestTimeline
+from minidisagg.plain import plain_dict
 from minidisagg.models.registry import LoadedModel
 from minidisagg.transport.framing import FrameError, FrameKind, PeerClosed, recv_frame, send_frame, server_handshake
 from minidisagg.transport.socket import (
@@ -47,7 +48,7 @@ STREAM_EVERY_TOKENS = 8  # a decode server streams a request's output every this
 def output_to_dict(out: RequestOutput) -> dict[str, Any]:
     """A RequestOutput as a JSON-friendly dict (metrics are recomputed from the timeline)."""
     d = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "metrics"}
-    d["timeline"] = dataclasses.asdict(out.timeline)
+    d["timeline"] = plain_dict(out.timeline)
     return d
 
 
@@ -63,8 +64,7 @@ def output_from_dict(d: dict[str, Any]) -> RequestOutput:
 
 def submission_to_dict(sub: Submission) -> dict[str, Any]:
     """A Submission as a JSON-friendly dict."""
-    d = dataclasses.asdict(sub)
-    return d
+    return plain_dict(sub)
 
 
 def submission_from_dict(d: dict[str, Any]) -> Submission:

@@ -31,12 +31,60 @@ def graph_batch_sizes(max_num_seqs: int, sizes: Sequence[int] = DEFAULT_BATCH_SI
     return tuple(sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs}))
 
 
+def input_views(buf: torch.Tensor, bucket: int, max_blocks_per_seq: int) -> dict[str, torch.Tensor]:
+    """Contiguous views of a packed int64 input buffer of ``bucket * (4 + max_blocks_per_seq)`` entries."""
+    b = bucket
+    return {
+        "input_ids": buf[0:b], "positions": buf[b:2 * b], "slot_mapping": buf[2 * b:3 * b],
+        "context_lens": buf[3 * b:4 * b], "block_tables": buf[4 * b:].view(b, max_blocks_per_seq),
+    }
+
+
+@dataclass
+class HostInputs:
+    """Numpy views of one bucket's host input buffer, made once at capture and written every step."""
+
+    flat: np.ndarray  # the whole buffer, int64
+    input_ids: np.ndarray  # [bucket]
+    positions: np.ndarray  # [bucket]
+    slot_mapping: np.ndarray  # [bucket]
+    context_lens: np.ndarray  # [bucket]
+    block_tables: np.ndarray  # [bucket, max_blocks_per_seq]
+
+    @classmethod
+    def of(cls, buf: torch.Tensor, bucket: int, max_blocks_per_seq: int) -> "HostInputs":
+        """Views of a CPU buffer laid out by ``input_views``."""
+        views = input_views(buf, bucket, max_blocks_per_seq)
+        return cls(buf.numpy(), **{name: view.numpy() for name, view in views.items()})
+
+    def pack(self, token_ids: Sequence[int], positions: Sequence[int], block_tables: Sequence[Sequence[int]],
+             block_size: int) -> None:
+        """Write one decode step's rows; rows past the batch are padding that writes no KV."""
+        n, max_blocks = len(token_ids), self.block_tables.shape[1]
+        self.flat[:] = 0
+        slots: list[int] = []
+        for row, (table, pos) in enumerate(zip(block_tables, positions)):
+            if len(table) > max_blocks:
+                raise ValueError(f"a block table of {len(table)} blocks exceeds the graph's {max_blocks}")
+            if pos // block_size >= len(table):
+                raise ValueError(f"position {pos} lies past a block table of {len(table)} blocks")
+            self.block_tables[row, : len(table)] = table
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        self.input_ids[:n] = token_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = slots
+        self.slot_mapping[n:] = PAD_SLOT
+        self.context_lens[:n] = self.positions[:n] + 1
+        self.context_lens[n:] = 1  # padding rows attend to one (harmless) key
+
+
 @dataclass
 class _CapturedStep:
     """One bucket: its graph, the static input buffers it reads and the logits it writes."""
 
     graph: torch.cuda.CUDAGraph
     host_inputs: torch.Tensor  # pinned int64: ids, positions, slots, context lens, block tables
+    host_views: HostInputs  # numpy views of host_inputs
     device_inputs: torch.Tensor  # the same layout on the device; the graph reads views of it
     logits: torch.Tensor  # [bucket, vocab] float32
     copied: torch.cuda.Event  # the last host-to-device copy of the inputs has finished reading the host buffer
@@ -73,11 +121,7 @@ class DecodeGraphs:
 
     def _views(self, buf: torch.Tensor, bucket: int) -> dict[str, torch.Tensor]:
         """Contiguous views of the packed input buffer."""
-        b = bucket
-        return {
-            "input_ids": buf[0:b], "positions": buf[b:2 * b], "slot_mapping": buf[2 * b:3 * b],
-            "context_lens": buf[3 * b:4 * b], "block_tables": buf[4 * b:].view(b, self.max_blocks_per_seq),
-        }
+        return input_views(buf, bucket, self.max_blocks_per_seq)
 
     def _metadata(self, views: dict[str, torch.Tensor], bucket: int) -> AttentionMetadata:
         """Static metadata: every row one query; the number of attention splits pinned for the bucket."""
@@ -92,26 +136,11 @@ class DecodeGraphs:
             slot_mapping=views["slot_mapping"], num_splits=splits,
         )
 
-    def _fill(self, step: _CapturedStep, bucket: int, token_ids: Sequence[int], positions: Sequence[int],
+    def _fill(self, step: _CapturedStep, token_ids: Sequence[int], positions: Sequence[int],
               block_tables: Sequence[Sequence[int]]) -> None:
         """Write one step's inputs into the pinned host buffer (padding the rest) and copy it over."""
-        n, bs, mb = len(token_ids), self.block_size, self.max_blocks_per_seq
         step.copied.synchronize()  # never overwrite the pinned buffer while a copy still reads it
-        host = step.host_inputs.numpy()
-        host[:] = 0
-        pos = np.asarray(positions, dtype=np.int64)
-        host[0:n] = token_ids
-        host[bucket:bucket + n] = pos
-        tables = host[4 * bucket:].reshape(bucket, mb)
-        for i, table in enumerate(block_tables):
-            if len(table) > mb:
-                raise ValueError(f"a block table of {len(table)} blocks exceeds the graph's {mb}")
-            tables[i, : len(table)] = table
-        rows = np.arange(n)
-        host[2 * bucket:2 * bucket + n] = tables[rows, pos // bs] * bs + pos % bs
-        host[2 * bucket + n:3 * bucket] = PAD_SLOT
-        host[3 * bucket:3 * bucket + n] = pos + 1
-        host[3 * bucket + n:4 * bucket] = 1  # padding rows attend to one (harmless) key
+        step.host_views.pack(token_ids, positions, block_tables, self.block_size)
         step.device_inputs.copy_(step.host_inputs, non_blocking=True)
         step.copied.record()
 
@@ -144,7 +173,8 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.model.device)
         copied = torch.cuda.Event()
         copied.record()
-        self._steps[bucket] = _CapturedStep(graph, host, device_inputs, logits, copied)
+        self._steps[bucket] = _CapturedStep(graph, host, HostInputs.of(host, bucket, self.max_blocks_per_seq),
+                                            device_inputs, logits, copied)
 
     def capture_all(self) -> None:
         """Capture every bucket, largest first (so smaller ones reuse its memory pool)."""
@@ -162,6 +192,6 @@ class DecodeGraphs:
         if bucket not in self._steps:
             self.capture(bucket)
         step = self._steps[bucket]
-        self._fill(step, bucket, token_ids, positions, block_tables)
+        self._fill(step, token_ids, positions, block_tables)
         step.graph.replay()
         return step.logits[:n].clone()

@@ -15,6 +15,7 @@ from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sampling import SamplingParams, make_generator
 from minidisagg.engine.scheduler import Policy, Scheduler, StepBudget
 from minidisagg.engine.sequence import Sequence, SequenceState, SequenceStatus
+from minidisagg.engine.text_decoder import TextDecoder
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.metrics import RequestMetrics, RequestTimeline
@@ -248,7 +249,7 @@ class LLMEngine:
         for seq, token in zip(result.seqs, result.new_token_ids):
             if token is None:
                 continue
-            if seq in self.scheduler.waiting:
+            if seq.status is SequenceStatus.WAITING:  # its prefill just completed (O(1), unlike a queue scan)
                 self.scheduler.on_prefill_done(seq)
                 if seq.timeline.prefill_end_s is None:
                     seq.timeline.prefill_end_s = t
@@ -275,8 +276,14 @@ class LLMEngine:
             return "length"
         return None
 
+    def _text_of(self, seq: Sequence) -> str:
+        """The sequence's output text (special tokens skipped), decoding only what is new since last time."""
+        if seq.text_decoder is None:
+            seq.text_decoder = TextDecoder(self.loaded.tokenizer)
+        return seq.text_decoder.text(seq.output_token_ids)
+
     def _stop_string_at(self, seq: Sequence) -> Optional[int]:
-        text = self.loaded.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        text = self._text_of(seq)
         hits = [text.find(s) for s in seq.params.stop or [] if s in text]
         return min(hits) if hits else None
 
@@ -284,7 +291,7 @@ class LLMEngine:
         """The request's current ``RequestOutput``."""
         text = ""
         if self.loaded.has_tokenizer_loaded:
-            text = self.loaded.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            text = self._text_of(seq)
             cut = self._stop_string_at(seq) if seq.params.stop else None
             text = text if cut is None else text[:cut]
         metrics = None

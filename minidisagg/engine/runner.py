@@ -46,7 +46,7 @@ class ModelRunner:
         slots: list[int] = []
         starts, lens, ctx_lens, logit_rows = [], [], [], []
         max_blocks = max(len(it.block_table) for it in items)
-        tables = torch.zeros(len(items), max_blocks, dtype=torch.long)
+        table_rows: list[list[int]] = []  # block tables padded with zeros to max_blocks
         for i, it in enumerate(items):
             n = len(it.token_ids)
             end = it.start_pos + n
@@ -58,7 +58,7 @@ class ModelRunner:
             input_ids.extend(it.token_ids)
             positions.extend(range(it.start_pos, end))
             slots.extend(it.block_table[p // bs] * bs + p % bs for p in range(it.start_pos, end))
-            tables[i, : len(it.block_table)] = torch.tensor(it.block_table, dtype=torch.long)
+            table_rows.append(list(it.block_table) + [0] * (max_blocks - len(it.block_table)))
             if it.want_logits:
                 logit_rows.append(len(input_ids) - 1)
         dev = self.device
@@ -66,7 +66,7 @@ class ModelRunner:
             query_starts=starts,
             query_lens=lens,
             context_lens=ctx_lens,
-            block_tables=tables.to(dev),
+            block_tables=torch.tensor(table_rows, dtype=torch.long, device=dev),
             context_lens_tensor=torch.tensor(ctx_lens, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             batch_invariant=self.batch_invariant,

@@ -137,10 +137,11 @@ class Scheduler:
 
     def _check(self, plan: StepPlan) -> None:
         running_ids = {s.seq_id for s in self.running}
-        waiting_ids = {s.seq_id for s in self.waiting}
         for seq in plan.decodes:
             if seq.seq_id not in running_ids:
                 raise PolicyError(f"policy scheduled a decode for request {seq.request_id}, which is not running")
+        # The waiting queue can be long while the batch is full: look at it only when a prefill is planned.
+        waiting_ids = {s.seq_id for s in self.waiting} if plan.prefills else set()
         seen: set[int] = set()
         for chunk in plan.prefills:
             if chunk.seq.seq_id not in waiting_ids or chunk.seq.seq_id in seen:
@@ -159,17 +160,20 @@ class Scheduler:
         for seq in decodes:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            while not self.blocks.can_grow(seq.seq_id, seq.num_tokens):
+            num_tokens = seq.num_tokens
+            fits = self.blocks.can_grow(seq.seq_id, num_tokens)
+            while not fits:
                 victim = self._pick_victim(exclude=seq)
                 if victim is None:
                     break
                 self.preempt(victim)
                 if victim in fitted:
                     fitted.remove(victim)
-            if self.blocks.can_grow(seq.seq_id, seq.num_tokens):
-                seq.block_table = self.blocks.grow(seq.seq_id, seq.num_tokens)
+                fits = self.blocks.can_grow(seq.seq_id, num_tokens)
+            if fits:
+                seq.block_table = self.blocks.grow(seq.seq_id, num_tokens)
                 fitted.append(seq)
-            elif self.blocks.blocks_needed(seq.num_tokens) > self.blocks.num_blocks:
+            elif self.blocks.blocks_needed(num_tokens) > self.blocks.num_blocks:
                 self.finish(seq, "length")  # alone, it would overflow the whole KV pool
             else:
                 self.preempt(seq)  # the rest is held by blocks it cannot take (e.g. incoming KV): retry later

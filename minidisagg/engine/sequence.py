@@ -11,7 +11,9 @@ from typing import Any, Optional
 import torch
 
 from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.text_decoder import TextDecoder
 from minidisagg.metrics import RequestTimeline
+from minidisagg.plain import plain_dict
 
 
 class SequenceStatus(enum.Enum):
@@ -47,6 +49,7 @@ class Sequence:
     finish_reason: Optional[str] = None
     num_preemptions: int = 0
     generator: Optional[torch.Generator] = None
+    text_decoder: Optional[TextDecoder] = None  # keeps the output text up to date; made on first use
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -97,11 +100,11 @@ class SequenceState:
         if seq.generator is not None:
             gen = base64.b64encode(seq.generator.get_state().numpy().tobytes()).decode()
         return cls(seq.request_id, list(seq.prompt_token_ids), list(seq.output_token_ids),
-                   dataclasses.asdict(seq.params), dataclasses.asdict(seq.timeline), seq.prompt, gen)
+                   plain_dict(seq.params), plain_dict(seq.timeline), seq.prompt, gen)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
-        return dataclasses.asdict(self)
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SequenceState":

@@ -83,21 +83,9 @@ def scatter_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int], pag
         target[:, first : first + length].copy_(pages[:, pos : pos + length])
 
 
-def gather_pages(cache: PagedKVCache, block_ids: Sequence[int], layers: slice = slice(None)) -> torch.Tensor:
-    """Pages of ``layers`` (all by default) for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
-    return cache.kv[layers].index_select(2, _index(cache, block_ids))
-
-
-def message_layer_ranges(num_layers: int, layers_per_message: int) -> list[tuple[int, int]]:
-    """Split ``num_layers`` into consecutive [first, end) ranges of at most ``layers_per_message`` layers.
-
-    A finished prefill sends its pages in a few stacked messages rather than one: the sender
-    gathers the next range while the previous one is on the wire, and the receiver scatters a
-    range while the next one arrives, so only one range's copies are left exposed.
-    """
-    if layers_per_message < 1:
-        raise ValueError(f"layers_per_message must be >= 1, got {layers_per_message}")
-    return [(first, min(first + layers_per_message, num_layers)) for first in range(0, num_layers, layers_per_message)]
+def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
+    """All layers' pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
+    return cache.kv.index_select(2, _index(cache, block_ids))
 
 
 def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor, first_layer: int = 0) -> None:

@@ -16,20 +16,17 @@ by one thread on the decode side, so for a (prefill, decode) pair a header and i
 matched first-in first-out. A source rank belongs to one link at a time (``SourceClaims``), so
 a second link claiming a live source is dropped instead of stealing its pages.
 
-Streams (NCCL): the sender does not wait on its sends, and issues each on a side stream that
-waits only for that message's gather (``kv/streams.py``), never for compute queued after it. The
-receiving thread posts each receive on one side stream and the scatter of the pages into the
-pool on another, and goes straight on to the next frame: the host waits once per request, when
-DONE arrives (``wait_received``), not once per message. So neither worker's compute stream ever
-waits on the link (a decode step never stalls behind pages the prefill GPU has not computed
-yet, a prefill never behind a busy decoder), the scatter of one message overlaps the receive of
-the next, and the link's cost per message is a frame and a few kernel launches, not a host round
-trip. The blocks being written belong to a reservation that no decode step reads before the
-commit; blocks come back to the pool only once the steps that used them have finished on the host.
+Streams (NCCL): the sender does not wait on its sends. The receiving thread posts each receive,
+and the scatter of the pages into the pool, on a side stream of its own and goes straight on to
+the next frame: the host waits once per request, when DONE arrives (``wait_received``), not once
+per layer. So neither worker's compute stream ever waits on the link (a decode step never stalls
+behind pages the prefill GPU has not computed yet, a prefill never behind a busy decoder), and
+the link's cost per layer is a frame and two kernel launches, not a host round trip. The blocks
+being written belong to a reservation that no decode step reads before the commit; blocks come
+back to the pool only once the steps that used them have finished on the host.
 
 Messages: with layer-wise overlap each layer goes as it is computed (a LAYER header and one
-send); a finished prefill sends its layers stacked, a few layers per message (``send_layers``,
-``kv.pages.message_layer_ranges``), so gathers, sends and scatters of consecutive messages overlap.
+send); a finished prefill sends all layers as one stacked message (``send_layers``).
 
 Threads: gloo runs send/recv on the calling thread and matches them by (source, tag) on a
 per-peer connection, so decode threads receiving from *different* sources at once do not
@@ -43,16 +40,16 @@ the prefill's pending send only fails after its ``timeout_s``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
 
-from minidisagg.kv.streams import ready_event, side_stream
 from minidisagg.transport.base import TransferError
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
 from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
@@ -172,70 +169,60 @@ class SourceClaims:
 SOURCE_CLAIMS = SourceClaims()
 
 
-RECEIVE_ROLE, WRITE_ROLE = "kv-receive", "kv-write"  # the receiving thread's two side streams (kv/streams.py)
-FREE_EVENT_ATTR = "_minidisagg_free_after"  # on a staging buffer: the event after which its last write is done
+_LINK_STREAMS = threading.local()  # each receiving thread's own CUDA stream, by device
 
 
-def wait_received(device: torch.device, timeout_s: float, poll_s: float = 20e-6) -> None:
-    """Block until everything this thread queued on its side streams is done; TimeoutError after ``timeout_s``.
+def _link_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's side stream on ``device`` (made on first use)."""
+    streams = getattr(_LINK_STREAMS, "by_device", None)
+    if streams is None:
+        streams = _LINK_STREAMS.by_device = {}
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
-    Polls events rather than synchronizing, so a receive that never completes cannot hang the link.
+
+def receive_stream(device: torch.device) -> ContextManager[object]:
+    """Where this thread receives pages and scatters them (its side stream on a GPU; see Streams above)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(_link_stream(device))
+
+
+def wait_received(device: torch.device, timeout_s: float, poll_s: float = 50e-6) -> None:
+    """Block until everything this thread queued on its side stream is done; TimeoutError after ``timeout_s``.
+
+    Polls an event rather than synchronizing, so a receive that never completes cannot hang the link.
     """
     if device.type != "cuda":
         return
-    events = []
-    for role in (RECEIVE_ROLE, WRITE_ROLE):
-        event = torch.cuda.Event()
-        event.record(side_stream(device, role))
-        events.append(event)
+    done = torch.cuda.Event()
+    done.record(_link_stream(device))
     deadline = time.monotonic() + timeout_s
-    while not all(e.query() for e in events):
+    while not done.query():
         if time.monotonic() > deadline:
             raise TimeoutError(f"KV pages on {device} did not land within {timeout_s} s")
         time.sleep(poll_s)
 
 
-def buffer_released(buffer: torch.Tensor) -> None:
-    """Wait (on the host) until the last write out of a staging buffer is done, before it is dropped."""
-    event = getattr(buffer, FREE_EVENT_ATTR, None)
-    if event is not None:
-        event.synchronize()
+def recv_pages(buffer: torch.Tensor, src_rank: int, timeout_s: float) -> None:
+    """Receive pages from ``src_rank`` into ``buffer``; ConnectionError/TimeoutError on failure.
 
-
-def _failure(exc: RuntimeError, src_rank: int, timeout_s: float) -> Exception:
-    if "timed out" in str(exc).lower():
-        return TimeoutError(f"KV pages from rank {src_rank} did not arrive within {timeout_s} s")
-    return ConnectionError(f"KV receive from rank {src_rank} failed: {exc}")
-
-
-def receive_and_write(buffer: torch.Tensor, src_rank: int, timeout_s: float,
-                      write: Callable[[torch.Tensor], None]) -> None:
-    """Receive pages from ``src_rank`` into the staging ``buffer``, then ``write(buffer)`` them into the pool.
-
-    On the CPU (gloo) both happen before it returns; ConnectionError/TimeoutError on failure.
-    On a GPU (NCCL) it only queues them and returns at once (see Streams above): the receive
-    on this thread's receive stream, after the last write out of ``buffer`` finished, and the
-    write on its write stream, after the receive. So the write of one message overlaps the
-    receive of the next when they use different buffers; ``wait_received`` waits for both.
+    On the CPU (gloo) it returns once the pages are here. On a GPU (NCCL) it only queues the
+    receive on the current stream (call it under ``receive_stream``) and returns at once; the
+    pages are in ``buffer`` for later work on that stream, and ``wait_received`` waits for them.
     """
     try:
-        if not buffer.is_cuda:
-            work = dist.irecv(buffer, src=src_rank, tag=KV_TAG)
-            work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-            write(buffer)
+        if buffer.is_cuda:
+            # no timeout argument: with one, NCCL's wait blocks the host until the pages are here
+            dist.irecv(buffer, src=src_rank, tag=KV_TAG).wait()
             return
-        receiving, writing = side_stream(buffer.device, RECEIVE_ROLE), side_stream(buffer.device, WRITE_ROLE)
-        free = getattr(buffer, FREE_EVENT_ATTR, None)
-        with torch.cuda.stream(receiving):
-            if free is not None:
-                receiving.wait_event(free)
-            work = dist.irecv(buffer, src=src_rank, tag=KV_TAG)
-        with torch.cuda.stream(writing):
-            work.wait()  # no timeout argument: with one, NCCL's wait blocks the host until the pages are here
-            write(buffer)
-            setattr(buffer, FREE_EVENT_ATTR, ready_event(buffer))
+        work = dist.irecv(buffer, src=src_rank, tag=KV_TAG)
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as exc:
-        raise _failure(exc, src_rank, timeout_s) from exc
+        if "timed out" in str(exc).lower():
+            raise TimeoutError(f"KV pages from rank {src_rank} did not arrive within {timeout_s} s") from exc
+        raise ConnectionError(f"KV receive from rank {src_rank} failed: {exc}") from exc
 
 
 class DistSender(SocketSender):

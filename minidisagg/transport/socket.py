@@ -186,10 +186,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
     Whatever happens, reservations made over this link and not committed are cancelled.
     """
     reserved: dict[str, int] = {}  # transfer id -> number of blocks
-    # staging buffers by (shape, device, turn), reused (fresh pages cost bandwidth); on a GPU two
-    # per shape take turns, so one message's scatter overlaps the next message's receive
-    buffers: dict[tuple[tuple[int, ...], str, int], torch.Tensor] = {}
-    turns: dict[tuple[tuple[int, ...], str], int] = {}
+    # staging buffer per (block count, device), reused (fresh pages cost bandwidth)
+    buffers: dict[tuple[int, str], torch.Tensor] = {}
     dist_source: dict[str, int] = {}  # the prefill rank this link's via=dist pages come from, once seen
 
     def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -208,16 +206,12 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             expected = [count, *expected]
         if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
             raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
-        shape_key = (tuple(expected), str(device))
-        turn = turns[shape_key] = (turns.get(shape_key, -1) + 1) % (2 if device.type == "cuda" else 1)
-        key = (*shape_key, turn)
+        key = (tuple(expected), str(device))
         buffer = buffers.get(key)
         if buffer is None:
             buffer = buffers[key] = torch.empty(expected, dtype=layout.dtype, device=device)
             if len(buffers) > 8:
-                from minidisagg.transport.dist import buffer_released
-
-                buffer_released(buffers.pop(next(iter(buffers))))  # not while a scatter still reads it
+                buffers.pop(next(iter(buffers)))
         return buffer
 
     def staging(header: dict[str, Any], nbytes: int) -> memoryview:
@@ -229,8 +223,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         header["_tensor"] = buffer
         return memoryview(buffer.view(torch.uint8).numpy()).cast("B")
 
-    def dist_pages(header: dict[str, Any]) -> None:
-        """Header checked like a socket payload's, then the pages by torch.distributed into the pool (dist.py)."""
+    def dist_pages(header: dict[str, Any]) -> torch.Tensor:
+        """Header checked like a socket payload's, then the pages by torch.distributed (see dist.py)."""
         from minidisagg.transport import dist as kv_dist  # lazy: dist.py builds on this module
 
         buffer = checked_buffer(header, kv_dist.transfer_device())
@@ -238,7 +232,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         if dist_source.setdefault("rank", src_rank) != src_rank:
             raise FrameError(f"LAYER via=dist from rank {src_rank} on a link that carried rank {dist_source['rank']}")
         kv_dist.SOURCE_CLAIMS.claim(src_rank, sock)
-        kv_dist.receive_and_write(buffer, src_rank, frame_timeout_s, lambda pages: write_pages(header, pages))
+        kv_dist.recv_pages(buffer, src_rank, frame_timeout_s)
+        return buffer
 
     def write_pages(header: dict[str, Any], pages: torch.Tensor) -> None:
         tid, layer = header["transfer_id"], header["layer"]
@@ -275,7 +270,10 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                 via = h.get("via", "socket")
                 kv_trace(f"layer-frame-{h.get('layer')}", tid)
                 if via == "dist":
-                    dist_pages(h)
+                    from minidisagg.transport import dist as kv_dist
+
+                    with kv_dist.receive_stream(kv_dist.transfer_device()):  # see dist.py: Streams
+                        write_pages(h, dist_pages(h))
                     kv_trace(f"layer-queued-{h.get('layer')}", tid)
                 elif via != "socket" or not isinstance(h.get("_tensor"), torch.Tensor):
                     raise FrameError(f"LAYER via={via!r} without pages")
