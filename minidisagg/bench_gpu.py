@@ -4,8 +4,9 @@ One run on one CUDA card measures, in this order:
 
 - the card's ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 matmul rate;
 - each Triton kernel against the torch reference (max error) and its roofline;
-- engine decode ms/token (one whole engine step) at several batch sizes with CUDA graphs, and at
-  batch 1 without them, against weight + KV bytes over the copy bandwidth;
+- engine decode ms/token (one whole engine step) at several batch sizes with CUDA graphs and
+  asynchronous scheduling, and at batch 1 without asynchronous scheduling (`` sync``) and without
+  graphs (`` eager``), against weight + KV bytes over the copy bandwidth;
 - engine prefill time against FLOPs over the matmul rate;
 - HF transformers ``generate`` on the same card, eager and with its static (compiled) cache.
 
@@ -63,7 +64,7 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
     console.print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
     rows: list[Row] = []
     checks: dict[str, Any] = {}
-    steps = (len(models) * (len(batches) + 1 + len(prefill_lengths) + int(hf_eager)) + len(hf_compiled) + 4)
+    steps = (len(models) * (len(batches) + 2 + len(prefill_lengths) + int(hf_eager)) + len(hf_compiled) + 4)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench gpu", total=steps)
 
@@ -87,10 +88,14 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
                 row, tokens = decode_row(model, batch, prompt_len, new_tokens, copy_bw)
                 graph_tokens = tokens if batch == batches[0] else graph_tokens
                 done(row)
+            row, sync_tokens = decode_row(model, batches[0], prompt_len, new_tokens, copy_bw, async_scheduling=False)
+            done(row)
             row, eager_tokens = decode_row(model, batches[0], prompt_len, new_tokens, copy_bw, cuda_graphs=False)
             done(row)
             same = sum(a == b for a, b in zip(graph_tokens, eager_tokens))
             checks[f"{model} greedy tokens, CUDA graphs == eager (bs{batches[0]})"] = f"{same}/{len(eager_tokens)} sequences"
+            same = sum(a == b for a, b in zip(graph_tokens, sync_tokens))
+            checks[f"{model} greedy tokens, async == sync scheduling (bs{batches[0]})"] = f"{same}/{len(sync_tokens)} sequences"
             llm = engine_llm(model, max_num_seqs=1, max_model_len=max(prefill_lengths) + 16, cuda_graphs=False)
             try:
                 for n in prefill_lengths:

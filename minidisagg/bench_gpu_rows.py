@@ -63,13 +63,13 @@ def decode_step_bytes(llm: LLM, batch: int, context_len: int) -> int:
 
 
 def engine_llm(model: str, max_num_seqs: int, max_model_len: int, cuda_graphs: bool,
-               max_num_batched_tokens: int = 8192) -> LLM:
+               max_num_batched_tokens: int = 8192, async_scheduling: Optional[bool] = None) -> LLM:
     """A colocated engine on the GPU with random weights of ``model``'s real shape."""
     cfg = PRESETS[model]
     kv_budget_bytes = int(1.1 * max_num_seqs * max_model_len * cfg.kv_bytes_per_token(2)) + (16 << 20)
     return LLM(model, device="cuda", dtype="bfloat16", random_weights=True, max_num_seqs=max_num_seqs,
                max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs,
-               kv_memory_budget_bytes=kv_budget_bytes)
+               kv_memory_budget_bytes=kv_budget_bytes, async_scheduling=async_scheduling)
 
 
 def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -92,9 +92,11 @@ def decode_step_ms(llm: LLM, batch: int, prompt_len: int, new_tokens: int, seed:
 
 
 def decode_row(model: str, batch: int, prompt_len: int, new_tokens: int, copy_bytes_per_s: float,
-               cuda_graphs: bool = True) -> tuple[Row, list[list[int]]]:
-    """The row ``decode <model> bs<batch>`` (add `` eager`` without CUDA graphs)."""
-    llm = engine_llm(model, max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16, cuda_graphs=cuda_graphs)
+               cuda_graphs: bool = True, async_scheduling: bool = True) -> tuple[Row, list[list[int]]]:
+    """The row ``decode <model> bs<batch>``; `` eager`` without CUDA graphs, `` sync`` with graphs but
+    without asynchronous scheduling (the host reads each step's tokens before queuing the next)."""
+    llm = engine_llm(model, max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16, cuda_graphs=cuda_graphs,
+                     async_scheduling=async_scheduling and cuda_graphs)
     try:
         ms, tokens = decode_step_ms(llm, batch, prompt_len, new_tokens)
         floor_ms = 1000 * decode_step_bytes(llm, batch, prompt_len + new_tokens // 2) / copy_bytes_per_s
@@ -102,7 +104,7 @@ def decode_row(model: str, batch: int, prompt_len: int, new_tokens: int, copy_by
         llm.shutdown()
         del llm
         torch.cuda.empty_cache()
-    suffix = "" if cuda_graphs else " eager"
+    suffix = " eager" if not cuda_graphs else ("" if async_scheduling else " sync")
     return with_floor(f"decode {model} bs{batch}{suffix}", ms, floor_ms), tokens
 
 

@@ -191,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
                           cuda_graphs=not args.no_cuda_graphs,
+                          async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
                           cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                                             memory_budget_bytes=args.kv_memory_budget_bytes))
     if args.role == "router":
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     serve.add_argument("--kv-memory-budget-bytes", type=int, default=None, help="KV pool size (default: the engine's)")
     serve.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    serve.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                       help="queue decode step n+1 before step n's tokens reach the host (auto: with CUDA graphs)")
     serve.add_argument("--no-overlap", action="store_true", help="send KV after the prefill, not layer by layer")
     serve.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     serve.add_argument("--cpu-cores", default="", help="pin this process to these cores, e.g. 0 or 0,1")

@@ -186,6 +186,10 @@ class EngineConfig:
     max_model_len: Optional[int] = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     cuda_graphs: bool = True  # decode by CUDA graph replay where possible (CUDA + Triton kernels only)
+    # Queue decode step n+1 on the device before step n's tokens reach the host, so the host's work
+    # between steps overlaps the device's (vLLM's asynchronous scheduling). None: on where decode
+    # runs by CUDA graphs, off elsewhere (on a CPU nothing runs in the background to overlap).
+    async_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

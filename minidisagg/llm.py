@@ -34,7 +34,9 @@ class LLM:
 
     Disaggregated worker processes (``transport="socket"`` or ``"dist"``) can be pinned, one
     device per worker: ``prefill_devices=["cuda:0"], decode_devices=["cuda:1"]``. ``worker_threads`` sets
-    their torch CPU threads (0: torch's default).
+    their torch CPU threads (0: torch's default). ``async_scheduling`` queues each greedy decode step
+    on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
+    graphs).
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -57,6 +59,7 @@ class LLM:
         kv_memory_budget_bytes: Optional[int] = None,
         batch_invariant: bool = False,
         cuda_graphs: bool = True,
+        async_scheduling: Optional[bool] = None,
         random_weights: bool = False,
         seed: int = 0,
         clock: Optional[Clock] = None,
@@ -83,6 +86,7 @@ class LLM:
             max_model_len=max_model_len,
             cache=cache,
             cuda_graphs=cuda_graphs,
+            async_scheduling=async_scheduling,
         )
         if mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")

@@ -134,3 +134,20 @@ def test_cuda_graph_logits_close_to_eager_bf16(seed, batch_size):
     relative_rms = ((graphed - eager).norm() / eager.norm()).item()
     assert relative_rms <= 1e-2 and (graphed - eager).abs().max().item() <= 0.05 * scale, \
         f"seed {seed}: relative rms {relative_rms:.2e}, max {(graphed - eager).abs().max().item():.3g} of {scale:.3g}"
+
+
+def test_async_scheduling_equals_sync_with_graphs(seed):
+    """Steps queued ahead (graph replays fed by tokens still on the device) change no token, leak no block."""
+    batch = prompts(seed, 9, 49152, 3, 120)
+    params = [SamplingParams(temperature=0.0, max_tokens=random.Random(seed + i).randint(1, 50), ignore_eos=True)
+              for i in range(len(batch))]
+    results = []
+    for async_scheduling in (True, False):
+        llm = engine("smollm2-135m", "float32", max_num_seqs=4, async_scheduling=async_scheduling)
+        assert llm.engine.runner.async_scheduling is async_scheduling
+        results.append([o.token_ids for o in llm.generate(batch, params, use_tqdm=False)])
+        assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+        if async_scheduling:
+            assert llm.engine.decode_stage.lookahead.used > 0, "no step ran from the queue"
+    assert results[0] == results[1], f"seed {seed}"
+    assert engine("tiny", "float32").engine.runner.async_scheduling  # on by default with graphs

@@ -125,6 +125,8 @@ class DisaggCluster:
             args += ["--max-model-len", str(config.max_model_len)]
         if not config.cuda_graphs:
             args.append("--no-cuda-graphs")
+        if config.async_scheduling is not None:
+            args += ["--async-scheduling", "on" if config.async_scheduling else "off"]
         if config.batch_invariant:
             args.append("--batch-invariant")
         if loaded.random_weights:

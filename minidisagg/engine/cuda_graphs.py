@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -137,12 +137,18 @@ class DecodeGraphs:
         )
 
     def _fill(self, step: _CapturedStep, token_ids: Sequence[int], positions: Sequence[int],
-              block_tables: Sequence[Sequence[int]]) -> None:
-        """Write one step's inputs into the pinned host buffer (padding the rest) and copy it over."""
+              block_tables: Sequence[Sequence[int]], device_token_ids: Optional[torch.Tensor] = None) -> None:
+        """Write one step's inputs into the pinned host buffer (padding the rest) and copy it over.
+
+        ``device_token_ids`` then overwrites the token ids on the device (tokens sampled by an
+        earlier step that the host has not seen yet).
+        """
         step.copied.synchronize()  # never overwrite the pinned buffer while a copy still reads it
         step.host_views.pack(token_ids, positions, block_tables, self.block_size)
         step.device_inputs.copy_(step.host_inputs, non_blocking=True)
         step.copied.record()
+        if device_token_ids is not None:
+            step.device_inputs[: len(token_ids)].copy_(device_token_ids)  # input_ids lead the buffer
 
     @torch.inference_mode()
     def capture(self, bucket: int) -> None:
@@ -182,9 +188,13 @@ class DecodeGraphs:
             self.capture(bucket)
 
     @torch.inference_mode()
-    def run(self, token_ids: Sequence[int], positions: Sequence[int],
-            block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One decode step by graph replay; float32 logits [len(token_ids), vocab] (a fresh tensor)."""
+    def run(self, token_ids: Sequence[int], positions: Sequence[int], block_tables: Sequence[Sequence[int]],
+            device_token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decode step by graph replay; float32 logits [len(token_ids), vocab] (a fresh tensor).
+
+        ``device_token_ids``, when given, are the step's token ids on the device (``token_ids`` are
+        then placeholders).
+        """
         n = len(token_ids)
         bucket = self.bucket_for(n)
         if bucket is None:
@@ -192,6 +202,6 @@ class DecodeGraphs:
         if bucket not in self._steps:
             self.capture(bucket)
         step = self._steps[bucket]
-        self._fill(step, token_ids, positions, block_tables)
+        self._fill(step, token_ids, positions, block_tables, device_token_ids)
         step.graph.replay()
         return step.logits[:n].clone()

@@ -127,7 +127,8 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.cache.block_size, loaded.model.dtype, loaded.model.device)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.batch_invariant, cuda_graphs=config.cuda_graphs,
-                                  max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs)
+                                  max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
+                                  async_scheduling=config.async_scheduling)
         self.prefill_stage: Stage = prefill_stage(self.runner)
         self.decode_stage: Stage = decode_stage(self.runner)
         budget = StepBudget(config.max_num_seqs, config.max_num_batched_tokens)
@@ -324,6 +325,9 @@ class LLMEngine:
         needed = self.blocks.blocks_needed(num_tokens)
         if self.blocks.block_table(key) or needed + headroom > self.blocks.num_free_blocks:
             return None
+        # A decode step queued ahead may still write KV into blocks freed since (by a sequence that
+        # stopped): let it finish before another writer, on another stream, receives into them.
+        self.decode_stage.settle()
         return list(self.blocks.grow(key, num_tokens))
 
     def cancel_reservation(self, key: str) -> int:

@@ -28,16 +28,20 @@ class ModelRunner:
     """Owns the model and the KV pool; executes one forward pass over a packed batch."""
 
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, batch_invariant: bool = False,
-                 cuda_graphs: bool = False, max_model_len: Optional[int] = None, max_num_seqs: int = 64) -> None:
+                 cuda_graphs: bool = False, max_model_len: Optional[int] = None, max_num_seqs: int = 64,
+                 async_scheduling: Optional[bool] = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.batch_invariant = batch_invariant
         self.device = model.device
+        self.max_model_len = min(max_model_len or model.cfg.max_position, model.cfg.max_position)
         self.layer_hook: Optional[Callable[[int], None]] = None  # called after each layer's KV is written
         self.decode_graphs: Optional[DecodeGraphs] = None
         if cuda_graphs and graphs_supported(model, batch_invariant):
-            self.decode_graphs = DecodeGraphs(model, kv_cache, max_model_len or model.cfg.max_position,
-                                              graph_batch_sizes(max_num_seqs))
+            self.decode_graphs = DecodeGraphs(model, kv_cache, self.max_model_len, graph_batch_sizes(max_num_seqs))
+        # Whether the decode stage may queue the next step before reading this one's tokens (see
+        # ``EngineConfig.async_scheduling``); by default only where graphs make a step cheap to launch.
+        self.async_scheduling = self.decode_graphs is not None if async_scheduling is None else async_scheduling
 
     def _prepare(self, items: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.kv_cache.block_size
@@ -75,14 +79,26 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids, pos, meta, logit_rows
 
-    def execute(self, items: list[BatchItem]) -> torch.Tensor:
-        """Run the items as one packed batch; returns float32 logits for items with ``want_logits``, in order."""
+    def execute(self, items: list[BatchItem], device_token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the items as one packed batch; returns float32 logits for items with ``want_logits``, in order.
+
+        ``device_token_ids`` ([len(items)] int64, on the model's device) replaces the items' token
+        ids in a decode batch (one token per item): the tokens a previous step sampled on the
+        device, used before they have reached the host.
+        """
         if not items:
             raise ValueError("execute() needs at least one batch item")
+        if device_token_ids is not None and (device_token_ids.shape != (len(items),)
+                                             or any(len(it.token_ids) != 1 for it in items)):
+            raise ValueError(f"device_token_ids must hold one token per decode item ({len(items)}), "
+                             f"got shape {tuple(device_token_ids.shape)}")
         if self._graph_eligible(items):
             return self.decode_graphs.run(  # type: ignore[union-attr]
-                [it.token_ids[0] for it in items], [it.start_pos for it in items], [it.block_table for it in items])
+                [it.token_ids[0] for it in items], [it.start_pos for it in items], [it.block_table for it in items],
+                device_token_ids)
         ids, pos, meta, logit_rows = self._prepare(items)
+        if device_token_ids is not None:
+            ids = device_token_ids
         hidden = self.model(ids, pos, self.kv_cache, meta, self.layer_hook)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[rows], self.batch_invariant)

@@ -56,6 +56,13 @@ class Stage(ABC, Generic[WorkT]):
     def run(self, work: list[WorkT]) -> StageResult:
         """Run one batch of work."""
 
+    def settle(self) -> None:
+        """Wait for device work this stage queued ahead of its results (none by default).
+
+        The engine calls it before it hands freed blocks to a writer outside its own device stream
+        (incoming KV from another worker).
+        """
+
     def execute_timed(self, items: list[BatchItem], seqs: list[Sequence]) -> tuple[list[Optional[int]], float]:
         """Run the model over ``items``, sample where logits were asked for, and time it all."""
         t0 = time.perf_counter()
