@@ -150,3 +150,17 @@ def test_a_queued_step_runs_only_if_it_is_exactly_the_next_step(tiny_loaded, see
         if async_scheduling:
             assert engine.decode_stage.lookahead.dropped == dropped + 1, "the stale queued step was used"
     assert tokens[0] == tokens[1], f"seed {seed}"
+
+
+def test_staggered_sequences_run_from_the_queue_at_every_step(tiny_loaded, seed):
+    """Sequences at different offsets into their blocks: the scheduler takes each next block a step early,
+    so crossing into a new block does not stop the batch from running one step ahead."""
+    rng = random.Random(seed + 5)
+    requests = [([rng.randrange(3, tiny_loaded.config.vocab_size) for _ in range(rng.randint(5, 60))],
+                 SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), 0.0) for _ in range(8)]
+    engine = make_engine(tiny_loaded, async_scheduling=True, max_num_seqs=8, block_size=4, clock=SimulatedClock())
+    ref = serve(make_engine(tiny_loaded, async_scheduling=False, max_num_seqs=8, block_size=4, clock=SimulatedClock()),
+                requests)
+    assert serve(engine, requests) == ref, f"seed {seed}"
+    decode_steps = sum(1 for step in engine.stats.steps if step.stage == "decode")
+    assert engine.decode_stage.lookahead.used >= decode_steps - 1, (engine.decode_stage.lookahead, decode_steps)

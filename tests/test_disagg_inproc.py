@@ -55,18 +55,22 @@ def prompts_for(rng: random.Random, n: int, lo: int = 3, hi: int = 70) -> list[l
     return [[rng.randrange(100, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("num_prefill, num_decode, routing, overlap", [
-    (1, 1, "round_robin", True), (1, 1, "round_robin", False), (2, 3, "least_loaded", True),
+@pytest.mark.parametrize("num_prefill, num_decode, routing, overlap, async_scheduling", [
+    (1, 1, "round_robin", True, False), (1, 1, "round_robin", False, False), (2, 3, "least_loaded", True, False),
+    (1, 2, "round_robin", False, True),  # decode workers queue each step ahead, and reserve blocks meanwhile
 ])
-def test_disagg_equals_colocated(tiny_loaded, rng, num_prefill, num_decode, routing, overlap):
+def test_disagg_equals_colocated(tiny_loaded, rng, num_prefill, num_decode, routing, overlap, async_scheduling):
     r, seed = rng
     prompts = prompts_for(r, 8)
     ref = colocated(tiny_loaded, prompts)
-    cluster = DisaggCluster(tiny_loaded, EngineConfig(batch_invariant=True), num_prefill=num_prefill,
+    config = EngineConfig(batch_invariant=True, async_scheduling=async_scheduling)
+    cluster = DisaggCluster(tiny_loaded, config, num_prefill=num_prefill,
                             num_decode=num_decode, routing=routing, overlap=overlap)
     try:
         outs = serve(cluster, prompts)
         assert [o.token_ids for o in outs] == ref, f"seed {seed}"
+        if async_scheduling:
+            assert any(w.engine.decode_stage.lookahead.used for w in cluster.decode_workers)
         layout_bytes = cluster.decode_workers[0].layout.request_nbytes
         for o, p in zip(outs, prompts):
             m = o.metrics

@@ -132,7 +132,8 @@ class LLMEngine:
         self.prefill_stage: Stage = prefill_stage(self.runner)
         self.decode_stage: Stage = decode_stage(self.runner)
         budget = StepBudget(config.max_num_seqs, config.max_num_batched_tokens)
-        self.scheduler = Scheduler(policy or config.policy, budget, self.blocks)
+        self.scheduler = Scheduler(policy or config.policy, budget, self.blocks,
+                                   lookahead_tokens=1 if self.runner.async_scheduling else 0)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._pending: list[tuple[float, int, Sequence]] = []

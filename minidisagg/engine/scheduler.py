@@ -104,7 +104,7 @@ class PolicyError(ValueError):
 class Scheduler:
     """Holds the waiting and running queues and turns policy plans into feasible steps."""
 
-    def __init__(self, policy: Policy | str, budget: StepBudget, blocks: BlockManager) -> None:
+    def __init__(self, policy: Policy | str, budget: StepBudget, blocks: BlockManager, lookahead_tokens: int = 0) -> None:
         if isinstance(policy, str):
             if policy not in POLICIES:
                 raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
@@ -112,6 +112,10 @@ class Scheduler:
         self.policy = policy
         self.budget = budget
         self.blocks = blocks
+        # With asynchronous scheduling the step after this one is queued before the next schedule:
+        # a decode also takes the block its next token needs, when that leaves a free block for
+        # every decode in the plan (so it never causes a preemption).
+        self.lookahead_tokens = lookahead_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -172,6 +176,9 @@ class Scheduler:
                 fits = self.blocks.can_grow(seq.seq_id, num_tokens)
             if fits:
                 seq.block_table = self.blocks.grow(seq.seq_id, num_tokens)
+                ahead = num_tokens + self.lookahead_tokens
+                if self.lookahead_tokens and self.blocks.num_extra_blocks(seq.seq_id, ahead) < self.blocks.num_free_blocks - len(decodes):
+                    seq.block_table = self.blocks.grow(seq.seq_id, ahead)
                 fitted.append(seq)
             elif self.blocks.blocks_needed(num_tokens) > self.blocks.num_blocks:
                 self.finish(seq, "length")  # alone, it would overflow the whole KV pool
