@@ -44,8 +44,9 @@ def _attend_keys(
         key_ok = pos < key_end
         block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         token = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch  # [BLOCK_N]
-        k = tl.load(k_cache_ptr + token[None, :] + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [rows, BLOCK_N]
+        # K loaded key-major like V (each key's head_dim values are contiguous), transposed in registers
+        k = tl.load(k_cache_ptr + token[:, None] + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [rows, BLOCK_N]
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (pos[None, :] <= query_pos[:, None])
