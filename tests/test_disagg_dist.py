@@ -132,3 +132,21 @@ def test_dist_nccl_equals_colocated_on_gpus(seed):
     finally:
         llm.shutdown()
     assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
+
+
+@pytest.mark.gpu
+def test_dist_nccl_with_graphs_and_async_scheduling_equals_colocated(seed):
+    """The serving configuration: decode workers replay CUDA graphs and queue each step ahead while KV arrives."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs a GPU per rank: 1P1D needs 2 GPUs")
+    prompts = token_prompts(seed, 6)
+    colocated = LLM("tiny", device="cuda", dtype="float32", seed=seed, async_scheduling=True)
+    assert colocated.engine.runner.async_scheduling and colocated.engine.runner.decode_graphs is not None
+    ref = [o.token_ids for o in colocated.generate(prompts, GREEDY)]
+    llm = LLM("tiny", device="cuda", dtype="float32", seed=seed, mode="disagg", transport="dist", async_scheduling=True)
+    procs = list(llm.engine.processes)
+    try:
+        check_outputs(llm, prompts, ref, seed)
+    finally:
+        llm.shutdown()
+    assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
