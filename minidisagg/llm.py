@@ -34,7 +34,7 @@ class LLM:
 
     Disaggregated worker processes (``transport="socket"`` or ``"dist"``) can be pinned, one
     device per worker: ``prefill_devices=["cuda:0"], decode_devices=["cuda:1"]``. ``worker_threads`` sets
-    their torch CPU threads (0: torch's default). ``async_scheduling`` queues each greedy decode step
+    their torch CPU threads (0: torch's default). ``async_scheduling`` queues each decode step
     on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
     graphs).
 

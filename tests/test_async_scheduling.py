@@ -6,6 +6,7 @@ used when the next batch is the same and dropped when it is not, and every block
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -34,8 +35,7 @@ def with_early_stops(rng: random.Random, requests, outputs: list[list[int]]):
     changed = []
     for i, ((prompt, params, t), out) in enumerate(zip(requests, outputs)):
         if i % 2 == 0 and len(out) > 3:
-            stop_at = out[rng.randrange(1, len(out) - 1)]
-            params = SamplingParams(temperature=0, max_tokens=params.max_tokens, ignore_eos=True, stop_token_ids=[stop_at])
+            params = dataclasses.replace(params, stop_token_ids=[out[rng.randrange(1, len(out) - 1)]])
         changed.append((prompt, params, t))
     return changed
 
@@ -78,16 +78,28 @@ def test_async_scheduling_with_preemption_and_context_limit(tiny_loaded, seed):
     assert engine.decode_stage.lookahead.used > 0
 
 
-def test_sampled_requests_decode_as_without_async(tiny_loaded, seed):
-    """Steps queued ahead would draw from a request's generator; batches with sampling never queue ahead."""
+@pytest.mark.parametrize("num_blocks", [None, 14])  # 14 blocks of 8 tokens: preemptions and recomputes
+def test_seeded_sampling_draws_the_same_tokens_with_async(tiny_loaded, seed, num_blocks):
+    """Steps queued ahead sample with copies of the generators, adopted only if the step is used."""
     rng = random.Random(seed + 2)
     requests = []
-    for i, (prompt, params, t) in enumerate(workload(rng, tiny_loaded.config.vocab_size, 6, 3, 30)):
-        if i % 2:
-            params = SamplingParams(temperature=0.8, top_k=40, max_tokens=20, seed=rng.randrange(1 << 20), ignore_eos=True)
+    for i, (prompt, params, t) in enumerate(workload(rng, tiny_loaded.config.vocab_size, 7, 3, 30)):
+        if i % 3:  # mixed batches: greedy rows and sampled rows with top-k and top-p
+            params = SamplingParams(temperature=0.8, top_k=rng.choice([-1, 40]), top_p=rng.choice([1.0, 0.9]),
+                                    max_tokens=rng.randint(5, 30), seed=rng.randrange(1 << 20), ignore_eos=True)
         requests.append((prompt, params, t))
-    ref = serve(make_engine(tiny_loaded, async_scheduling=False, clock=SimulatedClock()), requests)
-    assert serve(make_engine(tiny_loaded, async_scheduling=True, clock=SimulatedClock()), requests) == ref, f"seed {seed}"
+    limits = dict(num_blocks=num_blocks, block_size=8, max_num_seqs=4) if num_blocks else dict(max_num_seqs=4)
+    first = serve(make_engine(tiny_loaded, async_scheduling=False, clock=SimulatedClock(), **limits), requests)
+    requests = with_early_stops(rng, requests, [ids for ids, _ in first.values()])
+    ref_engine = make_engine(tiny_loaded, async_scheduling=False, clock=SimulatedClock(), **limits)
+    ref = serve(ref_engine, requests)
+    assert any(reason == "stop" for _, reason in ref.values()), f"no request stopped early; seed {seed}"
+    engine = make_engine(tiny_loaded, async_scheduling=True, clock=SimulatedClock(), **limits)
+    assert serve(engine, requests) == ref, f"seed {seed}"
+    ahead = engine.decode_stage.lookahead
+    assert ahead.used > 0 and ahead.dropped > 0, ahead
+    if num_blocks:
+        assert ref_engine.stats.num_preemptions > 0, "the pool was meant to be too small"
 
 
 def test_kv_after_async_decode_matches_a_fresh_prefill(tiny_loaded, seed):

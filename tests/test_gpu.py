@@ -137,10 +137,12 @@ def test_cuda_graph_logits_close_to_eager_bf16(seed, batch_size):
 
 
 def test_async_scheduling_equals_sync_with_graphs(seed):
-    """Steps queued ahead (graph replays fed by tokens still on the device) change no token, leak no block."""
+    """Steps queued ahead (graph replays fed by tokens sampled on the device) change no token, leak no block."""
     batch = prompts(seed, 9, 49152, 3, 120)
-    params = [SamplingParams(temperature=0.0, max_tokens=random.Random(seed + i).randint(1, 50), ignore_eos=True)
-              for i in range(len(batch))]
+    rng = random.Random(seed)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.9, top_k=50 if i % 3 else -1, top_p=0.95,
+                             max_tokens=rng.randint(1, 50), seed=rng.randrange(1 << 20), ignore_eos=True)
+              for i in range(len(batch))]  # greedy and seeded sampled rows mixed: sampling runs on the device
     results = []
     for async_scheduling in (True, False):
         llm = engine("smollm2-135m", "float32", max_num_seqs=4, async_scheduling=async_scheduling)

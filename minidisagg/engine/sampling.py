@@ -58,33 +58,49 @@ def make_generator(params: SamplingParams, device: torch.device) -> Optional[tor
 def top_k_top_p_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest nucleus of mass ``top_p``.
 
-    ``logits`` is [vocab] (already divided by the temperature). The most likely token always survives.
+    ``logits`` is [vocab] (already divided by the temperature). The most likely token always
+    survives. Masks are applied with ``masked_fill`` rather than boolean indexing, so on a GPU
+    nothing waits for the device (boolean indexing would read the mask's size back to the host).
     """
-    masked = logits.clone()
+    masked = logits
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
-        masked[logits < kth] = float("-inf")
+        masked = masked.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(masked, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop = mass_before >= top_p
-        drop[0] = False
-        masked[order[drop]] = float("-inf")
-    return masked
+        drop_sorted = mass_before >= top_p
+        drop_sorted[0] = False
+        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)  # back to vocabulary order
+        masked = masked.masked_fill(drop, float("-inf"))
+    return masked if masked is not logits else logits.clone()
+
+
+def sample_on_device(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
+) -> torch.Tensor:
+    """One token per row of float32 ``logits`` [rows, vocab], as an int64 tensor on their device.
+
+    Nothing waits for the device, so a caller can queue more work before reading the tokens.
+    Each sampled row draws from its own generator, in row order.
+    """
+    tokens = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return tokens
+    rows = []
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            rows.append(tokens[row : row + 1])
+            continue
+        scaled = top_k_top_p_mask(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        rows.append(torch.multinomial(probs, 1, generator=gen))
+    return torch.cat(rows)
 
 
 def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
 ) -> list[int]:
     """Pick one token per row of float32 ``logits`` [rows, vocab]."""
-    greedy_ids = logits.argmax(dim=-1).tolist()
-    tokens: list[int] = []
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
-            tokens.append(int(greedy_ids[row]))
-            continue
-        scaled = top_k_top_p_mask(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(scaled, dim=-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=gen).item()))
-    return tokens
+    return sample_on_device(logits, params, generators).tolist()

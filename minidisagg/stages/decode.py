@@ -1,13 +1,15 @@
 """The decode stage: one token for every running sequence, in one batched forward pass.
 
-With asynchronous scheduling (``ModelRunner.async_scheduling``) a greedy batch runs one step
-ahead: once step n is queued on the device, step n+1 is queued behind it at once, fed by step
-n's tokens as they sit on the device, and only then does the host wait for step n's tokens. The
-host's work between steps (stopping rules, outputs, the next schedule) then overlaps step n+1 on
-the device instead of leaving the device idle. If the next step's batch turns out different (a
-sequence finished or was preempted, a new one joined), the step queued ahead is dropped: it
-wrote the KV of tokens the next real step writes again, into blocks still owned by their
-sequences, or freed blocks that no later work on the same stream has read yet.
+With asynchronous scheduling (``ModelRunner.async_scheduling``) a batch runs one step ahead:
+once step n is queued on the device, step n+1 is queued behind it at once, fed by step n's
+tokens as they sit on the device (sampled there too), and only then does the host wait for step
+n's tokens. The host's work between steps (stopping rules, outputs, the next schedule) then
+overlaps step n+1 on the device instead of leaving the device idle. If the next step's batch
+turns out different (a sequence finished or was preempted, a new one joined), the step queued
+ahead is dropped: it wrote the KV of tokens the next real step writes again, into blocks still
+owned by their sequences, or freed blocks that no later work on the same stream has read yet.
+A step queued ahead samples with copies of the sequences' generators, which replace the
+originals only if the step is used, so seeded sampling draws the same tokens either way.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Optional
 import torch
 
 from minidisagg.engine.runner import BatchItem, ModelRunner
+from minidisagg.engine.sampling import sample_on_device
 from minidisagg.engine.sequence import Sequence
 from minidisagg.stages.base import Stage, StageResult
 
 
 @dataclass
 class QueuedDecode:
-    """A greedy decode step queued on the device whose tokens the host has not read yet."""
+    """A decode step queued on the device whose tokens the host has not read yet."""
 
     seqs: list[Sequence]
     positions: list[int]  # the position each sequence's input token takes
@@ -33,6 +36,7 @@ class QueuedDecode:
     token_ids: torch.Tensor  # [len(seqs)] the sampled tokens, on the device
     host_token_ids: torch.Tensor  # [len(seqs)] their copy on the host (pinned on CUDA)
     copied: Optional[torch.cuda.Event]  # recorded once the copy to the host is queued (None on CPU)
+    generators: Optional[list[Optional[torch.Generator]]] = None  # copies it sampled with (queued ahead only)
     input_token_ids: Optional[list[int]] = None  # the step's input tokens, once the host knows them
 
     def read(self) -> list[int]:
@@ -72,7 +76,7 @@ class DecodeStage(Stage[Sequence]):
                 raise ValueError(
                     f"request {seq.request_id} is not ready to decode: {seq.num_prefill_tokens_left} tokens lack KV"
                 )
-        if self.runner.async_scheduling and all(s.params.greedy for s in work):
+        if self.runner.async_scheduling:
             new_tokens, elapsed = self._run_ahead(work)
         else:
             self._drop_ahead()
@@ -93,22 +97,27 @@ class DecodeStage(Stage[Sequence]):
         t0 = time.perf_counter()
         step = self._take_ahead(work)
         if step is None:
-            step = self._queue(work, [s.num_tokens - 1 for s in work], None)
+            step = self._queue(work, [s.num_tokens - 1 for s in work], None, ahead=False)
             step.input_token_ids = [s.last_token_id for s in work]
         if self._may_queue_next(work):
-            self._ahead = self._queue(work, [p + 1 for p in step.positions], step.token_ids)
+            self._ahead = self._queue(work, [p + 1 for p in step.positions], step.token_ids, ahead=True)
         tokens = step.read()
         if self._ahead is not None:
             self._ahead.input_token_ids = tokens
         return list(tokens), time.perf_counter() - t0
 
-    def _queue(self, work: list[Sequence], positions: list[int], device_token_ids: Optional[torch.Tensor]) -> QueuedDecode:
-        """Queue one greedy decode step at ``positions``; its tokens stay on the device for now."""
+    def _queue(self, work: list[Sequence], positions: list[int], device_token_ids: Optional[torch.Tensor],
+               ahead: bool) -> QueuedDecode:
+        """Queue one decode step at ``positions``; its tokens stay on the device for now.
+
+        A step queued ``ahead`` samples with copies of the generators (see the module docstring).
+        """
         bs = self.runner.kv_cache.block_size
         items = [BatchItem([seq.last_token_id if device_token_ids is None else 0], pos, seq.block_table, True)
                  for seq, pos in zip(work, positions)]
         logits = self.runner.execute(items, device_token_ids)
-        token_ids = logits.argmax(dim=-1)
+        generators = [_copy(s.generator) for s in work] if ahead else [s.generator for s in work]
+        token_ids = sample_on_device(logits, [s.params for s in work], generators)
         copied = None
         if token_ids.is_cuda:
             host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
@@ -118,7 +127,7 @@ class DecodeStage(Stage[Sequence]):
         else:
             host = token_ids
         slots = [seq.block_table[pos // bs] * bs + pos % bs for seq, pos in zip(work, positions)]
-        return QueuedDecode(list(work), positions, slots, token_ids, host, copied)
+        return QueuedDecode(list(work), positions, slots, token_ids, host, copied, generators if ahead else None)
 
     def _may_queue_next(self, work: list[Sequence]) -> bool:
         """Whether the step after this one can be queued now, for the same batch.
@@ -149,6 +158,8 @@ class DecodeStage(Stage[Sequence]):
         )
         if same:
             self.lookahead.used += 1
+            for seq, generator in zip(work, ahead.generators or ()):
+                seq.generator = generator  # the copy drew this step's token: it carries on
             return ahead
         self.lookahead.dropped += 1
         return None
@@ -157,3 +168,12 @@ class DecodeStage(Stage[Sequence]):
         if self._ahead is not None:
             self._ahead = None
             self.lookahead.dropped += 1
+
+
+def _copy(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """A generator in the same state as ``generator`` (None stays None)."""
+    if generator is None:
+        return None
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
