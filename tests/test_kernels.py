@@ -494,3 +494,66 @@ def test_cpu_packed_linear_matches_torch_and_follows_weight_changes(dtype):
             weight.mul_(-2.0)  # in place: the packed copy must not go stale
             torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
             assert getattr(weight, lin.PACKED_ATTR)[1] is not first
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lone_decode_on_consecutive_blocks_reads_pages_in_place(seed, dtype):
+    """A single decode sequence whose blocks are consecutive in the pool is attended without a gather
+    (a slice of the cache): same result as the gather over the same pages in scattered blocks, and
+    as float64 attention. Block sizes and head shapes vary; the context may end mid-block."""
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    (num_heads, num_kv_heads), head_dim, block_size = rnd.choice(SHAPES)
+    ctx = rnd.randint(1, 90)
+    needed = -(-ctx // block_size)
+    spare = rnd.randint(0, 2)  # the table may list blocks past the context
+    scale = head_dim**-0.5
+    batch = build_paged_batch(gen, [(ctx, 1)], num_heads, num_kv_heads, head_dim, block_size, dtype)
+    where = f"ctx {ctx}, block_size {block_size}, heads {(num_heads, num_kv_heads)} (seed {seed}, {dtype})"
+
+    def on_blocks(table: list[int]) -> torch.Tensor:
+        """Decode attention with the sequence's pages copied into ``table``'s blocks of a fresh noisy pool."""
+        pool = 2 + max(table)
+        k_cache = randn(gen, pool, block_size, num_kv_heads, head_dim, dtype=dtype)
+        v_cache = randn(gen, pool, block_size, num_kv_heads, head_dim, dtype=dtype)
+        flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
+        flat_k[slots], flat_v[slots] = batch.seq_keys[0], batch.seq_values[0]
+        meta = AttentionMetadata(
+            query_starts=[0], query_lens=[1], context_lens=[ctx], block_tables=torch.tensor([table]),
+            context_lens_tensor=torch.tensor([ctx]), slot_mapping=slots[-1:],
+        )
+        out = decode_attention_reference(batch.q, k_cache, v_cache, meta, scale)
+        assert torch.equal(paged_attention(batch.q, batch.k, batch.v, k_cache, v_cache, meta, scale), out), where
+        return out
+
+    first = rnd.randint(0, 5)
+    consecutive = on_blocks(list(range(first, first + needed + spare)))
+    scattered = rnd.sample(range(needed + spare + 8), needed + spare)
+    if needed > 1 and scattered[:needed] == list(range(scattered[0], scattered[0] + needed)):
+        scattered[0], scattered[1] = scattered[1], scattered[0]  # make sure the gather path runs
+    gathered = on_blocks(scattered)
+    expected = naive_attention(batch, scale)
+    check_close(consecutive, expected, dtype, f"lone decode on consecutive blocks, {where}", seed)
+    check_close(gathered, expected, dtype, f"lone decode on scattered blocks, {where}", seed)
+    check_close(consecutive, gathered, dtype, f"consecutive vs scattered blocks, {where}", seed)
+
+
+def test_bf16_single_row_linear_is_a_gemv_equal_to_f_linear(seed):
+    """bf16 with one row (a batch-1 decode step) goes through ``torch.mv``: the same bits as ``F.linear``
+    on odd sizes; more rows, fp32 and batch-invariant calls do not take that path."""
+    from minidisagg.kernels import linear as lin
+
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out_f, in_f = rnd.randint(1, 700), rnd.randint(1, 700)
+    weight = (randn(gen, out_f, in_f) * in_f**-0.5).to(torch.bfloat16)
+    x = randn(gen, 1, in_f, dtype=torch.bfloat16)
+    where = f"weight {out_f}x{in_f} (seed {seed})"
+    assert lin._wants_gemv(x, weight), where
+    got = linear(x, weight)
+    assert got.shape == (1, out_f) and got.dtype == torch.bfloat16, where
+    assert torch.equal(got, F.linear(x, weight)), f"gemv differs from F.linear, {where}"
+    assert torch.equal(lin.linear_cpu_gemv(x[:, : in_f], weight), got), where
+    assert not lin._wants_gemv(x.expand(2, -1), weight) and not lin._wants_gemv(x.float(), weight.float()), where
+    torch.testing.assert_close(linear(x, weight, batch_invariant=True), got, rtol=2e-2, atol=2e-2)

@@ -16,7 +16,7 @@ BLOCK_FFN = 1024  # FFN columns per program; the last block of a row is masked
 def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     """``gate_up`` is [tokens, 2 * ffn]; returns silu(first half) * second half."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 @functools.cache

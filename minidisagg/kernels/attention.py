@@ -7,7 +7,9 @@ per layer, and a sequence's block table lists the blocks that hold its tokens in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,11 @@ class AttentionMetadata:
         """True when every sequence contributes exactly one query token."""
         return all(n == 1 for n in self.query_lens)
 
+    @functools.cached_property
+    def host_block_tables(self) -> list[list[int]]:
+        """``block_tables`` as Python lists, read once per batch (for the CPU path: on a GPU it would sync)."""
+        return self.block_tables.tolist()
+
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """One sequence's cached tokens [context_len, KH, D], in order."""
@@ -49,21 +56,34 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len:
     return cache[block_table[:num_blocks]].flatten(0, 1)[:context_len]
 
 
+def _lone_block_run(meta: AttentionMetadata, num_blocks: int) -> Optional[int]:
+    """The first block of the lone sequence's first ``num_blocks`` blocks if they are consecutive, else None."""
+    table = meta.host_block_tables[0][:num_blocks]
+    return table[0] if table == list(range(table[0], table[0] + num_blocks)) else None
+
+
 def decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Batched decode attention: q [B, H, D], one query per sequence, returns [B, H, D].
 
     Gathers every sequence's pages into a padded [B, KV heads, L, D] batch and runs SDPA with a
-    padding mask (none when all sequences have the same length).
+    padding mask (none when all sequences have the same length). A lone sequence on the CPU whose
+    blocks are consecutive in the pool (the block manager hands them out in order, so a batch-1
+    decode nearly always is) needs no gather: its pages are a slice of the cache.
     """
     num_seqs, num_heads, head_dim = q.shape
     max_len = max(meta.context_lens)
     max_blocks = -(-max_len // k_cache.shape[1])
-    flat = meta.block_tables[:, :max_blocks].reshape(-1)  # index_select of whole blocks: a fast gather
+    first = _lone_block_run(meta, max_blocks) if num_seqs == 1 and q.device.type == "cpu" else None
+    flat = meta.block_tables[:, :max_blocks].reshape(-1) if first is None else None
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
-        pages = cache.index_select(0, flat).view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])
+        if first is None:
+            pages = cache.index_select(0, flat)  # index_select of whole blocks: a fast gather
+        else:
+            pages = cache[first : first + max_blocks]
+        pages = pages.view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])
         return pages[:, :max_len].transpose(1, 2)  # [B, KH, L, D]
 
     keys, values = gather(k_cache), gather(v_cache)

@@ -13,10 +13,16 @@ bit-identical results; fp32 at 8 rows 51.4 -> 38.6 ms, but slower at 1-2 rows (2
 ms), where plain ``F.linear`` stays (``benchmarks/NOTES.md``). A packed copy is made on first use
 of a weight (and again if the weight is changed in place), so fp32 models that batch hold their
 weights twice. ``MINIDISAGG_CPU_PACKED_LINEAR=0`` turns packing off.
+
+One row of bf16 (a batch-1 decode step) goes to ``torch.mv`` instead: torch's own bf16
+matrix-vector kernel streams the weight faster than the packed oneDNN kernel at one row (the
+bench's chain of SmolLM2-135M's 121 projections: 21.8 -> 19.7 ms; the LM head alone 2.9 -> 2.0
+ms), with the same bits as ``F.linear`` in every shape tried.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -62,12 +68,28 @@ def cpu_packing_available() -> bool:
     return bool(_packing["enabled"])
 
 
+def _wants_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A single bf16 row on the CPU: :func:`linear_cpu_gemv` is the faster kernel there."""
+    return x.is_cpu and x.dtype == weight.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] == 1
+
+
+def linear_cpu_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for a single row ``x`` [1, in_features], as a matrix-vector product."""
+    return torch.mv(weight, x.view(-1)).view(1, -1)
+
+
 def _wants_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or x.dim() != 2 or x.dtype != weight.dtype or x.shape[0] == 0:
+    if not x.is_cpu or x.dim() != 2 or x.dtype != weight.dtype or x.shape[0] == 0:
         return False
     if weight.dtype == torch.bfloat16:
-        return cpu_packing_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return cpu_packing_available() and _bf16_packing_supported()
     return weight.dtype == torch.float32 and x.shape[0] >= FP32_PACKED_MIN_ROWS and cpu_packing_available()
+
+
+@functools.cache
+def _bf16_packing_supported() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (asked once: the answer cannot change)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -88,6 +110,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False)
     """Dispatch point for every projection in the model. ``x`` is [tokens, in_features]."""
     if batch_invariant:
         return linear_batch_invariant(x, weight)
+    if _wants_gemv(x, weight):
+        return linear_cpu_gemv(x, weight)
     if _wants_packed(x, weight):
         try:
             return linear_cpu_packed(x, weight)

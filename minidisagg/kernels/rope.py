@@ -66,15 +66,16 @@ def apply_rope_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H, D] and k [T, KH, D] by their positions; returns new tensors in the input dtype.
 
-    Each head's halves (x1, x2) become (x1 cos - x2 sin, x2 cos + x1 sin), computed as
+    Each head's halves (x1, x2) become (x1 cos - x2 sin, x2 cos + x1 sin), computed in float32 as
     ``x * [cos, cos] + [x2, x1] * [-sin, sin]`` (the same roundings); q and k are rotated together
-    so the reference costs a handful of ops per layer, not a few dozen.
+    and the halves swapped by one ``flip``, so the reference costs five ops per layer (and rounds
+    like the Triton kernels: one product each, then one add, bit for bit).
     """
     half = q.shape[-1] // 2
     cos, signed_sin = _rotation_tables(positions, cos_sin)
-    x = torch.cat([q, k], dim=1).float()
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    rotated = (x * cos + swapped * signed_sin).to(q.dtype)
+    x = torch.cat([q, k], dim=1)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [x2, x1] in every head
+    rotated = torch.mul(x, cos).add_(swapped * signed_sin).to(q.dtype)  # not addcmul: it fuses (other bits)
     return rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
 
 

@@ -47,9 +47,11 @@ def interpreter_on() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the dispatch points should run the Triton kernel for tensor ``t``."""
+    if not t.is_cuda and os.environ.get("MINIDISAGG_TRITON_ON_CPU") != "1":
+        return False  # the common CPU case first, with a single environment lookup (it runs ~150 times a step)
     if os.environ.get("MINIDISAGG_KERNELS", "").lower() == "torch":
         return False
-    if not t.is_cuda and not (interpreter_on() and os.environ.get("MINIDISAGG_TRITON_ON_CPU") == "1"):
+    if not t.is_cuda and not interpreter_on():
         return False
     return triton_available()  # checked last: it imports triton
 

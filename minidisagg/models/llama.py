@@ -53,11 +53,8 @@ class LlamaLayer(nn.Module):
         """Run the block on packed tokens; returns (hidden, residual) for the next block."""
         cfg, inv = self.cfg, meta.batch_invariant
         x, residual = rms_norm(hidden, self.input_norm, cfg.rms_norm_eps, residual)
-        qkv = linear(x, self.qkv_proj, inv)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        qkv = linear(x, self.qkv_proj, inv).view(-1, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = qkv.split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
         q, k = rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim**-0.5)
         hidden = linear(attn.reshape(-1, cfg.q_size), self.o_proj, inv)
