@@ -143,8 +143,12 @@ def test_reserving_blocks_for_incoming_kv_waits_for_queued_steps(tiny_loaded):
     assert settled, "reserve() handed blocks over without waiting for steps queued ahead"
 
 
-def test_async_scheduling_defaults_off_on_cpu(tiny_loaded):
+def test_async_scheduling_defaults_off_on_cpu_and_rejects_non_booleans(tiny_loaded):
     assert make_engine(tiny_loaded).runner.async_scheduling is False
+    from minidisagg import LLM
+
+    with pytest.raises(ValueError, match="async_scheduling must be True, False or None"):
+        LLM("tiny", device="cpu", async_scheduling="yes")
 
 
 def test_a_queued_step_runs_only_if_it_is_exactly_the_next_step(tiny_loaded, seed):

@@ -39,16 +39,15 @@ class QueuedDecode:
     generators: Optional[list[Optional[torch.Generator]]] = None  # copies it sampled with (queued ahead only)
     input_token_ids: Optional[list[int]] = None  # the step's input tokens, once the host knows them
 
-    def read(self) -> list[int]:
-        """Wait for this step (only) and return its tokens."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.host_token_ids.tolist()
-
     def settle(self) -> None:
-        """Wait until the device has finished this step, including its KV writes."""
+        """Wait until the device has finished this step (only), including its KV writes."""
         if self.copied is not None:
             self.copied.synchronize()
+
+    def read(self) -> list[int]:
+        """Wait for this step and return its tokens."""
+        self.settle()
+        return self.host_token_ids.tolist()
 
 
 @dataclass
@@ -134,7 +133,7 @@ class DecodeStage(Stage[Sequence]):
 
         Not when a sequence is sure to stop after this token (no next step for it), when its next
         position is past the context, or when that position needs a block it does not hold yet
-        (the scheduler grows block tables only when it schedules the step).
+        (the scheduler takes that block a step early only while the pool has room to spare).
         """
         bs = self.runner.kv_cache.block_size
         for seq in work:
