@@ -3,7 +3,8 @@
 Times ``decode_attention_triton`` (Llama-8B attention shapes, shuffled 16-token pages, as in
 ``bench gpu``'s ``attention decode paged`` row) for each key tile size, split count, warp count
 and pipeline depth, beside the card's copy bandwidth measured in the same run, and prints the
-fraction of it each setting reaches, best first.
+fraction of it each setting reaches, best first. Times are device time (``time_device_s``: calls
+replayed from a CUDA graph), as the engine's decode runs the kernel.
 
     python benchmarks/sweep_decode_attention.py --cases 32x8192,1x8192,8x2048
 """
@@ -21,7 +22,7 @@ from minidisagg.bench_gpu_kernels import _paged
 from minidisagg.config import LLAMA_8B
 from minidisagg.kernels.attention import decode_attention_reference
 from minidisagg.kernels.attention_triton import _num_sms, decode_attention_triton, decode_num_splits
-from minidisagg.roofline import measure_copy_bandwidth, time_fn_s
+from minidisagg.roofline import measure_copy_bandwidth, time_device_s
 
 
 def sweep_case(batch: int, ctx: int, copy_bytes_per_s: float) -> list[dict]:
@@ -41,7 +42,7 @@ def sweep_case(batch: int, ctx: int, copy_bytes_per_s: float) -> list[dict]:
                                            num_warps=warps, num_stages=stages)
         try:
             err = float((run().float() - want).abs().max())
-            t = time_fn_s(run, q.device, warmup=5, iters=30)
+            t = time_device_s(run, q.device)
         except Exception as exc:  # noqa: BLE001 - a setting the compiler refuses (e.g. out of shared memory)
             rows.append({"block_n": block_n, "splits": splits, "warps": warps, "stages": stages, "error": str(exc)[:200]})
             continue

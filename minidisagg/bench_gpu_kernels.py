@@ -2,6 +2,11 @@
 
 Elementwise kernels and paged decode attention are judged by bytes moved over the measured copy
 bandwidth; prefill attention by FLOPs over the measured matmul rate. Shapes are Llama-8B's.
+
+Kernels are timed on the device (``roofline.time_device_s``: calls replayed from a CUDA graph,
+timed by CUDA events), the way the engine's decode runs them; prefill attention, which eager
+prefill runs outside graphs, as calls queued back to back, like the ceilings. A Python call of a Triton kernel costs tens of microseconds on the host, which a
+synchronised wall-clock timer would charge to the kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from minidisagg.kernels.attention_triton import decode_attention_triton, prefill
 from minidisagg.kernels.cache_write import write_kv_reference, write_kv_triton
 from minidisagg.kernels.norm import rms_norm_reference, rms_norm_triton
 from minidisagg.kernels.rope import apply_rope_reference, apply_rope_triton, cos_sin_cache
-from minidisagg.roofline import time_fn_s
+from minidisagg.roofline import time_device_s, time_fn_s
 
 CUDA = torch.device("cuda")
 DTYPE = torch.bfloat16
@@ -31,7 +36,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _bandwidth_row(name: str, fn: Callable[[], object], nbytes: int, copy_bytes_per_s: float, err: float) -> Row:
-    t = time_fn_s(fn, CUDA, warmup=10, iters=50)
+    t = time_device_s(fn, CUDA)
     floor = nbytes / copy_bytes_per_s
     return Row(name, round(1e6 * t, 2), "us", round(1e6 * floor, 2), round(floor / t, 3),
                note=f"{nbytes / t / 1e9:.0f} GB/s; max err vs torch {err:.2e}")
@@ -60,26 +65,31 @@ def decode_attention_row(batch: int, ctx: int, copy_bytes_per_s: float,
                          num_layouts: int = LAYOUTS_PER_ATTENTION_ROW) -> Row:
     """``attention decode paged bs<batch> ctx<ctx>``: K and V bytes read over copy bandwidth.
 
-    The pages sit in random order in the pool, and the time depends on that order by up to ~15%
-    at one shape on one card, so the row is the median over ``num_layouts`` fresh layouts.
+    The pages sit in random order in the pool, so the row is the median over ``num_layouts``
+    fresh layouts. The note also gives one eager call timed by the wall clock with a
+    synchronisation after it (host launch cost included), the way earlier runs timed it.
     """
     cfg = LLAMA_8B
     scale = cfg.head_dim**-0.5
-    times_s, err, nbytes = [], 0.0, 0
+    times_s, wall_s, err, nbytes = [], [], 0.0, 0
     for _ in range(num_layouts):
         k_cache, v_cache, meta = _paged(batch, ctx)
         q = torch.randn(batch, cfg.num_heads, cfg.head_dim, device=CUDA, dtype=DTYPE)
         err = max(err, _max_err(decode_attention_triton(q, k_cache, v_cache, meta, scale),
                                 decode_attention_reference(q, k_cache, v_cache, meta, scale)))
         nbytes = 2 * batch * ctx * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
-        times_s.append(time_fn_s(lambda: decode_attention_triton(q, k_cache, v_cache, meta, scale), CUDA,
-                                 warmup=10, iters=50))
+        def call() -> torch.Tensor:
+            return decode_attention_triton(q, k_cache, v_cache, meta, scale)
+        times_s.append(time_device_s(call, CUDA))
+        wall_s.append(time_fn_s(call, CUDA, warmup=10, iters=50))
         del k_cache, v_cache
     t = statistics.median(times_s)
     floor = nbytes / copy_bytes_per_s
     return Row(f"attention decode paged bs{batch} ctx{ctx}", round(1e6 * t, 2), "us", round(1e6 * floor, 2),
                round(floor / t, 3), note=f"{nbytes / t / 1e9:.0f} GB/s, median of {num_layouts} page layouts "
-                                         f"({', '.join(f'{floor / x:.2f}' for x in times_s)}); max err vs torch {err:.2e}")
+                                         f"({', '.join(f'{floor / x:.2f}' for x in times_s)}); eager call with "
+                                         f"host launch and sync {1e6 * statistics.median(wall_s):.0f} us; "
+                                         f"max err vs torch {err:.2e}")
 
 
 def prefill_attention_row(num_tokens: int, mm_flops_per_s: float) -> Row:
@@ -103,7 +113,8 @@ def prefill_attention_row(num_tokens: int, mm_flops_per_s: float) -> Row:
     scale = cfg.head_dim**-0.5
     err = _max_err(prefill_attention_triton(q, k_cache, v_cache, meta, scale),
                    prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale))
-    t = time_fn_s(lambda: prefill_attention_triton(q, k_cache, v_cache, meta, scale), CUDA, warmup=10, iters=50)
+    # not capturable (it builds its tile list on the host, as eager prefill does): calls queued back to back
+    t = time_device_s(lambda: prefill_attention_triton(q, k_cache, v_cache, meta, scale), CUDA, graph=False)
     flops = sum(2 * 2 * cfg.num_heads * cfg.head_dim * n * (n + 1) / 2 for n in lens)
     floor = flops / mm_flops_per_s
     return Row(f"attention prefill varlen {num_tokens}", round(1e6 * t, 2), "us", round(1e6 * floor, 2),

@@ -80,6 +80,50 @@ class Ceilings:
         return ridge_point(self.matmul_flops_per_s, self.copy_bytes_per_s)
 
 
+def time_device_s(fn: Callable[[], object], device: torch.device, calls_per_sample: int = 10,
+                  samples: int = 20, graph: bool = True) -> float:
+    """Median device time of one ``fn()`` call in seconds: what the GPU spends, not the host's launch.
+
+    On CUDA each sample is ``calls_per_sample`` calls timed by CUDA events. With ``graph`` the
+    calls are captured in one CUDA graph and replayed (as the engine's decode runs its kernels),
+    so Python launch cost stays out of the figure even for kernels of a few microseconds;
+    ``fn`` must then be capturable (no host reads of device values, no synchronisation).
+    Without it the calls are queued back to back, which hides launches only behind long calls;
+    the ceilings are measured that way, since a copy captured in a graph becomes a copy-engine
+    transfer, slower than the copy kernel eager code gets. Elsewhere this is ``time_fn_s``.
+    """
+    if device.type != "cuda":
+        return time_fn_s(fn, device, warmup=3, iters=samples)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up (compilation, autotuning, allocator) outside any capture
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            for _ in range(calls_per_sample):
+                fn()
+        run = captured.replay
+    else:
+        def run() -> None:
+            for _ in range(calls_per_sample):
+                fn()
+    run()
+    torch.cuda.synchronize(device)
+    samples_s = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples_s.append(start.elapsed_time(end) / 1e3 / calls_per_sample)
+    samples_s.sort()
+    return samples_s[len(samples_s) // 2]
+
+
 def measure_copy_bandwidth(device: torch.device | str, size_bytes: int | None = None, iters: int = 10) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     device = torch.device(device)
@@ -87,8 +131,24 @@ def measure_copy_bandwidth(device: torch.device | str, size_bytes: int | None = 
         size_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    t = time_fn_s(lambda: dst.copy_(src), device, warmup=2, iters=iters)
+    t = time_device_s(lambda: dst.copy_(src), device, calls_per_sample=3, samples=iters, graph=False)
     return 2 * src.numel() * src.element_size() / t
+
+
+def measure_read_bandwidth(device: torch.device | str, size_bytes: int | None = None, iters: int = 10) -> float:
+    """Device read bandwidth in bytes/s, by a sum over a large buffer (reads it once, writes one value).
+
+    For comparison with the copy bandwidth: a copy mixes reads and writes, and a kernel that only
+    reads can run a little faster than it. torch's reduction is not always at the read roof.
+    """
+    device = torch.device(device)
+    if size_bytes is None:
+        size_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    t = time_device_s(lambda: torch.sum(src, dim=0, out=out), device, calls_per_sample=3, samples=iters,
+                      graph=False)
+    return src.numel() * src.element_size() / t
 
 
 def measure_matmul_rate(
@@ -103,7 +163,7 @@ def measure_matmul_rate(
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    t = time_fn_s(lambda: torch.mm(a, b), device, warmup=2, iters=iters)
+    t = time_device_s(lambda: torch.mm(a, b), device, calls_per_sample=3, samples=iters, graph=False)
     return gemm_flops(size, size, size) / t
 
 
