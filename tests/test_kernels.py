@@ -442,6 +442,32 @@ def test_invariant_attention_bits_independent_of_batching_and_chunking(seed, dty
     assert torch.equal(row[0], whole[length - 1]), f"invariant_attention: lone decode differs; {where}"
 
 
+@pytest.mark.parametrize("num_runs", [1, 2, 8, 9, 30])
+def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs):
+    """Few runs of consecutive blocks are copied run by run, many by index_select: the same bytes either way."""
+    from minidisagg.config import TINY
+    from minidisagg.kv.cache import PagedKVCache
+    from minidisagg.kv.pages import block_runs, gather_layer, gather_pages
+
+    seed = random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    cache = PagedKVCache(TINY, num_blocks=200, block_size=3, dtype=torch.float32, device="cpu")
+    cache.kv.normal_()
+    starts = sorted(rng.sample(range(0, 200, 6), num_runs))  # runs of 1-5 blocks, never touching each other
+    ids = [b for start in starts for b in range(start, start + rng.randint(1, 5))]
+    order = list(range(num_runs))  # the runs in random order, each run kept whole
+    rng.shuffle(order)
+    grouped = [[b for b in ids if start <= b < start + 6] for start in starts]
+    ids = [b for i in order for b in grouped[i]]
+    assert len(block_runs(ids)) == num_runs, f"seed {seed}"
+    index = torch.tensor(ids)
+    got = gather_pages(cache, ids)
+    assert got.is_contiguous() and torch.equal(got, cache.kv.index_select(2, index)), f"seed {seed}"
+    layer = rng.randrange(TINY.num_layers)
+    got_layer = gather_layer(cache, layer, ids)
+    assert got_layer.is_contiguous() and torch.equal(got_layer, cache.kv[layer].index_select(1, index)), f"seed {seed}"
+
+
 def test_scatter_and_gather_pages_round_trip_any_block_order():
     """Pages written into scattered, partly consecutive blocks read back exactly; other blocks untouched."""
     from minidisagg.config import TINY

@@ -51,15 +51,6 @@ class KVLayout:
         return str(self.dtype).removeprefix("torch.")
 
 
-def _index(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
-    return torch.as_tensor(list(block_ids), dtype=torch.long, device=cache.device)
-
-
-def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> torch.Tensor:
-    """A contiguous copy of one layer's pages for the given blocks: [2, n, block_size, kv_heads, head_dim]."""
-    return cache.kv[layer].index_select(1, _index(cache, block_ids))
-
-
 def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """Split a block table into runs of consecutive ids: (position in table, first block id, length)."""
     runs: list[tuple[int, int, int]] = []
@@ -83,9 +74,35 @@ def scatter_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int], pag
         target[:, first : first + length].copy_(pages[:, pos : pos + length])
 
 
+MAX_GATHER_RUNS = 8  # up to this many runs of consecutive blocks, a gather is one copy per run
+
+
+def _gather(source: torch.Tensor, block_dim: int, block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A contiguous copy of ``source``'s blocks ``block_ids`` along ``block_dim``.
+
+    A few runs of consecutive blocks (what the FIFO block manager hands out) are copied run by
+    run, each a strided copy of whole blocks at memory speed; scattered blocks go through
+    ``index_select``, one launch, which ran at ~0.4 of copy bandwidth on these shapes (H100).
+    """
+    runs = block_runs(block_ids)
+    if len(runs) > MAX_GATHER_RUNS:
+        return source.index_select(block_dim, torch.as_tensor(list(block_ids), dtype=torch.long, device=device))
+    shape = list(source.shape)
+    shape[block_dim] = len(block_ids)
+    out = torch.empty(shape, dtype=source.dtype, device=source.device)
+    for pos, first, length in runs:
+        out.narrow(block_dim, pos, length).copy_(source.narrow(block_dim, first, length))
+    return out
+
+
+def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> torch.Tensor:
+    """A contiguous copy of one layer's pages for the given blocks: [2, n, block_size, kv_heads, head_dim]."""
+    return _gather(cache.kv[layer], 1, block_ids, cache.device)
+
+
 def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
     """All layers' pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
-    return cache.kv.index_select(2, _index(cache, block_ids))
+    return _gather(cache.kv, 2, block_ids, cache.device)
 
 
 def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor, first_layer: int = 0) -> None:
