@@ -453,7 +453,7 @@ def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs):
     rng = random.Random(seed)
     cache = PagedKVCache(TINY, num_blocks=200, block_size=3, dtype=torch.float32, device="cpu")
     cache.kv.normal_()
-    starts = sorted(rng.sample(range(0, 200, 6), num_runs))  # runs of 1-5 blocks, never touching each other
+    starts = sorted(rng.sample(range(0, 195, 6), num_runs))  # runs of 1-5 blocks, never touching each other
     ids = [b for start in starts for b in range(start, start + rng.randint(1, 5))]
     order = list(range(num_runs))  # the runs in random order, each run kept whole
     rng.shuffle(order)
@@ -466,6 +466,27 @@ def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs):
     layer = rng.randrange(TINY.num_layers)
     got_layer = gather_layer(cache, layer, ids)
     assert got_layer.is_contiguous() and torch.equal(got_layer, cache.kv[layer].index_select(1, index)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype,block", [(torch.bfloat16, (16, 2, 64)), (torch.float16, (5, 1, 3)),
+                                         (torch.float32, (3, 2, 8))])
+def test_copy_blocks_writes_through_to_the_destination_whatever_the_word_size(dtype, block):
+    """Runs of blocks copied as 8-byte words where aligned, element-wise otherwise; always into dst itself."""
+    from minidisagg.kv.pages import copy_blocks
+
+    gen = torch.Generator().manual_seed(random.SystemRandom().randrange(1 << 30))
+    pool = torch.randn(3, 2, 12, *block, generator=gen).to(dtype)
+    out = torch.zeros(3, 2, 4, *block, dtype=dtype)
+    first = int(torch.randint(0, 9, (1,), generator=gen))
+    copy_blocks(out, pool[:, :, first:first + 4])
+    assert torch.equal(out, pool[:, :, first:first + 4])
+    target = torch.zeros_like(pool)
+    copy_blocks(target[:, :, first:first + 4], out)  # into a strided view of a pool
+    assert torch.equal(target[:, :, first:first + 4], out) and not target[:, :, :first].any()
+    swapped = pool.transpose(-1, -2)  # inner dims not contiguous: element-wise fallback
+    dst = torch.zeros_like(swapped)
+    copy_blocks(dst, swapped)
+    assert torch.equal(dst, swapped)
 
 
 def test_scatter_and_gather_pages_round_trip_any_block_order():

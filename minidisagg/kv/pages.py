@@ -63,6 +63,31 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _as_words(blocks: torch.Tensor) -> torch.Tensor:
+    """``blocks`` (trailing dims block_size, kv_heads, head_dim, contiguous) seen as 8-byte words per block.
+
+    torch's copy between strided views moves element by element; moving 8-byte words instead of
+    2-byte bf16 values took a 268 MB run copy from 0.52 to 0.92 of copy bandwidth (H100). The
+    same tensor comes back when the bytes do not split into aligned words.
+    """
+    try:  # view, never reshape: a copy would take the writes of ``copy_blocks`` away from the pool
+        return blocks.view(*blocks.shape[:-3], -1).view(torch.int64)
+    except RuntimeError:  # inner dims not contiguous, or a block's bytes or offset not a multiple of 8
+        return blocks
+
+
+def copy_blocks(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for runs of whole blocks of the same dtype, as 8-byte words where they allow it."""
+    if dst.dtype != src.dtype:
+        dst.copy_(src)
+        return
+    dst_words, src_words = _as_words(dst), _as_words(src)
+    if dst_words.dtype == src_words.dtype:
+        dst_words.copy_(src_words)
+    else:
+        dst.copy_(src)
+
+
 def scatter_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int], pages: torch.Tensor) -> None:
     """Write one layer's pages into the given blocks of ``cache`` (a plain copy per run of consecutive blocks)."""
     expected = (2, len(block_ids), *cache.kv.shape[3:])
@@ -71,7 +96,7 @@ def scatter_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int], pag
     pages = pages.to(device=cache.device, dtype=cache.dtype)
     target = cache.kv[layer]
     for pos, first, length in block_runs(block_ids):
-        target[:, first : first + length].copy_(pages[:, pos : pos + length])
+        copy_blocks(target[:, first : first + length], pages[:, pos : pos + length])
 
 
 MAX_GATHER_RUNS = 8  # up to this many runs of consecutive blocks, a gather is one copy per run
@@ -91,7 +116,7 @@ def _gather(source: torch.Tensor, block_dim: int, block_ids: Sequence[int], devi
     shape[block_dim] = len(block_ids)
     out = torch.empty(shape, dtype=source.dtype, device=source.device)
     for pos, first, length in runs:
-        out.narrow(block_dim, pos, length).copy_(source.narrow(block_dim, first, length))
+        copy_blocks(out.narrow(block_dim, pos, length), source.narrow(block_dim, first, length))
     return out
 
 
@@ -119,4 +144,4 @@ def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Te
     pages = pages.to(device=cache.device, dtype=cache.dtype)
     target = cache.kv[first_layer : first_layer + num_layers]
     for pos, first, length in block_runs(block_ids):
-        target[:, :, first : first + length].copy_(pages[:, :, pos : pos + length])
+        copy_blocks(target[:, :, first : first + length], pages[:, :, pos : pos + length])
