@@ -190,6 +190,9 @@ class EngineConfig:
     # between steps overlaps the device's (vLLM's asynchronous scheduling). None: on where decode
     # runs by CUDA graphs, off elsewhere (on a CPU nothing runs in the background to overlap).
     async_scheduling: Optional[bool] = None
+    # Batch-1 decode of a float32 CPU model through one torch.compile graph (needs a C++ compiler;
+    # without one the engine stays eager). Off by default: compiling takes tens of seconds.
+    compile_cpu: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -201,3 +204,5 @@ class EngineConfig:
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be True, False or None (on with CUDA graphs), "
                              f"got {self.async_scheduling!r}")
+        if not isinstance(self.compile_cpu, bool):
+            raise ValueError(f"compile_cpu must be True or False, got {self.compile_cpu!r}")

@@ -36,7 +36,8 @@ class LLM:
     device per worker: ``prefill_devices=["cuda:0"], decode_devices=["cuda:1"]``. ``worker_threads`` sets
     their torch CPU threads (0: torch's default). ``async_scheduling`` queues each decode step
     on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
-    graphs).
+    graphs). ``compile_cpu=True`` runs batch-1 decode of a float32 CPU model through one
+    ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager).
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -60,6 +61,7 @@ class LLM:
         batch_invariant: bool = False,
         cuda_graphs: bool = True,
         async_scheduling: Optional[bool] = None,
+        compile_cpu: bool = False,
         random_weights: bool = False,
         seed: int = 0,
         clock: Optional[Clock] = None,
@@ -87,6 +89,7 @@ class LLM:
             cache=cache,
             cuda_graphs=cuda_graphs,
             async_scheduling=async_scheduling,
+            compile_cpu=compile_cpu,
         )
         if mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")
@@ -98,6 +101,8 @@ class LLM:
         if mode == "colocated":
             self.engine = LLMEngine(self.loaded, self.config, clock=clock, policy=policy,
                                     prefill_stage=prefill_stage, decode_stage=decode_stage)
+            if self.config.compile_cpu:
+                self.engine.runner.enable_compiled_cpu_decode()
         else:
             self.engine = DisaggCluster(self.loaded, self.config, transport=transport, num_prefill=num_prefill,
                                         num_decode=num_decode, routing=routing, overlap=kv_overlap,

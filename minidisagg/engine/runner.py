@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -12,6 +13,11 @@ from minidisagg.kernels.attention import AttentionMetadata
 from minidisagg.kernels.triton_support import use_triton
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
+
+if TYPE_CHECKING:
+    from minidisagg.engine.compiled import CompiledCpuDecode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, batch_invariant: bool = False,
                  cuda_graphs: bool = False, max_model_len: Optional[int] = None, max_num_seqs: int = 64,
-                 async_scheduling: Optional[bool] = None) -> None:
+                 async_scheduling: Optional[bool] = None, compile_cpu: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.batch_invariant = batch_invariant
@@ -42,6 +48,18 @@ class ModelRunner:
         # Whether the decode stage may queue the next step before reading this one's tokens (see
         # ``EngineConfig.async_scheduling``); by default only where graphs make a step cheap to launch.
         self.async_scheduling = self.decode_graphs is not None if async_scheduling is None else async_scheduling
+        self.compiled_decode: Optional[CompiledCpuDecode] = None
+        if compile_cpu:
+            self.enable_compiled_cpu_decode()
+
+    def enable_compiled_cpu_decode(self) -> None:
+        """Run batch-1 CPU decode steps through one compiled graph (``EngineConfig.compile_cpu``), if possible."""
+        if self.batch_invariant:
+            log.warning("compile_cpu is ignored with batch_invariant=True (its kernels fix their own shapes)")
+            return
+        from minidisagg.engine.compiled import compiled_cpu_decode  # imports the compiler stack only when asked
+
+        self.compiled_decode = compiled_cpu_decode(self.model, self.kv_cache, self.max_model_len)
 
     def _prepare(self, items: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.kv_cache.block_size
@@ -96,6 +114,11 @@ class ModelRunner:
             return self.decode_graphs.run(  # type: ignore[union-attr]
                 [it.token_ids[0] for it in items], [it.start_pos for it in items], [it.block_table for it in items],
                 device_token_ids)
+        if device_token_ids is None and self._compiled_eligible(items):
+            logits = self.compiled_decode.run(  # type: ignore[union-attr]
+                items[0].token_ids[0], items[0].start_pos, items[0].block_table)
+            if logits is not None:
+                return logits
         ids, pos, meta, logit_rows = self._prepare(items)
         if device_token_ids is not None:
             ids = device_token_ids
@@ -108,6 +131,11 @@ class ModelRunner:
         graphs = self.decode_graphs
         return (graphs is not None and self.layer_hook is None and graphs.bucket_for(len(items)) is not None
                 and all(len(it.token_ids) == 1 and it.want_logits for it in items))
+
+    def _compiled_eligible(self, items: list[BatchItem]) -> bool:
+        """One decode token wanting logits, with no per-layer Python hook to call."""
+        return (self.compiled_decode is not None and self.layer_hook is None and len(items) == 1
+                and len(items[0].token_ids) == 1 and items[0].want_logits)
 
     def synchronize(self) -> None:
         """Wait for queued device work (so timings are honest on CUDA)."""
