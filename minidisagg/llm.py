@@ -101,8 +101,6 @@ class LLM:
         if mode == "colocated":
             self.engine = LLMEngine(self.loaded, self.config, clock=clock, policy=policy,
                                     prefill_stage=prefill_stage, decode_stage=decode_stage)
-            if self.config.compile_cpu:
-                self.engine.runner.enable_compiled_cpu_decode()
         else:
             self.engine = DisaggCluster(self.loaded, self.config, transport=transport, num_prefill=num_prefill,
                                         num_decode=num_decode, routing=routing, overlap=kv_overlap,

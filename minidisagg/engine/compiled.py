@@ -24,8 +24,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from minidisagg.kernels.activation import silu_and_mul_reference
 from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference
 from minidisagg.kernels.cache_write import write_kv_reference
+from minidisagg.kernels.norm import rms_norm_reference
+from minidisagg.kernels.rope import rotate, rotation_tables
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
@@ -64,45 +67,29 @@ def cxx_compiler() -> Optional[str]:
     return next((path for path in map(shutil.which, candidates) if path), None)
 
 
-def _rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rmsnorm(x + residual) * weight, x + residual)`` in float32 math, as HF Llama (one fused loop)."""
-    if residual is not None:
-        x = x + residual
-    x32 = x.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return normed * weight, x
-
-
-def _rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-          cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half-split rotary embedding of q [T, H, D] and k [T, KH, D], as ``apply_rope_reference``."""
-    half = q.shape[-1] // 2
-    table = cos_sin[positions].unsqueeze(1)
-    cos, sin = table[..., :half], table[..., half:]
-    x = torch.cat([q, k], dim=1)
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
-    rotated = (x * torch.cat([cos, cos], -1) + swapped * torch.cat([-sin, sin], -1)).to(q.dtype)
-    return rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
-
-
 def decode_forward(model: LlamaModel, kv: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
                    slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """Float32 logits [B, vocab] of one decode step: ``LlamaModel.forward`` then ``compute_logits``, traceable."""
+    """Float32 logits [B, vocab] of one decode step: ``LlamaModel.forward`` then ``compute_logits``, traceable.
+
+    The layer's steps are the engine's own torch references (RMSNorm, RoPE, SwiGLU), in the order
+    ``LlamaLayer.forward`` runs them; only the dispatch around them is left out, since the graph
+    fixes the device and dtype once, and ``F.linear`` stands for ``kernels.linear`` (inductor
+    plans its own one-row matmuls).
+    """
     cfg = model.cfg
     heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
     hidden, residual = model.embed[input_ids], None
+    tables = rotation_tables(positions, model.cos_sin)
     for index, layer in enumerate(model.layers):
-        x, residual = _rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
+        x, residual = rms_norm_reference(hidden, layer.input_norm, cfg.rms_norm_eps, residual)
         q, k, v = F.linear(x, layer.qkv_proj).view(-1, sum(heads), cfg.head_dim).split(heads, dim=1)
-        q, k = _rope(q, k, positions, model.cos_sin)
+        q, k = rotate(q, k, *tables)
         attn = torch.ops.minidisagg.write_kv_and_attend(q, k, v, kv, index, slot_mapping, block_tables,
                                                         context_lens, cfg.head_dim**-0.5)
         hidden = F.linear(attn.reshape(-1, cfg.q_size), layer.o_proj)
-        x, residual = _rms_norm(hidden, residual, layer.post_attn_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)
-        hidden = F.linear(F.silu(gate) * up, layer.down_proj)
-    hidden, _ = _rms_norm(hidden, residual, model.norm, cfg.rms_norm_eps)
+        x, residual = rms_norm_reference(hidden, layer.post_attn_norm, cfg.rms_norm_eps, residual)
+        hidden = F.linear(silu_and_mul_reference(F.linear(x, layer.gate_up_proj)), layer.down_proj)
+    hidden, _ = rms_norm_reference(hidden, model.norm, cfg.rms_norm_eps, residual)
     return F.linear(hidden, model.lm_head).float()
 
 

@@ -24,7 +24,10 @@ def rms_norm_reference(
     if residual is not None:
         x = x + residual
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-    inv_rms = torch.addcmul(_scalar(eps, x.device), norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
+    # a cached scalar tensor in eager mode; under torch.compile a constant (dynamo would skip the cache)
+    eps_t = (torch.full((), eps, dtype=torch.float32, device=x.device) if torch.compiler.is_compiling()
+             else _scalar(eps, x.device))
+    inv_rms = torch.addcmul(eps_t, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
     normed = torch.mul(x, inv_rms, out=torch.empty_like(x))  # float32 math, rounded to x's dtype
     if normed.dtype == torch.promote_types(normed.dtype, weight.dtype):
         return normed.mul_(weight), x

@@ -53,12 +53,27 @@ def _rotation_tables(positions: torch.Tensor, cos_sin: torch.Tensor) -> tuple[to
     last = getattr(_STEP_TABLES, "last", None)
     if last is not None and last[0] is positions and last[1] is cos_sin:
         return last[2], last[3]
+    tables = rotation_tables(positions, cos_sin)
+    _STEP_TABLES.last = (positions, cos_sin, *tables)
+    return tables
+
+
+def rotation_tables(positions: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin rows [T, 1, D] for these positions (no cache: traceable by torch.compile)."""
     half = cos_sin.shape[-1] // 2
     table = cos_sin[positions].unsqueeze(1)
     cos, sin = table[..., :half], table[..., half:]
-    tables = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
-    _STEP_TABLES.last = (positions, cos_sin, *tables)
-    return tables
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           signed_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by tables from ``rotation_tables``: ``x * [cos, cos] + [x2, x1] * [-sin, sin]``."""
+    half = q.shape[-1] // 2
+    x = torch.cat([q, k], dim=1)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [x2, x1] in every head
+    rotated = torch.mul(x, cos).add_(swapped * signed_sin).to(q.dtype)  # not addcmul: it fuses (other bits)
+    return rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
 
 
 def apply_rope_reference(
@@ -71,12 +86,7 @@ def apply_rope_reference(
     and the halves swapped by one ``flip``, so the reference costs five ops per layer (and rounds
     like the Triton kernels: one product each, then one add, bit for bit).
     """
-    half = q.shape[-1] // 2
-    cos, signed_sin = _rotation_tables(positions, cos_sin)
-    x = torch.cat([q, k], dim=1)
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # [x2, x1] in every head
-    rotated = torch.mul(x, cos).add_(swapped * signed_sin).to(q.dtype)  # not addcmul: it fuses (other bits)
-    return rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
+    return rotate(q, k, *_rotation_tables(positions, cos_sin))
 
 
 @functools.cache
