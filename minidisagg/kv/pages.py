@@ -102,7 +102,7 @@ def scatter_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int], pag
 MAX_GATHER_RUNS = 8  # up to this many runs of consecutive blocks, a gather is one copy per run
 
 
-def _gather(source: torch.Tensor, block_dim: int, block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+def _gather(source: torch.Tensor, block_dim: int, block_ids: Sequence[int]) -> torch.Tensor:
     """A contiguous copy of ``source``'s blocks ``block_ids`` along ``block_dim``.
 
     A few runs of consecutive blocks (what the FIFO block manager hands out) are copied run by
@@ -111,7 +111,7 @@ def _gather(source: torch.Tensor, block_dim: int, block_ids: Sequence[int], devi
     """
     runs = block_runs(block_ids)
     if len(runs) > MAX_GATHER_RUNS:
-        return source.index_select(block_dim, torch.as_tensor(list(block_ids), dtype=torch.long, device=device))
+        return source.index_select(block_dim, torch.as_tensor(list(block_ids), dtype=torch.long, device=source.device))
     shape = list(source.shape)
     shape[block_dim] = len(block_ids)
     out = torch.empty(shape, dtype=source.dtype, device=source.device)
@@ -122,12 +122,12 @@ def _gather(source: torch.Tensor, block_dim: int, block_ids: Sequence[int], devi
 
 def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> torch.Tensor:
     """A contiguous copy of one layer's pages for the given blocks: [2, n, block_size, kv_heads, head_dim]."""
-    return _gather(cache.kv[layer], 1, block_ids, cache.device)
+    return _gather(cache.kv[layer], 1, block_ids)
 
 
 def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
     """All layers' pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
-    return _gather(cache.kv, 2, block_ids, cache.device)
+    return _gather(cache.kv, 2, block_ids)
 
 
 def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor, first_layer: int = 0) -> None:
