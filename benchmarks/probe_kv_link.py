@@ -66,7 +66,8 @@ def probe_model(model: str, devices: list[str], tokens: int, repeats: int, switc
             llm.shutdown()
         result["settings"][f"switch {interval_s * 1e3:g} ms"] = {"probe": probe, "steps_ms": steps}
         ceiling_s = result["ceiling"].get("one_message_s")
-        ratio = ceiling_s / probe["transfer_s"] if ceiling_s and "transfer_s" in probe else None
+        ratio = probe["achieved_GBps"] / result["ceiling"]["one_message_GBps"] if ceiling_s and "achieved_GBps" in probe \
+            else None
         print(f"{model}, switch interval {interval_s * 1e3:g} ms: {json.dumps(probe)}\n  of one-message ceiling: {ratio}\n"
               f"  steps (ms after hand-off): {json.dumps(steps)}", flush=True)
     return result

@@ -104,9 +104,12 @@ def reading(result: dict[str, Any]) -> list[str]:
                              f"{_ms(row['ttft_p50_s'])}/{_ms(row['ttft_p99_s'])} ms.")
         probe = res.get("kv_probe", {})
         if "achieved_GBps" in probe:
+            moved = (f"its pages move in {_ms(probe['kv_move_s'])} ms, from complete on the prefill GPU to in the "
+                     f"decode pool ({probe['achieved_GBps']:.1f} GB/s); the hand-off adds {_ms(probe['transfer_s'])} ms "
+                     "after the prefill ends" if probe.get("kv_move_s") is not None else
+                     f"KV in {_ms(probe['transfer_s'])} ms ({probe['achieved_GBps']:.1f} GB/s)")
             lines.append(f"- {model}: a {probe['prompt_tokens']}-token request moves {probe['kv_bytes'] / 1e6:.1f} MB of "
-                         f"KV in {_ms(probe['transfer_s'])} ms ({probe['achieved_GBps']:.1f} GB/s, "
-                         f"{probe['transfer_over_ttft']:.1%} of its TTFT).")
+                         f"KV: {moved}, {probe['transfer_over_ttft']:.1%} of its TTFT.")
     return lines or ["- (no sweep finished)"]
 
 

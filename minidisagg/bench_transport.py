@@ -121,7 +121,8 @@ class PagedReceiver:
         self.counters["layers"] += pages.shape[0]
         self.counters["bytes"] += pages.numel() * pages.element_size()
 
-    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
+    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
+               landed_at_s: Optional[float] = None) -> None:
         """Count the transfer; its blocks keep the pages until the next one."""
         self.last = self._reserved.pop(transfer_id)
         self.counters["commits"] += 1

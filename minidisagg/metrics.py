@@ -48,6 +48,8 @@ class RequestTimeline:
     decode_start_s: float | None = None
     kv_transfer_bytes: int = 0
     kv_send_s: float = 0.0  # time spent actually sending pages (excludes waiting for layers to be computed)
+    kv_ready_s: float | None = None  # the pages were complete on the prefill device (announced transfers)
+    kv_landed_s: float | None = None  # ... and in the decode worker's pool
 
     def record_token(self, t_s: float) -> None:
         """Record that one more output token became available at time ``t_s``."""
@@ -75,7 +77,11 @@ class RequestMetrics:
     ``prefill_s`` is prefill end - prefill start; either is NaN when its timestamps were
     not recorded. ``transfer_s`` (transfer end - start) and ``decode_queue_s`` (decode
     start - transfer end) and ``decode_s`` (finish - decode start) are None for a colocated
-    request; ``kv_transfer_bytes`` is then 0.
+    request; ``kv_transfer_bytes`` is then 0. ``transfer_s`` is what the hand-off adds after the
+    prefill ends (pages still in flight, DONE, adoption); ``kv_move_s`` (pages complete on the
+    prefill device -> in the decode pool, both read off device events) is the data path alone,
+    the figure to hold against a link's bandwidth. It is known for announced transfers only
+    (``transport/dist.py``) and may start before the prefill ends.
     """
 
     ttft_s: float
@@ -90,6 +96,7 @@ class RequestMetrics:
     decode_s: float | None = None
     kv_transfer_bytes: int = 0
     kv_send_s: float = 0.0
+    kv_move_s: float | None = None
 
     @property
     def kv_transfer_s(self) -> float | None:
@@ -128,6 +135,7 @@ class RequestMetrics:
             decode_s=_span(tl.decode_start_s, tl.finish_s),
             kv_transfer_bytes=tl.kv_transfer_bytes,
             kv_send_s=tl.kv_send_s,
+            kv_move_s=_span(tl.kv_ready_s, tl.kv_landed_s),
         )
 
     def as_dict(self) -> dict[str, float | int | list[float] | None]:

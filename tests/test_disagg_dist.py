@@ -42,8 +42,19 @@ def check_outputs(llm: LLM, prompts, ref, seed) -> None:
         assert o.metrics.transfer_s > 0 and o.timeline.prefill_end_s <= o.timeline.transfer_end_s
 
 
-def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed):
-    """Without overlap: each request's layers go as one stacked message."""
+def trace_steps(procs) -> list[str]:
+    """The KV-trace step names every worker logged (``MINIDISAGG_KV_TRACE=1``)."""
+    return [line.split()[1] for p in procs for line in p.log_path.read_text().splitlines()
+            if line.startswith("kv-trace ")]
+
+
+def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed, monkeypatch):
+    """Without overlap: each request's pages are announced while it prefills, then sent in pieces.
+
+    Requests that stop at their first token were announced too: their zeros must keep the
+    pair's receives in step, so the requests after them still get their own pages.
+    """
+    monkeypatch.setenv("MINIDISAGG_KV_TRACE", "1")
     prompts, ref = reference
     llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="dist", num_prefill=1,
               num_decode=2, kv_overlap=False)
@@ -51,6 +62,14 @@ def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed):
     try:
         assert len(procs) == 3 and all(p.proc.poll() is None for p in procs)
         check_outputs(llm, prompts, ref, seed)
+        stopped = llm.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=1))
+        assert [o.token_ids for o in stopped] == [r[:1] for r in ref[:3]], f"seed {seed}"
+        check_outputs(llm, prompts, ref, seed)
+        moved = [o.metrics for o in llm.generate(prompts[:2], GREEDY)]
+        assert all(m.kv_move_s is not None and 0 < m.kv_move_s < m.ttft_s for m in moved), moved
+        steps = trace_steps(procs)
+        assert steps.count("announce") == 2 * len(prompts) + 5, steps  # every request, the stopped ones too
+        assert steps.count("adopted") == 2 * len(prompts) + 2, steps
     finally:
         llm.shutdown()
     assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
@@ -99,6 +118,10 @@ def test_dist_1p1d_equals_colocated_and_garbage_drops_only_its_link(reference, s
             ({"num_layers": 3}, "num_layers"),  # more layers than the model has
             ({"num_layers": True}, "num_layers"),
             ({"via": "pigeon"}, "without pages"),
+            ({"num_layers": 2, "pieces": 3}, "pieces 3 for 2 layers"),
+            ({"num_layers": 2, "pieces": "2"}, "pieces"),
+            ({"pieces": 1}, "need stacked layers"),
+            ({"num_layers": 2, "announced": "yes"}, "announced"),
         ]
         for update, message in cases:
             assert message in _garbage_link(llm, port, update), update

@@ -72,8 +72,19 @@ def test_as_dict() -> None:
     assert d["num_output_tokens"] == 3 and d["transfer_s"] is None
     assert set(d) == {
         "ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s", "prefill_s",
-        "num_output_tokens", "transfer_s", "decode_queue_s", "decode_s", "kv_transfer_bytes", "kv_send_s",
+        "num_output_tokens", "transfer_s", "decode_queue_s", "decode_s", "kv_transfer_bytes", "kv_send_s", "kv_move_s",
     }
+    assert d["kv_move_s"] is None
+
+
+def test_kv_move_spans_ready_to_landed_even_before_the_prefill_ends() -> None:
+    """The data path is timed from the pages being complete to their landing, apart from the hand-off."""
+    tl = RequestTimeline(arrival_s=0.0, prefill_start_s=0.1, prefill_end_s=0.5, transfer_start_s=0.5,
+                         transfer_end_s=0.9, kv_ready_s=0.45, kv_landed_s=0.7, finish_s=2.0)
+    tl.record_token(0.9)
+    tl.record_token(1.0)
+    m = RequestMetrics.from_timeline(tl)
+    assert m.kv_move_s == pytest.approx(0.25) and m.transfer_s == pytest.approx(0.4)
 
 
 def test_timeline_errors() -> None:

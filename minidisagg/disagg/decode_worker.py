@@ -97,8 +97,13 @@ class DecodeWorker:
             raise ValueError(f"no reservation for transfer {transfer_id!r}")
         return blocks
 
-    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
-        """Adopt the sequence whose pages now sit in the reservation; it decodes from the next step."""
+    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
+               landed_at_s: Optional[float] = None) -> None:
+        """Adopt the sequence whose pages now sit in the reservation; it decodes from the next step.
+
+        ``landed_at_s`` (a ``time.perf_counter()`` reading) becomes the timeline's ``kv_landed_s``
+        on a wall clock.
+        """
         with self._engine_access():
             kv_trace("engine-held", transfer_id)
             if transfer_id not in self._reserved:
@@ -109,6 +114,9 @@ class DecodeWorker:
             now = self.engine.clock.now()
             seq.timeline.transfer_end_s = now
             seq.timeline.kv_transfer_bytes = num_bytes
+            origin_s = getattr(self.engine.clock, "origin_s", None)
+            if landed_at_s is not None and origin_s is not None:
+                seq.timeline.kv_landed_s = landed_at_s - origin_s
             seq.timeline.record_token(now)  # the first token reaches the client with its KV
             first = self.engine.output_of(seq)
         self.sink(first)

@@ -7,15 +7,17 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 from minidisagg.config import EngineConfig
-from minidisagg.engine.clock import Clock
+from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
-from minidisagg.kv.pages import gather_layer, gather_pages
+from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
 from minidisagg.transport.base import KVSender, TransferError
@@ -54,6 +56,19 @@ class _Transfer:
     num_bytes: int = 0
     started: bool = False
     error: Optional[str] = None
+    shape: Optional[tuple[int, ...]] = None  # of the announced stacked pages (see ``_announce``)
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # their planned layer ranges
+    handed_off: bool = False
+    kv_ready: Optional[tuple[float, Optional[torch.cuda.Event]]] = None  # when its pages were complete
+
+
+def kv_ready_mark(device: torch.device, clock: Clock) -> tuple[float, Optional[torch.cuda.Event]]:
+    """The clock now, and on a GPU a timing event queued now: the device passes it once the pages are complete."""
+    if device.type != "cuda":
+        return clock.now(), None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return clock.now(), event
 
 
 class PrefillWorker:
@@ -62,7 +77,10 @@ class PrefillWorker:
     Flow control is credit-based: a request is admitted to the engine only after its decode
     worker reserved blocks for it, so a full decode worker makes prefill wait, never drop.
     With ``overlap=True`` each layer's pages are queued for sending as soon as that layer is
-    computed; otherwise all layers are sent after the prefill ends.
+    computed; otherwise all layers are sent after the prefill ends. Where the link can announce
+    pages (``KVSender.announces``), their header goes out when the batch that completes the
+    prompt starts, and this thread sends the pages itself as soon as the batch's last layer is
+    queued, in announcement order (``_on_last_layer``).
     """
 
     def __init__(self, name: str, loaded: LoadedModel, config: EngineConfig, clock: Clock,
@@ -73,7 +91,9 @@ class PrefillWorker:
         self.engine.handoff = self._on_handoff
         stage = self.engine.prefill_stage
         assert isinstance(stage, LayerwisePrefillStage)
-        stage.on_layer = self._on_layer if overlap else None
+        stage.on_layer = self._on_layer if overlap else self._on_last_layer
+        stage.on_batch_start = None if overlap else self._announce
+        self.layout = KVLayout.of(self.engine.kv_cache)
         self.overlap = overlap
         self.senders = senders
         self.sink = sink
@@ -81,6 +101,9 @@ class PrefillWorker:
         self._inbox: queue.Queue[Submission] = queue.Queue()
         self._pending: list[Submission] = []
         self._transfers: dict[str, _Transfer] = {}  # by request id
+        self._announced: list[_Transfer] = []  # announced in this step, in order; shipped after its last layer
+        self._to_commit: list[_Transfer] = []  # announced transfers handed off in this step
+        self._sender_idle = threading.Event()  # set while the sender thread waits on an empty queue
         self._send_queue: queue.Queue[Optional[tuple[str, _Transfer, object]]] = queue.Queue()
         self._finished_transfers: queue.Queue[_Transfer] = queue.Queue()
         self._ids = itertools.count()
@@ -135,6 +158,7 @@ class PrefillWorker:
         return [(sub, tid, g) for _, sub, tid, g in sorted(answers, key=lambda a: a[0])]  # arrival order
 
     # ---- hand-off: called on this worker's thread from inside engine.step() ---------------
+
     def _on_layer(self, seqs: list[Sequence], layer: int) -> None:
         for seq in seqs:
             transfer = self._transfers.get(seq.request_id)
@@ -142,53 +166,127 @@ class PrefillWorker:
                 pages = gather_layer(self.engine.kv_cache, layer, seq.block_table)
                 self._send_queue.put(("layer", transfer, (layer, pages)))
 
+    def _announce(self, seqs: list[Sequence]) -> None:
+        """Before the batch that completes ``seqs`` runs: queue each one's page header (links that announce)."""
+        for seq in seqs:
+            transfer = self._transfers.get(seq.request_id)
+            if transfer is None or not transfer.sender.announces or transfer.shape is not None:
+                continue
+            transfer.shape = (self.layout.num_layers, *self.layout.layer_shape(len(seq.block_table)))
+            transfer.pieces = transfer.sender.plan_pieces(transfer.shape, self.layout.dtype)
+            self._announced.append(transfer)
+            self._send_queue.put(("announce", transfer, None))
+
+    def _on_last_layer(self, seqs: list[Sequence], layer: int) -> None:
+        """After the last layer of a batch is queued: send the announced pages of ``seqs``, in announcement order.
+
+        The pages are complete once that layer has run, before the logits and the sampling, so
+        their sends are queued behind it on the device right away. Each piece is gathered just
+        before its send is queued, so copies and transfer overlap. A request that then stops at
+        its first token has sent its pages all the same, and is cancelled after the step.
+        """
+        if layer != self.layout.num_layers - 1:
+            return
+        announced, self._announced = self._announced, []
+        cache = self.engine.kv_cache
+        for transfer in announced:
+            tid, seq = transfer.transfer_id, transfer.seq
+            transfer.started = True
+            transfer.kv_ready = kv_ready_mark(cache.device, self.engine.clock)
+            kv_trace("send-0", tid)
+            sent_at = time.perf_counter()
+            try:
+                transfer.sender.send_pieces(tid, ((first, gather_pages(cache, seq.block_table, first, end))
+                                                  for first, end in transfer.pieces))
+            except TransferError as exc:
+                transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"
+                log.warning("%s", transfer.error)
+            kv_trace("sent-0", tid)
+            seq.timeline.kv_send_s += time.perf_counter() - sent_at
+            transfer.num_bytes = self.layout.request_nbytes(len(seq.block_table))
+
     def _on_handoff(self, seq: Sequence) -> None:
         transfer = self._transfers[seq.request_id]
         kv_trace("handoff", transfer.transfer_id)
         seq.timeline.token_times_s.clear()  # the client gets the first token from the decode worker
+        if transfer.shape is not None:  # announced: the pages left after the last layer; DONE follows
+            transfer.handed_off = True
+            seq.timeline.transfer_start_s = self.engine.clock.now()
+            if transfer.kv_ready is not None:  # the step has synchronized: its events are passed
+                host_s, event = transfer.kv_ready
+                seq.timeline.kv_ready_s = host_s if event is None else event_time_s(event, self.engine.clock.now)
+            self._to_commit.append(transfer)
+            return
         if not self.overlap:  # the prefill is over: every layer in one message
             self._send_queue.put(("layers", transfer, (0, gather_pages(self.engine.kv_cache, seq.block_table))))
         self._send_queue.put(("commit", transfer, seq))
 
+    def _commit_handed_off(self) -> None:
+        """Send DONE for the announced transfers this step handed off: here when idle, else by the sender thread.
+
+        When nothing else waits (no request queued or running here, the sender thread idle on an
+        empty queue, so every announcement already went out), this thread makes the DONE -> ACK
+        exchange itself: the hop to the sender thread would add its wake-up to the request's TTFT.
+        """
+        to_commit, self._to_commit = self._to_commit, []
+        idle = (self._sender_idle.is_set() and self._send_queue.empty() and self._inbox.empty()
+                and not self._pending and not self.engine.has_unfinished())
+        for transfer in to_commit:
+            if idle:
+                self._send_item("commit", transfer, transfer.seq)
+            else:
+                self._send_queue.put(("commit", transfer, transfer.seq))
+
     # ---- the sender thread ------------------------------------------------------------------
     def _send_loop(self) -> None:
         while True:
+            self._sender_idle.set()
             item = self._send_queue.get()
+            self._sender_idle.clear()
             if item is None:
                 return
-            kind, transfer, payload = item
-            if transfer.error is not None:
-                if kind == "commit":
-                    self._finished_transfers.put(transfer)
-                continue
+            self._send_item(*item)
+
+    def _send_item(self, kind: str, transfer: _Transfer, payload: object) -> None:
+        """Carry out one queued link operation (on the sender thread, or inline when idle: ``_commit_inline``)."""
+        if transfer.error is not None:
+            if kind == "commit":
+                self._finished_transfers.put(transfer)
+            return
+        try:
+            if kind == "announce":
+                kv_trace("announce", transfer.transfer_id)
+                transfer.sender.announce_layers(transfer.transfer_id, transfer.shape, self.layout.dtype,
+                                                transfer.pieces)
+            elif kind == "cancel":
+                transfer.sender.cancel(transfer.transfer_id)
+            elif kind in ("layer", "layers"):
+                layer, pages = payload  # type: ignore[misc]
+                if not transfer.started:
+                    transfer.started = True
+                    transfer.seq.timeline.transfer_start_s = self.engine.clock.now()
+                sent_at = time.perf_counter()
+                send = transfer.sender.send_layer if kind == "layer" else transfer.sender.send_layers
+                kv_trace(f"send-{layer}", transfer.transfer_id)
+                send(transfer.transfer_id, layer, pages)
+                kv_trace(f"sent-{layer}", transfer.transfer_id)
+                transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
+                transfer.num_bytes += pages.numel() * pages.element_size()
+            else:
+                state = SequenceState.of(transfer.seq)  # the engine no longer touches a handed-off seq
+                kv_trace("commit", transfer.transfer_id)
+                transfer.sender.commit(transfer.transfer_id, state, transfer.num_bytes, self.timeout_s)
+                kv_trace("acked", transfer.transfer_id)
+                self._finished_transfers.put(transfer)
+        except Exception as exc:  # a dead peer, a timeout, a refusal: fail this request only
+            transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"
+            log.warning("%s", transfer.error)
             try:
-                if kind in ("layer", "layers"):
-                    layer, pages = payload  # type: ignore[misc]
-                    if not transfer.started:
-                        transfer.started = True
-                        transfer.seq.timeline.transfer_start_s = self.engine.clock.now()
-                    sent_at = time.perf_counter()
-                    send = transfer.sender.send_layer if kind == "layer" else transfer.sender.send_layers
-                    kv_trace(f"send-{layer}", transfer.transfer_id)
-                    send(transfer.transfer_id, layer, pages)
-                    kv_trace(f"sent-{layer}", transfer.transfer_id)
-                    transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
-                    transfer.num_bytes += pages.numel() * pages.element_size()
-                else:
-                    state = SequenceState.of(transfer.seq)  # the engine no longer touches a handed-off seq
-                    kv_trace("commit", transfer.transfer_id)
-                    transfer.sender.commit(transfer.transfer_id, state, transfer.num_bytes, self.timeout_s)
-                    kv_trace("acked", transfer.transfer_id)
-                    self._finished_transfers.put(transfer)
-            except Exception as exc:  # a dead peer, a timeout, a refusal: fail this request only
-                transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"
-                log.warning("%s", transfer.error)
-                try:
-                    transfer.sender.cancel(transfer.transfer_id)
-                except Exception:  # noqa: BLE001 - best effort on a broken link
-                    pass
-                if kind == "commit":
-                    self._finished_transfers.put(transfer)
+                transfer.sender.cancel(transfer.transfer_id)
+            except Exception:  # noqa: BLE001 - best effort on a broken link
+                pass
+            if kind == "commit":
+                self._finished_transfers.put(transfer)
 
     def _reap(self) -> None:
         while True:
@@ -210,9 +308,13 @@ class PrefillWorker:
             for out in self.engine.step():
                 if out.finished:  # stopped at its first token: nothing to ship
                     transfer = self._transfers.pop(out.request_id)
-                    transfer.sender.cancel(transfer.transfer_id)
+                    if transfer.shape is None:
+                        transfer.sender.cancel(transfer.transfer_id)
+                    else:  # after its announcement, in the link's order
+                        self._send_queue.put(("cancel", transfer, None))
                     self.engine.release(out.request_id)
                     self.sink(out)
+            self._commit_handed_off()
             worked = True
         self._reap()
         return worked

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 
 class WallClock:
@@ -29,6 +33,24 @@ class WallClock:
 
     def advance(self, dt_s: float) -> None:
         """Wall time advances by itself; nothing to do."""
+
+
+def event_time_s(event: torch.cuda.Event, now_s: Callable[[], float],
+                 stream: Optional[torch.cuda.Stream] = None) -> float:
+    """When (on the clock read by ``now_s``) the device passed ``event``, a completed timing event.
+
+    The host queues work ahead of the device, so a host reading taken when the work is queued
+    is too early, and one taken when a poll sees the event is too late. This queues a second
+    event on ``stream`` (which must have nothing pending; default: the current stream), waits
+    for it, reads the clock, and subtracts the device time between the two events.
+    """
+    import torch
+
+    now_event = torch.cuda.Event(enable_timing=True)
+    now_event.record(stream)
+    now_event.synchronize()
+    host_now_s = now_s()
+    return host_now_s - max(0.0, event.elapsed_time(now_event)) / 1e3
 
 
 class SimulatedClock:

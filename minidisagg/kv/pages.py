@@ -7,7 +7,7 @@ request's blocks, shape [2, num_blocks, block_size, num_kv_heads, head_dim].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -125,9 +125,22 @@ def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> t
     return _gather(cache.kv[layer], 1, block_ids)
 
 
-def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
-    """All layers' pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
-    return _gather(cache.kv, 2, block_ids)
+def gather_pages(cache: PagedKVCache, block_ids: Sequence[int], first_layer: int = 0,
+                 end_layer: Optional[int] = None) -> torch.Tensor:
+    """Layers ``first_layer .. end_layer - 1`` (default: all) of the given blocks: [layers, 2, n, block_size, ...]."""
+    return _gather(cache.kv[first_layer:end_layer], 2, block_ids)
+
+
+def layer_pieces(num_layers: int, num_pieces: int) -> list[tuple[int, int]]:
+    """Split ``num_layers`` stacked layers into ``num_pieces`` near-equal ranges (first, end), in order.
+
+    A stacked message cut this way lets the pieces' copies and sends overlap on the GPU; both
+    ends of a link compute the same split from the two numbers in the header.
+    """
+    if not 1 <= num_pieces <= num_layers:
+        raise ValueError(f"cannot cut {num_layers} layers into {num_pieces} pieces")
+    bounds = [num_layers * i // num_pieces for i in range(num_pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor, first_layer: int = 0) -> None:

@@ -39,14 +39,18 @@ class LayerwisePrefillStage(PrefillStage):
 
     ``on_layer(seqs, layer)`` is called after ``layer``'s KV of this batch is in the cache, with
     the sequences whose prefill this batch completes (the ones about to be handed off).
+    ``on_batch_start(seqs)`` is called with the same sequences before the batch runs.
     """
 
     name = "prefill"
     on_layer: Optional[Callable[[list[Sequence], int], None]] = None
+    on_batch_start: Optional[Callable[[list[Sequence]], None]] = None
 
     def run(self, work: list[PrefillChunk]) -> StageResult:
         """Run the batch with a per-layer hook on the runner."""
         finishing = [c.seq for c in work if c.is_last]
+        if self.on_batch_start is not None and finishing:
+            self.on_batch_start(finishing)
         hook = self.on_layer
         if hook is not None and finishing:
             self.runner.layer_hook = lambda layer: hook(finishing, layer)

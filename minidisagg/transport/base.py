@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -39,8 +39,13 @@ class KVReceiver(Protocol):
     def write_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
         """Scatter consecutive layers' pages [n, 2, blocks, ...] into the reserved blocks."""
 
-    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int) -> None:
-        """All layers arrived: adopt the sequence and start decoding it."""
+    def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
+               landed_at_s: Optional[float] = None) -> None:
+        """All layers arrived: adopt the sequence and start decoding it.
+
+        ``landed_at_s``: when the pages were all in the pool (a ``time.perf_counter()`` reading),
+        where the transport measured it.
+        """
 
     def cancel(self, transfer_id: str) -> None:
         """Drop a reservation (and anything written into it)."""
@@ -62,6 +67,7 @@ class KVSender(ABC):
 
     def __init__(self) -> None:
         self.stats = TransferStats()
+        self.device = torch.device("cpu")  # where this link's pages travel from
 
     @abstractmethod
     def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
@@ -79,6 +85,33 @@ class KVSender(ABC):
         """
         for i in range(pages.shape[0]):
             self.send_layer(transfer_id, first_layer + i, pages[i])
+
+    @property
+    def announces(self) -> bool:
+        """Whether this link can describe a finished prefill's pages before they exist (``announce_layers``).
+
+        Then the decode side posts its receive while the prefill still computes, and the pages
+        move as soon as they are sent, with no header hop on the critical path.
+        """
+        return False
+
+    def plan_pieces(self, shape: Sequence[int], dtype: torch.dtype) -> list[tuple[int, int]]:
+        """How an announced stacked message [layers, 2, blocks, ...] is cut: (first, end) layer ranges."""
+        return [(0, shape[0])]
+
+    def announce_layers(self, transfer_id: str, shape: Sequence[int], dtype: torch.dtype,
+                        pieces: Sequence[tuple[int, int]]) -> None:
+        """Describe the stacked pages ``send_pieces`` will ship (only where ``announces`` is True)."""
+        raise NotImplementedError(f"the {self.name} transport does not announce pages")
+
+    def send_pieces(self, transfer_id: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """Ship an announced transfer's pages, (first layer, stacked pages) per planned piece, in order.
+
+        ``pieces`` may be a generator that gathers each piece as it is asked for, so the copy of
+        one piece overlaps the send of the one before. Every announced transfer must get exactly
+        its planned pieces (the decode side posted a receive for each), even one cancelled later.
+        """
+        raise NotImplementedError(f"the {self.name} transport does not announce pages")
 
     def reserve_many(self, requests: Sequence[tuple[str, int]], timeout_s: float) -> list[bool | TransferError]:
         """Reserve for several transfers, each (transfer id, number of tokens).

@@ -26,7 +26,18 @@ being written belong to a reservation that no decode step reads before the commi
 back to the pool only once the steps that used them have finished on the host.
 
 Messages: with layer-wise overlap each layer goes as it is computed (a LAYER header and one
-send); a finished prefill sends all layers as one stacked message (``send_layers``).
+send). Without it, a prefill's pages are *announced*: when the batch that completes a prompt
+starts, the prefill worker sends a LAYER header for all its layers, stacked, marked
+``announced`` and cut into ``pieces`` (``plan_pieces``: up to 4 layer ranges). The decode side
+posts one receive per piece and queues each piece's scatter behind it, all while the prefill
+still computes. Once the last layer is queued, before the logits, the prefill thread gathers
+piece by piece and queues each piece's send right behind its own gather (``send_pieces``), so
+the gather of one piece, the transfer of the one before and the scatter of the one before that
+overlap on the GPUs, and no header hop sits between the pages and the wire. Announced transfers
+are sent in announcement order, since a pair's receives match its sends first in, first out,
+and every announced transfer sends its pages, even one its first token then stops (it is
+cancelled after). On the CPU the receives of an announced transfer are waited for when DONE
+arrives.
 
 Threads: gloo runs send/recv on the calling thread and matches them by (source, tag) on a
 per-peer connection, so decode threads receiving from *different* sources at once do not
@@ -43,13 +54,17 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
+import os
 import threading
 import time
-from typing import ContextManager, Optional
+from typing import ContextManager, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from minidisagg.engine.clock import event_time_s
+from minidisagg.kv.pages import layer_pieces
 from minidisagg.transport.base import TransferError
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
 from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
@@ -189,40 +204,72 @@ def receive_stream(device: torch.device) -> ContextManager[object]:
     return torch.cuda.stream(_link_stream(device))
 
 
-def wait_received(device: torch.device, timeout_s: float, poll_s: float = 50e-6) -> None:
-    """Block until everything this thread queued on its side stream is done; TimeoutError after ``timeout_s``.
-
-    Polls an event rather than synchronizing, so a receive that never completes cannot hang the link.
-    """
+def mark_received(device: torch.device) -> Optional[torch.cuda.Event]:
+    """A timing event after everything this thread queued so far on its side stream (None off the GPU)."""
     if device.type != "cuda":
-        return
-    done = torch.cuda.Event()
-    done.record(_link_stream(device))
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(_link_stream(device))
+    return event
+
+
+def wait_received(event: Optional[torch.cuda.Event], timeout_s: float, poll_s: float = 50e-6) -> float:
+    """Block until ``event`` (from ``mark_received``) has passed; TimeoutError after ``timeout_s``.
+
+    Polls rather than synchronizing, so a receive that never completes cannot hang the link.
+    Each transfer waits for its own event, not for the whole stream: receives announced for
+    later transfers may sit on the same stream until their pages are sent. Returns when the
+    device passed the event, as a ``time.perf_counter()`` reading (now, without an event).
+    """
+    if event is None:
+        return time.perf_counter()
     deadline = time.monotonic() + timeout_s
-    while not done.query():
+    while not event.query():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"KV pages on {device} did not land within {timeout_s} s")
+            raise TimeoutError(f"KV pages did not land within {timeout_s} s")
         time.sleep(poll_s)
+    streams = getattr(_LINK_STREAMS, "clock", None)
+    if streams is None:
+        streams = _LINK_STREAMS.clock = {}
+    device = getattr(event, "device", None) or torch.device("cuda", torch.cuda.current_device())
+    if device not in streams:  # a stream with nothing queued, to read the device's time on
+        streams[device] = torch.cuda.Stream(device)
+    return event_time_s(event, time.perf_counter, streams[device])
 
 
-def recv_pages(buffer: torch.Tensor, src_rank: int, timeout_s: float) -> None:
-    """Receive pages from ``src_rank`` into ``buffer``; ConnectionError/TimeoutError on failure.
+def post_receive(buffer: torch.Tensor, src_rank: int) -> dist.Work:
+    """Post a receive of pages from ``src_rank`` into ``buffer`` (contiguous); returns without waiting.
 
-    On the CPU (gloo) it returns once the pages are here. On a GPU (NCCL) it only queues the
-    receive on the current stream (call it under ``receive_stream``) and returns at once; the
-    pages are in ``buffer`` for later work on that stream, and ``wait_received`` waits for them.
+    On a GPU (NCCL) call it under ``receive_stream``: the receive is ordered after the work
+    already queued there, which is what makes reusing a staging buffer safe.
     """
     try:
-        if buffer.is_cuda:
-            # no timeout argument: with one, NCCL's wait blocks the host until the pages are here
-            dist.irecv(buffer, src=src_rank, tag=KV_TAG).wait()
-            return
-        work = dist.irecv(buffer, src=src_rank, tag=KV_TAG)
-        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+        return dist.irecv(buffer, src=src_rank, tag=KV_TAG)
+    except RuntimeError as exc:
+        raise ConnectionError(f"KV receive from rank {src_rank} failed: {exc}") from exc
+
+
+def finish_receive(work: dist.Work, on_gpu: bool, src_rank: int, timeout_s: float) -> None:
+    """Make later work wait for a posted receive; ConnectionError/TimeoutError on failure.
+
+    On a GPU (NCCL) the current stream waits for it and the host goes on at once (no timeout
+    argument: with one, NCCL's wait blocks the host until the pages are here); ``wait_received``
+    later waits for the pages with a deadline. On the CPU (gloo) it returns once the pages are here.
+    """
+    try:
+        if on_gpu:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as exc:
         if "timed out" in str(exc).lower():
             raise TimeoutError(f"KV pages from rank {src_rank} did not arrive within {timeout_s} s") from exc
         raise ConnectionError(f"KV receive from rank {src_rank} failed: {exc}") from exc
+
+
+# an announced message is cut into at most this many pieces (one NCCL send each); MINIDISAGG_KV_PIECES overrides
+MAX_PIECES = max(1, int(os.environ.get("MINIDISAGG_KV_PIECES", "4") or 4))
+MIN_PIECE_BYTES = 32 << 20  # ... of at least this size: a send costs ~25 us on top of its bytes (H100 NVLink)
 
 
 class DistSender(SocketSender):
@@ -242,6 +289,20 @@ class DistSender(SocketSender):
         self.dst_rank = dst_rank
         self.device = transfer_device()
         self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []  # NCCL sends not yet known to be done
+        self._in_flight_lock = threading.Lock()  # sends are issued from the prefill and the sender threads
+
+    def _isend(self, pages: torch.Tensor) -> None:
+        """One send of contiguous ``pages``: queued under NCCL (kept alive until done), waited for under gloo."""
+        work = dist.isend(pages, dst=self.dst_rank, tag=KV_TAG)
+        if pages.is_cuda:
+            # NCCL: no wait, so the prefill's compute stream never stalls on the decode side posting its
+            # receive; the send is ordered after the pages' gather, and the decode side acknowledges
+            # DONE only once the pages landed. Keep each send's tensor alive until it completes.
+            with self._in_flight_lock:
+                self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
+                self._in_flight.append((work, pages))
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
 
     def _send_pages(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
         """A payload-free LAYER frame, then the pages by ``torch.distributed`` (both under the link's lock)."""
@@ -253,18 +314,56 @@ class DistSender(SocketSender):
         with self._lock:
             try:
                 send_frame(self.sock, FrameKind.LAYER, header, timeout_s=self.timeout_s)
-                work = dist.isend(pages, dst=self.dst_rank, tag=KV_TAG)
-                if pages.is_cuda:
-                    # NCCL: no wait, so the prefill's compute stream never stalls on the decode side posting its
-                    # receive; the send is ordered after the pages' gather, and the decode side acknowledges
-                    # DONE only once the pages landed. Keep each send's tensor alive until it completes.
-                    self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
-                    self._in_flight.append((work, pages))
-                else:
-                    work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+                self._isend(pages)
             except (OSError, FrameError, RuntimeError) as exc:
                 self._broken = str(exc)
                 self.sock.close()
                 raise TransferError(f"link to {self.address} (rank {self.dst_rank}) failed: {exc}") from exc
         self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += pages.numel() * pages.element_size()
+
+    # ---- announced transfers: the header goes while the prefill computes, the pages when it ends ----
+    @property
+    def announces(self) -> bool:
+        """Always: the decode side can post its receive before the pages exist (see ``announce_layers``)."""
+        return True
+
+    def plan_pieces(self, shape: Sequence[int], dtype: torch.dtype) -> list[tuple[int, int]]:
+        """Up to ``MAX_PIECES`` layer ranges of at least ``MIN_PIECE_BYTES`` each.
+
+        On the CPU a piece per layer (at most ``MAX_PIECES``): gloo gains nothing from pieces, but
+        the same path is then exercised where the tests run.
+        """
+        if self.device.type != "cuda":
+            return layer_pieces(shape[0], min(MAX_PIECES, shape[0]))
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return layer_pieces(shape[0], max(1, min(MAX_PIECES, shape[0], nbytes // MIN_PIECE_BYTES)))
+
+    def announce_layers(self, transfer_id: str, shape: Sequence[int], dtype: torch.dtype,
+                        pieces: Sequence[tuple[int, int]]) -> None:
+        """A LAYER header for all layers, stacked, marked ``announced`` with the number of pieces; no pages yet.
+
+        The decode side posts one receive per piece and queues their scatters, then goes on; the
+        pages land as soon as ``send_pieces`` sends them. Announced transfers are sent in the
+        order they were announced (a pair's receives match its sends first-in first-out).
+        """
+        header = {"transfer_id": transfer_id, "layer": 0, "shape": list(shape), "num_layers": shape[0],
+                  "dtype": str(dtype).removeprefix("torch."), "via": "dist", "src_rank": self.src_rank,
+                  "pieces": len(pieces), "announced": True}
+        self._exchange(FrameKind.LAYER, header, None)
+
+    def send_pieces(self, transfer_id: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """One send per piece, no frame: each send is queued right behind its own piece's gather."""
+        if self._broken is not None:
+            raise TransferError(f"link to {self.address} is down: {self._broken}")
+        t0 = time.perf_counter()
+        try:
+            for _, pages in pieces:
+                pages = pages.detach().to(self.device).contiguous()
+                self._isend(pages)
+                self.stats.bytes_sent += pages.numel() * pages.element_size()
+        except RuntimeError as exc:
+            self._broken = str(exc)
+            self.sock.close()
+            raise TransferError(f"link to {self.address} (rank {self.dst_rank}) failed: {exc}") from exc
+        self.stats.send_s += time.perf_counter() - t0

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout
+from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout, layer_pieces
 from minidisagg.transport.base import KVReceiver, KVSender, TransferError
 from minidisagg.transport.trace import kv_trace
 from minidisagg.transport.framing import (
@@ -190,6 +190,10 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
     buffers: dict[tuple[int, str], torch.Tensor] = {}
     dist_source: dict[str, int] = {}  # the prefill rank this link's via=dist pages come from, once seen
 
+    landing: dict[str, Any] = {}  # transfer id -> event after its last queued scatter (GPU)
+    deferred: dict[str, list[tuple[Any, torch.Tensor, int, bool]]] = {}  # CPU: announced receives not yet waited
+    announced: set[str] = set()  # transfers whose pages were announced (their landing time is measured)
+
     def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor:
         """Check a LAYER header against its reservation; the staging tensor its pages go into."""
         tid, layer, shape = header.get("transfer_id"), header.get("layer"), header.get("shape")
@@ -206,6 +210,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             expected = [count, *expected]
         if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
             raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
+        if header.get("announced") and device.type != "cuda":  # waited for later: its own buffer
+            return torch.empty(expected, dtype=layout.dtype, device=device)
         key = (tuple(expected), str(device))
         buffer = buffers.get(key)
         if buffer is None:
@@ -223,31 +229,66 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         header["_tensor"] = buffer
         return memoryview(buffer.view(torch.uint8).numpy()).cast("B")
 
-    def dist_pages(header: dict[str, Any]) -> torch.Tensor:
-        """Header checked like a socket payload's, then the pages by torch.distributed (see dist.py)."""
+    def pieces_of(header: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """The layer ranges a stacked message comes in (None: one unstacked layer)."""
+        if "num_layers" not in header:
+            if "pieces" in header or "announced" in header:
+                raise FrameError("LAYER pieces and announcements need stacked layers (num_layers)")
+            return None
+        count, pieces = header["num_layers"], header.get("pieces", 1)
+        if not _is_int(pieces) or not 1 <= pieces <= count:
+            raise FrameError(f"LAYER with pieces {pieces!r} for {count} layers")
+        if not isinstance(header.get("announced", False), bool):
+            raise FrameError(f"LAYER with non-boolean announced {header.get('announced')!r}")
+        return layer_pieces(count, pieces)
+
+    def write_pages(tid: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
+        if stacked:
+            receiver.write_layers(tid, layer, pages)
+        else:
+            receiver.write_layer(tid, layer, pages)
+
+    def receive_dist(header: dict[str, Any]) -> None:
+        """Header checked like a socket payload's; the pages' receives posted and their scatters queued (dist.py)."""
         from minidisagg.transport import dist as kv_dist  # lazy: dist.py builds on this module
 
-        buffer = checked_buffer(header, kv_dist.transfer_device())
+        device = kv_dist.transfer_device()
+        ranges = pieces_of(header)
+        buffer = checked_buffer(header, device)
         src_rank = kv_dist.check_src_rank(header.get("src_rank"))
         if dist_source.setdefault("rank", src_rank) != src_rank:
             raise FrameError(f"LAYER via=dist from rank {src_rank} on a link that carried rank {dist_source['rank']}")
         kv_dist.SOURCE_CLAIMS.claim(src_rank, sock)
-        kv_dist.recv_pages(buffer, src_rank, frame_timeout_s)
-        return buffer
+        tid, layer, on_gpu = header["transfer_id"], header["layer"], device.type == "cuda"
+        if header.get("announced"):
+            announced.add(tid)
+        with kv_dist.receive_stream(device):  # see dist.py: Streams
+            posted = []
+            for first, end in ranges or [(0, 0)]:
+                view = buffer[first:end] if ranges else buffer
+                posted.append((kv_dist.post_receive(view, src_rank), view, layer + first, ranges is not None))
+            if header.get("announced") and not on_gpu:
+                deferred.setdefault(tid, []).extend(posted)
+                return
+            for work, view, first_layer, stacked in posted:
+                kv_dist.finish_receive(work, on_gpu, src_rank, frame_timeout_s)
+                write_pages(tid, first_layer, view, stacked)
+            landing[tid] = kv_dist.mark_received(device)
 
-    def write_pages(header: dict[str, Any], pages: torch.Tensor) -> None:
-        tid, layer = header["transfer_id"], header["layer"]
-        if "num_layers" not in header:
-            receiver.write_layer(tid, layer, pages)
-            return
-        receiver.write_layers(tid, layer, pages)
+    def landed(tid: str) -> Optional[float]:
+        """Wait until pages received by torch.distributed for ``tid`` sit in the pool (once per request).
 
-    def landed() -> None:
-        """Wait until pages received by torch.distributed on this link sit in the pool (once per request)."""
-        if dist_source:
-            from minidisagg.transport import dist as kv_dist
+        Returns when they got there (a ``time.perf_counter()`` reading), or None without such pages.
+        """
+        if not dist_source:
+            return None
+        from minidisagg.transport import dist as kv_dist
 
-            kv_dist.wait_received(kv_dist.transfer_device(), frame_timeout_s)
+        for work, view, first_layer, stacked in deferred.pop(tid, []):
+            kv_dist.finish_receive(work, False, dist_source["rank"], frame_timeout_s)
+            write_pages(tid, first_layer, view, stacked)
+        landed_at_s = kv_dist.wait_received(landing.pop(tid, None), frame_timeout_s)
+        return landed_at_s if tid in announced else None
 
     try:
         while wait_readable(sock, stop):
@@ -270,23 +311,22 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                 via = h.get("via", "socket")
                 kv_trace(f"layer-frame-{h.get('layer')}", tid)
                 if via == "dist":
-                    from minidisagg.transport import dist as kv_dist
-
-                    with kv_dist.receive_stream(kv_dist.transfer_device()):  # see dist.py: Streams
-                        write_pages(h, dist_pages(h))
+                    receive_dist(h)
                     kv_trace(f"layer-queued-{h.get('layer')}", tid)
                 elif via != "socket" or not isinstance(h.get("_tensor"), torch.Tensor):
                     raise FrameError(f"LAYER via={via!r} without pages")
                 else:
-                    write_pages(h, h["_tensor"])
+                    write_pages(tid, h["layer"], h["_tensor"], "num_layers" in h)
             elif frame.kind == FrameKind.DONE:
                 if tid not in reserved:
                     raise FrameError(f"DONE for unknown transfer {tid!r}")
                 kv_trace("done-frame", tid)
-                landed()
+                landed_at_s = landed(tid)
                 kv_trace("landed", tid)
                 try:
-                    receiver.commit(tid, SequenceState.from_dict(h.get("state")), int(h.get("num_bytes", 0)))
+                    announced.discard(tid)
+                    receiver.commit(tid, SequenceState.from_dict(h.get("state")), int(h.get("num_bytes", 0)),
+                                    landed_at_s=landed_at_s)
                     kv_trace("committed", tid)
                     reserved.pop(tid)
                     reply: dict[str, Any] = {"transfer_id": tid, "ok": True}
@@ -295,7 +335,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                 send_frame(sock, FrameKind.ACK, reply, timeout_s=frame_timeout_s)
             elif frame.kind == FrameKind.CANCEL:
                 if reserved.pop(tid, None) is not None:
-                    landed()  # nothing may still be writing into blocks that go back to the pool
+                    landed(tid)
+                    announced.discard(tid)  # nothing may still be writing into blocks that go back to the pool
                     receiver.cancel(tid)
             elif frame.kind == FrameKind.BYE:
                 return
@@ -312,12 +353,15 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         except OSError:
             pass
     finally:
-        if reserved:
-            try:
-                landed()
-            except (TimeoutError, ConnectionError, RuntimeError) as exc:
-                log.warning("pages from %s still in flight as its link closed: %s", peer or "a prefill worker", exc)
+        in_flight = None  # after one receive that never ends, the ones queued behind it cannot end either
         for tid in reserved:
+            try:
+                if in_flight is None:
+                    landed(tid)
+            except (TimeoutError, ConnectionError, RuntimeError, ValueError) as exc:
+                in_flight = exc
+                log.warning("pages of %s from %s still in flight as its link closed: %s", tid,
+                            peer or "a prefill worker", exc)
             receiver.cancel(tid)
         if dist_source:
             from minidisagg.transport.dist import SOURCE_CLAIMS
