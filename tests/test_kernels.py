@@ -447,7 +447,7 @@ def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs):
     """Few runs of consecutive blocks are copied run by run, many by index_select: the same bytes either way."""
     from minidisagg.config import TINY
     from minidisagg.kv.cache import PagedKVCache
-    from minidisagg.kv.pages import block_runs, gather_layer, gather_pages
+    from minidisagg.kv.pages import block_runs, gather_layer, gather_pages, gather_pieces, layer_pieces
 
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
@@ -466,6 +466,11 @@ def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs):
     layer = rng.randrange(TINY.num_layers)
     got_layer = gather_layer(cache, layer, ids)
     assert got_layer.is_contiguous() and torch.equal(got_layer, cache.kv[layer].index_select(1, index)), f"seed {seed}"
+    pieces = layer_pieces(TINY.num_layers, rng.randint(1, TINY.num_layers))
+    gathered = list(gather_pieces(cache, ids, pieces))  # one piece at a time, into one stacked buffer
+    assert [first for first, _ in gathered] == [first for first, _ in pieces], f"seed {seed}"
+    for (first, end), (_, piece) in zip(pieces, gathered):
+        assert piece.is_contiguous() and torch.equal(piece, got[first:end]), f"seed {seed}: piece {first}-{end}"
 
 
 @pytest.mark.parametrize("dtype,block", [(torch.bfloat16, (16, 2, 64)), (torch.float16, (5, 1, 3)),
@@ -604,3 +609,18 @@ def test_bf16_single_row_linear_is_a_gemv_equal_to_f_linear(seed):
     assert torch.equal(lin.linear_cpu_gemv(x[:, : in_f], weight), got), where
     assert not lin._wants_gemv(x.expand(2, -1), weight) and not lin._wants_gemv(x.float(), weight.float()), where
     torch.testing.assert_close(linear(x, weight, batch_invariant=True), got, rtol=2e-2, atol=2e-2)
+
+
+def test_layer_pieces_cover_every_layer_once_in_order():
+    """Both ends of a link cut a stacked message the same way; a bad count is refused."""
+    from minidisagg.kv.pages import layer_pieces
+
+    for num_layers in (1, 2, 16, 32, 33):
+        for count in range(1, num_layers + 1):
+            pieces = layer_pieces(num_layers, count)
+            assert len(pieces) == count and pieces[0][0] == 0 and pieces[-1][1] == num_layers
+            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(pieces, pieces[1:]))
+            assert max(e - f for f, e in pieces) - min(e - f for f, e in pieces) <= 1
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="cannot cut"):
+            layer_pieces(4, bad)

@@ -17,7 +17,7 @@ from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
-from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages
+from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages, gather_pieces
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
 from minidisagg.transport.base import KVSender, TransferError
@@ -196,8 +196,7 @@ class PrefillWorker:
             kv_trace("send-0", tid)
             sent_at = time.perf_counter()
             try:
-                transfer.sender.send_pieces(tid, ((first, gather_pages(cache, seq.block_table, first, end))
-                                                  for first, end in transfer.pieces))
+                transfer.sender.send_pieces(tid, gather_pieces(cache, seq.block_table, transfer.pieces))
             except TransferError as exc:
                 transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"
                 log.warning("%s", transfer.error)

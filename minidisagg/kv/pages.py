@@ -7,7 +7,7 @@ request's blocks, shape [2, num_blocks, block_size, num_kv_heads, head_dim].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -129,6 +129,32 @@ def gather_pages(cache: PagedKVCache, block_ids: Sequence[int], first_layer: int
                  end_layer: Optional[int] = None) -> torch.Tensor:
     """Layers ``first_layer .. end_layer - 1`` (default: all) of the given blocks: [layers, 2, n, block_size, ...]."""
     return _gather(cache.kv[first_layer:end_layer], 2, block_ids)
+
+
+def gather_pieces(cache: PagedKVCache, block_ids: Sequence[int],
+                  pieces: Sequence[tuple[int, int]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Gather consecutive layer ranges of the given blocks one at a time: yields (first layer, pages).
+
+    Each piece is [end - first, 2, n, block_size, kv_heads, head_dim], a view of one stacked
+    buffer; its copies are queued only when it is asked for, so a caller that queues a send
+    between pieces overlaps the copy of one with the send of the one before. The runs of
+    consecutive blocks are found once for all pieces.
+    """
+    runs = block_runs(block_ids)
+    shape = list(cache.kv.shape)
+    shape[2] = len(block_ids)
+    out = torch.empty(shape, dtype=cache.kv.dtype, device=cache.kv.device)
+    index = None
+    for first, end in pieces:
+        target, source = out[first:end], cache.kv[first:end]
+        if len(runs) > MAX_GATHER_RUNS:
+            if index is None:
+                index = torch.as_tensor(list(block_ids), dtype=torch.long, device=source.device)
+            torch.index_select(source, 2, index, out=target)
+        else:
+            for pos, block, length in runs:
+                copy_blocks(target[:, :, pos : pos + length], source[:, :, block : block + length])
+        yield first, target
 
 
 def layer_pieces(num_layers: int, num_pieces: int) -> list[tuple[int, int]]:
