@@ -11,9 +11,9 @@ number of steps of a bare chain of the model's matmuls (through the engine's own
 dispatch over the real weight shapes, so the fastest matmul kernel the engine has, no attention,
 norms or sampling): what the engine can approach on this machine.
 Configurations are interleaved inside every repetition and the median over repetitions is kept.
-With ``--compiled`` the run adds ``minidisagg fp32 compiled`` (``compile_cpu=True``: batch-1 decode
-through one torch.compile graph; batches of several sequences run eagerly, so its batch-8 row
-measures the eager engine again).
+With ``--compiled`` the run adds ``minidisagg fp32 compiled`` and ``minidisagg bf16 compiled``
+(``compile_cpu=True``: batch-1 decode through one torch.compile graph; batches of several sequences
+run eagerly, so their batch-8 rows measure the eager engine again).
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ from minidisagg import LLM, SamplingParams
 PROMPT = "Write a short story about a robot who learns to paint."
 HF_FP32 = "HF transformers fp32"
 FP32_COMPILED = "minidisagg fp32 compiled"
-GENERATORS = (HF_FP32, "minidisagg fp32", "minidisagg bf16", FP32_COMPILED)
+BF16_COMPILED = "minidisagg bf16 compiled"
+GENERATORS = (HF_FP32, "minidisagg fp32", "minidisagg bf16", FP32_COMPILED, BF16_COMPILED)
 CEILINGS = {"float32": "matmul ceiling fp32", "bfloat16": "matmul ceiling bf16"}
 DTYPE_OF = {HF_FP32: "float32", "minidisagg fp32": "float32", "minidisagg bf16": "bfloat16", FP32_COMPILED: "float32",
-            **{name: d for d, name in CEILINGS.items()}}
+            BF16_COMPILED: "bfloat16", **{name: d for d, name in CEILINGS.items()}}
 WARMUP_TOKENS = 4
 
 
@@ -172,7 +173,7 @@ def run_cpu_decode_bench(
     """Measure decode tokens/s of every configuration at every batch size; returns the result dict.
 
     ``threads`` sets ``torch.set_num_threads`` first (default: leave torch's choice, one per core).
-    ``compiled`` adds the fp32 engine with ``compile_cpu=True`` (compiled during the warm-up).
+    ``compiled`` adds the fp32 and bf16 engines with ``compile_cpu=True`` (compiled during the warm-up).
     """
     if new_tokens < 2 or repeats < 1:
         raise ValueError("new_tokens must be >= 2 and repeats >= 1")
@@ -185,6 +186,7 @@ def run_cpu_decode_bench(
                    "minidisagg bf16": LLM("smollm2-135m", device="cpu", dtype="bfloat16")}
         if compiled:
             engines[FP32_COMPILED] = LLM("smollm2-135m", device="cpu", dtype="float32", compile_cpu=True)
+            engines[BF16_COMPILED] = LLM("smollm2-135m", device="cpu", dtype="bfloat16", compile_cpu=True)
         chat = [{"role": "user", "content": PROMPT}]
         prompt_ids = engines["minidisagg fp32"].get_tokenizer().apply_chat_template(chat, add_generation_prompt=True)
         gens = [hf_generator(prompt_ids)] + [minidisagg_generator(n, llm, prompt_ids) for n, llm in engines.items()]
@@ -221,7 +223,8 @@ def run_cpu_decode_bench(
     goals, goals_best = {}, {}
     for b in batch_sizes:
         hf_best = by[(HF_FP32, b)]["tokens_per_s_best"]
-        for name, factor in (("minidisagg fp32", 1.2), ("minidisagg bf16", 2.0), (FP32_COMPILED, 1.2)):
+        for name, factor in (("minidisagg fp32", 1.2), ("minidisagg bf16", 2.0), (FP32_COMPILED, 1.2),
+                             (BF16_COMPILED, 2.0)):
             if (name, b) not in by:
                 continue
             goal = f"{name} >= {factor:g}x HF fp32 at batch {b}"
@@ -338,7 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--compiled", action="store_true",
-                        help="add 'minidisagg fp32 compiled' (compile_cpu=True; needs a C++ compiler)")
+                        help="add 'minidisagg fp32 compiled' and 'minidisagg bf16 compiled' (compile_cpu=True; "
+                             "needs a C++ compiler)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     result = run_cpu_decode_bench(args.batch_sizes, args.new_tokens, args.repeats, not args.no_progress, args.threads,

@@ -190,7 +190,7 @@ class EngineConfig:
     # between steps overlaps the device's (vLLM's asynchronous scheduling). None: on where decode
     # runs by CUDA graphs, off elsewhere (on a CPU nothing runs in the background to overlap).
     async_scheduling: Optional[bool] = None
-    # Batch-1 decode of a float32 CPU model through one torch.compile graph (needs a C++ compiler;
+    # Batch-1 decode of a float32 or bfloat16 CPU model through one torch.compile graph (needs a C++ compiler;
     # without one the engine stays eager). Off by default: compiling takes tens of seconds.
     compile_cpu: bool = False
 

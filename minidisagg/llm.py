@@ -36,7 +36,7 @@ class LLM:
     device per worker: ``prefill_devices=["cuda:0"], decode_devices=["cuda:1"]``. ``worker_threads`` sets
     their torch CPU threads (0: torch's default). ``async_scheduling`` queues each decode step
     on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
-    graphs). ``compile_cpu=True`` runs batch-1 decode of a float32 CPU model through one
+    graphs). ``compile_cpu=True`` runs batch-1 decode of a float32 or bfloat16 CPU model through one
     ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager).
 
     >>> llm = LLM("smollm2-135m")

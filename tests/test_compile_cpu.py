@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import pytest
+import torch
 
 from conftest import make_engine, run_all, token_prompts
 from minidisagg.config import EngineConfig
 from minidisagg.engine import compiled
+from minidisagg.engine.runner import BatchItem
 from minidisagg.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -37,6 +40,26 @@ def count_compiled_steps(runner) -> list[int]:
     return calls
 
 
+@pytest.fixture(scope="module")
+def smollm2_bf16(smollm2_gguf):
+    """SmolLM2-135M loaded on CPU in bfloat16."""
+    from minidisagg.models.registry import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="bfloat16")
+
+
+def decode_logits(runner, prompt_ids: list[int], num_steps: int,
+                  forced_ids: Optional[list[int]] = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Logits of the prefill and of ``num_steps`` decode steps, each fed ``forced_ids`` or else the last argmax."""
+    block_size = runner.kv_cache.block_size
+    table = list(range(-(-(len(prompt_ids) + num_steps) // block_size)))  # blocks 0, 1, ... of the runner's pool
+    logits, tokens = [runner.execute([BatchItem(prompt_ids, 0, table, True)])[0]], []
+    for step in range(num_steps):
+        tokens.append(forced_ids[step] if forced_ids is not None else int(logits[-1].argmax()))
+        logits.append(runner.execute([BatchItem([tokens[-1]], len(prompt_ids) + step, table, True)])[0])
+    return logits, tokens
+
+
 @pytest.mark.skipif(compiled.cxx_compiler() is None, reason="needs a C++ compiler")
 def test_compiled_greedy_equals_eager_real_model(smollm2_loaded, module_seed):
     prompts = token_prompts(module_seed, 2, lo=5, hi=40)
@@ -46,6 +69,31 @@ def test_compiled_greedy_equals_eager_real_model(smollm2_loaded, module_seed):
     calls = count_compiled_steps(engine.runner)
     assert generate_one_by_one(engine, prompts) == eager, f"seed {module_seed}"
     assert calls[0] == 2 * (GREEDY.max_tokens - 1), "decode steps did not go through the compiled graph"
+
+
+BF16_LOGIT_REL_TOL = 0.05  # of the largest logit: fused reductions add in another order (measured up to 0.03)
+BF16_GREEDY_PREFIX = 4  # greedy tokens that must equal eager's (over 64 tokens they can part after ~10)
+
+
+@pytest.mark.skipif(compiled.cxx_compiler() is None, reason="needs a C++ compiler")
+def test_compiled_bf16_close_to_eager_real_model(smollm2_bf16, module_seed):
+    prompt_ids = token_prompts(module_seed, 1, lo=5, hi=40)[0]["prompt_token_ids"]
+    want, forced = decode_logits(make_engine(smollm2_bf16, max_model_len=256).runner, prompt_ids, 8)
+    engine = make_engine(smollm2_bf16, max_model_len=256)
+    engine.runner.enable_compiled_cpu_decode()
+    calls = count_compiled_steps(engine.runner)
+    got, _ = decode_logits(engine.runner, prompt_ids, 8, forced)
+    assert calls[0] == len(forced), "decode steps did not go through the compiled graph"
+    for step, (w, g) in enumerate(zip(want, got)):
+        assert (w - g).abs().max() <= BF16_LOGIT_REL_TOL * w.abs().max(), f"seed {module_seed}, step {step}"
+
+    prompts = token_prompts(module_seed, 2, lo=5, hi=40)
+    eager_tokens = generate_one_by_one(make_engine(smollm2_bf16, max_model_len=256), prompts)
+    calls[0] = 0
+    compiled_tokens = generate_one_by_one(engine, prompts)
+    assert calls[0] == 2 * (GREEDY.max_tokens - 1), "decode steps did not go through the compiled graph"
+    for want_ids, got_ids in zip(eager_tokens, compiled_tokens):
+        assert got_ids[:BF16_GREEDY_PREFIX] == want_ids[:BF16_GREEDY_PREFIX], f"seed {module_seed}"
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
@@ -81,3 +129,23 @@ def test_failed_compile_falls_back_to_eager(tiny_loaded, monkeypatch, caplog):
         assert generate_one_by_one(engine, prompts) == eager
     assert engine.runner.compiled_decode.failed
     assert "compiler exploded" in caplog.text and "decoding eagerly" in caplog.text
+
+
+@pytest.mark.parametrize("block_table", [[2, 3, 4], [4, 0, 2]], ids=["consecutive", "scattered"])
+def test_attend_op_equals_eager_attention(block_table):
+    from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference
+    from minidisagg.kernels.cache_write import write_kv_reference
+
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 2, 6, 4, 2, 8, generator=gen)  # [layers, k/v, blocks, block_size, KH, D]
+    q, k, v = (torch.randn(1, heads, 8, generator=gen) for heads in (4, 2, 2))
+    context_len = 10
+    slot = torch.tensor([block_table[2] * 4 + 1])
+    first = block_table[0] if block_table == list(range(block_table[0], block_table[0] + 3)) else -1
+    want_kv = kv.clone()
+    write_kv_reference(k, v, want_kv[1, 0], want_kv[1, 1], slot)
+    meta = AttentionMetadata([0], [1], [context_len], torch.tensor([block_table]), torch.tensor([context_len]), slot)
+    want = decode_attention_reference(q, want_kv[1, 0], want_kv[1, 1], meta, 0.3)
+    got = compiled.write_kv_and_attend(q, k, v, kv, 1, slot, torch.tensor([block_table + [0]]),
+                                       torch.tensor([context_len, first]), 0.3)
+    assert torch.equal(kv, want_kv) and torch.equal(got, want)

@@ -8,10 +8,16 @@ attention stay one opaque op (their context grows every step, and the graph keep
 registered through ``torch.library`` as a plain CPU kernel, which costs a few microseconds a call
 where a ``torch.library.custom_op`` costs about fifty.
 
-Only float32 models use it: in bfloat16 the fused kernels keep intermediates in float32 instead of
-rounding after every op as eager does, so greedy tokens drift from the eager engine's, and the
-step gained 6% where fp32 gained 15-20% (``benchmarks/NOTES.md``). Inductor needs a C++ compiler at
-run time; without one, or when compilation fails, the engine stays eager and logs why.
+Float32 and bfloat16 models use it. In bfloat16 a batch-1 step is bound by its matrix-vector
+products, and inductor would plan them itself (a multiply and a sum, or a one-row ``mm``), both
+slower than torch's own bf16 ``mv`` kernel that the eager engine calls (``kernels/linear.py``); so
+the graph writes them as ``addmv`` and inductor is told not to decompose it: each one is then a
+direct call of torch's kernel from the C++ wrapper, with the eager engine's bits. The fused
+kernels round to bf16 where eager's ops do (``emulate_precision_casts``), but their reductions
+add in another order, so a step's logits are equal to eager's or within a few percent of them,
+and greedy tokens can part from eager's after some tens of tokens (``benchmarks/NOTES.md``).
+Inductor needs a C++ compiler at run time; without one, or when compilation fails, the engine
+stays eager and logs why.
 """
 
 from __future__ import annotations
@@ -25,31 +31,44 @@ import torch
 import torch.nn.functional as F
 
 from minidisagg.kernels.activation import silu_and_mul_reference
-from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference
-from minidisagg.kernels.cache_write import write_kv_reference
 from minidisagg.kernels.norm import rms_norm_reference
 from minidisagg.kernels.rope import rotate, rotation_tables
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
 log = logging.getLogger(__name__)
-INDUCTOR_OPTIONS = {"cpp_wrapper": True}  # kernels called from C++: 1.20x over eager, against 1.15x without
+# cpp_wrapper: kernels called from C++ (1.20x over eager in fp32, against 1.15x without); emulate_precision_casts:
+# fused bf16 kernels round where eager rounds (teacher-forced logits often bit-equal to eager's, else within ~3%)
+INDUCTOR_OPTIONS = {"cpp_wrapper": True, "emulate_precision_casts": True}
 
 _OPS = torch.library.Library("minidisagg", "DEF")  # the op registry of this module (one op)
 _OPS.define("write_kv_and_attend(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, int layer, Tensor slot_mapping, "
-            "Tensor block_tables, Tensor context_lens, float scale) -> Tensor")
+            "Tensor block_table, Tensor window, float scale) -> Tensor")
 
 
 def write_kv_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int,
-                        slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        slot_mapping: torch.Tensor, block_table: torch.Tensor, window: torch.Tensor,
                         scale: float) -> torch.Tensor:
-    """Write one layer's new k, v into the pool ``kv`` and return decode attention [B, H, D] (eager kernels)."""
-    k_cache, v_cache = kv[layer, 0], kv[layer, 1]
-    write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
-    num_seqs, lens = q.shape[0], context_lens.tolist()
-    used_blocks = block_tables[:, : -(-max(lens) // k_cache.shape[1])]  # the table is padded to a fixed width
-    meta = AttentionMetadata(list(range(num_seqs)), [1] * num_seqs, lens, used_blocks, context_lens, slot_mapping)
-    return decode_attention_reference(q, k_cache, v_cache, meta, scale)
+    """Write one sequence's new k, v into layer ``layer`` of the pool ``kv``; return its attention [1, H, D].
+
+    ``window`` is (context length, first block), the first block -1 unless the sequence's blocks are
+    consecutive in the pool (then its keys are a slice of the cache, else a gather by ``block_table``).
+    The same ops, in the same layout, as ``decode_attention_reference`` for a lone sequence, with
+    none of its bookkeeping: this runs 30 times a step.
+    """
+    keys, values = kv[layer, 0], kv[layer, 1]  # [blocks, block_size, KH, D]
+    keys.view(-1, *keys.shape[2:]).index_copy_(0, slot_mapping, k.to(keys.dtype))
+    values.view(-1, *values.shape[2:]).index_copy_(0, slot_mapping, v.to(values.dtype))
+    context_len, first_block = window.tolist()
+    num_blocks = -(-context_len // keys.shape[1])
+    if first_block >= 0:
+        keys, values = keys[first_block : first_block + num_blocks], values[first_block : first_block + num_blocks]
+    else:
+        used = block_table[0, :num_blocks]
+        keys, values = keys.index_select(0, used), values.index_select(0, used)
+    keys, values = (t.flatten(0, 1)[:context_len].transpose(0, 1).unsqueeze(0) for t in (keys, values))
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
 
 
 def _write_kv_and_attend_shape(q: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -61,6 +80,23 @@ _OPS.impl("write_kv_and_attend", write_kv_and_attend, "CPU")
 _OPS.impl("write_kv_and_attend", _write_kv_and_attend_shape, "Meta")
 
 
+def inductor_keeping_addmv(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+    """Inductor with ``INDUCTOR_OPTIONS`` and ``aten.addmv`` left whole (a call of torch's kernel, not a loop)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    kept = {torch.ops.aten.addmv.default, torch.ops.aten.addmv.out}
+    table = {op: fn for op, fn in select_decomp_table().items() if op not in kept}
+    return compile_fx(graph, example_inputs, config_patches=INDUCTOR_OPTIONS, decompositions=table)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` inside the graph: bf16 one-row products as ``addmv`` (``linear_cpu_gemv``'s kernel and bits)."""
+    if x.dtype == torch.bfloat16 and x.shape[0] == 1:
+        return torch.addmv(x.new_zeros(()), weight, x.view(-1), beta=0).view(1, -1)
+    return F.linear(x, weight)  # float32: MKL's one-row path, planned by inductor
+
+
 def cxx_compiler() -> Optional[str]:
     """Path of the C++ compiler inductor would call (``$CXX``, else ``g++``/``c++``/``clang++``), or None."""
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
@@ -68,13 +104,12 @@ def cxx_compiler() -> Optional[str]:
 
 
 def decode_forward(model: LlamaModel, kv: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                   slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+                   slot_mapping: torch.Tensor, block_table: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Float32 logits [B, vocab] of one decode step: ``LlamaModel.forward`` then ``compute_logits``, traceable.
 
     The layer's steps are the engine's own torch references (RMSNorm, RoPE, SwiGLU), in the order
     ``LlamaLayer.forward`` runs them; only the dispatch around them is left out, since the graph
-    fixes the device and dtype once, and ``F.linear`` stands for ``kernels.linear`` (inductor
-    plans its own one-row matmuls).
+    fixes the device and dtype once, and :func:`decode_linear` stands for ``kernels.linear``.
     """
     cfg = model.cfg
     heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
@@ -82,15 +117,15 @@ def decode_forward(model: LlamaModel, kv: torch.Tensor, input_ids: torch.Tensor,
     tables = rotation_tables(positions, model.cos_sin)
     for index, layer in enumerate(model.layers):
         x, residual = rms_norm_reference(hidden, layer.input_norm, cfg.rms_norm_eps, residual)
-        q, k, v = F.linear(x, layer.qkv_proj).view(-1, sum(heads), cfg.head_dim).split(heads, dim=1)
+        q, k, v = decode_linear(x, layer.qkv_proj).view(-1, sum(heads), cfg.head_dim).split(heads, dim=1)
         q, k = rotate(q, k, *tables)
-        attn = torch.ops.minidisagg.write_kv_and_attend(q, k, v, kv, index, slot_mapping, block_tables,
-                                                        context_lens, cfg.head_dim**-0.5)
-        hidden = F.linear(attn.reshape(-1, cfg.q_size), layer.o_proj)
+        attn = torch.ops.minidisagg.write_kv_and_attend(q, k, v, kv, index, slot_mapping, block_table, window,
+                                                        cfg.head_dim**-0.5)
+        hidden = decode_linear(attn.reshape(-1, cfg.q_size), layer.o_proj)
         x, residual = rms_norm_reference(hidden, layer.post_attn_norm, cfg.rms_norm_eps, residual)
-        hidden = F.linear(silu_and_mul_reference(F.linear(x, layer.gate_up_proj)), layer.down_proj)
+        hidden = decode_linear(silu_and_mul_reference(decode_linear(x, layer.gate_up_proj)), layer.down_proj)
     hidden, _ = rms_norm_reference(hidden, model.norm, cfg.rms_norm_eps, residual)
-    return F.linear(hidden, model.lm_head).float()
+    return decode_linear(hidden, model.lm_head).float()
 
 
 class CompiledCpuDecode:
@@ -108,7 +143,7 @@ class CompiledCpuDecode:
         self.max_blocks = -(-max_model_len // kv_cache.block_size)
         self.failed = False
         self._step: Callable[..., torch.Tensor] = torch.compile(
-            self._forward, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
+            self._forward, dynamic=False, fullgraph=True, backend=inductor_keeping_addmv)
 
     def _forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return decode_forward(self.model, self.kv_cache.kv, *inputs)
@@ -120,8 +155,10 @@ class CompiledCpuDecode:
         block_size = self.kv_cache.block_size
         slot = block_table[position // block_size] * block_size + position % block_size
         padded_table = block_table + [0] * (self.max_blocks - len(block_table))
+        used = block_table[: position // block_size + 1]
+        first_block = used[0] if used == list(range(used[0], used[0] + len(used))) else -1
         inputs = (torch.tensor([token_id]), torch.tensor([position]), torch.tensor([slot]),
-                  torch.tensor([padded_table]), torch.tensor([position + 1]))
+                  torch.tensor([padded_table]), torch.tensor([position + 1, first_block]))
         try:
             with torch.inference_mode():
                 return self._step(*inputs)
@@ -133,10 +170,10 @@ class CompiledCpuDecode:
 
 
 def compiled_cpu_decode(model: LlamaModel, kv_cache: PagedKVCache, max_model_len: int) -> Optional[CompiledCpuDecode]:
-    """A :class:`CompiledCpuDecode` for a float32 CPU model, or None (with a warning saying why) if it cannot be."""
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        log.warning("compile_cpu applies to float32 models on the CPU; this one is %s on %s, decoding eagerly",
-                    model.dtype, model.device)
+    """A :class:`CompiledCpuDecode` for a float32 or bfloat16 CPU model, or None (with a warning saying why)."""
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+        log.warning("compile_cpu applies to float32 and bfloat16 models on the CPU; this one is %s on %s, "
+                    "decoding eagerly", model.dtype, model.device)
         return None
     if cxx_compiler() is None:
         log.warning("compile_cpu needs a C++ compiler (set $CXX or install g++/clang++); decoding eagerly")
