@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -23,6 +25,16 @@ log = logging.getLogger(__name__)
 OutputSink = Callable[[RequestOutput], None]
 IDLE_WAIT_S = 0.05
 WAITER_GRACE_S = 0.05
+
+
+@dataclass
+class _Adoption:
+    """A committed transfer waiting for the decode loop's next step boundary."""
+
+    transfer_id: str
+    state: SequenceState
+    num_bytes: int
+    landed_at_s: Optional[float]
 
 
 class DecodeWorker:
@@ -51,6 +63,8 @@ class DecodeWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reserved: dict[str, list[int]] = {}
+        self._adoptions: deque[_Adoption] = deque()  # committed transfers the loop adopts before its next step
+        self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
 
@@ -99,28 +113,77 @@ class DecodeWorker:
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
                landed_at_s: Optional[float] = None) -> None:
-        """Adopt the sequence whose pages now sit in the reservation; it decodes from the next step.
+        """Adopt the sequence whose pages now sit in the reservation: now if the engine is free, else queued.
 
-        ``landed_at_s`` (a ``time.perf_counter()`` reading) becomes the timeline's ``kv_landed_s``
-        on a wall clock.
+        What can be checked at once is (ValueError: no reservation, no first token, too few
+        blocks). While the loop runs a step, the sequence is queued and the loop adopts it before
+        its next step; the transport acknowledges without waiting for the engine, so several
+        transfers that finish together are adopted together instead of one per step (a failure
+        then reaches the client as an error output). ``landed_at_s`` (a ``time.perf_counter()``
+        reading) becomes the timeline's ``kv_landed_s`` on a wall clock.
         """
-        with self._engine_access():
-            kv_trace("engine-held", transfer_id)
-            if transfer_id not in self._reserved:
-                raise ValueError(f"no reservation for transfer {transfer_id!r}")
-            seq = self.engine.adopt(state, f"transfer:{transfer_id}")
-            kv_trace("adopted", transfer_id)
-            del self._reserved[transfer_id]
-            now = self.engine.clock.now()
-            seq.timeline.transfer_end_s = now
-            seq.timeline.kv_transfer_bytes = num_bytes
-            origin_s = getattr(self.engine.clock, "origin_s", None)
-            if landed_at_s is not None and origin_s is not None:
-                seq.timeline.kv_landed_s = landed_at_s - origin_s
-            seq.timeline.record_token(now)  # the first token reaches the client with its KV
-            first = self.engine.output_of(seq)
-        self.sink(first)
+        blocks = self._blocks_of(transfer_id)
+        if not state.output_token_ids:
+            raise ValueError(f"request {state.request_id}: a handed-off sequence must carry its first token")
+        num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
+        if self.engine.blocks.blocks_needed(num_tokens - 1) > len(blocks):
+            raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
+        item: Optional[_Adoption] = _Adoption(transfer_id, state, num_bytes, landed_at_s)
+        if self._lock.acquire(blocking=False):  # the engine is free: adopt now (errors reach the caller)
+            try:
+                with self._adoptions_lock:
+                    if self._adoptions:  # keep the order of earlier commits
+                        self._adoptions.append(item)
+                        item = None
+                if item is None:
+                    adopted, failed = self._adopt_queued()
+                else:
+                    adopted, failed = [self._adopt(item)], []
+            finally:
+                self._lock.release()
+            for out in failed + adopted:
+                self.sink(out)
+            self._wake.set()
+            return
+        kv_trace("queued", transfer_id)
+        with self._adoptions_lock:
+            self._adoptions.append(item)
         self._wake.set()
+
+    def _adopt(self, item: _Adoption) -> RequestOutput:
+        """Turn a committed reservation into a running sequence (engine lock held); its first-token output."""
+        tid = item.transfer_id
+        if tid not in self._reserved:
+            raise ValueError(f"no reservation for transfer {tid!r}")
+        seq = self.engine.adopt(item.state, f"transfer:{tid}")
+        kv_trace("adopted", tid)
+        del self._reserved[tid]
+        now = self.engine.clock.now()
+        seq.timeline.transfer_end_s = now
+        seq.timeline.kv_transfer_bytes = item.num_bytes
+        origin_s = getattr(self.engine.clock, "origin_s", None)
+        if item.landed_at_s is not None and origin_s is not None:
+            seq.timeline.kv_landed_s = item.landed_at_s - origin_s
+        seq.timeline.record_token(now)  # the first token reaches the client with its KV
+        return self.engine.output_of(seq)
+
+    def _adopt_queued(self) -> tuple[list[RequestOutput], list[RequestOutput]]:
+        """Adopt every queued transfer (under the engine lock): (first-token outputs, failed requests' outputs)."""
+        outputs, failures = [], []
+        with self._adoptions_lock:
+            queued, self._adoptions = self._adoptions, deque()
+        for item in queued:
+            state = item.state
+            if item.transfer_id not in self._reserved:  # aborted or cancelled while queued
+                continue
+            try:
+                outputs.append(self._adopt(item))
+            except ValueError as exc:
+                self.engine.cancel_reservation(f"transfer:{item.transfer_id}")
+                del self._reserved[item.transfer_id]
+                failures.append(RequestOutput(state.request_id, state.prompt, list(state.prompt_token_ids), "", [],
+                                              True, "error", None, state.restore_timeline(), error=str(exc)))
+        return outputs, failures
 
     def cancel(self, transfer_id: str) -> None:
         """Give a reservation back to the pool."""
@@ -135,21 +198,22 @@ class DecodeWorker:
         return self.engine.blocks.num_free_blocks
 
     def step(self) -> bool:
-        """One decode iteration; returns whether there was work."""
+        """Adopt queued transfers, then one decode iteration; returns whether there was work."""
         self._no_waiters.wait(WAITER_GRACE_S)  # transport calls first (bounded, so a stuck one cannot stall decode)
         with self._lock:
-            if not self.engine.has_unfinished():
-                return False
-            start = self.engine.clock.now()
-            outputs = self.engine.step()
-            for out in outputs:
-                if out.timeline.decode_start_s is None:
-                    out.timeline.decode_start_s = start
-                if out.finished:
-                    self.engine.release(out.request_id)
-        for out in outputs:
+            adopted, failed = self._adopt_queued()
+            outputs: list[RequestOutput] = []
+            if self.engine.has_unfinished():
+                start = self.engine.clock.now()
+                outputs = self.engine.step()
+                for out in adopted + outputs:
+                    if out.timeline.decode_start_s is None:
+                        out.timeline.decode_start_s = start
+                    if out.finished:
+                        self.engine.release(out.request_id)
+        for out in failed + adopted + outputs:
             self.sink(out)
-        return True
+        return bool(failed or adopted or outputs)
 
     def run_forever(self) -> None:
         """Decode until ``stop``; sleeps on an event while idle."""
@@ -175,7 +239,13 @@ class DecodeWorker:
             self._thread.join(timeout_s)
 
     def abort(self, request_id: str) -> None:
-        """Stop decoding one request and free its blocks."""
+        """Stop decoding one request and free its blocks (also one committed but not adopted yet)."""
         with self._engine_access():
+            with self._adoptions_lock:
+                dropped = [a for a in self._adoptions if a.state.request_id == request_id]
+                self._adoptions = deque(a for a in self._adoptions if a.state.request_id != request_id)
+            for item in dropped:
+                if self._reserved.pop(item.transfer_id, None) is not None:
+                    self.engine.cancel_reservation(f"transfer:{item.transfer_id}")
             self.engine.abort(request_id)
             self.engine.release(request_id)
