@@ -7,7 +7,7 @@ request's blocks, shape [2, num_blocks, block_size, num_kv_heads, head_dim].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -125,10 +125,9 @@ def gather_layer(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> t
     return _gather(cache.kv[layer], 1, block_ids)
 
 
-def gather_pages(cache: PagedKVCache, block_ids: Sequence[int], first_layer: int = 0,
-                 end_layer: Optional[int] = None) -> torch.Tensor:
-    """Layers ``first_layer .. end_layer - 1`` (default: all) of the given blocks: [layers, 2, n, block_size, ...]."""
-    return _gather(cache.kv[first_layer:end_layer], 2, block_ids)
+def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
+    """All layers' pages for the given blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
+    return _gather(cache.kv, 2, block_ids)
 
 
 def gather_pieces(cache: PagedKVCache, block_ids: Sequence[int],
