@@ -151,8 +151,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         probe, ceiling = res.get("kv_probe", {}), res.get("kv_ceiling", {})
         lines += ["", "Breakdown medians: queue = arrival to prefill start; transfer = prefill end to the first token "
                   "on the decode side (what the transfer adds to TTFT); decode queue = first token to the first "
-                  "decode step. Transfer span = first layer sent to all pages landed (with overlap it runs during "
-                  "the prefill).", "", f"KV link: probe {json.dumps(probe)}; plain send/recv ceiling {json.dumps(ceiling)}."]
+                  "decode step. Transfer span = transfer start to adoption: from the first layer sent with overlap "
+                  "(it runs during the prefill), from the prefill's end without (the pages, announced ahead, "
+                  "may already be on their way).", "", f"KV link: probe {json.dumps(probe)}; plain send/recv ceiling {json.dumps(ceiling)}."]
         if "greedy_check" in res:
             lines.append(f"Greedy check: {json.dumps(res['greedy_check'])}.")
         for error in res.get("errors", []):
