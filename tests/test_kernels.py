@@ -624,3 +624,17 @@ def test_layer_pieces_cover_every_layer_once_in_order():
     for bad in (0, 5):
         with pytest.raises(ValueError, match="cannot cut"):
             layer_pieces(4, bad)
+
+
+def test_kv_pieces_setting_is_checked(monkeypatch):
+    """MINIDISAGG_KV_PIECES caps the pieces of an announced message; a bad value names the variable."""
+    from minidisagg.transport.dist import _max_pieces
+
+    monkeypatch.setenv("MINIDISAGG_KV_PIECES", "2")
+    assert _max_pieces() == 2
+    monkeypatch.delenv("MINIDISAGG_KV_PIECES")
+    assert _max_pieces() == 4
+    for bad in ("0", "-1", "four"):
+        monkeypatch.setenv("MINIDISAGG_KV_PIECES", bad)
+        with pytest.raises(ValueError, match="MINIDISAGG_KV_PIECES"):
+            _max_pieces()

@@ -191,6 +191,8 @@ class PrefillWorker:
         cache = self.engine.kv_cache
         for transfer in announced:
             tid, seq = transfer.transfer_id, transfer.seq
+            if transfer.error is not None:  # its announcement failed: the decode side expects no pages
+                continue
             transfer.started = True
             transfer.kv_ready = kv_ready_mark(cache.device, self.engine.clock)
             kv_trace("send-0", tid)
@@ -247,7 +249,7 @@ class PrefillWorker:
             self._send_item(*item)
 
     def _send_item(self, kind: str, transfer: _Transfer, payload: object) -> None:
-        """Carry out one queued link operation (on the sender thread, or inline when idle: ``_commit_inline``)."""
+        """Carry out one queued link operation (on the sender thread, or inline when idle: ``_commit_handed_off``)."""
         if transfer.error is not None:
             if kind == "commit":
                 self._finished_transfers.put(transfer)

@@ -267,8 +267,17 @@ def finish_receive(work: dist.Work, on_gpu: bool, src_rank: int, timeout_s: floa
         raise ConnectionError(f"KV receive from rank {src_rank} failed: {exc}") from exc
 
 
-# an announced message is cut into at most this many pieces (one NCCL send each); MINIDISAGG_KV_PIECES overrides
-MAX_PIECES = max(1, int(os.environ.get("MINIDISAGG_KV_PIECES", "4") or 4))
+def _max_pieces(default: int = 4) -> int:
+    """``MINIDISAGG_KV_PIECES`` (a positive integer), else ``default``; ValueError naming the variable."""
+    text = os.environ.get("MINIDISAGG_KV_PIECES", "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"MINIDISAGG_KV_PIECES must be a positive integer, got {text!r}")
+    return int(text)
+
+
+MAX_PIECES = _max_pieces()  # an announced message is cut into at most this many pieces (one NCCL send each)
 MIN_PIECE_BYTES = 32 << 20  # ... of at least this size: a send costs ~25 us on top of its bytes (H100 NVLink)
 
 
