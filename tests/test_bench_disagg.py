@@ -171,4 +171,5 @@ def test_goodput_goal_takes_the_best_comparable_ratio():
     goals = evaluate_goals({"models": {"m": {"sweeps": sweeps}}})
     ((name, met),) = [(g, ok) for g, ok in goals.items() if "goodput" in g]
     assert f"best: {best / base:.2f}x, m summarization" in name
+    assert "no ratio on m chat" in name  # said, not silently dropped
     assert met == (best / base >= 1.5)
