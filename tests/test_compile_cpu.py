@@ -7,6 +7,7 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_engine, run_all, token_prompts
 from minidisagg.config import EngineConfig
@@ -149,3 +150,20 @@ def test_attend_op_equals_eager_attention(block_table):
     got = compiled.write_kv_and_attend(q, k, v, kv, 1, slot, torch.tensor([block_table + [0]]),
                                        torch.tensor([context_len, first]), 0.3)
     assert torch.equal(kv, want_kv) and torch.equal(got, want)
+
+
+@pytest.mark.skipif(compiled.cxx_compiler() is None, reason="needs a C++ compiler")
+def test_addmv_backend_compiles_under_ci_and_keeps_eager_bits(monkeypatch):
+    """The kept-whole ``addmv`` compiles with ``CI`` set (inductor is strict about fallbacks there), with eager's bits."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("CI", "1")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(1, 96, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(80, 96, generator=gen).to(torch.bfloat16)
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False):
+        step = torch.compile(lambda a, w: compiled.decode_linear(a, w) * 2, fullgraph=True,
+                             backend=compiled.inductor_keeping_addmv)
+        got = step(x, weight)
+    assert torch.equal(got, F.linear(x, weight) * 2)
