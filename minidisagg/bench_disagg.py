@@ -66,6 +66,7 @@ class Settings:
     rate_multipliers: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.4, 2.0])
     rates_rps: Optional[list[float]] = None  # explicit rates instead of the calibrated grid
     fixed_rate_index: int = 1
+    refine_points: int = 3  # per sweep, after the grid: lower rates if the lowest fails, then bisection
     ttft_slo_scale: float = 5.0
     tpot_slo_scale: float = 1.5
     max_num_seqs: int = 64
@@ -90,7 +91,7 @@ def smoke_settings(out_models: Optional[list[str]] = None) -> Settings:
                     ttft_slo_scale=5.0, tpot_slo_scale=3.0, max_num_seqs=16, prefill_token_budget=512,
                     chunked_token_budget=64, num_kv_blocks=256, batch_invariant=True, greedy_prompts=3,
                     greedy_tokens=6, probe_tokens=128, calibration_repeats=1, timeline_requests=4, reserve_s=3.0,
-                    threads=1)
+                    threads=1, refine_points=1)
 
 
 class Budget:
@@ -142,7 +143,7 @@ def run_model(model: str, s: Settings, budget: Budget, model_budget_s: float, sa
                 sweeps_left -= 1
                 continue
             result = Sweep(config, spec, sweep["slo"], sweep["rates"], s.window_s, s.min_requests, s.max_requests,
-                           sweep["drain_s"], sweep["tail_s"], s.seed).run(
+                           sweep["drain_s"], sweep["tail_s"], s.seed, s.refine_points).run(
                 engine, allowance(), sweep["rates"][min(s.fixed_rate_index, len(sweep["rates"]) - 1)],
                 s.timeline_requests, assignment, log)
             result["goodput_per_gpu_rps"] = result["goodput_rps"] / GPUS_PER_CONFIG

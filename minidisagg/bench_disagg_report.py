@@ -126,7 +126,10 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{s['ttft_slo_scale']}x the unloaded TTFT of a mean-length prompt and {s['tpot_slo_scale']}x the "
              "unloaded TPOT of a lone request, both measured on one colocated replica before the sweeps: TTFT room "
              "for a few prompts of queueing; TPOT room for modest batching, not for decode steps stalled behind "
-             "prefills. Goodput = highest rate with >= 90% of requests meeting both; per GPU = / 2 for both set-ups "
+             "prefills. Goodput = the rate where the share of requests meeting both crosses 90% (interpolated between "
+             "the last rate that meets it and the first that does not; after the grid, up to "
+             f"{s.get('refine_points', 0)} extra rates per sweep, marked *, halve below a lowest rate that misses or "
+             "split the bracket around the crossing); per GPU = / 2 for both set-ups "
              "(two replicas, or one prefill + one decode GPU). Requests unfinished at the deadline count as misses."]
     for model, res in result["models"].items():
         lines += ["", f"## {model}", "", "| workload | unloaded TTFT ms | unloaded TPOT ms | SLO TTFT ms | SLO TPOT ms | "
@@ -137,7 +140,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += ["", "| workload | configuration | goodput req/s | per GPU | attainment by rate | skipped rates |",
                   "|---|---|---:|---:|---|---|"]
         for sw in res["sweeps"]:
-            curve = ", ".join(f"{p['rate_rps']:.3g}: {p['attainment']:.2f}" for p in sw["points"])
+            curve = ", ".join(f"{p['rate_rps']:.3g}{'*' if p.get('refinement') else ''}: {p['attainment']:.2f}"
+                              for p in sw["points"])
             lines.append(f"| {sw['workload']} | {sw['config']} | {sw['goodput_rps']:.3g} | "
                          f"{sw['goodput_per_gpu_rps']:.3g} | {curve} | {', '.join(f'{r:.3g}' for r in sw['skipped_rates_rps'])} |")
         lines += ["", "At the fixed rate:", "", "| workload | configuration | req/s | TTFT p50 ms | TTFT p99 ms | "

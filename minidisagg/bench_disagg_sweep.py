@@ -22,6 +22,9 @@ from minidisagg.metrics import SLO, RequestMetrics, goodput, percentile
 from minidisagg.workload import LengthDist, LogNormal, TimedRequest, poisson_workload
 
 STOP_BELOW_ATTAINMENT = 0.5  # a sweep stops at the first rate whose attainment falls below this
+GOODPUT_TARGET = 0.9  # the attainment that goodput is read at
+MIN_BRACKET_RATIO = 1.15  # a passing and a failing rate closer than this are not split further
+LOWEST_RATE_DIVISOR = 4  # refinement goes at most this far below the lowest grid rate
 ASSUMED_DECODE_BATCH = 16  # for the rough capacity estimate that places the rate grid
 
 
@@ -146,7 +149,39 @@ def timeline_records(outs: list[Any], start_s: float, limit: int, assignment: Op
     return records
 
 
-def point_goodput(points: list[dict[str, Any]], target: float = 0.9) -> float:
+def refinement_rate(points: Sequence[dict[str, Any]], floor_rps: float, target: float = GOODPUT_TARGET,
+                    min_bracket_ratio: float = MIN_BRACKET_RATIO) -> Optional[float]:
+    """The next rate to measure to pin down where attainment crosses ``target``, or None if none is worth it.
+
+    Goodput is read where attainment crosses ``target`` (``metrics.goodput``), and on a grid that
+    doubles from its lowest rate one coarse step can decide a comparison. So after the grid:
+
+    - if even the lowest measured rate misses ``target``: half of it, down to ``floor_rps``
+      (a set-up that meets its SLOs only at lower load gets a goodput instead of 0);
+    - if a passing rate r_p and the first failing rate above it r_f are further apart than
+      ``min_bracket_ratio``: their geometric mean (bisection on a log scale; the crossing is
+      then interpolated inside a narrower bracket);
+    - if every measured rate passes: None (the grid already ended at its top).
+    """
+    ordered = sorted(points, key=lambda p: p["rate_rps"])
+    if not ordered:
+        return None
+    last_pass: Optional[float] = None
+    for point in ordered:
+        if point["attainment"] >= target:
+            last_pass = point["rate_rps"]
+            continue
+        if last_pass is None:
+            lower = float(f"{point['rate_rps'] / 2:.3g}")
+            return lower if lower >= floor_rps else None
+        if point["rate_rps"] / last_pass <= min_bracket_ratio:
+            return None
+        middle = float(f"{math.sqrt(last_pass * point['rate_rps']):.3g}")
+        return middle if last_pass < middle < point["rate_rps"] else None
+    return None
+
+
+def point_goodput(points: list[dict[str, Any]], target: float = GOODPUT_TARGET) -> float:
     """``metrics.goodput`` over a sweep's measured points."""
     if not points:
         return 0.0
@@ -167,6 +202,7 @@ class Sweep:
     drain_s: float  # deadline after the last arrival; requests unfinished by then count as misses
     expected_tail_s: float  # what a request takes unloaded (for planning against the time allowance)
     seed: int = 0
+    refine_points: int = 0  # extra rates measured after the grid, chosen by ``refinement_rate``
 
     def requests_at(self, rate_rps: float) -> list[TimedRequest]:
         """The workload at one rate (same seed per rate, so every configuration sees the same requests)."""
@@ -177,17 +213,23 @@ class Sweep:
     def run(self, engine: Any, allowance_s: float, fixed_rate_rps: Optional[float] = None,
             timeline_limit: int = 0, assignment: Optional[Callable[[], dict[str, int]]] = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
-        """Measure rates upwards until attainment collapses, the grid ends or the allowance would be overrun."""
+        """Measure rates upwards until attainment collapses, the grid ends or the allowance would be overrun;
+        then up to ``refine_points`` rates chosen by ``refinement_rate``, as the allowance permits.
+
+        The returned points are sorted by rate; refinement points carry ``"refinement": True``.
+        """
         t0 = time.monotonic()
         points: list[dict[str, Any]] = []
         timelines: list[dict[str, Any]] = []
         skipped: list[float] = []
-        for rate in self.rates_rps:
-            requests = self.requests_at(rate)
+
+        def fits(requests: list[TimedRequest]) -> bool:
             estimate_s = requests[-1].arrival_s + 2 * self.expected_tail_s
-            if points and time.monotonic() - t0 + estimate_s > allowance_s:
-                skipped = [r for r in self.rates_rps if r >= rate]
-                break
+            return not points or time.monotonic() - t0 + estimate_s <= allowance_s
+
+        def measure(rate: float, requests: list[TimedRequest]) -> tuple[dict[str, Any], bool]:
+            """One point; the flag says the deployment hit the deadline (and was let settle)."""
+            nonlocal timelines
             run = run_requests(engine, requests, self.drain_s, self.seed)
             point = summarize_point(rate, run["outputs"], self.slo, run["start_s"])
             points.append(point)
@@ -200,11 +242,28 @@ class Sweep:
                 point["deadline_hit"] = True
                 wait_idle = getattr(engine, "wait_idle", None)
                 point["settled"] = wait_idle(self.drain_s) if wait_idle else time.sleep(min(self.drain_s, 10.0))
+                return point, True
+            return point, False
+
+        for rate in self.rates_rps:
+            requests = self.requests_at(rate)
+            if not fits(requests):
+                skipped = [r for r in self.rates_rps if r >= rate]
+                break
+            point, deadline_hit = measure(rate, requests)
+            if deadline_hit or point["attainment"] < STOP_BELOW_ATTAINMENT:
                 skipped = [r for r in self.rates_rps if r > rate]
                 break
-            if point["attainment"] < STOP_BELOW_ATTAINMENT:
-                skipped = [r for r in self.rates_rps if r > rate]
+        floor_rps = min(self.rates_rps) / LOWEST_RATE_DIVISOR
+        for _ in range(self.refine_points):
+            rate = refinement_rate(points, floor_rps)
+            if rate is None or any(math.isclose(rate, p["rate_rps"]) for p in points):
                 break
+            requests = self.requests_at(rate)
+            if not fits(requests):
+                break
+            measure(rate, requests)[0]["refinement"] = True
+        points.sort(key=lambda p: p["rate_rps"])
         return {"config": self.config, "workload": self.workload.name, "points": points, "skipped_rates_rps": skipped,
                 "goodput_rps": point_goodput(points), "timelines": timelines, "elapsed_s": time.monotonic() - t0,
                 "slo": {"ttft_s": self.slo.ttft_s, "tpot_s": self.slo.tpot_s}}

@@ -11,7 +11,8 @@ import pytest
 from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
 from minidisagg.bench_disagg import main
-from minidisagg.bench_disagg_sweep import attainment_of, point_goodput
+from minidisagg import bench_disagg_sweep
+from minidisagg.bench_disagg_sweep import Sweep, attainment_of, point_goodput, refinement_rate, workloads
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
 from minidisagg.disagg.replicas import ReplicaCluster
@@ -87,6 +88,61 @@ def test_goodput_of_points_uses_metrics_goodput():
     points = [{"rate_rps": float(r), "attainment": a} for r, a in zip(rates, attainments)]
     assert point_goodput(points) == goodput(rates, attainments)
     assert point_goodput([]) == 0.0
+
+
+def _points(pairs):
+    return [{"rate_rps": r, "attainment": a} for r, a in pairs]
+
+
+def test_refinement_rate_halves_below_a_failing_grid_then_bisects():
+    lowest = random.uniform(2.0, 8.0)
+    lower = refinement_rate(_points([(2 * lowest, 0.3), (lowest, 0.87)]), floor_rps=lowest / 4)
+    assert math.isclose(lower, lowest / 2, rel_tol=0.01)
+    middle = refinement_rate(_points([(lower, 0.95), (lowest, 0.87), (2 * lowest, 0.3)]), floor_rps=lowest / 4)
+    assert lower < middle < lowest and math.isclose(middle, math.sqrt(lower * lowest), rel_tol=0.01)
+    # a later pass above a failure is noise: the bracket is the first failure above the last pass before it
+    assert refinement_rate(_points([(1.0, 0.95), (2.0, 0.8), (3.0, 0.92)]), 0.25) == pytest.approx(1.41, abs=0.01)
+
+
+@pytest.mark.parametrize("pairs, floor", [
+    ([(1.0, 1.0), (2.0, 0.95)], 0.1),  # every rate passes
+    ([(1.0, 0.5)], 0.6),  # half the lowest would fall below the floor
+    ([(1.0, 0.95), (1.1, 0.5)], 0.1),  # the bracket is already narrow
+    ([], 0.1),
+])
+def test_refinement_rate_stops(pairs, floor):
+    assert refinement_rate(_points(pairs), floor) is None
+
+
+def test_sweep_refines_a_goodput_the_grid_would_call_zero(monkeypatch):
+    crossing = random.uniform(1.6, 2.9)  # between the floor (0.75) and the lowest grid rate (3)
+
+    def fake_run(engine, requests, deadline_s, seed):
+        return {"outputs": [], "start_s": 0.0, "num_unfinished": 0}
+
+    measured = []
+
+    def fake_point(rate, outs, slo, start_s):
+        measured.append(rate)
+        return {"rate_rps": rate, "attainment": 1.0 if rate <= crossing else 0.6, "num_finished": 1,
+                "num_requests": 1}
+
+    monkeypatch.setattr(bench_disagg_sweep, "run_requests", fake_run)
+    monkeypatch.setattr(bench_disagg_sweep, "summarize_point", fake_point)
+    chat = workloads(smoke=True)[0]
+    sweep = Sweep("c", chat, SLO(1.0, 1.0), [3.0, 6.0], 0.5, 2, 4, 1.0, 0.01)
+    assert sweep.run(None, allowance_s=60.0, log=lambda _: None)["goodput_rps"] == 0.0
+
+    measured.clear()
+    result = Sweep("c", chat, SLO(1.0, 1.0), [3.0, 6.0], 0.5, 2, 4, 1.0, 0.01, refine_points=4).run(
+        None, allowance_s=60.0, log=lambda _: None)
+    rates = [p["rate_rps"] for p in result["points"]]
+    assert measured[:2] == [3.0, 6.0] and rates == sorted(rates) and len(rates) == 6
+    assert [p.get("refinement", False) for p in result["points"]].count(True) == 4
+    passing = max(r for r in rates if r <= crossing)
+    failing = min(r for r in rates if r > crossing)
+    assert failing / passing < 1.25, rates  # four refinements narrow a 4x bracket to under 1.25x
+    assert passing <= result["goodput_rps"] <= failing
 
 
 def test_replicas_route_least_loaded_and_match_one_engine():
