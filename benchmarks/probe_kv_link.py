@@ -1,6 +1,6 @@
 """Take a disaggregated deployment's KV transfer apart: lone long requests, traced step by step.
 
-For each model and each GIL switch interval of the workers, a 1P1D deployment over the ``dist``
+For each model, KV pool layout and GIL switch interval of the workers, a 1P1D deployment over the ``dist``
 transport (NCCL between two GPUs, gloo on the CPU) without layer-wise overlap moves a lone
 ``--tokens``-token request ``--repeats`` times. Both workers log a timestamp at each step of
 each transfer (``MINIDISAGG_KV_TRACE=1``, see ``minidisagg/transport/trace.py``); the script
@@ -42,8 +42,9 @@ def step_medians_ms(log_dir: Path, skip_first: int) -> dict[str, float]:
     return {name: round(statistics.median(v), 3) for name, v in sorted(by_step.items(), key=lambda kv: statistics.median(kv[1]))}
 
 
-def probe_model(model: str, devices: list[str], tokens: int, repeats: int, switch_intervals_s: list[float]) -> dict[str, Any]:
-    """The ceiling, then one deployment per GIL switch interval of the workers."""
+def probe_model(model: str, devices: list[str], tokens: int, repeats: int, switch_intervals_s: list[float],
+                kv_layouts: list[str]) -> dict[str, Any]:
+    """The ceiling, then one deployment per KV pool layout and GIL switch interval of the workers."""
     cfg = PRESETS[model]
     gpu = devices[0] != "cpu"
     import torch
@@ -52,10 +53,10 @@ def probe_model(model: str, devices: list[str], tokens: int, repeats: int, switc
     layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, dtype)
     result: dict[str, Any] = {"ceiling": measure_ceiling(layout, tokens, devices, repeats=5), "settings": {}}
     print(f"{model}: ceiling {json.dumps(result['ceiling'])}", flush=True)
-    for interval_s in switch_intervals_s:
+    for kv_layout, interval_s in ((k, i) for k in kv_layouts for i in switch_intervals_s):
         os.environ["MINIDISAGG_SWITCH_INTERVAL_S"] = str(interval_s)
         llm = LLM(model, device="cuda" if gpu else "cpu", mode="disagg", transport="dist", random_weights=True,
-                  kv_overlap=False, max_num_seqs=8, max_num_batched_tokens=max(2048, tokens),
+                  kv_overlap=False, max_num_seqs=8, max_num_batched_tokens=max(2048, tokens), kv_layout=kv_layout,
                   request_timeout_s=120.0, prefill_devices=[devices[0]], decode_devices=[devices[1]])
         try:
             warm = greedy_prompts(cfg.vocab_size, 2, 0)
@@ -64,11 +65,12 @@ def probe_model(model: str, devices: list[str], tokens: int, repeats: int, switc
             steps = step_medians_ms(llm.engine.log_dir, skip_first=len(warm))
         finally:
             llm.shutdown()
-        result["settings"][f"switch {interval_s * 1e3:g} ms"] = {"probe": probe, "steps_ms": steps}
+        setting = f"{kv_layout}, switch {interval_s * 1e3:g} ms"
+        result["settings"][setting] = {"probe": probe, "steps_ms": steps}
         ceiling_s = result["ceiling"].get("one_message_s")
         ratio = probe["achieved_GBps"] / result["ceiling"]["one_message_GBps"] if ceiling_s and "achieved_GBps" in probe \
             else None
-        print(f"{model}, switch interval {interval_s * 1e3:g} ms: {json.dumps(probe)}\n  of one-message ceiling: {ratio}\n"
+        print(f"{model}, {setting}: {json.dumps(probe)}\n  of one-message ceiling: {ratio}\n"
               f"  steps (ms after hand-off): {json.dumps(steps)}", flush=True)
     return result
 
@@ -81,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--switch-intervals-ms", default="0.5", help="the workers' GIL switch intervals to try")
+    parser.add_argument("--kv-layouts", default="block_major,layer_major", help="KV pool layouts to compare")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
     devices = args.devices.split(",")
     intervals_s = [float(x) / 1e3 for x in args.switch_intervals_ms.split(",")]
-    results = {m: probe_model(m, devices, args.tokens, args.repeats, intervals_s) for m in args.models.split(",")}
+    layouts = args.kv_layouts.split(",")
+    results = {m: probe_model(m, devices, args.tokens, args.repeats, intervals_s, layouts) for m in args.models.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "probe-kv-link.json").write_text(json.dumps(results, indent=1))
     return 0

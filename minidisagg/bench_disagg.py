@@ -73,6 +73,7 @@ class Settings:
     prefill_token_budget: int = 2048
     chunked_token_budget: int = 512
     num_kv_blocks: Optional[int] = None
+    kv_layout: Optional[str] = None  # KV pool layout of every engine (None: the default, layer_major)
     batch_invariant: bool = False
     greedy_prompts: int = 4
     greedy_tokens: int = 16
@@ -109,7 +110,8 @@ class Budget:
 def _engine_config(s: Settings, policy: str = "prefill_first") -> EngineConfig:
     budget = s.chunked_token_budget if policy == "chunked" else s.prefill_token_budget
     return EngineConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=budget, policy=policy,
-                        batch_invariant=s.batch_invariant, cache=CacheConfig(num_blocks=s.num_kv_blocks))
+                        batch_invariant=s.batch_invariant, cache=CacheConfig(num_blocks=s.num_kv_blocks,
+                                                                             layout=s.kv_layout))
 
 
 def _disagg(model: str, s: Settings, overlap: bool) -> Any:
@@ -118,7 +120,8 @@ def _disagg(model: str, s: Settings, overlap: bool) -> Any:
     device = "cpu" if s.devices[0] == "cpu" else "cuda"
     return LLM(model, device=device, mode="disagg", transport="dist", random_weights=True, seed=s.seed,
                kv_overlap=overlap, max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.prefill_token_budget,
-               num_kv_blocks=s.num_kv_blocks, batch_invariant=s.batch_invariant, request_timeout_s=300.0,
+               num_kv_blocks=s.num_kv_blocks, kv_layout=s.kv_layout, batch_invariant=s.batch_invariant,
+               request_timeout_s=300.0,
                prefill_devices=[s.devices[0]], decode_devices=[s.devices[1]], worker_threads=s.threads)
 
 
@@ -244,6 +247,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
     parser.add_argument("--window-s", type=float, default=None, help="arrival window per rate (default 4)")
     parser.add_argument("--ttft-slo-scale", type=float, default=None, help="TTFT SLO / unloaded TTFT (default 5)")
     parser.add_argument("--tpot-slo-scale", type=float, default=None, help="TPOT SLO / unloaded TPOT (default 1.5)")
+    parser.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
+                        help="KV pool layout of every engine (default: layer_major)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -257,6 +262,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
     if args.rates:
         s.rates_rps = sorted(float(r) for r in args.rates.split(","))
     s.seed = args.seed
+    s.kv_layout = args.kv_layout
     if len(s.devices) != 2:
         raise ValueError(f"--devices needs exactly two devices, got {s.devices}")
     if not s.smoke and any(d.startswith("cuda") for d in s.devices) and torch.cuda.device_count() < 2:

@@ -52,7 +52,7 @@ from minidisagg.config import PRESETS, CacheConfig, EngineConfig, ModelConfig
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
 from minidisagg.kv.cache import PagedKVCache
-from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages, scatter_layer, scatter_pages
+from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages, scatter_blocks, scatter_layer, scatter_pages
 from minidisagg.transport.framing import server_handshake
 from minidisagg.transport.inproc import InprocSender
 from minidisagg.transport.socket import SocketSender, listen, make_hello, serve_kv_link
@@ -120,6 +120,16 @@ class PagedReceiver:
         scatter_pages(cache, blocks, pages, first_layer)
         self.counters["layers"] += pages.shape[0]
         self.counters["bytes"] += pages.numel() * pages.element_size()
+
+    def write_blocks(self, transfer_id: str, first: int, pages: torch.Tensor) -> None:
+        """Write pages block first into the reserved blocks, as a decode worker does."""
+        cache, blocks = self._reserved[transfer_id]
+        scatter_blocks(cache, blocks, pages, first)
+        self.counters["bytes"] += pages.numel() * pages.element_size()
+
+    def block_region(self, transfer_id: str, first: int, end: int) -> Optional[torch.Tensor]:
+        """None: this receiver's pools are layer first, so pages always go through ``write_blocks``."""
+        return None
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
                landed_at_s: Optional[float] = None) -> None:

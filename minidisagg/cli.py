@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           cuda_graphs=not args.no_cuda_graphs,
                           async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
                           cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                                            memory_budget_bytes=args.kv_memory_budget_bytes))
+                                            memory_budget_bytes=args.kv_memory_budget_bytes, layout=args.kv_layout))
     if args.role == "router":
         from minidisagg.disagg.router_server import serve_router
 
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-invariant", action="store_true")
     serve.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     serve.add_argument("--kv-memory-budget-bytes", type=int, default=None, help="KV pool size (default: the engine's)")
+    serve.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
+                       help="KV pool memory layout (default: layer_major)")
     serve.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     serve.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                        help="queue decode step n+1 before step n's tokens reach the host (auto: with CUDA graphs)")

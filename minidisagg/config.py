@@ -153,10 +153,13 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: Optional[int] = None
     memory_budget_bytes: Optional[int] = None
+    layout: Optional[str] = None  # "layer_major" or "block_major" (kv/cache.py); None: layer_major
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.layout not in (None, "layer_major", "block_major"):
+            raise ValueError(f"KV pool layout must be 'layer_major', 'block_major' or None, got {self.layout!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 

@@ -37,7 +37,9 @@ class LLM:
     their torch CPU threads (0: torch's default). ``async_scheduling`` queues each decode step
     on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
     graphs). ``compile_cpu=True`` runs batch-1 decode of a float32 or bfloat16 CPU model through one
-    ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager).
+    ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager). ``kv_layout``
+    picks how the KV pool sits in memory (``PagedKVCache``: ``"layer_major"``, the default, or
+    ``"block_major"``, whose request pages cross a ``dist`` link without a copy).
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -58,6 +60,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: Optional[int] = None,
         kv_memory_budget_bytes: Optional[int] = None,
+        kv_layout: Optional[str] = None,
         batch_invariant: bool = False,
         cuda_graphs: bool = True,
         async_scheduling: Optional[bool] = None,
@@ -79,7 +82,8 @@ class LLM:
         decode_devices: Optional[Seq[str]] = None,
         worker_threads: int = 0,
     ) -> None:
-        cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes)
+        cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes,
+                            layout=kv_layout)
         self.config = EngineConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

@@ -167,3 +167,14 @@ def test_addmv_backend_compiles_under_ci_and_keeps_eager_bits(monkeypatch):
                              backend=compiled.inductor_keeping_addmv)
         got = step(x, weight)
     assert torch.equal(got, F.linear(x, weight) * 2)
+
+
+def test_block_major_pool_stays_eager(tiny_loaded, caplog):
+    """The compiled step slices a layer's pages, which only a layer_major pool allows: block_major says so."""
+    prompts = token_prompts(5, 2)
+    eager = generate_one_by_one(make_engine(tiny_loaded), prompts)
+    engine = make_engine(tiny_loaded, layout="block_major")
+    with caplog.at_level(logging.WARNING):
+        engine.runner.enable_compiled_cpu_decode()
+    assert engine.runner.compiled_decode is None and "layer_major" in caplog.text
+    assert generate_one_by_one(engine, prompts) == eager

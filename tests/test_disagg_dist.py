@@ -48,16 +48,18 @@ def trace_steps(procs) -> list[str]:
             if line.startswith("kv-trace ")]
 
 
-def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed, monkeypatch):
-    """Without overlap: each request's pages are announced while it prefills, then sent in pieces.
+@pytest.mark.parametrize("kv_layout", ["layer_major", "block_major"])
+def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed, monkeypatch, kv_layout):
+    """Without overlap: each request's pages are announced while it prefills, then sent in pieces, block first.
 
-    Requests that stop at their first token were announced too: their zeros must keep the
-    pair's receives in step, so the requests after them still get their own pages.
+    Requests that stop at their first token were announced too: their pages must keep the
+    pair's receives in step, so the requests after them still get their own pages. With
+    block_major pools, pieces whose blocks are one range leave and land without copies.
     """
     monkeypatch.setenv("MINIDISAGG_KV_TRACE", "1")
     prompts, ref = reference
     llm = LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="dist", num_prefill=1,
-              num_decode=2, kv_overlap=False)
+              num_decode=2, kv_overlap=False, kv_layout=kv_layout)
     procs = list(llm.engine.processes)
     try:
         assert len(procs) == 3 and all(p.proc.poll() is None for p in procs)
@@ -70,6 +72,10 @@ def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed, monke
         steps = trace_steps(procs)
         assert steps.count("announce") == 2 * len(prompts) + 5, steps  # every request, the stopped ones too
         assert steps.count("adopted") == 2 * len(prompts) + 2, steps
+        if kv_layout == "block_major":  # the FIFO block manager hands out runs: most pieces land in place
+            assert steps.count("in-place") >= steps.count("announce"), steps
+        else:
+            assert "in-place" not in steps, steps
     finally:
         llm.shutdown()
     assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
@@ -122,6 +128,10 @@ def test_dist_1p1d_equals_colocated_and_garbage_drops_only_its_link(reference, s
             ({"num_layers": 2, "pieces": "2"}, "pieces"),
             ({"pieces": 1}, "need stacked layers"),
             ({"num_layers": 2, "announced": "yes"}, "announced"),
+            ({"num_layers": 2, "order": "sideways"}, "unknown order"),
+            ({"num_layers": 1, "order": "blocks"}, "must hold all"),
+            ({"num_layers": 2, "order": "blocks", "pieces": 3}, "pieces 3 for 2 blocks"),
+            ({"num_layers": 2, "order": "blocks", "announced": True}, "expected [2, 2, 2, 16, 2, 32]"),
         ]
         for update, message in cases:
             assert message in _garbage_link(llm, port, update), update

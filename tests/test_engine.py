@@ -40,8 +40,9 @@ def test_batched_equals_single_batch_invariant(tiny_loaded, seed):
     assert batched == single, f"seed {seed}"
 
 
+@pytest.mark.parametrize("layout", ["layer_major", "block_major"])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_every_policy_equals_prefill_first(tiny_loaded, seed, policy):
+def test_every_policy_equals_prefill_first(tiny_loaded, seed, policy, layout):
     rng = random.Random(seed + 1)
     prompts = random_prompts(rng, 7, tiny_loaded.config.vocab_size, 5, 80)
     arrivals = sorted(rng.uniform(0, 0.05) for _ in prompts)
@@ -49,16 +50,18 @@ def test_every_policy_equals_prefill_first(tiny_loaded, seed, policy):
                    prompts, arrivals=arrivals)
     # a small token budget forces chunked prefill to split prompts across steps
     engine = make_engine(tiny_loaded, batch_invariant=True, policy=policy, max_num_batched_tokens=24,
-                         max_num_seqs=4, clock=SimulatedClock())
+                         max_num_seqs=4, clock=SimulatedClock(), layout=layout)
+    assert engine.kv_cache.layout == layout
     assert generate(engine, prompts, arrivals=arrivals) == ref, f"seed {seed}"
 
 
-def test_preemption_recomputes_same_tokens(tiny_loaded, seed):
+@pytest.mark.parametrize("layout", ["layer_major", "block_major"])
+def test_preemption_recomputes_same_tokens(tiny_loaded, seed, layout):
     rng = random.Random(seed + 2)
     prompts = random_prompts(rng, 6, tiny_loaded.config.vocab_size, 20, 40)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = generate(make_engine(tiny_loaded, batch_invariant=True), prompts, params)
-    small = make_engine(tiny_loaded, batch_invariant=True, num_blocks=12, block_size=8)
+    small = make_engine(tiny_loaded, batch_invariant=True, num_blocks=12, block_size=8, layout=layout)
     out = generate(small, prompts, params)
     assert small.scheduler.num_preemptions > 0, "pool was large enough; the test did not preempt"
     assert out == ref, f"seed {seed}"
@@ -156,6 +159,27 @@ def test_seeded_sampling_reproducible(tiny_loaded):
                  SamplingParams(temperature=1.0, max_tokens=10, seed=99, ignore_eos=True))
     assert a == b
     assert a != c
+
+
+def test_kv_pool_layout_changes_memory_order_only(tiny_loaded, seed):
+    """The same requests leave the same pages, bit for bit, in a layer_major and a block_major pool; a block_major
+    pool's blocks are contiguous across layers; an unknown layout is refused."""
+    from minidisagg.config import CacheConfig
+    from minidisagg.kv.cache import PagedKVCache
+
+    prompts = random_prompts(random.Random(seed + 5), 4, tiny_loaded.config.vocab_size, 5, 50)
+    pools = {}
+    for layout in ("layer_major", "block_major"):
+        engine = make_engine(tiny_loaded, batch_invariant=True, num_blocks=40, layout=layout)
+        generate(engine, prompts)
+        pools[layout] = engine.kv_cache
+    assert pools["layer_major"].kv.is_contiguous() and not pools["block_major"].kv.is_contiguous()
+    assert pools["block_major"].by_block.is_contiguous()
+    assert torch.equal(pools["layer_major"].kv, pools["block_major"].kv), f"seed {seed}"
+    with pytest.raises(ValueError, match="layout"):
+        CacheConfig(layout="diagonal")
+    with pytest.raises(ValueError, match="layout"):
+        PagedKVCache(tiny_loaded.config, 4, 16, torch.float32, "cpu", layout="diagonal")
 
 
 def test_kv_cache_contents_match_a_fresh_prefill(tiny_loaded):

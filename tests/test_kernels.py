@@ -442,16 +442,17 @@ def test_invariant_attention_bits_independent_of_batching_and_chunking(seed, dty
     assert torch.equal(row[0], whole[length - 1]), f"invariant_attention: lone decode differs; {where}"
 
 
+@pytest.mark.parametrize("layout", ["layer_major", "block_major"])
 @pytest.mark.parametrize("num_runs", [1, 2, 8, 9, 30])
-def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs):
+def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs, layout):
     """Few runs of consecutive blocks are copied run by run, many by index_select: the same bytes either way."""
     from minidisagg.config import TINY
     from minidisagg.kv.cache import PagedKVCache
-    from minidisagg.kv.pages import block_runs, gather_layer, gather_pages, gather_pieces, layer_pieces
+    from minidisagg.kv.pages import block_runs, gather_block_pieces, gather_blocks, gather_layer, gather_pages, split_ranges
 
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
-    cache = PagedKVCache(TINY, num_blocks=200, block_size=3, dtype=torch.float32, device="cpu")
+    cache = PagedKVCache(TINY, num_blocks=200, block_size=3, dtype=torch.float32, device="cpu", layout=layout)
     cache.kv.normal_()
     starts = sorted(rng.sample(range(0, 195, 6), num_runs))  # runs of 1-5 blocks, never touching each other
     ids = [b for start in starts for b in range(start, start + rng.randint(1, 5))]
@@ -466,11 +467,62 @@ def test_gather_pages_equals_index_select_for_any_number_of_runs(num_runs):
     layer = rng.randrange(TINY.num_layers)
     got_layer = gather_layer(cache, layer, ids)
     assert got_layer.is_contiguous() and torch.equal(got_layer, cache.kv[layer].index_select(1, index)), f"seed {seed}"
-    pieces = layer_pieces(TINY.num_layers, rng.randint(1, TINY.num_layers))
-    gathered = list(gather_pieces(cache, ids, pieces))  # one piece at a time, into one stacked buffer
+    by_block = gather_blocks(cache, ids)
+    assert by_block.is_contiguous() and torch.equal(by_block, got.permute(2, 0, 1, 3, 4, 5)), f"seed {seed}"
+    pieces = split_ranges(len(ids), rng.randint(1, len(ids)))
+    gathered = list(gather_block_pieces(cache, ids, pieces))  # one piece at a time
     assert [first for first, _ in gathered] == [first for first, _ in pieces], f"seed {seed}"
     for (first, end), (_, piece) in zip(pieces, gathered):
-        assert piece.is_contiguous() and torch.equal(piece, got[first:end]), f"seed {seed}: piece {first}-{end}"
+        assert piece.is_contiguous() and torch.equal(piece, by_block[first:end]), f"seed {seed}: piece {first}-{end}"
+
+
+@pytest.mark.parametrize("layout", ["layer_major", "block_major"])
+def test_block_order_pages_round_trip_and_skip_copies_where_the_pool_allows(layout):
+    """Pages block first leave a pool and land in another of either layout with the same bytes; a run of
+    consecutive blocks of a block_major pool is the pool's own memory, read and written without a copy."""
+    from minidisagg.config import TINY
+    from minidisagg.kv.cache import PagedKVCache
+    from minidisagg.kv.pages import block_region, gather_blocks, scatter_blocks
+
+    seed = random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    source = PagedKVCache(TINY, num_blocks=64, block_size=4, dtype=torch.bfloat16, device="cpu", layout=layout)
+    source.kv.copy_(torch.randn(source.kv.shape, generator=torch.Generator().manual_seed(seed)))
+    run_start = rng.randrange(0, 40)
+    run = list(range(run_start, run_start + rng.randint(2, 20)))
+    region = block_region(source, run)
+    assert (region is not None) == (layout == "block_major"), f"seed {seed}"
+    pages = gather_blocks(source, run)
+    if layout == "block_major":
+        assert pages.data_ptr() == source.by_block[run[0]].data_ptr(), "a run of a block_major pool is sent in place"
+    assert block_region(source, [3, 5]) is None  # not consecutive: never one range
+    for target_layout in ("layer_major", "block_major"):
+        target = PagedKVCache(TINY, num_blocks=64, block_size=4, dtype=torch.bfloat16, device="cpu", layout=target_layout)
+        ids = rng.sample(range(64), len(run))  # anywhere in the target, in any order
+        split = rng.randrange(1, len(run))
+        scatter_blocks(target, ids, pages[:split], 0)
+        scatter_blocks(target, ids, pages[split:], split)
+        want = source.kv.index_select(2, torch.tensor(run))
+        assert torch.equal(target.kv.index_select(2, torch.tensor(ids)), want), f"seed {seed}, {target_layout}"
+        with pytest.raises(ValueError, match="expected"):
+            scatter_blocks(target, ids, pages[:split], len(run) - split + 1)  # past the end of the blocks
+        with pytest.raises(ValueError, match="expected"):
+            scatter_blocks(target, ids, pages[:, :1], 0)  # one layer short
+
+
+def test_split_ranges_cover_every_item_once_in_order():
+    """Both ends of a link cut a stacked message the same way; a bad count is refused."""
+    from minidisagg.kv.pages import split_ranges
+
+    for count_items in (1, 2, 16, 32, 33):
+        for count in range(1, count_items + 1):
+            pieces = split_ranges(count_items, count)
+            assert len(pieces) == count and pieces[0][0] == 0 and pieces[-1][1] == count_items
+            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(pieces, pieces[1:]))
+            assert max(e - f for f, e in pieces) - min(e - f for f, e in pieces) <= 1
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="cannot cut"):
+            split_ranges(4, bad)
 
 
 @pytest.mark.parametrize("dtype,block", [(torch.bfloat16, (16, 2, 64)), (torch.float16, (5, 1, 3)),
@@ -609,21 +661,6 @@ def test_bf16_single_row_linear_is_a_gemv_equal_to_f_linear(seed):
     assert torch.equal(lin.linear_cpu_gemv(x[:, : in_f], weight), got), where
     assert not lin._wants_gemv(x.expand(2, -1), weight) and not lin._wants_gemv(x.float(), weight.float()), where
     torch.testing.assert_close(linear(x, weight, batch_invariant=True), got, rtol=2e-2, atol=2e-2)
-
-
-def test_layer_pieces_cover_every_layer_once_in_order():
-    """Both ends of a link cut a stacked message the same way; a bad count is refused."""
-    from minidisagg.kv.pages import layer_pieces
-
-    for num_layers in (1, 2, 16, 32, 33):
-        for count in range(1, num_layers + 1):
-            pieces = layer_pieces(num_layers, count)
-            assert len(pieces) == count and pieces[0][0] == 0 and pieces[-1][1] == num_layers
-            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(pieces, pieces[1:]))
-            assert max(e - f for f, e in pieces) - min(e - f for f, e in pieces) <= 1
-    for bad in (0, 5):
-        with pytest.raises(ValueError, match="cannot cut"):
-            layer_pieces(4, bad)
 
 
 def test_kv_pieces_setting_is_checked(monkeypatch):

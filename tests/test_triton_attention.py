@@ -110,9 +110,15 @@ def run_checks(kind: str, seed: int, device: str, dtype: torch.dtype, large: boo
         q, k_cache, v_cache, meta, keys, values = build_batch(gen, specs, heads, head_dim, block_size, dtype, device)
         expected = naive_attention(q, meta, keys, values, scale)
         where = f"{kind} heads {heads} head_dim {head_dim} block_size {block_size} specs (ctx, q_len) {specs}"
+        # the same pages in a block_major pool (3 layers, this is the middle one): strided, the same bits
+        pool = torch.zeros(k_cache.shape[0], 3, 2, *k_cache.shape[1:], dtype=dtype, device=device)
+        pool[:, 1, 0], pool[:, 1, 1] = k_cache, v_cache
+        k_strided, v_strided = pool[:, 1, 0], pool[:, 1, 1]
         if kind == "decode":
             got = decode_attention_triton(q, k_cache, v_cache, meta, scale)
             check_close(got, expected, dtype, f"decode_attention_triton, default splits, {where}", seed)
+            strided = decode_attention_triton(q, k_strided, v_strided, meta, scale)
+            assert torch.equal(strided, got), f"decode_attention_triton, block_major pool, {where} (seed {seed})"
             splits = rnd.choice([3, 4, 7])  # a 300-key context over several splits, some of them empty
             forced = decode_attention_triton(q, k_cache, v_cache, meta, scale, num_splits=splits, block_n=16)
             check_close(forced, expected, dtype, f"decode_attention_triton, {splits} splits, {where}", seed)
@@ -120,6 +126,8 @@ def run_checks(kind: str, seed: int, device: str, dtype: torch.dtype, large: boo
         else:
             got = prefill_attention_triton(q, k_cache, v_cache, meta, scale)
             check_close(got, expected, dtype, f"prefill_attention_triton, {where}", seed)
+            strided = prefill_attention_triton(q, k_strided, v_strided, meta, scale)
+            assert torch.equal(strided, got), f"prefill_attention_triton, block_major pool, {where} (seed {seed})"
             small = prefill_attention_triton(q, k_cache, v_cache, meta, scale, block_m=16, block_n=16)
             check_close(small, expected, dtype, f"prefill_attention_triton, 16x16 tiles, {where}", seed)
             lines.append(f"ok {where}")

@@ -147,6 +147,13 @@ def test_write_kv_triton_matches_reference(forced_triton, seed, dtype, tokens, n
     cache_write.write_kv_triton(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, expected_k), f"k cache differs (seed {seed}, {dtype})"
     assert torch.equal(v_cache, expected_v), f"v cache differs (seed {seed}, {dtype})"
+    # a block_major pool (2 layers, this is the second): the layer's caches are strided views; both writers
+    for write in (cache_write.write_kv_triton, cache_write.write_kv_reference):
+        pool = noise.permute(1, 0, 2, 3, 4).unsqueeze(1).repeat(1, 2, 1, 1, 1, 1).contiguous()
+        write(k, v, pool[:, 1, 0], pool[:, 1, 1], slots)
+        assert torch.equal(pool[:, 1, 0], expected_k) and torch.equal(pool[:, 1, 1], expected_v), \
+            f"{write.__name__} into a block_major pool (seed {seed}, {dtype})"
+        assert torch.equal(pool[:, 0], noise.permute(1, 0, 2, 3, 4)), f"{write.__name__} wrote into another layer"
 
 
 def test_write_kv_triton_skips_negative_slots(forced_triton, seed):

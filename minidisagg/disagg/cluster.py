@@ -121,6 +121,8 @@ class DisaggCluster:
             args += ["--num-kv-blocks", str(config.cache.num_blocks)]
         if config.cache.memory_budget_bytes is not None:
             args += ["--kv-memory-budget-bytes", str(config.cache.memory_budget_bytes)]
+        if config.cache.layout is not None:
+            args += ["--kv-layout", config.cache.layout]
         if config.max_model_len is not None:
             args += ["--max-model-len", str(config.max_model_len)]
         if not config.cuda_graphs:

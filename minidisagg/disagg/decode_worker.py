@@ -15,7 +15,7 @@ from minidisagg.config import EngineConfig
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.kv.pages import KVLayout, scatter_layer, scatter_pages
+from minidisagg.kv.pages import KVLayout, block_region, scatter_blocks, scatter_layer, scatter_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
@@ -104,6 +104,17 @@ class DecodeWorker:
     def write_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
         """Scatter consecutive layers' pages into the reservation at once (no lock, as ``write_layer``)."""
         scatter_pages(self.engine.kv_cache, self._blocks_of(transfer_id), pages, first_layer)
+
+    def write_blocks(self, transfer_id: str, first: int, pages: torch.Tensor) -> None:
+        """Write pages block first into the reservation's blocks from position ``first`` (no lock, as ``write_layer``)."""
+        scatter_blocks(self.engine.kv_cache, self._blocks_of(transfer_id), pages, first)
+
+    def block_region(self, transfer_id: str, first: int, end: int) -> Optional[torch.Tensor]:
+        """The pool's memory for the reservation's blocks ``first .. end`` if it is one range (``kv.pages.block_region``)."""
+        blocks = self._blocks_of(transfer_id)
+        if not 0 <= first < end <= len(blocks):
+            raise ValueError(f"blocks {first}..{end} of a reservation of {len(blocks)}")
+        return block_region(self.engine.kv_cache, blocks[first:end])
 
     def _blocks_of(self, transfer_id: str) -> list[int]:
         blocks = self._reserved.get(transfer_id)

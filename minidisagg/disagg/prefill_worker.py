@@ -17,7 +17,7 @@ from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
-from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages, gather_pieces
+from minidisagg.kv.pages import KVLayout, gather_block_pieces, gather_layer, gather_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
 from minidisagg.transport.base import KVSender, TransferError
@@ -57,7 +57,7 @@ class _Transfer:
     started: bool = False
     error: Optional[str] = None
     shape: Optional[tuple[int, ...]] = None  # of the announced stacked pages (see ``_announce``)
-    pieces: list[tuple[int, int]] = field(default_factory=list)  # their planned layer ranges
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # their planned block ranges
     handed_off: bool = False
     kv_ready: Optional[tuple[float, Optional[torch.cuda.Event]]] = None  # when its pages were complete
 
@@ -172,7 +172,7 @@ class PrefillWorker:
             transfer = self._transfers.get(seq.request_id)
             if transfer is None or not transfer.sender.announces or transfer.shape is not None:
                 continue
-            transfer.shape = (self.layout.num_layers, *self.layout.layer_shape(len(seq.block_table)))
+            transfer.shape = self.layout.block_shape(len(seq.block_table))
             transfer.pieces = transfer.sender.plan_pieces(transfer.shape, self.layout.dtype)
             self._announced.append(transfer)
             self._send_queue.put(("announce", transfer, None))
@@ -181,8 +181,10 @@ class PrefillWorker:
         """After the last layer of a batch is queued: send the announced pages of ``seqs``, in announcement order.
 
         The pages are complete once that layer has run, before the logits and the sampling, so
-        their sends are queued behind it on the device right away. Each piece is gathered just
-        before its send is queued, so copies and transfer overlap. A request that then stops at
+        their sends are queued behind it on the device right away. A piece whose blocks are one range
+        of a ``block_major`` pool is sent from the pool itself; another is gathered just before its
+        send is queued, so copies and transfer overlap. The blocks stay allocated here until DONE is
+        acknowledged, which the decode side does only once the pages landed. A request that then stops at
         its first token has sent its pages all the same, and is cancelled after the step.
         """
         if layer != self.layout.num_layers - 1:
@@ -198,7 +200,7 @@ class PrefillWorker:
             kv_trace("send-0", tid)
             sent_at = time.perf_counter()
             try:
-                transfer.sender.send_pieces(tid, gather_pieces(cache, seq.block_table, transfer.pieces))
+                transfer.sender.send_pieces(tid, gather_block_pieces(cache, seq.block_table, transfer.pieces))
             except TransferError as exc:
                 transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"
                 log.warning("%s", transfer.error)
@@ -257,7 +259,7 @@ class PrefillWorker:
         try:
             if kind == "announce":
                 kv_trace("announce", transfer.transfer_id)
-                transfer.sender.announce_layers(transfer.transfer_id, transfer.shape, self.layout.dtype,
+                transfer.sender.announce_pages(transfer.transfer_id, transfer.shape, self.layout.dtype,
                                                 transfer.pieces)
             elif kind == "cancel":
                 transfer.sender.cancel(transfer.transfer_id)

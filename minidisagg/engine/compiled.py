@@ -180,6 +180,10 @@ def compiled_cpu_decode(model: LlamaModel, kv_cache: PagedKVCache, max_model_len
         log.warning("compile_cpu applies to float32 and bfloat16 models on the CPU; this one is %s on %s, "
                     "decoding eagerly", model.dtype, model.device)
         return None
+    if kv_cache.layout != "layer_major":
+        log.warning("compile_cpu needs the layer_major KV pool (its attention slices a layer's pages); this one is "
+                    "%s, decoding eagerly", kv_cache.layout)
+        return None
     if cxx_compiler() is None:
         log.warning("compile_cpu needs a C++ compiler (set $CXX or install g++/clang++); decoding eagerly")
         return None

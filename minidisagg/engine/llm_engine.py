@@ -124,7 +124,8 @@ class LLMEngine:
         self.clock: Clock = clock or WallClock()
         self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         num_blocks = default_num_blocks(loaded, config)
-        self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.cache.block_size, loaded.model.dtype, loaded.model.device)
+        self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.cache.block_size, loaded.model.dtype,
+                                     loaded.model.device, config.cache.layout)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.batch_invariant, cuda_graphs=config.cuda_graphs,
                                   max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,

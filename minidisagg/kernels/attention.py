@@ -83,7 +83,7 @@ def decode_attention_reference(
             pages = cache.index_select(0, flat)  # index_select of whole blocks: a fast gather
         else:
             pages = cache[first : first + max_blocks]
-        pages = pages.view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])
+        pages = pages.reshape(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])  # a view in layer_major
         return pages[:, :max_len].transpose(1, 2)  # [B, KH, L, D]
 
     keys, values = gather(k_cache), gather(v_cache)

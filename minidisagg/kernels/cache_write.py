@@ -15,8 +15,14 @@ def write_kv_reference(
 ) -> None:
     """Scatter k, v [T, KH, D] into caches [num_blocks, block_size, KH, D] at flat ``slot_mapping`` [T]."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        try:  # the pool's blocks follow each other (layer_major): one flat copy by slot
+            flat = cache.view(-1, num_kv_heads, head_dim)
+        except RuntimeError:  # blocks apart in memory (block_major): index block and offset
+            block_size = cache.shape[1]
+            cache.index_put_((slot_mapping // block_size, slot_mapping % block_size), new.to(cache.dtype))
+        else:
+            flat.index_copy_(0, slot_mapping, new.to(cache.dtype))
 
 
 @functools.cache

@@ -1,7 +1,10 @@
 """A request's KV pages: gather them out of the pool, scatter them into another, describe the layout.
 
-This is what crosses the wire in disaggregated serving: for each layer, the K and V of the
-request's blocks, shape [2, num_blocks, block_size, num_kv_heads, head_dim].
+This is what crosses the wire in disaggregated serving, in one of two orders: layer first (for
+each layer, the K and V of the request's blocks, [2, num_blocks, block_size, num_kv_heads,
+head_dim]: what a layer-by-layer transfer sends as each layer is computed), or block first (for
+each block, every layer's K and V, [num_blocks, num_layers, 2, ...]: a finished prefill's pages,
+which a ``block_major`` pool holds as one range, so they leave and land without copies).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class KVLayout:
     def layer_shape(self, num_blocks: int) -> tuple[int, ...]:
         """Shape of one layer's pages for ``num_blocks`` blocks."""
         return (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def block_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of a request's pages block first, every layer: [blocks, layers, 2, block_size, kv_heads, head_dim]."""
+        return (num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     def layer_nbytes(self, num_blocks: int) -> int:
         """Bytes of one layer's pages for ``num_blocks`` blocks."""
@@ -130,42 +137,68 @@ def gather_pages(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
     return _gather(cache.kv, 2, block_ids)
 
 
-def gather_pieces(cache: PagedKVCache, block_ids: Sequence[int],
-                  pieces: Sequence[tuple[int, int]]) -> Iterator[tuple[int, torch.Tensor]]:
-    """Gather consecutive layer ranges of the given blocks one at a time: yields (first layer, pages).
-
-    Each piece is [end - first, 2, n, block_size, kv_heads, head_dim], a view of one stacked
-    buffer; its copies are queued only when it is asked for, so a caller that queues a send
-    between pieces overlaps the copy of one with the send of the one before. The runs of
-    consecutive blocks are found once for all pieces.
-    """
-    runs = block_runs(block_ids)
-    shape = list(cache.kv.shape)
-    shape[2] = len(block_ids)
-    out = torch.empty(shape, dtype=cache.kv.dtype, device=cache.kv.device)
-    index = None
-    for first, end in pieces:
-        target, source = out[first:end], cache.kv[first:end]
-        if len(runs) > MAX_GATHER_RUNS:
-            if index is None:
-                index = torch.as_tensor(list(block_ids), dtype=torch.long, device=source.device)
-            torch.index_select(source, 2, index, out=target)
-        else:
-            for pos, block, length in runs:
-                copy_blocks(target[:, :, pos : pos + length], source[:, :, block : block + length])
-        yield first, target
-
-
-def layer_pieces(num_layers: int, num_pieces: int) -> list[tuple[int, int]]:
-    """Split ``num_layers`` stacked layers into ``num_pieces`` near-equal ranges (first, end), in order.
+def split_ranges(count: int, num_pieces: int) -> list[tuple[int, int]]:
+    """Split ``count`` stacked items (layers, blocks) into ``num_pieces`` near-equal ranges (first, end), in order.
 
     A stacked message cut this way lets the pieces' copies and sends overlap on the GPU; both
     ends of a link compute the same split from the two numbers in the header.
     """
-    if not 1 <= num_pieces <= num_layers:
-        raise ValueError(f"cannot cut {num_layers} layers into {num_pieces} pieces")
-    bounds = [num_layers * i // num_pieces for i in range(num_pieces + 1)]
+    if not 1 <= num_pieces <= count:
+        raise ValueError(f"cannot cut {count} items into {num_pieces} pieces")
+    bounds = [count * i // num_pieces for i in range(num_pieces + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def block_region(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor | None:
+    """The pool's own memory for ``block_ids``, block first [n, layers, 2, block_size, kv_heads, head_dim], if it is
+    one contiguous range (consecutive blocks of a ``block_major`` pool); else None.
+
+    A transport can send such pages, or receive into them, without a copy.
+    """
+    runs = block_runs(block_ids)
+    if len(runs) != 1:
+        return None
+    _, first, length = runs[0]
+    region = cache.by_block[first : first + length]
+    return region if region.is_contiguous() else None
+
+
+def gather_blocks(cache: PagedKVCache, block_ids: Sequence[int]) -> torch.Tensor:
+    """Every layer's pages of ``block_ids``, block first: [n, layers, 2, block_size, kv_heads, head_dim], contiguous.
+
+    The pool itself (no copy) where ``block_region`` allows, else a copy per run of consecutive
+    blocks (``index_select`` beyond ``MAX_GATHER_RUNS`` runs).
+    """
+    region = block_region(cache, block_ids)
+    return region if region is not None else _gather(cache.by_block, 0, block_ids)
+
+
+def gather_block_pieces(cache: PagedKVCache, block_ids: Sequence[int],
+                        pieces: Sequence[tuple[int, int]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """``gather_blocks`` of consecutive ranges of ``block_ids``, one at a time: yields (first position, pages).
+
+    Lazily: a piece that needs a copy is copied only when asked for, so a caller that queues a
+    send between pieces overlaps the copy of one with the send of the one before.
+    """
+    for first, end in pieces:
+        yield first, gather_blocks(cache, block_ids[first:end])
+
+
+def scatter_blocks(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor, first: int = 0) -> None:
+    """Write pages [n, layers, 2, block_size, kv_heads, head_dim] into blocks ``block_ids[first : first + n]``.
+
+    One copy per run of consecutive blocks; nothing to do where ``pages`` already is that memory.
+    """
+    expected = (pages.shape[0] if pages.dim() == cache.kv.dim() else -1, *cache.by_block.shape[1:])
+    if tuple(pages.shape) != expected or not 0 <= first <= len(block_ids) - pages.shape[0]:
+        raise ValueError(f"pages of shape {tuple(pages.shape)} at position {first}; expected "
+                         f"[n, {', '.join(map(str, cache.by_block.shape[1:]))}] with {first} + n <= {len(block_ids)}")
+    pages = pages.to(device=cache.device, dtype=cache.dtype)
+    target = cache.by_block
+    for pos, block, length in block_runs(block_ids[first : first + pages.shape[0]]):
+        destination = target[block : block + length]
+        if destination.data_ptr() != pages[pos].data_ptr():
+            copy_blocks(destination, pages[pos : pos + length])
 
 
 def scatter_pages(cache: PagedKVCache, block_ids: Sequence[int], pages: torch.Tensor, first_layer: int = 0) -> None:

@@ -6,7 +6,8 @@ A transfer has four moves, the same over every transport:
    flow control: when it is full, the answer is no and the prefill side waits);
 2. ``send_layer``: the pages of one layer, [2, num_blocks, block_size, kv_heads, head_dim],
    possibly while later layers are still being computed (or ``send_layers``: several
-   consecutive layers stacked into one message, once the prefill has ended);
+   consecutive layers stacked into one message, once the prefill has ended; or, on links that
+   announce, ``send_pieces``: every layer block first, [num_blocks, num_layers, 2, ...]);
 3. ``commit``: the sequence's state (tokens, sampling, timeline); the decode worker adopts
    it and acknowledges, after which the prefill worker frees its own pages;
 4. ``cancel``: give the reservation back if anything went wrong.
@@ -38,6 +39,13 @@ class KVReceiver(Protocol):
 
     def write_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
         """Scatter consecutive layers' pages [n, 2, blocks, ...] into the reserved blocks."""
+
+    def write_blocks(self, transfer_id: str, first: int, pages: torch.Tensor) -> None:
+        """Write pages block first [n, layers, 2, ...] into the reservation's blocks ``first .. first + n``."""
+
+    def block_region(self, transfer_id: str, first: int, end: int) -> Optional[torch.Tensor]:
+        """The pool's memory for the reservation's blocks ``first .. end``, block first, where it is one
+        contiguous range (a transport may then receive straight into it); else None."""
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
                landed_at_s: Optional[float] = None) -> None:
@@ -88,7 +96,7 @@ class KVSender(ABC):
 
     @property
     def announces(self) -> bool:
-        """Whether this link can describe a finished prefill's pages before they exist (``announce_layers``).
+        """Whether this link can describe a finished prefill's pages before they exist (``announce_pages``).
 
         Then the decode side posts its receive while the prefill still computes, and the pages
         move as soon as they are sent, with no header hop on the critical path.
@@ -96,16 +104,16 @@ class KVSender(ABC):
         return False
 
     def plan_pieces(self, shape: Sequence[int], dtype: torch.dtype) -> list[tuple[int, int]]:
-        """How an announced stacked message [layers, 2, blocks, ...] is cut: (first, end) layer ranges."""
+        """How an announced message [blocks, layers, 2, ...] is cut: (first, end) block ranges."""
         return [(0, shape[0])]
 
-    def announce_layers(self, transfer_id: str, shape: Sequence[int], dtype: torch.dtype,
-                        pieces: Sequence[tuple[int, int]]) -> None:
-        """Describe the stacked pages ``send_pieces`` will ship (only where ``announces`` is True)."""
+    def announce_pages(self, transfer_id: str, shape: Sequence[int], dtype: torch.dtype,
+                       pieces: Sequence[tuple[int, int]]) -> None:
+        """Describe the pages, block first, that ``send_pieces`` will ship (only where ``announces`` is True)."""
         raise NotImplementedError(f"the {self.name} transport does not announce pages")
 
     def send_pieces(self, transfer_id: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
-        """Ship an announced transfer's pages, (first layer, stacked pages) per planned piece, in order.
+        """Ship an announced transfer's pages, (first block position, pages block first) per planned piece, in order.
 
         ``pieces`` may be a generator that gathers each piece as it is asked for, so the copy of
         one piece overlaps the send of the one before. Every announced transfer must get exactly

@@ -27,13 +27,15 @@ back to the pool only once the steps that used them have finished on the host.
 
 Messages: with layer-wise overlap each layer goes as it is computed (a LAYER header and one
 send). Without it, a prefill's pages are *announced*: when the batch that completes a prompt
-starts, the prefill worker sends a LAYER header for all its layers, stacked, marked
-``announced`` and cut into ``pieces`` (``plan_pieces``: up to 4 layer ranges). The decode side
-posts one receive per piece and queues each piece's scatter behind it, all while the prefill
-still computes. Once the last layer is queued, before the logits, the prefill thread gathers
-piece by piece and queues each piece's send right behind its own gather (``send_pieces``), so
-the gather of one piece, the transfer of the one before and the scatter of the one before that
-overlap on the GPUs, and no header hop sits between the pages and the wire. Announced transfers
+starts, the prefill worker sends a LAYER header for all its layers in block order
+([blocks, layers, 2, ...], ``order: blocks``), marked ``announced`` and cut into ``pieces``
+(``plan_pieces``: up to 4 block ranges). The decode side posts one receive per piece, all while
+the prefill still computes: straight into its pool where the piece's reserved blocks are one
+range of a ``block_major`` pool, else into a staging buffer with the piece's scatter queued
+behind it. Once the last layer is queued, before the logits, the prefill thread queues one send
+per piece: straight from its pool where the piece's blocks are one range of a ``block_major``
+pool, else right behind the piece's own gather, so the copy of one piece overlaps the transfer
+of the one before. No header hop sits between the pages and the wire. Announced transfers
 are sent in announcement order, since a pair's receives match its sends first in, first out,
 and every announced transfer sends its pages, even one its first token then stops (it is
 cancelled after). On the CPU the receives of an announced transfer are waited for when DONE
@@ -64,7 +66,7 @@ import torch
 import torch.distributed as dist
 
 from minidisagg.engine.clock import event_time_s
-from minidisagg.kv.pages import layer_pieces
+from minidisagg.kv.pages import split_ranges
 from minidisagg.transport.base import TransferError
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
 from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
@@ -334,35 +336,36 @@ class DistSender(SocketSender):
     # ---- announced transfers: the header goes while the prefill computes, the pages when it ends ----
     @property
     def announces(self) -> bool:
-        """Always: the decode side can post its receive before the pages exist (see ``announce_layers``)."""
+        """Always: the decode side can post its receive before the pages exist (see ``announce_pages``)."""
         return True
 
     def plan_pieces(self, shape: Sequence[int], dtype: torch.dtype) -> list[tuple[int, int]]:
-        """Up to ``MAX_PIECES`` layer ranges of at least ``MIN_PIECE_BYTES`` each.
+        """Up to ``MAX_PIECES`` block ranges of at least ``MIN_PIECE_BYTES`` each.
 
-        On the CPU a piece per layer (at most ``MAX_PIECES``): gloo gains nothing from pieces, but
+        On the CPU a piece per block (at most ``MAX_PIECES``): gloo gains nothing from pieces, but
         the same path is then exercised where the tests run.
         """
         if self.device.type != "cuda":
-            return layer_pieces(shape[0], min(MAX_PIECES, shape[0]))
+            return split_ranges(shape[0], min(MAX_PIECES, shape[0]))
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        return layer_pieces(shape[0], max(1, min(MAX_PIECES, shape[0], nbytes // MIN_PIECE_BYTES)))
+        return split_ranges(shape[0], max(1, min(MAX_PIECES, shape[0], nbytes // MIN_PIECE_BYTES)))
 
-    def announce_layers(self, transfer_id: str, shape: Sequence[int], dtype: torch.dtype,
-                        pieces: Sequence[tuple[int, int]]) -> None:
-        """A LAYER header for all layers, stacked, marked ``announced`` with the number of pieces; no pages yet.
+    def announce_pages(self, transfer_id: str, shape: Sequence[int], dtype: torch.dtype,
+                       pieces: Sequence[tuple[int, int]]) -> None:
+        """A LAYER header for all layers in block order, marked ``announced`` with the number of pieces; no pages yet.
 
-        The decode side posts one receive per piece and queues their scatters, then goes on; the
-        pages land as soon as ``send_pieces`` sends them. Announced transfers are sent in the
-        order they were announced (a pair's receives match its sends first-in first-out).
+        ``shape`` is [blocks, layers, 2, block_size, kv_heads, head_dim]. The decode side posts one
+        receive per piece, then goes on; the pages land as soon as ``send_pieces`` sends them.
+        Announced transfers are sent in the order they were announced (a pair's receives match
+        its sends first-in first-out).
         """
-        header = {"transfer_id": transfer_id, "layer": 0, "shape": list(shape), "num_layers": shape[0],
+        header = {"transfer_id": transfer_id, "layer": 0, "shape": list(shape), "num_layers": shape[1],
                   "dtype": str(dtype).removeprefix("torch."), "via": "dist", "src_rank": self.src_rank,
-                  "pieces": len(pieces), "announced": True}
+                  "pieces": len(pieces), "announced": True, "order": "blocks"}
         self._exchange(FrameKind.LAYER, header, None)
 
     def send_pieces(self, transfer_id: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
-        """One send per piece, no frame: each send is queued right behind its own piece's gather."""
+        """One send per piece, no frame: each queued right behind its own piece's gather, if it needed one."""
         if self._broken is not None:
             raise TransferError(f"link to {self.address} is down: {self._broken}")
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout, layer_pieces
+from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout, split_ranges
 from minidisagg.transport.base import KVReceiver, KVSender, TransferError
 from minidisagg.transport.trace import kv_trace
 from minidisagg.transport.framing import (
@@ -191,18 +191,30 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
     dist_source: dict[str, int] = {}  # the prefill rank this link's via=dist pages come from, once seen
 
     landing: dict[str, Any] = {}  # transfer id -> event after its last queued scatter (GPU)
-    deferred: dict[str, list[tuple[Any, torch.Tensor, int, bool]]] = {}  # CPU: announced receives not yet waited
+    deferred: dict[str, list[tuple[Any, torch.Tensor, int, str]]] = {}  # CPU: announced receives not yet waited
     announced: set[str] = set()  # transfers whose pages were announced (their landing time is measured)
 
-    def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor:
-        """Check a LAYER header against its reservation; the staging tensor its pages go into."""
+    def block_first(header: dict[str, Any]) -> bool:
+        """Whether a LAYER message holds every layer block first ([blocks, layers, 2, ...], ``order: blocks``)."""
+        order = header.get("order", "layers")
+        if order not in ("layers", "blocks"):
+            raise FrameError(f"LAYER with unknown order {order!r} (layers or blocks)")
+        return order == "blocks"
+
+    def checked_shape(header: dict[str, Any]) -> list[int]:
+        """Check a LAYER header against its reservation; the shape of its pages."""
         tid, layer, shape = header.get("transfer_id"), header.get("layer"), header.get("shape")
         if tid not in reserved:
             raise FrameError(f"LAYER for unknown transfer {tid!r}")
         if not _is_int(layer) or not 0 <= layer < layout.num_layers:
             raise FrameError(f"LAYER with bad layer index {layer!r}")
         expected = list(layout.layer_shape(reserved[tid]))
-        if "num_layers" in header:  # consecutive layers stacked in one message
+        if block_first(header):
+            if layer != 0 or header.get("num_layers") != layout.num_layers:
+                raise FrameError(f"LAYER in block order from layer {layer} with num_layers "
+                                 f"{header.get('num_layers')!r}: it must hold all {layout.num_layers} layers")
+            expected = list(layout.block_shape(reserved[tid]))
+        elif "num_layers" in header:  # consecutive layers stacked in one message
             count = header["num_layers"]
             if not _is_int(count) or not 1 <= count <= layout.num_layers - layer:
                 raise FrameError(f"LAYER with num_layers {count!r} from layer {layer} "
@@ -210,6 +222,11 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             expected = [count, *expected]
         if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
             raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
+        return expected
+
+    def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """Check a LAYER header against its reservation; the staging tensor its pages go into."""
+        expected = checked_shape(header)
         if header.get("announced") and device.type != "cuda":  # waited for later: its own buffer
             return torch.empty(expected, dtype=layout.dtype, device=device)
         key = (tuple(expected), str(device))
@@ -223,6 +240,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
     def staging(header: dict[str, Any], nbytes: int) -> memoryview:
         if header.get("via", "socket") != "socket":
             raise FrameError(f"LAYER via={header.get('via')!r} must not carry a payload")
+        if block_first(header):
+            raise FrameError("LAYER in block order travels only via=dist")
         buffer = checked_buffer(header, torch.device("cpu"))
         if nbytes != buffer.numel() * buffer.element_size():
             raise FrameError(f"LAYER payload of {nbytes} bytes; expected {buffer.numel() * buffer.element_size()}")
@@ -230,23 +249,33 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         return memoryview(buffer.view(torch.uint8).numpy()).cast("B")
 
     def pieces_of(header: dict[str, Any]) -> list[tuple[int, int]] | None:
-        """The layer ranges a stacked message comes in (None: one unstacked layer)."""
+        """The ranges (of layers, or of blocks in block order) a stacked message comes in (None: one layer)."""
         if "num_layers" not in header:
             if "pieces" in header or "announced" in header:
                 raise FrameError("LAYER pieces and announcements need stacked layers (num_layers)")
             return None
+        unit = "blocks" if block_first(header) else "layers"
         count, pieces = header["num_layers"], header.get("pieces", 1)
+        if unit == "blocks":  # the pieces split the reservation's blocks
+            if header.get("transfer_id") not in reserved:
+                raise FrameError(f"LAYER for unknown transfer {header.get('transfer_id')!r}")
+            count = reserved[header["transfer_id"]]
+        if not _is_int(count):
+            raise FrameError(f"LAYER with num_layers {count!r}")
         if not _is_int(pieces) or not 1 <= pieces <= count:
-            raise FrameError(f"LAYER with pieces {pieces!r} for {count} layers")
+            raise FrameError(f"LAYER with pieces {pieces!r} for {count} {unit}")
         if not isinstance(header.get("announced", False), bool):
             raise FrameError(f"LAYER with non-boolean announced {header.get('announced')!r}")
-        return layer_pieces(count, pieces)
+        return split_ranges(count, pieces)
 
-    def write_pages(tid: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
-        if stacked:
-            receiver.write_layers(tid, layer, pages)
+    def write_pages(tid: str, first: int, pages: torch.Tensor, order: str) -> None:
+        """Pages into the reservation: ``order`` is layer (one), layers (stacked) or blocks (block first)."""
+        if order == "blocks":
+            receiver.write_blocks(tid, first, pages)
+        elif order == "layers":
+            receiver.write_layers(tid, first, pages)
         else:
-            receiver.write_layer(tid, layer, pages)
+            receiver.write_layer(tid, first, pages)
 
     def receive_dist(header: dict[str, Any]) -> None:
         """Header checked like a socket payload's; the pages' receives posted and their scatters queued (dist.py)."""
@@ -254,7 +283,8 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
 
         device = kv_dist.transfer_device()
         ranges = pieces_of(header)
-        buffer = checked_buffer(header, device)
+        checked_shape(header)
+        order = "blocks" if block_first(header) else "layers" if ranges else "layer"
         src_rank = kv_dist.check_src_rank(header.get("src_rank"))
         if dist_source.setdefault("rank", src_rank) != src_rank:
             raise FrameError(f"LAYER via=dist from rank {src_rank} on a link that carried rank {dist_source['rank']}")
@@ -262,17 +292,25 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         tid, layer, on_gpu = header["transfer_id"], header["layer"], device.type == "cuda"
         if header.get("announced"):
             announced.add(tid)
+        buffer: Optional[torch.Tensor] = None
         with kv_dist.receive_stream(device):  # see dist.py: Streams
             posted = []
             for first, end in ranges or [(0, 0)]:
-                view = buffer[first:end] if ranges else buffer
-                posted.append((kv_dist.post_receive(view, src_rank), view, layer + first, ranges is not None))
+                # block order: straight into the pool where the reserved blocks are one range of it
+                view = receiver.block_region(tid, first, end) if order == "blocks" else None
+                if view is not None:
+                    kv_trace("in-place", tid)
+                else:
+                    buffer = checked_buffer(header, device) if buffer is None else buffer
+                    view = buffer[first:end] if ranges else buffer
+                posted.append((kv_dist.post_receive(view, src_rank), view, first if order == "blocks" else layer + first,
+                               order))
             if header.get("announced") and not on_gpu:
                 deferred.setdefault(tid, []).extend(posted)
                 return
-            for work, view, first_layer, stacked in posted:
+            for work, view, first, part in posted:
                 kv_dist.finish_receive(work, on_gpu, src_rank, frame_timeout_s)
-                write_pages(tid, first_layer, view, stacked)
+                write_pages(tid, first, view, part)
             landing[tid] = kv_dist.mark_received(device)
 
     def landed(tid: str) -> Optional[float]:
@@ -284,9 +322,9 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             return None
         from minidisagg.transport import dist as kv_dist
 
-        for work, view, first_layer, stacked in deferred.pop(tid, []):
+        for work, view, first, order in deferred.pop(tid, []):
             kv_dist.finish_receive(work, False, dist_source["rank"], frame_timeout_s)
-            write_pages(tid, first_layer, view, stacked)
+            write_pages(tid, first, view, order)
         landed_at_s = kv_dist.wait_received(landing.pop(tid, None), frame_timeout_s)
         return landed_at_s if tid in announced else None
 
@@ -315,8 +353,10 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                     kv_trace(f"layer-queued-{h.get('layer')}", tid)
                 elif via != "socket" or not isinstance(h.get("_tensor"), torch.Tensor):
                     raise FrameError(f"LAYER via={via!r} without pages")
+                elif block_first(h):
+                    raise FrameError("LAYER in block order travels only via=dist")
                 else:
-                    write_pages(tid, h["layer"], h["_tensor"], "num_layers" in h)
+                    write_pages(tid, h["layer"], h["_tensor"], "layers" if "num_layers" in h else "layer")
             elif frame.kind == FrameKind.DONE:
                 if tid not in reserved:
                     raise FrameError(f"DONE for unknown transfer {tid!r}")
