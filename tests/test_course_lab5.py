@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 
@@ -136,3 +137,19 @@ def test_not_implemented_is_a_fail(task, capsys):
     with pytest.raises(CheckFailed, match="not implemented"):
         getattr(check.lab5, task)(not_done)
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_layout_copies_are_measured_and_the_block_major_pool_skips_them():
+    from minidisagg.config import TINY
+    from minidisagg.course.transfer_lab import measure_layout_copies
+    from minidisagg.kv.pages import KVLayout
+
+    prompt_len = random.SystemRandom().randrange(1, 400)
+    copies = measure_layout_copies(TINY, torch.float32, "cpu", prompt_len, repeats=2)
+    layout = KVLayout(TINY.num_layers, TINY.num_kv_heads, TINY.head_dim, 16, torch.float32)
+    assert [c.layout for c in copies] == ["layer_major", "block_major"]
+    assert [c.in_place for c in copies] == [False, True]
+    assert all(c.num_bytes == layout.request_nbytes(-(-prompt_len // 16)) for c in copies), prompt_len
+    assert all(c.gather_s > 0 and c.scatter_s > 0 for c in copies)
+    with pytest.raises(ValueError, match="prompt_len"):
+        measure_layout_copies(TINY, torch.float32, "cpu", 0)

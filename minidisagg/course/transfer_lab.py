@@ -1,4 +1,5 @@
-"""Lab 5 support code: KV bytes per request, measured prefill, decode and link models, layer-wise pipelining.
+"""Lab 5 support code: KV bytes per request, measured prefill, decode and link models, layer-wise pipelining,
+and what the KV pool's memory order costs a request's pages on their way out and in.
 
 The bandwidth measurement itself is ``minidisagg.bench_transport``'s; this module turns its
 results and a few timed prefills into small models (seconds as a function of prompt length or
@@ -22,7 +23,8 @@ from minidisagg.engine.llm_engine import LLMEngine
 from minidisagg.engine.replay import run_to_completion
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.kv.pages import KVLayout
+from minidisagg.kv.cache import KV_POOL_LAYOUTS, PagedKVCache
+from minidisagg.kv.pages import KVLayout, block_region, gather_blocks, scatter_blocks
 from minidisagg.metrics import RequestMetrics
 from minidisagg.models.registry import LoadedModel
 from minidisagg.transport.base import KVSender
@@ -282,3 +284,71 @@ def measure_overlap(loaded: LoadedModel, prompt_len: int, link_GBps: Optional[fl
         finally:
             cluster.shutdown()
     return results
+
+
+@dataclass(frozen=True)
+class LayoutCopies:
+    """One request's pages leaving a pool and landing in another of the same ``layout`` (fastest of the runs).
+
+    ``gather_s``: pages out of the sender's pool, block first and contiguous, ready for one send;
+    ``scatter_s``: the same pages into the receiver's reserved blocks; ``in_place``: both were the
+    pools' own memory (a ``block_major`` pool, blocks in one run), so neither copied anything.
+    """
+
+    layout: str
+    num_bytes: int
+    gather_s: float
+    scatter_s: float
+    in_place: bool
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_layout_copies(model: ModelConfig, dtype: torch.dtype, device: str | torch.device, prompt_len: int,
+                          repeats: int = 5, block_size: int = 16, seed: int = 0) -> list[LayoutCopies]:
+    """For each pool layout: time the copies a ``prompt_len``-token request's pages need to leave and land.
+
+    Both pools hold the request in a run of consecutive blocks (what the FIFO block manager hands
+    out), at different places. The landed pages are checked against the sent ones, bit for bit.
+    """
+    if prompt_len < 1 or repeats < 1:
+        raise ValueError(f"prompt_len and repeats must be >= 1, got {prompt_len} and {repeats}")
+    num_blocks = -(-prompt_len // block_size)
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for layout in KV_POOL_LAYOUTS:
+        sender = PagedKVCache(model, num_blocks + 1, block_size, dtype, device, layout=layout)
+        receiver = PagedKVCache(model, num_blocks + 3, block_size, dtype, device, layout=layout)
+        sender.kv.copy_(torch.randn(sender.kv.shape, generator=gen).to(dtype))
+        sent_ids, landed_ids = list(range(1, num_blocks + 1)), list(range(3, num_blocks + 3))
+        gather_times, scatter_times = [], []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            pages = gather_blocks(sender, sent_ids)
+            _sync(device)
+            t1 = time.perf_counter()
+            region = block_region(receiver, landed_ids)
+            if region is not None:  # a transport receives straight into it; here the "wire" is a copy
+                region.copy_(pages)
+                landed = region
+            else:
+                landed = pages.clone()
+            _sync(device)
+            t2 = time.perf_counter()
+            scatter_blocks(receiver, landed_ids, landed)
+            _sync(device)
+            t3 = time.perf_counter()
+            gather_times.append(t1 - t0)
+            scatter_times.append(t3 - t2)
+        if not torch.equal(receiver.by_block[3:], sender.by_block[1:]):
+            raise AssertionError(f"{layout}: the landed pages differ from the sent ones")
+        in_place = block_region(sender, sent_ids) is not None and block_region(receiver, landed_ids) is not None
+        results.append(LayoutCopies(layout, pages.numel() * pages.element_size(), min(gather_times),
+                                    min(scatter_times), in_place))
+    return results
+
