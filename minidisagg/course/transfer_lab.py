@@ -352,3 +352,21 @@ def measure_layout_copies(model: ModelConfig, dtype: torch.dtype, device: str | 
                                     min(scatter_times), in_place))
     return results
 
+
+def layout_copies_figure(copies: Sequence[LayoutCopies], title: str, wire_ms: Optional[float] = None) -> Any:
+    """Stacked bars: each layout's gather and scatter times; a dashed line at ``wire_ms`` (the link, same bytes)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    names = [c.layout for c in copies]
+    gather_ms = [c.gather_s * 1e3 for c in copies]
+    ax.barh(names, gather_ms, color="tab:orange", label="gather (out of the sender's pool)")
+    ax.barh(names, [c.scatter_s * 1e3 for c in copies], left=gather_ms, color="tab:purple",
+            label="scatter (into the receiver's pool)")
+    if wire_ms is not None:
+        ax.axvline(wire_ms, color="black", ls="--", lw=1, label=f"link, same bytes: {wire_ms:.0f} ms")
+    ax.set(xlabel="ms, fastest of the runs", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
