@@ -128,7 +128,7 @@ def to_markdown(result: dict[str, Any]) -> str:
              "for a few prompts of queueing; TPOT room for modest batching, not for decode steps stalled behind "
              "prefills. Goodput = the rate where the share of requests meeting both crosses 90% (interpolated between "
              "the last rate that meets it and the first that does not; after the grid, up to "
-             f"{s.get('refine_points', 0)} extra rates per sweep, marked *, halve below a lowest rate that misses or "
+             f"{s.get('refine_points', 0)} extra rate{'' if s.get('refine_points', 0) == 1 else 's'} per sweep, marked *, halve below a lowest rate that misses or "
              "split the bracket around the crossing); per GPU = / 2 for both set-ups "
              "(two replicas, or one prefill + one decode GPU). Requests unfinished at the deadline count as misses."]
     for model, res in result["models"].items():
