@@ -73,7 +73,7 @@ class Settings:
     prefill_token_budget: int = 2048
     chunked_token_budget: int = 512
     num_kv_blocks: Optional[int] = None
-    kv_layout: Optional[str] = None  # KV pool layout of every engine (None: the default, layer_major)
+    kv_layout: Optional[str] = None  # KV pool layout of every engine (None: the device default)
     batch_invariant: bool = False
     greedy_prompts: int = 4
     greedy_tokens: int = 16
@@ -248,7 +248,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
     parser.add_argument("--ttft-slo-scale", type=float, default=None, help="TTFT SLO / unloaded TTFT (default 5)")
     parser.add_argument("--tpot-slo-scale", type=float, default=None, help="TPOT SLO / unloaded TPOT (default 1.5)")
     parser.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
-                        help="KV pool layout of every engine (default: layer_major)")
+                        help="KV pool layout of every engine (default: block_major on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     serve.add_argument("--kv-memory-budget-bytes", type=int, default=None, help="KV pool size (default: the engine's)")
     serve.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
-                       help="KV pool memory layout (default: layer_major)")
+                       help="KV pool memory layout (default: block_major on CUDA, layer_major on a CPU)")
     serve.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     serve.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                        help="queue decode step n+1 before step n's tokens reach the host (auto: with CUDA graphs)")

@@ -153,7 +153,7 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: Optional[int] = None
     memory_budget_bytes: Optional[int] = None
-    layout: Optional[str] = None  # "layer_major" or "block_major" (kv/cache.py); None: layer_major
+    layout: Optional[str] = None  # "layer_major" or "block_major" (kv/cache.py); None: by device
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -38,8 +38,8 @@ class LLM:
     on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
     graphs). ``compile_cpu=True`` runs batch-1 decode of a float32 or bfloat16 CPU model through one
     ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager). ``kv_layout``
-    picks how the KV pool sits in memory (``PagedKVCache``: ``"layer_major"``, the default, or
-    ``"block_major"``, whose request pages cross a ``dist`` link without a copy).
+    picks how the KV pool sits in memory (``PagedKVCache``: ``"layer_major"``, the CPU default, or
+    ``"block_major"``, the CUDA default, whose request pages cross a ``dist`` link without a copy).
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],

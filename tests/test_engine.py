@@ -11,6 +11,7 @@ from conftest import make_engine, run_all
 from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.scheduler import POLICIES, PolicyError, StepPlan
+from minidisagg.kv.cache import default_pool_layout
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -53,6 +54,14 @@ def test_every_policy_equals_prefill_first(tiny_loaded, seed, policy, layout):
                          max_num_seqs=4, clock=SimulatedClock(), layout=layout)
     assert engine.kv_cache.layout == layout
     assert generate(engine, prompts, arrivals=arrivals) == ref, f"seed {seed}"
+
+
+def test_pool_layout_defaults_by_device(tiny_loaded):
+    assert default_pool_layout("cpu") == "layer_major"
+    assert default_pool_layout(torch.device("cuda", 1)) == "block_major"
+    assert make_engine(tiny_loaded).kv_cache.layout == "layer_major"  # the CPU default: batch-1 decode slices layers
+    with pytest.raises(ValueError, match="layout"):
+        make_engine(tiny_loaded, layout="head_major")
 
 
 @pytest.mark.parametrize("layout", ["layer_major", "block_major"])

@@ -9,7 +9,17 @@ import torch
 from minidisagg.config import ModelConfig
 
 KV_POOL_LAYOUTS = ("layer_major", "block_major")
-DEFAULT_POOL_LAYOUT = "layer_major"
+
+
+def default_pool_layout(device: torch.device | str) -> str:
+    """The pool layout used when none is asked for: ``block_major`` on CUDA, ``layer_major`` elsewhere.
+
+    On a GPU the kernels read either layout at the same speed (llama-8b decode at batch 32 with
+    2k-token contexts: equal TPOT on an H200), and ``block_major`` lets a run of blocks cross
+    the wire with no copy on either side. On a CPU the batch-1 decode and ``compile_cpu`` read a
+    layer's pages as one slice, which only ``layer_major`` gives.
+    """
+    return "block_major" if torch.device(device).type == "cuda" else "layer_major"
 
 
 class PagedKVCache:
@@ -19,13 +29,14 @@ class PagedKVCache:
     ``block_id * block_size + offset``. ``kv`` is how every reader indexes the pool; how it sits in
     memory is the ``layout``:
 
-    - ``layer_major`` (the default): ``kv`` itself is contiguous: each layer's pages are one
+    - ``layer_major`` (the default on a CPU): ``kv`` itself is contiguous: each layer's pages are one
       range, so a layer can be shipped as it is computed, and a lone sequence's keys are a
       slice of it (the CPU's batch-1 decode reads them without a copy);
     - ``block_major``: the memory is ``by_block`` [num_blocks, num_layers, 2, block_size,
       num_kv_heads, head_dim]: a block holds every layer's K and V, so the pages of a run of
       consecutive blocks are one contiguous range, which a transport sends or receives
-      without a copy. The GPU kernels read pages through strides, so they take either layout.
+      without a copy (the default on CUDA, see ``default_pool_layout``). The GPU kernels read
+      pages through strides, so they take either layout.
 
     ``by_block`` is the same pool indexed block first, in either layout.
     """
@@ -34,7 +45,7 @@ class PagedKVCache:
         self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str,
         layout: Optional[str] = None,
     ) -> None:
-        layout = layout or DEFAULT_POOL_LAYOUT
+        layout = layout or default_pool_layout(device)
         if layout not in KV_POOL_LAYOUTS:
             raise ValueError(f"KV pool layout must be one of {KV_POOL_LAYOUTS}, got {layout!r}")
         self.model = model
