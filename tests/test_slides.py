@@ -150,6 +150,25 @@ def test_gpu_results_are_plotted_when_present_and_named_when_absent(tmp_path):
     assert ceilings.matmul_flops_per_s == pytest.approx(run["mm_TFLOPs"] * 1e12)
 
 
+
+def test_latest_result_is_the_newest_recorded_run_whatever_its_name(tmp_path):
+    rng = random.Random()
+    days = sorted(rng.sample(range(1, 28), 4))
+    runs = {  # name -> recorded date; a same-day "-run1" suffix and the card must not decide the order
+        f"disagg-h200-2026-03-{days[0]:02d}.json": f"2026-03-{days[0]:02d}T23:00:00",
+        f"disagg-h100-2026-03-{days[1]:02d}-run1.json": f"2026-03-{days[1]:02d}T01:00:00",
+        f"disagg-h100-2026-03-{days[1]:02d}.json": f"2026-03-{days[1]:02d}T02:00:00",
+        f"disagg-a100-2026-03-{days[2]:02d}-run1.json": f"2026-03-{days[2]:02d}T05:00:00",
+    }
+    for name, date in runs.items():
+        (tmp_path / name).write_text(json.dumps({"date": date, "tag": name}))
+    (tmp_path / f"disagg-h100-2026-03-{days[3]:02d}.json").write_text(json.dumps({"tag": "undated"}))
+    assert deck_figures.latest_result("disagg", tmp_path)["_file"] == f"disagg-h100-2026-03-{days[3]:02d}.json"
+    (tmp_path / f"disagg-h100-2026-03-{days[3]:02d}.json").unlink()
+    latest = deck_figures.latest_result("disagg", tmp_path)
+    assert latest["_file"] == latest["tag"] == f"disagg-a100-2026-03-{days[2]:02d}-run1.json"
+    assert deck_figures.latest_result("gpu", tmp_path) is None
+
 # ---------------------------------------------------------------- headless render
 
 

@@ -8,6 +8,7 @@ Quick runs use the ``tiny`` model on a simulated clock, so a cell takes a few se
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,12 +31,21 @@ def results_dir() -> Path:
 
 
 def latest_result(prefix: str, results: Optional[Path] = None) -> Optional[dict]:
-    """The newest ``<prefix>-*.json`` (by name, which ends in its date) as a dict, or None; adds ``_file``."""
-    files = sorted((results or results_dir()).glob(f"{prefix}-*.json"), key=lambda p: p.stem[-10:] + p.stem)
-    if not files:
+    """The newest ``<prefix>-*.json`` as a dict, or None; adds ``_file``.
+
+    Newest by the ``date`` the run recorded (ISO 8601, so it sorts as text), else by the date in
+    its name: ``disagg-h100-2026-11-28-run1.json`` is older than a later ``disagg-h200-2026-11-28.json``.
+    """
+    runs = []
+    for path in (results or results_dir()).glob(f"{prefix}-*.json"):
+        data = json.loads(path.read_text())
+        named = re.search(r"\d{4}-\d{2}-\d{2}", path.stem)
+        date = str(data.get("date") or (named.group(0) if named else ""))
+        runs.append((date, path.name, data))
+    if not runs:
         return None
-    data = json.loads(files[-1].read_text())
-    data["_file"] = files[-1].name
+    date, name, data = max(runs, key=lambda run: run[:2])
+    data["_file"] = name
     return data
 
 
