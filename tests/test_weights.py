@@ -28,15 +28,6 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_
                 "bos_token_id", "eos_token_ids")
 
 
-@pytest.fixture(scope="session")
-def hf_smollm2(smollm2_gguf: Path):
-    """HF transformers' LlamaForCausalLM loaded from the same GGUF (the outside reference)."""
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
-
-
 def _hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in model.state_dict().items()}
 
