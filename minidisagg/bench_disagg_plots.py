@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minidisagg.metrics import RequestTimeline
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLORS = {"colocated-prefill_first": "tab:red", "colocated-chunked": "tab:orange", "disagg-overlap": "tab:blue",
           "disagg-no-overlap": "tab:cyan"}
@@ -46,7 +49,20 @@ def _timeline(record: dict[str, Any]) -> RequestTimeline:
 
 
 def plot_itl_timelines(result: dict[str, Any], path: Path) -> None:
-    """At the fixed rate: ITL of each request against time, prefills of the same GPU shaded (colocated: replica 0)."""
+    """Write ``itl_timelines_figure(result)`` to ``path`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = itl_timelines_figure(result)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def itl_timelines_figure(result: dict[str, Any]) -> "Figure":
+    """At the fixed rate: ITL of each request against time, prefills of the same GPU shaded (colocated: replica 0).
+
+    A configuration with no timeline (its sweep stopped below the fixed rate, or never ran) gets a
+    panel that says which.
+    """
     import matplotlib.pyplot as plt
 
     from minidisagg.plots import plot_itl_timeline
@@ -64,10 +80,14 @@ def plot_itl_timelines(result: dict[str, Any], path: Path) -> None:
             if timelines:
                 plot_itl_timeline(ax, timelines, timelines, f"{model} {workload}: {config}")
             else:
-                ax.set_title(f"{model} {workload}: {config} (not measured)", fontsize=9)
+                ax.set_title(f"{model} {workload}: {config}", fontsize=9)
+                why = ("no timeline at the fixed rate:\nthe sweep stopped below it" if sweep
+                       else "not run (time budget)")
+                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.4")
+                ax.set_xticks([])
+                ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def plot_ttft_breakdown(result: dict[str, Any], path: Path) -> None:

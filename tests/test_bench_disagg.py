@@ -30,6 +30,30 @@ def smoke(tmp_path_factory):
     return json.loads(json_path.read_text()), out, seed
 
 
+def test_itl_timelines_say_which_panels_have_no_timeline(smoke):
+    import copy
+
+    import matplotlib.pyplot as plt
+
+    from minidisagg.bench_disagg_plots import TIMELINE_CONFIGS, itl_timelines_figure
+
+    result = copy.deepcopy(smoke[0])
+    sweeps = result["models"]["tiny"]["sweeps"]
+    stopped = next(s for s in sweeps if s["config"] == "colocated-chunked")
+    stopped["timelines"] = []  # as when attainment fell before the fixed rate
+    missing = next(s for s in sweeps if s["config"] == "disagg-overlap" and s["workload"] != stopped["workload"])
+    sweeps.remove(missing)
+    fig = itl_timelines_figure(result)
+    texts = {ax.get_title(): " ".join(t.get_text() for t in ax.texts) for ax in fig.axes}
+    plt.close(fig)
+    workloads = sorted({s["workload"] for s in sweeps})
+    assert len(texts) == len(workloads) * len(TIMELINE_CONFIGS)
+    assert "the sweep stopped below it" in texts[f"tiny {stopped['workload']}: colocated-chunked"]
+    assert "not run" in texts[f"tiny {missing['workload']}: disagg-overlap"]
+    drawn = [title for title, text in texts.items() if not text]
+    assert f"tiny {stopped['workload']}: colocated-prefill_first" in drawn and len(drawn) == len(texts) - 2
+
+
 def test_smoke_writes_the_whole_schema(smoke):
     result, out, seed = smoke
     stem = next(out.glob("disagg-cpu-*.json")).stem
