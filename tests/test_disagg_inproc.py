@@ -184,3 +184,15 @@ def test_bad_arguments(tiny_loaded):
         assert not cluster.has_unfinished()
     finally:
         cluster.shutdown()
+
+
+def test_transfer_ids_differ_between_prefill_workers_of_one_name(tiny_loaded):
+    from minidisagg.disagg.prefill_worker import PrefillWorker
+    from minidisagg.engine.clock import SimulatedClock
+
+    config = EngineConfig(cache=CacheConfig(num_blocks=8))
+    workers = [PrefillWorker("prefill", tiny_loaded, config, SimulatedClock(), {}, lambda item: None)
+               for _ in range(2)]  # as two `minidisagg serve prefill` processes are both named
+    ids = [[worker.next_transfer_id() for _ in range(50)] for worker in workers]
+    assert all(tid.startswith("prefill-") for tid in ids[0] + ids[1])
+    assert len(set(ids[0]) | set(ids[1])) == 100

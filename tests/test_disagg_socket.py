@@ -52,6 +52,17 @@ def test_two_processes_equal_colocated_and_leave_no_orphans(reference, seed):
     assert all(p.proc.poll() is not None for p in procs), "worker processes outlived shutdown"
 
 
+def test_two_prefill_processes_share_a_decode_process(reference, seed):
+    """Transfer ids key the decode side's reservations, so two prefill processes must never reuse one."""
+    prompts, ref = reference
+    with LLM("tiny", device="cpu", batch_invariant=True, seed=seed, mode="disagg", transport="socket", num_prefill=2,
+             num_decode=1, request_timeout_s=120) as llm:
+        for _ in range(3):  # rounds, so both prefill processes reserve while the other's transfers are held
+            outs = llm.generate(prompts, GREEDY)
+            assert [o.error for o in outs if o.finish_reason == "error"] == [], f"seed {seed}"
+            assert [o.token_ids for o in outs] == ref, f"seed {seed}"
+
+
 def test_killed_decode_process_fails_only_its_requests(reference, seed):
     prompts, ref = reference
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
@@ -238,7 +249,7 @@ def test_killed_prefill_process(reference, seed, policy):
         outs = [done[i] for i in ids]
         errors = [o for o in outs if o.finish_reason == "error"]
         if policy == "fail":
-            assert errors and all("p1" in o.error for o in errors)
+            assert errors and all("p1" in o.error for o in errors), [o.error for o in errors]
         else:
             assert not errors
         for i, out in enumerate(outs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -106,10 +107,17 @@ class PrefillWorker:
         self._sender_idle = threading.Event()  # set while the sender thread waits on an empty queue
         self._send_queue: queue.Queue[Optional[tuple[str, _Transfer, object]]] = queue.Queue()
         self._finished_transfers: queue.Queue[_Transfer] = queue.Queue()
+        # Transfer ids key the reservations of a decode worker that every prefill worker shares, and
+        # separate server processes may all be named "prefill": a random tag keeps them apart.
+        self._transfer_prefix = f"{name}-{secrets.token_hex(4)}"
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.error: Optional[BaseException] = None
+
+    def next_transfer_id(self) -> str:
+        """A transfer id no other prefill worker, in this process or another, will use."""
+        return f"{self._transfer_prefix}-{next(self._ids)}"
 
     def submit(self, submission: Submission) -> None:
         """Queue a request (thread-safe)."""
@@ -145,7 +153,7 @@ class PrefillWorker:
         """Ask each decode worker for blocks for every pending request it is to get, in one exchange per worker."""
         by_target: dict[str, list[tuple[int, Submission, str]]] = {}
         for i, sub in enumerate(self._pending):
-            by_target.setdefault(sub.decode_target, []).append((i, sub, f"{self.name}-{next(self._ids)}"))
+            by_target.setdefault(sub.decode_target, []).append((i, sub, self.next_transfer_id()))
         answers: list[tuple[int, Submission, str, bool | TransferError]] = []
         for target, items in by_target.items():
             try:
