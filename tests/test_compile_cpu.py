@@ -42,19 +42,30 @@ def count_compiled_steps(runner) -> list[int]:
     return calls
 
 
-BF16_LAYERS = 4  # compiling all 30 layers costs ~35-50 s here; the fp32 test compiles them all
+COMPILED_LAYERS = 4  # compiling all 30 layers costs ~35-50 s here; every layer is the same code
+
+
+def first_layers(dtype: str):
+    """SmolLM2-135M's real weights on CPU in ``dtype``, cut to its first ``COMPILED_LAYERS`` layers."""
+    from minidisagg.models.registry import load_model
+
+    loaded = load_model("smollm2-135m", device="cpu", dtype=dtype)
+    config = dataclasses.replace(loaded.config, num_layers=COMPILED_LAYERS)
+    loaded.model.layers = loaded.model.layers[:COMPILED_LAYERS]
+    loaded.model.cfg = loaded.config = config
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32_cut(smollm2_gguf):
+    """``first_layers`` in float32."""
+    return first_layers("float32")
 
 
 @pytest.fixture(scope="module")
 def smollm2_bf16(smollm2_gguf):
-    """SmolLM2-135M's real weights on CPU in bfloat16, cut to its first ``BF16_LAYERS`` layers."""
-    from minidisagg.models.registry import load_model
-
-    loaded = load_model("smollm2-135m", device="cpu", dtype="bfloat16")
-    config = dataclasses.replace(loaded.config, num_layers=BF16_LAYERS)
-    loaded.model.layers = loaded.model.layers[:BF16_LAYERS]
-    loaded.model.cfg = loaded.config = config
-    return loaded
+    """``first_layers`` in bfloat16."""
+    return first_layers("bfloat16")
 
 
 def decode_logits(runner, prompt_ids: list[int], num_steps: int,
@@ -70,10 +81,10 @@ def decode_logits(runner, prompt_ids: list[int], num_steps: int,
 
 
 @pytest.mark.skipif(compiled.cxx_compiler() is None, reason="needs a C++ compiler")
-def test_compiled_greedy_equals_eager_real_model(smollm2_loaded, module_seed):
+def test_compiled_greedy_equals_eager_real_weights(smollm2_fp32_cut, module_seed):
     prompts = token_prompts(module_seed, 2, lo=5, hi=40)
-    eager = generate_one_by_one(make_engine(smollm2_loaded, max_model_len=256), prompts)
-    engine = make_engine(smollm2_loaded, max_model_len=256)
+    eager = generate_one_by_one(make_engine(smollm2_fp32_cut, max_model_len=256), prompts)
+    engine = make_engine(smollm2_fp32_cut, max_model_len=256)
     engine.runner.enable_compiled_cpu_decode()
     calls = count_compiled_steps(engine.runner)
     assert generate_one_by_one(engine, prompts) == eager, f"seed {module_seed}"
