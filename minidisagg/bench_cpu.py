@@ -9,7 +9,9 @@ where T(k) is the wall time of one generate call producing k new tokens per sequ
 (prefill included in both, so the difference is N - 1 decode steps). The ceiling is the same
 number of steps of a bare chain of the model's matmuls (through the engine's own ``linear``
 dispatch over the real weight shapes, so the fastest matmul kernel the engine has, no attention,
-norms or sampling): what the engine can approach on this machine.
+norms or sampling): what the engine can approach on this machine. With ``--compiled`` on a CPU
+with AVX512-BF16, one-row bf16 products in the chain go through the native GEMV the compiled
+step calls (``kernels/cpu_native.py``), so the ceiling stays above every configuration.
 Configurations are interleaved inside every repetition and the median over repetitions is kept.
 With ``--compiled`` the run adds ``minidisagg fp32 compiled`` and ``minidisagg bf16 compiled``
 (``compile_cpu=True``: batch-1 decode through one torch.compile graph; batches of several sequences
@@ -32,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from rich.console import Console
 
+from minidisagg.kernels import cpu_native
 from minidisagg.kernels.linear import linear
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -51,16 +54,7 @@ WARMUP_TOKENS = 4
 
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, the bf16 instruction sets present, library versions and load."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
+    model, flags = cpu_native.cpu_model_and_flags()
     import transformers
 
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -141,26 +135,41 @@ def matmul_chain_weights(dtype: torch.dtype, seed: int = 0) -> list[list[torch.T
     return layers + [[w(cfg.vocab_size, h)]]
 
 
-def matmul_chain_step(x: torch.Tensor, weights: list[list[torch.Tensor]]) -> torch.Tensor:
+def chain_linear(native_gemv: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The ceiling's matmul: the engine's ``linear``, or for one bf16 row the native GEMV when the compiled step has it."""
+    if not native_gemv:
+        return linear
+
+    def fastest(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.shape[0] == 1:
+            return cpu_native.linear_one_row_bf16(x, weight)
+        return linear(x, weight)
+
+    return fastest
+
+
+def matmul_chain_step(x: torch.Tensor, weights: list[list[torch.Tensor]],
+                      matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear) -> torch.Tensor:
     """One decode step's matmuls: each output sliced to the next matmul's input width."""
     for qkv, o, gate_up, down in weights[:-1]:
-        a = linear(x, qkv)[:, : o.shape[1]].contiguous()
-        b = linear(a, o)
-        c = linear(b, gate_up)[:, : down.shape[1]].contiguous()
-        x = linear(c, down)
-    return linear(x, weights[-1][0])
+        a = matmul(x, qkv)[:, : o.shape[1]].contiguous()
+        b = matmul(a, o)
+        c = matmul(b, gate_up)[:, : down.shape[1]].contiguous()
+        x = matmul(c, down)
+    return matmul(x, weights[-1][0])
 
 
-def ceiling_generator(name: str, dtype: torch.dtype) -> Generator:
+def ceiling_generator(name: str, dtype: torch.dtype, native_gemv: bool = False) -> Generator:
     """The matmul chain, timed like a generator: ``n`` tokens = ``n`` steps (the first stands in for prefill)."""
     weights = matmul_chain_weights(dtype)
+    matmul = chain_linear(native_gemv)
     hidden = weights[0][1].shape[0]
 
     def generate(batch: int, n: int) -> list[int]:
         x = torch.randn(batch, hidden).to(dtype)
         with torch.inference_mode():
             for _ in range(n):
-                logits = matmul_chain_step(x, weights)
+                logits = matmul_chain_step(x, weights, matmul)
         return logits[0, :1].int().tolist()
 
     return Generator(name, generate)
@@ -190,7 +199,9 @@ def run_cpu_decode_bench(
         chat = [{"role": "user", "content": PROMPT}]
         prompt_ids = engines["minidisagg fp32"].get_tokenizer().apply_chat_template(chat, add_generation_prompt=True)
         gens = [hf_generator(prompt_ids)] + [minidisagg_generator(n, llm, prompt_ids) for n, llm in engines.items()]
-        gens += [ceiling_generator(name, getattr(torch, d)) for d, name in CEILINGS.items()]
+        # With --compiled the engine may run bf16 rows through the native GEMV: the ceiling must have it too.
+        info["native_gemv_bf16"] = compiled and cpu_native.gemv_bf16_available()
+        gens += [ceiling_generator(name, getattr(torch, d), info["native_gemv_bf16"]) for d, name in CEILINGS.items()]
     decode_s: dict[tuple[str, int], list[float]] = {(g.name, b): [] for g in gens for b in batch_sizes}
     stage_s: dict[tuple[str, int], list[float]] = {k: [] for k in decode_s}
     tokens: dict[tuple[str, int], list[int]] = {}
@@ -290,7 +301,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     lines = [f"# CPU decode throughput ({result['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, avx512_bf16 {m['avx512_bf16']}, "
-             f"amx_bf16 {m['amx_bf16']}; torch {m['torch']}, transformers {m['transformers']}; "
+             f"amx_bf16 {m['amx_bf16']}, native bf16 GEMV {m.get('native_gemv_bf16', False)}; torch {m['torch']}, transformers {m['transformers']}; "
              f"minidisagg at commit {(m.get('minidisagg_commit') or 'unknown')[:10]}; "
              f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.", "",
              f"Model {s['model']}; prompt of {s['prompt_tokens']} tokens; N = {s['new_tokens']} new tokens, greedy, "

@@ -85,6 +85,16 @@ def token_prompts(seed: int, n: int, lo: int = 3, hi: int = 50) -> list[dict]:
     return [{"prompt_token_ids": [rng.randrange(100, 49000) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
 
 
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (or ``MINIDISAGG_TEST_SEED`` to replay one); put it in assertion messages."""
+    import os
+    import random
+
+    fixed = os.environ.get("MINIDISAGG_TEST_SEED")
+    return int(fixed) if fixed else random.SystemRandom().randrange(1 << 31)
+
+
 @pytest.fixture(scope="module")
 def module_seed() -> int:
     """A fresh seed per test module (put it in assertion messages)."""

@@ -15,6 +15,7 @@ from minidisagg.config import EngineConfig
 from minidisagg.engine import compiled
 from minidisagg.engine.runner import BatchItem
 from minidisagg.engine.sampling import SamplingParams
+from minidisagg.kernels import cpu_native
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -86,6 +87,7 @@ def test_compiled_greedy_equals_eager_real_weights(smollm2_fp32_cut, module_seed
     eager = generate_one_by_one(make_engine(smollm2_fp32_cut, max_model_len=256), prompts)
     engine = make_engine(smollm2_fp32_cut, max_model_len=256)
     engine.runner.enable_compiled_cpu_decode()
+    assert engine.runner.compiled_decode.kernels.native_attend == cpu_native.load_cpu_ops()
     calls = count_compiled_steps(engine.runner)
     assert generate_one_by_one(engine, prompts) == eager, f"seed {module_seed}"
     assert calls[0] == 2 * (GREEDY.max_tokens - 1), "decode steps did not go through the compiled graph"
@@ -101,6 +103,7 @@ def test_compiled_bf16_close_to_eager_real_weights(smollm2_bf16, module_seed):
     want, forced = decode_logits(make_engine(smollm2_bf16, max_model_len=256).runner, prompt_ids, 8)
     engine = make_engine(smollm2_bf16, max_model_len=256)
     engine.runner.enable_compiled_cpu_decode()
+    assert engine.runner.compiled_decode.kernels.native_gemv == cpu_native.gemv_bf16_available()
     calls = count_compiled_steps(engine.runner)
     got, _ = decode_logits(engine.runner, prompt_ids, 8, forced)
     assert calls[0] == len(forced), "decode steps did not go through the compiled graph"
@@ -151,14 +154,22 @@ def test_failed_compile_falls_back_to_eager(tiny_loaded, monkeypatch, caplog):
     assert "compiler exploded" in caplog.text and "decoding eagerly" in caplog.text
 
 
+@pytest.mark.parametrize("op", ["python", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_table", [[2, 3, 4], [4, 0, 2]], ids=["consecutive", "scattered"])
-def test_attend_op_equals_eager_attention(block_table):
+def test_attend_op_equals_eager_attention(block_table, dtype, op, seed):
+    """Both the Python op and its C++ twin give the eager kernel's bits, in the pool and in the output."""
     from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference
     from minidisagg.kernels.cache_write import write_kv_reference
 
-    gen = torch.Generator().manual_seed(0)
-    kv = torch.randn(2, 2, 6, 4, 2, 8, generator=gen)  # [layers, k/v, blocks, block_size, KH, D]
-    q, k, v = (torch.randn(1, heads, 8, generator=gen) for heads in (4, 2, 2))
+    if op == "native":
+        if compiled.cxx_compiler() is None:
+            pytest.skip("needs a C++ compiler")
+        assert cpu_native.load_cpu_ops(), "the native CPU kernels did not build (see the warning above)"
+    attend = compiled.write_kv_and_attend if op == "python" else torch.ops.minidisagg_cpu.write_kv_and_attend
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(2, 2, 6, 4, 2, 8, generator=gen).to(dtype)  # [layers, k/v, blocks, block_size, KH, D]
+    q, k, v = (torch.randn(1, heads, 8, generator=gen).to(dtype) for heads in (4, 2, 2))
     context_len = 10
     slot = torch.tensor([block_table[2] * 4 + 1])
     first = block_table[0] if block_table == list(range(block_table[0], block_table[0] + 3)) else -1
@@ -166,9 +177,8 @@ def test_attend_op_equals_eager_attention(block_table):
     write_kv_reference(k, v, want_kv[1, 0], want_kv[1, 1], slot)
     meta = AttentionMetadata([0], [1], [context_len], torch.tensor([block_table]), torch.tensor([context_len]), slot)
     want = decode_attention_reference(q, want_kv[1, 0], want_kv[1, 1], meta, 0.3)
-    got = compiled.write_kv_and_attend(q, k, v, kv, 1, slot, torch.tensor([block_table + [0]]),
-                                       torch.tensor([context_len, first]), 0.3)
-    assert torch.equal(kv, want_kv) and torch.equal(got, want)
+    got = attend(q, k, v, kv, 1, slot, torch.tensor([block_table + [0]]), torch.tensor([context_len, first]), 0.3)
+    assert torch.equal(kv, want_kv) and torch.equal(got, want), f"seed {seed}"
 
 
 @pytest.mark.skipif(compiled.cxx_compiler() is None, reason="needs a C++ compiler")

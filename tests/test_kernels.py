@@ -7,7 +7,6 @@ a row's output must not depend on the other rows of its batch, nor on chunking.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -49,13 +48,6 @@ BLOCK_SIZES = [16, 5]
 SHAPES = [((9, 3), 64, 16), ((9, 3), 32, 5), ((4, 4), 32, 16), ((8, 1), 64, 5), ((8, 1), 32, 16)]
 
 LLAMA3_1B_SCALING = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (or ``MINIDISAGG_TEST_SEED`` to replay one)."""
-    fixed = os.environ.get("MINIDISAGG_TEST_SEED")
-    return int(fixed) if fixed else random.SystemRandom().randrange(1 << 31)
 
 
 def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -4,20 +4,26 @@ On the CPU a batch-1 decode step of a small model is bound by per-op cost: besid
 every layer runs a dozen small elementwise ops (residual adds, RMSNorm, RoPE, SwiGLU), each a
 separate pass over a few kilobytes. Inductor's CPU backend fuses them into a few C++ loops per
 layer and its C++ wrapper calls them without Python in between. The paged KV write and the
-attention stay one opaque op (their context grows every step, and the graph keeps static shapes):
-registered through ``torch.library`` as a plain CPU kernel, which costs a few microseconds a call
-where a ``torch.library.custom_op`` costs about fifty.
+attention stay one opaque op (their context grows every step, and the graph keeps static shapes).
 
-Float32 and bfloat16 models use it. In bfloat16 a batch-1 step is bound by its matrix-vector
-products, and inductor would plan them itself (a multiply and a sum, or a one-row ``mm``), both
-slower than torch's own bf16 ``mv`` kernel that the eager engine calls (``kernels/linear.py``); so
-the graph writes them as ``addmv`` and inductor is told not to decompose it: each one is then a
-direct call of torch's kernel from the C++ wrapper, with the eager engine's bits. The fused
-kernels round to bf16 where eager's ops do (``emulate_precision_casts``), but their reductions
-add in another order, so a step's logits are equal to eager's or within a few percent of them,
-and greedy tokens can part from eager's after some tens of tokens (``benchmarks/NOTES.md``).
-Inductor needs a C++ compiler at run time; without one, or when compilation fails, the engine
-stays eager and logs why.
+Inductor needs a C++ compiler at run time, so the step also builds two native ops of its own with
+it (``kernels/cpu_native.py``) and calls them from the graph through the dispatcher, with no Python
+in between:
+
+- the KV write and attention, ``minidisagg_cpu.write_kv_and_attend``: the same ATen calls as this
+  module's Python op :func:`write_kv_and_attend` (so the same bits), which stays as the fallback;
+- in bfloat16, every one-row product, ``minidisagg_cpu.gemv_bf16`` (on a CPU with AVX512-BF16): a
+  bf16 step is bound by streaming the weights, and this GEMV streams them ~1.5x faster than
+  torch's ``mv``. Without it the graph writes the products as ``addmv`` with inductor told not
+  to decompose it, a direct call of torch's kernel (inductor's own plans, a multiply and a sum
+  or a one-row ``mm``, are slower still).
+
+Measured on a 2-core Xeon with SmolLM2-135M (``benchmarks/NOTES.md``): a bf16 step 26 -> 22 ms
+with the native attention, -> 15 ms with the GEMV as well. The fused kernels round to bf16 where
+eager's ops do (``emulate_precision_casts``), but their reductions, and the GEMV's, add in another
+order, so a step's logits are within a few percent of eager's, and greedy tokens can part from
+eager's after some tens of tokens. Without a compiler, or when compilation fails, the engine
+stays eager and logs why; when only the native ops fail to build, the graph uses torch's.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from minidisagg.kernels import cpu_native
 from minidisagg.kernels.activation import silu_and_mul_reference
 from minidisagg.kernels.norm import rms_norm_reference
 from minidisagg.kernels.rope import rotate, rotation_tables
@@ -95,9 +103,31 @@ def inductor_keeping_addmv(graph: torch.fx.GraphModule, example_inputs: list[tor
     return compile_fx(graph, example_inputs, config_patches=INDUCTOR_OPTIONS, decompositions=table)
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` inside the graph: bf16 one-row products as ``addmv`` (``linear_cpu_gemv``'s kernel and bits)."""
+@dataclass(frozen=True)
+class StepKernels:
+    """Which kernels the graph calls: the native ops of ``kernels/cpu_native.py``, or torch's.
+
+    ``native_gemv``: bf16 one-row products through ``minidisagg_cpu.gemv_bf16`` instead of ``addmv``.
+    ``native_attend``: the KV write and attention through ``minidisagg_cpu.write_kv_and_attend``
+    (C++, the same ATen calls) instead of this module's Python op.
+    """
+
+    native_gemv: bool = False
+    native_attend: bool = False
+
+    @classmethod
+    def best_available(cls, dtype: torch.dtype) -> "StepKernels":
+        """The native ops wherever they build (and, for the GEMV, where the model is bf16 and the CPU has AVX512-BF16)."""
+        native = cpu_native.load_cpu_ops()
+        return cls(native_gemv=native and dtype == torch.bfloat16 and cpu_native.cpu_has_avx512_bf16(),
+                   native_attend=native)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, kernels: StepKernels = StepKernels()) -> torch.Tensor:
+    """``x @ weight.T`` inside the graph: bf16 one-row products as the native GEMV or ``addmv`` (``linear_cpu_gemv``'s kernel)."""
     if x.dtype == torch.bfloat16 and x.shape[0] == 1:
+        if kernels.native_gemv:
+            return cpu_native.linear_one_row_bf16(x, weight)
         return torch.addmv(x.new_zeros(()), weight, x.view(-1), beta=0).view(1, -1)
     return F.linear(x, weight)  # float32: MKL's one-row path, planned by inductor
 
@@ -108,8 +138,9 @@ def cxx_compiler() -> Optional[str]:
     return next((path for path in map(shutil.which, candidates) if path), None)
 
 
-def decode_forward(model: LlamaModel, kv: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                   slot_mapping: torch.Tensor, block_table: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def decode_forward(model: LlamaModel, kv: torch.Tensor, kernels: StepKernels, input_ids: torch.Tensor,
+                   positions: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                   window: torch.Tensor) -> torch.Tensor:
     """Float32 logits [B, vocab] of one decode step: ``LlamaModel.forward`` then ``compute_logits``, traceable.
 
     The layer's steps are the engine's own torch references (RMSNorm, RoPE, SwiGLU), in the order
@@ -118,19 +149,21 @@ def decode_forward(model: LlamaModel, kv: torch.Tensor, input_ids: torch.Tensor,
     """
     cfg = model.cfg
     heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]
+    attend = torch.ops.minidisagg_cpu.write_kv_and_attend if kernels.native_attend else \
+        torch.ops.minidisagg.write_kv_and_attend
     hidden, residual = model.embed[input_ids], None
     tables = rotation_tables(positions, model.cos_sin)
     for index, layer in enumerate(model.layers):
         x, residual = rms_norm_reference(hidden, layer.input_norm, cfg.rms_norm_eps, residual)
-        q, k, v = decode_linear(x, layer.qkv_proj).view(-1, sum(heads), cfg.head_dim).split(heads, dim=1)
+        q, k, v = decode_linear(x, layer.qkv_proj, kernels).view(-1, sum(heads), cfg.head_dim).split(heads, dim=1)
         q, k = rotate(q, k, *tables)
-        attn = torch.ops.minidisagg.write_kv_and_attend(q, k, v, kv, index, slot_mapping, block_table, window,
-                                                        cfg.head_dim**-0.5)
-        hidden = decode_linear(attn.reshape(-1, cfg.q_size), layer.o_proj)
+        attn = attend(q, k, v, kv, index, slot_mapping, block_table, window, cfg.head_dim**-0.5)
+        hidden = decode_linear(attn.reshape(-1, cfg.q_size), layer.o_proj, kernels)
         x, residual = rms_norm_reference(hidden, layer.post_attn_norm, cfg.rms_norm_eps, residual)
-        hidden = decode_linear(silu_and_mul_reference(decode_linear(x, layer.gate_up_proj)), layer.down_proj)
+        gate_up = decode_linear(x, layer.gate_up_proj, kernels)
+        hidden = decode_linear(silu_and_mul_reference(gate_up), layer.down_proj, kernels)
     hidden, _ = rms_norm_reference(hidden, model.norm, cfg.rms_norm_eps, residual)
-    return decode_linear(hidden, model.lm_head).float()
+    return decode_linear(hidden, model.lm_head, kernels).float()
 
 
 class CompiledCpuDecode:
@@ -142,8 +175,12 @@ class CompiledCpuDecode:
     from then on and the caller stays eager.
     """
 
-    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, max_model_len: int) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, max_model_len: int,
+                 kernels: Optional[StepKernels] = None) -> None:
         self.model = model
+        self.kernels = StepKernels.best_available(model.dtype) if kernels is None else kernels
+        log.info("compiled CPU decode: native attention %s, native bf16 GEMV %s",
+                 self.kernels.native_attend, self.kernels.native_gemv)
         self.kv_cache = kv_cache
         self.max_blocks = -(-max_model_len // kv_cache.block_size)
         self.failed = False
@@ -151,7 +188,7 @@ class CompiledCpuDecode:
             self._forward, dynamic=False, fullgraph=True, backend=inductor_keeping_addmv)
 
     def _forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return decode_forward(self.model, self.kv_cache.kv, *inputs)
+        return decode_forward(self.model, self.kv_cache.kv, self.kernels, *inputs)
 
     def run(self, token_id: int, position: int, block_table: list[int]) -> Optional[torch.Tensor]:
         """Logits [1, vocab] of one decode step of one sequence, or None once compiling has failed."""
