@@ -83,8 +83,20 @@ def triton_status() -> str:
     return f"{triton.__version__}, no GPU: " + ("interpreter on (TRITON_INTERPRET=1)" if interp else "torch kernels are used")
 
 
+def compile_cpu_status() -> str:
+    """Whether ``compile_cpu=True`` can run here, and whether its bf16 products get the native GEMV."""
+    from minidisagg.engine.compiled import cxx_compiler
+    from minidisagg.kernels.cpu_native import cpu_has_avx512_bf16
+
+    compiler = cxx_compiler()
+    if compiler is None:
+        return "no C++ compiler: compile_cpu=True stays eager"
+    gemv = "native bf16 GEMV (AVX512-BF16)" if cpu_has_avx512_bf16() else "no AVX512-BF16: bf16 products on torch's mv"
+    return f"available ({compiler}); {gemv}"
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Print versions, the device, Triton's state and the model cache."""
+    """Print versions, the device, Triton's state, whether ``compile_cpu`` can run, and the model cache."""
     import torch
 
     from minidisagg import __version__
@@ -101,6 +113,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         table.add_row("device", f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     table.add_row("triton", triton_status())
+    table.add_row("compile_cpu", compile_cpu_status())
     table.add_row("cache", str(cache_dir()))
     gguf_path = cached_path(SMOLLM2_GGUF)
     table.add_row("smollm2-135m", f"cached ({gguf_path.stat().st_size / 2**20:.1f} MiB)" if gguf_path.exists()
