@@ -7,7 +7,10 @@ a row's output must not depend on the other rows of its batch, nor on chunking.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -667,3 +670,25 @@ def test_kv_pieces_setting_is_checked(monkeypatch):
         monkeypatch.setenv("MINIDISAGG_KV_PIECES", bad)
         with pytest.raises(ValueError, match="MINIDISAGG_KV_PIECES"):
             _max_pieces()
+
+
+FIRST_CALLS_SCRIPT = """
+import os, torch
+import minidisagg.kernels
+torch.manual_seed(int(os.environ["SEED"]))
+x = torch.randn(1, 128, 64) * 5
+for fn in (torch.exp, torch.cos, torch.sin):
+    first, second = fn(x), fn(x)
+    assert torch.equal(first, second), f"{fn.__name__}: the first call's bits differ from the second's"
+print("SAME")
+"""
+
+
+def test_first_vector_math_calls_repeat_their_bits(seed):
+    # MKL's vector math picks its code path on first use, racing when two threads make that call
+    # (without the settling, about one fresh process in four failed here); minidisagg.kernels settles
+    # it at import. Fresh processes one after another (at once, they rarely race), MKL's dynamic threads off.
+    for i in range(3):
+        proc = subprocess.run([sys.executable, "-c", FIRST_CALLS_SCRIPT], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "MKL_DYNAMIC": "FALSE", "SEED": str(seed + i)})
+        assert proc.returncode == 0 and "SAME" in proc.stdout, f"process {i} (seed {seed + i}): {proc.stderr[-2000:]}"
