@@ -95,8 +95,22 @@ def compile_cpu_status() -> str:
     return f"available ({compiler}); {gemv}"
 
 
+def native_step_status() -> str:
+    """Whether batch-1 CPU decode runs as the native C++ step here (this builds it, once per machine)."""
+    from minidisagg.engine.compiled import cxx_compiler
+    from minidisagg.kernels import cpu_native
+
+    if os.environ.get(cpu_native.DISABLE_ENV, "1") == "0":
+        return f"off ({cpu_native.DISABLE_ENV}=0): batch-1 CPU decode runs in Python"
+    if cxx_compiler() is None:
+        return "no C++ compiler: batch-1 CPU decode runs in Python"
+    if cpu_native.load_cpu_ops():
+        return "built: batch-1 CPU decode runs as one C++ op"
+    return "the build failed (the warning above says why): batch-1 CPU decode runs in Python"
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Print versions, the device, Triton's state, whether ``compile_cpu`` can run, and the model cache."""
+    """Print versions, the device, Triton's state, the native CPU step, whether ``compile_cpu`` can run, the model cache."""
     import torch
 
     from minidisagg import __version__
@@ -113,6 +127,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         table.add_row("device", f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     table.add_row("triton", triton_status())
+    table.add_row("native CPU step", native_step_status())
     table.add_row("compile_cpu", compile_cpu_status())
     table.add_row("cache", str(cache_dir()))
     gguf_path = cached_path(SMOLLM2_GGUF)

@@ -196,6 +196,9 @@ class EngineConfig:
     # Batch-1 decode of a float32 or bfloat16 CPU model through one torch.compile graph (needs a C++ compiler;
     # without one the engine stays eager). Off by default: compiling takes tens of seconds.
     compile_cpu: bool = False
+    # Batch-1 decode of a float32 or bfloat16 CPU model through one C++ op, the eager engine's ops without
+    # Python between them (``engine/native_decode.py``); built once with the C++ compiler, else the engine stays in Python.
+    native_cpu_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -209,3 +212,5 @@ class EngineConfig:
                              f"got {self.async_scheduling!r}")
         if not isinstance(self.compile_cpu, bool):
             raise ValueError(f"compile_cpu must be True or False, got {self.compile_cpu!r}")
+        if not isinstance(self.native_cpu_decode, bool):
+            raise ValueError(f"native_cpu_decode must be True or False, got {self.native_cpu_decode!r}")

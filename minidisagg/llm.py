@@ -37,7 +37,9 @@ class LLM:
     their torch CPU threads (0: torch's default). ``async_scheduling`` queues each decode step
     on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
     graphs). ``compile_cpu=True`` runs batch-1 decode of a float32 or bfloat16 CPU model through one
-    ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager). ``kv_layout``
+    ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager). ``native_cpu_decode``
+    (on by default) runs the same batch-1 CPU steps through one C++ op, the eager engine's ops with no
+    Python between them (built once with the C++ compiler; without one the engine stays in Python). ``kv_layout``
     picks how the KV pool sits in memory (``PagedKVCache``: ``"layer_major"``, the CPU default, or
     ``"block_major"``, the CUDA default, whose request pages cross a ``dist`` link without a copy).
 
@@ -65,6 +67,7 @@ class LLM:
         cuda_graphs: bool = True,
         async_scheduling: Optional[bool] = None,
         compile_cpu: bool = False,
+        native_cpu_decode: bool = True,
         random_weights: bool = False,
         seed: int = 0,
         clock: Optional[Clock] = None,
@@ -94,6 +97,7 @@ class LLM:
             cuda_graphs=cuda_graphs,
             async_scheduling=async_scheduling,
             compile_cpu=compile_cpu,
+            native_cpu_decode=native_cpu_decode,
         )
         if mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")

@@ -166,6 +166,22 @@ def decode_forward(model: LlamaModel, kv: torch.Tensor, kernels: StepKernels, in
     return decode_linear(hidden, model.lm_head, kernels).float()
 
 
+def decode_step_inputs(block_size: int, token_id: int, position: int, block_table: list[int],
+                       pad_blocks: int = 0) -> tuple[torch.Tensor, ...]:
+    """:func:`decode_forward`'s tensor inputs for one token: ids, positions, slot, block table [1, n], window.
+
+    The block table is padded with zeros to ``pad_blocks`` (a compiled graph's static shape). The
+    window is (context length, first block), the first block -1 unless the blocks the sequence
+    uses are consecutive in the pool.
+    """
+    slot = block_table[position // block_size] * block_size + position % block_size
+    padded_table = block_table + [0] * (pad_blocks - len(block_table))
+    used = block_table[: position // block_size + 1]
+    first_block = used[0] if used == list(range(used[0], used[0] + len(used))) else -1
+    return (torch.tensor([token_id]), torch.tensor([position]), torch.tensor([slot]),
+            torch.tensor([padded_table]), torch.tensor([position + 1, first_block]))
+
+
 class CompiledCpuDecode:
     """Runs batch-1 CPU decode steps through one compiled graph; compiled on the first step.
 
@@ -194,13 +210,7 @@ class CompiledCpuDecode:
         """Logits [1, vocab] of one decode step of one sequence, or None once compiling has failed."""
         if self.failed:
             return None
-        block_size = self.kv_cache.block_size
-        slot = block_table[position // block_size] * block_size + position % block_size
-        padded_table = block_table + [0] * (self.max_blocks - len(block_table))
-        used = block_table[: position // block_size + 1]
-        first_block = used[0] if used == list(range(used[0], used[0] + len(used))) else -1
-        inputs = (torch.tensor([token_id]), torch.tensor([position]), torch.tensor([slot]),
-                  torch.tensor([padded_table]), torch.tensor([position + 1, first_block]))
+        inputs = decode_step_inputs(self.kv_cache.block_size, token_id, position, block_table, self.max_blocks)
         try:
             with torch.inference_mode():
                 return self._step(*inputs)

@@ -129,7 +129,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.batch_invariant, cuda_graphs=config.cuda_graphs,
                                   max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-                                  async_scheduling=config.async_scheduling, compile_cpu=config.compile_cpu)
+                                  async_scheduling=config.async_scheduling, compile_cpu=config.compile_cpu,
+                                  native_cpu_decode=config.native_cpu_decode)
         self.prefill_stage: Stage = prefill_stage(self.runner)
         self.decode_stage: Stage = decode_stage(self.runner)
         budget = StepBudget(config.max_num_seqs, config.max_num_batched_tokens)

@@ -16,6 +16,7 @@ from minidisagg.models.llama import LlamaModel
 
 if TYPE_CHECKING:
     from minidisagg.engine.compiled import CompiledCpuDecode
+    from minidisagg.engine.native_decode import NativeCpuDecode
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, batch_invariant: bool = False,
                  cuda_graphs: bool = False, max_model_len: Optional[int] = None, max_num_seqs: int = 64,
-                 async_scheduling: Optional[bool] = None, compile_cpu: bool = False) -> None:
+                 async_scheduling: Optional[bool] = None, compile_cpu: bool = False,
+                 native_cpu_decode: bool = True) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.batch_invariant = batch_invariant
@@ -49,6 +51,9 @@ class ModelRunner:
         # ``EngineConfig.async_scheduling``); by default only where graphs make a step cheap to launch.
         self.async_scheduling = self.decode_graphs is not None if async_scheduling is None else async_scheduling
         self.compiled_decode: Optional[CompiledCpuDecode] = None
+        # The C++ batch-1 CPU step (``EngineConfig.native_cpu_decode``), set up at the first step it could run.
+        self._native_decode_wanted = native_cpu_decode and not batch_invariant and self.device.type == "cpu"
+        self._native_decode: Optional[NativeCpuDecode] = None
         if compile_cpu:
             self.enable_compiled_cpu_decode()
 
@@ -119,6 +124,10 @@ class ModelRunner:
                 items[0].token_ids[0], items[0].start_pos, items[0].block_table)
             if logits is not None:
                 return logits
+        if device_token_ids is None and self._native_eligible(items):
+            native = self.native_decode()
+            if native is not None:
+                return native.run(items[0].token_ids[0], items[0].start_pos, items[0].block_table)
         ids, pos, meta, logit_rows = self._prepare(items)
         if device_token_ids is not None:
             ids = device_token_ids
@@ -136,6 +145,20 @@ class ModelRunner:
         """One decode token wanting logits, with no per-layer Python hook to call."""
         return (self.compiled_decode is not None and self.layer_hook is None and len(items) == 1
                 and len(items[0].token_ids) == 1 and items[0].want_logits)
+
+    def _native_eligible(self, items: list[BatchItem]) -> bool:
+        """One decode token wanting logits on a CPU engine that asked for the native step, with no per-layer hook."""
+        return (self._native_decode_wanted and self.layer_hook is None and len(items) == 1
+                and len(items[0].token_ids) == 1 and items[0].want_logits)
+
+    def native_decode(self) -> Optional[NativeCpuDecode]:
+        """The C++ batch-1 decode step, built on first call; None where it does not apply or does not build."""
+        if self._native_decode_wanted and self._native_decode is None:
+            from minidisagg.engine.native_decode import native_cpu_decode
+
+            self._native_decode = native_cpu_decode(self.model, self.kv_cache)
+            self._native_decode_wanted = self._native_decode is not None
+        return self._native_decode
 
     def synchronize(self) -> None:
         """Wait for queued device work (so timings are honest on CUDA)."""

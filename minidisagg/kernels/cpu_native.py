@@ -1,17 +1,19 @@
 """Native CPU kernels (``csrc/cpu_decode.cpp``), built with the C++ compiler on first use.
 
-The compiled batch-1 decode step (``engine/compiled.py``) already needs a C++ compiler, since
-inductor writes its fused kernels in C++. With that compiler at hand it also builds two small
-ops of its own and calls them from the graph, with no Python in between:
+Three ops, registered with the PyTorch dispatcher:
 
+- ``torch.ops.minidisagg_cpu.decode_step(...)``: one decode step of one sequence, the eager
+  layer's ATen calls written out in C++ in the same order (so the same bits), called once a step
+  instead of ~1,800 small ops from Python. The engine's default for batch-1 CPU decode
+  (``engine/native_decode.py``).
 - ``torch.ops.minidisagg_cpu.gemv_bf16(weight, x)``: a bf16 matrix-vector product that keeps
   several weight rows in flight with AVX512-BF16 dot instructions and software prefetch. Over
   SmolLM2-135M's 121 projections it streams the weights at ~21 GB/s on a 2-core Xeon, against
   ~14 GB/s for ``torch.mv`` (whose bf16 kernel is compute-bound there: it reaches only ~29 GB/s
   even on a matrix that sits in L2). Only on a CPU with the ``avx512_bf16`` instructions.
-- ``torch.ops.minidisagg_cpu.write_kv_and_attend(...)``: the Python op of ``engine/compiled.py``
-  in C++, the same ATen calls in the same order (so the same bits), without a Python call per
-  layer.
+- ``torch.ops.minidisagg_cpu.write_kv_and_attend(...)``: the paged KV write and attention of one
+  sequence, the Python op of ``engine/compiled.py`` in C++ (the same ATen calls in the same order),
+  which the compiled graph and ``decode_step`` call once per layer.
 
 The build goes through ``torch.utils.cpp_extension.load`` (cached in torch's extensions folder,
 ``$TORCH_EXTENSIONS_DIR``, and rebuilt when the source changes; a few seconds the first time).
@@ -33,7 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE_PATH = Path(__file__).with_name("csrc") / "cpu_decode.cpp"
 EXTENSION_NAME = "minidisagg_cpu_decode"
-DISABLE_ENV = "MINIDISAGG_CPU_NATIVE"  # set to 0 to keep torch's ops in the compiled step
+DISABLE_ENV = "MINIDISAGG_CPU_NATIVE"  # set to 0 to keep torch's ops (and the Python decode step)
 
 
 @functools.cache
@@ -75,7 +77,7 @@ def load_cpu_ops() -> bool:
     build fails (no compiler, no OpenMP, an unusual platform).
     """
     if os.environ.get(DISABLE_ENV, "1") == "0":
-        log.info("%s=0: the compiled decode step keeps torch's ops", DISABLE_ENV)
+        log.info("%s=0: the decode step keeps torch's ops", DISABLE_ENV)
         return False
     from torch.utils.cpp_extension import load
 
@@ -86,7 +88,8 @@ def load_cpu_ops() -> bool:
              is_python_module=False, verbose=False)
     except Exception as exc:  # a compiler error surfaces as any of several exception types
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("could not build the native CPU kernels (%s); the compiled step keeps torch's ops", first_line)
+        log.warning("could not build the native CPU kernels (%s); decode steps keep torch's ops, from Python",
+                    first_line)
         return False
     return True
 

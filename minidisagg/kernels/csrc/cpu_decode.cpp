@@ -1,13 +1,17 @@
-// Native CPU kernels of the compiled batch-1 decode step (minidisagg/engine/compiled.py).
+// Native CPU kernels of the batch-1 decode step (minidisagg/engine/compiled.py).
 //
-// Two ops, registered with the PyTorch dispatcher under the namespace `minidisagg_cpu`, so that
-// the compiled graph's C++ wrapper calls them with no Python in between:
+// Three ops, registered with the PyTorch dispatcher under the namespace `minidisagg_cpu`. The
+// compiled graph's C++ wrapper calls the first two with no Python in between; the third is the
+// whole step without a compiler:
 //
 //   gemv_bf16(weight, x)       y = weight @ x for a bf16 weight [out, in] and one bf16 row x [in].
 //                              A batch-1 decode step is a chain of these: it streams every weight of
 //                              the model once, so what matters is the memory bandwidth it reaches.
 //   write_kv_and_attend(...)   the paged KV write and the attention of one sequence, the same
 //                              ATen ops as the Python kernel in compiled.py, in the same order.
+//   decode_step(...)           one decode step of one sequence: compiled.py's `decode_forward`,
+//                              op for op the same ATen calls in the same order (so the same bits
+//                              as the eager engine), with none of Python's cost per op.
 //
 // The GEMV keeps four rows in flight: each AVX512-BF16 `vdpbf16ps` multiplies 32 bf16 pairs and
 // adds them into 16 float32 lanes, and every row prefetches the weight 8 KB ahead of its loads,
@@ -17,10 +21,26 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addcmul.h>
+#include <ATen/ops/addmv.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/flip.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+#include <optional>
+#include <tuple>
 #include <torch/library.h>
 
 namespace {
@@ -105,17 +125,86 @@ at::Tensor write_kv_and_attend_meta(const at::Tensor& q, const at::Tensor&, cons
   return at::empty(q.sizes(), q.options());
 }
 
+// compiled.py's rms_norm_reference: (rmsnorm(x + residual) * weight, x + residual), float32 math.
+std::pair<at::Tensor, at::Tensor> rms_norm(at::Tensor x, const at::Tensor& weight, const at::Tensor& eps,
+                                           const std::optional<at::Tensor>& residual) {
+  if (residual.has_value()) x = at::add(x, *residual);
+  const at::Tensor norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{-1}, /*keepdim=*/true, at::kFloat);
+  const at::Tensor inv_rms = at::addcmul(eps, norm, norm, 1.0 / double(x.size(-1))).rsqrt_();
+  at::Tensor normed = at::empty_like(x);
+  at::mul_out(normed, x, inv_rms);  // float32 math, rounded to x's dtype
+  if (normed.scalar_type() == c10::promoteTypes(normed.scalar_type(), weight.scalar_type()))
+    return {normed.mul_(weight), x};
+  return {at::mul(weight, normed), x};
+}
+
+// compiled.py's decode_linear: x @ weight.T, a bf16 row as the native GEMV or addmv.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, bool native_gemv) {
+  if (x.scalar_type() == at::kBFloat16 && x.size(0) == 1) {
+    if (native_gemv) return gemv_bf16(weight, x.view({-1})).view({1, -1});
+    return at::addmv(at::zeros({}, x.options()), weight, x.view({-1}), /*beta=*/0).view({1, -1});
+  }
+  return at::linear(x, weight);
+}
+
+// One decode step of one sequence: float32 logits [1, vocab]. `weights` holds the embedding, the
+// final norm and the LM head, then per layer its input norm, qkv, o, post-attention norm, gate_up
+// and down projections (engine/native_decode.py builds the list).
+at::Tensor decode_step(at::TensorList weights, at::Tensor& kv, const at::Tensor& cos_sin, const at::Tensor& input_ids,
+                       const at::Tensor& positions, const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                       const at::Tensor& window, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                       double eps, double scale, bool native_gemv) {
+  constexpr int64_t kPerLayer = 6;
+  TORCH_CHECK(weights.size() >= 3 && (weights.size() - 3) % kPerLayer == 0 &&
+                  int64_t(weights.size() - 3) / kPerLayer == kv.size(0),
+              "decode_step takes 3 + 6 weights per layer for a pool of ", kv.size(0), " layers; got ", weights.size());
+  const at::Tensor eps_t = at::scalar_tensor(eps, at::kFloat);
+  const int64_t half = head_dim / 2, q_size = num_heads * head_dim;
+  // compiled.py's rotation_tables: cos and sign-folded sin rows [1, 1, D] for this position
+  const at::Tensor table = cos_sin.index_select(0, positions).unsqueeze(1);
+  const at::Tensor cos = table.narrow(-1, 0, half), sin = table.narrow(-1, half, half);
+  const at::Tensor cos2 = at::cat({cos, cos}, -1), signed_sin = at::cat({at::neg(sin), sin}, -1);
+  at::Tensor hidden = weights[0].index_select(0, input_ids);
+  std::optional<at::Tensor> residual;
+  for (int64_t layer = 0; layer < kv.size(0); ++layer) {
+    const at::Tensor* w = weights.data() + 3 + layer * kPerLayer;
+    at::Tensor x, res;
+    std::tie(x, res) = rms_norm(hidden, w[0], eps_t, residual);
+    const at::Tensor qkv = decode_linear(x, w[1], native_gemv).view({-1, num_heads + 2 * num_kv_heads, head_dim});
+    const at::Tensor q = qkv.narrow(1, 0, num_heads), k = qkv.narrow(1, num_heads, num_kv_heads);
+    const at::Tensor v = qkv.narrow(1, num_heads + num_kv_heads, num_kv_heads);
+    // compiled.py's rotate: x * [cos, cos] + [x2, x1] * [-sin, sin], rounded to q's dtype
+    const at::Tensor both = at::cat({q, k}, 1);
+    const at::Tensor swapped = both.unflatten(-1, {2, half}).flip({-2}).flatten(-2);
+    const at::Tensor rotated = at::mul(both, cos2).add_(at::mul(swapped, signed_sin)).to(q.scalar_type());
+    const at::Tensor attn = write_kv_and_attend(rotated.narrow(1, 0, num_heads), rotated.narrow(1, num_heads, num_kv_heads),
+                                                v, kv, layer, slot_mapping, block_table, window, scale);
+    hidden = decode_linear(attn.reshape({-1, q_size}), w[2], native_gemv);
+    std::tie(x, res) = rms_norm(hidden, w[3], eps_t, res);
+    const at::Tensor gate_up = decode_linear(x, w[4], native_gemv);
+    const auto halves = gate_up.chunk(2, -1);
+    hidden = decode_linear(at::silu(halves[0]).mul_(halves[1]), w[5], native_gemv);
+    residual = res;
+  }
+  at::Tensor normed = rms_norm(hidden, weights[1], eps_t, residual).first;
+  return decode_linear(normed, weights[2], native_gemv).to(at::kFloat);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minidisagg_cpu, m) {
   m.def("gemv_bf16(Tensor weight, Tensor x) -> Tensor");
   m.def("write_kv_and_attend(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, int layer, Tensor slot_mapping, "
         "Tensor block_table, Tensor window, float scale) -> Tensor");
+  m.def("decode_step(Tensor[] weights, Tensor(a!) kv, Tensor cos_sin, Tensor input_ids, Tensor positions, "
+        "Tensor slot_mapping, Tensor block_table, Tensor window, int num_heads, int num_kv_heads, int head_dim, "
+        "float eps, float scale, bool native_gemv) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minidisagg_cpu, CPU, m) {
   m.impl("gemv_bf16", gemv_bf16);
   m.impl("write_kv_and_attend", write_kv_and_attend);
+  m.impl("decode_step", decode_step);
 }
 
 TORCH_LIBRARY_IMPL(minidisagg_cpu, Meta, m) {
