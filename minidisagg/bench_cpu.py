@@ -9,13 +9,15 @@ where T(k) is the wall time of one generate call producing k new tokens per sequ
 (prefill included in both, so the difference is N - 1 decode steps). The ceiling is the same
 number of steps of a bare chain of the model's matmuls (through the engine's own ``linear``
 dispatch over the real weight shapes, so the fastest matmul kernel the engine has, no attention,
-norms or sampling): what the engine can approach on this machine. With ``--compiled`` on a CPU
-with AVX512-BF16, one-row bf16 products in the chain go through the native GEMV the compiled
-step calls (``kernels/cpu_native.py``), so the ceiling stays above every configuration.
+norms or sampling): what the engine can approach on this machine. On a CPU with AVX512-BF16,
+one-row bf16 products in the chain go through the native GEMV the engine's decode step calls
+(``kernels/cpu_native.py``), so the ceiling stays above every configuration.
 Configurations are interleaved inside every repetition and the median over repetitions is kept.
 With ``--compiled`` the run adds ``minidisagg fp32 compiled`` and ``minidisagg bf16 compiled``
 (``compile_cpu=True``: batch-1 decode through one torch.compile graph; batches of several sequences
-run eagerly, so their batch-8 rows measure the eager engine again).
+take the default native step, so their batch-8 rows measure the default engine again). With
+``--python-step`` it adds ``minidisagg fp32 python step`` and ``minidisagg bf16 python step``
+(``native_cpu_decode=False``: the decode step's ops called from Python, as before the native step).
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ PROMPT = "Write a short story about a robot who learns to paint."
 HF_FP32 = "HF transformers fp32"
 FP32_COMPILED = "minidisagg fp32 compiled"
 BF16_COMPILED = "minidisagg bf16 compiled"
-GENERATORS = (HF_FP32, "minidisagg fp32", "minidisagg bf16", FP32_COMPILED, BF16_COMPILED)
+FP32_PYTHON = "minidisagg fp32 python step"
+BF16_PYTHON = "minidisagg bf16 python step"
+GENERATORS = (HF_FP32, "minidisagg fp32", "minidisagg bf16", FP32_COMPILED, BF16_COMPILED, FP32_PYTHON, BF16_PYTHON)
 CEILINGS = {"float32": "matmul ceiling fp32", "bfloat16": "matmul ceiling bf16"}
 DTYPE_OF = {HF_FP32: "float32", "minidisagg fp32": "float32", "minidisagg bf16": "bfloat16", FP32_COMPILED: "float32",
-            BF16_COMPILED: "bfloat16", **{name: d for d, name in CEILINGS.items()}}
+            BF16_COMPILED: "bfloat16", FP32_PYTHON: "float32", BF16_PYTHON: "bfloat16",
+            **{name: d for d, name in CEILINGS.items()}}
 WARMUP_TOKENS = 4
 
 
@@ -177,12 +182,13 @@ def ceiling_generator(name: str, dtype: torch.dtype, native_gemv: bool = False) 
 
 def run_cpu_decode_bench(
     batch_sizes: Sequence[int] = (1, 8), new_tokens: int = 64, repeats: int = 3, progress: bool = True,
-    threads: Optional[int] = None, compiled: bool = False,
+    threads: Optional[int] = None, compiled: bool = False, python_step: bool = False,
 ) -> dict[str, Any]:
     """Measure decode tokens/s of every configuration at every batch size; returns the result dict.
 
     ``threads`` sets ``torch.set_num_threads`` first (default: leave torch's choice, one per core).
-    ``compiled`` adds the fp32 and bf16 engines with ``compile_cpu=True`` (compiled during the warm-up).
+    ``compiled`` adds the fp32 and bf16 engines with ``compile_cpu=True`` (compiled during the warm-up);
+    ``python_step`` the fp32 and bf16 engines with ``native_cpu_decode=False``.
     """
     if new_tokens < 2 or repeats < 1:
         raise ValueError("new_tokens must be >= 2 and repeats >= 1")
@@ -196,11 +202,14 @@ def run_cpu_decode_bench(
         if compiled:
             engines[FP32_COMPILED] = LLM("smollm2-135m", device="cpu", dtype="float32", compile_cpu=True)
             engines[BF16_COMPILED] = LLM("smollm2-135m", device="cpu", dtype="bfloat16", compile_cpu=True)
+        if python_step:
+            engines[FP32_PYTHON] = LLM("smollm2-135m", device="cpu", dtype="float32", native_cpu_decode=False)
+            engines[BF16_PYTHON] = LLM("smollm2-135m", device="cpu", dtype="bfloat16", native_cpu_decode=False)
         chat = [{"role": "user", "content": PROMPT}]
         prompt_ids = engines["minidisagg fp32"].get_tokenizer().apply_chat_template(chat, add_generation_prompt=True)
         gens = [hf_generator(prompt_ids)] + [minidisagg_generator(n, llm, prompt_ids) for n, llm in engines.items()]
-        # With --compiled the engine may run bf16 rows through the native GEMV: the ceiling must have it too.
-        info["native_gemv_bf16"] = compiled and cpu_native.gemv_bf16_available()
+        # The engine's step may run one bf16 row through the native GEMV: the ceiling must have it too.
+        info["native_gemv_bf16"] = cpu_native.gemv_bf16_available()
         gens += [ceiling_generator(name, getattr(torch, d), info["native_gemv_bf16"]) for d, name in CEILINGS.items()]
     decode_s: dict[tuple[str, int], list[float]] = {(g.name, b): [] for g in gens for b in batch_sizes}
     stage_s: dict[tuple[str, int], list[float]] = {k: [] for k in decode_s}
@@ -354,10 +363,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--compiled", action="store_true",
                         help="add 'minidisagg fp32 compiled' and 'minidisagg bf16 compiled' (compile_cpu=True; "
                              "needs a C++ compiler)")
+    parser.add_argument("--python-step", action="store_true",
+                        help="add 'minidisagg fp32 python step' and 'minidisagg bf16 python step' "
+                             "(native_cpu_decode=False: the decode step's ops called from Python)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     result = run_cpu_decode_bench(args.batch_sizes, args.new_tokens, args.repeats, not args.no_progress, args.threads,
-                                  args.compiled)
+                                  args.compiled, args.python_step)
     console = Console()
     console.print(render_table(result))
     for goal, ok in result["goals"].items():

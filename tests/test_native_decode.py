@@ -1,4 +1,4 @@
-"""The C++ batch-1 CPU decode step: the eager engine's bits (or, with the bf16 GEMV, its logits within
+"""The C++ CPU decode step: the eager engine's bits (or, with the bf16 GEMV at one row, its logits within
 bf16 tolerance), taken by default where it applies, and never where it does not."""
 
 from __future__ import annotations
@@ -50,34 +50,52 @@ def one_by_one(engine, prompts: list[dict]) -> list[list[int]]:
     return outputs
 
 
-def scattered_table(rng: random.Random, num_blocks: int, pool_blocks: int) -> list[int]:
-    """``num_blocks`` distinct blocks of the pool in random order (rarely consecutive)."""
-    return rng.sample(range(pool_blocks), num_blocks)
+def decode_batch(rng: random.Random, loaded, batch: int, layout: str, pool_blocks: int) -> list[BatchItem]:
+    """``batch`` sequences at random positions, each with its own blocks (consecutive, or scattered over the pool)."""
+    free = list(range(pool_blocks))
+    rng.shuffle(free)
+    items, next_run = [], 0
+    for _ in range(batch):
+        position = rng.randint(0, 70)
+        blocks = position // 16 + 1 + rng.randint(0, 1)  # tables may run a block ahead
+        if layout == "consecutive":
+            table, next_run = list(range(next_run, next_run + blocks)), next_run + blocks
+        else:
+            table = [free.pop() for _ in range(blocks)]
+        items.append(BatchItem([rng.randrange(loaded.config.vocab_size)], position, table, True))
+    return items
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("layout", ["consecutive", "scattered"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_native_step_has_the_eager_bits(dtype, layout, seed):
-    # the same ops as the Python layer in the same order: logits and pool bit-equal, step by step
+def test_native_step_has_the_eager_bits(dtype, layout, batch, seed):
+    # the same ops as the Python layer in the same order: logits and pool bit-equal, step after step
+    # (1 row: F.linear or mv; 2 rows: F.linear; 5 rows: oneDNN's packed weights, fp32 and bf16 alike)
     loaded = random_model(dtype, seed % 1000)
     rng = random.Random(seed)
-    prompt = [rng.randrange(loaded.config.vocab_size) for _ in range(rng.randint(1, 40))]
-    steps = 20
-    eager = make_engine(loaded, num_blocks=16, native_cpu_decode=False).runner
-    native = make_engine(loaded, num_blocks=16).runner
-    native.native_decode().kernels = StepKernels(native_gemv=False, native_attend=True)  # torch's GEMV: same bits
+    pool_blocks = batch * 6 + 8
+    eager = make_engine(loaded, num_blocks=pool_blocks, native_cpu_decode=False).runner
+    native = make_engine(loaded, num_blocks=pool_blocks).runner
+    native.native_decode().kernels = StepKernels(native_gemv=False, native_attend=True)  # torch's mv: same bits
     calls = count_native_steps(native)
-    blocks = -(-(len(prompt) + steps) // eager.kv_cache.block_size)
-    table = list(range(blocks)) if layout == "consecutive" else scattered_table(rng, blocks, 16)
-    tokens = prompt
-    for step in range(steps + 1):
-        start = 0 if step == 0 else len(prompt) + step - 1
-        want = eager.execute([BatchItem(tokens, start, table, True)])
-        got = native.execute([BatchItem(tokens, start, table, True)])
-        assert torch.equal(got, want), f"seed {seed}, step {step}: max diff {(got - want).abs().max()}"
-        assert torch.equal(native.kv_cache.kv, eager.kv_cache.kv), f"seed {seed}, step {step}: pools differ"
-        tokens = [int(want[0].argmax())]
-    assert calls[0] == steps, "decode steps did not go through the native step"
+    items = decode_batch(rng, loaded, batch, layout, pool_blocks)
+    prefill = [BatchItem([rng.randrange(loaded.config.vocab_size) for _ in range(it.start_pos)] or [1], 0,
+                         it.block_table, False) for it in items if it.start_pos]
+    for runner in (eager, native):
+        if prefill:
+            runner.execute(prefill)
+    for step in range(4):
+        want = eager.execute(items)
+        got = native.execute(items)
+        where = f"seed {seed}, step {step}, positions {[it.start_pos for it in items]}"
+        assert torch.equal(got, want), f"{where}: max diff {(got - want).abs().max()}"
+        assert torch.equal(native.kv_cache.kv, eager.kv_cache.kv), f"{where}: pools differ"
+        items = [BatchItem([int(row.argmax())], it.start_pos + 1, it.block_table, True) for it, row in zip(items, want)
+                 if (it.start_pos + 1) // 16 < len(it.block_table)]
+        if not items:
+            break
+    assert calls[0] == step + 1, "decode steps did not go through the native step"
 
 
 BF16_LOGIT_REL_TOL = 0.05  # of the largest logit: the GEMV adds in another order than torch's mv
@@ -103,19 +121,18 @@ def test_native_step_with_bf16_gemv_close_to_eager(seed):
 
 
 def test_engine_takes_the_native_step_by_default(tiny_loaded, seed):
-    # batch-1 decodes go native; batched decodes and prefills stay in Python; tokens equal the Python engine's
+    # decode steps go native, alone or batched; prefills stay in Python; tokens equal the Python engine's
     prompts = token_prompts(seed, 3)
-    python_engine = make_engine(tiny_loaded, native_cpu_decode=False)
-    want = one_by_one(python_engine, prompts)
+    want = one_by_one(make_engine(tiny_loaded, native_cpu_decode=False), prompts)
     engine = make_engine(tiny_loaded)
     calls = count_native_steps(engine.runner)
-    got = one_by_one(engine, prompts)
-    assert got == want, f"seed {seed}"
+    assert one_by_one(engine, prompts) == want, f"seed {seed}"
     assert calls[0] == len(prompts) * (GREEDY.max_tokens - 1)
     calls[0] = 0
     ids = [engine.add_request(p, GREEDY) for p in prompts]  # all three at once: batched decode steps
     outs = run_all(engine)
     assert [outs[i].token_ids for i in ids] == want, f"seed {seed}"
+    assert GREEDY.max_tokens - 1 <= calls[0] < len(prompts) * (GREEDY.max_tokens - 1)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
@@ -146,9 +163,19 @@ def test_native_cpu_decode_must_be_bool(value):
         EngineConfig(native_cpu_decode=value)
 
 
-def test_decode_step_refuses_a_short_weight_list(tiny_loaded):
-    runner = make_engine(tiny_loaded).runner
-    native = runner.native_decode()
-    native.weights = native.weights[:-1]
+def test_decode_step_refuses_bad_inputs(tiny_loaded):
+    native = make_engine(tiny_loaded).runner.native_decode()
+    weights, cfg = native.weights, tiny_loaded.config
+    shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.head_dim**-0.5, 0)
+
+    def step(weights, packed, lens):
+        ids = torch.tensor([7, 8])
+        return torch.ops.minidisagg_cpu.decode_step(weights, packed, native.kv_cache.kv, tiny_loaded.model.cos_sin,
+                                                    ids, ids, ids, torch.tensor([[0], [1]]), lens, -1, *shape)
+
     with pytest.raises(RuntimeError, match="decode_step takes 3 \\+ 6 weights per layer"):
-        native.run(7, 0, [0])
+        step(weights[:-1], weights[:-1], torch.tensor([8, 9]))
+    with pytest.raises(RuntimeError, match="as many packed weights as weights"):
+        step(weights, weights[:-1], torch.tensor([8, 9]))
+    with pytest.raises(RuntimeError, match="one position, slot, block table row and context length per token"):
+        step(weights, weights, torch.tensor([8]))

@@ -1,20 +1,23 @@
-"""A batch-1 CPU decode step in C++: the eager engine's ops, without Python's cost per op.
+"""The CPU decode step in C++: the eager engine's ops, without Python's cost per op.
 
-On the CPU a batch-1 decode step of a small model runs some 1,800 small torch ops besides its
-matmuls, and from Python each costs several microseconds of interpreter and argument parsing
-before any work. ``minidisagg_cpu.decode_step`` (``kernels/csrc/cpu_decode.cpp``) is
-``engine/compiled.decode_forward`` written out in C++: the same ATen calls in the same order, so
-the same bits as the eager engine, called once per step. It needs the C++ compiler only once, to
-build the op (a few seconds, cached); nothing is compiled per model or per process, unlike
-``compile_cpu``.
+On the CPU a decode step of a small model runs some 1,800 small torch ops besides its matmuls,
+and from Python each costs several microseconds of interpreter and argument parsing before any
+work. ``minidisagg_cpu.decode_step`` (``kernels/csrc/cpu_decode.cpp``) is the eager layer
+(``models/llama.py`` with the kernels' torch references) written out in C++: the same ATen calls
+in the same order, the same products (``kernels.linear.cpu_linear_kind`` picks ``F.linear``,
+``mv`` or oneDNN's packed weights, as ``linear`` would), so the same bits as the eager engine,
+called once per step. It needs the C++ compiler only once, to build the op (a few seconds,
+cached); nothing is compiled per model or per process, unlike ``compile_cpu``.
 
-Measured on a 2-core Xeon with SmolLM2-135M, steps of one sequence at position 100 side by side:
-float32 42.8 -> 31.8 ms, bfloat16 39.2 -> 27.7 ms with the same bits, and 18.6 ms with the
-native bf16 GEMV (a CPU with AVX512-BF16), whose sums run in another order.
+Measured on a 2-core Xeon with SmolLM2-135M, one step side by side, Python -> C++ (ms):
+float32 at 1 / 3 / 8 sequences 43.2 -> 32.2, 56.0 -> 41.7, 71.2 -> 54.2; bfloat16 at 3 / 8
+sequences 45.0 -> 29.9, 46.6 -> 31.4, all bit-equal. A lone bf16 sequence goes through the
+native GEMV on a CPU with AVX512-BF16 (its sums run in another order): 30.4 -> 15.4 ms.
 
-The engine takes this step by default (``EngineConfig.native_cpu_decode``) for one decode
-sequence on the CPU whenever the op builds; elsewhere, or with ``MINIDISAGG_KERNELS=torch`` or
-``MINIDISAGG_CPU_NATIVE=0``, it stays in Python.
+The engine takes this step by default (``EngineConfig.native_cpu_decode``) for every batch of
+decode tokens on the CPU whenever the op builds, except in batch-invariant mode, with a per-layer
+hook (layer-wise KV shipping) or a ``block_major`` pool; elsewhere, or with
+``MINIDISAGG_KERNELS=torch`` or ``MINIDISAGG_CPU_NATIVE=0``, it stays in Python.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ from typing import Optional
 
 import torch
 
-from minidisagg.engine.compiled import StepKernels, decode_step_inputs
+from minidisagg.engine.compiled import StepKernels, first_block
 from minidisagg.kernels import cpu_native
+from minidisagg.kernels.linear import cpu_linear_kind, packed_weight
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
 log = logging.getLogger(__name__)
+
+
+LINEAR_KINDS = {"plain": 0, "mv": 1, "native_gemv": 2, "packed": 3}  # decode_step's LinearKind
+PROJECTIONS = (1, 2, 4, 5)  # of a layer's six weights in ``step_weights``: qkv, o, gate_up, down
 
 
 def step_weights(model: LlamaModel) -> list[torch.Tensor]:
@@ -42,8 +50,12 @@ def step_weights(model: LlamaModel) -> list[torch.Tensor]:
     return weights
 
 
+def _is_projection(index: int) -> bool:
+    return index == 2 or (index >= 3 and (index - 3) % 6 in PROJECTIONS)
+
+
 class NativeCpuDecode:
-    """Runs decode steps of one sequence through ``torch.ops.minidisagg_cpu.decode_step``."""
+    """Runs decode steps (one token per sequence) through ``torch.ops.minidisagg_cpu.decode_step``."""
 
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, kernels: StepKernels) -> None:
         self.model = model
@@ -53,12 +65,30 @@ class NativeCpuDecode:
         cfg = model.cfg
         self._shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.head_dim**-0.5)
 
-    def run(self, token_id: int, position: int, block_table: list[int]) -> torch.Tensor:
-        """Float32 logits [1, vocab] of one decode step; writes the token's KV into the pool."""
-        inputs = decode_step_inputs(self.kv_cache.block_size, token_id, position, block_table)
+    def linear_kind(self, num_seqs: int) -> str:
+        """The products' kernel for a batch of ``num_seqs``: ``kernels.linear``'s choice, or the native bf16 GEMV."""
+        kind = cpu_linear_kind(num_seqs, self.model.dtype)
+        return "native_gemv" if kind == "mv" and self.kernels.native_gemv else kind
+
+    def packed_weights(self, kind: str) -> list[torch.Tensor]:
+        """``weights`` with the projections in oneDNN's packed layout when ``kind`` is "packed" (else as they are)."""
+        if kind != "packed":
+            return self.weights
+        return [packed_weight(w) if _is_projection(i) else w for i, w in enumerate(self.weights)]
+
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Float32 logits [B, vocab] of one decode step of B sequences; writes their tokens' KV into the pool."""
+        block_size = self.kv_cache.block_size
+        slots = [table[pos // block_size] * block_size + pos % block_size for pos, table in zip(positions, block_tables)]
+        width = max(len(table) for table in block_tables)
+        lone_first = first_block(block_tables[0], positions[0], block_size) if len(block_tables) == 1 else -1
+        kind = self.linear_kind(len(token_ids))
         with torch.inference_mode():
-            return torch.ops.minidisagg_cpu.decode_step(self.weights, self.kv_cache.kv, self.model.cos_sin, *inputs,
-                                                        *self._shape, self.kernels.native_gemv)
+            return torch.ops.minidisagg_cpu.decode_step(
+                self.weights, self.packed_weights(kind), self.kv_cache.kv, self.model.cos_sin,
+                torch.tensor(token_ids), torch.tensor(positions), torch.tensor(slots),
+                torch.tensor([table + [0] * (width - len(table)) for table in block_tables]),
+                torch.tensor([pos + 1 for pos in positions]), lone_first, *self._shape, LINEAR_KINDS[kind])
 
 
 def native_cpu_decode(model: LlamaModel, kv_cache: PagedKVCache) -> Optional[NativeCpuDecode]:

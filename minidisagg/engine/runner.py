@@ -51,7 +51,7 @@ class ModelRunner:
         # ``EngineConfig.async_scheduling``); by default only where graphs make a step cheap to launch.
         self.async_scheduling = self.decode_graphs is not None if async_scheduling is None else async_scheduling
         self.compiled_decode: Optional[CompiledCpuDecode] = None
-        # The C++ batch-1 CPU step (``EngineConfig.native_cpu_decode``), set up at the first step it could run.
+        # The C++ CPU decode step (``EngineConfig.native_cpu_decode``), set up at the first step it could run.
         self._native_decode_wanted = native_cpu_decode and not batch_invariant and self.device.type == "cpu"
         self._native_decode: Optional[NativeCpuDecode] = None
         if compile_cpu:
@@ -127,7 +127,8 @@ class ModelRunner:
         if device_token_ids is None and self._native_eligible(items):
             native = self.native_decode()
             if native is not None:
-                return native.run(items[0].token_ids[0], items[0].start_pos, items[0].block_table)
+                return native.run([it.token_ids[0] for it in items], [it.start_pos for it in items],
+                                  [it.block_table for it in items])
         ids, pos, meta, logit_rows = self._prepare(items)
         if device_token_ids is not None:
             ids = device_token_ids
@@ -147,12 +148,12 @@ class ModelRunner:
                 and len(items[0].token_ids) == 1 and items[0].want_logits)
 
     def _native_eligible(self, items: list[BatchItem]) -> bool:
-        """One decode token wanting logits on a CPU engine that asked for the native step, with no per-layer hook."""
-        return (self._native_decode_wanted and self.layer_hook is None and len(items) == 1
-                and len(items[0].token_ids) == 1 and items[0].want_logits)
+        """A pure decode batch wanting logits on a CPU engine that asked for the native step, with no per-layer hook."""
+        return (self._native_decode_wanted and self.layer_hook is None
+                and all(len(it.token_ids) == 1 and it.want_logits for it in items))
 
     def native_decode(self) -> Optional[NativeCpuDecode]:
-        """The C++ batch-1 decode step, built on first call; None where it does not apply or does not build."""
+        """The C++ decode step, built on first call; None where it does not apply or does not build."""
         if self._native_decode_wanted and self._native_decode is None:
             from minidisagg.engine.native_decode import native_cpu_decode
 

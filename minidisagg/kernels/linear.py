@@ -68,9 +68,25 @@ def cpu_packing_available() -> bool:
     return bool(_packing["enabled"])
 
 
+def cpu_linear_kind(rows: int, dtype: torch.dtype) -> str:
+    """Which kernel :func:`linear` runs for a CPU product of ``rows`` rows in ``dtype`` (weight of the same dtype).
+
+    ``"mv"``: one bf16 row, :func:`linear_cpu_gemv`; ``"packed"``: :func:`linear_cpu_packed` (every
+    bf16 call where oneDNN runs bf16, fp32 calls of ``FP32_PACKED_MIN_ROWS`` or more rows);
+    ``"plain"``: ``F.linear``. The native decode step asks this too, to run the same products.
+    """
+    if dtype == torch.bfloat16 and rows == 1:
+        return "mv"
+    if rows > 0 and cpu_packing_available() and (
+            (dtype == torch.bfloat16 and _bf16_packing_supported())
+            or (dtype == torch.float32 and rows >= FP32_PACKED_MIN_ROWS)):
+        return "packed"
+    return "plain"
+
+
 def _wants_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A single bf16 row on the CPU: :func:`linear_cpu_gemv` is the faster kernel there."""
-    return x.is_cpu and x.dtype == weight.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] == 1
+    return x.is_cpu and x.dtype == weight.dtype and x.dim() == 2 and cpu_linear_kind(x.shape[0], x.dtype) == "mv"
 
 
 def linear_cpu_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -79,11 +95,8 @@ def linear_cpu_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _wants_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not x.is_cpu or x.dim() != 2 or x.dtype != weight.dtype or x.shape[0] == 0:
-        return False
-    if weight.dtype == torch.bfloat16:
-        return cpu_packing_available() and _bf16_packing_supported()
-    return weight.dtype == torch.float32 and x.shape[0] >= FP32_PACKED_MIN_ROWS and cpu_packing_available()
+    return (x.is_cpu and x.dim() == 2 and x.dtype == weight.dtype
+            and cpu_linear_kind(x.shape[0], x.dtype) == "packed")
 
 
 @functools.cache
