@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
-import struct
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -16,49 +14,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from minidisagg.models.gguf_file import GGUFError, GGUFVersionError, NotGGUFError, read_metadata
+
 
 class TokenizerError(ValueError):
     """A tokenizer could not be built from the given file, or was asked for something it lacks."""
 
 
 # --- GGUF metadata -----------------------------------------------------------------------------
-# gguf.GGUFReader parses every string of the vocabulary into numpy views (~2 s for SmolLM2), so we
-# read the key/value section ourselves with struct: header, then `kv_count` (key, type, value).
-
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _KVParser:
-    """Cursor over the key/value section of a GGUF file."""
-
-    def __init__(self, buf: mmap.mmap, endian: str, offset: int) -> None:
-        self.buf, self.endian, self.offset = buf, endian, offset
-
-    def unpack(self, fmt: str, count: int = 1) -> tuple[Any, ...]:
-        fmt = f"{self.endian}{count}{fmt}"
-        values = struct.unpack_from(fmt, self.buf, self.offset)
-        self.offset += struct.calcsize(fmt)
-        return values
-
-    def string(self) -> str:
-        (length,) = self.unpack("Q")
-        start, self.offset = self.offset, self.offset + length
-        if self.offset > len(self.buf):
-            raise struct.error("string runs past the end of the file")
-        return self.buf[start : self.offset].decode("utf-8")
-
-    def value(self, value_type: int) -> Any:
-        if value_type == _STRING:
-            return self.string()
-        if value_type == _ARRAY:
-            (item_type,), (count,) = self.unpack("I"), self.unpack("Q")
-            if item_type in _SCALAR_FORMATS:
-                return list(self.unpack(_SCALAR_FORMATS[item_type], count))
-            return [self.value(item_type) for _ in range(count)]
-        if value_type not in _SCALAR_FORMATS:
-            raise struct.error(f"unknown GGUF value type {value_type}")
-        return self.unpack(_SCALAR_FORMATS[value_type])[0]
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -66,25 +29,14 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"{path} is not a file; expected a .gguf model file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            f.seek(0)
-            raise TokenizerError(f"{path} is not a GGUF file: it starts with {f.read(8)!r}, not b'GGUF'")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:  # a big-endian file's version, read little-endian, is huge
-                endian = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"
-                parser = _KVParser(buf, endian, offset=4)
-                (version,) = parser.unpack("I")
-                if version not in (2, 3):
-                    raise TokenizerError(f"{path} is GGUF version {version}; only versions 2 and 3 are supported")
-                _, kv_count = parser.unpack("Q", 2)
-                metadata = {}
-                for _ in range(kv_count):
-                    key = parser.string()
-                    metadata[key] = parser.value(parser.unpack("I")[0])
-            except (struct.error, UnicodeDecodeError) as exc:
-                raise TokenizerError(f"{path} has a corrupt or truncated GGUF header: {exc}") from exc
-    return metadata
+    try:
+        return read_metadata(path)
+    except NotGGUFError as exc:
+        raise TokenizerError(f"{path} is not a GGUF file: {exc}") from exc
+    except GGUFVersionError as exc:
+        raise TokenizerError(f"{path} is GGUF version {exc.version}; only versions 2 and 3 are supported") from exc
+    except GGUFError as exc:
+        raise TokenizerError(f"{path} has a corrupt or truncated GGUF header: {exc}") from exc
 
 
 # --- pre-tokenizers, keyed by `tokenizer.ggml.pre` (the names llama.cpp writes) ------------------

