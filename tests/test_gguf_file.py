@@ -301,3 +301,19 @@ def test_random_damage_raises_only_gguf_error(tmp_path: Path, seed: int) -> None
         except Exception as exc:  # anything else is a parser bug
             raise AssertionError(f"seed={seed} trial={trial}: {type(exc).__name__}: {exc}") from exc
         assert time.perf_counter() - start < 1.0, f"seed={seed} trial={trial}"
+
+
+@pytest.mark.parametrize("heads, hidden", [(0, 64), (4, 0), (-1, 64)])
+def test_nonsense_shape_metadata_is_a_weights_error(tmp_path: Path, heads: int, hidden: int) -> None:
+    path = tmp_path / "shape.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(hidden)
+    writer.add_int32("llama.attention.head_count", heads)
+    writer.add_feed_forward_length(128)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(WeightsError, match="inconsistent llama.* metadata: .*must be positive"):
+        config_from_gguf(path)

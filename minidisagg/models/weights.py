@@ -148,8 +148,15 @@ def config_from_gguf(path: str | Path, name: str | None = None) -> ModelConfig:
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise WeightsError(f"{path}: GGUF RoPE scaling (type {scaling!r} or a rope_freqs tensor) is not "
                            f"supported; load the model's HF safetensors directory instead")
-    hidden, heads = int(llama("embedding_length")), int(llama("attention.head_count"))
-    head_dim = int(llama("attention.key_length", 0) or llama("rope.dimension_count", 0) or hidden // heads)
+    try:
+        hidden, heads = int(llama("embedding_length")), int(llama("attention.head_count"))
+        if hidden < 1 or heads < 1:
+            raise ValueError(f"embedding_length {hidden} and attention.head_count {heads} must be positive")
+        head_dim = int(llama("attention.key_length", 0) or llama("rope.dimension_count", 0) or hidden // heads)
+    except WeightsError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: inconsistent llama.* metadata: {exc}") from exc
     if int(llama("rope.dimension_count", head_dim)) != head_dim:
         raise WeightsError(f"{path}: partial rotary embedding (rope.dimension_count "
                            f"{llama('rope.dimension_count')} != head dim {head_dim}) is not supported")
