@@ -179,3 +179,25 @@ def test_decode_step_refuses_bad_inputs(tiny_loaded):
         step(weights, weights[:-1], torch.tensor([8, 9]))
     with pytest.raises(RuntimeError, match="one position, slot, block table row and context length per token"):
         step(weights, weights, torch.tensor([8]))
+
+
+def test_packed_weights_that_fail_fall_back_to_plain_products(tiny_loaded, monkeypatch, caplog, seed):
+    # an unusual build or CPU where oneDNN's packed weights fail: the step reruns on F.linear, for good
+    from minidisagg.kernels import linear as linear_module
+
+    monkeypatch.setitem(linear_module._packing, "enabled", None)
+    rng = random.Random(seed)
+    items = [BatchItem([rng.randrange(1000)], 0, [i], True) for i in range(4)]  # 4 fp32 rows: packed
+    native = make_engine(tiny_loaded, num_blocks=8).runner
+    eager = make_engine(tiny_loaded, num_blocks=8, native_cpu_decode=False).runner
+    assert native.native_decode().linear_kind(4) == "packed"
+
+    def broken(weight):
+        raise RuntimeError("oneDNN exploded")
+
+    monkeypatch.setattr(native_decode, "packed_weight", broken)
+    got = native.execute(items)
+    assert "oneDNN exploded" in caplog.text
+    assert native.native_decode().linear_kind(4) == "plain"
+    assert torch.equal(got, eager.execute(items)), f"seed {seed}"  # eager now on plain F.linear too
+    assert torch.equal(native.kv_cache.kv, eager.kv_cache.kv), f"seed {seed}"

@@ -30,7 +30,7 @@ import torch
 
 from minidisagg.engine.compiled import StepKernels, first_block
 from minidisagg.kernels import cpu_native
-from minidisagg.kernels.linear import cpu_linear_kind, packed_weight
+from minidisagg.kernels.linear import cpu_linear_kind, disable_cpu_packing, packed_weight
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
@@ -82,13 +82,24 @@ class NativeCpuDecode:
         slots = [table[pos // block_size] * block_size + pos % block_size for pos, table in zip(positions, block_tables)]
         width = max(len(table) for table in block_tables)
         lone_first = first_block(block_tables[0], positions[0], block_size) if len(block_tables) == 1 else -1
+        inputs = (torch.tensor(token_ids), torch.tensor(positions), torch.tensor(slots),
+                  torch.tensor([table + [0] * (width - len(table)) for table in block_tables]),
+                  torch.tensor([pos + 1 for pos in positions]), lone_first, *self._shape)
         kind = self.linear_kind(len(token_ids))
         with torch.inference_mode():
-            return torch.ops.minidisagg_cpu.decode_step(
-                self.weights, self.packed_weights(kind), self.kv_cache.kv, self.model.cos_sin,
-                torch.tensor(token_ids), torch.tensor(positions), torch.tensor(slots),
-                torch.tensor([table + [0] * (width - len(table)) for table in block_tables]),
-                torch.tensor([pos + 1 for pos in positions]), lone_first, *self._shape, LINEAR_KINDS[kind])
+            try:
+                return self._step(kind, inputs)
+            except RuntimeError as exc:
+                if kind != "packed":
+                    raise
+                # as ``kernels.linear`` does: packed weights that fail here are off for good. The step
+                # runs again on plain products; the KV slots it had written get the same values again.
+                disable_cpu_packing(exc)
+                return self._step(self.linear_kind(len(token_ids)), inputs)
+
+    def _step(self, kind: str, inputs: tuple) -> torch.Tensor:
+        return torch.ops.minidisagg_cpu.decode_step(self.weights, self.packed_weights(kind), self.kv_cache.kv,
+                                                    self.model.cos_sin, *inputs, LINEAR_KINDS[kind])
 
 
 def native_cpu_decode(model: LlamaModel, kv_cache: PagedKVCache) -> Optional[NativeCpuDecode]:

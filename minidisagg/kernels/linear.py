@@ -129,6 +129,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False)
         try:
             return linear_cpu_packed(x, weight)
         except RuntimeError as exc:  # an unusual build or CPU: fall back for good, once, with the reason
-            log.warning("oneDNN packed linear unavailable (%s); using F.linear", exc)
-            _packing["enabled"] = False
+            disable_cpu_packing(exc)
     return linear_reference(x, weight)
+
+
+def disable_cpu_packing(reason: Exception) -> None:
+    """Stop using oneDNN-packed weights in this process (they failed to run here), saying why once."""
+    log.warning("oneDNN packed linear unavailable (%s); using F.linear", reason)
+    _packing["enabled"] = False
