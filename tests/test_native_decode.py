@@ -137,12 +137,14 @@ def test_engine_takes_the_native_step_by_default(tiny_loaded, seed):
 
 
 @pytest.mark.parametrize("case", ["switched off", "batch invariant", "block_major pool", "torch kernels",
-                                  "no build", "layer hook"])
+                                  "triton on cpu", "no build", "layer hook"])
 def test_python_step_where_the_native_one_does_not_apply(tiny_loaded, monkeypatch, case):
     overrides = {"switched off": {"native_cpu_decode": False}, "batch invariant": {"batch_invariant": True},
                  "block_major pool": {"layout": "block_major"}}.get(case, {})
     if case == "torch kernels":
         monkeypatch.setenv("MINIDISAGG_KERNELS", "torch")
+    if case == "triton on cpu":  # the dispatch points ask for Triton's kernels (tests run them interpreted)
+        monkeypatch.setattr(native_decode, "use_triton", lambda t: True)
     if case == "no build":
         monkeypatch.setattr(cpu_native, "load_cpu_ops", lambda: False)
     engine = make_engine(tiny_loaded, **overrides)

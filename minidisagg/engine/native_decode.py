@@ -31,6 +31,7 @@ import torch
 from minidisagg.engine.compiled import StepKernels, first_block
 from minidisagg.kernels import cpu_native
 from minidisagg.kernels.linear import cpu_linear_kind, disable_cpu_packing, packed_weight
+from minidisagg.kernels.triton_support import use_triton
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
@@ -106,10 +107,12 @@ def native_cpu_decode(model: LlamaModel, kv_cache: PagedKVCache) -> Optional[Nat
     """A :class:`NativeCpuDecode` where it applies and the op builds, else None (the engine stays in Python).
 
     It applies to float32 and bfloat16 models on the CPU with a ``layer_major`` pool (its attention
-    slices a layer's pages), unless ``MINIDISAGG_KERNELS=torch`` asks for torch's references.
+    slices a layer's pages), unless ``MINIDISAGG_KERNELS=torch`` asks for torch's references or
+    ``MINIDISAGG_TRITON_ON_CPU=1`` (with Triton's interpreter) for the Triton kernels.
     """
     if (model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16)
-            or kv_cache.layout != "layer_major" or os.environ.get("MINIDISAGG_KERNELS", "").lower() == "torch"):
+            or kv_cache.layout != "layer_major" or os.environ.get("MINIDISAGG_KERNELS", "").lower() == "torch"
+            or use_triton(model.embed)):  # Triton's interpreter asked for on the CPU: its kernels, not these
         return None
     if not cpu_native.load_cpu_ops():
         return None
