@@ -1,8 +1,8 @@
-// Native CPU kernels of the batch-1 decode step (minidisagg/engine/compiled.py).
+// Native CPU kernels of the decode step (minidisagg/engine/native_decode.py and compiled.py).
 //
 // Three ops, registered with the PyTorch dispatcher under the namespace `minidisagg_cpu`. The
 // compiled graph's C++ wrapper calls the first two with no Python in between; the third is the
-// whole step without a compiler:
+// whole step, the engine's default on the CPU, with no graph compiler involved:
 //
 //   gemv_bf16(weight, x)       y = weight @ x for a bf16 weight [out, in] and one bf16 row x [in].
 //                              A batch-1 decode step is a chain of these: it streams every weight of
