@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 if TYPE_CHECKING:
     import torch
 
+    from minidisagg.engine.step_cost import StepCostModel, StepShape
+
 
 class WallClock:
     """Seconds since ``origin_s`` (default: when the clock was made); waiting really sleeps.
@@ -34,6 +36,10 @@ class WallClock:
     def advance(self, dt_s: float) -> None:
         """Wall time advances by itself; nothing to do."""
 
+    def charge(self, shape: "StepShape", measured_s: float) -> float:
+        """A stage run of ``shape`` took ``measured_s``; wall time already moved by that much, so return it."""
+        return measured_s
+
 
 def event_time_s(event: torch.cuda.Event, now_s: Callable[[], float],
                  stream: Optional[torch.cuda.Stream] = None) -> float:
@@ -54,16 +60,20 @@ def event_time_s(event: torch.cuda.Event, now_s: Callable[[], float],
 
 
 class SimulatedClock:
-    """Time that only moves when told: by the measured cost of each step, or to the next arrival.
+    """Time that only moves when told: by the cost of each step, or to the next arrival.
 
     Replaying a workload on a simulated clock gives the latencies a dedicated machine would
-    see, without sleeping through idle gaps and without noise from other processes' waits.
+    see, without sleeping through idle gaps. With a ``cost_model`` (``engine.calibrate``) each
+    step is charged what its shape cost when calibrated, so the replay is deterministic and load
+    from other programs during it cannot change its timeline; without one, a step is charged its
+    own measured wall time (which another program's load inflates).
     """
 
     simulated = True
 
-    def __init__(self, start_s: float = 0.0) -> None:
+    def __init__(self, start_s: float = 0.0, cost_model: Optional["StepCostModel"] = None) -> None:
         self._t = start_s
+        self.cost_model = cost_model
 
     def now(self) -> float:
         """Current simulated time in seconds."""
@@ -78,6 +88,12 @@ class SimulatedClock:
         if dt_s < 0:
             raise ValueError(f"cannot advance a clock by a negative time ({dt_s})")
         self._t += dt_s
+
+    def charge(self, shape: "StepShape", measured_s: float) -> float:
+        """Advance by the cost of a stage run of ``shape`` (the model's, else ``measured_s``); returns it."""
+        dt_s = measured_s if self.cost_model is None else self.cost_model.cost_s(shape)
+        self.advance(dt_s)
+        return dt_s
 
 
 Clock = WallClock | SimulatedClock

@@ -11,6 +11,7 @@ import torch
 
 from minidisagg.config import EngineConfig
 from minidisagg.engine.clock import Clock, WallClock
+from minidisagg.engine.step_cost import StepShape
 from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sampling import SamplingParams, make_generator
 from minidisagg.engine.scheduler import Policy, Scheduler, StepBudget
@@ -54,8 +55,9 @@ class StepRecord:
     stage: str
     num_seqs: int
     num_tokens: int
-    elapsed_s: float
+    elapsed_s: float  # what the engine clock charged (a calibrated cost on a SimulatedClock with a cost model)
     end_s: float
+    measured_s: float = float("nan")  # the run's own wall time
 
 
 @dataclass
@@ -237,9 +239,10 @@ class LLMEngine:
             runs.reverse()
         for stage, work in runs:
             if work:
+                shape = StepShape.of_work(stage.name, work)
                 result = stage.run(work)
-                self.clock.advance(result.elapsed_s)
-                self._apply(stage, result, touched)
+                charged_s = self.clock.charge(shape, result.elapsed_s)
+                self._apply(stage, result, touched, charged_s)
         for seq in self.scheduler.finished:
             seq.timeline.finish_s = self.clock.now() if seq.timeline.finish_s is None else seq.timeline.finish_s
             touched[seq.seq_id] = seq
@@ -247,9 +250,10 @@ class LLMEngine:
         self.stats.num_preemptions = self.scheduler.num_preemptions
         return [self.output_of(s) for s in touched.values()]
 
-    def _apply(self, stage: Stage, result: StageResult, touched: dict[int, Sequence]) -> None:
+    def _apply(self, stage: Stage, result: StageResult, touched: dict[int, Sequence], charged_s: float) -> None:
         t = self.clock.now()
-        self.stats.steps.append(StepRecord(stage.name, len(result.seqs), result.num_tokens, result.elapsed_s, t))
+        self.stats.steps.append(StepRecord(stage.name, len(result.seqs), result.num_tokens, charged_s, t,
+                                           result.elapsed_s))
         for seq, token in zip(result.seqs, result.new_token_ids):
             if token is None:
                 continue

@@ -1,0 +1,104 @@
+"""The calibrated step cost model and the simulated clock that charges it: replays load cannot bend."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
+from minidisagg.engine.clock import SimulatedClock, WallClock
+from minidisagg.engine.llm_engine import LLMEngine
+from minidisagg.engine.replay import replay
+from minidisagg.engine.step_cost import DECODE, PREFILL, StepCostModel, StepShape, interpolate
+from minidisagg.workload import interference_workload
+
+
+def _model(**kw) -> StepCostModel:
+    base = dict(prefill_tokens=(16, 64, 256), prefill_s=(0.01, 0.03, 0.1), decode_batch_sizes=(1, 4),
+                decode_s=(0.02, 0.03), prefill_attention_s=1e-7, decode_context_s=1e-6, decode_reference_context=32)
+    base.update(kw)
+    return StepCostModel(**base)
+
+
+def test_interpolate_hits_points_and_extends_by_the_end_slopes():
+    xs, ys = [1.0, 3.0, 7.0], [2.0, 4.0, 12.0]
+    for x, y in zip(xs, ys):
+        assert interpolate(xs, ys, x) == pytest.approx(y)
+    assert interpolate(xs, ys, 2.0) == pytest.approx(3.0)
+    assert interpolate(xs, ys, 9.0) == pytest.approx(16.0)  # slope 2 past the last point
+    assert interpolate(xs, ys, 0.0) == pytest.approx(1.0)
+
+
+def test_cost_grows_with_tokens_context_and_batch():
+    m = _model()
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(1, 600)
+        c = rng.randint(0, 2000)
+        assert m.prefill_cost_s(n + 10, c) > m.prefill_cost_s(n, c)
+        assert m.prefill_cost_s(n, c + 100) > m.prefill_cost_s(n, c)
+    assert m.prefill_cost_s(64) == pytest.approx(0.03)
+    assert m.decode_cost_s(4, 32) == pytest.approx(0.03)
+    assert m.decode_cost_s(4, 132) == pytest.approx(0.03 + 4 * 100 * 1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(prefill_tokens=(64, 16), prefill_s=(0.1, 0.2)), dict(decode_s=(0.02, 0.0)),
+                                 dict(decode_context_s=-1.0), dict(prefill_s=(0.1,))])
+def test_bad_calibrations_are_refused(bad):
+    with pytest.raises(ValueError, match="StepCostModel"):
+        _model(**bad)
+
+
+def test_shape_of_work_counts_attention_pairs():
+    from types import SimpleNamespace as NS
+
+    from minidisagg.stages.base import PrefillChunk
+
+    chunks = [PrefillChunk(NS(num_computed_tokens=32, num_prefill_tokens_left=16), 16),
+              PrefillChunk(NS(num_computed_tokens=0, num_prefill_tokens_left=40), 8)]
+    shape = StepShape.of_work(PREFILL, chunks)
+    assert (shape.phase, shape.num_seqs, shape.num_tokens) == (PREFILL, 2, 24)
+    assert shape.attention_pairs == pytest.approx(16 * (32 + 8.5) + 8 * 4.5)
+    seqs = [NS(num_tokens=10), NS(num_tokens=30)]
+    assert StepShape.of_work(DECODE, seqs) == StepShape(DECODE, 2, 2, 40.0)
+
+
+def test_a_calibrated_replay_ignores_wall_time(tiny_loaded, monkeypatch):
+    """The same workload replayed twice, once with every stage made 50 ms slower: same timeline."""
+    workload = interference_workload(2, 16, 6, 1, 96, 1.0, 2, 0.01)
+    costs = _model()
+
+    def run():
+        engine = LLMEngine(tiny_loaded, EngineConfig(max_num_batched_tokens=32, policy="chunked",
+                                                     cache=CacheConfig(num_blocks=64)),
+                           clock=SimulatedClock(cost_model=costs))
+        outs = replay(engine, workload)
+        return [o.timeline.token_times_s for o in outs], engine.stats.steps
+
+    quiet, steps = run()
+    import minidisagg.stages.base as base
+
+    real = base.Stage.execute_timed
+    monkeypatch.setattr(base.Stage, "execute_timed",
+                        lambda self, items, seqs: (lambda r: (r[0], r[1] + 0.05))(real(self, items, seqs)))
+    loaded_run, loaded_steps = run()
+    assert loaded_run == quiet
+    assert all(s.measured_s > 0.05 for s in loaded_steps)
+    assert [s.elapsed_s for s in loaded_steps] == [s.elapsed_s for s in steps]  # charged: the model's, not wall time
+
+
+def test_wall_clock_charges_what_was_measured():
+    assert WallClock().charge(StepShape(DECODE, 1, 1, 10.0), 0.123) == 0.123
+    clock = SimulatedClock()
+    assert clock.charge(StepShape(DECODE, 1, 1, 10.0), 0.5) == 0.5 and clock.now() == 0.5
+
+
+def test_calibration_on_the_tiny_model_is_positive_and_monotone_in_prefill(tiny_loaded):
+    costs = calibrate_step_costs(tiny_loaded, CalibrationPlan.covering(128, 4, 256, repeats=2), progress=False)
+    assert costs.prefill_tokens == (16, 32, 64, 128) and costs.decode_batch_sizes == (1, 2, 4)
+    assert all(t > 0 for t in costs.prefill_s + costs.decode_s)
+    assert costs.prefill_cost_s(128) > costs.prefill_cost_s(16)
+    with pytest.raises(ValueError):
+        CalibrationPlan.covering(0, 4)
