@@ -211,8 +211,11 @@ def block_table_figure(prompt_lens: Sequence[int], num_blocks: int = 24, block_s
     return fig
 
 
-def quick_engine(policy: str = "prefill_first", budget: int = 1 << 20, model: str = "tiny"):
-    """A colocated engine on a simulated clock (latencies of a dedicated machine, no sleeping)."""
+def quick_engine(policy: str = "prefill_first", budget: int = 1 << 20, model: str = "tiny", costs=None):
+    """A colocated engine on a simulated clock (latencies of a dedicated machine, no sleeping).
+
+    With ``costs`` (a calibrated ``StepCostModel``) each step is charged its calibrated cost.
+    """
     from minidisagg.engine.clock import SimulatedClock
     from minidisagg.engine.llm_engine import LLMEngine
     from minidisagg.models.registry import load_model
@@ -222,25 +225,39 @@ def quick_engine(policy: str = "prefill_first", budget: int = 1 << 20, model: st
 
     loaded = load_model(model, device="cpu", dtype="float32", random_weights=True)
     engine = LLMEngine(loaded, EngineConfig(policy=policy, max_num_batched_tokens=budget, cache=CacheConfig()),
-                       clock=SimulatedClock())
+                       clock=SimulatedClock(cost_model=costs))
     replay(engine, [TimedRequest(0.0, 64, 4)])  # one-time costs (first calls, allocations) stay out of the figures
-    engine.clock = SimulatedClock()
+    engine.clock = SimulatedClock(cost_model=costs)
     return engine
 
 
 def interference_runs(long_prompt_len: int = 1536, chunk_budget: int = 256, num_decodes: int = 3,
-                      decode_tokens: int = 48, start_long_s: float = 0.6) -> dict:
-    """Steady decodes while one long prompt arrives, under ``prefill_first`` and ``chunked``: outputs per policy."""
+                      decode_tokens: int = 48, long_at_fraction: float = 0.3, model: str = "tiny") -> dict:
+    """Steady decodes while one long prompt arrives, under ``prefill_first`` and ``chunked``: outputs per policy.
+
+    Step costs are calibrated first and charged on a simulated clock, so host load cannot change the figure.
+    The long prompt arrives ``long_at_fraction`` of the way through the decodes' expected run, while they
+    are still decoding. Each run also carries the calibration (``"costs"``) and the long prompt's arrival
+    (``"long_arrival_s"``).
+    """
+    from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
     from minidisagg.engine.replay import replay
+    from minidisagg.models.registry import load_model
     from minidisagg.workload import interference_workload
 
+    loaded = load_model(model, device="cpu", dtype="float32", random_weights=True)
+    costs = calibrate_step_costs(loaded, CalibrationPlan.covering(long_prompt_len, num_decodes + 1,
+                                                                  long_prompt_len + decode_tokens), progress=False)
+    decodes_s = decode_tokens * costs.decode_cost_s(num_decodes, 16 + decode_tokens // 2)
+    start_long_s = long_at_fraction * decodes_s
     workload = interference_workload(num_decodes, 16, decode_tokens, 1, long_prompt_len, 1.0, long_output_len=2,
                                      start_long_s=start_long_s)
-    runs = {}
+    runs: dict = {}
     for policy, budget in (("prefill_first", 1 << 20), ("chunked", chunk_budget)):
-        engine = quick_engine(policy, budget)
+        engine = quick_engine(policy, budget, model, costs)
         outs = replay(engine, workload)
-        runs[policy] = {"decodes": outs[:num_decodes], "longs": outs[num_decodes:], "duration_s": engine.clock.now()}
+        runs[policy] = {"decodes": outs[:num_decodes], "longs": outs[num_decodes:], "duration_s": engine.clock.now(),
+                        "costs": costs, "long_arrival_s": start_long_s}
     return runs
 
 

@@ -1,7 +1,9 @@
 """Lab 3 helpers: replay the interference scenario on one colocated engine and read off its latencies.
 
-Replays run on a ``SimulatedClock``: time advances by the measured cost of each engine step and
-jumps over idle gaps, so a replay never sleeps and other processes' waits do not show up as latency.
+Replays run on a ``SimulatedClock``: time jumps over idle gaps, and each engine step is charged the
+cost its shape had when the model was calibrated (``calibrate``, before any replay), so a replay never
+sleeps and another program's load during it cannot change its timeline. Both policies of every
+comparison are replayed with the same calibration.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Optional, Sequence
 
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.course.device import LabDevice
+from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
 from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.replay import replay
 from minidisagg.engine.scheduler import Policy
+from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.metrics import RequestTimeline, Summary, percentile, summarize
 from minidisagg.models.registry import LoadedModel
 from minidisagg.workload import Fixed, TimedRequest, Uniform, interference_workload, poisson_workload
@@ -131,23 +135,41 @@ def kv_blocks_for(workload: Sequence[TimedRequest], block_size: int = 16) -> int
     return sum(-(-(r.prompt_len + r.output_len) // block_size) for r in workload) + KV_SLACK_BLOCKS
 
 
+def calibrate(loaded: LoadedModel, sizes: LabSizes, repeats: int = 3, progress: bool = True) -> StepCostModel:
+    """Time every step shape lab 3 replays (prefill chunks, decode batches, their context) on ``loaded``'s device.
+
+    Run it once, before any replay: every replay then charges these costs, whatever the host does meanwhile.
+    """
+    longest = max(sizes.timeline.long_prompt_len, sizes.sweep.long_prompt_len, *sizes.long_prompt_lens,
+                  sizes.load_prompt_lens[1])
+    biggest_chunk = max(longest, *sizes.token_budgets, sizes.timeline.token_budget)
+    max_batch = max(sizes.timeline.num_decodes + sizes.timeline.num_long, sizes.sweep.num_decodes + 1,
+                    sizes.load_num_requests)
+    context = longest + max(sizes.timeline.decode_output_len, sizes.load_output_len)
+    return calibrate_step_costs(loaded, CalibrationPlan.covering(biggest_chunk, max_batch, context, repeats), progress)
+
+
 def make_engine(loaded: LoadedModel, policy: Policy | str, token_budget: int,
-                workload: Sequence[TimedRequest], max_num_seqs: int = 64) -> LLMEngine:
-    """A colocated engine on a simulated clock, with a KV pool and CUDA graphs (on a GPU) sized for ``workload``."""
+                workload: Sequence[TimedRequest], max_num_seqs: int = 64,
+                costs: Optional[StepCostModel] = None) -> LLMEngine:
+    """A colocated engine on a simulated clock, with a KV pool and CUDA graphs (on a GPU) sized for ``workload``.
+
+    With ``costs`` each step is charged its calibrated cost; without, its own wall time (which host load inflates).
+    """
     name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     config = EngineConfig(max_num_seqs=min(max_num_seqs, len(workload)), max_num_batched_tokens=token_budget,
                           policy=name, cache=CacheConfig(num_blocks=kv_blocks_for(workload)))
-    engine = LLMEngine(loaded, config, clock=SimulatedClock(), policy=policy)
+    engine = LLMEngine(loaded, config, clock=SimulatedClock(cost_model=costs), policy=policy)
     engine.capture_cuda_graphs()  # now, so that no replayed step pays for a capture
     return engine
 
 
 def run_scenario(loaded: LoadedModel, scenario: Scenario, policy: Policy | str, label: Optional[str] = None,
-                 **changes: int | float) -> ScenarioRun:
-    """Replay ``scenario`` (with any field replaced by ``changes``) under ``policy``."""
+                 costs: Optional[StepCostModel] = None, **changes: int | float) -> ScenarioRun:
+    """Replay ``scenario`` (with any field replaced by ``changes``) under ``policy``, charging ``costs`` per step."""
     scenario = dataclasses.replace(scenario, **changes) if changes else scenario
     workload = scenario.workload()
-    engine = make_engine(loaded, policy, scenario.token_budget, workload)
+    engine = make_engine(loaded, policy, scenario.token_budget, workload, costs=costs)
     outs = replay(engine, workload, scenario.seed)
     name = label or (policy if isinstance(policy, str) else getattr(policy, "__name__", "custom policy"))
     return ScenarioRun(name, outs[: scenario.num_decodes], outs[scenario.num_decodes:], engine.clock.now())
@@ -167,11 +189,11 @@ def warm_up(loaded: LoadedModel) -> None:
 
 
 def run_load(loaded: LoadedModel, sizes: LabSizes, rate_rps: float, policy: Policy | str, token_budget: int,
-             seed: int = 1) -> Summary:
+             seed: int = 1, costs: Optional[StepCostModel] = None) -> Summary:
     """Replay Poisson arrivals at ``rate_rps`` (sizes from ``sizes``) and summarise every request."""
     low, high = sizes.load_prompt_lens
     workload = poisson_workload(rate_rps, sizes.load_num_requests, Uniform(low, high), Fixed(sizes.load_output_len), seed)
-    engine = make_engine(loaded, policy, token_budget, workload)
+    engine = make_engine(loaded, policy, token_budget, workload, costs=costs)
     outs = replay(engine, workload, seed)
     return summarize([o.metrics for o in outs], engine.clock.now())
 

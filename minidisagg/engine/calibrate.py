@@ -1,8 +1,15 @@
 """Calibrate a ``StepCostModel`` on the loaded model's device, with the engine's own stages.
 
-Every point is the fastest of ``repeats`` runs of the same shape: another program's load only
-ever adds time, so the minimum is the figure least disturbed by it. Calibration runs on wall
+Every point is the fastest of several runs of the same shape (at least ``repeats``; cheap shapes
+run more often, up to ``MAX_REPEATS`` or ``CHEAP_SHAPE_BUDGET_S`` of work): another program's load
+only ever adds time, so the minimum is the figure least disturbed by it. Calibration runs on wall
 time; the replays that use the model then run on a ``SimulatedClock(cost_model=...)``.
+
+On a CPU the calibration runs on one thread. With several, each op ends at a barrier where every
+thread waits for the slowest; when another program holds a core, one descheduled thread stalls them
+all for a scheduler slice, so a step's time stops depending on its size at all (measured on a 2-core
+host at load 6: a 16-token prefill "took" 235 ms, a 64-token one 31 ms). One thread's timings stay
+in proportion to the work under load; the replay is then that of a one-core machine.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from minidisagg.engine.step_cost import DECODE, PREFILL, StepCostModel
 from minidisagg.models.registry import LoadedModel
 
 BLOCK_SIZE = 16
+MAX_REPEATS = 12  # most runs of one cheap shape
+CHEAP_SHAPE_BUDGET_S = 0.25  # a shape is run again (up to MAX_REPEATS) while its runs took less than this in all
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,17 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: bool = True,
                          seed: int = 0) -> StepCostModel:
     """Time every shape in ``plan`` with the engine's prefill and decode stages; return the fitted model."""
+    if loaded.device.type != "cpu":
+        return _calibrate(loaded, plan, progress, seed, threads=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _calibrate(loaded, plan, progress, seed, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _calibrate(loaded: LoadedModel, plan: CalibrationPlan, progress: bool, seed: int, threads: int) -> StepCostModel:
     gen = torch.Generator().manual_seed(seed)
     reps = plan.repeats
     chunk = plan.prefill_tokens[len(plan.prefill_tokens) // 2]
@@ -101,11 +121,14 @@ def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: b
         prefill_s = []
         for n in plan.prefill_tokens:
             mark = len(whole.stats.steps)
-            for _ in range(reps):
+            times: list[float] = []
+            while len(times) < reps or (len(times) < MAX_REPEATS and sum(times) < CHEAP_SHAPE_BUDGET_S):
                 whole.add_request(_prompt(loaded, n, gen), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
                 _drain(whole)
-                bar.advance(task)
-            prefill_s.append(min(_fastest(whole, mark, PREFILL, num_tokens=n)))
+                times = _fastest(whole, mark, PREFILL, num_tokens=n)
+                if len(times) <= reps:
+                    bar.advance(task)
+            prefill_s.append(max(min(times), prefill_s[-1] if prefill_s else 0.0))  # more tokens never cost less
         by_offset: dict[int, list[float]] = {o: [] for o in offsets}
         for _ in range(long_reps):  # one long prompt in chunks: the same chunk size at growing context
             mark = len(chunked.stats.steps)
@@ -119,9 +142,9 @@ def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: b
 
         def decode_step_s(batch: int, context: int) -> float:
             mark = len(whole.stats.steps)
-            for _ in range(batch):
+            for _ in range(batch):  # decode steps are cheap next to the prefill that sets them up: time several
                 whole.add_request(_prompt(loaded, context, gen),
-                                  SamplingParams(temperature=0, max_tokens=reps + 1, ignore_eos=True))
+                                  SamplingParams(temperature=0, max_tokens=MAX_REPEATS + 1, ignore_eos=True))
             _drain(whole)
             bar.advance(task, reps)
             return min(_fastest(whole, mark, DECODE, num_seqs=batch))
@@ -131,4 +154,4 @@ def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: b
         long_s = decode_step_s(1, ctx_long)  # one sequence with a long context: what each context token adds
         context_s = max(0.0, (long_s - decode_s[0]) / (ctx_long - ref))
     return StepCostModel(tuple(plan.prefill_tokens), tuple(prefill_s), tuple(plan.decode_batch_sizes), tuple(decode_s),
-                         attention_s, context_s, ref, str(loaded.device), os.getloadavg()[0])
+                         attention_s, context_s, ref, str(loaded.device), os.getloadavg()[0], threads)

@@ -69,6 +69,7 @@ class StepCostModel:
     decode_reference_context: int = 0
     device: str = "cpu"
     load_1min: float = 0.0  # host load while calibrating, for the record
+    cpu_threads: int = 0  # threads the CPU calibration ran on (0: not a CPU)
 
     def __post_init__(self) -> None:
         for name, xs, ys in (("prefill", self.prefill_tokens, self.prefill_s),
@@ -113,4 +114,5 @@ class StepCostModel:
         return (f"prefill ms by tokens {{{pre}}} + {1e9 * self.prefill_attention_s:.2f} ns per extra attention pair\n"
                 f"decode ms by batch {{{dec}}} at {self.decode_reference_context} context tokens "
                 f"+ {1e9 * self.decode_context_s:.1f} ns per extra context token  "
-                f"(calibrated on {self.device}, host load {self.load_1min:.1f})")
+                f"(calibrated on {self.device}{f', {self.cpu_threads} thread' if self.cpu_threads else ''}, "
+                f"host load {self.load_1min:.1f})")
