@@ -152,7 +152,7 @@ BENCH_SUITES = {
     "gpu": "minidisagg.bench_gpu",
     "disagg": "minidisagg.bench_disagg",
 }
-COURSE_ACTIONS = {"build": "minidisagg.course.build"}
+COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify"}
 WORKER_SWITCH_INTERVAL_S = float(os.environ.get("MINIDISAGG_SWITCH_INTERVAL_S", "0.0005"))  # see cmd_serve
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
 
@@ -170,7 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_course(args: argparse.Namespace) -> int:
-    """Course tooling: ``build`` writes labs/ from solutions/."""
+    """Course tooling: ``build`` writes labs/ from solutions/; ``verify`` executes them and checks their claims."""
     return _run_module_main(COURSE_ACTIONS[args.action], args.rest)
 
 
@@ -240,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = DecodeServer(loaded, config, args.host, args.port, clock=clock)
     else:
         server = PrefillServer(loaded, config, parse_peers(args.peers or ""), args.host, args.port,
-                               overlap=not args.no_overlap, clock=clock, decode_ranks=decode_ranks)
+                               overlap=args.overlap, clock=clock, decode_ranks=decode_ranks)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     serve.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                        help="queue decode step n+1 before step n's tokens reach the host (auto: with CUDA graphs)")
-    serve.add_argument("--no-overlap", action="store_true", help="send KV after the prefill, not layer by layer")
+    serve.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
+                       help="send KV layer by layer during the prefill (default: after it, the faster choice here)")
     serve.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     serve.add_argument("--cpu-cores", default="", help="pin this process to these cores, e.g. 0 or 0,1")
     serve.add_argument("--clock-origin", type=float, default=None, help="shared perf_counter origin")
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
-    course = sub.add_parser("course", help="course tooling (build labs/ from solutions/)")
+    course = sub.add_parser("course", help="course tooling (build labs/ from solutions/; verify their claims)")
     course.add_argument("action", choices=list(COURSE_ACTIONS))
     course.add_argument("rest", nargs=argparse.REMAINDER)
     course.set_defaults(func=cmd_course)

@@ -42,6 +42,9 @@ class LLM:
     Python between them (built once with the C++ compiler; without one the engine stays in Python). ``kv_layout``
     picks how the KV pool sits in memory (``PagedKVCache``: ``"layer_major"``, the CPU default, or
     ``"block_major"``, the CUDA default, whose request pages cross a ``dist`` link without a copy).
+    ``kv_overlap=True`` sends each layer's KV while later layers are still computing; it is off by
+    default because sending after the prefill gave as much goodput or more in this engine's two-GPU
+    runs (``benchmarks/NOTES.md``; lab 5 shows when overlap would win: a slow link, a long prefill).
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -78,7 +81,7 @@ class LLM:
         num_prefill: int = 1,
         num_decode: int = 1,
         routing: str = "round_robin",
-        kv_overlap: bool = True,
+        kv_overlap: bool = False,
         kv_failure_policy: str = "fail",
         request_timeout_s: float = 600.0,
         prefill_devices: Optional[Seq[str]] = None,

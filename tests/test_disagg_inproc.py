@@ -83,6 +83,27 @@ def test_disagg_equals_colocated(tiny_loaded, rng, num_prefill, num_decode, rout
         cluster.shutdown()
 
 
+def test_kv_overlap_is_off_by_default(tiny_loaded, rng):
+    """Sending after the prefill is the measured faster choice: LLM and DisaggCluster do it unless asked."""
+    from minidisagg.llm import LLM
+
+    r, seed = rng
+    prompts = prompts_for(r, 4, 20, 60)
+    cluster = DisaggCluster(tiny_loaded, EngineConfig(batch_invariant=True))
+    try:
+        assert [w.overlap for w in cluster.prefill_workers] == [False]
+        outs = serve(cluster, prompts)
+        assert [o.token_ids for o in outs] == colocated(tiny_loaded, prompts), f"seed {seed}"
+        for o in outs:  # no layer left before its prefill ended
+            assert o.timeline.transfer_start_s >= o.timeline.prefill_end_s, f"seed {seed}"
+    finally:
+        cluster.shutdown()
+    with LLM("tiny", device="cpu", mode="disagg", transport="inproc") as llm:
+        assert [w.overlap for w in llm.engine.prefill_workers] == [False]
+    with LLM("tiny", device="cpu", mode="disagg", transport="inproc", kv_overlap=True) as llm:
+        assert [w.overlap for w in llm.engine.prefill_workers] == [True]
+
+
 def test_real_model_disagg_equals_colocated(smollm2_loaded):
     tok = smollm2_loaded.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}])

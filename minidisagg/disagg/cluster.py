@@ -60,7 +60,7 @@ class DisaggCluster:
     """xPyD serving in one process: worker threads joined by a KV transport."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, transport: str = "inproc",
-                 num_prefill: int = 1, num_decode: int = 1, routing: str = "round_robin", overlap: bool = True,
+                 num_prefill: int = 1, num_decode: int = 1, routing: str = "round_robin", overlap: bool = False,
                  kv_failure_policy: str = "fail", request_timeout_s: float = 600.0, max_attempts: int = 3,
                  model_ref: Optional[str] = None, pin_cores: bool = False, worker_threads: int = 0,
                  prefill_devices: Optional[Seq[str]] = None, decode_devices: Optional[Seq[str]] = None) -> None:

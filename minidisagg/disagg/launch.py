@@ -139,7 +139,7 @@ def stop_processes(workers: Sequence[WorkerProcess], timeout_s: float = 10.0) ->
             w.proc.wait(5)
 
 
-def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, overlap: bool = True,
+def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, overlap: bool = False,
                  pin_cores: bool = False, transport: str = "socket", dist_backend: Optional[str] = None,
                  host: str = "127.0.0.1", prefill_devices: Optional[Sequence[str]] = None,
                  decode_devices: Optional[Sequence[str]] = None) -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
@@ -166,7 +166,7 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
 
     decodes: list[WorkerProcess] = []
     prefills: list[WorkerProcess] = []
-    no_overlap = [] if overlap else ["--no-overlap"]
+    overlap_flag = ["--overlap"] if overlap else ["--no-overlap"]
     try:
         if transport == "dist":
             rendezvous_port, *decode_ports = free_ports(host, 1 + num_decode)
@@ -177,7 +177,7 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
                                             host, core_for(num_prefill + i), port, decode_at[i]))
             peers = ",".join(f"{d.name}={d.host}:{d.port}@{rank}" for rank, d in enumerate(decodes))
             for i in range(num_prefill):
-                args = [*serve_args, *world, "--dist-rank", str(num_decode + i), "--peers", peers, *no_overlap]
+                args = [*serve_args, *world, "--dist-rank", str(num_decode + i), "--peers", peers, *overlap_flag]
                 prefills.append(start_worker("prefill", f"p{i}", args, log_dir, host, core_for(i), device=prefill_at[i]))
             wait_ready(decodes + prefills)
         else:
@@ -186,7 +186,7 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
                                             device=decode_at[i]))
             peers = ",".join(f"{d.name}={d.host}:{d.port}" for d in decodes)
             for i in range(num_prefill):
-                prefills.append(spawn_worker("prefill", f"p{i}", [*serve_args, "--peers", peers, *no_overlap],
+                prefills.append(spawn_worker("prefill", f"p{i}", [*serve_args, "--peers", peers, *overlap_flag],
                                              log_dir, host, core_for(i), device=prefill_at[i]))
     except BaseException:
         stop_processes(prefills + decodes)

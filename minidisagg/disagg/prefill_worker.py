@@ -86,7 +86,7 @@ class PrefillWorker:
 
     def __init__(self, name: str, loaded: LoadedModel, config: EngineConfig, clock: Clock,
                  senders: dict[str, KVSender], sink: Callable[[RequestOutput | FailedRequest], None],
-                 overlap: bool = True, timeout_s: float = 30.0) -> None:
+                 overlap: bool = False, timeout_s: float = 30.0) -> None:
         self.name = name
         self.engine = LLMEngine(loaded, config, clock=clock, policy="prefill_first", prefill_stage=LayerwisePrefillStage)
         self.engine.handoff = self._on_handoff

@@ -207,7 +207,7 @@ class PrefillServer(WorkerServer):
     role = "prefill"
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, decode_peers: dict[str, tuple[str, int]],
-                 host: str = "127.0.0.1", port: int = 0, overlap: bool = True,
+                 host: str = "127.0.0.1", port: int = 0, overlap: bool = False,
                  clock: Optional[WallClock] = None, decode_ranks: Optional[dict[str, int]] = None) -> None:
         """``decode_ranks`` (name -> torch.distributed rank) switches the KV links to the dist transport."""
         self.worker = PrefillWorker("prefill", loaded, config, clock or WallClock(), {}, self._emit, overlap=overlap)
