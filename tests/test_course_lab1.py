@@ -15,7 +15,7 @@ from minidisagg.config import PRESETS
 def test_task1_passes_with_the_roofline_module(module_seed):
     result = check.lab1.task1(roofline.arithmetic_intensity, seed=module_seed)
     assert result.passed, f"seed {module_seed}"
-    assert "200 random GEMM shapes" in result.detail
+    assert "200 GEMM shapes" in result.detail and "m=1 and 1x1x1 included" in result.detail
 
 
 def _without_output_write(m, n, k, dtype):
@@ -30,12 +30,32 @@ def _always_two_bytes(m, n, k, dtype):
     return roofline.gemm_flops(m, n, k) / ((m * k + k * n + m * n) * 2)
 
 
-@pytest.mark.parametrize("wrong", [_without_output_write, _multiply_adds_as_one_flop, _always_two_bytes])
+def _integer_division(m, n, k, dtype):
+    return roofline.gemm_flops(m, n, k) // roofline.gemm_bytes(m, n, k, dtype)
+
+
+@pytest.mark.parametrize("wrong", [_without_output_write, _multiply_adds_as_one_flop, _always_two_bytes,
+                                   _integer_division])
 def test_task1_fails_a_subtly_wrong_count(wrong, module_seed):
     with pytest.raises(CheckFailed) as info:
         check.lab1.task1(wrong, seed=module_seed)
     message = str(info.value)
-    assert "Lab 1, Task 1" in message and "arithmetic_intensity(m=" in message and "expected" in message, message
+    assert message.startswith("FAIL  Lab 1, Task 1: arithmetic_intensity(m="), message
+    assert "expected" in message and "FLOPs /" in message, message
+
+
+def test_task1_names_the_factor_two_on_the_first_case():
+    """Without the factor 2 the very first case, a 1x1x1 product, shows half the FLOPs."""
+    with pytest.raises(CheckFailed) as info:
+        check.lab1.task1(_multiply_adds_as_one_flop, seed=0)
+    assert str(info.value) == ("FAIL  Lab 1, Task 1: arithmetic_intensity(m=1, n=1, k=1, dtype=torch.float32) "
+                               "returned 0.0833333 FLOP/byte, expected 0.166667 (= 2 FLOPs / 12 bytes; relative "
+                               "error 5.00e-01)")
+
+
+def test_task1_integer_division_fails_on_a_one_token_product():
+    with pytest.raises(CheckFailed, match=r"m=1, n=1, k=1, .* returned 0 FLOP/byte, expected 0.166667"):
+        check.lab1.task1(_integer_division, seed=0)
 
 
 def test_task1_reports_not_implemented():
@@ -71,7 +91,22 @@ def test_task2_fails_a_subtly_wrong_bound(wrong, module_seed):
     with pytest.raises(CheckFailed) as info:
         check.lab1.task2(wrong, seed=module_seed)
     message = str(info.value)
-    assert "Lab 1, Task 2" in message and "-bound" in message and "expected" in message, message
+    assert message.startswith("FAIL  Lab 1, Task 2: roofline_time("), message
+    assert ("-bound" in message or "at the ridge" in message) and "expected" in message, message
+
+
+def test_task2_adding_the_times_fails_at_the_ridge():
+    with pytest.raises(CheckFailed, match=r"this case is balanced \(at the ridge\)"):
+        check.lab1.task2(lambda f, b, p, bw: f / p + b / bw, seed=0)
+
+
+def test_task2_a_time_built_from_intensity_fails_on_a_pure_copy():
+    """time = flops / min(peak, intensity * bw) is right for every kernel with FLOPs, and divides by zero on a copy."""
+    def via_attainable_rate(flops, bytes_moved, peak, bandwidth):
+        return flops / min(peak, flops / bytes_moved * bandwidth)
+
+    with pytest.raises(CheckFailed, match=r"roofline_time\(0, .* raised ZeroDivisionError"):
+        check.lab1.task2(via_attainable_rate, seed=0)
 
 
 def test_task2_reports_not_implemented():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -171,3 +173,62 @@ def test_decode_timer_counts_the_kv_it_reads(tiny_loaded):
     assert timing.kv_bytes == 2 * 33 * per_token and timing.step_s > 0
     with pytest.raises(ValueError, match="context_len must be in 1..40"):
         timer.measure(41)
+
+
+def _prefill_all_but_last(model, prompt_ids, num_new_tokens):
+    """Plausible: cache prompt[:-1] first, then feed the last prompt token as the first decode step.
+
+    Right for every prompt of two or more tokens; a one-token prompt leaves nothing to prefill.
+    """
+    cfg = model.cfg
+    keys, values = [None] * cfg.num_layers, [None] * cfg.num_layers
+
+    def forward(ids, start):
+        hidden, residual = embed(model, torch.tensor(ids)), None
+        for layer in range(cfg.num_layers):
+            q, k, v, residual = attention_inputs(model, layer, hidden, residual, torch.arange(start, start + len(ids)))
+            keys[layer] = k if keys[layer] is None else torch.cat([keys[layer], k])
+            values[layer] = v if values[layer] is None else torch.cat([values[layer], v])
+            hidden, residual = attention_outputs(model, layer, causal_attention(q, keys[layer], values[layer]), residual)
+        return final_logits(model, hidden, residual)[-1]
+
+    prefix = prompt_ids[:-1]
+    if not prefix:
+        raise IndexError("nothing to prefill before the last prompt token")
+    forward(prefix, 0)
+    tokens, logits, last, pos = [], [], prompt_ids[-1], len(prefix)
+    for _ in range(num_new_tokens):
+        step = forward([last], pos)
+        pos += 1
+        tokens.append(int(step.argmax()))
+        logits.append(step)
+        last = tokens[-1]
+    return tokens, torch.stack(logits)
+
+
+def test_task2_passes_the_engines_cache_on_the_boundaries_first(module_seed):
+    result = check.lab2.task2(decode_with_engine_cache, seed=module_seed, num_prompts=2)
+    assert result.passed and "a one-token prompt and a single new token included" in result.detail
+
+
+def test_task2_a_one_token_prompt_comes_first():
+    with pytest.raises(CheckFailed) as info:
+        check.lab2.task2(_prefill_all_but_last, seed=0)
+    message = str(info.value)
+    assert message.startswith("FAIL  Lab 2, Task 2: decode_with_kv_cache(model, <prompt of 1 tokens>, "), message
+    assert message.endswith("raised IndexError: nothing to prefill before the last prompt token"), message
+
+
+def _ceil_block_index(block_table, positions, block_size):
+    """Plausible: the block index as ceil(p / block_size) - 1, right inside a block, wrong on its first token."""
+    return [block_table[max(0, math.ceil(p / block_size) - 1)] * block_size + p % block_size for p in positions]
+
+
+def test_task3_fails_on_the_first_token_of_a_block(module_seed):
+    with pytest.raises(CheckFailed) as info:
+        check.lab2.task3(_ceil_block_index, seed=module_seed)
+    message = str(info.value)
+    assert message.startswith("FAIL  Lab 2, Task 3: slot_mapping("), message
+    position = int(message.split(": position ")[1].split()[0])
+    block_size = int(message.split("block_size=")[1].split(")")[0])
+    assert position % block_size == 0 and position > 0, message

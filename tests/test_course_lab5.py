@@ -13,7 +13,7 @@ import torch
 
 from minidisagg.course import check
 from minidisagg.course.checking import CheckFailed
-from minidisagg.transport.framing import PREFIX, FrameKind, payload_tensor, recv_frame, send_frame
+from minidisagg.transport.framing import PREFIX, FrameKind, encode_head, payload_tensor, recv_frame, send_frame
 
 
 def engine_pages_to_frames(pages, transfer_id):
@@ -134,9 +134,10 @@ def test_task3_catches_tokens_instead_of_blocks():
 
 @pytest.mark.parametrize("task", ["task1", "task2", "task3"])
 def test_not_implemented_is_a_fail(task, capsys):
-    with pytest.raises(CheckFailed, match="not implemented"):
+    with pytest.raises(CheckFailed, match="not implemented") as info:
         getattr(check.lab5, task)(not_done)
-    assert "FAIL" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # the raised FAIL line is all the learner sees
+    assert str(info.value).startswith(f"FAIL  Lab 5, Task {task[-1]}: not implemented yet")
 
 
 def test_layout_copies_are_measured_and_the_block_major_pool_skips_them():
@@ -153,3 +154,48 @@ def test_layout_copies_are_measured_and_the_block_major_pool_skips_them():
     assert all(c.gather_s > 0 and c.scatter_s > 0 for c in copies)
     with pytest.raises(ValueError, match="prompt_len"):
         measure_layout_copies(TINY, torch.float32, "cpu", 0)
+
+
+def frames_through_numpy(pages, transfer_id):
+    """Plausible: bytes via numpy, which has no bfloat16 (the one-element bfloat16 case comes first)."""
+    frames = []
+    for layer in range(pages.shape[0]):
+        body = pages[layer].contiguous()
+        header = {"transfer_id": transfer_id, "layer": layer, "shape": list(body.shape),
+                  "dtype": str(body.dtype).removeprefix("torch.")}
+        frames.append(encode_head(FrameKind.LAYER, header, body.numel() * body.element_size())
+                      + body.numpy().tobytes())
+    return frames
+
+
+def test_task1_names_the_case_a_learners_exception_came_from():
+    with pytest.raises(CheckFailed) as info:
+        check.lab5.task1(frames_through_numpy, seed=0)
+    assert str(info.value).startswith("FAIL  Lab 5, Task 1: case 0 (pages (1, 2, 1, 1, 1, 1) bfloat16, "
+                                      "transfer_id"), str(info.value)
+    assert "pages_to_frames raised TypeError" in str(info.value)
+
+
+def break_even_from_block_size(layout, prefill, link, max_len):
+    """Plausible: starts the search at one full block, so it never answers 1."""
+    for n in range(layout.block_size, max_len + 1):
+        blocks = -(-n // layout.block_size)
+        if link.seconds(layout.request_nbytes(blocks), layout.num_layers) >= prefill.seconds(n):
+            return n
+    return None
+
+
+def break_even_or_max_len(layout, prefill, link, max_len):
+    """Plausible: says max_len when nothing breaks even, instead of None."""
+    found = check.lab5.reference_break_even(layout, prefill, link, max_len)
+    return max_len if found is None else found
+
+
+@pytest.mark.parametrize("wrong, says", [
+    (break_even_from_block_size, "case 0: .* got 16, expected 1 \\(a one-token prompt already ships slower"),
+    (break_even_or_max_len, "case 1: .* got 512, expected None \\(no prompt up to max_len ships slower than it "
+                            "prefills: return None\\)"),
+])
+def test_task3_fails_at_the_boundaries(wrong, says):
+    with pytest.raises(CheckFailed, match=says):
+        check.lab5.task3(wrong, seed=0)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from minidisagg.config import ModelConfig
-from minidisagg.course.checking import CheckResult, failed, not_implemented, passed
+from minidisagg.course.checking import CheckResult, failed, not_implemented, passed, task_check
 from minidisagg.course.kv_lab import engine_logits
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
@@ -40,6 +40,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@task_check("Lab 2, Task 1")
 def task1(kv_bytes_per_token: Callable[[int, int, int, torch.dtype], int], seed: int | None = None,
           num_cases: int = 60) -> CheckResult:
     """Compare ``kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)`` with what the engine's pool allocates."""
@@ -73,6 +74,7 @@ def task1(kv_bytes_per_token: Callable[[int, int, int, torch.dtype], int], seed:
     return passed(f"{num_cases} random shapes in fp32/bf16/fp16 match the engine's KV pool exactly")
 
 
+@task_check("Lab 2, Task 2")
 def task2(decode_with_kv_cache: Callable[[LlamaModel, list[int], int], tuple[Sequence[int], torch.Tensor]],
           seed: int | None = None, num_prompts: int = 6) -> CheckResult:
     """Run the learner's cached greedy loop on random prompts; compare tokens and logits with full recompute."""
@@ -85,8 +87,11 @@ def task2(decode_with_kv_cache: Callable[[LlamaModel, list[int], int], tuple[Seq
     total_tokens = 0
     try:
         for case in range(num_prompts):
-            prompt = [rng.randrange(100, model.cfg.vocab_size) for _ in range(rng.randint(1, 24))]
-            num_new = rng.randint(2, 10)
+            # boundaries first: a one-token prompt (nothing before the last token to prefill), then one new
+            # token (the prefill's own, no decode step), then random
+            prompt_len = 1 if case == 0 else rng.randint(1, 24)
+            num_new = 1 if case == 1 else rng.randint(2, 10)
+            prompt = [rng.randrange(100, model.cfg.vocab_size) for _ in range(prompt_len)]
             call_text = f"decode_with_kv_cache(model, <prompt of {len(prompt)} tokens>, {num_new})"
             result = _run(task, call_text, decode_with_kv_cache, model, list(prompt), num_new)
             tokens, logits = _unpack(task, call_text, result, num_new, model.cfg.vocab_size)
@@ -110,8 +115,8 @@ def task2(decode_with_kv_cache: Callable[[LlamaModel, list[int], int], tuple[Seq
             total_tokens += num_new
     except NotImplementedError as err:
         return not_implemented(task, err)
-    return passed(f"{num_prompts} random prompts, {total_tokens} generated tokens equal to full recompute on the "
-                  f"engine's LlamaModel; max logit error {worst:.1e}")
+    return passed(f"{num_prompts} random prompts (a one-token prompt and a single new token included), {total_tokens} "
+                  f"generated tokens equal to full recompute on the engine's LlamaModel; max logit error {worst:.1e}")
 
 
 def _unpack(task: str, call_text: str, result: Any, num_new: int, vocab: int) -> tuple[list[int], torch.Tensor]:
@@ -144,6 +149,7 @@ def _random_block_manager(rng: random.Random) -> tuple[BlockManager, dict[int, i
     return manager, tokens
 
 
+@task_check("Lab 2, Task 3")
 def task3(slot_mapping: Callable[[list[int], list[int], int], Sequence[int]], seed: int | None = None,
           num_pools: int = 40) -> CheckResult:
     """Compare ``slot_mapping(block_table, positions, block_size)`` with ``BlockManager.slot_mapping`` on random pools."""
@@ -159,8 +165,9 @@ def task3(slot_mapping: Callable[[list[int], list[int], int], Sequence[int]], se
                 start = rng.randrange(count)
                 end = rng.randint(start + 1, count)
                 scattered = [rng.randrange(count) for _ in range(rng.randint(1, 8))]
-                for positions, want in ((list(range(start, end)), manager.slot_mapping(key, start, end)),
-                                        (scattered, [manager.slot_mapping(key, p, p + 1)[0] for p in scattered])):
+                edges = _block_edges(count, manager.block_size)
+                for positions in (list(range(start, end)), scattered, edges):
+                    want = [manager.slot_mapping(key, p, p + 1)[0] for p in positions]
                     call_text = f"slot_mapping({table}, {_short(positions)}, block_size={manager.block_size})"
                     got = _run(task, call_text, slot_mapping, list(table), list(positions), manager.block_size)
                     got_list = [int(s) for s in torch.as_tensor(got).reshape(-1).tolist()]
@@ -174,8 +181,16 @@ def task3(slot_mapping: Callable[[list[int], list[int], int], Sequence[int]], se
                 num_sequences += 1
     except NotImplementedError as err:
         return not_implemented(task, err)
-    return passed(f"{num_pools} random pools, {num_sequences} block tables, contiguous and scattered positions: "
-                  f"every slot equals BlockManager.slot_mapping")
+    return passed(f"{num_pools} random pools, {num_sequences} block tables, contiguous, scattered and block-edge "
+                  f"positions: every slot equals BlockManager.slot_mapping")
+
+
+def _block_edges(count: int, block_size: int) -> list[int]:
+    """Positions on both sides of every block boundary below ``count`` (0, bs - 1, bs, 2 bs - 1, 2 bs, ...)."""
+    edges = {0, count - 1}
+    for start in range(block_size, count, block_size):
+        edges.update((start - 1, start))
+    return sorted(edges)
 
 
 def _short(values: list[int]) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from minidisagg.course.checking import CheckResult, failed, not_implemented, passed
+from minidisagg.course.checking import CheckResult, failed, not_implemented, passed, task_check
 from minidisagg.course.transfer_lab import LinkModel, PrefillCostModel
 from minidisagg.kv.pages import KVLayout
 from minidisagg.transport.framing import FrameKind, encode_head, payload_tensor, recv_frame, tensor_memoryview
@@ -25,6 +25,11 @@ def random_pages(rng: random.Random) -> torch.Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     raw = torch.randint(0, 256, (torch.Size(shape).numel() * itemsize,), dtype=torch.uint8, generator=gen)
     return raw.view(dtype).view(shape)
+
+
+def boundary_pages() -> torch.Tensor:
+    """The smallest pages there are: one layer, one block of one token, one head of one bfloat16 element."""
+    return torch.tensor([-0.0, 1.5], dtype=torch.bfloat16).view(1, 2, 1, 1, 1, 1)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -66,17 +71,21 @@ def _describe(pages: torch.Tensor) -> str:
     return f"pages {tuple(pages.shape)} {str(pages.dtype).removeprefix('torch.')}"
 
 
+@task_check("Lab 5, Task 1")
 def task1(pages_to_frames: Callable[[torch.Tensor, str], Sequence[bytes]], cases: int = 12, seed: Optional[int] = None) -> CheckResult:
     """``pages_to_frames(pages, transfer_id)``: one LAYER frame per layer that the engine's ``recv_frame`` reads back."""
     rng = random.Random(seed)
     total_bytes = 0
     for case in range(cases):
         pages, tid = random_pages(rng), f"req-{rng.randrange(10**6)}"
+        pages = boundary_pages() if case == 0 else pages
+        where = f"case {case} ({_describe(pages)}, transfer_id {tid!r})"
         try:
             frames = list(pages_to_frames(pages.clone(), tid))
         except NotImplementedError as err:
             return not_implemented("Lab 5, Task 1", err)
-        where = f"case {case} ({_describe(pages)}, transfer_id {tid!r})"
+        except Exception as err:  # noqa: BLE001 - the learner sees which pages broke their function
+            return failed(f"{where}: pages_to_frames raised {type(err).__name__}: {err}")
         if len(frames) != pages.shape[0]:
             return failed(f"{where}: got {len(frames)} frames, expected one per layer ({pages.shape[0]})")
         try:
@@ -102,15 +111,18 @@ def task1(pages_to_frames: Callable[[torch.Tensor, str], Sequence[bytes]], cases
             if not same_bits(tensor, pages[layer]):
                 return failed(f"{where}, frame {layer}: payload bytes differ from layer {layer}'s pages")
         total_bytes += len(data)
-    return passed(f"{cases} random page sets (float32/bfloat16/float16, odd shapes), {total_bytes} bytes decoded by "
+    return passed(f"{cases} page sets (float32/bfloat16/float16, odd shapes, one layer of one element included), "
+                  f"{total_bytes} bytes decoded by "
                   f"the engine's recv_frame + payload_tensor, bit-exact")
 
 
+@task_check("Lab 5, Task 2")
 def task2(frames_to_pages: Callable[[Sequence[bytes]], torch.Tensor], cases: int = 12, seed: Optional[int] = None) -> CheckResult:
     """``frames_to_pages(frames)``: the engine's LAYER frames (in any order) back to the pages, bit-exact."""
     rng = random.Random(seed)
     for case in range(cases):
         pages, tid = random_pages(rng), f"req-{rng.randrange(10**6)}"
+        pages = boundary_pages() if case == 0 else pages
         frames = engine_frames(pages, tid)
         order = list(range(len(frames)))
         rng.shuffle(order)
@@ -119,6 +131,8 @@ def task2(frames_to_pages: Callable[[Sequence[bytes]], torch.Tensor], cases: int
             got = frames_to_pages([frames[i] for i in order])
         except NotImplementedError as err:
             return not_implemented("Lab 5, Task 2", err)
+        except Exception as err:  # noqa: BLE001
+            return failed(f"{where}: frames_to_pages raised {type(err).__name__}: {err}")
         if not isinstance(got, torch.Tensor):
             return failed(f"{where}: returned {type(got).__name__}, expected a tensor")
         if got.dtype != pages.dtype or tuple(got.shape) != tuple(pages.shape):
@@ -136,7 +150,8 @@ def task2(frames_to_pages: Callable[[Sequence[bytes]], torch.Tensor], cases: int
         pass
     else:
         return failed("a frame with bad magic b'XXXX' was accepted; it must raise ValueError")
-    return passed(f"{cases} random page sets from the engine's framing, frames shuffled, bit-exact; bad magic rejected")
+    return passed(f"{cases} page sets from the engine's framing (a single frame included), frames shuffled, bit-exact; "
+                  f"bad magic rejected")
 
 
 def reference_break_even(layout: KVLayout, prefill: PrefillCostModel, link: LinkModel, max_len: int) -> Optional[int]:
@@ -163,20 +178,37 @@ def _random_break_even_case(rng: random.Random) -> tuple[KVLayout, PrefillCostMo
     return layout, prefill, link, rng.choice((512, 4096, 16384))
 
 
+def _boundary_break_even_case(case: int) -> tuple[KVLayout, PrefillCostModel, LinkModel, int]:
+    """Case 0: a link so slow that one token already pays (answer 1); case 1: so fast that none does (None)."""
+    layout = KVLayout(2, 2, 64, 16, torch.bfloat16)
+    if case == 0:
+        return layout, PrefillCostModel(1e-5, 1e-6), LinkModel("slow", 0.001), 512
+    return layout, PrefillCostModel(1e-2, 1e-4), LinkModel("fast", 1e4), 512
+
+
+@task_check("Lab 5, Task 3")
 def task3(break_even_prompt_len: Callable[..., Optional[int]], cases: int = 40, seed: Optional[int] = None) -> CheckResult:
     """``break_even_prompt_len(layout, prefill, link, max_len)`` against a block-by-block search with ``KVLayout``."""
     rng = random.Random(seed)
     found = 0
     for case in range(cases):
         layout, prefill, link, max_len = _random_break_even_case(rng)
+        if case < 2:
+            layout, prefill, link, max_len = _boundary_break_even_case(case)
         want = reference_break_even(layout, prefill, link, max_len)
         try:
             got = break_even_prompt_len(layout, prefill, link, max_len)
         except NotImplementedError as err:
             return not_implemented("Lab 5, Task 3", err)
+        except Exception as err:  # noqa: BLE001
+            return failed(f"case {case}: {layout}, {prefill}, {link}, max_len={max_len}: "
+                          f"break_even_prompt_len raised {type(err).__name__}: {err}")
         if got != want:
+            why = ("no prompt up to max_len ships slower than it prefills: return None" if want is None else
+                   "a one-token prompt already ships slower than it prefills" if want == 1 else
+                   f"KV crosses in whole blocks of {layout.block_size} tokens")
             return failed(f"case {case}: {layout}, {prefill}, {link}, max_len={max_len}: got {got}, expected {want} "
-                          f"(KV crosses in whole blocks of {layout.block_size} tokens)")
+                          f"({why})")
         found += want is not None
-    return passed(f"{cases} random shapes, prefill costs and links ({found} with a break-even, "
+    return passed(f"{cases} shapes, prefill costs and links ({found} with a break-even, one at a single token; "
                   f"{cases - found} without), exact match")

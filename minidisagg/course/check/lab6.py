@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from minidisagg.course.checking import CheckResult, failed, not_implemented, passed
+from minidisagg.course.checking import CheckResult, failed, not_implemented, passed, task_check
 from minidisagg.course.placement_lab import PhaseCosts, WorkloadShape, system_goodput
 from minidisagg.course.transfer_lab import PrefillCostModel
 from minidisagg.metrics import SLO, RequestMetrics, goodput, slo_attainment
@@ -31,6 +31,20 @@ def random_metrics(rng: random.Random, slo: SLO, load: float, count: int) -> lis
     return out
 
 
+def _request(ttft_s: float, tpot_s: float, num_tokens: int = 8) -> RequestMetrics:
+    return RequestMetrics(ttft_s=ttft_s, tpot_s=tpot_s, itl_s=(tpot_s,) * (num_tokens - 1),
+                          e2e_s=ttft_s + tpot_s * (num_tokens - 1), queue_s=0.0, prefill_s=ttft_s / 2,
+                          num_output_tokens=num_tokens)
+
+
+def boundary_sweep() -> tuple[dict[float, list[RequestMetrics]], SLO, float]:
+    """The lowest rate sits exactly on the target (9 of 10), one of its 9 exactly on the SLO: goodput is that rate."""
+    slo = SLO(1.0, 0.1)
+    meets, on_slo, misses = _request(0.5, 0.05), _request(slo.ttft_s, slo.tpot_s), _request(2.0, 0.05)
+    sweep = {2.0: [meets] * 5 + [misses] * 5, 1.0: [meets] * 8 + [on_slo, misses], 3.0: [meets] * 2 + [misses] * 8}
+    return sweep, slo, 0.9
+
+
 def _random_sweep(rng: random.Random) -> tuple[dict[float, list[RequestMetrics]], SLO, float]:
     slo = SLO(rng.uniform(0.05, 5.0), rng.uniform(0.005, 0.5))
     rates = sorted({round(rng.uniform(0.1, 50.0), 3) for _ in range(rng.randint(1, 8))})
@@ -48,12 +62,13 @@ def _random_sweep(rng: random.Random) -> tuple[dict[float, list[RequestMetrics]]
     return dict(shuffled), slo, rng.choice((0.5, 0.8, 0.9, 0.99))
 
 
+@task_check("Lab 6, Task 1")
 def task1(goodput_rps: Callable[..., float], cases: int = 60, seed: Optional[int] = None) -> CheckResult:
     """``goodput_rps(metrics_by_rate, slo, target)`` against ``metrics.slo_attainment`` + ``metrics.goodput``."""
     rng = random.Random(seed)
     worst = 0.0
     for case in range(cases):
-        sweep, slo, target = _random_sweep(rng)
+        sweep, slo, target = _random_sweep(rng) if case else boundary_sweep()
         rates = list(sweep)
         attainments = [slo_attainment(sweep[r], slo) for r in rates]
         want = goodput(rates, attainments, target)
@@ -61,13 +76,18 @@ def task1(goodput_rps: Callable[..., float], cases: int = 60, seed: Optional[int
             got = goodput_rps(sweep, slo, target)
         except NotImplementedError as err:
             return not_implemented("Lab 6, Task 1", err)
+        except Exception as err:  # noqa: BLE001
+            return failed(f"case {case}: {slo}, target {target}: goodput_rps raised {type(err).__name__}: {err}")
         error = abs(float(got) - want)
         if not error <= 1e-9 * max(1.0, abs(want)):
             table = ", ".join(f"{r:g} req/s: {a:.3f}" for r, a in sorted(zip(rates, attainments)))
+            why = ("the lowest rate meets the target exactly (an attainment equal to the target passes, a request "
+                   "exactly on the SLO meets it)" if case == 0 else
+                   "attainment of TTFT and TPOT together, a tie meets the SLO")
             return failed(f"case {case}: {slo}, target {target}: got {got}, expected {want:.6g} "
-                          f"(attainment of TTFT and TPOT together, a tie meets the SLO; per rate {table})")
+                          f"({why}; per rate {table})")
         worst = max(worst, error)
-    return passed(f"{cases} random sweeps (ties on the SLO, all-pass, first-fails, noisy passes), "
+    return passed(f"{cases} sweeps (ties on the SLO, a rate exactly on the target, all-pass, first-fails, noisy passes), "
                   f"max error {worst:.1e} req/s")
 
 
@@ -89,11 +109,13 @@ def _random_placement_case(rng: random.Random) -> tuple[PhaseCosts, WorkloadShap
     return costs, shape, slo, rng.randint(2, 12)
 
 
+@task_check("Lab 6, Task 2")
 def task2(best_placement: Callable[..., tuple[int, int]], cases: int = 60, seed: Optional[int] = None) -> CheckResult:
     """``best_placement(costs, shape, slo, gpu_budget)`` against a brute force over every xPyD with the lab's model."""
     rng = random.Random(seed)
     for case in range(cases):
         costs, shape, slo, budget = _random_placement_case(rng)
+        budget = 2 if case == 0 else budget  # the smallest budget: 1P1D is the only placement
         options = [(x, y) for x in range(1, budget) for y in range(1, budget - x + 1)]
         per_gpu = {xy: system_goodput(costs, shape, slo, *xy) / sum(xy) for xy in options}
         best = max(per_gpu.values())
@@ -101,6 +123,9 @@ def task2(best_placement: Callable[..., tuple[int, int]], cases: int = 60, seed:
             got = best_placement(costs, shape, slo, budget)
         except NotImplementedError as err:
             return not_implemented("Lab 6, Task 2", err)
+        except Exception as err:  # noqa: BLE001
+            return failed(f"case {case}: budget {budget} GPUs, {shape}, {slo}: best_placement raised "
+                          f"{type(err).__name__}: {err}")
         where = f"case {case}: budget {budget} GPUs, {shape}, {slo}"
         try:
             x, y = (int(v) for v in got)
@@ -112,4 +137,5 @@ def task2(best_placement: Callable[..., tuple[int, int]], cases: int = 60, seed:
             winner = max(per_gpu, key=per_gpu.get)
             return failed(f"{where}: {x}P{y}D gives {per_gpu[(x, y)]:.4g} req/s per GPU, but "
                           f"{winner[0]}P{winner[1]}D gives {best:.4g}")
-    return passed(f"{cases} random costs, workloads, SLOs and budgets (2-12 GPUs): best goodput per GPU every time")
+    return passed(f"{cases} random costs, workloads, SLOs and budgets (2-12 GPUs, 2 included): best goodput per GPU "
+                  f"every time")
