@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -18,9 +19,9 @@ from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import gather_layer
 
 
-def _send(seq, cache, sender, transfer_id, block_ids, layers):
+def _send(seq, cache, sender, transfer_id, block_ids, layers, num_tokens=None):
     """A hand-off that ships the given blocks' pages for the given layers (the wrong versions vary these)."""
-    assert sender.reserve(transfer_id, seq.num_computed_tokens, 10.0)
+    assert sender.reserve(transfer_id, seq.num_computed_tokens if num_tokens is None else num_tokens, 10.0)
     num_bytes = 0
     for layer in layers:
         pages = gather_layer(cache, layer, block_ids)
@@ -39,6 +40,15 @@ def pages_of_wrong_blocks(seq, cache, sender, transfer_id):
     return _send(seq, cache, sender, transfer_id, list(range(len(seq.block_table))), range(cache.model.num_layers))
 
 
+def reserves_prompt_and_output(seq, cache, sender, transfer_id):
+    """Plausible: reserves every token the sequence holds, the first output token too, which has no KV yet.
+
+    Right whenever the prompt leaves its last block partly filled; one block too many when it fills it exactly.
+    """
+    return _send(seq, cache, sender, transfer_id, seq.block_table, range(cache.model.num_layers),
+                 num_tokens=len(seq.prompt_token_ids) + len(seq.output_token_ids))
+
+
 def never_commits(seq, cache, sender, transfer_id):
     sender.reserve(transfer_id, seq.num_computed_tokens, 10.0)
     for layer in range(cache.model.num_layers):
@@ -52,7 +62,31 @@ def not_done(*_args):
 
 def test_task1_passes_the_engine_hand_off(tiny_loaded):
     result = lab4.task1(hand_off_kv_reference, loaded=tiny_loaded)
-    assert result.passed and "bit for bit" in result.detail
+    assert result.passed and "bit for bit" in result.detail and "fill their blocks exactly" in result.detail
+
+
+def test_every_case_holds_a_full_last_block_a_one_token_prompt_and_a_partial_one():
+    rng = random.Random()
+    for _ in range(50):
+        block_size = rng.choice(lab4.BLOCK_SIZES)
+        lengths = lab4.prompt_lengths(rng, rng.randint(2, 6), block_size)
+        assert any(n % block_size == 0 for n in lengths) and 1 in lengths
+        assert len(lengths) < 3 or any(n % block_size and n > 1 for n in lengths)
+
+
+def test_task1_fails_a_reservation_of_prompt_plus_output(tiny_loaded):
+    """The bug that used to pass: it shows only on a prompt that fills its last block, which every case has."""
+    with pytest.raises(CheckFailed) as info:
+        lab4.task1(reserves_prompt_and_output, loaded=tiny_loaded, num_cases=1)
+    message = str(info.value)
+    assert message.startswith("FAIL  Lab 4, Task 1: hand_off raised ValueError for the request of "), message
+    match = re.search(r"it reserved (\d+) tokens \((\d+) blocks? of (\d+)\), but the prompt of (\d+) tokens has KV "
+                      r"for (\d+) tokens \(seq.num_computed_tokens\) in (\d+) blocks?: the first output token has no "
+                      r"KV yet", message)
+    assert match, message
+    reserved, reserved_blocks, block_size, prompt, computed, blocks = map(int, match.groups())
+    assert reserved == prompt + 1 and computed == prompt and prompt % block_size == 0
+    assert reserved_blocks == blocks + 1
 
 
 @pytest.mark.parametrize("wrong, says", [

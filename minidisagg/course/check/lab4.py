@@ -2,19 +2,21 @@
 
 Both compare against outside references: the prefill pool's own pages (read with
 ``gather_pages``), the engine's block accounting, and the colocated engine's greedy tokens
-in batch-invariant mode, on fresh random prompts with lengths that are not multiples of the
-block size, over the in-process and the TCP transport.
+in batch-invariant mode, on fresh random prompts over the in-process and the TCP transport.
+Every case holds the lengths where a slip shows: a prompt that fills its blocks exactly (the
+first output token then needs a new block that has no KV yet), a one-token prompt, and lengths
+that leave the last block partly filled.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from minidisagg.config import CacheConfig, EngineConfig
-from minidisagg.course.checking import CheckResult, failed, not_implemented, passed
+from minidisagg.course.checking import CheckResult, failed, not_implemented, passed, task_check
 from minidisagg.course.handoff_lab import (
     DisaggPair,
     HandOff,
@@ -39,15 +41,55 @@ def _tiny() -> LoadedModel:
     return load_model("tiny", device="cpu", dtype="float32", seed=0)
 
 
-def _random_prompts(rng: random.Random, n: int, block_size: int, vocab: int, min_len: int = 1) -> list[list[int]]:
-    """``n`` prompts whose lengths are not multiples of ``block_size`` (so last blocks are partly filled)."""
-    prompts = []
-    for _ in range(n):
-        length = rng.randint(min_len, 6 * block_size)
-        while length % block_size == 0:
-            length = rng.randint(min_len, 6 * block_size)
-        prompts.append([rng.randrange(100, min(49000, vocab)) for _ in range(length)])
-    return prompts
+def prompt_lengths(rng: random.Random, n: int, block_size: int) -> list[int]:
+    """``n >= 2`` prompt lengths: a multiple of ``block_size``, one token, then lengths that leave the last block partly filled."""
+    lengths = [block_size * rng.randint(1, 4), 1]
+    while len(lengths) < n:
+        length = rng.randint(2, 6 * block_size)
+        if length % block_size:
+            lengths.append(length)
+    rng.shuffle(lengths)
+    return lengths
+
+
+def _random_prompts(rng: random.Random, n: int, block_size: int, vocab: int) -> list[list[int]]:
+    """``n`` random prompts with the lengths of ``prompt_lengths``."""
+    return [[rng.randrange(100, min(49000, vocab)) for _ in range(length)]
+            for length in prompt_lengths(rng, n, block_size)]
+
+
+class WatchedSender:
+    """A sender that passes every call through and remembers how many tokens each transfer reserved."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.reserved_tokens: dict[str, int] = {}
+
+    def reserve(self, transfer_id: str, num_tokens: int, *args: Any, **kwargs: Any) -> bool:
+        """Record the reservation, then make it."""
+        self.reserved_tokens[transfer_id] = num_tokens
+        return self._inner.reserve(transfer_id, num_tokens, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _reservation_error(sender: WatchedSender, transfer_id: str, seq: Sequence, block_size: int) -> Optional[str]:
+    """Why the reservation of ``transfer_id`` cannot hold ``seq``'s pages, or None when it fits them exactly."""
+    if transfer_id not in sender.reserved_tokens:
+        return "it never reserved room on the decode side (sender.reserve) before sending pages"
+    got = int(sender.reserved_tokens[transfer_id])
+    want = seq.num_computed_tokens
+    got_blocks, want_blocks = -(-got // block_size), len(seq.block_table)
+    if got_blocks == want_blocks:
+        return None
+    return (f"it reserved {got} tokens ({_blocks(got_blocks)} of {block_size}), but the prompt of "
+            f"{len(seq.prompt_token_ids)} tokens has KV for {want} tokens (seq.num_computed_tokens) in "
+            f"{_blocks(want_blocks)}: the first output token has no KV yet, so reserve what was computed")
+
+
+def _blocks(count: int) -> str:
+    return f"{count} block" if count == 1 else f"{count} blocks"
 
 
 def colocated_tokens(loaded: LoadedModel, prompts: list[list[int]], params: SamplingParams,
@@ -121,6 +163,7 @@ def _prefill_all(pair: DisaggPair, prompts: list[list[int]], params: SamplingPar
     return ids, handed
 
 
+@task_check("Lab 4, Task 1")
 def task1(hand_off: HandOff, num_cases: int = 4, loaded: Optional[LoadedModel] = None,
           seed: Optional[int] = None) -> CheckResult:
     """Move prefilled requests with ``hand_off``; decode pages must equal the prefill pool's, bit for bit."""
@@ -131,7 +174,7 @@ def task1(hand_off: HandOff, num_cases: int = 4, loaded: Optional[LoadedModel] =
     for case in range(num_cases):
         block_size = rng.choice(BLOCK_SIZES)
         transport = "inproc" if case % 2 == 0 else "socket"
-        prompts = _random_prompts(rng, rng.randint(2, 4), block_size, loaded.config.vocab_size, min_len=2)
+        prompts = _random_prompts(rng, rng.randint(2, 4), block_size, loaded.config.vocab_size)
         params = SamplingParams(temperature=0, max_tokens=rng.randint(3, 8), ignore_eos=True)
         where = f"case {case + 1} ({transport}, block_size {block_size}, seed {seed})"
         want_tokens = colocated_tokens(loaded, prompts, params, block_size)
@@ -141,16 +184,23 @@ def task1(hand_off: HandOff, num_cases: int = 4, loaded: Optional[LoadedModel] =
             scramble_free_blocks(pair.prefill.blocks, rng)
             scramble_free_blocks(pair.decode.engine.blocks, rng)
             ids, handed = _prefill_all(pair, prompts, params)
+            sender = WatchedSender(pair.sender)
             for seq in handed:
                 n = len(seq.block_table)
                 want = gather_pages(pair.prefill.kv_cache, seq.block_table).clone()
                 what = f"request of {len(seq.prompt_token_ids)} tokens in {where}"
+                transfer_id = f"check-{seq.request_id}"
                 try:
-                    sent = hand_off(seq, pair.prefill.kv_cache, pair.sender, f"check-{seq.request_id}")
+                    sent = hand_off(seq, pair.prefill.kv_cache, sender, transfer_id)
                 except NotImplementedError as err:
                     return not_implemented("Lab 4, Task 1", err)
                 except Exception as err:  # noqa: BLE001 - report whatever the learner's code raised
+                    if transfer_id in sender.reserved_tokens and \
+                            (wrong := _reservation_error(sender, transfer_id, seq, block_size)) is not None:
+                        return failed(f"hand_off raised {type(err).__name__} for the {what}: {wrong}")
                     return failed(f"hand_off raised {type(err).__name__}: {err} ({what})")
+                if (wrong := _reservation_error(sender, transfer_id, seq, block_size)) is not None:
+                    return failed(f"hand_off of the {what}: {wrong}")
                 try:
                     adopted = pair.decode.engine.sequence(seq.request_id)
                 except KeyError:
@@ -174,8 +224,9 @@ def task1(hand_off: HandOff, num_cases: int = 4, loaded: Optional[LoadedModel] =
                                   f"the colocated engine gives {want_t} ({where})")
             if (leak := _leaks(pair)) is not None:
                 return failed(f"{leak} ({where})")
-    return passed(f"{num_requests} random requests in {num_cases} cases over inproc and TCP, "
-                  f"{num_bytes / 1e6:.2f} MB of pages equal bit for bit, tokens equal colocated, no blocks leaked")
+    return passed(f"{num_requests} random requests in {num_cases} cases over inproc and TCP (prompts that fill their "
+                  f"blocks exactly and one-token prompts included), {num_bytes / 1e6:.2f} MB of pages equal bit for "
+                  f"bit, tokens equal colocated, no blocks leaked")
 
 
 def _decode_all(pair: DisaggPair, ids: list[str], prompts: list[list[int]]) -> list[Optional[list[int]]]:
@@ -187,6 +238,7 @@ def _decode_all(pair: DisaggPair, ids: list[str], prompts: list[list[int]]) -> l
     return [done.get(rid) for rid in ids]
 
 
+@task_check("Lab 4, Task 2")
 def task2(serve_prompts: ServePrompts, num_cases: int = 3, loaded: Optional[LoadedModel] = None,
           seed: Optional[int] = None) -> CheckResult:
     """Serve random prompts with ``serve_prompts``; tokens must equal the colocated engine's, KV must cross."""
@@ -231,5 +283,6 @@ def task2(serve_prompts: ServePrompts, num_cases: int = 3, loaded: Optional[Load
                 return failed(f"{leak} ({where})")
         num_prompts += len(prompts)
         num_tokens += sum(len(t) for t in want)
-    return passed(f"{num_prompts} random prompts in {num_cases} cases over inproc and TCP, {num_tokens} tokens "
-                  f"equal to the colocated engine's, no blocks leaked")
+    return passed(f"{num_prompts} random prompts in {num_cases} cases over inproc and TCP (one-token prompts, prompts "
+                  f"that fill their blocks exactly and requests done at their first token included), {num_tokens} "
+                  f"tokens equal to the colocated engine's, no blocks leaked")
