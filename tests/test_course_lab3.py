@@ -88,10 +88,75 @@ def test_task1_passes_the_engines_chunked_policy(capsys):
     ],
 )
 def test_task1_names_the_broken_rule_and_the_schedule(policy, rule, capsys):
-    with pytest.raises(CheckFailed, match=rule):
+    with pytest.raises(CheckFailed, match=rule) as info:
         lab3.task1(policy)
-    out = capsys.readouterr().out
-    assert out.startswith("FAIL  schedule ") and "tokens left" in out and "budget" in out
+    message = str(info.value)
+    assert message.startswith("FAIL  Lab 3, Task 1: schedule ") and "tokens left" in message and "budget" in message
+    assert capsys.readouterr().out == ""  # the raised line is the only FAIL the learner sees
+
+
+def chunks_whole_prompts(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    """Plausible: sizes chunks by the prompt's length, forgetting the chunks already computed."""
+    decodes = list(running[: budget.max_num_seqs])
+    left, chunks = budget.max_num_batched_tokens - len(decodes), []
+    for seq in waiting:
+        if left <= 0 or len(decodes) + len(chunks) >= budget.max_num_seqs:
+            break
+        chunks.append(PrefillChunk(seq, min(len(seq.prompt_token_ids), left)))
+        left -= chunks[-1].num_tokens
+    return StepPlan(prefills=chunks, decodes=decodes, prefill_before_decode=False)
+
+
+def empty_chunk_when_budget_spent(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    """Plausible: checks the slots but not the tokens left, so a spent budget still adds a 0-token chunk."""
+    decodes = list(running[: budget.max_num_seqs])
+    left, chunks = budget.max_num_batched_tokens - len(decodes), []
+    for seq in waiting:
+        if len(decodes) + len(chunks) >= budget.max_num_seqs:
+            break
+        chunks.append(PrefillChunk(seq, min(seq.num_prefill_tokens_left, left)))
+        left -= chunks[-1].num_tokens
+    return StepPlan(prefills=chunks, decodes=decodes, prefill_before_decode=False)
+
+
+def prefills_past_the_slots(waiting: list[Sequence], running: list[Sequence], budget: StepBudget) -> StepPlan:
+    """Plausible: caps the decodes by max_num_seqs but lets one prefill in even when no slot is left."""
+    plan = chunked(waiting, running, budget)
+    left = budget.max_num_batched_tokens - len(plan.decodes) - sum(c.num_tokens for c in plan.prefills)
+    rest = [s for s in waiting if s not in [c.seq for c in plan.prefills]]
+    if not plan.prefills and rest and left > 0:
+        plan.prefills.append(PrefillChunk(rest[0], min(rest[0].num_prefill_tokens_left, left)))
+    return plan
+
+
+@pytest.mark.parametrize(("policy", "schedule", "says"), [
+    (empty_chunk_when_budget_spent, 0, "the budget is used up by the decodes): rule 'no empty chunks' broken"),
+    (prefills_past_the_slots, 2, "every sequence slot is taken by a decode): rule 'at most max_num_seqs sequences'"),
+    (chunks_whole_prompts, 4, "a half-prefilled prompt and room to spare): rule 'chunks never exceed what is left"),
+])
+def test_task1_boundary_schedules_catch_plausible_policies(policy, schedule, says):
+    """Each policy is right on most random schedules; a boundary schedule, checked first, names its slip."""
+    with pytest.raises(CheckFailed) as info:
+        lab3.task1(policy)
+    message = str(info.value)
+    assert message.startswith(f"FAIL  Lab 3, Task 1: schedule {schedule} ("), message
+    assert says in message, message
+
+
+def test_boundary_schedules_keep_the_rules_and_hold_their_edge():
+    rng = random.Random()
+    for index in range(len(lab3.BOUNDARY_NOTES)):
+        sched = lab3.boundary_schedule(index, rng)
+        plan = chunked(list(sched.waiting), list(sched.running), sched.budget)
+        assert lab3.rule_broken(plan, sched) is None, sched.describe()
+        used = len(plan.decodes) + sum(c.num_tokens for c in plan.prefills)
+        if index in (0, 1):
+            assert used == sched.budget.max_num_batched_tokens and len(plan.prefills) == index
+        if index == 2:
+            assert not plan.prefills and sched.waiting
+        if index == 4:
+            head = sched.waiting[0]
+            assert 0 < head.num_prefill_tokens_left < len(head.prompt_token_ids) < sched.budget.max_num_batched_tokens
 
 
 def test_task1_reports_not_implemented():
@@ -121,6 +186,19 @@ def test_random_schedules_exercise_every_rule_and_the_engine_keeps_them():
 
 def _gaps_percentile(token_times: list[list[float]], q: float) -> float:
     return float(np.percentile([b - a for row in token_times for a, b in zip(row, row[1:])], q))
+
+
+def _index_percentile(token_times: list[list[float]], q: float) -> float:
+    """Plausible: the order statistic at index q/100 * n, which runs off the end at q = 100."""
+    gaps = sorted(b - a for row in token_times for a, b in zip(row, row[1:]))
+    return gaps[int(q / 100 * len(gaps))]
+
+
+def test_task2_q100_comes_first():
+    with pytest.raises(CheckFailed) as info:
+        lab3.task2(_index_percentile)
+    assert str(info.value).startswith("FAIL  Lab 3, Task 2: case 0 ("), str(info.value)
+    assert "q=100.0" in str(info.value) and "raised IndexError" in str(info.value)
 
 
 def test_task2_passes_a_correct_percentile(capsys):

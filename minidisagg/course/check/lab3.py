@@ -150,9 +150,14 @@ def rule_broken(plan: object, sched: Schedule) -> Optional[str]:
     for chunk in plan.prefills:
         if chunk.seq.seq_id not in waiting_ids or chunk_ids.count(chunk.seq.seq_id) > 1:
             return f"rule 'prefill only waiting prompts, once each' broken by request {chunk.seq.request_id}"
-        if not 1 <= chunk.num_tokens <= chunk.seq.num_prefill_tokens_left:
+        if chunk.num_tokens < 1:
+            return (f"rule 'no empty chunks' broken: request {chunk.seq.request_id} got {chunk.num_tokens} tokens "
+                    f"(stop adding chunks when the budget or the sequence slots run out)")
+        if chunk.num_tokens > chunk.seq.num_prefill_tokens_left:
             return (f"rule 'chunks never exceed what is left of a prompt' broken: request {chunk.seq.request_id} got "
-                    f"{chunk.num_tokens} tokens with {chunk.seq.num_prefill_tokens_left} left")
+                    f"{chunk.num_tokens} tokens with {chunk.seq.num_prefill_tokens_left} left"
+                    + (f" (its prompt has {len(chunk.seq.prompt_token_ids)} tokens, {chunk.seq.num_computed_tokens} "
+                       f"already computed)" if chunk.seq.num_computed_tokens else ""))
     used = len(plan.decodes) + sum(c.num_tokens for c in plan.prefills)
     if used > budget.max_num_batched_tokens:
         return (f"rule 'token budget never exceeded' broken: {len(plan.decodes)} decode tokens + "
@@ -191,6 +196,8 @@ def task1(policy: Callable[[list[Sequence], list[Sequence], StepBudget], StepPla
             plan = policy(list(sched.waiting), list(sched.running), sched.budget)
         except NotImplementedError as err:
             return not_implemented("Lab 3, Task 1", err)
+        except Exception as err:  # noqa: BLE001
+            return failed(f"{sched.describe()}: the policy raised {type(err).__name__}: {err}")
         if _state(sched.waiting + sched.running) != before:
             return failed(f"{sched.describe()}: rule 'a policy only plans' broken: it changed the sequences "
                           f"(their computed tokens, status or outputs); the engine does that when the plan runs")
@@ -262,6 +269,10 @@ def task2(itl_percentile_s: Callable[[list[list[float]], float], float]) -> Chec
             got = itl_percentile_s([list(row) for row in token_times], q)
         except NotImplementedError as err:
             return not_implemented("Lab 3, Task 2", err)
+        except Exception as err:  # noqa: BLE001 - the learner sees which case broke their function
+            lens = [len(row) for row in token_times]
+            return failed(f"case {case} ({len(token_times)} requests with {lens} tokens, q={q}): "
+                          f"itl_percentile_s raised {type(err).__name__}: {err}")
         if not isinstance(got, (int, float)) or not math.isfinite(got) or abs(got - want) > ITL_TOLERANCE_S:
             lens = [len(row) for row in token_times]
             return failed(f"case {case} ({len(token_times)} requests with {lens} tokens, q={q}): got {got!r} s, "
