@@ -1,4 +1,4 @@
-"""The ``minidisagg`` command line: demo, generate, fetch, doctor, serve, bench, course, slides."""
+"""The ``minidisagg`` command line: demo, generate, fetch, doctor, serve, bench, course, lab, slides."""
 
 from __future__ import annotations
 
@@ -174,6 +174,11 @@ def cmd_course(args: argparse.Namespace) -> int:
     return _run_module_main(COURSE_ACTIONS[args.action], args.rest)
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    """Start JupyterLab on the labs (``--allow-root`` added when run as root)."""
+    return _run_module_main("minidisagg.course.jupyter", args.rest)
+
+
 def cmd_slides(args: argparse.Namespace) -> int:
     """Slides: ``build`` renders slides/*.ipynb to self-contained reveal.js HTML."""
     return _run_module_main(SLIDES_ACTIONS[args.action], args.rest)
@@ -340,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     course.add_argument("action", choices=list(COURSE_ACTIONS))
     course.add_argument("rest", nargs=argparse.REMAINDER)
     course.set_defaults(func=cmd_course)
+
+    lab = sub.add_parser("lab", help="start JupyterLab on the labs: minidisagg lab [DIR] [options] (as root: --allow-root)",
+                         prefix_chars="+")  # every option goes on to JupyterLab
+    lab.add_argument("rest", nargs=argparse.REMAINDER)
+    lab.set_defaults(func=cmd_lab)
 
     slides = sub.add_parser("slides", help="lecture decks (build reveal.js HTML)")
     slides.add_argument("action", choices=list(SLIDES_ACTIONS))
