@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from minidisagg.config import ModelConfig
+from minidisagg.course.gemm_lab import min_time_s
 from minidisagg.engine.runner import BatchItem, ModelRunner
 from minidisagg.kernels.activation import silu_and_mul
 from minidisagg.kernels.attention import AttentionMetadata
@@ -17,7 +20,7 @@ from minidisagg.kernels.rope import apply_rope
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
-from minidisagg.roofline import time_fn_s
+from minidisagg.roofline import dtype_bytes, synchronize
 
 if TYPE_CHECKING:  # matplotlib is needed only to draw
     from matplotlib.axes import Axes
@@ -114,6 +117,66 @@ def decode_with_engine_cache(model: LlamaModel, prompt_ids: Sequence[int], num_n
     return tokens, torch.stack(logits)
 
 
+# --- what a decode loop computes and reads, counted ---
+
+@dataclass(frozen=True)
+class LoopCounts:
+    """Work of a greedy decode loop over the weight GEMMs: token rows, FLOPs (layers, LM head) and weight bytes read."""
+
+    token_rows: int
+    layer_flops: int
+    lm_head_flops: int
+    weight_bytes: int
+
+    @property
+    def flops(self) -> int:
+        """All weight-GEMM FLOPs of the loop."""
+        return self.layer_flops + self.lm_head_flops
+
+
+def decode_loop_counts(cfg: ModelConfig, prompt_len: int, num_new_tokens: int, cached: bool,
+                       dtype: torch.dtype = torch.float32) -> LoopCounts:
+    """Count a greedy loop's weight-GEMM work (attention and norms left out); every step reads every weight once.
+
+    Without a cache step ``i`` pushes all ``prompt_len + i`` tokens through the layers; with one, the
+    first step pushes the prompt and each later step one token. Both loops run the LM head on one row per step.
+    """
+    layer_params = cfg.num_layers * (cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size
+                                     + 3 * cfg.hidden_size * cfg.intermediate_size)
+    lm_head_params = cfg.vocab_size * cfg.hidden_size
+    if cached:
+        rows = prompt_len + num_new_tokens - 1
+    else:
+        rows = sum(prompt_len + i for i in range(num_new_tokens))
+    return LoopCounts(rows, 2 * rows * layer_params, 2 * num_new_tokens * lm_head_params,
+                      num_new_tokens * (layer_params + lm_head_params) * dtype_bytes(dtype))
+
+
+@torch.inference_mode()
+def weight_gemms_s(model: LlamaModel, batch: int, passes: int = 3) -> float:
+    """Time of the model's bare weight products for ``batch`` rows: every layer's four, then the LM head.
+
+    The products are the engine's own (``kernels.linear``). Each pass runs them all in order, so a
+    layer's weights have left the caches before it runs again; each layer keeps its fastest time over
+    the passes and the layers are summed, so a busy machine inflates this less than a whole step.
+    """
+    groups = [[layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj] for layer in model.layers]
+    groups.append([model.lm_head])
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=model.device, dtype=model.dtype)
+              for group in groups for w in group}
+    best_s = [float("inf")] * len(groups)
+    for index in range(passes + 1):  # the first pass warms up
+        for g, group in enumerate(groups):
+            synchronize(model.device)
+            t0 = time.perf_counter()
+            for w in group:
+                linear(inputs[w.shape[1]], w)
+            synchronize(model.device)
+            if index:
+                best_s[g] = min(best_s[g], time.perf_counter() - t0)
+    return sum(best_s)
+
+
 # --- decode step time against context length ---
 
 @dataclass(frozen=True)
@@ -139,14 +202,14 @@ class DecodeTimer:
         self.runner = ModelRunner(model, self.cache)
 
     def measure(self, context_len: int, iters: int = 3) -> DecodeTiming:
-        """Median time of one decode step in which each of the ``batch`` sequences has ``context_len`` tokens."""
+        """Fastest of ``iters`` decode steps in which each of the ``batch`` sequences has ``context_len`` tokens."""
         if not 1 <= context_len <= self.blocks_per_seq * self.block_size:
             raise ValueError(f"context_len must be in 1..{self.blocks_per_seq * self.block_size}, got {context_len}")
         per_seq = self.blocks_per_seq
         items = [BatchItem([1 + i], context_len - 1, list(range(i * per_seq, (i + 1) * per_seq)), True)
                  for i in range(self.batch)]
         # Each step rewrites the newest token's slot, so the pool stays the same size between calls.
-        step_s = time_fn_s(lambda: self.runner.execute(items), self.model.device, warmup=1, iters=iters)
+        step_s = min_time_s(lambda: self.runner.execute(items), self.model.device, warmup=1, iters=iters)
         kv_bytes = self.batch * context_len * self.cache.bytes_per_block // self.block_size
         return DecodeTiming(self.batch, context_len, step_s, kv_bytes)
 
