@@ -61,12 +61,13 @@ def test_verdicts_are_recorded_per_task_and_per_function():
 def test_a_later_cell_says_the_learners_function_failed_its_check(capsys):
     with pytest.raises(CheckFailed):
         check.lab1.task1(no_factor_two, seed=0)
-    intensity = learner_or_reference(no_factor_two, roofline.arithmetic_intensity, "Task 1")
     capsys.readouterr()
+    intensity = learner_or_reference(no_factor_two, roofline.arithmetic_intensity, "Task 1")
+    said = "[Task 1] using your no_factor_two (it FAILED its check: results below may be wrong)\n"
+    assert capsys.readouterr().out == said  # at once, above the table the cell prints
     assert intensity(1, 8, 8, roofline.torch.float32) == no_factor_two(1, 8, 8, roofline.torch.float32)
     intensity(4, 8, 8, roofline.torch.float32)
-    assert capsys.readouterr().out == ("[Task 1] using your no_factor_two (it FAILED its check: results below may "
-                                       "be wrong)\n")
+    assert capsys.readouterr().out == ""
 
 
 def test_a_later_cell_says_passed_unchecked_redefined_or_reference(capsys):
@@ -111,3 +112,12 @@ def test_in_a_notebook_pass_and_fail_show_once_and_a_stub_shows_one_line():
     assert shown(failed).count("FAIL") == 1 and [o.output_type for o in failed.outputs] == ["error"]
     assert failed.outputs[0].traceback[0].startswith("FAIL  Lab 1, Task 1: arithmetic_intensity(m=1, n=1, k=1")
     assert stub.outputs[0].traceback == ["FAIL  Lab 1, Task 1: not implemented yet (Lab 1, Task 1: count)"]
+
+
+def test_a_stub_that_failed_as_not_implemented_falls_back_on_its_first_call(capsys):
+    with pytest.raises(CheckFailed):
+        check.lab1.task1(not_done)
+    intensity = learner_or_reference(not_done, roofline.arithmetic_intensity, "Task 1")
+    assert capsys.readouterr().out == ""
+    assert intensity(2, 3, 4, roofline.torch.float16) == roofline.arithmetic_intensity(2, 3, 4, roofline.torch.float16)
+    assert capsys.readouterr().out == "[Task 1] not implemented yet: using the reference solution for the cells below\n"

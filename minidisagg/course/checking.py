@@ -161,16 +161,20 @@ def learner_or_reference(learner_fn: Optional[Callable[..., Any]], reference_fn:
     """Return a callable that runs the learner's function, falling back (visibly) to the reference.
 
     Cells after an exercise use this, so a lab runs top to bottom before its exercises are done.
-    The first call says which one runs and, for the learner's, whether it passed its check.
+    It says once which function runs and, for the learner's, whether it passed its check: at
+    once when its check has judged it, else on the first call.
     """
 
-    said = False
+    said = {"learner": False, "reference": False}
 
-    def say(line: str) -> None:
-        nonlocal said
-        if not said:
+    def say(which: str, line: str) -> None:
+        if not said[which]:
             print(f"[{name}] {line}")
-            said = True
+            said[which] = True
+
+    verdict = REGISTRY.of_function(learner_fn) if learner_fn is not None else None
+    if verdict is not None and "not implemented yet" not in verdict.detail:
+        say("learner", learner_status(learner_fn))
 
     def call(*args: Any, **kwargs: Any) -> Any:
         if learner_fn is not None:
@@ -179,9 +183,9 @@ def learner_or_reference(learner_fn: Optional[Callable[..., Any]], reference_fn:
             except NotImplementedError:
                 pass
             else:
-                say(learner_status(learner_fn))
+                say("learner", learner_status(learner_fn))
                 return value
-        say("not implemented yet: using the reference solution for the cells below")
+        say("reference", "not implemented yet: using the reference solution for the cells below")
         return reference_fn(*args, **kwargs)
 
     return call
