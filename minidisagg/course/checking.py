@@ -56,9 +56,14 @@ def failed(detail: str) -> CheckResult:
     raise CheckFailed(CheckResult(False, detail)) from None
 
 
+NOT_IMPLEMENTED = "not implemented yet"
+FALLBACK = "not implemented yet: using the reference solution for the cells below"
+
+
 def not_implemented(task: str, err: NotImplementedError) -> CheckResult:
     """The verdict for a task the student has not done yet (a FAIL, raised)."""
-    return failed(f"{task}: not implemented yet ({err})")
+    what = str(err).removeprefix(f"{task}:").strip()
+    return failed(f"{task}: {NOT_IMPLEMENTED} ({what})" if what else f"{task}: {NOT_IMPLEMENTED}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,9 @@ def learner_or_reference(learner_fn: Optional[Callable[..., Any]], reference_fn:
             said[which] = True
 
     verdict = REGISTRY.of_function(learner_fn) if learner_fn is not None else None
-    if verdict is not None and "not implemented yet" not in verdict.detail:
+    if verdict is not None and NOT_IMPLEMENTED in verdict.detail:
+        say("reference", FALLBACK)
+    elif verdict is not None:
         say("learner", learner_status(learner_fn))
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -185,7 +192,7 @@ def learner_or_reference(learner_fn: Optional[Callable[..., Any]], reference_fn:
             else:
                 say("learner", learner_status(learner_fn))
                 return value
-        say("reference", "not implemented yet: using the reference solution for the cells below")
+        say("reference", FALLBACK)
         return reference_fn(*args, **kwargs)
 
     return call
