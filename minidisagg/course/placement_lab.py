@@ -23,6 +23,7 @@ from minidisagg.course.transfer_lab import PrefillCostModel, fit_decode, measure
 from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.llm_engine import LLMEngine
 from minidisagg.engine.replay import replay, submit_workload
+from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.engine.sequence import Sequence as EngineSequence
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.metrics import SLO, RequestMetrics, slo_attainment
@@ -53,6 +54,16 @@ class PhaseCosts:
             raise ValueError("a decode step must cost some time")
         if not self.link_GBps > 0 or self.max_batch < 1 or self.kv_bytes_per_token < 0:
             raise ValueError("link_GBps must be > 0, max_batch >= 1 and kv_bytes_per_token >= 0")
+
+    @classmethod
+    def from_step_costs(cls, step_costs: StepCostModel, kv_bytes_per_token: int, link_GBps: float = 3.0,
+                        max_batch: int = 64) -> "PhaseCosts":
+        """The same calibration as an engine replay's (``calibrate_step_costs``), in this lab's two fits."""
+        prefill = lower_envelope(dict(zip(step_costs.prefill_tokens, step_costs.prefill_s)))
+        decode = lower_envelope(dict(zip(step_costs.decode_batch_sizes, step_costs.decode_s)))
+        fixed, per_seq = fit_decode(decode) if len(decode) > 1 else (next(iter(decode.values())), 0.0)
+        return cls(PrefillCostModel.fit(list(prefill), list(prefill.values())), fixed, per_seq, kv_bytes_per_token,
+                   link_GBps, max_batch)
 
     def prefill_s(self, prompt_len: int) -> float:
         """Seconds to prefill one prompt alone."""
