@@ -168,7 +168,7 @@ def cpu_decode_figure(result: dict) -> Figure:
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"SmolLM2-135M decode, {result['machine']['cpu']}, {result['machine']['cores']} cores "
                  f"({result['_file']})", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     return fig
 
