@@ -1,141 +1,238 @@
 """The interference demo: steady decodes on one engine while long prompts arrive.
 
-Each policy replays the same timed workload on wall time: a handful of requests decode
-continuously from t=0, and every few seconds a long prompt arrives. Under
-``prefill_first`` every long prefill stalls all running decodes (an inter-token-latency
-spike); ``chunked`` spreads the prefill over steps with a token budget.
+A few requests decode from t=0; every ``long_every_steps`` decode steps a long prompt arrives.
+Under ``prefill_first`` each long prefill stalls every running decode (an inter-token-latency
+spike); ``chunked`` spreads it over steps with a token budget; disaggregated, the prefill runs
+in another process and the decodes never wait for it.
+
+The first view is a calibrated replay: the step costs are measured first (the fastest of a few
+repeats per shape), then both colocated policies replay on a ``SimulatedClock`` that charges each
+step its calibrated cost, so another program's load during the replay cannot change its timeline
+or invert the lesson. The same workload then runs on wall time, colocated and disaggregated over
+TCP (which only wall time can show), each engine warmed up first so that no one-time cost (first
+calls, kernel builds, CUDA graph capture, the native decode op) falls inside a measured run.
+The host load is read before and after; above one runnable task per core, the wall-clock rows
+include other programs' time, and the demo says so.
+
+Measured with the CPU defaults (``time minidisagg demo``, SmolLM2-135M, float32): see
+``RUNTIME_NOTE``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.course.claims import HostLoad, device_name, host_load
+from minidisagg.demo_report import (CALIBRATED, DISAGG, POLICIES, WALL, DemoReport, DemoRun, demo_claims, demo_table)
+from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
+from minidisagg.engine.clock import Clock, SimulatedClock, WallClock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.replay import replay
-from minidisagg.metrics import summarize
-from minidisagg.models.registry import load_model
-from minidisagg.workload import interference_workload
+from minidisagg.engine.step_cost import StepCostModel
+from minidisagg.models.registry import LoadedModel, load_model
+from minidisagg.workload import TimedRequest, interference_workload
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the interference scenario (the CPU defaults finish in well under two minutes)."""
+    """Sizes of the interference scenario; long-prompt arrivals are counted in calibrated decode steps."""
 
     num_decodes: int = 4
     decode_prompt_len: int = 32
-    decode_output_len: int = 160
     num_long: int = 3
     long_prompt_len: int = 768
-    long_every_s: float = 2.0
-    start_long_s: float = 1.0
+    long_output_len: int = 8
+    long_every_steps: int = 40
     chunk_budget_tokens: int = 128
+    calibration_repeats: int = 3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_decodes", "decode_prompt_len", "num_long", "long_prompt_len", "long_output_len",
+                     "long_every_steps", "chunk_budget_tokens", "calibration_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoSettings.{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def for_device(cls, device: torch.device) -> "DemoSettings":
         """Larger prompts and batches on a GPU, where a small prefill is too fast to see."""
         if device.type == "cuda":
-            return cls(num_decodes=16, decode_output_len=400, num_long=4, long_prompt_len=4096, long_every_s=1.0,
-                       start_long_s=0.5, chunk_budget_tokens=512)
+            return cls(num_decodes=16, long_prompt_len=4096, num_long=4, chunk_budget_tokens=512)
         return cls()
 
+    @property
+    def decode_output_len(self) -> int:
+        """Tokens per steady decode: enough that every long prompt arrives while the decodes still run."""
+        return self.long_every_steps * (self.num_long + 1)
 
-@dataclass
-class DemoRun:
-    """One configuration's replay: the steady decodes and the long prompts, and how long it took."""
+    def calibration_plan(self) -> CalibrationPlan:
+        """Every shape the replays run: prefills up to a whole long prompt, decode batches up to all requests."""
+        context = max(self.decode_prompt_len + self.decode_output_len, self.long_prompt_len + self.long_output_len)
+        return CalibrationPlan.covering(self.long_prompt_len, self.num_decodes + 1, context,
+                                        repeats=self.calibration_repeats)
 
-    label: str
-    decodes: list[RequestOutput]
-    longs: list[RequestOutput]
-    duration_s: float
-    start_s: float = 0.0
+    def decode_step_s(self, costs: StepCostModel) -> float:
+        """The calibrated cost of one step of the steady decodes alone (at half their output)."""
+        return costs.decode_cost_s(self.num_decodes, self.decode_prompt_len + self.decode_output_len // 2)
 
-    def summary_row(self) -> list[str]:
-        """Cells of this run's row in the demo table."""
-        every = self.decodes + self.longs
-        s = summarize([o.metrics for o in self.decodes], self.duration_s)
-        ttft = summarize([o.metrics for o in every], self.duration_s)
-        moved = sum(o.metrics.kv_transfer_bytes for o in every)
-        moving_s = sum(o.metrics.kv_send_s for o in every)  # time on the wire, not waiting for layers
-        tokens_per_s = sum(len(o.token_ids) for o in every) / self.duration_s
-        return [self.label, f"{ttft.ttft_p50_s:.2f}", f"{ttft.ttft_p99_s:.2f}", f"{1e3 * s.itl_p50_s:.0f}",
-                f"{1e3 * s.itl_p99_s:.0f}", f"{tokens_per_s:.1f}", f"{moved / 1e6:.1f}" if moved else "-",
-                f"{moved / moving_s / 1e9:.2f}" if moved and moving_s else "-"]
+    def workload(self, costs: StepCostModel) -> list[TimedRequest]:
+        """The timed requests: decodes at t=0, long prompts half a period in and then every period."""
+        every_s = self.long_every_steps * self.decode_step_s(costs)
+        return interference_workload(self.num_decodes, self.decode_prompt_len, self.decode_output_len, self.num_long,
+                                     self.long_prompt_len, every_s, self.long_output_len, start_long_s=every_s / 2)
+
+    def engine_config(self, policy: str) -> EngineConfig:
+        """The colocated engine for ``policy``: a whole prompt per step, or chunks of the token budget."""
+        whole = self.long_prompt_len + self.num_decodes * self.decode_prompt_len
+        budget = self.chunk_budget_tokens if policy == "chunked" else whole
+        tokens = self.num_decodes * (self.decode_prompt_len + self.decode_output_len) + \
+            self.num_long * (self.long_prompt_len + self.long_output_len)
+        blocks = -(-tokens // 16) + self.num_decodes + self.num_long + 8
+        return EngineConfig(max_num_seqs=self.num_decodes + self.num_long, max_num_batched_tokens=budget,
+                            policy=policy, cache=CacheConfig(block_size=16, num_blocks=blocks))
 
 
-def _split(label: str, outs: list[RequestOutput], num_decodes: int, duration_s: float, start_s: float = 0.0) -> DemoRun:
-    return DemoRun(label, outs[:num_decodes], outs[num_decodes:], duration_s, start_s)
+def _split(label: str, clock: str, outs: list[RequestOutput], num_decodes: int, duration_s: float,
+           start_s: float = 0.0) -> DemoRun:
+    return DemoRun(label, clock, outs[:num_decodes], outs[num_decodes:], duration_s, start_s)
+
+
+def warm_up(engine: "LLMEngine | Any", settings: DemoSettings) -> None:
+    """Run the workload's shapes once through ``engine`` (decodes, a whole long prompt), so one-time costs stay out."""
+    if isinstance(engine, LLMEngine):
+        engine.capture_cuda_graphs()
+    start = engine.clock.now()
+    warm = interference_workload(settings.num_decodes, settings.decode_prompt_len, 4, 1, settings.long_prompt_len,
+                                 1.0, 2, start_long_s=0.0)
+    replay(engine, [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in warm], settings.seed + 1)
+
+
+def timed_replay(engine: "LLMEngine | Any", label: str, clock: str, workload: Sequence[TimedRequest],
+                 settings: DemoSettings, progress: Optional[Progress] = None) -> DemoRun:
+    """Replay ``workload`` from the engine clock's current time; arrivals and the duration count from there."""
+    start = engine.clock.now()
+    shifted = [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in workload]
+    outs = replay(engine, shifted, settings.seed, progress, f"{label}, {clock}")
+    return _split(label, clock, outs, settings.num_decodes, engine.clock.now() - start, start)
+
+
+def colocated_run(loaded: LoadedModel, settings: DemoSettings, policy: str, workload: Sequence[TimedRequest],
+                  costs: Optional[StepCostModel] = None, progress: Optional[Progress] = None) -> DemoRun:
+    """One colocated replay: on a calibrated ``SimulatedClock`` with ``costs``, else on wall time after a warm-up."""
+    clock: Clock = SimulatedClock(cost_model=costs) if costs is not None else WallClock()
+    engine = LLMEngine(loaded, settings.engine_config(policy), clock=clock)
+    if costs is None:
+        task = progress.add_task(f"{policy}, wall: warming up", total=None) if progress else None
+        warm_up(engine, settings)
+        if progress is not None and task is not None:
+            progress.remove_task(task)
+    else:
+        engine.capture_cuda_graphs()
+    return timed_replay(engine, policy, CALIBRATED if costs is not None else WALL, workload, settings, progress)
+
+
+def disagg_run(loaded: LoadedModel, model: str, settings: DemoSettings, workload: Sequence[TimedRequest],
+               progress: Progress) -> DemoRun:
+    """One prefill and one decode process joined by TCP (the socket transport), on wall time, warmed up first."""
+    from minidisagg.disagg.cluster import DisaggCluster
+
+    cpu = loaded.device.type == "cpu"
+    task = progress.add_task(f"{DISAGG}: starting two worker processes, warming up", total=None)
+    budget = max(2048, settings.long_prompt_len + settings.num_decodes * settings.decode_prompt_len)
+    cluster = DisaggCluster(loaded, EngineConfig(max_num_batched_tokens=budget, cache=CacheConfig()),
+                            transport="socket", model_ref=model, pin_cores=cpu, worker_threads=1 if cpu else 0)
+    try:
+        warm_up(cluster, settings)
+        progress.remove_task(task)
+        return timed_replay(cluster, DISAGG, WALL, workload, settings, progress)
+    finally:
+        cluster.shutdown()
+
+
+def calibrated_runs(loaded: LoadedModel, settings: DemoSettings, costs: StepCostModel,
+                    workload: Sequence[TimedRequest], progress: Optional[Progress] = None) -> dict[str, DemoRun]:
+    """Both colocated policies on the same calibrated clock: deterministic given ``costs``."""
+    runs = [colocated_run(loaded, settings, p, workload, costs, progress) for p in POLICIES]
+    return {r.key: r for r in runs}
+
+
+
+
+def busy_note(load: HostLoad) -> str:
+    """What a busy host means for the rows: the wall-clock ones include other programs' time."""
+    return (f"The host is busy ({load.describe()}): the wall-clock rows include other programs' time and say "
+            f"little; the calibrated rows charge each step its calibrated cost and do not depend on it.")
 
 
 def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | Path = ".",
              settings: Optional[DemoSettings] = None, console: Optional[Console] = None,
-             disagg: bool = True) -> dict[str, DemoRun]:
-    """Replay the interference scenario colocated (prefill_first, chunked) and disaggregated; table + PNG.
+             disagg: bool = True, wall: bool = True) -> DemoReport:
+    """Calibrate, replay both policies on the calibrated clock, then on wall time and disaggregated; table, claims, PNG.
 
-    Both sides get the same compute: on CPU the colocated engine uses every core's thread, while
-    the prefill and decode processes are each pinned to one core with one thread.
+    Both wall-clock sides get the same compute: on CPU the colocated engine uses every core's thread,
+    while the prefill and decode processes are each pinned to one core with one thread.
     """
-    from minidisagg.disagg.cluster import DisaggCluster
     from minidisagg.plots import itl_timeline_figure
 
+    t0 = time.perf_counter()
     console = console or Console()
     loaded = load_model(model, device=device)
     dev = loaded.device
     settings = settings or DemoSettings.for_device(dev)
+    load_before = host_load()
     threads = torch.get_num_threads()
-    where = f"{threads} CPU threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
-    console.print(f"[bold]minidisagg demo[/]: {loaded.name} on {dev} ({loaded.dtype}), {where}", highlight=False)
-    workload = interference_workload(
-        settings.num_decodes, settings.decode_prompt_len, settings.decode_output_len, settings.num_long,
-        settings.long_prompt_len, settings.long_every_s, long_output_len=8, start_long_s=settings.start_long_s,
-    )
-    runs: dict[str, DemoRun] = {}
+    where = f"{threads} CPU threads" if dev.type == "cpu" else device_name(dev)
+    console.print(f"[bold]minidisagg demo[/]: {loaded.name} on {dev} ({loaded.dtype}), {where}; "
+                  f"host {load_before.describe()}", highlight=False)
+    if load_before.overloaded:
+        console.print(busy_note(load_before), style="yellow", highlight=False)
+    console.print(f"Calibrating step costs: the fastest of {settings.calibration_repeats} runs of each shape ...",
+                  highlight=False)
+    costs = calibrate_step_costs(loaded, settings.calibration_plan(), seed=settings.seed)
+    console.print(costs.describe(), style="dim", highlight=False)
+    workload = settings.workload(costs)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        for policy, budget in (("prefill_first", 1 << 20), ("chunked", settings.chunk_budget_tokens)):
-            label = f"colocated, {policy}"
-            engine = LLMEngine(loaded, EngineConfig(policy=policy, max_num_batched_tokens=budget, cache=CacheConfig()))
-            outs = replay(engine, workload, settings.seed, progress, label)
-            runs[label] = _split(label, outs, settings.num_decodes, engine.clock.now())
-        if disagg:
-            label = "disagg 1P1D, socket"
-            task = progress.add_task(f"{label}: starting two worker processes", total=None)
-            cluster = DisaggCluster(loaded, EngineConfig(cache=CacheConfig()), transport="socket",
-                                    model_ref=model, pin_cores=dev.type == "cpu", worker_threads=1 if dev.type == "cpu" else 0)
-            progress.remove_task(task)
-            try:
-                start = cluster.clock.now()
-                shifted = [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in workload]
-                outs = replay(cluster, shifted, settings.seed, progress, label)
-                runs[label] = _split(label, outs, settings.num_decodes, cluster.clock.now() - start, start)
-            finally:
-                cluster.shutdown()
-    table = Table(title=f"{settings.num_decodes} steady decodes while {settings.num_long} prompts of "
-                        f"{settings.long_prompt_len} tokens arrive")
-    table.add_column("run", no_wrap=True)
-    for col in ("TTFT p50 s", "TTFT p99 s", "ITL p50 ms", "ITL p99 ms", "tok/s", "KV MB", "KV GB/s"):
-        table.add_column(col, justify="right")
-    for run in runs.values():
-        table.add_row(*run.summary_row())
-    console.print(table)
-    if disagg and dev.type == "cpu":
-        console.print(f"Colocated runs use {threads} threads; each disaggregated worker is pinned to one core "
-                      f"with one thread.", highlight=False)
+        runs = calibrated_runs(loaded, settings, costs, workload, progress)
+        if wall:
+            for policy in POLICIES:
+                run = colocated_run(loaded, settings, policy, workload, progress=progress)
+                runs[run.key] = run
+            if disagg:
+                run = disagg_run(loaded, model, settings, workload, progress)
+                runs[run.key] = run
+    load_after = host_load()
+    title = (f"{settings.num_decodes} steady decodes while {settings.num_long} prompts of "
+             f"{settings.long_prompt_len} tokens arrive")
+    console.print(demo_table(runs, title))
+    notes = [f"{CALIBRATED}: a simulated clock charges each step its calibrated cost, so load during the replay "
+             f"cannot change these rows; {WALL}: real time on this host, after a warm-up; {DISAGG}: a prefill "
+             f"and a decode process joined by TCP."]
+    if wall and disagg and dev.type == "cpu":
+        notes.append(f"Colocated runs use {threads} threads; each disaggregated worker is pinned to one core "
+                     f"with one thread.")
+    busiest = max(load_before, load_after, key=lambda load: load.load_1min)
+    if wall and busiest.overloaded:
+        notes.append(busy_note(busiest))
+    for note in notes:
+        console.print(note, highlight=False)
+    claims = demo_claims(runs, device_name(dev), busiest)
+    for c in claims:
+        console.print(c.line(), markup=False, highlight=False)
     png = Path(out_dir) / "minidisagg-demo-itl.png"
-    itl_timeline_figure(
-        [(f"{r.label}: inter-token latency of the steady decodes", [o.timeline for o in r.decodes],
-          [o.timeline for o in r.longs], r.start_s) for r in runs.values()],
-        png,
-    )
-    console.print(f"ITL timelines written to [bold]{png}[/]")
-    return runs
+    itl_timeline_figure([(f"{r.key}: inter-token latency of the steady decodes", [o.timeline for o in r.decodes],
+                          [o.timeline for o in r.longs], r.start_s) for r in runs.values()], png, share_latency=True)
+    elapsed_s = time.perf_counter() - t0
+    console.print(f"ITL timelines written to [bold]{png}[/]; the demo took {elapsed_s:.0f} s "
+                  f"(host {load_after.describe()} at the end)", highlight=False)
+    return DemoReport(runs, costs, claims, load_before, load_after, png, elapsed_s, notes)

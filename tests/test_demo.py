@@ -1,23 +1,140 @@
-"""The headline demo runs end to end (tiny sizes) and reports what it promises."""
+"""The headline demo: its calibrated replay cannot be moved by slow steps, its table and figure read right."""
 
 from __future__ import annotations
 
+import io
+import time
+
+import matplotlib.colors as mcolors
+import pytest
 from rich.console import Console
 
-from minidisagg.demo import DemoSettings, run_demo
+from minidisagg.course.claims import HostLoad
+from minidisagg.demo import DemoSettings, calibrated_runs, run_demo
+from minidisagg.demo_report import CALIBRATED, WALL, demo_claims, demo_table
+from minidisagg.engine.clock import SimulatedClock
+from minidisagg.engine.llm_engine import LLMEngine
+from minidisagg.engine.replay import replay
+from minidisagg.engine.step_cost import StepCostModel
+from minidisagg.plots import DECODE_COLOR, itl_timeline_figure
+from minidisagg.stages.decode import DecodeStage
+from minidisagg.stages.prefill import PrefillStage
+
+SMALL = DemoSettings(num_decodes=2, decode_prompt_len=8, num_long=2, long_prompt_len=128, long_output_len=2,
+                     long_every_steps=10, chunk_budget_tokens=32, calibration_repeats=1)
+# A prefill costs 0.5 ms a token, a decode step 10 ms: the long prompt is worth six decode steps.
+COSTS = StepCostModel((16, 32, 64, 128), (0.008, 0.016, 0.032, 0.064), (1, 2, 3), (0.010, 0.010, 0.010))
+QUIET = HostLoad(0.0, 2)
 
 
-def test_demo_runs_colocated_and_disaggregated(tmp_path):
-    settings = DemoSettings(num_decodes=2, decode_prompt_len=8, decode_output_len=12, num_long=2, long_prompt_len=96,
-                            long_every_s=0.3, start_long_s=0.1, chunk_budget_tokens=32)
-    console = Console(record=True, width=200)
-    runs = run_demo(model="tiny", device="cpu", out_dir=tmp_path, settings=settings, console=console)
-    assert list(runs) == ["colocated, prefill_first", "colocated, chunked", "disagg 1P1D, socket"]
+def _token_times(runs):
+    return {key: [o.timeline.token_times_s for o in run.decodes + run.longs] for key, run in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def quiet_runs(tiny_loaded):
+    return calibrated_runs(tiny_loaded, SMALL, COSTS, SMALL.workload(COSTS))
+
+
+def _slow_down(monkeypatch, delay_s: float) -> None:
+    """Every stage run sleeps ``delay_s`` more (prefills three times that), as a busy host would make it."""
+    for stage, factor in ((PrefillStage, 3), (DecodeStage, 1)):
+        original = stage.run
+
+        def slow(self, work, _original=original, _delay_s=factor * delay_s):
+            result = _original(self, work)
+            time.sleep(_delay_s)
+            result.elapsed_s += _delay_s
+            return result
+
+        monkeypatch.setattr(stage, "run", slow)
+
+
+def test_calibrated_claims_hold_and_slow_steps_change_nothing(tiny_loaded, quiet_runs, monkeypatch):
+    claims = demo_claims(quiet_runs, "CPU", QUIET)
+    assert [c.held for c in claims] == [True, True, True], [c.line() for c in claims]
+    workload = SMALL.workload(COSTS)
+    _slow_down(monkeypatch, 0.02)  # twice what a decode step is charged
+    slow = calibrated_runs(tiny_loaded, SMALL, COSTS, workload)
+    assert _token_times(slow) == _token_times(quiet_runs)  # the very same timeline, token for token
+    assert [c.held for c in demo_claims(slow, "CPU", QUIET)] == [c.held for c in claims]
+    # a replay that charges measured time instead sees every slowed step: the check above could fail
+    uncalibrated = LLMEngine(tiny_loaded, SMALL.engine_config("prefill_first"), clock=SimulatedClock())
+    outs = replay(uncalibrated, workload)
+    assert min(gap for o in outs for gap in o.metrics.itl_s) >= 0.02
+    assert min(quiet_runs["prefill_first, calibrated"].decode_itl_s) == pytest.approx(0.010)
+
+
+def test_every_long_prompt_arrives_while_the_decodes_run(quiet_runs):
+    for run in quiet_runs.values():
+        last_decode_token_s = min(o.timeline.token_times_s[-1] for o in run.decodes)
+        assert all(o.timeline.arrival_s < last_decode_token_s for o in run.longs)
+        assert [len(o.token_ids) for o in run.decodes] == [SMALL.decode_output_len] * SMALL.num_decodes
+
+
+class _WideRow:
+    """A wall-clock row at its widest: a very busy host's latencies, a GPU's throughput."""
+
+    clock = WALL
+
+    def row(self) -> list[str]:
+        return ["disagg 1P1D", WALL, "123456", "1234567", "9876543", "123456", "12345.6", "123.45"]
+
+
+def test_table_fits_80_columns_without_a_terminal(quiet_runs):
+    runs = {**quiet_runs, "wide": _WideRow()}
+    out = io.StringIO()
+    Console(file=out, width=80).print(demo_table(runs, "2 steady decodes while 2 prompts of 128 tokens arrive"))
+    text = out.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
     for run in runs.values():
-        assert [len(o.token_ids) for o in run.decodes] == [12, 12]
-        assert [len(o.token_ids) for o in run.longs] == [8, 8]
-    assert all(o.metrics.kv_transfer_bytes > 0 and o.metrics.kv_send_s > 0 for o in runs["disagg 1P1D, socket"].decodes)
+        for cell in run.row():
+            assert cell in text
+    assert "ITL p99" in text and "KV GB/s" in text and CALIBRATED in text
+
+
+def test_figure_panels_have_their_own_time_axes_and_true_legend_colours(quiet_runs):
+    runs = list(quiet_runs.values())
+    short_end_s = runs[0].decodes[0].timeline.token_times_s[-1] / 4
+    panels = [(r.key, [o.timeline for o in r.decodes], [o.timeline for o in r.longs], 0.0) for r in runs]
+    panels.append(("a quarter as long", [_truncated(o.timeline, short_end_s) for o in runs[0].decodes], [], 0.0))
+    fig = itl_timeline_figure(panels, share_latency=True)
+    axes = fig.axes
+    ends = [ax.get_xlim()[1] for ax in axes]
+    assert not axes[0].get_shared_x_axes().joined(axes[0], axes[2])
+    assert ends[2] < ends[0] / 2  # the short run fills its own panel's width
+    for ax, run in zip(axes, runs):
+        last_s = max(o.timeline.token_times_s[-1] for o in run.decodes + run.longs)
+        assert last_s <= ax.get_xlim()[1] <= 1.05 * last_s
+    for ax in axes:
+        legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+        want = mcolors.to_rgba(legend["decode requests"].get_color())
+        assert all(mcolors.to_rgba(line.get_color()) == want for line in ax.get_lines() if line.get_linestyle() == "-")
+        assert want == mcolors.to_rgba(DECODE_COLOR)
+
+
+def _truncated(timeline, end_s):
+    import dataclasses
+
+    return dataclasses.replace(timeline, token_times_s=[t for t in timeline.token_times_s if t <= end_s])
+
+
+def test_demo_runs_calibrated_wall_and_disaggregated(tmp_path):
+    settings = DemoSettings(num_decodes=2, decode_prompt_len=8, num_long=2, long_prompt_len=96, long_output_len=2,
+                            long_every_steps=6, chunk_budget_tokens=32, calibration_repeats=1)
+    console = Console(record=True, width=80, file=io.StringIO())
+    report = run_demo(model="tiny", device="cpu", out_dir=tmp_path, settings=settings, console=console)
+    assert list(report.runs) == ["prefill_first, calibrated", "chunked, calibrated", "prefill_first, wall",
+                                 "chunked, wall", "disagg 1P1D, wall"]
+    for run in report.runs.values():
+        assert [len(o.token_ids) for o in run.decodes] == [settings.decode_output_len] * 2
+        assert [len(o.token_ids) for o in run.longs] == [2, 2]
+    assert all(o.metrics.kv_transfer_bytes > 0 and o.metrics.kv_send_s > 0
+               for o in report.runs["disagg 1P1D, wall"].decodes)
     text = console.export_text()
-    assert "ITL p99 ms" in text and "KV GB/s" in text and "pinned to one core" in text
+    assert "ITL p99" in text and "KV GB/s" in text and "pinned to one core" in text and "…" not in text
+    assert text.count("CLAIM ") == len(report.claims) == 5
+    assert f"load {report.load_before.load_1min:.1f}" in text
     png = tmp_path / "minidisagg-demo-itl.png"
     assert png.exists() and png.stat().st_size > 10_000
