@@ -141,7 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The interference demo."""
     from minidisagg.demo import run_demo
 
-    run_demo(model=args.model, device=args.device, out_dir=args.out, console=console, disagg=not args.colocated_only)
+    run_demo(model=args.model, device=args.device, out_dir=args.out, console=console, disagg=not args.colocated_only,
+             wall=not args.calibrated_only)
     return 0
 
 
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--out", default=".", help="folder for the PNG timeline")
     demo.add_argument("--colocated-only", action="store_true", help="skip the disaggregated run")
+    demo.add_argument("--calibrated-only", action="store_true",
+                      help="only the calibrated replays: skip every wall-clock run (the disaggregated one too)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run a prefill, decode or router process")
