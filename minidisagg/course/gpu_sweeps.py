@@ -48,6 +48,7 @@ class Sweep:
     fixed_rate_rps: Optional[float]  # the rate every configuration ran, for side-by-side latencies
     window_s: float  # seconds of arrivals per rate
     unloaded_ttft_s: Optional[float]  # TTFT of a lone request on one replica (the SLOs are multiples of it)
+    unloaded_tpot_s: Optional[float]  # its TPOT, likewise
 
     def point_at(self, rate_rps: Optional[float]) -> Optional[dict]:
         """The measured point at ``rate_rps`` (None when this sweep has none there)."""
@@ -69,7 +70,8 @@ def load_sweeps(results: Optional[Path] = None) -> list[Sweep]:
                                     float(s.get("goodput_per_gpu_rps", 0.0)), tuple(s["points"]),
                                     calibration.get(s["workload"], {}).get("fixed_rate_rps"),
                                     float(data.get("settings", {}).get("window_s", 0.0)),
-                                    calibration.get(s["workload"], {}).get("ttft_s")))
+                                    calibration.get(s["workload"], {}).get("ttft_s"),
+                                    calibration.get(s["workload"], {}).get("tpot_s")))
     return sorted(sweeps, key=lambda s: (s.date, s.run))
 
 
@@ -167,7 +169,7 @@ def attainment_figure(sweeps: Sequence[Sweep], run: str) -> Figure:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(f"measured on two GPUs ({mine[0].card if mine else '?'}): {run}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
 
@@ -188,11 +190,14 @@ def ratio_figure(all_verdicts: Sequence[Verdict]) -> Figure:
                 label=f"{model} {workload}")
     ax.axhline(1.0, color="k", lw=1)
     ax.axhspan(0.75, 1.25, color="gray", alpha=0.12, lw=0)
-    ax.text(len(runs) - 0.5, 1.21, "within 25% of a tie", ha="right", va="top", fontsize=8, color="dimgray")
+    ax.text(-0.4, 1.23, "within 25% of a tie", ha="left", va="top", fontsize=8, color="dimgray")
+    ratios = [v.ratio for v in all_verdicts if v.ratio is not None]
+    ax.set_xlim(-0.5, len(runs) - 0.5)
+    ax.set_ylim(min([0.75, *ratios]) - 0.25, max([1.25, *ratios]) + 0.1)
     ax.set_xticks(range(len(runs)), [r.removeprefix("disagg-") for r in runs], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("goodput per GPU,\ndisaggregated / colocated")
     ax.set_title("two-GPU runs: best 1P1D against colocated prefill_first (missing: no ratio formed)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    ax.legend(fontsize=8, loc="lower left", ncol=2)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
