@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from minidisagg.config import PRESETS, CacheConfig, EngineConfig
 from minidisagg.roofline import (Ceilings, arithmetic_intensity, gemm_bytes, gemm_flops, measure_copy_bandwidth,
-                                 measure_matmul_rate, time_fn_s)
+                                 measure_matmul_rate)
 
 NO_GPU_RUN = "no GPU run recorded"
 
