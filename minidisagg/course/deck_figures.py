@@ -319,43 +319,6 @@ def kv_vs_prefill_figure(result: dict) -> Figure:
     return fig
 
 
-def disagg_breakdown(prompt_lens: Sequence[int] = (128, 512, 1024), model: str = "tiny") -> list[dict]:
-    """One request at a time through a 1P1D in-process cluster: where each request's TTFT went, and its KV bytes."""
-    import random
-
-    from minidisagg.engine.sampling import SamplingParams
-    from minidisagg.llm import LLM
-
-    rng = random.Random(0)
-    rows = []
-    with LLM(model, device="cpu", dtype="float32", mode="disagg", transport="inproc") as llm:
-        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        llm.generate([{"prompt_token_ids": [rng.randrange(100, 4000) for _ in range(16)]}], params)  # warm-up
-        for n in prompt_lens:
-            m = llm.generate([{"prompt_token_ids": [rng.randrange(100, 4000) for _ in range(n)]}], params)[0].metrics
-            rows.append({"prompt_tokens": n, "ttft_s": m.ttft_s, "prefill_s": m.prefill_s,
-                         "transfer_s": m.transfer_s or 0.0, "decode_queue_s": m.decode_queue_s or 0.0,
-                         "kv_bytes": m.kv_transfer_bytes, "tpot_s": m.tpot_s})
-    return rows
-
-
-def disagg_breakdown_figure(rows: Sequence[dict]) -> Figure:
-    """Stacked bars: prefill, KV transfer and decode-side wait of each request's TTFT."""
-    fig, ax = plt.subplots(figsize=(8, 3.4))
-    labels = [f"{r['prompt_tokens']} tok\n{r['kv_bytes'] / 1e6:.1f} MB KV" for r in rows]
-    bottom = np.zeros(len(rows))
-    for key, color in (("prefill_s", "tab:blue"), ("transfer_s", "tab:red"), ("decode_queue_s", "tab:gray")):
-        vals = np.array([1e3 * r[key] for r in rows])
-        ax.bar(labels, vals, bottom=bottom, color=color, label=key.removesuffix("_s").replace("_", " "))
-        bottom += vals
-    ax.plot(labels, [1e3 * r["ttft_s"] for r in rows], "k_", markersize=30, label="TTFT")
-    ax.set_ylabel("ms")
-    ax.set_title("tiny model, 1 prefill + 1 decode worker, in-process transport", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def placement_table(prefill_s_per_request: float, decode_s_per_step: float, output_tokens: int, num_workers: int,
                     decode_batch: int = 16) -> list[dict]:
     """Requests/s each xPyD split of ``num_workers`` can sustain: the slower of its prefill and decode pools."""
