@@ -64,13 +64,15 @@ def per_layer_cost_s(sequential_ttft_s: float, layerwise_ttft_s: float, num_laye
     return max(0.0, (layerwise_ttft_s - sequential_ttft_s) / num_layers)
 
 
-def speedup_curve_figure(model: OverlapModel, prefill_s: float, num_bytes: float, ratios: Sequence[float],
+def speedup_curve_figure(models: dict[str, OverlapModel], prefill_s: float, num_bytes: float, ratios: Sequence[float],
                          marks: dict[str, float], title: str) -> Any:
-    """Modelled speedup of layer-wise sending against transfer time / prefill time, with named links marked."""
+    """Modelled speedup of layer-wise sending against transfer time / prefill time, one curve per model, links marked."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    ax.plot(ratios, [model.speedup_at_ratio(prefill_s, num_bytes, r) for r in ratios], color="tab:blue", lw=2)
+    for (label, model), style in zip(models.items(), ("-", "--", ":")):
+        ax.plot(ratios, [model.speedup_at_ratio(prefill_s, num_bytes, r) for r in ratios], style, color="tab:blue",
+                lw=2, label=label)
     ax.axhline(1.0, color="black", lw=1)
     ax.text(ratios[0], 1.02, "above: overlap wins; below: it loses", fontsize=8)
     for i, (name, r) in enumerate(marks.items()):
