@@ -11,13 +11,13 @@ from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
 from minidisagg.engine.clock import SimulatedClock, WallClock
 from minidisagg.engine.llm_engine import LLMEngine
 from minidisagg.engine.replay import replay
-from minidisagg.engine.step_cost import DECODE, PREFILL, StepCostModel, StepShape, interpolate
+from minidisagg.engine.step_cost import DECODE, PREFILL, StepCostModel, StepShape, fit_prefill, interpolate
 from minidisagg.workload import interference_workload
 
 
 def _model(**kw) -> StepCostModel:
-    base = dict(prefill_tokens=(16, 64, 256), prefill_s=(0.01, 0.03, 0.1), decode_batch_sizes=(1, 4),
-                decode_s=(0.02, 0.03), prefill_attention_s=1e-7, decode_context_s=1e-6, decode_reference_context=32)
+    base = dict(prefill_fixed_s=0.005, prefill_per_token_s=3e-4, prefill_per_pair_s=1e-7, decode_batch_sizes=(1, 4),
+                decode_s=(0.02, 0.03), decode_context_s=1e-6, decode_reference_context=32)
     base.update(kw)
     return StepCostModel(**base)
 
@@ -39,16 +39,29 @@ def test_cost_grows_with_tokens_context_and_batch():
         c = rng.randint(0, 2000)
         assert m.prefill_cost_s(n + 10, c) > m.prefill_cost_s(n, c)
         assert m.prefill_cost_s(n, c + 100) > m.prefill_cost_s(n, c)
-    assert m.prefill_cost_s(64) == pytest.approx(0.03)
+    assert m.prefill_cost_s(64) == pytest.approx(0.005 + 64 * 3e-4 + 64 * 65 / 2 * 1e-7)
     assert m.decode_cost_s(4, 32) == pytest.approx(0.03)
     assert m.decode_cost_s(4, 132) == pytest.approx(0.03 + 4 * 100 * 1e-6)
 
 
-@pytest.mark.parametrize("bad", [dict(prefill_tokens=(64, 16), prefill_s=(0.1, 0.2)), dict(decode_s=(0.02, 0.0)),
-                                 dict(decode_context_s=-1.0), dict(prefill_s=(0.1,))])
+@pytest.mark.parametrize("bad", [dict(decode_batch_sizes=(4, 1)), dict(decode_s=(0.02, 0.0)), dict(decode_context_s=-1.0),
+                                 dict(decode_s=(0.1,)), dict(prefill_per_pair_s=-1e-9),
+                                 dict(prefill_fixed_s=0.0, prefill_per_token_s=0.0)])
 def test_bad_calibrations_are_refused(bad):
     with pytest.raises(ValueError, match="StepCostModel"):
         _model(**bad)
+
+
+def test_the_prefill_fit_recovers_a_known_line_and_never_goes_negative():
+    rng = random.Random(1)
+    for _ in range(20):
+        fixed, per_token, per_pair = rng.uniform(1e-3, 1e-2), rng.uniform(1e-5, 1e-3), rng.uniform(0, 1e-7)
+        points = [(n, n * (n + 1) / 2 + off * n, fixed + per_token * n + per_pair * (n * (n + 1) / 2 + off * n))
+                  for n in (16, 32, 64, 128, 256, 512) for off in (0, 512)]
+        got = fit_prefill(points)
+        assert got == pytest.approx((fixed, per_token, per_pair), rel=1e-6, abs=1e-12)
+    # times that fall with size (pure noise) fit without a negative term
+    assert min(fit_prefill([(16, 136.0, 0.05), (64, 2080.0, 0.02), (256, 32896.0, 0.03)])) >= 0
 
 
 def test_shape_of_work_counts_attention_pairs():
@@ -97,8 +110,9 @@ def test_wall_clock_charges_what_was_measured():
 
 def test_calibration_on_the_tiny_model_is_positive_and_monotone_in_prefill(tiny_loaded):
     costs = calibrate_step_costs(tiny_loaded, CalibrationPlan.covering(128, 4, 256, repeats=2), progress=False)
-    assert costs.prefill_tokens == (16, 32, 64, 128) and costs.decode_batch_sizes == (1, 2, 4)
-    assert all(t > 0 for t in costs.prefill_s + costs.decode_s)
-    assert costs.prefill_cost_s(128) > costs.prefill_cost_s(16)
+    assert [p[0] for p in costs.prefill_points][:4] == [16, 32, 64, 128] and costs.decode_batch_sizes == (1, 2, 4)
+    assert all(t > 0 for t in costs.decode_s) and all(p[2] > 0 for p in costs.prefill_points)
+    assert costs.prefill_cost_s(128) >= costs.prefill_cost_s(16) > 0
+    assert costs.prefill_cost_s(64, 192) >= costs.prefill_cost_s(64, 0)
     with pytest.raises(ValueError):
         CalibrationPlan.covering(0, 4)

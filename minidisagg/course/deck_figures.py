@@ -68,17 +68,30 @@ def gpu_ceilings(run: dict) -> Ceilings:
 
 
 def gpu_fraction_figure(run: dict) -> Figure:
-    """Each GPU benchmark row as a fraction of its own limit (1.0 = at the roof), titled with the card."""
+    """Each GPU benchmark row as a fraction of its own limit (1.0 = at the roof), titled with the card.
+
+    Two panels sized for a 960x700 slide: the kernels, and the whole-model decode and prefill rows.
+    """
     rows = run["rows"]
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows)))
-    ax.barh([r["name"] for r in rows], [r["fraction_of_limit"] for r in rows], color="tab:green")
-    for i, r in enumerate(rows):
-        ax.text(r["fraction_of_limit"], i, f" {r['value']:.3g} {r['unit']}", va="center", fontsize=8)
-    ax.axvline(1.0, color="k", lw=1)
-    ax.set_xlim(0, 1.25)
-    ax.set_xlabel("fraction of the card's measured limit")
-    ax.set_title(f"{run['card']} (torch {run.get('torch', '?')})")
-    fig.tight_layout()
+    is_model = [r["name"].startswith(("decode ", "prefill ")) for r in rows]
+    panels = [("kernels", [r for r, m in zip(rows, is_model) if not m]),
+              ("whole model", [r for r, m in zip(rows, is_model) if m])]
+    panels = [(title, group) for title, group in panels if group]
+    fig, axes = plt.subplots(1, len(panels), figsize=(9.5, 5.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.0] * len(panels)})
+    for ax, (title, group) in zip(axes[0], panels):
+        small = len(group) > 14
+        ax.barh([r["name"] for r in group], [r["fraction_of_limit"] for r in group], color="tab:green")
+        for i, r in enumerate(group):
+            ax.text(r["fraction_of_limit"], i, f" {r['value']:.3g} {r['unit']}", va="center", fontsize=6 if small else 8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=1)
+        ax.set_xlim(0, 1.35)
+        ax.set_xlabel("fraction of the card's measured limit", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{run['card']} (torch {run.get('torch', '?')})", fontsize=10)
+    fig.subplots_adjust(left=0.25, right=0.97, wspace=0.95, top=0.9, bottom=0.1)
     return fig
 
 
@@ -239,7 +252,7 @@ def quick_engine(policy: str = "prefill_first", budget: int = 1 << 20, model: st
     return engine
 
 
-def interference_runs(long_prompt_len: int = 1536, chunk_budget: int = 256, num_decodes: int = 3,
+def interference_runs(long_prompt_len: int = 1024, chunk_budget: int = 128, num_decodes: int = 3,
                       decode_tokens: int = 48, long_at_fraction: float = 0.3, model: str = "tiny") -> dict:
     """Steady decodes while one long prompt arrives, under ``prefill_first`` and ``chunked``: outputs per policy.
 
@@ -267,6 +280,40 @@ def interference_runs(long_prompt_len: int = 1536, chunk_budget: int = 256, num_
         runs[policy] = {"decodes": outs[:num_decodes], "longs": outs[num_decodes:], "duration_s": engine.clock.now(),
                         "costs": costs, "long_arrival_s": start_long_s}
     return runs
+
+
+def interference_numbers(runs: dict) -> dict[str, dict[str, float]]:
+    """Per policy: the steady decodes' ITL p50 / p99, the long prompt's TTFT, when the decodes ended (seconds)."""
+    from minidisagg.metrics import percentile
+
+    numbers = {}
+    for policy, r in runs.items():
+        gaps = [g for o in r["decodes"] for g in o.metrics.itl_s]
+        numbers[policy] = {"itl_p50_s": percentile(gaps, 50.0), "itl_p99_s": percentile(gaps, 99.0),
+                           "long_ttft_s": r["longs"][0].metrics.ttft_s,
+                           "decodes_end_s": min(o.timeline.token_times_s[-1] for o in r["decodes"]),
+                           "long_arrival_s": r["long_arrival_s"]}
+    return numbers
+
+
+def interference_claims(runs: dict) -> list:
+    """The three things every interference figure in the decks shows, checked on its numbers (CPU, tiny model)."""
+    from minidisagg.course.claims import claim
+
+    n = interference_numbers(runs)
+    first, chunked = n["prefill_first"], n["chunked"]
+    return [
+        claim("the long prompt arrives while the steady decodes are running",
+              first["long_arrival_s"] < first["decodes_end_s"],
+              f"arrives at {first['long_arrival_s']:.2f} s, decodes end at {first['decodes_end_s']:.2f} s"),
+        claim("prefill_first stalls the decodes: their p99 ITL is at least 3x their median",
+              first["itl_p99_s"] >= 3 * first["itl_p50_s"],
+              f"p50 {1e3 * first['itl_p50_s']:.1f} ms, p99 {1e3 * first['itl_p99_s']:.1f} ms"),
+        claim("chunking lowers the decodes' p99 ITL by at least 1.5x", first["itl_p99_s"] >= 1.5 * chunked["itl_p99_s"],
+              f"{1e3 * first['itl_p99_s']:.1f} ms -> {1e3 * chunked['itl_p99_s']:.1f} ms"),
+        claim("chunking delays the long prompt's first token", chunked["long_ttft_s"] > first["long_ttft_s"],
+              f"TTFT {1e3 * first['long_ttft_s']:.1f} ms -> {1e3 * chunked['long_ttft_s']:.1f} ms"),
+    ]
 
 
 def interference_figure(runs: dict) -> Figure:

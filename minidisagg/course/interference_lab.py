@@ -63,6 +63,7 @@ class LabSizes:
     load_prompt_lens: tuple[int, int]
     load_output_len: int
     slider_lens: tuple[int, int, int]  # min, max, step of the widget's long-prompt slider
+    load_token_budget: int = 128  # the chunked budget under Poisson load: below most of the load's prompts
 
     @classmethod
     def for_lab(cls, lab: LabDevice) -> "LabSizes":
@@ -74,11 +75,11 @@ class LabSizes:
                        Scenario(num_decodes=8, decode_output_len=32, num_long=1, long_prompt_len=8192,
                                 start_long_s=0.05, token_budget=2048),
                        (1024, 2048, 4096, 8192, 16384), (512, 1024, 2048, 4096, 8192),
-                       (10.0, 20.0, 40.0, 80.0), 32, (512, 4096), 16, (1024, 16384, 1024))
+                       (10.0, 20.0, 40.0, 80.0), 32, (512, 4096), 16, (1024, 16384, 1024), load_token_budget=512)
         return cls(lab.real_model, Scenario(),
                    Scenario(num_decodes=2, decode_output_len=12, num_long=1, long_prompt_len=512,
                             start_long_s=0.1, token_budget=128),
-                   (64, 128, 256, 512), (64, 128, 256, 512), (1.0, 2.0, 4.0), 6, (16, 128), 8, (64, 768, 64))
+                   (64, 128, 256, 512), (64, 128, 256, 512), (1.0, 2.0, 4.0), 6, (64, 384), 8, (64, 768, 64))
 
 
 @dataclass

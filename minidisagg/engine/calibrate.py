@@ -1,8 +1,9 @@
 """Calibrate a ``StepCostModel`` on the loaded model's device, with the engine's own stages.
 
-Every point is the fastest of several runs of the same shape (at least ``repeats``; cheap shapes
-run more often, up to ``MAX_REPEATS`` or ``CHEAP_SHAPE_BUDGET_S`` of work): another program's load
-only ever adds time, so the minimum is the figure least disturbed by it. Calibration runs on wall
+Every point is the fastest of several runs of the same shape: another program's load only ever
+adds time, so the minimum is the figure least disturbed by it. The runs are interleaved, every shape
+once per round for ``repeats`` rounds (cheap shapes a few times a round), so a load that comes and
+goes touches every shape alike rather than whichever happened to be timed at that moment. Calibration runs on wall
 time; the replays that use the model then run on a ``SimulatedClock(cost_model=...)``.
 
 On a CPU the calibration runs on one thread. With several, each op ends at a barrier where every
@@ -15,6 +16,7 @@ in proportion to the work under load; the replay is then that of a one-core mach
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,8 +30,9 @@ from minidisagg.engine.step_cost import DECODE, PREFILL, StepCostModel
 from minidisagg.models.registry import LoadedModel
 
 BLOCK_SIZE = 16
-MAX_REPEATS = 12  # most runs of one cheap shape
-CHEAP_SHAPE_BUDGET_S = 0.25  # a shape is run again (up to MAX_REPEATS) while its runs took less than this in all
+MAX_RUNS_PER_ROUND = 4  # most runs of one cheap prefill shape in one round
+CHEAP_SHAPE_S = 0.05  # a prefill shape is run again within a round while its runs took less than this
+DECODE_STEPS_PER_ROUND = 4  # decode steps timed per batch size per round
 
 
 @dataclass(frozen=True)
@@ -69,16 +72,6 @@ def _fastest(engine: LLMEngine, mark: int, stage: str, **match: int) -> list[flo
             if s.stage == stage and all(getattr(s, k) == v for k, v in match.items())]
 
 
-def _slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ys over xs, clamped to >= 0 (noise must not make context free)."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    mx, my = sum(xs) / n, sum(ys) / n
-    den = sum((x - mx) ** 2 for x in xs)
-    return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den) if den else 0.0
-
-
 def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: bool = True,
                          seed: int = 0) -> StepCostModel:
     """Time every shape in ``plan`` with the engine's prefill and decode stages; return the fitted model."""
@@ -94,64 +87,57 @@ def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: b
 
 def _calibrate(loaded: LoadedModel, plan: CalibrationPlan, progress: bool, seed: int, threads: int) -> StepCostModel:
     gen = torch.Generator().manual_seed(seed)
-    reps = plan.repeats
     chunk = plan.prefill_tokens[len(plan.prefill_tokens) // 2]
     offsets = list(range(0, max(plan.max_context_tokens, 2 * chunk), chunk))
-    ctx_long = max(plan.max_context_tokens, plan.decode_reference_context + 1)
+    ctx_long = offsets[-1] + chunk  # the chunked prompt then decodes: batch 1 at a long context
+    ref = plan.decode_reference_context
     big_b = plan.decode_batch_sizes[-1]
-    needed_tokens = max(big_b * (plan.decode_reference_context + reps + 2), ctx_long + reps + 2,
-                        offsets[-1] + chunk + 1, plan.prefill_tokens[-1] + 1)
+    steps = DECODE_STEPS_PER_ROUND
+    needed_tokens = max(big_b * (ref + steps + 2), ctx_long + steps + 2, plan.prefill_tokens[-1] + 1)
     blocks = -(-needed_tokens // BLOCK_SIZE) + big_b + 8
     common = dict(max_num_seqs=big_b, cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks))
-    whole = LLMEngine(loaded, EngineConfig(max_num_batched_tokens=max(plan.prefill_tokens[-1], ctx_long,
-                                                                                  big_b * plan.decode_reference_context),
+    whole = LLMEngine(loaded, EngineConfig(max_num_batched_tokens=max(plan.prefill_tokens[-1], big_b * ref),
                                            policy="prefill_first", **common))
     chunked = LLMEngine(loaded, EngineConfig(max_num_batched_tokens=chunk, policy="chunked", **common))
     whole.capture_cuda_graphs()
-    long_reps = max(1, reps // 2)  # the long-context runs cost the most and vary least
-    total = reps * (len(plan.prefill_tokens) + len(plan.decode_batch_sizes) + 1) + long_reps + 1
+    chunked.capture_cuda_graphs()
+
+    def run(engine: LLMEngine, prompt_len: int, batch: int = 1, max_tokens: int = 1) -> None:
+        for _ in range(batch):
+            engine.add_request(_prompt(loaded, prompt_len, gen),
+                               SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        _drain(engine)
+
     bar = Progress(transient=True, disable=not progress)
     with bar:
-        task = bar.add_task("calibrating step costs", total=total)
+        task = bar.add_task("calibrating step costs", total=plan.repeats + 1)
         for engine in (whole, chunked):  # first calls pay one-time costs: keep them out of every point
-            engine.add_request(_prompt(loaded, min(64, chunk), gen), SamplingParams(temperature=0, max_tokens=3,
-                                                                                    ignore_eos=True))
-            _drain(engine)
+            run(engine, min(64, chunk), max_tokens=3)
+        run(whole, ref, batch=big_b, max_tokens=3)
         bar.advance(task)
-        prefill_s = []
-        for n in plan.prefill_tokens:
-            mark = len(whole.stats.steps)
-            times: list[float] = []
-            while len(times) < reps or (len(times) < MAX_REPEATS and sum(times) < CHEAP_SHAPE_BUDGET_S):
-                whole.add_request(_prompt(loaded, n, gen), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-                _drain(whole)
-                times = _fastest(whole, mark, PREFILL, num_tokens=n)
-                if len(times) <= reps:
-                    bar.advance(task)
-            prefill_s.append(max(min(times), prefill_s[-1] if prefill_s else 0.0))  # more tokens never cost less
-        by_offset: dict[int, list[float]] = {o: [] for o in offsets}
-        for _ in range(long_reps):  # one long prompt in chunks: the same chunk size at growing context
-            mark = len(chunked.stats.steps)
-            chunked.add_request(_prompt(loaded, offsets[-1] + chunk, gen),
-                                SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-            _drain(chunked)
-            for offset, t in zip(offsets, _fastest(chunked, mark, PREFILL, num_tokens=chunk)):
-                by_offset[offset].append(t)
+        marks = (len(whole.stats.steps), len(chunked.stats.steps))
+        for _ in range(plan.repeats):  # one round: every shape, in the same order
+            for n in plan.prefill_tokens:
+                start, runs = time.perf_counter(), 0
+                while runs < 1 or (runs < MAX_RUNS_PER_ROUND and time.perf_counter() - start < CHEAP_SHAPE_S):
+                    run(whole, n)
+                    runs += 1
+            run(chunked, ctx_long, max_tokens=steps + 1)
+            for b in plan.decode_batch_sizes:
+                run(whole, ref, batch=b, max_tokens=steps + 1)
             bar.advance(task)
-        attention_s = _slope([float(o * chunk) for o in offsets], [min(v) for v in by_offset.values()])
-
-        def decode_step_s(batch: int, context: int) -> float:
-            mark = len(whole.stats.steps)
-            for _ in range(batch):  # decode steps are cheap next to the prefill that sets them up: time several
-                whole.add_request(_prompt(loaded, context, gen),
-                                  SamplingParams(temperature=0, max_tokens=MAX_REPEATS + 1, ignore_eos=True))
-            _drain(whole)
-            bar.advance(task, reps)
-            return min(_fastest(whole, mark, DECODE, num_seqs=batch))
-
-        ref = plan.decode_reference_context
-        decode_s = [decode_step_s(b, ref) for b in plan.decode_batch_sizes]
-        long_s = decode_step_s(1, ctx_long)  # one sequence with a long context: what each context token adds
-        context_s = max(0.0, (long_s - decode_s[0]) / (ctx_long - ref))
-    return StepCostModel(tuple(plan.prefill_tokens), tuple(prefill_s), tuple(plan.decode_batch_sizes), tuple(decode_s),
-                         attention_s, context_s, ref, str(loaded.device), os.getloadavg()[0], threads)
+    whole_steps, chunked_steps = whole.stats.steps[marks[0]:], chunked.stats.steps[marks[1]:]
+    points = [(n, n * (n + 1) / 2, min(s.measured_s for s in whole_steps if s.stage == PREFILL and s.num_tokens == n))
+              for n in plan.prefill_tokens]
+    chunk_runs = [s for s in chunked_steps if s.stage == PREFILL]
+    per_prompt = len(offsets)
+    for i, offset in enumerate(offsets):  # the i-th chunk of every chunked prompt ran at this offset
+        times = [s.measured_s for s in chunk_runs[i::per_prompt]]
+        points.append((chunk, chunk * (offset + (chunk + 1) / 2), min(times)))
+    decode_s = [min(s.measured_s for s in whole_steps if s.stage == DECODE and s.num_seqs == b)
+                for b in plan.decode_batch_sizes]
+    long_s = min(s.measured_s for s in chunked_steps if s.stage == DECODE)
+    context_s = max(0.0, (long_s - decode_s[0]) / (ctx_long - ref))
+    return StepCostModel.fitted(points, plan.decode_batch_sizes, decode_s, decode_context_s=context_s,
+                                decode_reference_context=ref, device=str(loaded.device), load_1min=os.getloadavg()[0],
+                                cpu_threads=threads)

@@ -7,12 +7,13 @@ several repeats per shape: load only ever adds time), then every replayed step i
 model says its shape costs. The replay is then deterministic given the calibration, and both
 sides of a comparison share one calibration.
 
-The model is piecewise linear in the quantity that dominates each phase, plus a linear term for
-attention:
-- prefill: interpolated over the batch's tokens (measured at context 0), plus ``prefill_attention_s``
-  per query-key pair beyond what a fresh prompt of that size has;
+The model:
+- prefill: ``fixed + per_token x tokens + per_pair x attention pairs``, fitted (non-negative, by
+  relative error) to the fastest runs of whole prompts and of chunks at growing context. Every
+  token goes through every weight (linear) and attends to every earlier token (pairs);
 - decode: interpolated over the batch size (measured at ``decode_reference_context`` tokens per
-  sequence), plus ``decode_context_s`` per context token beyond that.
+  sequence; a CPU's products change kernels with the batch, so this need not be monotone), plus
+  ``decode_context_s`` per context token beyond that.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import numpy as np
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -56,47 +59,69 @@ def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
+def fit_prefill(points: Sequence[tuple[int, float, float]]) -> tuple[float, float, float]:
+    """(fixed_s, per_token_s, per_pair_s) >= 0 fitting (tokens, attention pairs, seconds) points by relative error."""
+    x = np.array([[1.0, n, pairs] for n, pairs, _ in points])
+    t = np.array([secs for _, _, secs in points])
+    a, y = x / t[:, None], np.ones(len(t))  # relative error: every shape counts, small or large
+    active = [0, 1, 2]
+    coef = np.zeros(3)
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0.0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))  # drop the most negative term and refit
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
 @dataclass(frozen=True)
 class StepCostModel:
-    """Seconds per stage run, by shape: measured points per phase plus linear attention terms."""
+    """Seconds per stage run, by shape: a fitted prefill line plus attention, decode points plus context."""
 
-    prefill_tokens: tuple[int, ...]
-    prefill_s: tuple[float, ...]
+    prefill_fixed_s: float
+    prefill_per_token_s: float
+    prefill_per_pair_s: float
     decode_batch_sizes: tuple[int, ...]
     decode_s: tuple[float, ...]
-    prefill_attention_s: float = 0.0  # per query-key pair beyond a fresh prompt's own
     decode_context_s: float = 0.0  # per context token beyond decode_reference_context per sequence
     decode_reference_context: int = 0
     device: str = "cpu"
     load_1min: float = 0.0  # host load while calibrating, for the record
     cpu_threads: int = 0  # threads the CPU calibration ran on (0: not a CPU)
+    prefill_points: tuple[tuple[int, float, float], ...] = ()  # what was measured: (tokens, pairs, fastest s)
 
     def __post_init__(self) -> None:
-        for name, xs, ys in (("prefill", self.prefill_tokens, self.prefill_s),
-                             ("decode", self.decode_batch_sizes, self.decode_s)):
-            if not xs or len(xs) != len(ys):
-                raise ValueError(f"StepCostModel: {name} needs matching, non-empty sizes and times")
-            if list(xs) != sorted(set(xs)) or min(xs) < 1:
-                raise ValueError(f"StepCostModel: {name} sizes must be increasing and >= 1, got {xs}")
-            if not all(t > 0 for t in ys):
-                raise ValueError(f"StepCostModel: {name} times must be > 0, got {ys}")
-        if self.prefill_attention_s < 0 or self.decode_context_s < 0:
-            raise ValueError("StepCostModel: attention costs must be >= 0")
+        xs, ys = self.decode_batch_sizes, self.decode_s
+        if not xs or len(xs) != len(ys):
+            raise ValueError("StepCostModel: decode needs matching, non-empty batch sizes and times")
+        if list(xs) != sorted(set(xs)) or min(xs) < 1:
+            raise ValueError(f"StepCostModel: decode batch sizes must be increasing and >= 1, got {xs}")
+        if not all(t > 0 for t in ys):
+            raise ValueError(f"StepCostModel: decode times must be > 0, got {ys}")
+        coefs = (self.prefill_fixed_s, self.prefill_per_token_s, self.prefill_per_pair_s, self.decode_context_s)
+        if min(coefs) < 0:
+            raise ValueError("StepCostModel: costs per step, token, pair and context token must be >= 0")
+        if not self.prefill_fixed_s + self.prefill_per_token_s > 0:
+            raise ValueError("StepCostModel: a prefill must cost some time")
+
+    @classmethod
+    def fitted(cls, prefill_points: Sequence[tuple[int, float, float]], decode_batch_sizes: Sequence[int],
+               decode_s: Sequence[float], **fields: Any) -> "StepCostModel":
+        """The model whose prefill line is fitted to measured (tokens, pairs, seconds) points."""
+        fixed, per_token, per_pair = fit_prefill(prefill_points)
+        return cls(fixed, per_token, per_pair, tuple(decode_batch_sizes), tuple(decode_s),
+                   prefill_points=tuple(prefill_points), **fields)
 
     def cost_s(self, shape: StepShape) -> float:
-        """Seconds a stage run of ``shape`` costs under this calibration (never below a tenth of the cheapest point)."""
+        """Seconds a stage run of ``shape`` costs under this calibration."""
         if shape.phase == PREFILL:
-            n = shape.num_tokens
-            own_pairs = n * (n + 1) / 2
-            base = interpolate(self.prefill_tokens, self.prefill_s, n)
-            extra = self.prefill_attention_s * max(0.0, shape.attention_pairs - own_pairs)
-            floor = 0.1 * self.prefill_s[0]
-        else:
-            b = shape.num_seqs
-            base = interpolate(self.decode_batch_sizes, self.decode_s, b)
-            extra = self.decode_context_s * max(0.0, shape.attention_pairs - b * self.decode_reference_context)
-            floor = 0.1 * self.decode_s[0]
-        return max(floor, base) + extra
+            return (self.prefill_fixed_s + self.prefill_per_token_s * shape.num_tokens
+                    + self.prefill_per_pair_s * shape.attention_pairs)
+        b = shape.num_seqs
+        base = max(0.1 * self.decode_s[0], interpolate(self.decode_batch_sizes, self.decode_s, b))
+        return base + self.decode_context_s * max(0.0, shape.attention_pairs - b * self.decode_reference_context)
 
     def prefill_cost_s(self, num_tokens: int, context_tokens: int = 0) -> float:
         """One chunk of ``num_tokens`` after ``context_tokens`` already in the cache."""
@@ -109,9 +134,10 @@ class StepCostModel:
 
     def describe(self) -> str:
         """The calibration in two lines, with units."""
-        pre = ", ".join(f"{n}: {1e3 * t:.1f}" for n, t in zip(self.prefill_tokens, self.prefill_s))
         dec = ", ".join(f"{b}: {1e3 * t:.1f}" for b, t in zip(self.decode_batch_sizes, self.decode_s))
-        return (f"prefill ms by tokens {{{pre}}} + {1e9 * self.prefill_attention_s:.2f} ns per extra attention pair\n"
+        return (f"prefill = {1e3 * self.prefill_fixed_s:.1f} ms + {1e6 * self.prefill_per_token_s:.1f} us x tokens + "
+                f"{1e9 * self.prefill_per_pair_s:.2f} ns x attention pairs (fitted to {len(self.prefill_points)} "
+                f"measured shapes)\n"
                 f"decode ms by batch {{{dec}}} at {self.decode_reference_context} context tokens "
                 f"+ {1e9 * self.decode_context_s:.1f} ns per extra context token  "
                 f"(calibrated on {self.device}{f', {self.cpu_threads} thread' if self.cpu_threads else ''}, "
