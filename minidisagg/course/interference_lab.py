@@ -131,6 +131,19 @@ class ScenarioRun:
                 f"long-prompt TTFT {1e3 * self.long_ttft_s:7.1f} ms   {self.output_tokens_per_s:6.1f} tokens/s")
 
 
+def during_decodes(scenario: Scenario, costs: StepCostModel, first_at: float = 0.15, spread: float = 0.6) -> Scenario:
+    """``scenario`` with its long prompts arriving while the steady decodes run, timed by the calibrated decode step.
+
+    The decodes would run for ``decode_output_len`` steps undisturbed; the first long prompt arrives ``first_at`` of
+    the way through, the rest spread over the next ``spread`` of it. A GPU decodes so fast that fixed arrival times
+    would come after the decodes have finished.
+    """
+    step_s = costs.decode_cost_s(scenario.num_decodes, scenario.decode_prompt_len + scenario.decode_output_len // 2)
+    run_s = scenario.decode_output_len * step_s
+    return dataclasses.replace(scenario, start_long_s=first_at * run_s,
+                               long_every_s=spread * run_s / max(1, scenario.num_long))
+
+
 def kv_blocks_for(workload: Sequence[TimedRequest], block_size: int = 16) -> int:
     """A KV pool just large enough to hold every request of ``workload`` at once (plus a little slack)."""
     return sum(-(-(r.prompt_len + r.output_len) // block_size) for r in workload) + KV_SLACK_BLOCKS
