@@ -95,7 +95,8 @@ def _calibrate(loaded: LoadedModel, plan: CalibrationPlan, progress: bool, seed:
     steps = DECODE_STEPS_PER_ROUND
     needed_tokens = max(big_b * (ref + steps + 2), ctx_long + steps + 2, plan.prefill_tokens[-1] + 1)
     blocks = -(-needed_tokens // BLOCK_SIZE) + big_b + 8
-    common = dict(max_num_seqs=big_b, cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks))
+    # synchronous decode: with a step queued ahead, a stage's wall time would miss the device time it overlaps
+    common = dict(max_num_seqs=big_b, cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=blocks), async_scheduling=False)
     whole = LLMEngine(loaded, EngineConfig(max_num_batched_tokens=max(plan.prefill_tokens[-1], big_b * ref),
                                            policy="prefill_first", **common))
     chunked = LLMEngine(loaded, EngineConfig(max_num_batched_tokens=chunk, policy="chunked", **common))
