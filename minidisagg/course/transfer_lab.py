@@ -257,31 +257,35 @@ def measure_overlap(loaded: LoadedModel, prompt_len: int, link_GBps: Optional[fl
     """TTFT of 1P1D (inproc workers, link paced to ``link_GBps`` or unpaced) with ``kv_overlap`` off and on.
 
     Requests run one at a time, so TTFT = prefill + whatever part of the transfer was not hidden.
-    Returns metrics per setting: ``"sequential"`` (off) and ``"layer-wise"`` (on).
+    Both deployments run side by side and take turns, one request each per round, so a change in
+    the host's load falls on both alike. Returns metrics per setting: ``"sequential"`` (off) and
+    ``"layer-wise"`` (on), ``repeats`` of each after one warm-up round.
     """
     blocks = 2 * (-(-prompt_len // 16)) + 8
     config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=max(prompt_len, 256),
                           cache=CacheConfig(block_size=16, num_blocks=blocks))
     gen = torch.Generator().manual_seed(seed)
-    results: dict[str, list[RequestMetrics]] = {}
-    for label, overlap in (("sequential", False), ("layer-wise", True)):
-        cluster = DisaggCluster(loaded, config, transport="inproc", overlap=overlap)
-        try:
+    modes = (("sequential", False), ("layer-wise", True))
+    clusters: dict[str, DisaggCluster] = {}
+    results: dict[str, list[RequestMetrics]] = {label: [] for label, _ in modes}
+    try:
+        for label, overlap in modes:
+            clusters[label] = cluster = DisaggCluster(loaded, config, transport="inproc", overlap=overlap)
             if link_GBps is not None:
                 for worker in cluster.prefill_workers:
                     worker.senders = {name: PacedSender(s, link_GBps) for name, s in worker.senders.items()}
-            metrics = []
-            for rep in range(-1, repeats):  # rep -1 warms up
-                ids = torch.randint(100, loaded.config.vocab_size, (prompt_len,), generator=gen).tolist()
+        for rep in range(-1, repeats):  # rep -1 warms up
+            ids = torch.randint(100, loaded.config.vocab_size, (prompt_len,), generator=gen).tolist()
+            for label, cluster in clusters.items():
                 rid = cluster.add_request({"prompt_token_ids": ids},
                                           SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
                 out = run_to_completion(cluster, [rid])[0]
                 if out.error:
                     raise RuntimeError(f"request failed: {out.error}")
                 if rep >= 0 and out.metrics is not None:
-                    metrics.append(out.metrics)
-            results[label] = metrics
-        finally:
+                    results[label].append(out.metrics)
+    finally:
+        for cluster in clusters.values():
             cluster.shutdown()
     return results
 
