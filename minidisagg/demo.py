@@ -20,11 +20,13 @@ Measured with the CPU defaults (``time minidisagg demo``, SmolLM2-135M, float32)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -44,14 +46,14 @@ from minidisagg.workload import TimedRequest, interference_workload
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the interference scenario; long-prompt arrivals are counted in calibrated decode steps."""
+    """Sizes of the interference scenario; when the long prompts arrive follows from the calibrated costs."""
 
     num_decodes: int = 4
     decode_prompt_len: int = 32
-    num_long: int = 3
-    long_prompt_len: int = 768
+    num_long: int = 2
+    long_prompt_len: int = 512
     long_output_len: int = 8
-    long_every_steps: int = 40
+    long_every_steps: int = 24  # decode steps between two long prompts, at least
     chunk_budget_tokens: int = 128
     calibration_repeats: int = 3
     seed: int = 0
@@ -66,39 +68,48 @@ class DemoSettings:
     def for_device(cls, device: torch.device) -> "DemoSettings":
         """Larger prompts and batches on a GPU, where a small prefill is too fast to see."""
         if device.type == "cuda":
-            return cls(num_decodes=16, long_prompt_len=4096, num_long=4, chunk_budget_tokens=512)
+            return cls(num_decodes=16, num_long=3, long_prompt_len=4096, long_every_steps=40, chunk_budget_tokens=512)
         return cls()
-
-    @property
-    def decode_output_len(self) -> int:
-        """Tokens per steady decode: enough that every long prompt arrives while the decodes still run."""
-        return self.long_every_steps * (self.num_long + 1)
 
     def calibration_plan(self) -> CalibrationPlan:
         """Every shape the replays run: prefills up to a whole long prompt, decode batches up to all requests."""
-        context = max(self.decode_prompt_len + self.decode_output_len, self.long_prompt_len + self.long_output_len)
-        return CalibrationPlan.covering(self.long_prompt_len, self.num_decodes + 1, context,
-                                        repeats=self.calibration_repeats)
+        return CalibrationPlan.covering(self.long_prompt_len, self.num_decodes + 1,
+                                        self.long_prompt_len + self.long_output_len, repeats=self.calibration_repeats)
 
-    def decode_step_s(self, costs: StepCostModel) -> float:
-        """The calibrated cost of one step of the steady decodes alone (at half their output)."""
-        return costs.decode_cost_s(self.num_decodes, self.decode_prompt_len + self.decode_output_len // 2)
+    def schedule(self, costs: StepCostModel) -> "DemoSchedule":
+        """When the long prompts arrive, how long the decodes run, and what the costs predict for the tail."""
+        decode_s = costs.decode_cost_s(self.num_decodes, self.decode_prompt_len)
+        chunks = range(0, self.long_prompt_len, self.chunk_budget_tokens)
+        chunked_long_s = sum(costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len - c), c) + decode_s
+                             for c in chunks)
+        # a period holds at least long_every_steps decode steps and a chunked long prefill with room to spare;
+        # the decodes run on for a period after the last long prompt arrives
+        period_s = max(self.long_every_steps * decode_s, 1.2 * chunked_long_s)
+        output_len = math.ceil((self.num_long + 0.5) * period_s / decode_s)
+        whole_step_s = costs.prefill_cost_s(self.long_prompt_len) + decode_s
+        chunk_step_s = costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len),
+                                            self.long_prompt_len // 2) + decode_s
+        workload = interference_workload(self.num_decodes, self.decode_prompt_len, output_len, self.num_long,
+                                         self.long_prompt_len, period_s, self.long_output_len, start_long_s=period_s / 2)
+        return DemoSchedule(period_s, output_len, whole_step_s / chunk_step_s, tuple(workload))
 
-    def workload(self, costs: StepCostModel) -> list[TimedRequest]:
-        """The timed requests: decodes at t=0, long prompts half a period in and then every period."""
-        every_s = self.long_every_steps * self.decode_step_s(costs)
-        return interference_workload(self.num_decodes, self.decode_prompt_len, self.decode_output_len, self.num_long,
-                                     self.long_prompt_len, every_s, self.long_output_len, start_long_s=every_s / 2)
-
-    def engine_config(self, policy: str) -> EngineConfig:
-        """The colocated engine for ``policy``: a whole prompt per step, or chunks of the token budget."""
+    def engine_config(self, policy: str, workload: Sequence[TimedRequest]) -> EngineConfig:
+        """The colocated engine for ``policy`` (a whole prompt per step, or chunks), its KV pool sized for ``workload``."""
         whole = self.long_prompt_len + self.num_decodes * self.decode_prompt_len
         budget = self.chunk_budget_tokens if policy == "chunked" else whole
-        tokens = self.num_decodes * (self.decode_prompt_len + self.decode_output_len) + \
-            self.num_long * (self.long_prompt_len + self.long_output_len)
-        blocks = -(-tokens // 16) + self.num_decodes + self.num_long + 8
+        blocks = sum(-(-(r.prompt_len + r.output_len) // 16) for r in workload) + len(workload) + 8
         return EngineConfig(max_num_seqs=self.num_decodes + self.num_long, max_num_batched_tokens=budget,
                             policy=policy, cache=CacheConfig(block_size=16, num_blocks=blocks))
+
+
+@dataclass(frozen=True)
+class DemoSchedule:
+    """The workload that the calibrated costs call for, and the ITL-tail ratio they predict."""
+
+    period_s: float  # between two long prompts
+    decode_output_len: int  # tokens per steady decode: every long prompt arrives while they run
+    predicted_tail_ratio: float  # a whole-prompt step over a chunk step (each with the decodes' step)
+    workload: tuple[TimedRequest, ...]
 
 
 def _split(label: str, clock: str, outs: list[RequestOutput], num_decodes: int, duration_s: float,
@@ -129,7 +140,7 @@ def colocated_run(loaded: LoadedModel, settings: DemoSettings, policy: str, work
                   costs: Optional[StepCostModel] = None, progress: Optional[Progress] = None) -> DemoRun:
     """One colocated replay: on a calibrated ``SimulatedClock`` with ``costs``, else on wall time after a warm-up."""
     clock: Clock = SimulatedClock(cost_model=costs) if costs is not None else WallClock()
-    engine = LLMEngine(loaded, settings.engine_config(policy), clock=clock)
+    engine = LLMEngine(loaded, settings.engine_config(policy, workload), clock=clock)
     if costs is None:
         task = progress.add_task(f"{policy}, wall: warming up", total=None) if progress else None
         warm_up(engine, settings)
@@ -167,6 +178,18 @@ def calibrated_runs(loaded: LoadedModel, settings: DemoSettings, costs: StepCost
 
 
 
+@contextlib.contextmanager
+def cpu_threads(num_threads: int) -> Iterator[None]:
+    """Run the block on ``num_threads`` torch CPU threads (0: leave them as they are)."""
+    before = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def busy_note(load: HostLoad) -> str:
     """What a busy host means for the rows: the wall-clock ones include other programs' time."""
     return (f"The host is busy ({load.describe()}): the wall-clock rows include other programs' time and say "
@@ -199,11 +222,14 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
                   highlight=False)
     costs = calibrate_step_costs(loaded, settings.calibration_plan(), seed=settings.seed)
     console.print(costs.describe(), style="dim", highlight=False)
-    workload = settings.workload(costs)
+    schedule = settings.schedule(costs)
+    workload = list(schedule.workload)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        runs = calibrated_runs(loaded, settings, costs, workload, progress)
+        # the calibrated rows do not depend on the threads; on a busy CPU one thread computes them much sooner
+        with cpu_threads(1 if dev.type == "cpu" and host_load().overloaded else 0):
+            runs = calibrated_runs(loaded, settings, costs, workload, progress)
         if wall:
             for policy in POLICIES:
                 run = colocated_run(loaded, settings, policy, workload, progress=progress)
@@ -215,9 +241,10 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
     title = (f"{settings.num_decodes} steady decodes while {settings.num_long} prompts of "
              f"{settings.long_prompt_len} tokens arrive")
     console.print(demo_table(runs, title))
-    notes = [f"{CALIBRATED}: a simulated clock charges each step its calibrated cost, so load during the replay "
-             f"cannot change these rows; {WALL}: real time on this host, after a warm-up; {DISAGG}: a prefill "
-             f"and a decode process joined by TCP."]
+    one_core = f" (as on one core: calibrated on {costs.cpu_threads} thread)" if costs.cpu_threads == 1 else ""
+    notes = [f"{CALIBRATED}: a simulated clock charges each step its calibrated cost{one_core}, so load during the "
+             f"replay cannot change these rows" + (f"; {WALL}: real time on this host, after a warm-up" if wall else "")
+             + (f"; {DISAGG}: a prefill and a decode process joined by TCP." if wall and disagg else ".")]
     if wall and disagg and dev.type == "cpu":
         notes.append(f"Colocated runs use {threads} threads; each disaggregated worker is pinned to one core "
                      f"with one thread.")
@@ -226,7 +253,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
         notes.append(busy_note(busiest))
     for note in notes:
         console.print(note, highlight=False)
-    claims = demo_claims(runs, device_name(dev), busiest)
+    claims = demo_claims(runs, device_name(dev), busiest, schedule.predicted_tail_ratio)
     for c in claims:
         console.print(c.line(), markup=False, highlight=False)
     png = Path(out_dir) / "minidisagg-demo-itl.png"

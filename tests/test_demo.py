@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 
@@ -23,7 +24,11 @@ from minidisagg.stages.prefill import PrefillStage
 SMALL = DemoSettings(num_decodes=2, decode_prompt_len=8, num_long=2, long_prompt_len=128, long_output_len=2,
                      long_every_steps=10, chunk_budget_tokens=32, calibration_repeats=1)
 # A prefill costs 0.5 ms a token, a decode step 10 ms: the long prompt is worth six decode steps.
-COSTS = StepCostModel((16, 32, 64, 128), (0.008, 0.016, 0.032, 0.064), (1, 2, 3), (0.010, 0.010, 0.010))
+COSTS = StepCostModel(prefill_fixed_s=0.0, prefill_per_token_s=0.0005, prefill_per_pair_s=0.0,
+                      decode_batch_sizes=(1, 2, 3), decode_s=(0.010, 0.010, 0.010))
+# A step's fixed cost dominates (a small model on a GPU): a chunk costs nearly what the whole prompt does.
+FIXED_COSTS = dataclasses.replace(COSTS, prefill_fixed_s=0.1, prefill_per_token_s=0.00005)
+SCHEDULE = SMALL.schedule(COSTS)
 QUIET = HostLoad(0.0, 2)
 
 
@@ -33,7 +38,7 @@ def _token_times(runs):
 
 @pytest.fixture(scope="module")
 def quiet_runs(tiny_loaded):
-    return calibrated_runs(tiny_loaded, SMALL, COSTS, SMALL.workload(COSTS))
+    return calibrated_runs(tiny_loaded, SMALL, COSTS, SCHEDULE.workload)
 
 
 def _slow_down(monkeypatch, delay_s: float) -> None:
@@ -51,25 +56,35 @@ def _slow_down(monkeypatch, delay_s: float) -> None:
 
 
 def test_calibrated_claims_hold_and_slow_steps_change_nothing(tiny_loaded, quiet_runs, monkeypatch):
-    claims = demo_claims(quiet_runs, "CPU", QUIET)
+    claims = demo_claims(quiet_runs, "CPU", QUIET, SCHEDULE.predicted_tail_ratio)
+    assert SCHEDULE.predicted_tail_ratio > 2
     assert [c.held for c in claims] == [True, True, True], [c.line() for c in claims]
-    workload = SMALL.workload(COSTS)
+    workload = SCHEDULE.workload
     _slow_down(monkeypatch, 0.02)  # twice what a decode step is charged
     slow = calibrated_runs(tiny_loaded, SMALL, COSTS, workload)
     assert _token_times(slow) == _token_times(quiet_runs)  # the very same timeline, token for token
-    assert [c.held for c in demo_claims(slow, "CPU", QUIET)] == [c.held for c in claims]
+    assert [c.held for c in demo_claims(slow, "CPU", QUIET, SCHEDULE.predicted_tail_ratio)] == [c.held for c in claims]
     # a replay that charges measured time instead sees every slowed step: the check above could fail
-    uncalibrated = LLMEngine(tiny_loaded, SMALL.engine_config("prefill_first"), clock=SimulatedClock())
+    uncalibrated = LLMEngine(tiny_loaded, SMALL.engine_config("prefill_first", workload), clock=SimulatedClock())
     outs = replay(uncalibrated, workload)
     assert min(gap for o in outs for gap in o.metrics.itl_s) >= 0.02
     assert min(quiet_runs["prefill_first, calibrated"].decode_itl_s) == pytest.approx(0.010)
+
+
+def test_where_a_chunk_costs_as_much_as_the_prompt_the_claim_turns(tiny_loaded):
+    schedule = SMALL.schedule(FIXED_COSTS)
+    assert schedule.predicted_tail_ratio < 2
+    runs = calibrated_runs(tiny_loaded, SMALL, FIXED_COSTS, schedule.workload)
+    claims = demo_claims(runs, "NVIDIA H100", QUIET, schedule.predicted_tail_ratio)
+    assert "less than 2x" in claims[0].statement and claims[0].held, claims[0].line()
+    assert all(c.held for c in claims), [c.line() for c in claims]
 
 
 def test_every_long_prompt_arrives_while_the_decodes_run(quiet_runs):
     for run in quiet_runs.values():
         last_decode_token_s = min(o.timeline.token_times_s[-1] for o in run.decodes)
         assert all(o.timeline.arrival_s < last_decode_token_s for o in run.longs)
-        assert [len(o.token_ids) for o in run.decodes] == [SMALL.decode_output_len] * SMALL.num_decodes
+        assert [len(o.token_ids) for o in run.decodes] == [SCHEDULE.decode_output_len] * SMALL.num_decodes
 
 
 class _WideRow:
@@ -128,7 +143,7 @@ def test_demo_runs_calibrated_wall_and_disaggregated(tmp_path):
     assert list(report.runs) == ["prefill_first, calibrated", "chunked, calibrated", "prefill_first, wall",
                                  "chunked, wall", "disagg 1P1D, wall"]
     for run in report.runs.values():
-        assert [len(o.token_ids) for o in run.decodes] == [settings.decode_output_len] * 2
+        assert len({len(o.token_ids) for o in run.decodes}) == 1 and len(run.decodes) == 2
         assert [len(o.token_ids) for o in run.longs] == [2, 2]
     assert all(o.metrics.kv_transfer_bytes > 0 and o.metrics.kv_send_s > 0
                for o in report.runs["disagg 1P1D, wall"].decodes)
