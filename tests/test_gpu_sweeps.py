@@ -8,7 +8,6 @@ import pytest
 
 from minidisagg.course import gpu_sweeps as gs
 from minidisagg.course import placement_lab as pl
-from minidisagg.engine.step_cost import StepCostModel
 
 
 def sweep(config: str, goodput: float, points: list[tuple[float, float]]) -> dict:
@@ -49,11 +48,24 @@ def test_lower_envelope_caps_a_disturbed_smaller_size_and_keeps_the_rest():
     assert pl.lower_envelope({16: 0.1, 32: 0.2}) == {16: 0.1, 32: 0.2}
 
 
+class FakeStepCosts:
+    """What ``PhaseCosts.from_step_costs`` reads of a calibration: costs by shape (batch 2 disturbed by load)."""
+
+    decode_batch_sizes = (1, 2, 4)
+    decode_reference_context = 32
+
+    def prefill_cost_s(self, num_tokens: int, context_tokens: int = 0) -> float:
+        return 0.005 + 1e-4 * num_tokens + 1e-7 * num_tokens ** 2
+
+    def decode_cost_s(self, batch_size: int, context_tokens_per_seq: int) -> float:
+        return {1: 0.004, 2: 0.015, 4: 0.005}[batch_size]
+
+
 def test_phase_costs_from_a_step_cost_calibration_are_monotone():
-    steps = StepCostModel((16, 64, 256), (0.01, 0.02, 0.09), (1, 2, 4), (0.004, 0.015, 0.005))
-    costs = pl.PhaseCosts.from_step_costs(steps, kv_bytes_per_token=1000, max_batch=8)
+    costs = pl.PhaseCosts.from_step_costs(FakeStepCosts(), (16, 64, 256), kv_bytes_per_token=1000, max_batch=8)
     assert costs.decode_per_seq_s >= 0 and costs.decode_step_s(2) < 0.006  # not the disturbed 15 ms
     assert costs.prefill_s(16) < costs.prefill_s(64) < costs.prefill_s(256)
+    assert costs.prefill_s(256) == pytest.approx(FakeStepCosts().prefill_cost_s(256), rel=1e-6)
 
 
 def test_measure_phase_costs_keeps_every_repeat_and_fits_the_fastest():

@@ -56,12 +56,16 @@ class PhaseCosts:
             raise ValueError("link_GBps must be > 0, max_batch >= 1 and kv_bytes_per_token >= 0")
 
     @classmethod
-    def from_step_costs(cls, step_costs: StepCostModel, kv_bytes_per_token: int, link_GBps: float = 3.0,
-                        max_batch: int = 64) -> "PhaseCosts":
-        """The same calibration as an engine replay's (``calibrate_step_costs``), in this lab's two fits."""
-        prefill = lower_envelope(dict(zip(step_costs.prefill_tokens, step_costs.prefill_s)))
-        decode = lower_envelope(dict(zip(step_costs.decode_batch_sizes, step_costs.decode_s)))
-        fixed, per_seq = fit_decode(decode) if len(decode) > 1 else (next(iter(decode.values())), 0.0)
+    def from_step_costs(cls, step_costs: StepCostModel, prompt_lens: Sequence[int], kv_bytes_per_token: int,
+                        link_GBps: float = 3.0, max_batch: int = 64) -> "PhaseCosts":
+        """The same calibration as an engine replay's (``calibrate_step_costs``), in this lab's two fits.
+
+        Prefill is read at ``prompt_lens`` (fresh prompts), decode at the calibrated batch sizes.
+        """
+        prefill = lower_envelope({n: step_costs.prefill_cost_s(n) for n in prompt_lens})
+        decode = lower_envelope({b: step_costs.decode_cost_s(b, step_costs.decode_reference_context)
+                                 for b in step_costs.decode_batch_sizes})
+        fixed, per_seq = fit_decode(decode)
         return cls(PrefillCostModel.fit(list(prefill), list(prefill.values())), fixed, per_seq, kv_bytes_per_token,
                    link_GBps, max_batch)
 
