@@ -365,15 +365,3 @@ def kv_vs_prefill_figure(result: dict) -> Figure:
     fig.tight_layout()
     return fig
 
-
-def placement_table(prefill_s_per_request: float, decode_s_per_step: float, output_tokens: int, num_workers: int,
-                    decode_batch: int = 16) -> list[dict]:
-    """Requests/s each xPyD split of ``num_workers`` can sustain: the slower of its prefill and decode pools."""
-    rows = []
-    for x in range(1, num_workers):
-        y = num_workers - x
-        prefill_rps = x / prefill_s_per_request
-        decode_rps = y * decode_batch / (output_tokens * decode_s_per_step)
-        rows.append({"split": f"{x}P{y}D", "prefill_rps": prefill_rps, "decode_rps": decode_rps,
-                     "rps": min(prefill_rps, decode_rps)})
-    return rows
