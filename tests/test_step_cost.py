@@ -116,3 +116,20 @@ def test_calibration_on_the_tiny_model_is_positive_and_monotone_in_prefill(tiny_
     assert costs.prefill_cost_s(64, 192) >= costs.prefill_cost_s(64, 0)
     with pytest.raises(ValueError):
         CalibrationPlan.covering(0, 4)
+
+
+def test_a_modelled_replay_keeps_the_timeline_of_one_that_runs_the_model(tiny_loaded):
+    """Stages that charge calibrated costs without a forward pass give the same token times as running the model."""
+    from minidisagg.course.interference_lab import Scenario, make_engine
+
+    costs = _model()
+    scenario = Scenario(num_decodes=3, decode_prompt_len=16, decode_output_len=10, num_long=2, long_prompt_len=100,
+                        long_every_s=0.05, start_long_s=0.02, token_budget=32)
+    timelines = {}
+    for run_model in (False, True):
+        engine = make_engine(tiny_loaded, "chunked", scenario.token_budget, scenario.workload(), costs=costs,
+                             run_model=run_model)
+        outs = replay(engine, scenario.workload())
+        timelines[run_model] = [(o.timeline.arrival_s, o.timeline.token_times_s, len(o.token_ids)) for o in outs]
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # every block came back
+    assert timelines[False] == timelines[True]

@@ -3,7 +3,9 @@
 Replays run on a ``SimulatedClock``: time jumps over idle gaps, and each engine step is charged the
 cost its shape had when the model was calibrated (``calibrate``, before any replay), so a replay never
 sleeps and another program's load during it cannot change its timeline. Both policies of every
-comparison are replayed with the same calibration.
+comparison are replayed with the same calibration. By default a calibrated replay does not run the
+model again (``stages.modelled``): the engine's scheduler, KV blocks and timelines do all the work, the
+forward pass is replaced by its calibrated cost, and a replay takes milliseconds instead of minutes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from minidisagg.engine.scheduler import Policy
 from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.metrics import RequestTimeline, Summary, percentile, summarize
 from minidisagg.models.registry import LoadedModel
+from minidisagg.stages.modelled import ModelledDecodeStage, ModelledPrefillStage
 from minidisagg.workload import Fixed, TimedRequest, Uniform, interference_workload, poisson_workload
 
 KV_SLACK_BLOCKS = 8
@@ -165,16 +168,21 @@ def calibrate(loaded: LoadedModel, sizes: LabSizes, repeats: int = 3, progress: 
 
 def make_engine(loaded: LoadedModel, policy: Policy | str, token_budget: int,
                 workload: Sequence[TimedRequest], max_num_seqs: int = 64,
-                costs: Optional[StepCostModel] = None) -> LLMEngine:
+                costs: Optional[StepCostModel] = None, run_model: bool = False) -> LLMEngine:
     """A colocated engine on a simulated clock, with a KV pool and CUDA graphs (on a GPU) sized for ``workload``.
 
-    With ``costs`` each step is charged its calibrated cost; without, its own wall time (which host load inflates).
+    With ``costs`` each step is charged its calibrated cost, and unless ``run_model`` the stages do not run the
+    model (the tokens are fillers); without ``costs``, each step is charged its own wall time.
     """
     name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     config = EngineConfig(max_num_seqs=min(max_num_seqs, len(workload)), max_num_batched_tokens=token_budget,
                           policy=name, cache=CacheConfig(num_blocks=kv_blocks_for(workload)))
     engine = LLMEngine(loaded, config, clock=SimulatedClock(cost_model=costs), policy=policy)
-    engine.capture_cuda_graphs()  # now, so that no replayed step pays for a capture
+    if costs is not None and not run_model:
+        engine.prefill_stage = ModelledPrefillStage(engine.runner, costs)
+        engine.decode_stage = ModelledDecodeStage(engine.runner, costs)
+    else:
+        engine.capture_cuda_graphs()  # now, so that no replayed step pays for a capture
     return engine
 
 
