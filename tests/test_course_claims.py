@@ -79,3 +79,4 @@ def test_verify_fails_a_notebook_whose_claim_is_not_seen(tmp_path, monkeypatch):
     assert (v.claims, v.held, v.error) == (5, 4, None)
     assert not v.ok and "1 claim(s) not seen: c3" in v.problem()
     assert "| solutions/09_x.ipynb | 5 | 4 |" in verify.table_markdown([v])
+    assert v.claim_lines[3].startswith("CLAIM NOT SEEN: c3") and "- CLAIM ok: c4" in verify.claims_markdown([v])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from minidisagg.course.claims import NOT_SEEN_MARK, STRICT_ENV, count_claims, device_name, host_load
+from minidisagg.course.claims import NOT_SEEN_MARK, OK_MARK, STRICT_ENV, count_claims, device_name, host_load
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_CLAIMS = {"solutions": 5, "slides": 3}
@@ -33,6 +33,7 @@ class NotebookVerdict:
     device: str = "CPU"
     error: Optional[str] = None
     not_seen: list[str] = field(default_factory=list)
+    claim_lines: list[str] = field(default_factory=list)  # every CLAIM line the notebook printed, in order
 
     @property
     def kind(self) -> str:
@@ -104,6 +105,7 @@ def verify_notebook(path: Path, timeout_s: int = 1200, write: bool = False) -> N
     text = _output_text(nb)
     verdict.claims, verdict.held = count_claims(text)
     verdict.not_seen = [line.split(":", 1)[1].strip()[:160] for line in text.splitlines() if line.startswith(NOT_SEEN_MARK)]
+    verdict.claim_lines = [line.strip() for line in text.splitlines() if line.startswith((OK_MARK, NOT_SEEN_MARK))]
     if write and verdict.error is None:
         nbformat.write(nb, path)
     return verdict
@@ -116,6 +118,16 @@ def table_markdown(verdicts: Sequence[NotebookVerdict]) -> str:
         lines.append(f"| {v.kind}/{v.path.name} | {v.claims} | {v.held} | {v.seconds:.0f} | {v.device} | "
                      f"{'ok' if v.ok else v.problem().replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def claims_markdown(verdicts: Sequence[NotebookVerdict]) -> str:
+    """Every claim line of every notebook, under the notebook's name (the report's second part)."""
+    parts = []
+    for v in verdicts:
+        parts.append(f"### {v.kind}/{v.path.name}\n")
+        parts.extend(f"- {line}" for line in v.claim_lines)
+        parts.append("")
+    return "\n".join(parts)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -153,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(f"# course verify on {verdicts[0].device if verdicts else '-'}\n\nhost {load.describe()}\n\n"
-                               f"{table}\n")
+                               f"{table}\n\n## Claims\n\n{claims_markdown(verdicts)}")
     failed = [v for v in verdicts if not v.ok]
     print(f"{len(verdicts) - len(failed)} of {len(verdicts)} notebooks verified"
           + (f"; failed: {', '.join(v.path.name for v in failed)}" if failed else ""))
