@@ -145,7 +145,8 @@ def kv_link_figure(rows: Sequence[dict[str, Any]], card: str) -> Figure:
     ax.barh(y + 0.2, [r["one_message_GBps"] for r in rows], 0.4, color="tab:gray", label="one plain NCCL message")
     ax.barh(y - 0.2, [r["achieved_GBps"] for r in rows], 0.4, color="tab:green", label="the engine's KV transfer")
     ax.set_yticks(y, [f"{r['model']}, {r['prompt_tokens']} tok\n{r['kv_bytes'] / 1e6:.0f} MB" for r in rows], fontsize=9)
-    ax.set(xlabel="GB/s over NVLink", title=f"one request's KV between two {card.upper()}s")
+    ax.set(xlabel="GB/s over NVLink", title=f"one request's KV between two {card.upper()}s",
+           xlim=(0, 1.5 * max(r["one_message_GBps"] for r in rows)))
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
