@@ -3,10 +3,12 @@
 A prefill engine and a decode engine, each on its own ``SimulatedClock`` charged by one calibrated
 ``StepCostModel`` (so each phase gets a device as fast as the one calibrated), joined by a link
 model: a request's KV pages leave when its prefill ends and reach the decode engine ``link.seconds``
-later, and the decode engine adopts them at its next step boundary. The pages really move (gather,
-scatter, adopt), so the decode engine generates real tokens; only time is modelled. Because both
-this replay and ``interference_lab.run_scenario`` charge the same costs, their latencies can be
-compared, and host load during either cannot change them.
+later, and the decode engine adopts them at its next step boundary. The bookkeeping is the engine's
+own (blocks reserved, pages gathered and scattered, the sequence adopted); the engines are
+``interference_lab.make_engine``'s, whose stages do not run the model once a calibration is given
+(each step is charged its calibrated cost and emits filler tokens). Because this replay and
+``interference_lab.run_scenario`` charge the same costs, their latencies can be compared, and host
+load during either cannot change them.
 """
 
 from __future__ import annotations
