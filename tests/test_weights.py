@@ -320,3 +320,21 @@ def test_random_tensors_on_cuda() -> None:
     assert all(t.is_cuda and t.dtype == torch.bfloat16 for t in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {k: tuple(v.shape) for k, v in a.items()} == expected_shapes(TINY)
+
+
+def test_the_random_weights_switch_loads_a_real_models_shape_without_its_file(monkeypatch, capsys):
+    """$MINIDISAGG_RANDOM_WEIGHTS=1: smollm2-135m's shape with seeded random weights, the GGUF never opened."""
+    from minidisagg.config import PRESETS
+    from minidisagg.models import registry
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("the weights file was fetched")
+
+    monkeypatch.setattr(registry, "fetch", no_fetch)
+    monkeypatch.setenv(registry.RANDOM_WEIGHTS_ENV, "1")
+    loaded = registry.load_model("smollm2-135m", device="cpu", dtype="float32")
+    assert loaded.random_weights and loaded.config == PRESETS["smollm2-135m"]
+    assert "random weights of its shape" in capsys.readouterr().out
+    monkeypatch.setenv(registry.RANDOM_WEIGHTS_ENV, "0")
+    with pytest.raises(AssertionError, match="fetched"):
+        registry.load_model("smollm2-135m", device="cpu", dtype="float32")

@@ -130,6 +130,12 @@ def claims_markdown(verdicts: Sequence[NotebookVerdict]) -> str:
     return "\n".join(parts)
 
 
+def _write_report(path: Path, verdicts: Sequence[NotebookVerdict], host: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# course verify on {verdicts[0].device if verdicts else '-'}\n\nhost {host}\n\n"
+                    f"{table_markdown(verdicts)}\n\n## Claims\n\n{claims_markdown(verdicts)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse the arguments, execute the chosen notebooks, print the table; 1 if anything failed."""
     parser = argparse.ArgumentParser(prog="minidisagg course verify", description=__doc__.splitlines()[0])
@@ -160,12 +166,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         v = verify_notebook(path, args.timeout, args.write)
         print(f"    {v.claims} claims, {v.held} held, {v.seconds:.0f} s{'' if v.ok else '  FAILED: ' + v.problem()}", flush=True)
         verdicts.append(v)
+        if args.report:  # after every notebook, so a run cut short still leaves what it verified
+            _write_report(args.report, verdicts, load.describe())
     table = table_markdown(verdicts)
     print(table)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(f"# course verify on {verdicts[0].device if verdicts else '-'}\n\nhost {load.describe()}\n\n"
-                               f"{table}\n\n## Claims\n\n{claims_markdown(verdicts)}")
     failed = [v for v in verdicts if not v.ok]
     print(f"{len(verdicts) - len(failed)} of {len(verdicts)} notebooks verified"
           + (f"; failed: {', '.join(v.path.name for v in failed)}" if failed else ""))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +97,9 @@ def _smollm2_tokenizer(download: bool) -> Callable[[], Tokenizer]:
     return lambda: load_tokenizer(fetch(SMOLLM2_GGUF, download=download))
 
 
+RANDOM_WEIGHTS_ENV = "MINIDISAGG_RANDOM_WEIGHTS"
+
+
 def load_model(
     model: str,
     device: str | torch.device = "auto",
@@ -108,7 +113,12 @@ def load_model(
 
     ``random_weights=True`` keeps the shape but fills seeded random weights (for speed work).
     ``weights=False`` loads only the shape and tokenizer (a router that serves no model itself).
+    ``$MINIDISAGG_RANDOM_WEIGHTS=1`` makes a named real model (``smollm2-135m``) load random weights of its
+    shape, saying so: for measuring on a machine that cannot fetch the weights, where text is not the point.
     """
+    if model in REAL_MODELS and not random_weights and os.environ.get(RANDOM_WEIGHTS_ENV, "") not in ("", "0"):
+        print(f"{model}: random weights of its shape (${RANDOM_WEIGHTS_ENV} is set); outputs are not text")
+        random_weights = True
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
