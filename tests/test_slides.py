@@ -142,9 +142,11 @@ def test_gpu_results_are_plotted_when_present_and_named_when_absent(tmp_path):
     assert loaded is not None and loaded["card"] == run["card"]
     assert run["card"] in deck_figures.gpu_status(tmp_path)
     fig = deck_figures.gpu_fraction_figure(loaded)
-    bars = fig.axes[0].patches
+    bars = [b for ax in fig.axes for b in ax.patches]  # kernels and whole-model rows, one panel each
     assert sorted(round(b.get_width(), 6) for b in bars) == sorted(round(r["fraction_of_limit"], 6) for r in run["rows"])
-    assert run["card"] in fig.axes[0].get_title()
+    assert run["card"] in fig._suptitle.get_text()
+    width_px, height_px = fig.get_size_inches() * fig.dpi * 80 / fig.dpi
+    assert width_px <= 960 and height_px <= 700  # fits a reveal.js slide at the decks' 80 dpi
     ceilings = deck_figures.gpu_ceilings(loaded)
     assert ceilings.copy_bytes_per_s == pytest.approx(run["copy_GBps"] * 1e9)
     assert ceilings.matmul_flops_per_s == pytest.approx(run["mm_TFLOPs"] * 1e12)
