@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +81,10 @@ class DemoSettings:
         chunks = range(0, self.long_prompt_len, self.chunk_budget_tokens)
         chunked_long_s = sum(costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len - c), c) + decode_s
                              for c in chunks)
-        # a period holds at least long_every_steps decode steps and a chunked long prefill with room to spare;
-        # the decodes run on for a period after the last long prompt arrives
-        period_s = max(self.long_every_steps * decode_s, 1.2 * chunked_long_s)
-        output_len = math.ceil((self.num_long + 0.5) * period_s / decode_s)
+        # a period holds one chunked long prefill and long_every_steps plain decode steps; the decodes last
+        # one period more than the long prompts, counted in the tokens of the chunked run (the slower one)
+        period_s = chunked_long_s + self.long_every_steps * decode_s
+        output_len = (self.num_long + 1) * (len(chunks) + self.long_every_steps)
         whole_step_s = costs.prefill_cost_s(self.long_prompt_len) + decode_s
         chunk_step_s = costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len),
                                             self.long_prompt_len // 2) + decode_s
