@@ -68,6 +68,26 @@ def ttft_breakdown_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
+TWO_GPU_RUN = "disagg-h200-2026-11-28.json"  # the run lectures 4-5 and lab 4 read: their prose states its verdicts
+TRANSPORT_RUN = "transport-2026-11-27.json"  # the CPU transport run lecture 5 reads
+
+
+def committed_result(name: str) -> dict[str, Any]:
+    """A committed benchmark result (``benchmarks/results/<name>``) as a dict, ``_file`` added."""
+    import json
+
+    from minidisagg.course.deck_figures import results_dir
+
+    data = json.loads((results_dir() / name).read_text())
+    data["_file"] = name
+    return data
+
+
+def two_gpu_run(name: str = TWO_GPU_RUN) -> dict[str, Any]:
+    """The committed ``minidisagg bench disagg`` result the course reads."""
+    return committed_result(name)
+
+
 def _sweeps(result: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
     return {(model, s["workload"], s["config"]): s for model, m in result["models"].items() for s in m["sweeps"]}
 
