@@ -316,6 +316,27 @@ def interference_claims(runs: dict) -> list:
     ]
 
 
+def gpu_course_run(results: Optional[Path] = None) -> Optional[dict]:
+    """The newest committed ``course-gpu-<card>-<date>.md`` (a ``course verify --gpu`` report): file, card, claim lines.
+
+    ``claims`` maps a notebook (``solutions/03_interference.ipynb``) to the CLAIM lines it printed there.
+    """
+    reports = sorted((results or results_dir()).glob("course-gpu-*.md"), key=lambda p: re.findall(r"\d{4}-\d\d-\d\d", p.stem)[-1])
+    if not reports:
+        return None
+    path = reports[-1]
+    text = path.read_text()
+    card = text.splitlines()[0].removeprefix("# course verify on ").split(" (")[0]
+    claims: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            current = claims.setdefault(line[4:].strip(), [])
+        elif current is not None and line.startswith("- CLAIM"):
+            current.append(line[2:])
+    return {"file": path.name, "card": card, "claims": claims, "figure": path.with_name(path.stem + "-lab3-itl.png")}
+
+
 def interference_figure(runs: dict) -> Figure:
     """ITL timelines of the steady decodes, one panel per policy (the engine's own plot)."""
     from minidisagg.plots import itl_timeline_figure

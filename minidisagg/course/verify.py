@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from minidisagg.course.claims import NOT_SEEN_MARK, OK_MARK, STRICT_ENV, count_c
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_CLAIMS = {"solutions": 5, "slides": 3}
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the colours of a traceback's text
 
 
 @dataclass
@@ -98,7 +100,7 @@ def verify_notebook(path: Path, timeout_s: int = 1200, write: bool = False) -> N
     try:
         NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     except CellExecutionError as err:
-        verdict.error = f"a cell failed: {str(err).strip().splitlines()[-1][:300]}"
+        verdict.error = f"a cell failed: {ANSI_ESCAPE.sub('', str(err)).strip().splitlines()[-1][:300]}"
     except Exception as err:  # a kernel that died or timed out
         verdict.error = f"{type(err).__name__}: {str(err)[:300]}"
     verdict.seconds = time.perf_counter() - start
