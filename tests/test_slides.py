@@ -334,3 +334,15 @@ def test_decks_render_in_headless_chromium(built):
                 assert data.startswith(PNG_MAGIC) and len(data) > 10_000, f"{stem}: empty screenshot"
         finally:
             browser.close()
+
+
+def test_the_newest_gpu_course_report_is_read_with_its_claims_by_notebook(tmp_path):
+    assert deck_figures.gpu_course_run(tmp_path) is None
+    for date, card in (("2026-01-02", "NVIDIA B"), ("2025-12-30", "NVIDIA A")):
+        (tmp_path / f"course-gpu-x-{date}.md").write_text(
+            f"# course verify on {card} (x)\n\n| table |\n\n## Claims\n\n### solutions/03_interference.ipynb\n\n"
+            f"- CLAIM ok: one [1]\n- CLAIM NOT SEEN: two [2]\n\n### slides/00_overview.ipynb\n\n- CLAIM ok: three\n")
+    run = deck_figures.gpu_course_run(tmp_path)
+    assert run["card"] == "NVIDIA B" and run["file"] == "course-gpu-x-2026-01-02.md"
+    assert run["claims"]["solutions/03_interference.ipynb"] == ["CLAIM ok: one [1]", "CLAIM NOT SEEN: two [2]"]
+    assert run["claims"]["slides/00_overview.ipynb"] == ["CLAIM ok: three"]
