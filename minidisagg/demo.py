@@ -192,7 +192,8 @@ def cpu_threads(num_threads: int) -> Iterator[None]:
 def busy_note(load: HostLoad) -> str:
     """What a busy host means for the rows: the wall-clock ones include other programs' time."""
     return (f"The host is busy ({load.describe()}): the wall-clock rows include other programs' time and say "
-            f"little; the calibrated rows charge each step its calibrated cost and do not depend on it.")
+            f"little; the calibrated rows charge each step its calibrated cost and do not depend on it "
+            f"(--calibrated-only skips the wall-clock runs).")
 
 
 def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | Path = ".",
@@ -209,6 +210,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
     console = console or Console()
     loaded = load_model(model, device=device)
     dev = loaded.device
+    phases_s = {"loading": time.perf_counter() - t0}
     settings = settings or DemoSettings.for_device(dev)
     load_before = host_load()
     threads = torch.get_num_threads()
@@ -219,7 +221,9 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
         console.print(busy_note(load_before), style="yellow", highlight=False)
     console.print(f"Calibrating step costs: the fastest of {settings.calibration_repeats} runs of each shape ...",
                   highlight=False)
+    mark = time.perf_counter()
     costs = calibrate_step_costs(loaded, settings.calibration_plan(), seed=settings.seed)
+    phases_s["calibration"] = time.perf_counter() - mark
     console.print(costs.describe(), style="dim", highlight=False)
     schedule = settings.schedule(costs)
     workload = list(schedule.workload)
@@ -227,15 +231,21 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         # the calibrated rows do not depend on the threads; on a busy CPU one thread computes them much sooner
+        mark = time.perf_counter()
         with cpu_threads(1 if dev.type == "cpu" and host_load().overloaded else 0):
             runs = calibrated_runs(loaded, settings, costs, workload, progress)
+        phases_s["calibrated replays"] = time.perf_counter() - mark
         if wall:
+            mark = time.perf_counter()
             for policy in POLICIES:
                 run = colocated_run(loaded, settings, policy, workload, progress=progress)
                 runs[run.key] = run
+            phases_s["wall-clock colocated runs"] = time.perf_counter() - mark
             if disagg:
+                mark = time.perf_counter()
                 run = disagg_run(loaded, model, settings, workload, progress)
                 runs[run.key] = run
+                phases_s["disaggregated run"] = time.perf_counter() - mark
     load_after = host_load()
     title = (f"{settings.num_decodes} steady decodes while {settings.num_long} prompts of "
              f"{settings.long_prompt_len} tokens arrive")
@@ -259,6 +269,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
     itl_timeline_figure([(f"{r.key}: inter-token latency of the steady decodes", [o.timeline for o in r.decodes],
                           [o.timeline for o in r.longs], r.start_s) for r in runs.values()], png, share_latency=True)
     elapsed_s = time.perf_counter() - t0
-    console.print(f"ITL timelines written to [bold]{png}[/]; the demo took {elapsed_s:.0f} s "
-                  f"(host {load_after.describe()} at the end)", highlight=False)
-    return DemoReport(runs, costs, claims, load_before, load_after, png, elapsed_s, notes)
+    console.print(f"ITL timelines written to [bold]{png}[/]", highlight=False)
+    console.print(f"The demo took {elapsed_s:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases_s.items())
+                  + f"); host {load_after.describe()} at the end.", highlight=False)
+    return DemoReport(runs, costs, claims, load_before, load_after, png, elapsed_s, notes, phases_s)

@@ -87,6 +87,7 @@ class DemoReport:
     png: Optional[Path] = None
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    phases_s: dict[str, float] = field(default_factory=dict)  # where the time went: loading, calibration, runs
 
 
 def run_key(label: str, clock: str) -> str:
