@@ -113,7 +113,7 @@ class DemoSchedule:
 
 def _split(label: str, clock: str, outs: list[RequestOutput], num_decodes: int, duration_s: float,
            start_s: float = 0.0) -> DemoRun:
-    return DemoRun(label, clock, outs[:num_decodes], outs[num_decodes:], duration_s, start_s)
+    return DemoRun(label, outs[:num_decodes], outs[num_decodes:], duration_s, clock, start_s)
 
 
 def warm_up(engine: "LLMEngine | Any", settings: DemoSettings) -> None:

@@ -10,9 +10,8 @@ from rich import box
 from rich.table import Table
 
 from minidisagg.course.claims import Claim, HostLoad
-from minidisagg.engine.llm_engine import RequestOutput
+from minidisagg.course.interference_lab import ScenarioRun
 from minidisagg.engine.step_cost import StepCostModel
-from minidisagg.metrics import percentile
 
 CALIBRATED = "calibrated"
 WALL = "wall"
@@ -24,45 +23,16 @@ HEADERS = ("run", "clock", "ITL\np50 ms", "ITL\np99 ms", "ITL\nmax ms", "long\nT
 
 
 @dataclass
-class DemoRun:
-    """One replay of the workload: its steady decodes and long prompts, on which clock, and for how long."""
+class DemoRun(ScenarioRun):
+    """One replay of the workload (lab 3's ``ScenarioRun``), on which clock, and when its requests started."""
 
-    label: str
-    clock: str
-    decodes: list[RequestOutput]
-    longs: list[RequestOutput]
-    duration_s: float
+    clock: str = CALIBRATED
     start_s: float = 0.0
 
     @property
     def key(self) -> str:
         """``chunked, calibrated``: how ``DemoReport.runs`` names this run."""
         return run_key(self.label, self.clock)
-
-    @property
-    def decode_itl_s(self) -> list[float]:
-        """Every inter-token gap of every steady decode, pooled."""
-        return [gap for o in self.decodes for gap in o.metrics.itl_s]
-
-    @property
-    def itl_p50_s(self) -> float:
-        """Median inter-token latency of the steady decodes."""
-        return percentile(self.decode_itl_s, 50.0)
-
-    @property
-    def itl_p99_s(self) -> float:
-        """99th-percentile inter-token latency of the steady decodes."""
-        return percentile(self.decode_itl_s, 99.0)
-
-    @property
-    def itl_max_s(self) -> float:
-        """The longest inter-token gap any steady decode saw: the worst stall."""
-        return max(self.decode_itl_s)
-
-    @property
-    def long_ttft_s(self) -> float:
-        """Mean time to first token of the long prompts."""
-        return sum(o.metrics.ttft_s for o in self.longs) / len(self.longs)
 
     def row(self) -> list[str]:
         """Cells of this run's row in the demo table."""

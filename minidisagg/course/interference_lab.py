@@ -110,6 +110,11 @@ class ScenarioRun:
         return percentile(self.decode_itl_s, 99.0)
 
     @property
+    def itl_max_s(self) -> float:
+        """The longest inter-token gap any steady decode saw: the worst stall."""
+        return max(self.decode_itl_s)
+
+    @property
     def long_ttft_s(self) -> float:
         """Mean time to first token of the long prompts (NaN without any)."""
         return sum(o.metrics.ttft_s for o in self.longs) / len(self.longs) if self.longs else math.nan
