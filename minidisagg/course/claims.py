@@ -24,6 +24,8 @@ NOT_SEEN_MARK = "CLAIM NOT SEEN"
 
 T = TypeVar("T")
 
+_MADE: list["Claim"] = []  # every claim this process checked, in order (a lab's kernel: its own)
+
 
 class ClaimNotSeen(AssertionError):
     """Raised (only in strict mode) when a notebook's claim does not hold on the values it measured."""
@@ -116,9 +118,15 @@ def claim(statement: str, holds: bool, measured: str = "", *, device: "torch.dev
     dev = getattr(device, "device", device)
     result = Claim(statement, bool(holds), measured, device_name(dev), host_load(), why_not)
     print(result.line())
+    _MADE.append(result)
     if not result.held and strict():
         raise ClaimNotSeen(result.line())
     return result
+
+
+def made_claims() -> list[Claim]:
+    """Every claim checked in this process so far, oldest first (``course.beside`` pairs them with a GPU run's)."""
+    return list(_MADE)
 
 
 def ratio(a: float, b: float) -> float:
