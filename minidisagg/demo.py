@@ -14,14 +14,17 @@ calls, kernel builds, CUDA graph capture, the native decode op) falls inside a m
 The host load is read before and after; above one runnable task per core, the wall-clock rows
 include other programs' time, and the demo says so.
 
-Measured with the CPU defaults (``time minidisagg demo``, SmolLM2-135M, float32): see
-``RUNTIME_NOTE``.
+The wall-clock engines may step faster than the one-thread calibration: their arrivals are
+re-timed to each warmed-up engine's measured decode step, so each long prompt still arrives after
+the same number of decode steps. The decodes outlast the last arrival even where nothing stalls
+them. The demo prints where its time went (loading, calibration, each group of runs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,9 @@ from minidisagg.engine.replay import replay
 from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.models.registry import LoadedModel, load_model
 from minidisagg.workload import TimedRequest, interference_workload
+
+
+WARM_UP_DECODE_TOKENS = 12  # enough gaps that their lower quartile is a plain decode step, chunked or not
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,10 @@ class DemoSettings:
         chunked_long_s = sum(costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len - c), c) + decode_s
                              for c in chunks)
         # a period holds one chunked long prefill and long_every_steps plain decode steps; the decodes last
-        # one period more than the long prompts, counted in the tokens of the chunked run (the slower one)
+        # half a period past the last arrival even where nothing stalls them (disaggregated)
         period_s = chunked_long_s + self.long_every_steps * decode_s
-        output_len = (self.num_long + 1) * (len(chunks) + self.long_every_steps)
+        last_arrival_s = period_s / 2 + (self.num_long - 1) * period_s
+        output_len = math.ceil((last_arrival_s + period_s / 2) / decode_s)
         whole_step_s = costs.prefill_cost_s(self.long_prompt_len) + decode_s
         chunk_step_s = costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len),
                                             self.long_prompt_len // 2) + decode_s
@@ -116,14 +123,30 @@ def _split(label: str, clock: str, outs: list[RequestOutput], num_decodes: int, 
     return DemoRun(label, outs[:num_decodes], outs[num_decodes:], duration_s, clock, start_s)
 
 
-def warm_up(engine: "LLMEngine | Any", settings: DemoSettings) -> None:
-    """Run the workload's shapes once through ``engine`` (decodes, a whole long prompt), so one-time costs stay out."""
+def warm_up(engine: "LLMEngine | Any", settings: DemoSettings) -> float:
+    """Run the workload's shapes once through ``engine`` (decodes, a whole long prompt), so one-time costs stay out.
+
+    Returns the lower quartile of the decodes' inter-token gaps there: this engine's plain decode step on this
+    clock (the quartile skips chunk-stalled steps and a new process's first, slower calls).
+    """
     if isinstance(engine, LLMEngine):
         engine.capture_cuda_graphs()
     start = engine.clock.now()
-    warm = interference_workload(settings.num_decodes, settings.decode_prompt_len, 4, 1, settings.long_prompt_len,
-                                 1.0, 2, start_long_s=0.0)
-    replay(engine, [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in warm], settings.seed + 1)
+    warm = interference_workload(settings.num_decodes, settings.decode_prompt_len, WARM_UP_DECODE_TOKENS, 1,
+                                 settings.long_prompt_len, 1.0, 2, start_long_s=0.0)
+    outs = replay(engine, [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in warm], settings.seed + 1)
+    gaps = sorted(gap for o in outs[:settings.num_decodes] for gap in o.metrics.itl_s)
+    return gaps[len(gaps) // 4]
+
+
+def retimed(workload: Sequence[TimedRequest], step_s: float, calibrated_step_s: float) -> list[TimedRequest]:
+    """``workload`` with its arrivals scaled by ``step_s / calibrated_step_s`` (held within 4x either way).
+
+    A wall-clock engine may step faster than the one-thread calibration (more threads, another process):
+    scaled, each long prompt still arrives after the same number of decode steps, while the decodes run.
+    """
+    scale = min(4.0, max(0.25, step_s / calibrated_step_s))
+    return [dataclasses.replace(r, arrival_s=r.arrival_s * scale) for r in workload]
 
 
 def timed_replay(engine: "LLMEngine | Any", label: str, clock: str, workload: Sequence[TimedRequest],
@@ -136,13 +159,18 @@ def timed_replay(engine: "LLMEngine | Any", label: str, clock: str, workload: Se
 
 
 def colocated_run(loaded: LoadedModel, settings: DemoSettings, policy: str, workload: Sequence[TimedRequest],
-                  costs: Optional[StepCostModel] = None, progress: Optional[Progress] = None) -> DemoRun:
-    """One colocated replay: on a calibrated ``SimulatedClock`` with ``costs``, else on wall time after a warm-up."""
+                  costs: Optional[StepCostModel] = None, progress: Optional[Progress] = None,
+                  calibrated_step_s: float = 0.0) -> DemoRun:
+    """One colocated replay: on a calibrated ``SimulatedClock`` with ``costs``, else on wall time after a warm-up.
+
+    On wall time the arrivals are re-timed (``retimed``) from ``calibrated_step_s``, the calibrated decode step
+    the workload was planned with, to the warmed-up engine's measured one.
+    """
     clock: Clock = SimulatedClock(cost_model=costs) if costs is not None else WallClock()
     engine = LLMEngine(loaded, settings.engine_config(policy, workload), clock=clock)
     if costs is None:
         task = progress.add_task(f"{policy}, wall: warming up", total=None) if progress else None
-        warm_up(engine, settings)
+        workload = retimed(workload, warm_up(engine, settings), calibrated_step_s)
         if progress is not None and task is not None:
             progress.remove_task(task)
     else:
@@ -151,8 +179,9 @@ def colocated_run(loaded: LoadedModel, settings: DemoSettings, policy: str, work
 
 
 def disagg_run(loaded: LoadedModel, model: str, settings: DemoSettings, workload: Sequence[TimedRequest],
-               progress: Progress) -> DemoRun:
-    """One prefill and one decode process joined by TCP (the socket transport), on wall time, warmed up first."""
+               progress: Progress, calibrated_step_s: float) -> DemoRun:
+    """One prefill and one decode process joined by TCP (the socket transport), on wall time, warmed up first
+    (arrivals re-timed to its measured decode step, as in ``colocated_run``)."""
     from minidisagg.disagg.cluster import DisaggCluster
 
     cpu = loaded.device.type == "cpu"
@@ -161,7 +190,7 @@ def disagg_run(loaded: LoadedModel, model: str, settings: DemoSettings, workload
     cluster = DisaggCluster(loaded, EngineConfig(max_num_batched_tokens=budget, cache=CacheConfig()),
                             transport="socket", model_ref=model, pin_cores=cpu, worker_threads=1 if cpu else 0)
     try:
-        warm_up(cluster, settings)
+        workload = retimed(workload, warm_up(cluster, settings), calibrated_step_s)
         progress.remove_task(task)
         return timed_replay(cluster, DISAGG, WALL, workload, settings, progress)
     finally:
@@ -237,13 +266,14 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
         phases_s["calibrated replays"] = time.perf_counter() - mark
         if wall:
             mark = time.perf_counter()
+            step_s = costs.decode_cost_s(settings.num_decodes, settings.decode_prompt_len)
             for policy in POLICIES:
-                run = colocated_run(loaded, settings, policy, workload, progress=progress)
+                run = colocated_run(loaded, settings, policy, workload, progress=progress, calibrated_step_s=step_s)
                 runs[run.key] = run
             phases_s["wall-clock colocated runs"] = time.perf_counter() - mark
             if disagg:
                 mark = time.perf_counter()
-                run = disagg_run(loaded, model, settings, workload, progress)
+                run = disagg_run(loaded, model, settings, workload, progress, step_s)
                 runs[run.key] = run
                 phases_s["disaggregated run"] = time.perf_counter() - mark
     load_after = host_load()
@@ -252,7 +282,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
     console.print(demo_table(runs, title))
     one_core = f" (as on one core: calibrated on {costs.cpu_threads} thread)" if costs.cpu_threads == 1 else ""
     notes = [f"{CALIBRATED}: a simulated clock charges each step its calibrated cost{one_core}, so load during the "
-             f"replay cannot change these rows" + (f"; {WALL}: real time on this host, after a warm-up" if wall else "")
+             f"replay cannot change these rows" + (f"; {WALL}: real time on this host after a warm-up, arrivals re-timed to the same decode steps" if wall else "")
              + (f"; {DISAGG}: a prefill and a decode process joined by TCP." if wall and disagg else ".")]
     if wall and disagg and dev.type == "cpu":
         notes.append(f"Colocated runs use {threads} threads; each disaggregated worker is pinned to one core "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import random
 import time
 
 import matplotlib.colors as mcolors
@@ -11,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from minidisagg.course.claims import HostLoad
-from minidisagg.demo import DemoSettings, calibrated_runs, run_demo
+from minidisagg.demo import DemoSettings, calibrated_runs, retimed, run_demo
 from minidisagg.demo_report import CALIBRATED, WALL, demo_claims, demo_table
 from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.llm_engine import LLMEngine
@@ -153,3 +154,19 @@ def test_demo_runs_calibrated_wall_and_disaggregated(tmp_path):
     assert f"load {report.load_before.load_1min:.1f}" in text
     png = tmp_path / "minidisagg-demo-itl.png"
     assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_the_decodes_outlast_every_arrival_even_without_a_stall():
+    decode_s = COSTS.decode_cost_s(SMALL.num_decodes, SMALL.decode_prompt_len)
+    last_arrival_s = max(r.arrival_s for r in SCHEDULE.workload)
+    assert SCHEDULE.decode_output_len * decode_s >= last_arrival_s + SCHEDULE.period_s / 2 - 1e-9
+
+
+def test_wall_runs_are_retimed_to_the_measured_decode_step():
+    rng = random.Random()
+    speedup = rng.uniform(1.1, 3.0)
+    faster = retimed(SCHEDULE.workload, 0.010 / speedup, 0.010)
+    assert [r.arrival_s for r in faster] == pytest.approx([r.arrival_s / speedup for r in SCHEDULE.workload])
+    assert [(r.prompt_len, r.output_len) for r in faster] == [(r.prompt_len, r.output_len) for r in SCHEDULE.workload]
+    clamped = retimed(SCHEDULE.workload, 1.0, 0.010)  # a first call 100x slower moves nothing more than 4x
+    assert [r.arrival_s for r in clamped] == pytest.approx([4 * r.arrival_s for r in SCHEDULE.workload])
