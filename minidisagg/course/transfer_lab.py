@@ -19,6 +19,7 @@ import torch
 from minidisagg import bench_transport as bench
 from minidisagg.config import PRESETS, CacheConfig, EngineConfig, ModelConfig
 from minidisagg.disagg.cluster import DisaggCluster
+from minidisagg.engine.calibrate import cpu_threads
 from minidisagg.engine.llm_engine import LLMEngine
 from minidisagg.engine.replay import run_to_completion
 from minidisagg.engine.sampling import SamplingParams
@@ -258,9 +259,16 @@ def measure_overlap(loaded: LoadedModel, prompt_len: int, link_GBps: Optional[fl
 
     Requests run one at a time, so TTFT = prefill + whatever part of the transfer was not hidden.
     Both deployments run side by side and take turns, one request each per round, so a change in
-    the host's load falls on both alike. Returns metrics per setting: ``"sequential"`` (off) and
-    ``"layer-wise"`` (on), ``repeats`` of each after one warm-up round.
+    the host's load falls on both alike; on a CPU they run on one torch thread (``cpu_threads``), whose
+    time another program's load changes far less than a multi-threaded op's. Returns metrics per
+    setting: ``"sequential"`` (off) and ``"layer-wise"`` (on), ``repeats`` of each after one warm-up round.
     """
+    with cpu_threads(1 if loaded.device.type == "cpu" else 0):
+        return _measure_overlap(loaded, prompt_len, link_GBps, repeats, seed)
+
+
+def _measure_overlap(loaded: LoadedModel, prompt_len: int, link_GBps: Optional[float], repeats: int,
+                     seed: int) -> dict[str, list[RequestMetrics]]:
     blocks = 2 * (-(-prompt_len // 16)) + 8
     config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=max(prompt_len, 256),
                           cache=CacheConfig(block_size=16, num_blocks=blocks))

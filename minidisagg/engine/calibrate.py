@@ -15,10 +15,11 @@ in proportion to the work under load; the replay is then that of a one-core mach
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from rich.progress import Progress
@@ -77,12 +78,24 @@ def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: b
     """Time every shape in ``plan`` with the engine's prefill and decode stages; return the fitted model."""
     if loaded.device.type != "cpu":
         return _calibrate(loaded, plan, progress, seed, threads=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         return _calibrate(loaded, plan, progress, seed, threads=1)
+
+
+@contextlib.contextmanager
+def cpu_threads(num_threads: int) -> Iterator[None]:
+    """Run the block on ``num_threads`` torch CPU threads (0: leave them as they are), then restore the count.
+
+    One thread is how a busy CPU is timed fairly: a multi-threaded op waits at its barriers for a thread
+    that another program holds, so its time swings with the load; one thread only shares its core.
+    """
+    before = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _calibrate(loaded: LoadedModel, plan: CalibrationPlan, progress: bool, seed: int, threads: int) -> StepCostModel:
