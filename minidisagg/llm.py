@@ -177,6 +177,11 @@ class LLM:
         """
         batch = _prompt_list(prompts)
         params = _params_for(len(batch), sampling_params)
+        vocab_size = self.loaded.config.vocab_size
+        for i, sp in enumerate(params):
+            if sp.stop_token_ids and max(sp.stop_token_ids) >= vocab_size:
+                raise ValueError(f"sampling_params[{i}].stop_token_ids must be token ids below the vocabulary size "
+                                 f"{vocab_size}, got {sp.stop_token_ids!r:.80}")
         checked = [self._checked_prompt(i, p) for i, p in enumerate(batch)]
         return self._run(self._queue(checked, params), use_tqdm)
 

@@ -114,6 +114,9 @@ def test_generate_checks_everything_before_queueing(llm, seed):
         assert_clean(llm)
     with pytest.raises(ValueError, match="prompt_token_ids"):
         llm.generate([True, False], GREEDY)
+    beyond = SamplingParams(temperature=0, stop_token_ids=[llm.loaded.config.vocab_size + rng.randrange(1000)])
+    with pytest.raises(ValueError, match=r"sampling_params\[\d+\]\.stop_token_ids"):
+        llm.generate(prompts, [GREEDY] * (len(prompts) - 1) + [beyond])
     with pytest.raises(ValueError, match="prompts must be"):
         llm.generate(3.5, GREEDY)  # type: ignore[arg-type]
     assert_clean(llm)
@@ -134,6 +137,14 @@ def _fail_on_call(monkeypatch, engine, k: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "add_request", add_request)
+
+
+def test_engine_add_request_checks_params_changed_after_construction(llm):
+    params = SamplingParams(temperature=0.5, max_tokens=3)
+    params.seed = "abc"
+    with pytest.raises(ValueError, match="seed"):
+        llm.engine.add_request([5, 6, 7], params)
+    assert_clean(llm)
 
 
 def test_generate_aborts_what_it_queued_when_queueing_fails_midway(llm, seed, monkeypatch):

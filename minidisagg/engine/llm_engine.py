@@ -178,6 +178,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.verify()  # its fields may have changed since construction; a bad seed would fail in torch below
         text, ids = self.tokenize_prompt(prompt)
         seq_id = next(self._ids)
         request_id = request_id if request_id is not None else str(seq_id)
