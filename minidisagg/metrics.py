@@ -9,7 +9,7 @@ benchmarks (vLLM's ``benchmark_serving``, DistServe):
   the mean ITL of one request; 0.0 for a request with a single output token.
 - E2E (end-to-end latency) = finish time - arrival time.
 
-This module sits at the bottom of the import graph: numpy and the standard library only.
+This module sits at the bottom of the import graph: numpy, the standard library and ``failures`` only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from minidisagg.failures import NO_OUTPUT_TOKEN, count_failures, failure_note, failure_reason
 
 __all__ = [
     "RequestTimeline",
@@ -236,11 +238,6 @@ def goodput(rates_rps: Sequence[float], attainments: Sequence[float], target: fl
     return points[-1][0]
 
 
-UNFINISHED = "no result before the deadline"
-NO_OUTPUT_TOKEN = "ended without an output token"
-MAX_REASON_CHARS = 200
-
-
 @dataclass(frozen=True)
 class Summary:
     """Aggregate figures of one run (percentiles as defined by ``percentile``).
@@ -272,46 +269,6 @@ class Summary:
     def failure_note(self) -> str:
         """``2 of 10 requests failed: <reason> (1), <reason> (1)``, or "" when none did."""
         return failure_note(self.num_requests + self.num_failed, self.failures)
-
-
-def failure_note(num_requests: int, failures: dict[str, int]) -> str:
-    """One line saying how many of ``num_requests`` failed and why, or "" when ``failures`` is empty."""
-    num_failed = sum(failures.values())
-    if not num_failed:
-        return ""
-    reasons = ", ".join(f"{reason} ({count})" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
-    return f"{num_failed} of {num_requests} request{'s' if num_requests != 1 else ''} failed: {reasons}"
-
-
-def failure_reason(output: object) -> str | None:
-    """Why a request's output counts as failed, or None when it finished with latency figures.
-
-    ``output`` is anything shaped like ``RequestOutput`` (``finished``, ``finish_reason``,
-    ``error``, ``metrics``), or None for a request that produced no result at all.
-    """
-    if output is None:
-        return UNFINISHED
-    error = getattr(output, "error", None)
-    if error:
-        return str(error)[:MAX_REASON_CHARS]
-    if not getattr(output, "finished", True):
-        return UNFINISHED
-    finish_reason = getattr(output, "finish_reason", None)
-    if finish_reason in ("abort", "error"):
-        return "aborted" if finish_reason == "abort" else "error"
-    if getattr(output, "metrics", None) is None:
-        return NO_OUTPUT_TOKEN
-    return None
-
-
-def count_failures(outputs: Sequence[object]) -> dict[str, int]:
-    """Reason -> number of failed requests among ``outputs`` (see ``failure_reason``)."""
-    counts: dict[str, int] = {}
-    for out in outputs:
-        reason = failure_reason(out)
-        if reason is not None:
-            counts[reason] = counts.get(reason, 0) + 1
-    return counts
 
 
 def _p50_p99(values: Sequence[float]) -> tuple[float, float]:
