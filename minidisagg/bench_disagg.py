@@ -125,6 +125,17 @@ def _disagg(model: str, s: Settings, overlap: bool) -> Any:
                prefill_devices=[s.devices[0]], decode_devices=[s.devices[1]], worker_threads=s.threads)
 
 
+def greedy_check(engine: Any, reference: list[Optional[list[int]]], prompts: list[list[int]],
+                 max_tokens: int) -> dict[str, Any]:
+    """``compare_greedy`` of ``engine``'s tokens against ``reference``; a check that raises is recorded as unequal,
+    with its error, so the report always has the key and says why."""
+    try:
+        return compare_greedy(reference, greedy_tokens(engine, prompts, max_tokens))
+    except Exception as exc:  # noqa: BLE001 - the sweeps still run; the report says what failed
+        return {"num_prompts": len(prompts), "equal": False, "mismatches": [],
+                "error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_model(model: str, s: Settings, budget: Budget, model_budget_s: float, save: Callable[[], None],
               res: dict[str, Any], log: Callable[[str], None] = print) -> None:
     """Every phase for one model, filling ``res`` as it goes (``save`` after each phase)."""
@@ -198,7 +209,7 @@ def run_model(model: str, s: Settings, budget: Budget, model_budget_s: float, sa
             res["launch_s"]["disagg-overlap" if overlap else "disagg-no-overlap"] = time.monotonic() - started
             greedy_tokens(llm.engine, prompts[:1], 2)  # warm-up: the first NCCL transfer sets up the link
             if overlap:
-                res["greedy_check"] = compare_greedy(reference, greedy_tokens(llm.engine, prompts, s.greedy_tokens))
+                res["greedy_check"] = greedy_check(llm.engine, reference, prompts, s.greedy_tokens)
                 log(f"  greedy check: disaggregated == colocated on {len(prompts)} prompts: "
                     f"{res['greedy_check']['equal']}")
             else:

@@ -10,10 +10,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from minidisagg.metrics import failure_note
+
 GOODPUT_RATIO_GOAL = 1.5
 KV_FRACTION_GOAL = 0.70
 COLOCATED_BASELINE = "colocated-prefill_first"
 DISAGG_CONFIGS = ("disagg-overlap", "disagg-no-overlap")
+HEADER_DEFAULTS = {"devices": "?", "time_budget_s": math.nan, "ttft_slo_scale": "?", "tpot_slo_scale": "?"}
 
 
 def card_name(devices: Sequence[str]) -> str:
@@ -42,7 +45,18 @@ def _sweep(res: dict[str, Any], config: str, workload: str) -> Optional[dict[str
 
 
 def evaluate_goals(result: dict[str, Any]) -> dict[str, bool]:
-    """The issue's goals, each with the numbers that decide it in its name."""
+    """The issue's goals, each with the numbers that decide it in its name.
+
+    A part of the result that is missing or malformed (a phase that failed) makes its goal MISSED,
+    saying why, instead of failing the report.
+    """
+    try:
+        return _goals(result)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        return {f"the goals could not be evaluated: the result is incomplete ({type(exc).__name__}: {exc})": False}
+
+
+def _goals(result: dict[str, Any]) -> dict[str, bool]:
     goals: dict[str, bool] = {}
     best_ratio, where, no_ratio = 0.0, "", []
     for model, res in result["models"].items():
@@ -73,9 +87,13 @@ def evaluate_goals(result: dict[str, Any]) -> dict[str, bool]:
             goals[f"{model}: KV transfer of a {probe['prompt_tokens']}-token request >= {KV_FRACTION_GOAL:.0%} of plain "
                   f"send/recv of the same bytes, {key.removesuffix('_GBps').replace('_', ' ')} "
                   f"({probe['achieved_GBps']:.3g} of {ceiling[key]:.3g} GB/s = {fraction:.0%})"] = fraction >= KV_FRACTION_GOAL
-        if "greedy_check" in res:
-            check = res["greedy_check"]
-            goals[f"{model}: disaggregated greedy tokens == colocated on {check['num_prompts']} prompts"] = check["equal"]
+        check = res.get("greedy_check")
+        if isinstance(check, dict) and "equal" in check:
+            goals[f"{model}: disaggregated greedy tokens == colocated on {check.get('num_prompts', '?')} prompts"] = \
+                bool(check["equal"])
+        elif res.get("sweeps") or res.get("errors"):  # the model ran, but the check did not
+            why = "; ".join(res.get("errors", [])) or "the run ended before it"
+            goals[f"{model}: disaggregated greedy tokens == colocated (not checked: {why[:300]})"] = False
     return goals
 
 
@@ -119,8 +137,8 @@ def reading(result: dict[str, Any]) -> list[str]:
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The report: settings, SLOs, goodput, fixed-rate latencies, KV link, goals, a generated reading."""
-    m, s = result["machine"], result["settings"]
-    lines = [f"# Disaggregated 1P1D vs 2 colocated replicas ({result['card']}, {result['date']})", "",
+    m, s = result.get("machine", {}), {**HEADER_DEFAULTS, **result.get("settings", {})}
+    lines = [f"# Disaggregated 1P1D vs 2 colocated replicas ({result.get('card', '?')}, {result.get('date', '?')})", "",
              f"Devices {s['devices']} ({', '.join(m.get('gpus', [m.get('cpu', '?')]))}); torch {m.get('torch')}; "
              f"elapsed {result.get('elapsed_s', 0):.0f} s of a {s['time_budget_s']:.0f} s budget. SLOs are "
              f"{s['ttft_slo_scale']}x the unloaded TTFT of a mean-length prompt and {s['tpot_slo_scale']}x the "
@@ -131,47 +149,74 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{s.get('refine_points', 0)} extra rate{'' if s.get('refine_points', 0) == 1 else 's'} per sweep, marked *, halve below a lowest rate that misses or "
              "split the bracket around the crossing); per GPU = / 2 for both set-ups "
              "(two replicas, or one prefill + one decode GPU). Requests unfinished at the deadline count as misses."]
-    for model, res in result["models"].items():
-        lines += ["", f"## {model}", "", "| workload | unloaded TTFT ms | unloaded TPOT ms | SLO TTFT ms | SLO TPOT ms | "
-                  "rates (req/s) |", "|---|---:|---:|---:|---:|---|"]
-        for w, c in res["calibration"].items():
-            lines.append(f"| {w} | {_ms(c['ttft_s'])} | {_ms(c['tpot_s'])} | {_ms(c['slo']['ttft_s'])} | "
-                         f"{_ms(c['slo']['tpot_s'])} | {', '.join(f'{r:.3g}' for r in c['rates_rps'])} |")
-        lines += ["", "| workload | configuration | goodput req/s | per GPU | attainment by rate | skipped rates |",
-                  "|---|---|---:|---:|---|---|"]
-        for sw in res["sweeps"]:
-            curve = ", ".join(f"{p['rate_rps']:.3g}{'*' if p.get('refinement') else ''}: {p['attainment']:.2f}"
-                              for p in sw["points"])
-            lines.append(f"| {sw['workload']} | {sw['config']} | {sw['goodput_rps']:.3g} | "
-                         f"{sw['goodput_per_gpu_rps']:.3g} | {curve} | {', '.join(f'{r:.3g}' for r in sw['skipped_rates_rps'])} |")
-        lines += ["", "At the fixed rate:", "", "| workload | configuration | req/s | TTFT p50 ms | TTFT p99 ms | "
-                  "ITL p50 ms | ITL p99 ms | queue ms | prefill ms | transfer ms | decode queue ms | KV MB/req | "
-                  "transfer span / TTFT |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in fixed_rate_rows(res):
-            b, kv = r["breakdown_median_s"], r["kv_bytes_per_request_median"]
-            ratio = r["transfer_over_ttft_median"]
-            lines.append(f"| {r['workload']} | {r['config']} | {r['rate_rps']:.3g} | {_ms(r['ttft_p50_s'])} | "
-                         f"{_ms(r['ttft_p99_s'])} | {_ms(r['itl_p50_s'])} | {_ms(r['itl_p99_s'])} | "
-                         f"{_ms(b['queue_s'])} | {_ms(b['prefill_s'])} | {_ms(b['transfer_s'])} | "
-                         f"{_ms(b['decode_queue_s'])} | {'' if kv is None else f'{kv / 1e6:.1f}'} | "
-                         f"{'' if ratio is None else f'{ratio:.3f}'} |")
-        probe, ceiling = res.get("kv_probe", {}), res.get("kv_ceiling", {})
-        lines += ["", "Breakdown medians: queue = arrival to prefill start; transfer = prefill end to the first token "
-                  "on the decode side (what the transfer adds to TTFT); decode queue = first token to the first "
-                  "decode step. Transfer span = transfer start to adoption: from the first layer sent with overlap "
-                  "(it runs during the prefill), from the prefill's end without (the pages, announced ahead, "
-                  "may already be on their way).", "", f"KV link: probe {json.dumps(probe)}; plain send/recv ceiling {json.dumps(ceiling)}."]
-        if "greedy_check" in res:
-            lines.append(f"Greedy check: {json.dumps(res['greedy_check'])}.")
+    for model, res in result.get("models", {}).items():
+        lines += ["", f"## {model}", ""]
+        try:
+            lines += _model_section(res)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a phase that failed left it partial
+            lines.append(f"Error: this model's result is incomplete ({type(exc).__name__}: {exc}); the section ends here.")
+        if "greedy_check" not in res:
+            lines.append("Greedy check: not run (see the errors).")
         for error in res.get("errors", []):
             lines.append(f"Error: {error}")
         if res.get("skipped_sweeps"):
             lines.append(f"Not measured (time budget): {', '.join(res['skipped_sweeps'])}.")
     lines += ["", "## Goals", ""] + [f"- {'met' if ok else 'MISSED'}: {g}" for g, ok in result.get("goals", {}).items()]
     lines += [f"- error: {e}" for e in result.get("errors", [])]
-    lines += ["", "## Reading (generated; edit into prose)", ""] + reading(result)
+    try:
+        lines += ["", "## Reading (generated; edit into prose)", ""] + reading(result)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        lines.append(f"(no reading: the result is incomplete, {type(exc).__name__}: {exc})")
     return "\n".join(lines) + "\n"
+
+
+def _failed_lines(res: dict[str, Any]) -> list[str]:
+    """One line per measured point in which requests failed: how many and why."""
+    lines = []
+    for sw in res.get("sweeps", []):
+        for p in sw.get("points", []):
+            if p.get("num_failed") or (p.get("num_finished", p.get("num_requests")) != p.get("num_requests")):
+                failures = p.get("failures") or {"unrecorded reason": p["num_requests"] - p["num_finished"]}
+                lines.append(f"Failed requests, {sw['workload']} {sw['config']} at {p['rate_rps']:.3g} req/s: "
+                             f"{failure_note(p['num_requests'], failures)} (counted as SLO misses).")
+    return lines
+
+
+def _model_section(res: dict[str, Any]) -> list[str]:
+    """One model's tables: calibration, goodput, fixed-rate latencies, the KV link, failures and errors."""
+    lines = ["| workload | unloaded TTFT ms | unloaded TPOT ms | SLO TTFT ms | SLO TPOT ms | "
+              "rates (req/s) |", "|---|---:|---:|---:|---:|---|"]
+    for w, c in res["calibration"].items():
+        lines.append(f"| {w} | {_ms(c['ttft_s'])} | {_ms(c['tpot_s'])} | {_ms(c['slo']['ttft_s'])} | "
+                     f"{_ms(c['slo']['tpot_s'])} | {', '.join(f'{r:.3g}' for r in c['rates_rps'])} |")
+    lines += ["", "| workload | configuration | goodput req/s | per GPU | attainment by rate | skipped rates |",
+              "|---|---|---:|---:|---|---|"]
+    for sw in res["sweeps"]:
+        curve = ", ".join(f"{p['rate_rps']:.3g}{'*' if p.get('refinement') else ''}: {p['attainment']:.2f}"
+                          for p in sw["points"])
+        lines.append(f"| {sw['workload']} | {sw['config']} | {sw['goodput_rps']:.3g} | "
+                     f"{sw['goodput_per_gpu_rps']:.3g} | {curve} | {', '.join(f'{r:.3g}' for r in sw['skipped_rates_rps'])} |")
+    lines += ["", "At the fixed rate:", "", "| workload | configuration | req/s | TTFT p50 ms | TTFT p99 ms | "
+              "ITL p50 ms | ITL p99 ms | queue ms | prefill ms | transfer ms | decode queue ms | KV MB/req | "
+              "transfer span / TTFT |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in fixed_rate_rows(res):
+        b, kv = r["breakdown_median_s"], r["kv_bytes_per_request_median"]
+        ratio = r["transfer_over_ttft_median"]
+        lines.append(f"| {r['workload']} | {r['config']} | {r['rate_rps']:.3g} | {_ms(r['ttft_p50_s'])} | "
+                     f"{_ms(r['ttft_p99_s'])} | {_ms(r['itl_p50_s'])} | {_ms(r['itl_p99_s'])} | "
+                     f"{_ms(b['queue_s'])} | {_ms(b['prefill_s'])} | {_ms(b['transfer_s'])} | "
+                     f"{_ms(b['decode_queue_s'])} | {'' if kv is None else f'{kv / 1e6:.1f}'} | "
+                     f"{'' if ratio is None else f'{ratio:.3f}'} |")
+    probe, ceiling = res.get("kv_probe", {}), res.get("kv_ceiling", {})
+    lines += ["", "Breakdown medians: queue = arrival to prefill start; transfer = prefill end to the first token "
+              "on the decode side (what the transfer adds to TTFT); decode queue = first token to the first "
+              "decode step. Transfer span = transfer start to adoption: from the first layer sent with overlap "
+              "(it runs during the prefill), from the prefill's end without (the pages, announced ahead, "
+              "may already be on their way).", "", f"KV link: probe {json.dumps(probe)}; plain send/recv ceiling {json.dumps(ceiling)}."]
+    if "greedy_check" in res:
+        lines.append(f"Greedy check: {json.dumps(res['greedy_check'])}.")
+    return lines + _failed_lines(res)
 
 
 def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
@@ -184,4 +229,13 @@ def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> 
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     md_path.write_text(to_markdown(result))
-    return [json_path, md_path, *(write_plots(result, stem) if plots else [])]
+    figures: list[Path] = []
+    if plots:
+        try:
+            figures = write_plots(result, stem)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # an incomplete result: keep the rest
+            result.setdefault("errors", []).append(f"figures not drawn, the result is incomplete: "
+                                                   f"{type(exc).__name__}: {exc}")
+            json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+            md_path.write_text(to_markdown(result))
+    return [json_path, md_path, *figures]

@@ -18,7 +18,7 @@ import numpy as np
 
 from minidisagg.engine.replay import SYNTHETIC_TOKEN_RANGE
 from minidisagg.engine.sampling import SamplingParams
-from minidisagg.metrics import SLO, RequestMetrics, goodput, percentile
+from minidisagg.metrics import SLO, RequestMetrics, count_failures, failure_note, failure_reason, goodput, percentile
 from minidisagg.workload import LengthDist, LogNormal, TimedRequest, poisson_workload
 
 STOP_BELOW_ATTAINMENT = 0.5  # a sweep stops at the first rate whose attainment falls below this
@@ -96,14 +96,19 @@ def _median(values: list[float]) -> Optional[float]:
 
 
 def summarize_point(rate_rps: float, outs: list[Any], slo: SLO, start_s: float) -> dict[str, Any]:
-    """Attainment, latency percentiles, the TTFT breakdown and KV figures of one point."""
-    metrics: list[Optional[RequestMetrics]] = [o.metrics if o is not None and o.error is None else None for o in outs]
+    """Attainment, latency percentiles, the TTFT breakdown and KV figures of one point.
+
+    Latencies cover the finished requests; the others (failed, aborted, unfinished at the deadline: a
+    None in ``outs``) are counted in ``num_failed``, with ``failures`` mapping each reason to a count.
+    """
+    metrics: list[Optional[RequestMetrics]] = [o.metrics if failure_reason(o) is None else None for o in outs]
     good = [m for m in metrics if m is not None]
     met = sum(1 for m in good if slo.met_by(m))
     itl = [g for m in good for g in m.itl_s]
     point: dict[str, Any] = {
         "rate_rps": rate_rps, "num_requests": len(outs), "num_finished": len(good),
-        "attainment": met / len(outs),
+        "num_failed": len(outs) - len(good), "failures": count_failures(outs),  # failed requests count as misses
+        "attainment": met / len(outs) if outs else 0.0,
         "requests_ttft_tpot_s": [[m.ttft_s, m.tpot_s] if m else None for m in metrics],
     }
     for name, values in (("ttft", [m.ttft_s for m in good]), ("itl", itl),
@@ -234,7 +239,8 @@ class Sweep:
             point = summarize_point(rate, run["outputs"], self.slo, run["start_s"])
             points.append(point)
             log(f"  {self.config:>28} {self.workload.name:>13} {rate:7.3g} rps: attainment {point['attainment']:.2f} "
-                f"({point['num_finished']}/{point['num_requests']} finished)")
+                f"({point['num_finished']}/{point['num_requests']} finished)"
+                + (f"; {failure_note(point['num_requests'], point['failures'])}" if point.get("failures") else ""))
             if fixed_rate_rps is not None and math.isclose(rate, fixed_rate_rps) and timeline_limit:
                 timelines = timeline_records(run["outputs"], run["start_s"], timeline_limit,
                                              assignment() if assignment else None)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+MAX_POSITION = 2**20  # the longest context a ModelConfig may declare (about a million tokens)
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,28 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
 
     def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                     "vocab_size", "max_position"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.max_position > MAX_POSITION:
+            raise ValueError(f"ModelConfig.max_position must be at most {MAX_POSITION} tokens (its RoPE table alone "
+                             f"would be max_position x head_dim floats), got {self.max_position}")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        for name in ("num_layers", "hidden_size", "num_heads", "head_dim", "intermediate_size", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
+        ids = [("bos_token_id", self.bos_token_id)] + [("eos_token_ids", t) for t in self.eos_token_ids]
+        for name, token in ids:
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise ValueError(f"ModelConfig.{name} must hold non-negative integer token ids, got {token!r}")
 
     @property
     def q_size(self) -> int:

@@ -35,7 +35,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.course.claims import HostLoad, device_name, host_load
-from minidisagg.demo_report import (CALIBRATED, DISAGG, POLICIES, WALL, DemoReport, DemoRun, demo_claims, demo_table)
+from minidisagg.demo_report import (CALIBRATED, DISAGG, POLICIES, WALL, DemoReport, DemoRun, demo_claims, demo_table,
+                                     failure_notes)
 from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
 from minidisagg.engine.clock import Clock, SimulatedClock, WallClock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
@@ -135,8 +136,8 @@ def warm_up(engine: "LLMEngine | Any", settings: DemoSettings) -> float:
     warm = interference_workload(settings.num_decodes, settings.decode_prompt_len, WARM_UP_DECODE_TOKENS, 1,
                                  settings.long_prompt_len, 1.0, 2, start_long_s=0.0)
     outs = replay(engine, [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in warm], settings.seed + 1)
-    gaps = sorted(gap for o in outs[:settings.num_decodes] for gap in o.metrics.itl_s)
-    return gaps[len(gaps) // 4]
+    gaps = sorted(gap for o in outs[:settings.num_decodes] if o.metrics is not None for gap in o.metrics.itl_s)
+    return gaps[len(gaps) // 4] if gaps else math.nan  # NaN: every warm-up decode failed
 
 
 def retimed(workload: Sequence[TimedRequest], step_s: float, calibrated_step_s: float) -> list[TimedRequest]:
@@ -144,8 +145,10 @@ def retimed(workload: Sequence[TimedRequest], step_s: float, calibrated_step_s: 
 
     A wall-clock engine may step faster than the one-thread calibration (more threads, another process):
     scaled, each long prompt still arrives after the same number of decode steps, while the decodes run.
+    Without a measured step (NaN: the warm-up's decodes failed) the arrivals stay as planned.
     """
-    scale = min(4.0, max(0.25, step_s / calibrated_step_s))
+    ratio = step_s / calibrated_step_s if calibrated_step_s > 0 else math.nan
+    scale = min(4.0, max(0.25, ratio)) if math.isfinite(ratio) else 1.0  # unmeasured: keep the calibrated timing
     return [dataclasses.replace(r, arrival_s=r.arrival_s * scale) for r in workload]
 
 
@@ -281,6 +284,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
     busiest = max(load_before, load_after, key=lambda load: load.load_1min)
     if wall and busiest.overloaded:
         notes.append(busy_note(busiest))
+    notes += failure_notes(runs)
     for note in notes:
         console.print(note, highlight=False)
     claims = demo_claims(runs, device_name(dev), busiest, schedule.predicted_tail_ratio)

@@ -12,12 +12,14 @@ from rich.table import Table
 from minidisagg.course.claims import Claim, HostLoad
 from minidisagg.course.interference_lab import ScenarioRun
 from minidisagg.engine.step_cost import StepCostModel
+from minidisagg.metrics import failure_note
 
 CALIBRATED = "calibrated"
 WALL = "wall"
 POLICIES = ("prefill_first", "chunked")
 DISAGG = "disagg 1P1D"  # one prefill and one decode process, joined by TCP
 TAIL_RATIO_SPLIT = 2.0  # predicted whole-prompt / chunk step ratio above which chunking must pay
+FAILED_MARK = "*"  # after a run's label: some of its requests failed
 HEADERS = ("run", "clock", "ITL\np50 ms", "ITL\np99 ms", "ITL\nmax ms", "long\nTTFT s", "tok/s", "KV\nMB",
            "KV\nGB/s")
 
@@ -36,13 +38,14 @@ class DemoRun(ScenarioRun):
 
     def row(self) -> list[str]:
         """Cells of this run's row in the demo table."""
-        every = self.decodes + self.longs
-        moved = sum(o.metrics.kv_transfer_bytes for o in every)
-        moving_s = sum(o.metrics.kv_send_s for o in every)  # time on the wire, not waiting for layers
-        tokens_per_s = sum(len(o.token_ids) for o in every) / self.duration_s
-        return [self.label, self.clock, f"{1e3 * self.itl_p50_s:.0f}", f"{1e3 * self.itl_p99_s:.0f}",
-                f"{1e3 * self.itl_max_s:.0f}", _seconds(self.long_ttft_s), f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.1f}", f"{moved / 1e6:.1f}" if moved else "-",
-                f"{moved / moving_s / 1e9:.2f}" if moved and moving_s else "-"]
+        finished = self.finished_decodes + self.finished_longs
+        moved = sum(o.metrics.kv_transfer_bytes for o in finished)
+        moving_s = sum(o.metrics.kv_send_s for o in finished)  # time on the wire, not waiting for layers
+        tokens_per_s = sum(len(o.token_ids) for o in self.decodes + self.longs) / self.duration_s
+        label = f"{self.label}{FAILED_MARK}" if self.num_failed else self.label  # the notes say how many, and why
+        return [label, self.clock, _whole_ms(self.itl_p50_s), _whole_ms(self.itl_p99_s), _whole_ms(self.itl_max_s),
+                _seconds(self.long_ttft_s), f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.1f}",
+                f"{moved / 1e6:.1f}" if moved else "-", f"{moved / moving_s / 1e9:.2f}" if moved and moving_s else "-"]
 
 
 @dataclass
@@ -58,6 +61,16 @@ class DemoReport:
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     phases_s: dict[str, float] = field(default_factory=dict)  # where the time went: loading, calibration, runs
+
+
+def failure_notes(runs: dict[str, DemoRun]) -> list[str]:
+    """One line per run in which requests failed (its row's label carries ``FAILED_MARK``): how many and why."""
+    notes = []
+    for run in runs.values():
+        note = failure_note(len(run.decodes) + len(run.longs), run.failures)
+        if note:
+            notes.append(f"{FAILED_MARK} {run.key}: {note}; its latencies cover the finished requests only.")
+    return notes
 
 
 def run_key(label: str, clock: str) -> str:
@@ -79,8 +92,15 @@ def demo_table(runs: dict[str, DemoRun], title: str) -> Table:
     return table
 
 
+def _whole_ms(t_s: float) -> str:
+    """Milliseconds without decimals ("-" when unknown: no finished request to take it from)."""
+    return "-" if t_s != t_s else f"{1e3 * t_s:.0f}"
+
+
 def _seconds(t_s: float) -> str:
-    """Three significant figures or so, in at most five characters up to a day."""
+    """Three significant figures or so, in at most five characters up to a day ("-" when unknown)."""
+    if t_s != t_s:  # NaN: no request to take it from
+        return "-"
     return f"{t_s:.2f}" if t_s < 10 else f"{t_s:.1f}" if t_s < 1000 else f"{t_s:.0f}"
 
 

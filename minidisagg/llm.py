@@ -16,7 +16,7 @@ from minidisagg.engine.llm_engine import LLMEngine, PromptInput, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.scheduler import Policy
 from minidisagg.models.registry import load_model
-from minidisagg.models.tokenizer import Tokenizer
+from minidisagg.models.tokenizer import Tokenizer, TokenizerError, check_messages
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
@@ -27,6 +27,41 @@ Message = dict[str, str]
 
 def _show_progress() -> bool:
     return sys.stderr.isatty() or "JPY_PARENT_PID" in os.environ or "ipykernel" in sys.modules
+
+
+def _prompt_list(prompts: object) -> list[PromptInput]:
+    """One prompt (a string, a list of token ids, a dict) or a list of them, as a list of prompts."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]  # type: ignore[list-item]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and isinstance(prompts[0], int):  # bools too: the prompt check then names them
+            return [list(prompts)]
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of token ids, a {{'prompt_token_ids': [...]}} dict, or a "
+                     f"list of these; got {type(prompts).__name__}")
+
+
+def _params_for(n: int, sp: object) -> list[SamplingParams]:
+    """One checked ``SamplingParams`` per prompt: none (the defaults), one for all, or a list of ``n``."""
+    if sp is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(sp, SamplingParams):
+        sp.verify()  # its fields may have been changed since construction
+        return [sp] * n
+    if not isinstance(sp, (list, tuple)):
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), "
+                         f"got {type(sp).__name__}")
+    if len(sp) != n:
+        raise ValueError(f"sampling_params has {len(sp)} entries for {n} prompts; give one per prompt, or one "
+                         f"SamplingParams for all")
+    for i, p in enumerate(sp):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        try:
+            p.verify()
+        except ValueError as exc:
+            raise ValueError(f"sampling_params[{i}]: {exc}") from exc
+    return list(sp)
 
 
 class LLM:
@@ -136,16 +171,19 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
-        A bad prompt raises ``ValueError`` before anything is queued, so no other request is lost.
+        Every prompt and every ``SamplingParams`` is checked before anything is queued: a bad one
+        raises ``ValueError`` naming it, and the engine is left as it was (no request queued, no KV
+        block taken). Should queueing still fail midway, the requests already queued are aborted.
         """
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
-        params = self._params_for(len(prompts), sampling_params)
-        for p in prompts:
-            self.engine.tokenize_prompt(p)  # validate all before queueing any
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        return self._run(ids, use_tqdm)
+        batch = _prompt_list(prompts)
+        params = _params_for(len(batch), sampling_params)
+        vocab_size = self.loaded.config.vocab_size
+        for i, sp in enumerate(params):
+            if sp.stop_token_ids and max(sp.stop_token_ids) >= vocab_size:
+                raise ValueError(f"sampling_params[{i}].stop_token_ids must be token ids below the vocabulary size "
+                                 f"{vocab_size}, got {sp.stop_token_ids!r:.80}")
+        checked = [self._checked_prompt(i, p) for i, p in enumerate(batch)]
+        return self._run(self._queue(checked, params), use_tqdm)
 
     def chat(
         self,
@@ -153,29 +191,54 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Apply the chat template to one conversation or a list of them, then generate."""
-        if not messages:
-            raise ValueError("chat() needs at least one message")
-        conversations = [messages] if isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
+        """Apply the chat template to one conversation or a list of them, then generate.
+
+        Each message must be ``{"role": str, "content": str}``; a bad one raises ``ValueError``
+        naming it, before anything is queued.
+        """
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(f"chat() needs a conversation (a list of {{'role': ..., 'content': ...}} dicts) or a "
+                             f"list of conversations, got {messages!r:.80}")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        for i, conv in enumerate(conversations):  # all checked before the tokenizer is even loaded
+            try:
+                check_messages(conv)
+            except TokenizerError as exc:
+                raise ValueError(f"conversation {i}: {exc}" if len(conversations) > 1 else str(exc)) from exc
         tok = self.get_tokenizer()
         prompts: list[dict[str, Any]] = []
-        for conv in conversations:
-            for m in conv:  # type: ignore[union-attr]
-                if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                    raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
-            ids = tok.apply_chat_template(list(conv), add_generation_prompt=True)  # type: ignore[arg-type]
-            prompts.append({"prompt_token_ids": ids, "prompt": tok.apply_chat_template(list(conv), tokenize=False)})
+        for i, conv in enumerate(conversations):
+            try:
+                ids = tok.apply_chat_template(list(conv), add_generation_prompt=True)  # type: ignore[arg-type]
+                text = tok.apply_chat_template(list(conv), tokenize=False)  # type: ignore[arg-type]
+            except TokenizerError as exc:
+                raise ValueError(f"conversation {i}: {exc}") from exc
+            prompts.append({"prompt_token_ids": ids, "prompt": text})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _params_for(self, n: int, sp: SamplingParams | Seq[SamplingParams] | None) -> list[SamplingParams]:
-        if sp is None:
-            return [SamplingParams() for _ in range(n)]
-        if isinstance(sp, SamplingParams):
-            return [sp] * n
-        sp = list(sp)
-        if len(sp) != n:
-            raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts")
-        return sp
+    def _checked_prompt(self, index: int, prompt: PromptInput) -> dict[str, Any]:
+        """The prompt validated and tokenized once, in the form ``add_request`` takes without redoing it."""
+        try:
+            text, ids = self.engine.tokenize_prompt(prompt)
+        except ValueError as exc:
+            raise ValueError(f"prompt {index}: {exc}") from exc
+        return {"prompt_token_ids": ids, "prompt": text}
+
+    def _queue(self, prompts: list[dict[str, Any]], params: list[SamplingParams]) -> list[str]:
+        """Queue every request, or none: a failure midway aborts and forgets those already queued."""
+        queued: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                queued.append(self.engine.add_request(prompt, sp))
+        except BaseException:
+            self._drop(queued)
+            raise
+        return queued
+
+    def _drop(self, request_ids: Seq[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort(rid)
+            self.engine.release(rid)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -192,9 +255,7 @@ class LLM:
                             self.engine.release(out.request_id)
                             progress.advance(task)
             except BaseException:
-                for rid in wanted - done.keys():
-                    self.engine.abort(rid)
-                    self.engine.release(rid)
+                self._drop([rid for rid in request_ids if rid not in done])
                 raise
         return [done[r] for r in request_ids]
 

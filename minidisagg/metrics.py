@@ -9,7 +9,7 @@ benchmarks (vLLM's ``benchmark_serving``, DistServe):
   the mean ITL of one request; 0.0 for a request with a single output token.
 - E2E (end-to-end latency) = finish time - arrival time.
 
-This module sits at the bottom of the import graph: numpy and the standard library only.
+This module sits at the bottom of the import graph: numpy, the standard library and ``failures`` only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from minidisagg.failures import NO_OUTPUT_TOKEN, count_failures, failure_note, failure_reason
+
 __all__ = [
     "RequestTimeline",
     "RequestMetrics",
@@ -29,6 +31,10 @@ __all__ = [
     "goodput",
     "Summary",
     "summarize",
+    "summarize_outputs",
+    "failure_reason",
+    "count_failures",
+    "failure_note",
 ]
 
 
@@ -234,7 +240,12 @@ def goodput(rates_rps: Sequence[float], attainments: Sequence[float], target: fl
 
 @dataclass(frozen=True)
 class Summary:
-    """Aggregate figures of one run (percentiles as defined by ``percentile``)."""
+    """Aggregate figures of one run (percentiles as defined by ``percentile``).
+
+    Latencies and throughputs cover the ``num_requests`` requests that finished with at least
+    one token; the ``num_failed`` others (an error, an abort, a timeout, no output token) are
+    counted apart, ``failures`` mapping each reason to how many requests it stopped.
+    """
 
     num_requests: int
     duration_s: float
@@ -248,10 +259,16 @@ class Summary:
     e2e_p99_s: float
     output_tokens_per_s: float
     requests_per_s: float
+    num_failed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, float]:
-        """The figures as a flat dict."""
+    def as_dict(self) -> dict[str, float | int | dict[str, int]]:
+        """The figures as a dict (``failures`` stays a reason -> count dict)."""
         return asdict(self)
+
+    def failure_note(self) -> str:
+        """``2 of 10 requests failed: <reason> (1), <reason> (1)``, or "" when none did."""
+        return failure_note(self.num_requests + self.num_failed, self.failures)
 
 
 def _p50_p99(values: Sequence[float]) -> tuple[float, float]:
@@ -261,25 +278,34 @@ def _p50_p99(values: Sequence[float]) -> tuple[float, float]:
     return percentile(values, 50.0), percentile(values, 99.0)
 
 
-def summarize(metrics: Sequence[RequestMetrics], duration_s: float) -> Summary:
+def summarize(metrics: Sequence[RequestMetrics | None], duration_s: float,
+              failures: dict[str, int] | None = None) -> Summary:
     """Aggregate one run's requests, served over ``duration_s`` seconds, into a Summary.
 
-    TTFT and E2E percentiles are over requests. ITL percentiles pool every gap of every
-    request. TPOT percentiles are over requests with more than one output token (a
-    single-token request has no inter-token time). ITL and TPOT fields are NaN when no
-    request produced more than one token. Throughputs are totals divided by ``duration_s``.
+    A None entry is a request that ended without metrics (no output token): it is counted as
+    failed, not summarised; ``failures`` adds requests that failed for a known reason (see
+    ``summarize_outputs``, which fills it from request outputs). TTFT and E2E percentiles are
+    over finished requests. ITL percentiles pool every gap of every request. TPOT percentiles
+    are over requests with more than one output token (a single-token request has no
+    inter-token time). Latency fields are NaN when no request finished, ITL and TPOT fields
+    also when none produced more than one token. Throughputs are the finished requests'
+    totals divided by ``duration_s``.
     """
-    if len(metrics) == 0:
+    failed = dict(failures or {})
+    finished = [m for m in metrics if m is not None]
+    if len(metrics) > len(finished):
+        failed[NO_OUTPUT_TOKEN] = failed.get(NO_OUTPUT_TOKEN, 0) + len(metrics) - len(finished)
+    if not finished and not failed:
         raise ValueError("summarize needs at least one request")
     if not duration_s > 0 or not math.isfinite(duration_s):
         raise ValueError(f"duration_s must be positive and finite, got {duration_s}")
-    ttft = _p50_p99([m.ttft_s for m in metrics])
-    itl = _p50_p99([gap for m in metrics for gap in m.itl_s])
-    tpot = _p50_p99([m.tpot_s for m in metrics if m.num_output_tokens > 1])
-    e2e = _p50_p99([m.e2e_s for m in metrics])
-    total_tokens = sum(m.num_output_tokens for m in metrics)
+    ttft = _p50_p99([m.ttft_s for m in finished])
+    itl = _p50_p99([gap for m in finished for gap in m.itl_s])
+    tpot = _p50_p99([m.tpot_s for m in finished if m.num_output_tokens > 1])
+    e2e = _p50_p99([m.e2e_s for m in finished])
+    total_tokens = sum(m.num_output_tokens for m in finished)
     return Summary(
-        num_requests=len(metrics),
+        num_requests=len(finished),
         duration_s=float(duration_s),
         ttft_p50_s=ttft[0],
         ttft_p99_s=ttft[1],
@@ -290,5 +316,14 @@ def summarize(metrics: Sequence[RequestMetrics], duration_s: float) -> Summary:
         e2e_p50_s=e2e[0],
         e2e_p99_s=e2e[1],
         output_tokens_per_s=total_tokens / duration_s,
-        requests_per_s=len(metrics) / duration_s,
+        requests_per_s=len(finished) / duration_s,
+        num_failed=sum(failed.values()),
+        failures=failed,
     )
+
+
+def summarize_outputs(outputs: Sequence[object], duration_s: float) -> Summary:
+    """``summarize`` over request outputs (``RequestOutput``-shaped, or None for no result): the
+    finished ones are summarised, the others counted as failed with their reasons."""
+    finished = [getattr(o, "metrics") for o in outputs if failure_reason(o) is None]
+    return summarize(finished, duration_s, count_failures(outputs))

@@ -89,6 +89,7 @@ def test_smoke_attainment_and_goodput_are_consistent(smoke):
 def test_smoke_measures_the_kv_link_and_greedy_equality(smoke):
     result, _, seed = smoke
     res = result["models"]["tiny"]
+    assert "greedy_check" in res, f"seed {seed}: no greedy check; errors {result['errors']}"
     assert res["greedy_check"]["equal"] is True, f"seed {seed}: {res['greedy_check']}"
     probe, ceiling = res["kv_probe"], res["kv_ceiling"]
     assert probe["kv_bytes"] == ceiling["kv_bytes"] > 0
@@ -252,3 +253,93 @@ def test_goodput_goal_takes_the_best_comparable_ratio():
     assert f"best: {best / base:.2f}x, m summarization" in name
     assert "no ratio on m chat" in name  # said, not silently dropped
     assert met == (best / base >= 1.5)
+
+
+def _partial_result(rng: random.Random) -> dict:
+    """A result as a run that lost requests and its disaggregated deployment would leave it."""
+    failures = {"no result before the deadline": rng.randint(1, 3), f"decode worker d{rng.randrange(4)} died": 1}
+    n_failed = sum(failures.values())
+    n = n_failed + rng.randint(1, 6)
+    point = {"rate_rps": 4.0, "attainment": (n - n_failed) / n / 2, "num_requests": n, "num_finished": n - n_failed,
+             "num_failed": n_failed, "failures": failures, "requests_ttft_tpot_s": [None] * n,
+             "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "itl_p50_s": None, "itl_p99_s": None,
+             "breakdown_median_s": {"queue_s": None, "prefill_s": None, "transfer_s": None, "decode_queue_s": None},
+             "kv_bytes_per_request_median": None, "transfer_over_ttft_median": None}
+    sweep = {"config": "colocated-prefill_first", "workload": "chat", "points": [point], "goodput_rps": 0.0,
+             "goodput_per_gpu_rps": 0.0, "skipped_rates_rps": [], "timelines": [], "slo": {"ttft_s": 1.0, "tpot_s": 0.1}}
+    res = {"calibration": {"chat": {"ttft_s": 0.1, "tpot_s": 0.01, "rates_rps": [4.0], "fixed_rate_rps": 4.0,
+                                    "slo": {"ttft_s": 1.0, "tpot_s": 0.1}}},
+           "sweeps": [sweep], "errors": ["disagg (overlap=True) did not start: boom"]}
+    return {"benchmark": "disagg", "date": "2026-12-07T12:00:00", "card": "cpu", "machine": {"cpu": "x"},
+            "settings": {"devices": ["cpu", "cpu"], "time_budget_s": 45.0, "ttft_slo_scale": 5.0, "tpot_slo_scale": 3.0},
+            "models": {"tiny": res}, "errors": []}, failures
+
+
+def _drop_random_key(obj, rng: random.Random) -> str:
+    """Delete one key somewhere inside nested dicts and lists; returns its path."""
+    path = []
+    while True:
+        if isinstance(obj, list) and obj:
+            i = rng.randrange(len(obj))
+            path.append(str(i))
+            obj = obj[i]
+            continue
+        if not isinstance(obj, dict) or not obj:
+            return "/".join(path)
+        key = rng.choice(list(obj))
+        if rng.random() < 0.4 or not isinstance(obj[key], (dict, list)) or not obj[key]:
+            del obj[key]
+            return "/".join([*path, key])
+        path.append(key)
+        obj = obj[key]
+
+
+def test_report_counts_failed_requests_and_survives_missing_keys(tmp_path):
+    import copy
+
+    from minidisagg.bench_disagg_report import evaluate_goals, to_markdown, write_results
+
+    rng = random.Random()
+    result, failures = _partial_result(rng)
+    goals = evaluate_goals(result)
+    assert any("greedy tokens == colocated (not checked: disagg (overlap=True) did not start: boom)" in g and not ok
+               for g, ok in goals.items()), goals
+    result["goals"] = goals
+    text = to_markdown(result)
+    n = result["models"]["tiny"]["sweeps"][0]["points"][0]["num_requests"]
+    assert f"{sum(failures.values())} of {n} requests failed" in text
+    assert all(reason in text for reason in failures) and "Greedy check: not run" in text
+    for _ in range(40):
+        broken = copy.deepcopy(result)
+        where = _drop_random_key(broken, rng)
+        broken["goals"] = evaluate_goals(broken)
+        assert "## Goals" in to_markdown(broken), where
+    paths = write_results(broken, tmp_path, plots=True)
+    assert all(p.exists() for p in paths)
+
+
+def test_summarize_point_counts_failures_with_reasons():
+    from minidisagg.bench_disagg_sweep import summarize_point
+    from minidisagg.engine.llm_engine import RequestOutput
+    from minidisagg.metrics import RequestMetrics, RequestTimeline
+
+    rng = random.Random()
+
+    def finished(i):
+        tl = RequestTimeline(arrival_s=0.0, prefill_start_s=0.01, prefill_end_s=0.02)
+        for k in range(3):
+            tl.record_token(0.05 + 0.01 * k + rng.random() * 1e-3)
+        tl.finish_s = tl.token_times_s[-1]
+        return RequestOutput(str(i), None, [1], "", [1, 2, 3], True, "length", RequestMetrics.from_timeline(tl), tl)
+
+    def failed(i, error):
+        return RequestOutput(str(i), None, [1], "", [], True, "error", None, RequestTimeline(0.0, finish_s=1.0),
+                             error=error)
+
+    outs = [finished(i) for i in range(rng.randint(1, 5))]
+    outs += [None, failed(90, "decode worker d1 died"), failed(91, "decode worker d1 died")]
+    rng.shuffle(outs)
+    point = summarize_point(2.0, outs, SLO(10.0, 10.0), 0.0)
+    assert point["num_failed"] == 3 and point["num_finished"] == len(outs) - 3
+    assert point["failures"] == {"no result before the deadline": 1, "decode worker d1 died": 2}
+    assert point["attainment"] == pytest.approx((len(outs) - 3) / len(outs))

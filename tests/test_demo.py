@@ -170,3 +170,42 @@ def test_wall_runs_are_retimed_to_the_measured_decode_step():
     assert [(r.prompt_len, r.output_len) for r in faster] == [(r.prompt_len, r.output_len) for r in SCHEDULE.workload]
     clamped = retimed(SCHEDULE.workload, 1.0, 0.010)  # a first call 100x slower moves nothing more than 4x
     assert [r.arrival_s for r in clamped] == pytest.approx([4 * r.arrival_s for r in SCHEDULE.workload])
+
+
+def _failed(out, error):
+    return dataclasses.replace(out, metrics=None, finish_reason="error", error=error)
+
+
+def test_failed_requests_are_counted_apart_and_never_crash_the_report(quiet_runs):
+    rng = random.Random()
+    runs = {key: dataclasses.replace(run) for key, run in quiet_runs.items()}
+    key = rng.choice(list(runs))
+    run = runs[key]
+    lost = rng.randrange(len(run.decodes))
+    reason = f"decode worker d{rng.randrange(9)} died: connection reset"
+    run.decodes = [_failed(o, reason) if i == lost else o for i, o in enumerate(run.decodes)]
+    run.longs = [_failed(run.longs[0], "no result within request_timeout_s=5"), *run.longs[1:]]
+    assert run.num_failed == 2 and run.failures == {reason: 1, "no result within request_timeout_s=5": 1}
+    finished = quiet_runs[key]
+    assert len(run.decode_itl_s) == len(finished.decode_itl_s) - len(finished.decodes[lost].metrics.itl_s)
+    out = io.StringIO()
+    Console(file=out, width=80).print(demo_table(runs, "with failures"))
+    assert f"{run.label}* " in out.getvalue() and "…" not in out.getvalue(), out.getvalue()
+    from minidisagg.demo_report import failure_notes
+
+    (note,) = failure_notes(runs)
+    assert note.startswith(f"* {key}: 2 of {len(run.decodes) + len(run.longs)} requests failed") and reason in note
+    claims = demo_claims(runs, "cpu", QUIET, SCHEDULE.predicted_tail_ratio)
+    assert len(claims) == 3
+    # every request failed: NaN latencies, "-" cells, still a row
+    run.decodes = [_failed(o, reason) for o in run.decodes]
+    run.longs = [_failed(o, reason) for o in run.longs]
+    assert run.row()[2:6] == ["-", "-", "-", "-"]
+    demo_claims(runs, "cpu", QUIET, SCHEDULE.predicted_tail_ratio)
+
+
+def test_a_warm_up_without_gaps_keeps_the_calibrated_arrivals():
+    import math
+
+    same = retimed(SCHEDULE.workload, math.nan, 0.010)
+    assert [r.arrival_s for r in same] == [r.arrival_s for r in SCHEDULE.workload]

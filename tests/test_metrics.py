@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 import secrets
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -14,8 +16,11 @@ from minidisagg.metrics import (
     RequestTimeline,
     goodput,
     percentile,
+    count_failures,
+    failure_reason,
     slo_attainment,
     summarize,
+    summarize_outputs,
 )
 
 
@@ -195,7 +200,8 @@ def test_summarize() -> None:
     assert s.output_tokens_per_s == pytest.approx(6 / 4.0)
     assert s.requests_per_s == pytest.approx(3 / 4.0)
     d = s.as_dict()
-    assert d["num_requests"] == 3 and len(d) == 12
+    assert d["num_requests"] == 3 and len(d) == 14
+    assert s.num_failed == 0 and s.failures == {} and s.failure_note() == ""
 
 
 def test_summarize_single_tokens_and_errors() -> None:
@@ -207,3 +213,51 @@ def test_summarize_single_tokens_and_errors() -> None:
         summarize([], 1.0)
     with pytest.raises(ValueError, match="duration_s"):
         summarize([metrics(0.5, 0.1)], 0.0)
+
+
+@dataclass
+class FakeOutput:
+    """The fields of ``RequestOutput`` that the failure accounting reads."""
+
+    metrics: RequestMetrics | None
+    finished: bool = True
+    finish_reason: str | None = "length"
+    error: str | None = None
+
+
+def test_summarize_counts_failed_requests_apart() -> None:
+    rng = random.Random(secrets.randbelow(1 << 30))
+    good = [metrics(rng.uniform(0.1, 2.0), rng.uniform(0.01, 0.2), n=rng.randint(1, 6)) for _ in range(rng.randint(1, 8))]
+    bad = [None, FakeOutput(None, finish_reason="error", error="decode worker d0 died"),
+           FakeOutput(None, finish_reason="error", error="no result within request_timeout_s=5"),
+           FakeOutput(None, finish_reason="abort"), FakeOutput(None, finished=False), FakeOutput(None)]
+    bad = rng.sample(bad, rng.randint(1, len(bad)))
+    outputs = [FakeOutput(m) for m in good] + bad
+    rng.shuffle(outputs)
+    duration = rng.uniform(1.0, 10.0)
+    s = summarize_outputs(outputs, duration)
+    want = summarize(good, duration)
+    for name in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p50_s", "e2e_p99_s",
+                 "output_tokens_per_s", "requests_per_s"):
+        a, b = getattr(s, name), getattr(want, name)
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b), name
+    assert s.num_requests == len(good) and s.num_failed == len(bad) == sum(s.failures.values())
+    assert s.failures == count_failures(bad)
+    note = s.failure_note()
+    assert note.startswith(f"{len(bad)} of {len(outputs)} request")
+    for reason in s.failures:
+        assert reason in note
+    assert all(failure_reason(o) is None for o in outputs if o not in bad)
+    d = s.as_dict()
+    assert d["num_failed"] == len(bad) and d["failures"] == s.failures
+
+
+def test_summarize_metrics_with_gaps_and_only_failures() -> None:
+    s = summarize([metrics(0.5, 0.1), None, None], 2.0)  # a request that ended without metrics
+    assert s.num_requests == 1 and s.num_failed == 2 and sum(s.failures.values()) == 2
+    only = summarize_outputs([None, FakeOutput(None, finish_reason="error", error="boom")], 1.0)
+    assert only.num_requests == 0 and only.num_failed == 2 and only.failures == {
+        "no result before the deadline": 1, "boom": 1}
+    assert math.isnan(only.ttft_p50_s) and only.requests_per_s == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        summarize_outputs([], 1.0)

@@ -338,3 +338,101 @@ def test_the_random_weights_switch_loads_a_real_models_shape_without_its_file(mo
     monkeypatch.setenv(registry.RANDOM_WEIGHTS_ENV, "0")
     with pytest.raises(AssertionError, match="fetched"):
         registry.load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+# ------------------------------------------------------------------ damaged tensor data, bad configs
+
+
+def _overwrite_tensor(path: Path, gguf_name: str, make) -> None:
+    """Replace one tensor's data bytes in a GGUF file by ``make(n_bytes)``."""
+    from minidisagg.models.gguf_file import open_gguf
+
+    gguf_file = open_gguf(path)
+    info = gguf_file.tensors[gguf_name]
+    gguf_file.close()
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(make(info.n_bytes))
+
+
+@pytest.mark.parametrize("damage", ["random", "zeros", "all"])
+def test_gguf_with_damaged_tensor_data_is_refused_naming_the_tensor(tmp_path: Path, damage: str) -> None:
+    from minidisagg.models.gguf_file import open_gguf
+    from minidisagg.models.registry import load_model
+
+    rng = np.random.default_rng()
+    path = tmp_path / "small.gguf"
+    _write_gguf(path, SMALL, dict(random_tensors(SMALL, torch.float32, seed=int(rng.integers(1 << 30)))), "F32")
+    gguf_file = open_gguf(path)
+    names = [n for n, info in gguf_file.tensors.items() if len(info.shape) == 2]  # matrices, >= 1024 values each
+    data_offset, size = gguf_file.data_offset, path.stat().st_size
+    gguf_file.close()
+    victim = str(rng.choice(names))
+    if damage == "random":  # F32 data of random bytes: NaN and inf among them, and absurd magnitudes
+        _overwrite_tensor(path, victim, lambda n: rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        fragment = "non-finite"
+    elif damage == "zeros":
+        _overwrite_tensor(path, victim, lambda n: bytes(n))
+        fragment = "every value"
+    else:
+        with open(path, "r+b") as f:
+            f.seek(data_offset)
+            f.write(rng.integers(0, 256, size - data_offset, dtype=np.uint8).tobytes())
+        fragment = "non-finite"
+    with pytest.raises(WeightsError, match=fragment) as info:
+        load_model(str(path), device="cpu", dtype="float32")
+    assert str(path) in str(info.value)
+    if damage != "all":
+        hf_name = next(n for n in expected_shapes(SMALL) if _gguf_name(n) == victim)
+        assert repr(hf_name) in str(info.value), info.value
+
+
+def _gguf_name(hf_name: str) -> str:
+    to_gguf = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
+               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    base = hf_name.removesuffix(".weight")
+    if base.startswith("layers."):
+        _, i, rest = base.split(".", 2)
+        return f"blk.{i}.{to_gguf[rest]}.weight"
+    return f"{to_gguf[base]}.weight"
+
+
+def test_an_intact_small_gguf_loads_and_a_zero_norm_is_refused(tmp_path: Path) -> None:
+    from minidisagg.models.registry import load_model
+    from minidisagg.models.sanity import check_tensor
+
+    path = tmp_path / "small.gguf"
+    _write_gguf(path, SMALL, dict(random_tensors(SMALL, torch.float32, seed=5)), "F32")
+    assert load_model(str(path), device="cpu", dtype="float32").model is not None
+    with pytest.raises(WeightsError, match="'layers.1.input_layernorm.weight' is all zeros"):
+        check_tensor("layers.1.input_layernorm.weight", torch.zeros(64), "here")
+    check_tensor("norm.weight", torch.ones(64), "here")  # a freshly initialised norm is fine
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("max_position", 2**40, "max_position must be at most"),
+    ("max_position", 0, "max_position must be an integer >= 1"),
+    ("num_kv_heads", 0, "num_kv_heads must be an integer >= 1"),
+    ("num_layers", True, "num_layers must be an integer >= 1"),
+    ("hidden_size", 64.0, "hidden_size must be an integer >= 1"),
+    ("head_dim", 15, "head_dim must be even"),
+    ("rope_theta", float("inf"), "rope_theta must be a finite number > 0"),
+    ("rms_norm_eps", 0.0, "rms_norm_eps must be a finite number > 0"),
+    ("eos_token_ids", (2, -1), "eos_token_ids"),
+])
+def test_model_config_refuses_bad_values(field: str, value, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        dataclasses.replace(SMALL, **{field: value})
+
+
+def test_hf_config_with_an_absurd_context_is_refused_clearly(tmp_path: Path) -> None:
+    rng = np.random.default_rng()
+    path, _ = _save_hf(tmp_path, tied=False)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["max_position_embeddings"] = 2**int(rng.integers(21, 48))
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="max_position must be at most") as info:
+        config_from_hf_dir(path)
+    assert "config.json" in str(info.value)

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from minidisagg.metrics import failure_reason
+
 PARTS = ("queue", "prefill", "sender wait", "transfer span")
 PART_COLORS = ("tab:gray", "tab:blue", "tab:orange", "tab:red")
 DISAGG_CONFIGS = ("disagg-no-overlap", "disagg-overlap")
@@ -37,14 +39,19 @@ def ttft_breakdown(prompt_lens: Sequence[int] = (128, 512, 1024), model: str = "
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         llm.generate([{"prompt_token_ids": [rng.randrange(100, 4000) for _ in range(16)]}], params)  # warm-up
         for n in prompt_lens:
-            runs = []
+            runs, failed = [], []
             for _ in range(repeats):
                 out = llm.generate([{"prompt_token_ids": [rng.randrange(100, 4000) for _ in range(n)]}], params)[0]
+                if failure_reason(out) is not None:  # a failed repeat has no breakdown; the others still count
+                    failed.append(failure_reason(out))
+                    continue
                 m, tl = out.metrics, out.timeline
                 runs.append({"prompt_tokens": n, "ttft_s": m.ttft_s, "queue_s": m.queue_s, "prefill_s": m.prefill_s,
                              "sender wait_s": tl.transfer_start_s - tl.prefill_end_s,
                              "transfer span_s": m.kv_transfer_s or 0.0, "wire_s": m.kv_send_s,
                              "kv_bytes": m.kv_transfer_bytes})
+            if not runs:
+                raise RuntimeError(f"every {n}-token request failed: {'; '.join(sorted(set(failed)))}")
             rows.append(min(runs, key=lambda r: r["ttft_s"]))
     return rows
 

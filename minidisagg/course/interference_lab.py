@@ -23,7 +23,8 @@ from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.replay import replay
 from minidisagg.engine.scheduler import Policy
 from minidisagg.engine.step_cost import StepCostModel
-from minidisagg.metrics import RequestTimeline, Summary, percentile, summarize
+from minidisagg.metrics import (RequestTimeline, Summary, count_failures, failure_note, failure_reason, percentile,
+                                summarize_outputs)
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.modelled import ModelledDecodeStage, ModelledPrefillStage
 from minidisagg.workload import Fixed, TimedRequest, Uniform, interference_workload, poisson_workload
@@ -95,34 +96,63 @@ class ScenarioRun:
     duration_s: float
 
     @property
+    def finished_decodes(self) -> list[RequestOutput]:
+        """The steady decodes that finished with latency figures (failed ones are in ``failures``)."""
+        return [o for o in self.decodes if failure_reason(o) is None]
+
+    @property
+    def finished_longs(self) -> list[RequestOutput]:
+        """The long prompts that finished with latency figures."""
+        return [o for o in self.longs if failure_reason(o) is None]
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """Why requests of this run failed: reason -> count (empty when every request finished)."""
+        return count_failures(self.decodes + self.longs)
+
+    @property
+    def num_failed(self) -> int:
+        """Requests of this run that failed (an error, an abort, a timeout, no output token)."""
+        return sum(self.failures.values())
+
+    def failure_note(self) -> str:
+        """``label: 1 of 6 requests failed: <reason> (1)``, or "" when none did."""
+        note = failure_note(len(self.decodes) + len(self.longs), self.failures)
+        return f"{self.label}: {note}" if note else ""
+
+    @property
     def decode_itl_s(self) -> list[float]:
-        """Every inter-token gap of every steady decode, pooled."""
-        return [gap for o in self.decodes for gap in o.metrics.itl_s]
+        """Every inter-token gap of every finished steady decode, pooled."""
+        return [gap for o in self.finished_decodes for gap in o.metrics.itl_s]
 
     @property
     def itl_p50_s(self) -> float:
-        """Median inter-token latency of the steady decodes."""
-        return percentile(self.decode_itl_s, 50.0)
+        """Median inter-token latency of the steady decodes (NaN without any gap)."""
+        gaps = self.decode_itl_s
+        return percentile(gaps, 50.0) if gaps else math.nan
 
     @property
     def itl_p99_s(self) -> float:
-        """99th-percentile inter-token latency of the steady decodes."""
-        return percentile(self.decode_itl_s, 99.0)
+        """99th-percentile inter-token latency of the steady decodes (NaN without any gap)."""
+        gaps = self.decode_itl_s
+        return percentile(gaps, 99.0) if gaps else math.nan
 
     @property
     def itl_max_s(self) -> float:
-        """The longest inter-token gap any steady decode saw: the worst stall."""
-        return max(self.decode_itl_s)
+        """The longest inter-token gap any steady decode saw: the worst stall (NaN without any gap)."""
+        return max(self.decode_itl_s, default=math.nan)
 
     @property
     def long_ttft_s(self) -> float:
-        """Mean time to first token of the long prompts (NaN without any)."""
-        return sum(o.metrics.ttft_s for o in self.longs) / len(self.longs) if self.longs else math.nan
+        """Mean time to first token of the finished long prompts (NaN without any)."""
+        longs = self.finished_longs
+        return sum(o.metrics.ttft_s for o in longs) / len(longs) if longs else math.nan
 
     @property
     def long_prefill_s(self) -> float:
-        """Mean time from the first to the last prefill step of the long prompts (NaN without any)."""
-        return sum(o.metrics.prefill_s for o in self.longs) / len(self.longs) if self.longs else math.nan
+        """Mean time from the first to the last prefill step of the finished long prompts (NaN without any)."""
+        longs = self.finished_longs
+        return sum(o.metrics.prefill_s for o in longs) / len(longs) if longs else math.nan
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -136,7 +166,8 @@ class ScenarioRun:
     def describe(self) -> str:
         """One line: ITL p50 / p99, long-prompt TTFT and throughput."""
         return (f"{self.label:<28} ITL p50 {1e3 * self.itl_p50_s:7.1f} ms   ITL p99 {1e3 * self.itl_p99_s:7.1f} ms   "
-                f"long-prompt TTFT {1e3 * self.long_ttft_s:7.1f} ms   {self.output_tokens_per_s:6.1f} tokens/s")
+                f"long-prompt TTFT {1e3 * self.long_ttft_s:7.1f} ms   {self.output_tokens_per_s:6.1f} tokens/s"
+                + (f"   {self.num_failed} failed" if self.num_failed else ""))
 
 
 def during_decodes(scenario: Scenario, costs: StepCostModel, first_at: float = 0.15, spread: float = 0.6) -> Scenario:
@@ -222,7 +253,7 @@ def run_load(loaded: LoadedModel, sizes: LabSizes, rate_rps: float, policy: Poli
     workload = poisson_workload(rate_rps, sizes.load_num_requests, Uniform(low, high), Fixed(sizes.load_output_len), seed)
     engine = make_engine(loaded, policy, token_budget, workload, costs=costs)
     outs = replay(engine, workload, seed)
-    return summarize([o.metrics for o in outs], engine.clock.now())
+    return summarize_outputs(outs, engine.clock.now())
 
 
 def pooled_itl_percentile_s(token_times_s: Sequence[Sequence[float]], q: float) -> float:

@@ -70,20 +70,29 @@ class EngineStats:
 
 def validate_prompt(prompt: PromptInput, tokenizer: Callable[[], Any], vocab_size: int,
                     max_model_len: int) -> tuple[Optional[str], list[int]]:
-    """Turn a string or ``{"prompt_token_ids": [...]}`` into (text, ids); ValueError says what is wrong."""
+    """Turn a string or ``{"prompt_token_ids": [...]}`` into (text, ids); ValueError says what is wrong.
+
+    Token ids must be Python ints (not bools) in ``[0, vocab_size)``.
+    """
     if isinstance(prompt, str):
-        text, ids = prompt, tokenizer().encode(prompt)
+        text, raw = prompt, tokenizer().encode(prompt)
     elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-        text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        text, raw = prompt.get("prompt"), prompt["prompt_token_ids"]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"a prompt's 'prompt' text must be a string or None, got {type(text).__name__}")
     elif isinstance(prompt, (list, tuple)):
-        text, ids = None, list(prompt)
+        text, raw = None, prompt
     else:
-        raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        raise ValueError(f"a prompt must be a string, a list of token ids or {{'prompt_token_ids': [...]}}, "
+                         f"got {type(prompt).__name__}")
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError(f"prompt_token_ids must be a list of integers, got {type(raw).__name__}")
+    ids = list(raw)
     if not ids:
         raise ValueError("the prompt is empty: it needs at least one token")
-    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+        raise ValueError(f"prompt_token_ids: token ids must be integers (not bools) in [0, {vocab_size}); got {bad[:5]!r}")
     if len(ids) >= max_model_len:
         raise ValueError(
             f"the prompt has {len(ids)} tokens; this engine's context is {max_model_len} tokens "
@@ -169,6 +178,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.verify()  # its fields may have changed since construction; a bad seed would fail in torch below
         text, ids = self.tokenize_prompt(prompt)
         seq_id = next(self._ids)
         request_id = request_id if request_id is not None else str(seq_id)
@@ -210,6 +220,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         """Whether any request is pending, waiting or running."""
         return bool(self._pending) or self.scheduler.has_work()
+
+    def live_request_ids(self) -> list[str]:
+        """Requests the engine still holds: queued, running, or finished and not yet released."""
+        return list(self._seqs)
 
     # ---- the step loop ----------------------------------------------------------------------
     def _admit_arrivals(self) -> None:

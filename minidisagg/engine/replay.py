@@ -12,6 +12,7 @@ from rich.progress import Progress, TaskID
 
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
+from minidisagg.metrics import RequestTimeline
 from minidisagg.workload import TimedRequest
 
 SYNTHETIC_TOKEN_RANGE = (100, 49152)  # ordinary (non-special) ids of the SmolLM2 vocabulary
@@ -36,7 +37,11 @@ def submit_workload(engine: "LLMEngine | Any", workload: Sequence[TimedRequest],
 def run_to_completion(
     engine: "LLMEngine | Any", request_ids: Sequence[str], progress: Optional[Progress] = None, task: Optional[TaskID] = None
 ) -> list[RequestOutput]:
-    """Step until the given requests finish; returns their outputs in order (progress counts tokens)."""
+    """Step until the given requests finish; returns their outputs in order (progress counts tokens).
+
+    A request the engine no longer works on without having finished it (aborted elsewhere, lost with a
+    worker) comes back as a failed output (``finish_reason="error"``) rather than being left out.
+    """
     done: dict[str, RequestOutput] = {}
     tokens: dict[str, int] = {}
     while len(done) < len(request_ids) and engine.has_unfinished():
@@ -46,7 +51,14 @@ def run_to_completion(
                 done[out.request_id] = out
         if progress is not None and task is not None:
             progress.update(task, completed=sum(tokens.values()))
-    return [done[r] for r in request_ids]
+    return [done[r] if r in done else _lost(engine, r, tokens.get(r, 0)) for r in request_ids]
+
+
+def _lost(engine: "LLMEngine | Any", request_id: str, num_tokens: int) -> RequestOutput:
+    """A failed output for a request that ended without a finished output."""
+    now = engine.clock.now()
+    return RequestOutput(request_id, None, [], "", [], True, "error", None, RequestTimeline(arrival_s=now, finish_s=now),
+                         error=f"the engine stopped working on it after {num_tokens} tokens, unfinished")
 
 
 def replay(engine: "LLMEngine | Any", workload: Sequence[TimedRequest], seed: int = 0,

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 
+SEED_MIN = -(2**63)  # the range torch.Generator.manual_seed accepts
+SEED_MAX = 2**64 - 1
+MIN_TEMPERATURE = 1e-5  # below it (and above 0) logits / temperature can overflow to inf
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a count or a token id)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop, as in vLLM. ``temperature=0`` means greedy."""
+    """How to pick tokens and when to stop, as in vLLM. ``temperature=0`` means greedy.
+
+    Every field is checked at construction (``verify``): a bad value raises ``ValueError`` naming
+    the field, the value and what is allowed, before any request is queued.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -22,20 +42,37 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or (self.top_k != -1 and self.top_k < 1):
-            raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
+        if isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        self.verify()
+
+    def verify(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value is not allowed (fields can change after construction)."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or (self.top_k != -1 and self.top_k < 1):
+            raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        if self.stop is not None and (not isinstance(self.stop, list)
+                                      or any(not isinstance(s, str) or not s for s in self.stop)):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if self.stop_token_ids is not None and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if self.stop_token_ids is not None and (not isinstance(self.stop_token_ids, list)
+                                                or any(not _is_int(t) or t < 0 for t in self.stop_token_ids)):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 from minidisagg.config import PRESETS, ModelConfig
 from minidisagg.models.fetch import SMOLLM2_GGUF, fetch
 from minidisagg.models.llama import LlamaModel
+from minidisagg.models.sanity import checked_tensors
 from minidisagg.models.tokenizer import Tokenizer, load_tokenizer
 from minidisagg.models.weights import (
     config_from_gguf,
@@ -123,10 +124,12 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
     path = Path(model).expanduser()
+    source = str(path)  # where the weights come from, for error messages
     if model in PRESETS:
         config = PRESETS[model]
         if model in REAL_MODELS and not random_weights:
             gguf_path = fetch(SMOLLM2_GGUF, download=download)
+            source = str(gguf_path)
             tensors = iter_gguf_tensors(gguf_path, config, dt)
             tok_loader = lambda: load_tokenizer(gguf_path)  # noqa: E731
         else:
@@ -149,6 +152,7 @@ def load_model(
     net = None
     if weights:
         net = LlamaModel(config, dt, dev)
-        net.load_weights(tensors)
+        # a file's tensors are checked as they stream in: damaged data would load silently otherwise
+        net.load_weights(tensors if random_weights else checked_tensors(tensors, source))
     return LoadedModel(config.name if model in PRESETS else str(path), config, net, time.perf_counter() - t0,
                        tok_loader, random_weights, device=dev, dtype=dt, seed=seed)

@@ -75,6 +75,21 @@ def _raise_template_error(message: str) -> None:
     raise TokenizerError(f"the chat template rejected the messages: {message}")
 
 
+def check_messages(messages: object) -> None:
+    """Raise ``TokenizerError`` (a ``ValueError``) unless ``messages`` is a non-empty list of
+    ``{"role": str, "content": str}`` dicts; the message says which message and which key is wrong."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TokenizerError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, "
+                             f"got {messages!r:.80}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TokenizerError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "nothing" if key not in m else f"{type(m[key]).__name__} {m[key]!r:.40}"
+                raise TokenizerError(f"message {i}: '{key}' must be a string, got {got}")
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer + chat template."""
 
@@ -165,6 +180,7 @@ class Tokenizer:
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = True
     ) -> list[int] | str:
         """Render messages with the model's Jinja chat template; token ids unless tokenize=False."""
+        check_messages(messages)
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template; format the prompt yourself")
         try:

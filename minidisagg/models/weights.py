@@ -285,7 +285,10 @@ def config_from_hf_dir(path: str | Path) -> ModelConfig:
     def req(key: str) -> int:
         if cfg.get(key) is None:
             raise WeightsError(f"{cfg_path} lacks the required key '{key}'")
-        return int(cfg[key])
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise WeightsError(f"{cfg_path}: '{key}' must be an integer >= 1, got {value!r}")
+        return value
 
     hidden, heads = req("hidden_size"), req("num_attention_heads")
     theta, scaling = _rope_from_hf(cfg, cfg_path)
