@@ -75,8 +75,9 @@ def test_verify_fails_a_notebook_whose_claim_is_not_seen(tmp_path, monkeypatch):
     path.parent.mkdir()
     nbformat.write(nb, path)
     monkeypatch.setenv(claims.STRICT_ENV, "0")
-    v = verify.verify_notebook(path, timeout_s=120)
+    v = verify.verify_notebook(path, timeout_s=120, write=True)
     assert (v.claims, v.held, v.error) == (5, 4, None)
+    assert not nbformat.read(path, as_version=4).cells[0].outputs  # --write keeps a claim not seen out of the file
     assert not v.ok and "1 claim(s) not seen: c3" in v.problem()
     assert "| solutions/09_x.ipynb | 5 | 4 |" in verify.table_markdown([v])
     assert v.claim_lines[3].startswith("CLAIM NOT SEEN: c3") and "- CLAIM ok: c4" in verify.claims_markdown([v])
