@@ -38,15 +38,18 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
 
 
-def engine_frames(pages: torch.Tensor, transfer_id: str) -> list[bytes]:
-    """The engine's own LAYER frames for ``pages`` (the header fields the socket transport sends)."""
+def engine_frames(pages: torch.Tensor, transfer_id: str,
+                  body_bytes: Callable[[torch.Tensor], bytes] = lambda body: bytes(tensor_memoryview(body))) -> list[bytes]:
+    """The engine's own LAYER frames for ``pages`` (the header fields the socket transport sends).
+
+    ``body_bytes`` turns one layer's contiguous pages into the payload; the engine's is the tensor's raw memory.
+    """
     frames = []
     for layer in range(pages.shape[0]):
         body = pages[layer].contiguous()
         header = {"transfer_id": transfer_id, "layer": layer, "shape": list(body.shape),
                   "dtype": str(body.dtype).removeprefix("torch.")}
-        frames.append(encode_head(FrameKind.LAYER, header, body.numel() * body.element_size())
-                      + bytes(tensor_memoryview(body)))
+        frames.append(encode_head(FrameKind.LAYER, header, body.numel() * body.element_size()) + body_bytes(body))
     return frames
 
 
