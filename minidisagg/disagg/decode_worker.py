@@ -1,4 +1,13 @@
-"""The decode worker: receives prefilled requests' KV pages and decodes them with the usual engine."""
+"""The decode worker: receives prefilled requests' KV pages and decodes them with the usual engine.
+
+A decode loop that dies (any uncaught error in ``run_forever``) is a health failure, not a
+silent thread exit: the worker logs the traceback, turns unhealthy (``error`` is set and
+``on_unhealthy`` is called first, so whoever routes to it hears before any request fails), then
+fails every request it holds, each with an error output, and frees all their KV blocks,
+reservations included. From then on it refuses reservations and commits. The owner decides what
+happens to the process: the socket server announces it to the routers and ``minidisagg serve``
+exits non-zero; an in-process cluster reads ``error`` and stops routing here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from minidisagg.config import EngineConfig
+from minidisagg.disagg.validate import MessageLimits, check_sequence_state
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sequence import SequenceState
@@ -25,6 +35,7 @@ log = logging.getLogger(__name__)
 OutputSink = Callable[[RequestOutput], None]
 IDLE_WAIT_S = 0.05
 WAITER_GRACE_S = 0.05
+FAIL_LOCK_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -67,6 +78,19 @@ class DecodeWorker:
         self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
+        self.dead = threading.Event()  # set once a failed loop has failed the requests it held
+        self.on_unhealthy: Optional[Callable[[str], None]] = None  # called once, with the reason, when the loop dies
+        self.limits = MessageLimits(loaded.config.vocab_size, self.engine.max_model_len)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the decode loop is alive (or not started yet) and has not failed."""
+        return self.error is None
+
+    def _check_healthy(self) -> None:
+        if self.error is not None:
+            raise ValueError(f"decode worker {self.name} is unhealthy: its loop failed with "
+                             f"{type(self.error).__name__}: {self.error}")
 
     @contextmanager
     def _engine_access(self) -> Iterator[None]:
@@ -86,7 +110,13 @@ class DecodeWorker:
     # ---- KVReceiver -------------------------------------------------------------------------
     def reserve(self, transfer_id: str, num_tokens: int) -> bool:
         """Reserve blocks for an incoming request; False when the pool cannot take it now."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}")
+        if num_tokens >= self.engine.max_model_len:
+            raise ValueError(f"num_tokens={num_tokens} can never fit this engine's context of "
+                             f"{self.engine.max_model_len} tokens (prompt plus at least one generated token)")
         with self._engine_access():
+            self._check_healthy()
             if transfer_id in self._reserved:
                 raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
             blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
@@ -133,9 +163,9 @@ class DecodeWorker:
         then reaches the client as an error output). ``landed_at_s`` (a ``time.perf_counter()``
         reading) becomes the timeline's ``kv_landed_s`` on a wall clock.
         """
+        self._check_healthy()
         blocks = self._blocks_of(transfer_id)
-        if not state.output_token_ids:
-            raise ValueError(f"request {state.request_id}: a handed-off sequence must carry its first token")
+        check_sequence_state(state, self.limits, self.engine.clock.now())  # InvalidMessage (a ValueError) names the field
         num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
         if self.engine.blocks.blocks_needed(num_tokens - 1) > len(blocks):
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
@@ -227,15 +257,56 @@ class DecodeWorker:
         return bool(failed or adopted or outputs)
 
     def run_forever(self) -> None:
-        """Decode until ``stop``; sleeps on an event while idle."""
+        """Decode until ``stop``; sleeps on an event while idle. A failure fails what it holds (module docstring)."""
         try:
             while not self._stop.is_set():
                 if not self.step():
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
         except BaseException as exc:  # surface to the owner instead of dying silently
+            log.exception("decode worker %s: the decode loop failed", self.name)
             self.error = exc
-            log.exception("decode worker %s crashed", self.name)
+            reason = f"decode worker {self.name} failed: {type(exc).__name__}: {exc}"
+            if self.on_unhealthy is not None:
+                try:
+                    self.on_unhealthy(reason)
+                except Exception:  # noqa: BLE001 - the requests must still be failed
+                    log.exception("decode worker %s: announcing the failure failed", self.name)
+            for out in self._fail_held(reason):
+                self.sink(out)
+            self.dead.set()
+
+    def _fail_held(self, reason: str) -> list[RequestOutput]:
+        """Fail every request this worker holds and free all its blocks (after the loop died)."""
+        if not self._lock.acquire(timeout=FAIL_LOCK_TIMEOUT_S):
+            log.error("decode worker %s: engine still busy after %s s; its blocks stay held", self.name,
+                      FAIL_LOCK_TIMEOUT_S)
+            return []
+        failures: list[RequestOutput] = []
+        try:
+            with self._adoptions_lock:
+                queued, self._adoptions = self._adoptions, deque()
+            for item in queued:
+                state = item.state
+                failures.append(RequestOutput(state.request_id, state.prompt, list(state.prompt_token_ids), "",
+                                              list(state.output_token_ids), True, "error", None,
+                                              state.restore_timeline(), error=reason))
+            for tid in list(self._reserved):
+                self.engine.cancel_reservation(f"transfer:{tid}")
+            self._reserved.clear()
+            for rid in self.engine.request_ids():
+                try:
+                    seq = self.engine.sequence(rid)
+                    self.engine.abort(rid)
+                    failures.append(RequestOutput(rid, seq.prompt, list(seq.prompt_token_ids), "",
+                                                  list(seq.output_token_ids), True, "error", None, seq.timeline,
+                                                  seq.num_preemptions, error=reason))
+                    self.engine.release(rid)
+                except Exception:  # noqa: BLE001 - free what can be freed
+                    log.exception("decode worker %s: could not fail request %s", self.name, rid)
+        finally:
+            self._lock.release()
+        return failures
 
     def start(self) -> None:
         """Run the loop on a daemon thread."""

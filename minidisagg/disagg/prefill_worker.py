@@ -1,4 +1,10 @@
-"""The prefill worker: computes prompts' KV and first tokens, then ships the pages to a decode worker."""
+"""The prefill worker: computes prompts' KV and first tokens, then ships the pages to a decode worker.
+
+As on the decode side (``decode_worker``), a prefill loop that dies is a health failure: the
+worker logs the traceback, turns unhealthy (``error``; ``on_unhealthy`` is told first), fails
+every request it holds with a ``FailedRequest``, frees their blocks here and gives their
+reservations back on the decode side, and refuses new submissions.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from minidisagg.config import EngineConfig
 from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
-from minidisagg.engine.sequence import Sequence, SequenceState
+from minidisagg.engine.sequence import Sequence, SequenceState, SequenceStatus
 from minidisagg.kv.pages import KVLayout, gather_block_pieces, gather_layer, gather_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
@@ -114,14 +120,36 @@ class PrefillWorker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.error: Optional[BaseException] = None
+        self.dead = threading.Event()  # set once a failed loop has failed the requests it held
+        self.on_unhealthy: Optional[Callable[[str], None]] = None  # called once, with the reason, when the loop dies
+        self._ids_lock = threading.Lock()
+        self._held_ids: set[str] = set()  # requests submitted here and not yet finished, failed or handed over
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the prefill loop is alive (or not started yet) and has not failed."""
+        return self.error is None
 
     def next_transfer_id(self) -> str:
         """A transfer id no other prefill worker, in this process or another, will use."""
         return f"{self._transfer_prefix}-{next(self._ids)}"
 
     def submit(self, submission: Submission) -> None:
-        """Queue a request (thread-safe)."""
+        """Queue a request (thread-safe); ValueError if this worker is unhealthy or already holds the id."""
+        with self._ids_lock:
+            if self.error is not None:
+                raise ValueError(f"prefill worker {self.name} is unhealthy: its loop failed with "
+                                 f"{type(self.error).__name__}: {self.error}")
+            if submission.request_id in self._held_ids:
+                raise ValueError(f"request id {submission.request_id!r} is already in flight on {self.name}")
+            self._held_ids.add(submission.request_id)
         self._inbox.put(submission)
+
+    def _emit(self, item: RequestOutput | FailedRequest) -> None:
+        """Pass a request's last word to the sink; it no longer counts as held here."""
+        with self._ids_lock:
+            self._held_ids.discard(item.request_id)
+        self.sink(item)
 
     # ---- admission with credits ------------------------------------------------------------
     def _admit(self) -> None:
@@ -133,7 +161,7 @@ class PrefillWorker:
         still_pending = []
         for sub, tid, granted in self._reserve_pending():
             if isinstance(granted, TransferError):
-                self.sink(FailedRequest(sub.request_id, f"decode worker {sub.decode_target} unreachable: {granted}"))
+                self._emit(FailedRequest(sub.request_id, f"decode worker {sub.decode_target} unreachable: {granted}"))
                 continue
             if not granted:
                 still_pending.append(sub)  # decode is full: wait for credit
@@ -144,7 +172,7 @@ class PrefillWorker:
                                         arrival_time=sub.arrival_s, request_id=sub.request_id)
             except ValueError as exc:
                 sender.cancel(tid)
-                self.sink(FailedRequest(sub.request_id, str(exc)))
+                self._emit(FailedRequest(sub.request_id, str(exc)))
                 continue
             self._transfers[sub.request_id] = _Transfer(tid, sub, sender, self.engine.sequence(sub.request_id))
         self._pending = still_pending
@@ -307,8 +335,10 @@ class PrefillWorker:
                 return
             self.engine.release_handed_off(transfer.seq)
             self._transfers.pop(transfer.submission.request_id, None)
+            with self._ids_lock:
+                self._held_ids.discard(transfer.submission.request_id)
             if transfer.error is not None:
-                self.sink(FailedRequest(transfer.submission.request_id, transfer.error))
+                self._emit(FailedRequest(transfer.submission.request_id, transfer.error))
 
     # ---- the main loop ----------------------------------------------------------------------
     def step(self) -> bool:
@@ -324,7 +354,7 @@ class PrefillWorker:
                     else:  # after its announcement, in the link's order
                         self._send_queue.put(("cancel", transfer, None))
                     self.engine.release(out.request_id)
-                    self.sink(out)
+                    self._emit(out)
             self._commit_handed_off()
             worked = True
         self._reap()
@@ -340,8 +370,44 @@ class PrefillWorker:
                     except queue.Empty:
                         pass
         except BaseException as exc:
-            self.error = exc
-            log.exception("prefill worker %s crashed", self.name)
+            log.exception("prefill worker %s: the prefill loop failed", self.name)
+            with self._ids_lock:
+                self.error = exc
+            reason = f"prefill worker {self.name} failed: {type(exc).__name__}: {exc}"
+            if self.on_unhealthy is not None:
+                try:
+                    self.on_unhealthy(reason)
+                except Exception:  # noqa: BLE001 - the requests must still be failed
+                    log.exception("prefill worker %s: announcing the failure failed", self.name)
+            self._fail_held(reason)
+            self.dead.set()
+
+    def _fail_held(self, reason: str) -> None:
+        """Fail every request this worker holds; free its blocks here and its reservations on the decode side."""
+        while True:
+            try:
+                self._pending.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        pending, self._pending = self._pending, []
+        for sub in pending:  # no reservation yet
+            self._emit(FailedRequest(sub.request_id, reason))
+        for rid, transfer in list(self._transfers.items()):
+            transfer.error = reason  # the sender thread skips it from now on
+            try:
+                transfer.sender.cancel(transfer.transfer_id)
+            except Exception:  # noqa: BLE001 - best effort: a dropped link frees reservations by itself
+                log.warning("prefill worker %s: could not cancel transfer %s", self.name, transfer.transfer_id)
+            try:
+                if transfer.seq.status is SequenceStatus.HANDED_OFF:
+                    self.engine.release_handed_off(transfer.seq)
+                else:
+                    self.engine.abort(rid)
+                    self.engine.release(rid)
+            except Exception:  # noqa: BLE001 - free what can be freed
+                log.exception("prefill worker %s: could not free request %s", self.name, rid)
+            self._transfers.pop(rid, None)
+            self._emit(FailedRequest(rid, reason))
 
     def start(self) -> None:
         """Start the loop and the sender on daemon threads."""
