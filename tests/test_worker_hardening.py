@@ -394,7 +394,8 @@ def test_a_decode_loop_that_raises_fails_its_requests_at_once(in_process, tiny_l
         for out, tokens in zip(outs, want):
             if out.finish_reason != "error":
                 assert out.token_ids == tokens
-        assert d1.failed and not d1.worker.healthy and "injected" in (d1.failure or "")
+        # the router hears (HEALTH) before the worker has failed and freed what it held: give it a moment
+        assert d1.worker.health.dead.wait(5.0) and d1.failed and "injected" in (d1.failure or "")
         blocks = d1.worker.engine.blocks
         assert blocks.num_free_blocks == blocks.num_blocks, "the dead worker's requests kept their KV blocks"
         assert cluster.decode_workers[1].error is not None and cluster.decode_workers[0].error is None
@@ -425,7 +426,7 @@ def test_a_prefill_loop_that_raises_fails_its_requests_and_new_ones_clearly(in_p
         ids = [cluster.add_request({"prompt_token_ids": [1, 2, 3 + i]}, params) for i in range(3)]
         outs = _drive(cluster, ids, timeout_s=10.0)
         assert all(o.finish_reason == "error" and "p0" in o.error for o in outs.values()), [o.error for o in outs.values()]
-        assert prefill.failed and "injected" in (prefill.failure or "") and held["blocks"] > 0
+        assert prefill.worker.health.dead.wait(5.0) and "injected" in (prefill.failure or "") and held["blocks"] > 0
         blocks = prefill.worker.engine.blocks
         assert blocks.num_free_blocks == blocks.num_blocks
         deadline = time.monotonic() + 5.0  # reservations made on the decode side come back
@@ -462,3 +463,80 @@ def test_adopt_refuses_what_it_cannot_continue(tiny_loaded):
             engine.adopt(bad, "k")
     assert engine.request_ids() == [] and len(engine.blocks.block_table("k")) == 1
     assert engine.adopt(state([1, 2, 3], [4]), "k").num_computed_tokens == 3
+
+
+def test_an_inproc_decode_loop_that_raises_moves_requests_elsewhere(tiny_loaded, reference, monkeypatch):
+    """In one process the cluster reads the worker's ``error``: its requests are recomputed on the healthy one."""
+    from minidisagg.disagg.cluster import DisaggCluster
+
+    cluster = DisaggCluster(tiny_loaded, CONFIG, transport="inproc", num_decode=2, kv_failure_policy="recompute",
+                            request_timeout_s=120.0)
+    try:
+        def failing_step():
+            raise IndexError("injected: index out of range in the decode step")
+
+        monkeypatch.setattr(cluster.decode_workers[1].engine, "step", failing_step)
+        params = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
+        prompts = [[i + 1, i + 2, i + 3, 40 + i] for i in range(4)]
+        want = [o.token_ids for o in reference.generate([{"prompt_token_ids": p} for p in prompts],
+                                                        SamplingParams(**params), use_tqdm=False)]
+        t0 = time.monotonic()
+        ids = [cluster.add_request({"prompt_token_ids": p}, SamplingParams(**params)) for p in prompts]
+        done = _drive(cluster, ids, timeout_s=20.0)
+        assert time.monotonic() - t0 < 12.0, "the cluster waited for a dead worker"
+        assert [done[i].token_ids for i in ids] == want, [done[i].error for i in ids]
+        dead = cluster.decode_workers[1]
+        assert isinstance(dead.error, IndexError) and dead.health.dead.wait(5.0)
+        assert dead.num_free_blocks == dead.engine.blocks.num_blocks
+        with pytest.raises(ValueError, match="unhealthy"):
+            dead.reserve("late", 4)
+    finally:
+        cluster.shutdown()
+
+
+def test_a_prefill_worker_refuses_an_id_it_already_holds(tiny_loaded):
+    """Another router reusing an id in flight must not be able to fail or confuse that request."""
+    from minidisagg.disagg.prefill_worker import PrefillWorker, Submission
+    from minidisagg.engine.clock import WallClock
+
+    worker = PrefillWorker("p", tiny_loaded, CONFIG, WallClock(), {}, lambda item: None)
+    sub = Submission("r1", [1, 2, 3], SamplingParams(**GREEDY), 0.0, "d0")
+    worker.submit(sub)
+    with pytest.raises(ValueError, match="already in flight"):
+        worker.submit(sub)
+
+
+SERVE_WITH_A_FAILING_LOOP = """
+import sys
+from minidisagg.cli import main
+from minidisagg.disagg.decode_worker import DecodeWorker
+
+def failing_step(self):
+    raise IndexError("injected decode failure")
+
+DecodeWorker.step = failing_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_non_zero_when_its_engine_loop_dies():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-c", SERVE_WITH_A_FAILING_LOOP, "serve", "--role", "decode", "--port", "0", *MODEL_ARGS]
+    repo_root = Path(__file__).resolve().parent.parent  # this checkout's package, not an installed one
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "injected decode failure" in out.stdout + out.stderr
+    assert "Traceback" in out.stderr, "the failure was not logged with its traceback"
+
+
+def test_the_engine_refuses_arrival_times_it_could_never_wait_for(tiny_loaded):
+    from conftest import make_engine
+
+    engine = make_engine(tiny_loaded, num_blocks=8)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="arrival_time"):
+            engine.add_request({"prompt_token_ids": [1, 2]}, SamplingParams(**GREEDY), arrival_time=bad)
+    assert not engine.has_unfinished()

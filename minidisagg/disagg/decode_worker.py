@@ -1,12 +1,8 @@
 """The decode worker: receives prefilled requests' KV pages and decodes them with the usual engine.
 
-A decode loop that dies (any uncaught error in ``run_forever``) is a health failure, not a
-silent thread exit: the worker logs the traceback, turns unhealthy (``error`` is set and
-``on_unhealthy`` is called first, so whoever routes to it hears before any request fails), then
-fails every request it holds, each with an error output, and frees all their KV blocks,
-reservations included. From then on it refuses reservations and commits. The owner decides what
-happens to the process: the socket server announces it to the routers and ``minidisagg serve``
-exits non-zero; an in-process cluster reads ``error`` and stops routing here.
+A decode loop that dies is a health failure (``health``): the worker fails every request it
+holds, each with an error output, frees all their KV blocks, reservations included, and from
+then on refuses reservations and commits.
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from minidisagg.config import EngineConfig
+from minidisagg.disagg.health import LoopHealth
 from minidisagg.disagg.validate import MessageLimits, check_sequence_state
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
@@ -77,20 +74,13 @@ class DecodeWorker:
         self._adoptions: deque[_Adoption] = deque()  # committed transfers the loop adopts before its next step
         self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
-        self.error: Optional[BaseException] = None
-        self.dead = threading.Event()  # set once a failed loop has failed the requests it held
-        self.on_unhealthy: Optional[Callable[[str], None]] = None  # called once, with the reason, when the loop dies
+        self.health = LoopHealth(f"decode worker {name}")
         self.limits = MessageLimits(loaded.config.vocab_size, self.engine.max_model_len)
 
     @property
-    def healthy(self) -> bool:
-        """Whether the decode loop is alive (or not started yet) and has not failed."""
-        return self.error is None
-
-    def _check_healthy(self) -> None:
-        if self.error is not None:
-            raise ValueError(f"decode worker {self.name} is unhealthy: its loop failed with "
-                             f"{type(self.error).__name__}: {self.error}")
+    def error(self) -> Optional[BaseException]:
+        """What killed the decode loop (None while it is healthy)."""
+        return self.health.error
 
     @contextmanager
     def _engine_access(self) -> Iterator[None]:
@@ -116,7 +106,7 @@ class DecodeWorker:
             raise ValueError(f"num_tokens={num_tokens} can never fit this engine's context of "
                              f"{self.engine.max_model_len} tokens (prompt plus at least one generated token)")
         with self._engine_access():
-            self._check_healthy()
+            self.health.check()
             if transfer_id in self._reserved:
                 raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
             blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
@@ -163,7 +153,7 @@ class DecodeWorker:
         then reaches the client as an error output). ``landed_at_s`` (a ``time.perf_counter()``
         reading) becomes the timeline's ``kv_landed_s`` on a wall clock.
         """
-        self._check_healthy()
+        self.health.check()
         blocks = self._blocks_of(transfer_id)
         check_sequence_state(state, self.limits, self.engine.clock.now())  # InvalidMessage (a ValueError) names the field
         num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
@@ -189,6 +179,9 @@ class DecodeWorker:
         kv_trace("queued", transfer_id)
         with self._adoptions_lock:
             self._adoptions.append(item)
+        if self.health.dead.is_set():  # the loop died since the check above: nobody will adopt it
+            for out in self._fail_held(self.health.reason or "decode loop failed"):
+                self.sink(out)
         self._wake.set()
 
     def _adopt(self, item: _Adoption) -> RequestOutput:
@@ -257,24 +250,18 @@ class DecodeWorker:
         return bool(failed or adopted or outputs)
 
     def run_forever(self) -> None:
-        """Decode until ``stop``; sleeps on an event while idle. A failure fails what it holds (module docstring)."""
-        try:
+        """Decode until ``stop``; sleeps on an event while idle. If the loop fails, fail what it holds (``health``)."""
+        def loop() -> None:
             while not self._stop.is_set():
                 if not self.step():
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
-        except BaseException as exc:  # surface to the owner instead of dying silently
-            log.exception("decode worker %s: the decode loop failed", self.name)
-            self.error = exc
-            reason = f"decode worker {self.name} failed: {type(exc).__name__}: {exc}"
-            if self.on_unhealthy is not None:
-                try:
-                    self.on_unhealthy(reason)
-                except Exception:  # noqa: BLE001 - the requests must still be failed
-                    log.exception("decode worker %s: announcing the failure failed", self.name)
+
+        def fail_held(reason: str) -> None:
             for out in self._fail_held(reason):
                 self.sink(out)
-            self.dead.set()
+
+        self.health.run(loop, fail_held)
 
     def _fail_held(self, reason: str) -> list[RequestOutput]:
         """Fail every request this worker holds and free all its blocks (after the loop died)."""

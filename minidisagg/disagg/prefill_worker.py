@@ -1,9 +1,8 @@
 """The prefill worker: computes prompts' KV and first tokens, then ships the pages to a decode worker.
 
-As on the decode side (``decode_worker``), a prefill loop that dies is a health failure: the
-worker logs the traceback, turns unhealthy (``error``; ``on_unhealthy`` is told first), fails
-every request it holds with a ``FailedRequest``, frees their blocks here and gives their
-reservations back on the decode side, and refuses new submissions.
+A prefill loop that dies is a health failure (``health``): the worker fails every request it
+holds with a ``FailedRequest``, frees their blocks here, gives their reservations back on the
+decode side, and refuses new submissions.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from minidisagg.config import EngineConfig
+from minidisagg.disagg.health import LoopHealth
 from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
@@ -119,16 +119,13 @@ class PrefillWorker:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.error: Optional[BaseException] = None
-        self.dead = threading.Event()  # set once a failed loop has failed the requests it held
-        self.on_unhealthy: Optional[Callable[[str], None]] = None  # called once, with the reason, when the loop dies
-        self._ids_lock = threading.Lock()
+        self.health = LoopHealth(f"prefill worker {name}")
         self._held_ids: set[str] = set()  # requests submitted here and not yet finished, failed or handed over
 
     @property
-    def healthy(self) -> bool:
-        """Whether the prefill loop is alive (or not started yet) and has not failed."""
-        return self.error is None
+    def error(self) -> Optional[BaseException]:
+        """What killed the prefill loop (None while it is healthy)."""
+        return self.health.error
 
     def next_transfer_id(self) -> str:
         """A transfer id no other prefill worker, in this process or another, will use."""
@@ -136,18 +133,16 @@ class PrefillWorker:
 
     def submit(self, submission: Submission) -> None:
         """Queue a request (thread-safe); ValueError if this worker is unhealthy or already holds the id."""
-        with self._ids_lock:
-            if self.error is not None:
-                raise ValueError(f"prefill worker {self.name} is unhealthy: its loop failed with "
-                                 f"{type(self.error).__name__}: {self.error}")
+        with self.health.guard():  # a submission lands before the loop fails, and is failed with the rest, or is refused
+            self.health.check()
             if submission.request_id in self._held_ids:
                 raise ValueError(f"request id {submission.request_id!r} is already in flight on {self.name}")
             self._held_ids.add(submission.request_id)
-        self._inbox.put(submission)
+            self._inbox.put(submission)
 
     def _emit(self, item: RequestOutput | FailedRequest) -> None:
         """Pass a request's last word to the sink; it no longer counts as held here."""
-        with self._ids_lock:
+        with self.health.guard():
             self._held_ids.discard(item.request_id)
         self.sink(item)
 
@@ -335,7 +330,7 @@ class PrefillWorker:
                 return
             self.engine.release_handed_off(transfer.seq)
             self._transfers.pop(transfer.submission.request_id, None)
-            with self._ids_lock:
+            with self.health.guard():
                 self._held_ids.discard(transfer.submission.request_id)
             if transfer.error is not None:
                 self._emit(FailedRequest(transfer.submission.request_id, transfer.error))
@@ -361,26 +356,16 @@ class PrefillWorker:
         return worked
 
     def run_forever(self) -> None:
-        """Prefill until ``stop``."""
-        try:
+        """Prefill until ``stop``. If the loop fails, fail what it holds (``health``)."""
+        def loop() -> None:
             while not self._stop.is_set():
                 if not self.step():
                     try:
                         self._pending.append(self._inbox.get(timeout=IDLE_WAIT_S))
                     except queue.Empty:
                         pass
-        except BaseException as exc:
-            log.exception("prefill worker %s: the prefill loop failed", self.name)
-            with self._ids_lock:
-                self.error = exc
-            reason = f"prefill worker {self.name} failed: {type(exc).__name__}: {exc}"
-            if self.on_unhealthy is not None:
-                try:
-                    self.on_unhealthy(reason)
-                except Exception:  # noqa: BLE001 - the requests must still be failed
-                    log.exception("prefill worker %s: announcing the failure failed", self.name)
-            self._fail_held(reason)
-            self.dead.set()
+
+        self.health.run(loop, self._fail_held)
 
     def _fail_held(self, reason: str) -> None:
         """Fail every request this worker holds; free its blocks here and its reservations on the decode side."""

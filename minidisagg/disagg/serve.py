@@ -15,13 +15,9 @@ to that router alone and carrying the request id where the frame had a usable on
 connection stays open. A router's PING is answered, to it alone, with HEALTH
 ``{"healthy", "reason", "num_free_blocks", "num_blocks"}``.
 
-Health: when a worker's engine loop dies, the server sends every router an unasked HEALTH
-``{"healthy": false, "reason": ...}`` before the worker fails the requests it held, and
-``failed`` turns true; ``minidisagg serve`` then exits non-zero. Why both, rather than only
-exiting: the router already treats a lost connection as a dead worker, so an exit is seen
-everywhere, but the frame tells it why and at once, and an in-process server (tests,
-notebooks) cannot exit. Why fail the requests too: the worker object stays consistent, with
-every KV block back in its pool, whoever owns it.
+Health (``health`` says why this design): when a worker's engine loop dies, the server sends
+every router an unasked HEALTH ``{"healthy": false, "reason": ...}`` before the worker fails the
+requests it held, and ``failed`` turns true; ``minidisagg serve`` then exits non-zero.
 """
 
 from __future__ import annotations
@@ -126,7 +122,7 @@ class WorkerServer:
     @property
     def failed(self) -> bool:
         """Whether the worker's engine loop died and the requests it held were failed."""
-        return self.worker.dead.is_set()
+        return self.worker.health.dead.is_set()
 
     def _watch_worker(self, worker: DecodeWorker | PrefillWorker) -> None:
         """Announce the worker's death to every router (HEALTH) before it fails its requests."""
@@ -134,12 +130,12 @@ class WorkerServer:
             self.failure = reason
             self.subscribers.send(FrameKind.HEALTH, {"healthy": False, "reason": reason})
 
-        worker.on_unhealthy = unhealthy
+        worker.health.on_unhealthy = unhealthy
 
     def health(self) -> dict[str, Any]:
         """This worker's HEALTH header: alive or not, why not, and its KV pool."""
         blocks = self.worker.engine.blocks
-        return {"healthy": self.worker.healthy, "reason": self.failure, "num_free_blocks": blocks.num_free_blocks,
+        return {"healthy": self.worker.health.healthy, "reason": self.failure, "num_free_blocks": blocks.num_free_blocks,
                 "num_blocks": blocks.num_blocks}
 
     def handle(self, sock: socket.socket, peer: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -175,6 +176,8 @@ class LLMEngine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = self.clock.now() if arrival_time is None else float(arrival_time)
+        if not math.isfinite(arrival):  # the step loop waits until the earliest arrival: NaN or inf would wedge it
+            raise ValueError(f"arrival_time must be a finite number of seconds, got {arrival_time!r}")
         seq = Sequence(seq_id, request_id, ids, params, RequestTimeline(arrival_s=arrival), prompt=text,
                        generator=make_generator(params, self.loaded.model.device))
         self._seqs[request_id] = seq
