@@ -540,3 +540,62 @@ def test_the_engine_refuses_arrival_times_it_could_never_wait_for(tiny_loaded):
         with pytest.raises(ValueError, match="arrival_time"):
             engine.add_request({"prompt_token_ids": [1, 2]}, SamplingParams(**GREEDY), arrival_time=bad)
     assert not engine.has_unfinished()
+
+
+def test_the_router_reads_a_bad_worker_frame_as_that_requests_failure_only(tiny_loaded):
+    """Finding 3 on the router side: an ERROR without an id is no lost connection; a malformed TOKENS frame
+    fails its request only; HEALTH {"healthy": false} marks the worker gone at once."""
+    import queue
+
+    from minidisagg.disagg.launch import RemoteWorker
+    from minidisagg.transport.framing import server_handshake
+    from minidisagg.transport.socket import listen
+
+    layout = layout_of(tiny_loaded)
+    fingerprint = tiny_loaded.config.fingerprint()
+    listener = listen(HOST, 0)
+    accepted: dict[str, socket.socket] = {}
+
+    def accept() -> None:
+        sock, _ = listener.accept()
+        server_handshake(sock, make_hello("decode", fingerprint, layout), TIMEOUT_S, {"router"})
+        accepted["sock"] = sock
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    outputs: queue.Queue = queue.Queue()
+    worker = RemoteWorker("d0", HOST, listener.getsockname()[1], make_hello("router", fingerprint, layout), outputs,
+                          timeout_s=TIMEOUT_S, vocab_size=tiny_loaded.config.vocab_size)
+    thread.join(TIMEOUT_S)
+    fake = accepted["sock"]
+
+    def send(kind: FrameKind, header: dict[str, Any] | bytes) -> None:
+        body = header if isinstance(header, bytes) else json.dumps(header).encode()
+        fake.sendall(PREFIX.pack(MAGIC, WIRE_VERSION, int(kind), 0, len(body), 0) + body)
+
+    def tokens(rid: str, **changes: Any) -> dict[str, Any]:
+        return {"request_id": rid, "prompt": None, "prompt_token_ids": [1, 2], "text": "", "token_ids": [3, 4],
+                "finished": True, "finish_reason": "length", "timeline": {"arrival_s": 0.0, "token_times_s": [0.1, 0.2], "finish_s": 0.2},
+                "num_preemptions": 0, "error": None, **changes}
+
+    try:
+        send(FrameKind.ERROR, {"message": "header: nested too deeply"})  # about a frame, not a request
+        send(FrameKind.TOKENS, tokens("a@1", token_ids=[3, 10**9]))
+        send(FrameKind.TOKENS, tokens("b@1", timeline={"arrival_s": math.nan}))
+        send(FrameKind.TOKENS, tokens("c@1", finished="yes"))
+        send(FrameKind.TOKENS, tokens("d@1"))
+        got = [outputs.get(timeout=TIMEOUT_S) for _ in range(4)]
+        assert [type(g).__name__ for g in got] == ["FailedRequest"] * 3 + ["RequestOutput"], got
+        assert [g.request_id for g in got] == ["a@1", "b@1", "c@1", "d@1"]
+        assert "token_ids[1]" in got[0].error and "timeline.arrival_s" in got[1].error and "finished" in got[2].error
+        assert got[3].token_ids == [3, 4] and got[3].metrics is not None
+        assert worker.error is None, worker.error
+        send(FrameKind.HEALTH, {"healthy": False, "reason": "decode loop failed: IndexError"})
+        deadline = time.monotonic() + 5.0
+        while worker.error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.error is not None and "unhealthy" in worker.error and "IndexError" in worker.error
+    finally:
+        worker.stop()
+        fake.close()
+        listener.close()
