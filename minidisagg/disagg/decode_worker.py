@@ -174,12 +174,11 @@ class DecodeWorker:
                 self._lock.release()
             for out in failed + adopted:
                 self.sink(out)
-            self._wake.set()
-            return
-        kv_trace("queued", transfer_id)
-        with self._adoptions_lock:
-            self._adoptions.append(item)
-        if self.health.dead.is_set():  # the loop died since the check above: nobody will adopt it
+        else:
+            kv_trace("queued", transfer_id)
+            with self._adoptions_lock:
+                self._adoptions.append(item)
+        if self.health.error is not None:  # the loop failed since the check above: nobody will decode it
             for out in self._fail_held(self.health.reason or "decode loop failed"):
                 self.sink(out)
         self._wake.set()
