@@ -38,9 +38,10 @@ TIMEOUT_S = 30.0
 GREEDY = {"temperature": 0, "max_tokens": 5, "ignore_eos": True}
 MISSING = object()  # a mutation that deletes the field
 NESTED_DEPTH = 10**5
-BAD_TOKENS = [10**9, -1, 1.5, True, None, "7", [3]]
-BAD_TIMES = [math.nan, math.inf, -math.inf, 1e18, -5.0, "0", True, None]
-BAD_IDS = [None, MISSING, "", 7, True, ["x"], {"a": 1}, "x" * 1000]
+NESTED_VALUE = json.loads("[" * 500 + "]" * 500)  # nested, yet within what a JSON parser takes
+BAD_TOKENS = [10**9, -1, 1.5, True, None, "7", [3], NESTED_VALUE]
+BAD_TIMES = [math.nan, math.inf, -math.inf, 1e18, -5.0, "0", True, None, NESTED_VALUE]
+BAD_IDS = [None, MISSING, "", 7, True, ["x"], {"a": 1}, "x" * 1000, NESTED_VALUE]
 
 
 @pytest.fixture(scope="module")
