@@ -154,6 +154,7 @@ BENCH_SUITES = {
     "disagg": "minidisagg.bench_disagg",
 }
 COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify"}
+WORKER_HEALTH_POLL_S = 0.2  # how often ``serve`` checks that its worker's engine loop is alive
 WORKER_SWITCH_INTERVAL_S = float(os.environ.get("MINIDISAGG_SWITCH_INTERVAL_S", "0.0005"))  # see cmd_serve
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
 
@@ -253,13 +254,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threading.Thread(target=server.serve_forever, args=(Path(args.ready_file) if args.ready_file else None,),
                      daemon=True).start()
     console.print(f"{args.role} worker listening on {args.host}:{server.port}", highlight=False)
-    done.wait()
+    while not done.wait(WORKER_HEALTH_POLL_S) and not server.failed:
+        pass
+    if server.failed:  # its engine loop died: the routers were told; a port that looks alive would mislead
+        console.print(f"[red]error:[/] {server.failure}", highlight=False)
     server.stop()
     if args.dist_init:
         from minidisagg.transport.dist import shutdown_dist
 
         shutdown_dist()
-    return 0
+    return 1 if server.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

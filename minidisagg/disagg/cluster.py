@@ -141,8 +141,11 @@ class DisaggCluster:
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.cache.block_size, loaded.dtype)
         hello = make_hello("router", cfg.fingerprint(), layout)
         try:
-            self.decode_workers = [RemoteWorker(d.name, d.host, d.port, hello, self._outputs) for d in decodes]
-            self.prefill_workers = [RemoteWorker(p.name, p.host, p.port, hello, self._outputs) for p in prefills]
+            vocab = cfg.vocab_size
+            self.decode_workers = [RemoteWorker(d.name, d.host, d.port, hello, self._outputs, vocab_size=vocab)
+                                   for d in decodes]
+            self.prefill_workers = [RemoteWorker(p.name, p.host, p.port, hello, self._outputs, vocab_size=vocab)
+                                    for p in prefills]
         except BaseException:
             stop_processes(self.processes)
             raise
@@ -195,19 +198,23 @@ class DisaggCluster:
     def step(self) -> list[RequestOutput]:
         """Collect what the workers produced since the last call (waiting briefly); enforce deadlines."""
         self._admit_arrivals()
-        outputs: list[RequestOutput] = self._check_workers()
         # wait for outputs, but no longer than until the next arrival, so it is routed on time
         next_arrival_s = min((sub.arrival_s for sub in self._future.values()), default=math.inf)
         wait_s = min(POLL_S, max(0.0, next_arrival_s - self.clock.now()))
+        items: list[RequestOutput | FailedRequest] = []
         try:
-            item = self._outputs.get(timeout=wait_s) if wait_s > 0 else self._outputs.get_nowait()
+            items.append(self._outputs.get(timeout=wait_s) if wait_s > 0 else self._outputs.get_nowait())
             while True:
-                out = self._handle(item)
-                if out is not None:
-                    outputs.append(out)
-                item = self._outputs.get_nowait()
+                items.append(self._outputs.get_nowait())
         except queue.Empty:
             pass
+        # Workers after the drain: a worker reports its death before the failures of the requests it held,
+        # so those are recognised as late outputs of a dead worker, and never recomputed on it.
+        outputs: list[RequestOutput] = self._check_workers()
+        for item in items:
+            out = self._handle(item)
+            if out is not None:
+                outputs.append(out)
         outputs.extend(self._expire())
         return outputs
 
@@ -230,6 +237,8 @@ class DisaggCluster:
         return failed
 
     def _handle(self, item: RequestOutput | FailedRequest) -> Optional[RequestOutput]:
+        if isinstance(item, RequestOutput) and item.finish_reason == "error":  # a worker failed it: as FailedRequest
+            item = FailedRequest(item.request_id, item.error or "the worker failed the request")
         rid, _, attempt = item.request_id.rpartition("@")
         live = self._live.get(rid)
         if live is None or str(live.attempts) != attempt:

@@ -1,4 +1,9 @@
-"""The decode worker: receives prefilled requests' KV pages and decodes them with the usual engine."""
+"""The decode worker: receives prefilled requests' KV pages and decodes them with the usual engine.
+
+A decode loop that dies is a health failure (``health``): the worker fails every request it
+holds, each with an error output, frees all their KV blocks, reservations included, and from
+then on refuses reservations and commits.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from minidisagg.config import EngineConfig
+from minidisagg.disagg.health import LoopHealth
+from minidisagg.disagg.validate import MessageLimits, check_sequence_state
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sequence import SequenceState
@@ -25,6 +32,7 @@ log = logging.getLogger(__name__)
 OutputSink = Callable[[RequestOutput], None]
 IDLE_WAIT_S = 0.05
 WAITER_GRACE_S = 0.05
+FAIL_LOCK_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -66,7 +74,13 @@ class DecodeWorker:
         self._adoptions: deque[_Adoption] = deque()  # committed transfers the loop adopts before its next step
         self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
-        self.error: Optional[BaseException] = None
+        self.health = LoopHealth(f"decode worker {name}")
+        self.limits = MessageLimits(loaded.config.vocab_size, self.engine.max_model_len)
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """What killed the decode loop (None while it is healthy)."""
+        return self.health.error
 
     @contextmanager
     def _engine_access(self) -> Iterator[None]:
@@ -86,7 +100,13 @@ class DecodeWorker:
     # ---- KVReceiver -------------------------------------------------------------------------
     def reserve(self, transfer_id: str, num_tokens: int) -> bool:
         """Reserve blocks for an incoming request; False when the pool cannot take it now."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}")
+        if num_tokens >= self.engine.max_model_len:
+            raise ValueError(f"num_tokens={num_tokens} can never fit this engine's context of "
+                             f"{self.engine.max_model_len} tokens (prompt plus at least one generated token)")
         with self._engine_access():
+            self.health.check()
             if transfer_id in self._reserved:
                 raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
             blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
@@ -133,9 +153,9 @@ class DecodeWorker:
         then reaches the client as an error output). ``landed_at_s`` (a ``time.perf_counter()``
         reading) becomes the timeline's ``kv_landed_s`` on a wall clock.
         """
+        self.health.check()
         blocks = self._blocks_of(transfer_id)
-        if not state.output_token_ids:
-            raise ValueError(f"request {state.request_id}: a handed-off sequence must carry its first token")
+        check_sequence_state(state, self.limits, self.engine.clock.now())  # InvalidMessage (a ValueError) names the field
         num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
         if self.engine.blocks.blocks_needed(num_tokens - 1) > len(blocks):
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
@@ -154,11 +174,13 @@ class DecodeWorker:
                 self._lock.release()
             for out in failed + adopted:
                 self.sink(out)
-            self._wake.set()
-            return
-        kv_trace("queued", transfer_id)
-        with self._adoptions_lock:
-            self._adoptions.append(item)
+        else:
+            kv_trace("queued", transfer_id)
+            with self._adoptions_lock:
+                self._adoptions.append(item)
+        if self.health.error is not None:  # the loop failed since the check above: nobody will decode it
+            for out in self._fail_held(self.health.reason or "decode loop failed"):
+                self.sink(out)
         self._wake.set()
 
     def _adopt(self, item: _Adoption) -> RequestOutput:
@@ -227,15 +249,50 @@ class DecodeWorker:
         return bool(failed or adopted or outputs)
 
     def run_forever(self) -> None:
-        """Decode until ``stop``; sleeps on an event while idle."""
-        try:
+        """Decode until ``stop``; sleeps on an event while idle. If the loop fails, fail what it holds (``health``)."""
+        def loop() -> None:
             while not self._stop.is_set():
                 if not self.step():
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
-        except BaseException as exc:  # surface to the owner instead of dying silently
-            self.error = exc
-            log.exception("decode worker %s crashed", self.name)
+
+        def fail_held(reason: str) -> None:
+            for out in self._fail_held(reason):
+                self.sink(out)
+
+        self.health.run(loop, fail_held)
+
+    def _fail_held(self, reason: str) -> list[RequestOutput]:
+        """Fail every request this worker holds and free all its blocks (after the loop died)."""
+        if not self._lock.acquire(timeout=FAIL_LOCK_TIMEOUT_S):
+            log.error("decode worker %s: engine still busy after %s s; its blocks stay held", self.name,
+                      FAIL_LOCK_TIMEOUT_S)
+            return []
+        failures: list[RequestOutput] = []
+        try:
+            with self._adoptions_lock:
+                queued, self._adoptions = self._adoptions, deque()
+            for item in queued:
+                state = item.state
+                failures.append(RequestOutput(state.request_id, state.prompt, list(state.prompt_token_ids), "",
+                                              list(state.output_token_ids), True, "error", None,
+                                              state.restore_timeline(), error=reason))
+            for tid in list(self._reserved):
+                self.engine.cancel_reservation(f"transfer:{tid}")
+            self._reserved.clear()
+            for rid in self.engine.request_ids():
+                try:
+                    seq = self.engine.sequence(rid)
+                    self.engine.abort(rid)
+                    failures.append(RequestOutput(rid, seq.prompt, list(seq.prompt_token_ids), "",
+                                                  list(seq.output_token_ids), True, "error", None, seq.timeline,
+                                                  seq.num_preemptions, error=reason))
+                    self.engine.release(rid)
+                except Exception:  # noqa: BLE001 - free what can be freed
+                    log.exception("decode worker %s: could not fail request %s", self.name, rid)
+        finally:
+            self._lock.release()
+        return failures
 
     def start(self) -> None:
         """Run the loop on a daemon thread."""

@@ -23,10 +23,13 @@ from typing import Optional, Sequence
 
 from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
 from minidisagg.disagg.prefill_worker import FailedRequest, Submission
-from minidisagg.disagg.serve import output_from_dict, submission_to_dict
+from minidisagg.disagg.serve import submission_to_dict
+from minidisagg.disagg.validate import InvalidMessage, check_output
 from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.transport.socket import wait_readable
 from minidisagg.transport.framing import (
+    Frame,
+    FrameError,
     FrameKind,
     Hello,
     PeerClosed,
@@ -197,13 +200,19 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
 class RemoteWorker:
     """The router's connection to one worker server: submit or abort requests, receive outputs.
 
-    Outputs land on ``outputs``; a lost connection sets ``error`` (the cluster then fails or
-    recomputes this worker's requests).
+    Outputs land on ``outputs``. A lost connection, or a HEALTH frame saying the worker is not
+    healthy, sets ``error`` (the cluster then fails or recomputes this worker's requests). An
+    ERROR with a request id fails that request; one without (a frame the worker could not
+    read) is logged, never taken for a lost connection. Every TOKENS frame is checked
+    (``validate.check_output``; token ids against ``vocab_size`` when given): a malformed one
+    fails its request.
     """
 
     def __init__(self, name: str, host: str, port: int, hello: Hello,
-                 outputs: "queue.Queue[RequestOutput | FailedRequest]", timeout_s: float = 30.0) -> None:
+                 outputs: "queue.Queue[RequestOutput | FailedRequest]", timeout_s: float = 30.0,
+                 vocab_size: Optional[int] = None) -> None:
         self.name = name
+        self.vocab_size = vocab_size
         self.timeout_s = timeout_s
         self.sock = connect(host, port, timeout_s, retries=20)
         client_handshake(self.sock, hello, timeout_s)
@@ -221,18 +230,37 @@ class RemoteWorker:
     def _read_loop(self) -> None:
         try:
             while wait_readable(self.sock, self._stop):
-                frame = recv_frame(self.sock, None)
-                if frame.kind == FrameKind.TOKENS:
-                    self.outputs.put(output_from_dict(frame.header))
-                elif frame.kind == FrameKind.ERROR:
-                    rid = frame.header.get("request_id")
-                    if rid is None:
-                        raise ConnectionError(f"{self.name} reported: {frame.header.get('message')}")
-                    self.outputs.put(FailedRequest(str(rid), str(frame.header.get("message"))))
+                self._on_frame(recv_frame(self.sock, None, max_payload_bytes=0))
         except (PeerClosed, OSError, ValueError) as exc:
             if not self._closing:
                 self.error = f"connection to {self.name} lost: {exc}"
                 log.warning("%s", self.error)
+        except Exception as exc:  # noqa: BLE001 - a bug here must still mark the worker as gone
+            log.exception("reading from %s failed", self.name)
+            self.error = f"reading from {self.name} failed: {type(exc).__name__}: {exc}"
+
+    def _on_frame(self, frame: Frame) -> None:
+        """One frame from the worker: an output, a request's failure, or its health."""
+        header = frame.header
+        if frame.kind == FrameKind.TOKENS:
+            try:
+                self.outputs.put(check_output(header, self.vocab_size))
+            except InvalidMessage as exc:
+                log.warning("%s sent a malformed TOKENS frame: %s", self.name, exc)
+                if exc.request_id is not None:
+                    self.outputs.put(FailedRequest(exc.request_id, f"{self.name} sent a malformed output: {exc}"))
+        elif frame.kind == FrameKind.ERROR:
+            rid, message = header.get("request_id"), str(header.get("message"))[:4096]
+            if isinstance(rid, str) and rid:
+                self.outputs.put(FailedRequest(rid, message))
+            else:  # about a frame, not a request: the connection is fine
+                log.warning("%s refused a frame: %s", self.name, message)
+        elif frame.kind == FrameKind.HEALTH:
+            if header.get("healthy") is not True and self.error is None:
+                self.error = f"{self.name} is unhealthy: {str(header.get('reason'))[:4096]}"
+                log.warning("%s", self.error)
+        else:
+            raise FrameError(f"unexpected {frame.kind.name} frame from {self.name}")
 
     def _send(self, header: dict) -> None:
         if self.error is not None:

@@ -1,4 +1,9 @@
-"""The prefill worker: computes prompts' KV and first tokens, then ships the pages to a decode worker."""
+"""The prefill worker: computes prompts' KV and first tokens, then ships the pages to a decode worker.
+
+A prefill loop that dies is a health failure (``health``): the worker fails every request it
+holds with a ``FailedRequest``, frees their blocks here, gives their reservations back on the
+decode side, and refuses new submissions.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,11 @@ from typing import Callable, Optional
 import torch
 
 from minidisagg.config import EngineConfig
+from minidisagg.disagg.health import LoopHealth
 from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
-from minidisagg.engine.sequence import Sequence, SequenceState
+from minidisagg.engine.sequence import Sequence, SequenceState, SequenceStatus
 from minidisagg.kv.pages import KVLayout, gather_block_pieces, gather_layer, gather_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
@@ -113,15 +119,32 @@ class PrefillWorker:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.error: Optional[BaseException] = None
+        self.health = LoopHealth(f"prefill worker {name}")
+        self._held_ids: set[str] = set()  # requests submitted here and not yet finished, failed or handed over
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """What killed the prefill loop (None while it is healthy)."""
+        return self.health.error
 
     def next_transfer_id(self) -> str:
         """A transfer id no other prefill worker, in this process or another, will use."""
         return f"{self._transfer_prefix}-{next(self._ids)}"
 
     def submit(self, submission: Submission) -> None:
-        """Queue a request (thread-safe)."""
-        self._inbox.put(submission)
+        """Queue a request (thread-safe); ValueError if this worker is unhealthy or already holds the id."""
+        with self.health.guard():  # a submission lands before the loop fails, and is failed with the rest, or is refused
+            self.health.check()
+            if submission.request_id in self._held_ids:
+                raise ValueError(f"request id {submission.request_id!r} is already in flight on {self.name}")
+            self._held_ids.add(submission.request_id)
+            self._inbox.put(submission)
+
+    def _emit(self, item: RequestOutput | FailedRequest) -> None:
+        """Pass a request's last word to the sink; it no longer counts as held here."""
+        with self.health.guard():
+            self._held_ids.discard(item.request_id)
+        self.sink(item)
 
     # ---- admission with credits ------------------------------------------------------------
     def _admit(self) -> None:
@@ -133,7 +156,7 @@ class PrefillWorker:
         still_pending = []
         for sub, tid, granted in self._reserve_pending():
             if isinstance(granted, TransferError):
-                self.sink(FailedRequest(sub.request_id, f"decode worker {sub.decode_target} unreachable: {granted}"))
+                self._emit(FailedRequest(sub.request_id, f"decode worker {sub.decode_target} unreachable: {granted}"))
                 continue
             if not granted:
                 still_pending.append(sub)  # decode is full: wait for credit
@@ -144,7 +167,7 @@ class PrefillWorker:
                                         arrival_time=sub.arrival_s, request_id=sub.request_id)
             except ValueError as exc:
                 sender.cancel(tid)
-                self.sink(FailedRequest(sub.request_id, str(exc)))
+                self._emit(FailedRequest(sub.request_id, str(exc)))
                 continue
             self._transfers[sub.request_id] = _Transfer(tid, sub, sender, self.engine.sequence(sub.request_id))
         self._pending = still_pending
@@ -307,8 +330,10 @@ class PrefillWorker:
                 return
             self.engine.release_handed_off(transfer.seq)
             self._transfers.pop(transfer.submission.request_id, None)
+            with self.health.guard():
+                self._held_ids.discard(transfer.submission.request_id)
             if transfer.error is not None:
-                self.sink(FailedRequest(transfer.submission.request_id, transfer.error))
+                self._emit(FailedRequest(transfer.submission.request_id, transfer.error))
 
     # ---- the main loop ----------------------------------------------------------------------
     def step(self) -> bool:
@@ -324,24 +349,50 @@ class PrefillWorker:
                     else:  # after its announcement, in the link's order
                         self._send_queue.put(("cancel", transfer, None))
                     self.engine.release(out.request_id)
-                    self.sink(out)
+                    self._emit(out)
             self._commit_handed_off()
             worked = True
         self._reap()
         return worked
 
     def run_forever(self) -> None:
-        """Prefill until ``stop``."""
-        try:
+        """Prefill until ``stop``. If the loop fails, fail what it holds (``health``)."""
+        def loop() -> None:
             while not self._stop.is_set():
                 if not self.step():
                     try:
                         self._pending.append(self._inbox.get(timeout=IDLE_WAIT_S))
                     except queue.Empty:
                         pass
-        except BaseException as exc:
-            self.error = exc
-            log.exception("prefill worker %s crashed", self.name)
+
+        self.health.run(loop, self._fail_held)
+
+    def _fail_held(self, reason: str) -> None:
+        """Fail every request this worker holds; free its blocks here and its reservations on the decode side."""
+        while True:
+            try:
+                self._pending.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        pending, self._pending = self._pending, []
+        for sub in pending:  # no reservation yet
+            self._emit(FailedRequest(sub.request_id, reason))
+        for rid, transfer in list(self._transfers.items()):
+            transfer.error = reason  # the sender thread skips it from now on
+            try:
+                transfer.sender.cancel(transfer.transfer_id)
+            except Exception:  # noqa: BLE001 - best effort: a dropped link frees reservations by itself
+                log.warning("prefill worker %s: could not cancel transfer %s", self.name, transfer.transfer_id)
+            try:
+                if transfer.seq.status is SequenceStatus.HANDED_OFF:
+                    self.engine.release_handed_off(transfer.seq)
+                else:
+                    self.engine.abort(rid)
+                    self.engine.release(rid)
+            except Exception:  # noqa: BLE001 - free what can be freed
+                log.exception("prefill worker %s: could not free request %s", self.name, rid)
+            self._transfers.pop(rid, None)
+            self._emit(FailedRequest(rid, reason))
 
     def start(self) -> None:
         """Start the loop and the sender on daemon threads."""

@@ -64,6 +64,8 @@ def parse_request(line: bytes, default_id: str,
         obj = json.loads(line, parse_constant=_reject_constant)
     except ValueError as exc:  # also UnicodeDecodeError
         raise BadRequest(default_id, f"not a JSON line: {exc}") from None
+    except RecursionError:
+        raise BadRequest(default_id, "not a JSON line: nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadRequest(default_id, f"a request is a JSON object, got {type(obj).__name__}")
     rid = obj.get("id", default_id)

@@ -118,7 +118,8 @@ class RemoteCluster(DisaggCluster):
             for role, addrs in (("decode", self.decode_addrs), ("prefill", self.prefill_addrs)):
                 for name, (host, port) in addrs.items():
                     try:
-                        workers.append(RemoteWorker(name, host, port, hello, self._outputs, self.connect_timeout_s))
+                        workers.append(RemoteWorker(name, host, port, hello, self._outputs, self.connect_timeout_s,
+                                                    vocab_size=cfg.vocab_size))
                     except (ConnectionError, OSError, FrameError) as exc:
                         raise ConnectionError(f"cannot reach {role} worker {name} at {host}:{port}: {exc}") from exc
         except BaseException:
@@ -207,6 +208,10 @@ class RouterServer:
         except (OSError, ValueError) as exc:  # reset by the client, or closed under us
             self._drop(client, f"read failed: {exc}")
             return
+        except Exception as exc:  # noqa: BLE001 - a bug: drop this client, leak neither its socket nor its writer
+            log.exception("client %s: reading failed", client.peer)
+            self._drop(client, f"internal error: {type(exc).__name__}")
+            return
         with self.lock:
             client.input_done = True
             idle = not client.inflight
@@ -243,6 +248,9 @@ class RouterServer:
                 client.inflight[client_id] = request_id
         except BadRequest as exc:
             client.send(error_line(exc.request_id, str(exc)))
+            return
+        except RecursionError:  # a request nested too deeply for some check: this line only
+            client.send(error_line(default_id, "the request is nested too deeply"))
             return
         self.work.set()
 

@@ -8,6 +8,16 @@ Who connects to whom (every connection starts with a HELLO carrying the model fi
 - each prefill server connects to every decode server (role ``prefill``): the KV link;
 - the router connects to each decode server (role ``router``) and receives TOKENS frames,
   one per new token, the last one marked finished; it may send REQUEST {"abort": id}.
+
+Every REQUEST is checked field by field (``validate``) before the worker sees it. A bad one,
+or a frame whose JSON header cannot be parsed, is answered with an ERROR naming the field, sent
+to that router alone and carrying the request id where the frame had a usable one; the
+connection stays open. A router's PING is answered, to it alone, with HEALTH
+``{"healthy", "reason", "num_free_blocks", "num_blocks"}``.
+
+Health (``health`` says why this design): when a worker's engine loop dies, the server sends
+every router an unasked HEALTH ``{"healthy": false, "reason": ...}`` before the worker fails the
+requests it held, and ``failed`` turns true; ``minidisagg serve`` then exits non-zero.
 """
 
 from __future__ import annotations
@@ -22,14 +32,21 @@ from typing import Any, Callable, Optional
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
 from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
+from minidisagg.disagg.validate import InvalidMessage, MessageLimits, check_abort, check_submission, request_id_in
 from minidisagg.engine.clock import WallClock
 from minidisagg.engine.llm_engine import RequestOutput
-from minidisagg.engine.sampling import SamplingParams
 from minidisagg.kv.pages import KVLayout
-from minidisagg.metrics import RequestTimeline
 from minidisagg.plain import plain_dict
 from minidisagg.models.registry import LoadedModel
-from minidisagg.transport.framing import FrameError, FrameKind, PeerClosed, recv_frame, send_frame, server_handshake
+from minidisagg.transport.framing import (
+    FrameError,
+    FrameKind,
+    HeaderError,
+    PeerClosed,
+    recv_frame,
+    send_frame,
+    server_handshake,
+)
 from minidisagg.transport.socket import (
     SocketSender,
     accept_loop,
@@ -46,35 +63,15 @@ STREAM_EVERY_TOKENS = 8  # a decode server streams a request's output every this
 
 
 def output_to_dict(out: RequestOutput) -> dict[str, Any]:
-    """A RequestOutput as a JSON-friendly dict (metrics are recomputed from the timeline)."""
+    """A RequestOutput as a JSON-friendly dict (the router recomputes metrics from the timeline: ``validate.check_output``)."""
     d = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "metrics"}
     d["timeline"] = plain_dict(out.timeline)
     return d
 
 
-def output_from_dict(d: dict[str, Any]) -> RequestOutput:
-    """Inverse of ``output_to_dict``."""
-    from minidisagg.metrics import RequestMetrics
-
-    d = dict(d)
-    timeline = RequestTimeline(**d.pop("timeline"))
-    metrics = RequestMetrics.from_timeline(timeline) if d.get("finished") and d.get("token_ids") else None
-    return RequestOutput(timeline=timeline, metrics=metrics, **d)
-
-
 def submission_to_dict(sub: Submission) -> dict[str, Any]:
     """A Submission as a JSON-friendly dict."""
     return plain_dict(sub)
-
-
-def submission_from_dict(d: dict[str, Any]) -> Submission:
-    """Inverse of ``submission_to_dict``; ValueError for a malformed request."""
-    try:
-        d = dict(d)
-        d["params"] = SamplingParams(**d["params"])
-        return Submission(**d)
-    except (TypeError, KeyError) as exc:
-        raise ValueError(f"malformed request: {exc}") from exc
 
 
 class _Subscribers:
@@ -102,11 +99,17 @@ class _Subscribers:
                     log.warning("dropping subscriber: %s", exc)
                     self._socks.remove(sock)
 
+    def send_to(self, sock: socket.socket, kind: FrameKind, header: dict[str, Any]) -> None:
+        """One frame to one router (between the frames other threads send it)."""
+        with self._lock:
+            send_frame(sock, kind, header)
+
 
 class WorkerServer:
     """Shared skeleton: listen, handshake every connection, dispatch it by role."""
 
     role = "worker"
+    worker: DecodeWorker | PrefillWorker
 
     def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int) -> None:
         self.hello = make_hello(self.role, loaded.config.fingerprint(), layout)
@@ -114,6 +117,26 @@ class WorkerServer:
         self.port = self.server.getsockname()[1]
         self.stop_event = threading.Event()
         self.subscribers = _Subscribers()
+        self.failure: Optional[str] = None  # why the engine loop died, once it has
+
+    @property
+    def failed(self) -> bool:
+        """Whether the worker's engine loop died and the requests it held were failed."""
+        return self.worker.health.dead.is_set()
+
+    def _watch_worker(self, worker: DecodeWorker | PrefillWorker) -> None:
+        """Announce the worker's death to every router (HEALTH) before it fails its requests."""
+        def unhealthy(reason: str) -> None:
+            self.failure = reason
+            self.subscribers.send(FrameKind.HEALTH, {"healthy": False, "reason": reason})
+
+        worker.health.on_unhealthy = unhealthy
+
+    def health(self) -> dict[str, Any]:
+        """This worker's HEALTH header: alive or not, why not, and its KV pool."""
+        blocks = self.worker.engine.blocks
+        return {"healthy": self.worker.health.healthy, "reason": self.failure, "num_free_blocks": blocks.num_free_blocks,
+                "num_blocks": blocks.num_blocks}
 
     def handle(self, sock: socket.socket, peer: str) -> None:
         """Handshake, then serve the connection by the peer's role; errors drop only this connection."""
@@ -124,6 +147,8 @@ class WorkerServer:
             self.serve_role(theirs.role, sock, peer)
         except (ConnectionError, FrameError, OSError, TimeoutError) as exc:
             log.warning("%s: connection from %s dropped: %s", self.role, peer, exc)
+        except Exception:  # noqa: BLE001 - a bug on one connection must not leak its socket or thread
+            log.exception("%s: connection from %s failed", self.role, peer)
         finally:
             self.subscribers.remove(sock)
             sock.close()
@@ -144,17 +169,21 @@ class WorkerServer:
                 frame = recv_frame(sock, None, max_payload_bytes=0)
             except PeerClosed:
                 return
+            except HeaderError as exc:  # read whole, so the connection is still in step: say why, go on
+                self.subscribers.send_to(sock, FrameKind.ERROR, {"request_id": None, "message": f"header: {exc}"})
+                continue
             if frame.kind == FrameKind.BYE:
                 return
             if frame.kind == FrameKind.PING:
+                self.subscribers.send_to(sock, FrameKind.HEALTH, self.health())
                 continue
             if frame.kind != FrameKind.REQUEST:
                 raise FrameError(f"unexpected {frame.kind.name} frame from a router")
             try:
                 on_request(frame.header)
-            except ValueError as exc:  # one bad request: report it, keep the connection
-                self.subscribers.send(FrameKind.ERROR, {"request_id": frame.header.get("request_id"),
-                                                        "message": str(exc)})
+            except ValueError as exc:  # one bad request: tell its sender alone, keep the connection
+                rid = (exc.request_id if isinstance(exc, InvalidMessage) else None) or request_id_in(frame.header)
+                self.subscribers.send_to(sock, FrameKind.ERROR, {"request_id": rid, "message": str(exc)})
 
     def serve_forever(self, ready_file: Optional[Path] = None) -> None:
         """Accept connections until stopped; writes the bound port to ``ready_file`` once listening."""
@@ -179,6 +208,7 @@ class DecodeServer(WorkerServer):
                  clock: Optional[WallClock] = None) -> None:
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
         super().__init__(loaded, self.worker.layout, host, port)
+        self._watch_worker(self.worker)
         self.worker.start()
 
     def _emit(self, out: RequestOutput) -> None:
@@ -194,7 +224,7 @@ class DecodeServer(WorkerServer):
         if role == "prefill":
             serve_kv_link(sock, self.worker, self.worker.layout, self.stop_event, peer)
         else:
-            self.serve_router(sock, peer, lambda h: self.worker.abort(str(h.get("abort"))))
+            self.serve_router(sock, peer, lambda h: self.worker.abort(check_abort(h)))
 
     def stop(self) -> None:
         super().stop()
@@ -224,6 +254,8 @@ class PrefillServer(WorkerServer):
             senders = {name: DistSender(h, p, sender_hello, decode_ranks[name]) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
         super().__init__(loaded, layout, host, port)
+        self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)
+        self._watch_worker(self.worker)
         self.worker.start()
 
     def _emit(self, item: RequestOutput | FailedRequest) -> None:
@@ -233,11 +265,14 @@ class PrefillServer(WorkerServer):
             self.subscribers.send(FrameKind.TOKENS, output_to_dict(item))
 
     def _on_request(self, header: dict[str, Any]) -> None:
-        sub = submission_from_dict(header.get("submission", {}))
-        if sub.decode_target not in self.worker.senders:
-            raise ValueError(f"unknown decode worker {sub.decode_target!r}; known: {sorted(self.worker.senders)}")
-        self.worker.engine.tokenize_prompt({"prompt_token_ids": sub.prompt_token_ids})  # validate here too
-        self.worker.submit(sub)
+        sub = check_submission(header, self.limits, self.worker.engine.clock.now(), self.worker.senders)
+        try:
+            self.worker.engine.tokenize_prompt({"prompt_token_ids": sub.prompt_token_ids})  # fits the KV pool
+            self.worker.submit(sub)
+        except InvalidMessage:
+            raise
+        except ValueError as exc:
+            raise InvalidMessage("submission", str(exc), sub.request_id) from None
 
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         self.serve_router(sock, peer, self._on_request)

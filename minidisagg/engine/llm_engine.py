@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -185,6 +186,8 @@ class LLMEngine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = self.clock.now() if arrival_time is None else float(arrival_time)
+        if not math.isfinite(arrival):  # the step loop waits until the earliest arrival: NaN or inf would wedge it
+            raise ValueError(f"arrival_time must be a finite number of seconds, got {arrival_time!r}")
         seq = Sequence(seq_id, request_id, ids, params, RequestTimeline(arrival_s=arrival), prompt=text,
                        generator=make_generator(params, self.loaded.model.device))
         self._seqs[request_id] = seq
@@ -216,6 +219,10 @@ class LLMEngine:
             return 0
         graphs.capture_all()
         return len(graphs.captured_batch_sizes)
+
+    def request_ids(self) -> list[str]:
+        """Ids of every request this engine holds (pending, waiting, running, or finished and not released)."""
+        return list(self._seqs)
 
     def has_unfinished(self) -> bool:
         """Whether any request is pending, waiting or running."""
@@ -356,18 +363,44 @@ class LLMEngine:
         return self.blocks.free(key)
 
     def adopt(self, state: SequenceState, key: str) -> Sequence:
-        """Continue a sequence prefilled elsewhere whose KV now sits in the blocks reserved under ``key``."""
-        if state.request_id in self._seqs:
-            raise ValueError(f"request id {state.request_id!r} is already in use")
+        """Continue a sequence prefilled elsewhere whose KV now sits in the blocks reserved under ``key``.
+
+        ValueError, before anything changes, when the state cannot be continued here: a token id
+        outside the vocabulary, no first token, more tokens than the context, a reservation too
+        small for the KV of every token but the last, or malformed sampling/timeline/generator state.
+        """
+        rid = state.request_id
+        if not isinstance(rid, str) or not rid:
+            raise ValueError(f"a handed-off sequence needs a non-empty string request id, got {rid!r}")
+        if rid in self._seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        vocab_size = self.model_config.vocab_size
+        for name, ids in (("prompt_token_ids", state.prompt_token_ids), ("output_token_ids", state.output_token_ids)):
+            if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size
+                                                for t in ids):
+                raise ValueError(f"request {rid}: {name} must be a list of token ids in [0, {vocab_size})")
+        if not state.prompt_token_ids:
+            raise ValueError(f"request {rid}: the prompt is empty")
         if not state.output_token_ids:
-            raise ValueError(f"request {state.request_id}: a handed-off sequence must carry its first token")
-        params = state.sampling_params()
-        seq = Sequence(next(self._ids), state.request_id, list(state.prompt_token_ids), params,
-                       state.restore_timeline(), prompt=state.prompt, output_token_ids=list(state.output_token_ids),
-                       generator=state.restore_generator(self.loaded.model.device))
-        seq.num_computed_tokens = seq.num_tokens - 1
-        if self.blocks.blocks_needed(seq.num_computed_tokens) > len(self.blocks.block_table(key)):
-            raise ValueError(f"request {state.request_id}: reservation {key!r} is too small for its KV")
+            raise ValueError(f"request {rid}: a handed-off sequence must carry its first token")
+        num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
+        if num_tokens >= self.max_model_len:
+            raise ValueError(f"request {rid}: {num_tokens} tokens do not leave room to decode in this engine's "
+                             f"context of {self.max_model_len} tokens")
+        num_computed_tokens = num_tokens - 1  # every token's KV but the newest one's
+        if self.blocks.blocks_needed(num_computed_tokens) > len(self.blocks.block_table(key)):
+            raise ValueError(f"request {rid}: reservation {key!r} is too small for its KV")
+        try:
+            params, timeline = state.sampling_params(), state.restore_timeline()
+        except (TypeError, ValueError) as exc:  # unknown fields, bad values
+            raise ValueError(f"request {rid}: malformed sequence state: {exc}") from None
+        try:
+            generator = state.restore_generator(self.loaded.model.device)
+        except (TypeError, ValueError, RuntimeError) as exc:  # not base64, or not a state of this device's generator
+            raise ValueError(f"request {rid}: generator_state_b64 cannot be restored here: {exc}") from None
+        seq = Sequence(next(self._ids), rid, list(state.prompt_token_ids), params, timeline, prompt=state.prompt,
+                       output_token_ids=list(state.output_token_ids), generator=generator)
+        seq.num_computed_tokens = num_computed_tokens
         seq.block_table = self.blocks.rename(key, seq.seq_id)
         seq.status = SequenceStatus.RUNNING
         self._seqs[seq.request_id] = seq

@@ -110,8 +110,15 @@ class SequenceState:
     def from_dict(cls, data: dict[str, Any]) -> "SequenceState":
         """Inverse of ``to_dict``; raises ValueError naming a missing or extra field."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - names or {"request_id", "prompt_token_ids"} - set(data):
-            raise ValueError(f"malformed sequence state: expected fields {sorted(names)}, got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        if not isinstance(data, dict):
+            raise ValueError(f"state: a sequence state is an object, got {type(data).__name__}")
+        unknown = sorted(str(k) for k in set(data) - names)
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                         and f.name not in data)
+        if unknown or missing:
+            raise ValueError(f"state: malformed sequence state: unknown field(s) {unknown}, missing {missing}; "
+                             f"expected fields {sorted(names)}")
         return cls(**data)
 
     def sampling_params(self) -> SamplingParams:

@@ -5,7 +5,7 @@ Every message is one frame: a fixed prefix, a JSON header, then raw payload byte
     prefix (20 bytes, little-endian, struct "<4sBBHIQ")
       magic        4s   b"MDKV"
       version      u8   1
-      kind         u8   a FrameKind (HELLO=1 ... CANCEL=13)
+      kind         u8   a FrameKind (HELLO=1 ... HEALTH=14)
       flags        u16  0 (reserved)
       header_len   u32  bytes of JSON that follow
       payload_len  u64  raw bytes after the header (may be 0)
@@ -23,8 +23,9 @@ Why this shape:
 - Lengths come first, so the receiver checks them against its limits before it
   allocates or reads anything: a corrupt prefix claiming 2**40 bytes fails at once.
 
-Errors: a malformed frame raises ``FrameError`` (a ValueError); the peer closing raises
-``PeerClosed``; ``timeout_s`` is a deadline for the whole frame and raises TimeoutError.
+Errors: a malformed frame raises ``FrameError`` (a ValueError), or its subclass ``HeaderError``
+when only the JSON header was bad (too deeply nested, say) and the frame, which had no
+payload, was read whole: the stream is still in step; the peer closing raises ``PeerClosed``; ``timeout_s`` is a deadline for the whole frame and raises TimeoutError.
 After any error, except a receive timeout before the frame's first byte, the byte stream
 is out of step: close the socket. Use at most one sending and one receiving thread per socket.
 """
@@ -57,6 +58,10 @@ class FrameError(ValueError):
     """A frame broke the wire format or a limit (bad magic, unknown kind, too large, bad JSON, ...)."""
 
 
+class HeaderError(FrameError):
+    """A frame without payload whose JSON header is bad; it was read whole, so the stream is still in step."""
+
+
 class PeerClosed(ConnectionError):
     """The peer closed the connection (cleanly between frames, or mid-frame: say which)."""
 
@@ -81,6 +86,7 @@ class FrameKind(enum.IntEnum):
     PING = 11  # liveness check
     BYE = 12  # orderly goodbye before close
     CANCEL = 13  # prefill -> decode: give a reservation back
+    HEALTH = 14  # worker -> router: {"healthy": bool, "reason": str, ...}; unasked when a worker fails, else after PING
 
 
 @dataclass
@@ -245,7 +251,12 @@ def recv_frame(
         reader.expected += header_len + payload_len
         header_bytes = bytearray(header_len)
         reader.read_into(memoryview(header_bytes))
-        header = _parse_header(header_bytes)
+        try:
+            header = _parse_header(header_bytes)
+        except FrameError as exc:
+            if payload_len:
+                raise
+            raise HeaderError(str(exc)) from None
         payload: memoryview | bytearray = bytearray()
         if payload_len:
             target = into(header, payload_len) if into is not None else None
@@ -281,6 +292,8 @@ def _parse_header(header_bytes: bytearray) -> dict[str, Any]:
         header = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError(f"invalid JSON header ({len(header_bytes)} bytes): {exc}") from exc
+    except RecursionError:
+        raise FrameError(f"JSON header nested too deeply ({len(header_bytes)} bytes)") from None
     if not isinstance(header, dict):
         raise FrameError(f"header not an object: got JSON {type(header).__name__}")
     return header

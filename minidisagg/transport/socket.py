@@ -5,7 +5,9 @@ The prefill side holds a ``SocketSender`` per decode worker; the decode side run
 GRANT, LAYER (payload = one layer's pages, or with ``num_layers`` that many consecutive
 layers stacked; with ``via: dist`` the pages follow by
 torch.distributed instead, see ``dist.py``), DONE -> ACK, CANCEL. A malformed frame or a
-dead peer drops that one connection, and every reservation it held goes back to the pool.
+dead peer drops that one connection, and every reservation it held goes back to the pool. A
+RESERVE or DONE the receiver refuses (a bad field, a full or unhealthy worker) is answered with
+an ERROR naming the reason, and the link stays up; a refused DONE gives its reservation back.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from minidisagg.transport.trace import kv_trace
 from minidisagg.transport.framing import (
     FrameError,
     FrameKind,
+    HeaderError,
     Hello,
     PeerClosed,
     client_handshake,
@@ -330,17 +333,28 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
 
     try:
         while wait_readable(sock, stop):
-            frame = recv_frame(sock, frame_timeout_s, into=staging)
+            try:
+                frame = recv_frame(sock, frame_timeout_s, into=staging)
+            except HeaderError as exc:  # read whole (no payload): refuse it, the link is still in step
+                send_frame(sock, FrameKind.ERROR, {"transfer_id": None, "message": f"header: {exc}"},
+                           timeout_s=frame_timeout_s)
+                continue
             h = frame.header
             tid = h.get("transfer_id")
             if frame.kind == FrameKind.RESERVE:
                 num_tokens = h.get("num_tokens")
-                if not isinstance(tid, str) or not isinstance(num_tokens, int) or num_tokens < 1:
-                    raise FrameError(f"malformed RESERVE {h}")
                 try:
+                    if not isinstance(tid, str) or not tid:
+                        raise ValueError(f"RESERVE transfer_id must be a non-empty string, got {tid!r}")
+                    if not _is_int(num_tokens) or num_tokens < 1:
+                        raise ValueError(f"RESERVE num_tokens must be an integer >= 1, got {num_tokens!r}")
+                    if tid in reserved:
+                        raise ValueError(f"RESERVE transfer_id {tid!r} already holds a reservation on this link")
                     ok = receiver.reserve(tid, num_tokens)
                 except ValueError as exc:
-                    send_frame(sock, FrameKind.ERROR, {"transfer_id": tid, "message": str(exc)}, timeout_s=frame_timeout_s)
+                    reply_tid = tid if isinstance(tid, str) else None
+                    send_frame(sock, FrameKind.ERROR, {"transfer_id": reply_tid, "message": str(exc)},
+                               timeout_s=frame_timeout_s)
                     continue
                 if ok:
                     reserved[tid] = -(-num_tokens // layout.block_size)
@@ -358,21 +372,30 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                 else:
                     write_pages(tid, h["layer"], h["_tensor"], "layers" if "num_layers" in h else "layer")
             elif frame.kind == FrameKind.DONE:
-                if tid not in reserved:
-                    raise FrameError(f"DONE for unknown transfer {tid!r}")
+                if not isinstance(tid, str) or tid not in reserved:
+                    send_frame(sock, FrameKind.ERROR, {"transfer_id": tid if isinstance(tid, str) else None,
+                                                       "message": f"DONE transfer_id: no reservation {tid!r} on this link"},
+                               timeout_s=frame_timeout_s)
+                    continue
                 kv_trace("done-frame", tid)
                 landed_at_s = landed(tid)
                 kv_trace("landed", tid)
+                announced.discard(tid)
+                state_dict = h.get("state")
+                num_bytes = h.get("num_bytes", 0)
                 try:
-                    announced.discard(tid)
-                    receiver.commit(tid, SequenceState.from_dict(h.get("state")), int(h.get("num_bytes", 0)),
-                                    landed_at_s=landed_at_s)
+                    if not _is_int(num_bytes) or num_bytes < 0:
+                        raise ValueError(f"num_bytes must be an integer >= 0, got {num_bytes!r}")
+                    receiver.commit(tid, SequenceState.from_dict(state_dict), num_bytes, landed_at_s=landed_at_s)
                     kv_trace("committed", tid)
                     reserved.pop(tid)
-                    reply: dict[str, Any] = {"transfer_id": tid, "ok": True}
-                except (ValueError, TypeError) as exc:
-                    reply = {"transfer_id": tid, "ok": False, "error": str(exc)}
-                send_frame(sock, FrameKind.ACK, reply, timeout_s=frame_timeout_s)
+                    send_frame(sock, FrameKind.ACK, {"transfer_id": tid, "ok": True}, timeout_s=frame_timeout_s)
+                except (ValueError, TypeError) as exc:  # refused: nothing will use the reservation now
+                    reserved.pop(tid)
+                    receiver.cancel(tid)
+                    rid = state_dict.get("request_id") if isinstance(state_dict, dict) else None
+                    send_frame(sock, FrameKind.ERROR, {"transfer_id": tid, "request_id": rid if isinstance(rid, str)
+                                                       else None, "message": str(exc)}, timeout_s=frame_timeout_s)
             elif frame.kind == FrameKind.CANCEL:
                 if reserved.pop(tid, None) is not None:
                     landed(tid)
