@@ -173,9 +173,11 @@ def test_pipelined_reservations_and_stacked_layers_land_exactly(tiny_loaded, dec
     byte for byte in the reserved blocks; a stacked header that overruns the model drops only its link."""
     import torch
 
+    WAIT_S = 30.0  # a round trip on loopback; generous, as a loaded machine can take seconds to schedule it
+
     layout, worker = decode_server.worker.layout, decode_server.worker
     sender = SocketSender("127.0.0.1", decode_server.port, _hello(tiny_loaded, decode_server))
-    answers = sender.reserve_many([("a", 40), ("b", 17), ("c", 10_000), ("d", 500)], timeout_s=5)
+    answers = sender.reserve_many([("a", 40), ("b", 17), ("c", 10_000), ("d", 500)], timeout_s=WAIT_S)
     assert answers[:2] == [True, True] and answers[3] is False, answers  # d: 32 blocks, 27 left
     assert isinstance(answers[2], TransferError) and "never fit" in str(answers[2])
     gen = torch.Generator().manual_seed(seed)
@@ -183,17 +185,17 @@ def test_pipelined_reservations_and_stacked_layers_land_exactly(tiny_loaded, dec
     pages_b = torch.randn(*layout.layer_shape(2), generator=gen)
     sender.send_layers("a", 0, pages_a)
     sender.send_layer("b", 1, pages_b)
-    assert sender.reserve("z", 1, timeout_s=5)  # a round trip: the link has handled both LAYER frames
+    assert sender.reserve("z", 1, timeout_s=WAIT_S)  # a round trip: the link has handled both LAYER frames
     kv = worker.engine.kv_cache.kv
     assert torch.equal(kv[:, :, worker._reserved["a"]], pages_a)
     assert torch.equal(kv[1, :, worker._reserved["b"]], pages_b)
-    sender.commit("a", SequenceState("ra", [1] * 40, [2], {"max_tokens": 1}, {"arrival_s": 0.0}), pages_a.nbytes, 5)
+    sender.commit("a", SequenceState("ra", [1] * 40, [2], {"max_tokens": 1}, {"arrival_s": 0.0}), pages_a.nbytes, WAIT_S)
     for tid in ("b", "z"):
         sender.cancel(tid)
     bad = SocketSender("127.0.0.1", decode_server.port, _hello(tiny_loaded, decode_server))
-    assert bad.reserve("e", 20, timeout_s=5)
+    assert bad.reserve("e", 20, timeout_s=WAIT_S)
     bad.send_layers("e", 1, torch.zeros(layout.num_layers, *layout.layer_shape(2)))  # layers 1..N overrun
-    reply = recv_frame(bad.sock, 5)  # the decode side says why, then drops this link only
+    reply = recv_frame(bad.sock, WAIT_S)  # the decode side says why, then drops this link only
     assert reply.kind == FrameKind.ERROR and "num_layers" in reply.header["message"], reply
     bad.sock.close()
     sender.close()
