@@ -225,7 +225,8 @@ def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"disagg-{result['card']}-{result['date'][:10]}"
+    card, date = result.get("card") or "unknown-card", str(result.get("date") or "undated")[:10]
+    stem = out_dir / f"disagg-{card}-{date}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     md_path.write_text(to_markdown(result))

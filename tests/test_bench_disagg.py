@@ -316,6 +316,10 @@ def test_report_counts_failed_requests_and_survives_missing_keys(tmp_path):
         assert "## Goals" in to_markdown(broken), where
     paths = write_results(broken, tmp_path, plots=True)
     assert all(p.exists() for p in paths)
+    for key in ("card", "date"):  # the file name's parts
+        unnamed = copy.deepcopy(result)
+        del unnamed[key]
+        assert all(p.exists() for p in write_results(unnamed, tmp_path / key, plots=False)), key
 
 
 def test_summarize_point_counts_failures_with_reasons():
