@@ -43,7 +43,7 @@ from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.replay import replay
 from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.models.registry import LoadedModel, load_model
-from minidisagg.stages.modelled import ModelledDecodeStage, ModelledPrefillStage
+from minidisagg.stages.modelled import use_modelled_stages
 from minidisagg.workload import TimedRequest, interference_workload
 
 
@@ -181,8 +181,7 @@ def colocated_run(loaded: LoadedModel, settings: DemoSettings, policy: str, work
         if progress is not None and task is not None:
             progress.remove_task(task)
     else:  # charged its calibrated costs, the forward pass would only spend time: the stages skip it
-        engine.prefill_stage = ModelledPrefillStage(engine.runner, costs)
-        engine.decode_stage = ModelledDecodeStage(engine.runner, costs)
+        use_modelled_stages(engine, costs)
     return timed_replay(engine, policy, CALIBRATED if costs is not None else WALL, workload, settings, progress)
 
 

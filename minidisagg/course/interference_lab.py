@@ -26,7 +26,7 @@ from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.metrics import (RequestTimeline, Summary, count_failures, failure_note, failure_reason, percentile,
                                 summarize_outputs)
 from minidisagg.models.registry import LoadedModel
-from minidisagg.stages.modelled import ModelledDecodeStage, ModelledPrefillStage
+from minidisagg.stages.modelled import use_modelled_stages
 from minidisagg.workload import Fixed, TimedRequest, Uniform, interference_workload, poisson_workload
 
 KV_SLACK_BLOCKS = 8
@@ -215,8 +215,7 @@ def make_engine(loaded: LoadedModel, policy: Policy | str, token_budget: int,
                           policy=name, cache=CacheConfig(num_blocks=kv_blocks_for(workload)))
     engine = LLMEngine(loaded, config, clock=SimulatedClock(cost_model=costs), policy=policy)
     if costs is not None and not run_model:
-        engine.prefill_stage = ModelledPrefillStage(engine.runner, costs)
-        engine.decode_stage = ModelledDecodeStage(engine.runner, costs)
+        use_modelled_stages(engine, costs)
     else:
         engine.capture_cuda_graphs()  # now, so that no replayed step pays for a capture
     return engine

@@ -61,3 +61,17 @@ class ModelledDecodeStage(DecodeStage):
         for seq in work:
             seq.num_computed_tokens += 1
         return StageResult(list(work), [FILLER_TOKEN_ID] * len(work), self.costs.cost_s(shape), len(work))
+
+
+class StagedEngine(Protocol):
+    """An engine whose stages can be swapped (``LLMEngine``)."""
+
+    runner: ModelRunner
+    prefill_stage: PrefillStage
+    decode_stage: DecodeStage
+
+
+def use_modelled_stages(engine: StagedEngine, costs: StepCosts) -> None:
+    """Swap ``engine``'s stages for modelled ones: every step charged ``costs`` for its shape, no forward pass."""
+    engine.prefill_stage = ModelledPrefillStage(engine.runner, costs)
+    engine.decode_stage = ModelledDecodeStage(engine.runner, costs)
