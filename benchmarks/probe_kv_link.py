@@ -24,7 +24,7 @@ from typing import Any
 os.environ["MINIDISAGG_KV_TRACE"] = "1"  # the worker processes inherit it
 
 from minidisagg import LLM  # noqa: E402
-from minidisagg.bench_disagg_link import greedy_prompts, greedy_tokens, measure_ceiling, probe_transfer  # noqa: E402
+from minidisagg.bench.disagg_link import greedy_prompts, greedy_tokens, measure_ceiling, probe_transfer  # noqa: E402
 from minidisagg.config import PRESETS  # noqa: E402
 from minidisagg.kv.pages import KVLayout  # noqa: E402
 from minidisagg.transport.trace import read_trace  # noqa: E402

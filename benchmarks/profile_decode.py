@@ -26,7 +26,7 @@ import minidisagg.engine.runner as runner
 import minidisagg.models.llama as llama
 import minidisagg.stages.base as stage_base
 from minidisagg import LLM, SamplingParams
-from minidisagg.bench_cpu import PROMPT, matmul_chain_step, matmul_chain_weights
+from minidisagg.bench.cpu import PROMPT, matmul_chain_step, matmul_chain_weights
 
 TOTALS: dict[str, float] = collections.defaultdict(float)
 CALLS: dict[str, int] = collections.defaultdict(int)

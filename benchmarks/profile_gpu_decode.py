@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from minidisagg.bench_gpu_rows import decode_step_ms, engine_llm, random_prompts
+from minidisagg.bench.gpu_rows import decode_step_ms, engine_llm, random_prompts
 from minidisagg.models.llama import weight_bytes
 from minidisagg.roofline import measure_copy_bandwidth
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from minidisagg.bench_gpu_kernels import _paged
+from minidisagg.bench.gpu_kernels import _paged
 from minidisagg.config import LLAMA_8B
 from minidisagg.kernels.attention import decode_attention_reference
 from minidisagg.kernels.attention_triton import _num_sms, decode_attention_triton, decode_num_splits

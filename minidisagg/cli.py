@@ -148,10 +148,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # subcommand suites -> the module whose ``main(argv)`` runs them (imported only when used)
 BENCH_SUITES = {
-    "cpu": "minidisagg.bench_cpu",
-    "transport": "minidisagg.bench_transport",
-    "gpu": "minidisagg.bench_gpu",
-    "disagg": "minidisagg.bench_disagg",
+    "cpu": "minidisagg.bench.cpu",
+    "transport": "minidisagg.bench.transport",
+    "gpu": "minidisagg.bench.gpu",
+    "disagg": "minidisagg.bench.disagg",
 }
 COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify"}
 WORKER_HEALTH_POLL_S = 0.2  # how often ``serve`` checks that its worker's engine loop is alive

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
-from minidisagg.bench_disagg import main
-from minidisagg import bench_disagg_sweep
-from minidisagg.bench_disagg_sweep import Sweep, attainment_of, point_goodput, refinement_rate, workloads
+from minidisagg.bench.disagg import main
+from minidisagg.bench import disagg_sweep
+from minidisagg.bench.disagg_sweep import Sweep, attainment_of, point_goodput, refinement_rate, workloads
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
 from minidisagg.disagg.replicas import ReplicaCluster
@@ -36,7 +36,7 @@ def test_itl_timelines_say_which_panels_have_no_timeline(smoke):
 
     import matplotlib.pyplot as plt
 
-    from minidisagg.bench_disagg_plots import TIMELINE_CONFIGS, itl_timelines_figure
+    from minidisagg.bench.disagg_plots import TIMELINE_CONFIGS, itl_timelines_figure
 
     result = copy.deepcopy(smoke[0])
     sweeps = result["models"]["tiny"]["sweeps"]
@@ -151,8 +151,8 @@ def test_sweep_refines_a_goodput_the_grid_would_call_zero(monkeypatch):
         return {"rate_rps": rate, "attainment": 1.0 if rate <= crossing else 0.6, "num_finished": 1,
                 "num_requests": 1}
 
-    monkeypatch.setattr(bench_disagg_sweep, "run_requests", fake_run)
-    monkeypatch.setattr(bench_disagg_sweep, "summarize_point", fake_point)
+    monkeypatch.setattr(disagg_sweep, "run_requests", fake_run)
+    monkeypatch.setattr(disagg_sweep, "summarize_point", fake_point)
     chat = workloads(smoke=True)[0]
     sweep = Sweep("c", chat, SLO(1.0, 1.0), [3.0, 6.0], 0.5, 2, 4, 1.0, 0.01)
     assert sweep.run(None, allowance_s=60.0, log=lambda _: None)["goodput_rps"] == 0.0
@@ -237,7 +237,7 @@ def test_bad_flags_are_clear_errors(tmp_path):
 
 def test_goodput_goal_takes_the_best_comparable_ratio():
     """A workload whose baseline met the SLOs at no rate tried gives no ratio (not inf or nan); the best other wins."""
-    from minidisagg.bench_disagg_report import evaluate_goals
+    from minidisagg.bench.disagg_report import evaluate_goals
 
     rng = random.Random()
     base, best = rng.uniform(0.5, 3.0), rng.uniform(0.5, 6.0)
@@ -297,7 +297,7 @@ def _drop_random_key(obj, rng: random.Random) -> str:
 def test_report_counts_failed_requests_and_survives_missing_keys(tmp_path):
     import copy
 
-    from minidisagg.bench_disagg_report import evaluate_goals, to_markdown, write_results
+    from minidisagg.bench.disagg_report import evaluate_goals, to_markdown, write_results
 
     rng = random.Random()
     result, failures = _partial_result(rng)
@@ -323,7 +323,7 @@ def test_report_counts_failed_requests_and_survives_missing_keys(tmp_path):
 
 
 def test_summarize_point_counts_failures_with_reasons():
-    from minidisagg.bench_disagg_sweep import summarize_point
+    from minidisagg.bench.disagg_sweep import summarize_point
     from minidisagg.engine.llm_engine import RequestOutput
     from minidisagg.metrics import RequestMetrics, RequestTimeline
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidisagg.bench_gpu import GOALS, card_slug, evaluate_goals, main, to_markdown, write_results
-from minidisagg.bench_gpu_rows import prefill_flops, with_floor
+from minidisagg.bench.gpu import GOALS, card_slug, evaluate_goals, main, to_markdown, write_results
+from minidisagg.bench.gpu_rows import prefill_flops, with_floor
 from minidisagg.config import PRESETS
 from minidisagg.roofline import gemm_flops
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from minidisagg import bench_transport as bt
+from minidisagg.bench import transport as bt
 from minidisagg.config import PRESETS
 from minidisagg.transport.inproc import InprocSender
 

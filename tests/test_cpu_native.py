@@ -106,7 +106,7 @@ def test_switch_keeps_torch_ops(monkeypatch):
 @needs_gemv
 def test_bench_ceiling_takes_the_native_gemv_for_one_bf16_row(native_ops, seed):
     """``bench cpu``'s matmul ceiling must have the decode step's fastest kernel, or it is no ceiling."""
-    from minidisagg.bench_cpu import chain_linear
+    from minidisagg.bench.cpu import chain_linear
     from minidisagg.kernels.linear import linear
 
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """Lab 5 support code: KV bytes per request, measured prefill, decode and link models, layer-wise pipelining,
 and what the KV pool's memory order costs a request's pages on their way out and in.
 
-The bandwidth measurement itself is ``minidisagg.bench_transport``'s; this module turns its
+The bandwidth measurement itself is ``minidisagg.bench.transport``'s; this module turns its
 results and a few timed prefills into small models (seconds as a function of prompt length or
 bytes) that the lab plots, projects onto other links and asks questions of.
 """
@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from minidisagg import bench_transport as bench
+from minidisagg.bench import transport as bench
 from minidisagg.config import PRESETS, CacheConfig, EngineConfig, ModelConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.engine.calibrate import cpu_threads
@@ -126,7 +126,7 @@ class LinkModel:
 def measure_bandwidth(sizes: Sequence[int] = (64 * bench.KiB, 256 * bench.KiB, 1 * bench.MiB, 4 * bench.MiB),
                       repeats: int = 3, transfer_bytes: int = 8 * bench.MiB, sample_bytes: int = 16 * bench.MiB,
                       with_dist: bool = True) -> dict[str, Any]:
-    """``bench_transport.run_bandwidth`` at lab size: every transport and ceiling at every message size."""
+    """``bench.transport.run_bandwidth`` at lab size: every transport and ceiling at every message size."""
     return bench.run_bandwidth(sizes, repeats, transfer_bytes, sample_bytes, with_dist=with_dist, threads=1,
                                progress=False)
 

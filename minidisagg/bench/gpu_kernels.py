@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from minidisagg.bench_gpu_rows import Row
+from minidisagg.bench.gpu_rows import Row
 from minidisagg.config import LLAMA_8B
 from minidisagg.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference, prefill_attention_reference

@@ -94,7 +94,7 @@ def plot_ttft_breakdown(result: dict[str, Any], path: Path) -> None:
     """Median TTFT parts at the fixed rate: stacked bars per configuration, a panel per model and workload."""
     import matplotlib.pyplot as plt
 
-    from minidisagg.bench_disagg_report import fixed_rate_rows
+    from minidisagg.bench.disagg_report import fixed_rate_rows
 
     panels = _panels(result) or [("", "", {"sweeps": [], "calibration": {}})]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)

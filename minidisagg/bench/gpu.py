@@ -30,8 +30,8 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from minidisagg.bench_cpu import _git_commit, default_out_dir, write_result_files
-from minidisagg.bench_gpu_rows import Row, decode_row, engine_llm, prefill_row
+from minidisagg.bench.cpu import _git_commit, default_out_dir, write_result_files
+from minidisagg.bench.gpu_rows import Row, decode_row, engine_llm, prefill_row
 from minidisagg.roofline import measure_copy_bandwidth, measure_matmul_rate, measure_read_bandwidth
 
 GOALS: dict[str, tuple[str, Callable[[dict[str, Any]], bool]]] = {
@@ -53,7 +53,7 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
                   hf_eager: bool, hf_compiled: Sequence[str], prompt_len: int, new_tokens: int,
                   console: Console, rows_log: Optional[Path] = None) -> dict[str, Any]:
     """Measure everything on ``cuda:0``; returns the JSON-ready result (rows also appended to ``rows_log``)."""
-    from minidisagg.bench_gpu_kernels import decode_attention_row, elementwise_rows, prefill_attention_row
+    from minidisagg.bench.gpu_kernels import decode_attention_row, elementwise_rows, prefill_attention_row
 
     if not torch.cuda.is_available():
         raise ValueError("bench gpu needs a CUDA device; torch sees none")
@@ -119,7 +119,7 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
 def _attach_hf(rows: list[Row], model: str, prompt_len: int, eager: bool, compiled: bool, console: Console,
                progress: Progress, task: Any) -> None:
     """Measure HF generate at batch 1 and attach it to this model's ``decode <model> bs1`` row."""
-    from minidisagg.bench_gpu_hf import hf_decode_ms
+    from minidisagg.bench.gpu_hf import hf_decode_ms
 
     row = next((r for r in rows if r.name == f"decode {model} bs1"), None)
     if row is None:

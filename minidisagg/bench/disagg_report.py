@@ -1,4 +1,4 @@
-"""Goals, Markdown and figures of ``minidisagg bench disagg`` (see ``bench_disagg``)."""
+"""Goals, Markdown and figures of ``minidisagg bench disagg`` (see ``bench.disagg``)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def card_name(devices: Sequence[str]) -> str:
 
 def machine_summary(devices: Sequence[str]) -> dict[str, Any]:
     """Library versions, the CPU, and each GPU used."""
-    from minidisagg.bench_transport import machine
+    from minidisagg.bench.transport import machine
 
     info = machine()
     if torch.cuda.is_available():
@@ -221,7 +221,7 @@ def _model_section(res: dict[str, Any]) -> list[str]:
 
 def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
     """Write ``disagg-<card>-<date>.json`` and ``.md`` (and the PNGs); returns the paths."""
-    from minidisagg.bench_disagg_plots import write_plots
+    from minidisagg.bench.disagg_plots import write_plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

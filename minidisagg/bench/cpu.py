@@ -331,7 +331,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def default_out_dir() -> Path:
     """``benchmarks/results`` of the source checkout when there is one, else under the current directory."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
     return base / "benchmarks" / "results"
 
@@ -353,7 +353,7 @@ def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> tup
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m minidisagg.bench_cpu [--batch-sizes 1 8] [--new-tokens 64] [--repeats 3]``."""
+    """``python -m minidisagg.bench.cpu [--batch-sizes 1 8] [--new-tokens 64] [--repeats 3]``."""
     parser = argparse.ArgumentParser(prog="minidisagg bench cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from minidisagg.bench_cpu import default_out_dir
+from minidisagg.bench.cpu import default_out_dir
 from minidisagg.config import PRESETS, CacheConfig, EngineConfig, ModelConfig
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence, SequenceState
@@ -583,7 +583,7 @@ def project_llama8b(socket_gbps_by_size: dict[int, float], prompt_lens: Seq[int]
 def machine() -> dict[str, Any]:
     """``bench_cpu.machine_info`` (CPU model, cores, versions, load), or its basics without transformers."""
     try:
-        from minidisagg.bench_cpu import machine_info
+        from minidisagg.bench.cpu import machine_info
 
         return machine_info()
     except ImportError:
@@ -730,7 +730,7 @@ def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> lis
 
 
 def main(argv: Optional[Seq[str]] = None) -> int:
-    """``python -m minidisagg.bench_transport [--quick] [--repeats 9] [--threads 1] [--out-dir DIR]``."""
+    """``python -m minidisagg.bench.transport [--quick] [--repeats 9] [--threads 1] [--out-dir DIR]``."""
     parser = argparse.ArgumentParser(prog="minidisagg bench transport", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small sizes, 2 repeats, one short prompt")
     parser.add_argument("--repeats", type=int, default=None, help="default 9 (quick: 2)")

@@ -41,9 +41,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from minidisagg.bench_disagg_link import compare_greedy, greedy_prompts, greedy_tokens, measure_ceiling, probe_transfer
-from minidisagg.bench_disagg_report import card_name, machine_summary, write_results
-from minidisagg.bench_disagg_sweep import Sweep, calibrate, choose_slo, rate_grid, workloads
+from minidisagg.bench.disagg_link import compare_greedy, greedy_prompts, greedy_tokens, measure_ceiling, probe_transfer
+from minidisagg.bench.disagg_report import card_name, machine_summary, write_results
+from minidisagg.bench.disagg_sweep import Sweep, calibrate, choose_slo, rate_grid, workloads
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.replicas import ReplicaCluster
 from minidisagg.kv.pages import KVLayout
@@ -239,7 +239,7 @@ def run_bench(s: Settings, out_dir: Path, log: Callable[[str], None] = print) ->
             log(f"  {model} failed: {exc}")
         result["errors"] += [f"{model}: {e}" for e in res.get("errors", [])]
     result["elapsed_s"] = time.monotonic() - budget.start
-    from minidisagg.bench_disagg_report import evaluate_goals
+    from minidisagg.bench.disagg_report import evaluate_goals
 
     result["goals"] = evaluate_goals(result)
     result["paths"] = [str(p) for p in write_results(result, out_dir, plots=True)]
@@ -286,7 +286,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``minidisagg bench disagg``."""
-    from minidisagg.bench_cpu import default_out_dir
+    from minidisagg.bench.cpu import default_out_dir
 
     s, out = parse_args(list(argv or []))
     result = run_bench(s, out or default_out_dir())

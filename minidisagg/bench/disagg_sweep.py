@@ -1,4 +1,4 @@
-"""Workloads, SLOs and the rate sweep of ``minidisagg bench disagg`` (see ``bench_disagg``).
+"""Workloads, SLOs and the rate sweep of ``minidisagg bench disagg`` (see ``bench.disagg``).
 
 One point = a Poisson workload at one rate replayed on a running deployment (anything with
 the engine's steppable surface: ``ReplicaCluster`` or ``DisaggCluster``), every request

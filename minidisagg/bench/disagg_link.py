@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from minidisagg.bench_disagg_sweep import run_requests
+from minidisagg.bench.disagg_sweep import run_requests
 from minidisagg.disagg.launch import free_ports
 from minidisagg.disagg.placement import child_environment, placement
 from minidisagg.engine.sampling import SamplingParams
