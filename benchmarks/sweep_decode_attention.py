@@ -18,22 +18,22 @@ import sys
 
 import torch
 
-from minidisagg.bench.gpu_kernels import _paged
+from minidisagg.bench.gpu_kernels import paged_kv_pools
 from minidisagg.config import LLAMA_8B
 from minidisagg.kernels.attention import decode_attention_reference
-from minidisagg.kernels.attention_triton import _num_sms, decode_attention_triton, decode_num_splits
+from minidisagg.kernels.attention_triton import decode_attention_triton, decode_num_splits, num_sms_of
 from minidisagg.roofline import measure_copy_bandwidth, time_device_s
 
 
 def sweep_case(batch: int, ctx: int, copy_bytes_per_s: float) -> list[dict]:
     """Every setting for one (batch, context) case, best first."""
     cfg = LLAMA_8B
-    k_cache, v_cache, meta = _paged(batch, ctx)
+    k_cache, v_cache, meta = paged_kv_pools(batch, ctx)
     q = torch.randn(batch, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     scale = cfg.head_dim**-0.5
     want = decode_attention_reference(q, k_cache, v_cache, meta, scale).float()
     nbytes = 2 * batch * ctx * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
-    default_splits = decode_num_splits(ctx, batch, cfg.num_kv_heads, _num_sms(q.device))
+    default_splits = decode_num_splits(ctx, batch, cfg.num_kv_heads, num_sms_of(q.device))
     rows = []
     for block_n, splits, warps, stages in itertools.product(
             (32, 64, 128), sorted({default_splits, 2 * default_splits, max(1, default_splits // 2)}), (2, 4, 8), (1, 2, 3, 4)):

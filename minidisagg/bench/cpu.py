@@ -24,24 +24,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from rich.console import Console
-
-from minidisagg.kernels import cpu_native
-from minidisagg.kernels.linear import linear
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from minidisagg import LLM, SamplingParams
+from minidisagg.bench.common import machine_info, progress_bar, write_result_files
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.kernels import cpu_native
+from minidisagg.kernels.linear import linear
+from minidisagg.llm import LLM
 
 PROMPT = "Write a short story about a robot who learns to paint."
 HF_FP32 = "HF transformers fp32"
@@ -55,27 +52,6 @@ DTYPE_OF = {HF_FP32: "float32", "minidisagg fp32": "float32", "minidisagg bf16":
             BF16_COMPILED: "bfloat16", FP32_PYTHON: "float32", BF16_PYTHON: "bfloat16",
             **{name: d for d, name in CEILINGS.items()}}
 WARMUP_TOKENS = 4
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, the bf16 instruction sets present, library versions and load."""
-    model, flags = cpu_native.cpu_model_and_flags()
-    import transformers
-
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "minidisagg_commit": _git_commit(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
-
-
-def _git_commit() -> Optional[str]:
-    """The source checkout's HEAD commit, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 class Generator:
@@ -214,8 +190,7 @@ def run_cpu_decode_bench(
     decode_s: dict[tuple[str, int], list[float]] = {(g.name, b): [] for g in gens for b in batch_sizes}
     stage_s: dict[tuple[str, int], list[float]] = {k: [] for k in decode_s}
     tokens: dict[tuple[str, int], list[int]] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with progress_bar(console, progress) as bar:
         warm = bar.add_task("warm-up", total=len(gens) * len(batch_sizes))
         for g in gens:
             for b in batch_sizes:
@@ -327,24 +302,6 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += [f"- {'met' if ok else 'MISSED'} ({'met' if best.get(goal) else 'missed'}): {goal}"
               for goal, ok in result["goals"].items()]
     return "\n".join(lines) + "\n"
-
-
-def default_out_dir() -> Path:
-    """``benchmarks/results`` of the source checkout when there is one, else under the current directory."""
-    repo = Path(__file__).resolve().parents[2]
-    base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
-    return base / "benchmarks" / "results"
-
-
-def write_result_files(result: dict[str, Any], stem: str, markdown: str,
-                       out_dir: Optional[Path] = None) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir`` (default ``benchmarks/results``)."""
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown)
-    return json_path, md_path
 
 
 def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> tuple[Path, Path]:

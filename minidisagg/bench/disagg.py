@@ -286,7 +286,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``minidisagg bench disagg``."""
-    from minidisagg.bench.cpu import default_out_dir
+    from minidisagg.bench.common import default_out_dir
 
     s, out = parse_args(list(argv or []))
     result = run_bench(s, out or default_out_dir())

@@ -30,9 +30,9 @@ def card_name(devices: Sequence[str]) -> str:
 
 def machine_summary(devices: Sequence[str]) -> dict[str, Any]:
     """Library versions, the CPU, and each GPU used."""
-    from minidisagg.bench.transport import machine
+    from minidisagg.bench.common import machine_info
 
-    info = machine()
+    info = machine_info()
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None

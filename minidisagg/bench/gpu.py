@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from minidisagg.bench.cpu import _git_commit, default_out_dir, write_result_files
+from minidisagg.bench.common import default_out_dir, git_commit, write_result_files
 from minidisagg.bench.gpu_rows import Row, decode_row, engine_llm, prefill_row
 from minidisagg.roofline import measure_copy_bandwidth, measure_matmul_rate, measure_read_bandwidth
 
@@ -109,7 +109,7 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
             _attach_hf(rows, model, prompt_len, hf_eager, model in hf_compiled, console, progress, task)
     return {
         "card": card, "torch": torch.__version__, "triton": _triton_version(), "cuda": torch.version.cuda,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "minidisagg_commit": _git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "minidisagg_commit": git_commit(),
         "copy_GBps": round(copy_bw / 1e9, 1), "mm_TFLOPs": round(mm_rate / 1e12, 1),
         "read_GBps": round(read_bw / 1e9, 1), "prompt_len": prompt_len, "new_tokens": new_tokens,
         "rows": [r.as_dict() for r in rows], "checks": checks, "goals": evaluate_goals([r.as_dict() for r in rows]),

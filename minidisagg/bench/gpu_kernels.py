@@ -42,7 +42,8 @@ def _bandwidth_row(name: str, fn: Callable[[], object], nbytes: int, copy_bytes_
                note=f"{nbytes / t / 1e9:.0f} GB/s; max err vs torch {err:.2e}")
 
 
-def _paged(batch: int, ctx: int, block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+def paged_kv_pools(batch: int, ctx: int,
+                   block_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """K/V pools holding ``batch`` sequences of ``ctx`` tokens in shuffled blocks, and their metadata."""
     cfg = LLAMA_8B
     per_seq = -(-ctx // block_size)
@@ -73,7 +74,7 @@ def decode_attention_row(batch: int, ctx: int, copy_bytes_per_s: float,
     scale = cfg.head_dim**-0.5
     times_s, wall_s, err, nbytes = [], [], 0.0, 0
     for _ in range(num_layouts):
-        k_cache, v_cache, meta = _paged(batch, ctx)
+        k_cache, v_cache, meta = paged_kv_pools(batch, ctx)
         q = torch.randn(batch, cfg.num_heads, cfg.head_dim, device=CUDA, dtype=DTYPE)
         err = max(err, _max_err(decode_attention_triton(q, k_cache, v_cache, meta, scale),
                                 decode_attention_reference(q, k_cache, v_cache, meta, scale)))

@@ -1,7 +1,7 @@
 """Lab 5 support code: KV bytes per request, measured prefill, decode and link models, layer-wise pipelining,
 and what the KV pool's memory order costs a request's pages on their way out and in.
 
-The bandwidth measurement itself is ``minidisagg.bench.transport``'s; this module turns its
+The bandwidth measurement itself is ``minidisagg.bench.transport_bandwidth``'s; this module turns its
 results and a few timed prefills into small models (seconds as a function of prompt length or
 bytes) that the lab plots, projects onto other links and asks questions of.
 """
@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from minidisagg.bench import transport as bench
+from minidisagg.bench import transport_names as names
+from minidisagg.bench.transport_bandwidth import run_bandwidth
 from minidisagg.config import PRESETS, CacheConfig, EngineConfig, ModelConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.engine.calibrate import cpu_threads
@@ -36,7 +37,7 @@ NOMINAL_LINKS_GBPS: dict[str, float] = {
     "InfiniBand 400 Gb/s NIC (nominal ~50 GB/s)": 50.0,
     "datacenter TCP (nominal ~3 GB/s)": 3.0,
 }
-TRANSPORTS = (bench.INPROC, bench.SOCKET, bench.DIST)
+TRANSPORTS = (names.INPROC, names.SOCKET, names.DIST)
 
 
 def kv_layout(model: str | ModelConfig, dtype: torch.dtype, block_size: int = 16) -> KVLayout:
@@ -123,11 +124,11 @@ class LinkModel:
         return float(self.seconds(kv_bytes(layout, prompt_len), layout.num_layers))
 
 
-def measure_bandwidth(sizes: Sequence[int] = (64 * bench.KiB, 256 * bench.KiB, 1 * bench.MiB, 4 * bench.MiB),
-                      repeats: int = 3, transfer_bytes: int = 8 * bench.MiB, sample_bytes: int = 16 * bench.MiB,
+def measure_bandwidth(sizes: Sequence[int] = (64 * names.KiB, 256 * names.KiB, 1 * names.MiB, 4 * names.MiB),
+                      repeats: int = 3, transfer_bytes: int = 8 * names.MiB, sample_bytes: int = 16 * names.MiB,
                       with_dist: bool = True) -> dict[str, Any]:
-    """``bench.transport.run_bandwidth`` at lab size: every transport and ceiling at every message size."""
-    return bench.run_bandwidth(sizes, repeats, transfer_bytes, sample_bytes, with_dist=with_dist, threads=1,
+    """``bench.transport_bandwidth.run_bandwidth`` at lab size: every transport and ceiling at every message size."""
+    return run_bandwidth(sizes, repeats, transfer_bytes, sample_bytes, with_dist=with_dist, threads=1,
                                progress=False)
 
 

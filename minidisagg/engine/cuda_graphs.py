@@ -125,10 +125,10 @@ class DecodeGraphs:
 
     def _metadata(self, views: dict[str, torch.Tensor], bucket: int) -> AttentionMetadata:
         """Static metadata: every row one query; the number of attention splits pinned for the bucket."""
-        from minidisagg.kernels.attention_triton import _num_sms, decode_num_splits
+        from minidisagg.kernels.attention_triton import decode_num_splits, num_sms_of
 
         splits = decode_num_splits(self.max_blocks_per_seq * self.block_size, bucket,
-                                   self.model.cfg.num_kv_heads, _num_sms(self.model.device))
+                                   self.model.cfg.num_kv_heads, num_sms_of(self.model.device))
         return AttentionMetadata(
             query_starts=list(range(bucket)), query_lens=[1] * bucket,
             context_lens=[self.max_blocks_per_seq * self.block_size] * bucket,

@@ -173,7 +173,7 @@ def decode_num_splits(max_context_len: int, num_seqs: int, num_kv_heads: int, nu
     return max(1, min(by_length, by_occupancy, MAX_SPLITS))
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms_of(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -200,7 +200,7 @@ def decode_attention_triton(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = decode_num_splits(max(meta.context_lens), num_seqs, num_kv_heads, _num_sms(q.device))
+        num_splits = decode_num_splits(max(meta.context_lens), num_seqs, num_kv_heads, num_sms_of(q.device))
     out = torch.empty_like(q)
     single = num_splits == 1
     if single:
