@@ -10,8 +10,9 @@ import pytest
 
 from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
-from minidisagg.bench.disagg import main
 from minidisagg.bench import disagg_sweep
+from minidisagg.bench.disagg import main
+from minidisagg.bench.disagg_result import join_requests, requests_path, split_requests
 from minidisagg.bench.disagg_sweep import Sweep, attainment_of, point_goodput, refinement_rate, workloads
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
@@ -28,7 +29,8 @@ def smoke(tmp_path_factory):
     # a budget a loaded machine cannot exhaust, so every sweep runs (the smoke default is 45 s)
     assert main(["--smoke", "--out", str(out), "--seed", str(seed), "--time-budget-s", "600"]) == 0
     (json_path,) = out.glob("disagg-cpu-*.json")
-    return json.loads(json_path.read_text()), out, seed
+    summary, raw = json.loads(json_path.read_text()), json.loads(requests_path(json_path).read_text())
+    return join_requests(summary, raw), out, seed
 
 
 def test_itl_timelines_say_which_panels_have_no_timeline(smoke):
@@ -65,6 +67,18 @@ def test_smoke_writes_the_whole_schema(smoke):
     assert {s["config"] for s in res["sweeps"]} == CONFIGS
     assert {s["workload"] for s in res["sweeps"]} == {"chat", "summarization"}
     assert "Goals" in (out / f"{stem}.md").read_text()
+
+
+def test_smoke_summary_leaves_the_per_request_data_to_its_raw_file(smoke):
+    result, out, _ = smoke
+    json_path = next(out.glob("disagg-cpu-*.json"))
+    text = json_path.read_text()
+    assert "requests_ttft_tpot_s" not in text and '"timelines"' not in text and '"token_times_s"' not in text
+    summary, raw = json.loads(text), json.loads(requests_path(json_path).read_text())
+    assert split_requests(result) == (summary, raw)
+    point = summary["models"]["tiny"]["sweeps"][0]["points"][0]
+    assert {"num_requests", "num_failed", "failures", "attainment", "ttft_p99_s", "itl_p99_s"} <= set(point)
+    assert "minidisagg_commit" in summary["machine"] and summary["card"] and summary["date"]
 
 
 def test_smoke_attainment_and_goodput_are_consistent(smoke):
@@ -320,6 +334,25 @@ def test_report_counts_failed_requests_and_survives_missing_keys(tmp_path):
         unnamed = copy.deepcopy(result)
         del unnamed[key]
         assert all(p.exists() for p in write_results(unnamed, tmp_path / key, plots=False)), key
+
+
+def test_split_and_join_of_the_per_request_data():
+    import copy
+
+    rng = random.Random()
+    result, _ = _partial_result(rng)
+    sweep = result["models"]["tiny"]["sweeps"][0]
+    sweep["timelines"] = [{"arrival_s": 0.0, "token_times_s": [rng.random() for _ in range(5)]}]
+    point = sweep["points"][0]
+    point["requests_ttft_tpot_s"] = [[rng.random(), rng.random()] for _ in range(point["num_requests"])]
+    before = copy.deepcopy(result)
+    summary, raw = split_requests(result)
+    assert result == before  # the result itself is left whole
+    assert "timelines" not in summary["models"]["tiny"]["sweeps"][0]
+    assert "requests_ttft_tpot_s" not in summary["models"]["tiny"]["sweeps"][0]["points"][0]
+    assert summary["models"]["tiny"]["sweeps"][0]["points"][0]["failures"] == point["failures"]
+    assert join_requests(summary, raw) == result
+    assert join_requests(summary, {"models": {}}) == summary  # without the raw file: the summary as it is
 
 
 def test_summarize_point_counts_failures_with_reasons():

@@ -62,6 +62,15 @@ def write_result_files(result: dict[str, Any], stem: str, markdown: str,
     return json_path, md_path
 
 
+def compact_png(path: Path) -> None:
+    """Re-save a chart PNG with a 256-colour palette: about a third of the bytes, no visible change for a plot."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        palette = image.convert("RGB").quantize(256)
+    palette.save(path, optimize=True)
+
+
 def progress_bar(console: Console, enabled: bool) -> Progress:
     """A rich progress bar: description, bar, done/total, elapsed time (silent when not ``enabled``)."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from minidisagg.bench.common import compact_png
+from minidisagg.bench.disagg_result import fixed_rate_rows
 from minidisagg.metrics import RequestTimeline
 
 if TYPE_CHECKING:
@@ -94,8 +96,6 @@ def plot_ttft_breakdown(result: dict[str, Any], path: Path) -> None:
     """Median TTFT parts at the fixed rate: stacked bars per configuration, a panel per model and workload."""
     import matplotlib.pyplot as plt
 
-    from minidisagg.bench.disagg_report import fixed_rate_rows
-
     panels = _panels(result) or [("", "", {"sweeps": [], "calibration": {}})]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (model, workload, res) in zip(axes[0], panels):
@@ -115,11 +115,12 @@ def plot_ttft_breakdown(result: dict[str, Any], path: Path) -> None:
 
 
 def write_plots(result: dict[str, Any], stem: Path) -> list[Path]:
-    """The three PNGs beside ``stem``'s JSON; returns their paths."""
+    """The three PNGs beside ``stem``'s JSON (palette PNGs, ``compact_png``); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     paths = [Path(f"{stem}-{name}.png") for name in ("attainment", "itl-timeline", "ttft-breakdown")]
     for plot, path in zip((plot_attainment, plot_itl_timelines, plot_ttft_breakdown), paths):
         plot(result, path)
+        compact_png(path)
     return paths

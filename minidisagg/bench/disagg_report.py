@@ -1,4 +1,4 @@
-"""Goals, Markdown and figures of ``minidisagg bench disagg`` (see ``bench.disagg``)."""
+"""Goals, Markdown and files of ``minidisagg bench disagg`` (see ``bench.disagg``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,19 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from minidisagg.bench.common import machine_info
+from minidisagg.bench.disagg_result import (
+    COLOCATED_BASELINE,
+    DISAGG_CONFIGS,
+    find_sweep,
+    fixed_rate_rows,
+    requests_path,
+    split_requests,
+)
 from minidisagg.metrics import failure_note
 
 GOODPUT_RATIO_GOAL = 1.5
 KV_FRACTION_GOAL = 0.70
-COLOCATED_BASELINE = "colocated-prefill_first"
-DISAGG_CONFIGS = ("disagg-overlap", "disagg-no-overlap")
 HEADER_DEFAULTS = {"devices": "?", "time_budget_s": math.nan, "ttft_slo_scale": "?", "tpot_slo_scale": "?"}
 
 
@@ -30,18 +37,12 @@ def card_name(devices: Sequence[str]) -> str:
 
 def machine_summary(devices: Sequence[str]) -> dict[str, Any]:
     """Library versions, the CPU, and each GPU used."""
-    from minidisagg.bench.common import machine_info
-
     info = machine_info()
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
     info["devices"] = list(devices)
     return info
-
-
-def _sweep(res: dict[str, Any], config: str, workload: str) -> Optional[dict[str, Any]]:
-    return next((s for s in res["sweeps"] if s["config"] == config and s["workload"] == workload), None)
 
 
 def evaluate_goals(result: dict[str, Any]) -> dict[str, bool]:
@@ -61,8 +62,8 @@ def _goals(result: dict[str, Any]) -> dict[str, bool]:
     best_ratio, where, no_ratio = 0.0, "", []
     for model, res in result["models"].items():
         for workload in sorted({s["workload"] for s in res["sweeps"]}):
-            base = _sweep(res, COLOCATED_BASELINE, workload)
-            disagg = [s for c in DISAGG_CONFIGS if (s := _sweep(res, c, workload))]
+            base = find_sweep(res, COLOCATED_BASELINE, workload)
+            disagg = [s for c in DISAGG_CONFIGS if (s := find_sweep(res, c, workload))]
             if base is None or not disagg:
                 continue
             best, base_rps = max(s["goodput_per_gpu_rps"] for s in disagg), base["goodput_per_gpu_rps"]
@@ -99,17 +100,6 @@ def _goals(result: dict[str, Any]) -> dict[str, bool]:
 
 def _ms(x: Optional[float]) -> str:
     return "" if x is None else f"{1e3 * x:.1f}"
-
-
-def fixed_rate_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per workload and configuration: the point at the fixed rate (the one with timelines)."""
-    rows = []
-    for s in res["sweeps"]:
-        rate = res["calibration"].get(s["workload"], {}).get("fixed_rate_rps")
-        point = next((p for p in s["points"] if rate is not None and math.isclose(p["rate_rps"], rate)), None)
-        if point is not None:
-            rows.append({"workload": s["workload"], "config": s["config"], **point})
-    return rows
 
 
 def reading(result: dict[str, Any]) -> list[str]:
@@ -220,7 +210,8 @@ def _model_section(res: dict[str, Any]) -> list[str]:
 
 
 def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
-    """Write ``disagg-<card>-<date>.json`` and ``.md`` (and the PNGs); returns the paths."""
+    """Write ``disagg-<card>-<date>.json`` (the summary) and ``.md``, the per-request part under ``raw/``, and the
+    PNGs (drawn from the whole result); returns the paths, the per-request file last."""
     from minidisagg.bench.disagg_plots import write_plots
 
     out_dir = Path(out_dir)
@@ -228,8 +219,16 @@ def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> 
     card, date = result.get("card") or "unknown-card", str(result.get("date") or "undated")[:10]
     stem = out_dir / f"disagg-{card}-{date}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    md_path.write_text(to_markdown(result))
+    raw_path = requests_path(json_path)
+
+    def write_summary() -> None:
+        summary, raw = split_requests(result)
+        json_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        raw_path.parent.mkdir(parents=True, exist_ok=True)
+        raw_path.write_text(json.dumps(raw, default=str) + "\n")
+        md_path.write_text(to_markdown(result))
+
+    write_summary()
     figures: list[Path] = []
     if plots:
         try:
@@ -237,6 +236,5 @@ def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> 
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # an incomplete result: keep the rest
             result.setdefault("errors", []).append(f"figures not drawn, the result is incomplete: "
                                                    f"{type(exc).__name__}: {exc}")
-            json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-            md_path.write_text(to_markdown(result))
-    return [json_path, md_path, *figures]
+            write_summary()
+    return [json_path, md_path, *figures, raw_path]

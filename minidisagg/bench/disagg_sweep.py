@@ -4,7 +4,8 @@ One point = a Poisson workload at one rate replayed on a running deployment (any
 the engine's steppable surface: ``ReplicaCluster`` or ``DisaggCluster``), every request
 greedy with EOS ignored, and every request recorded: unfinished ones at the deadline count
 as SLO misses. Each point stores every request's (TTFT, TPOT), so attainment can be
-recomputed later for any other SLO.
+recomputed later for any other SLO (they are written to the result's per-request file,
+``disagg_result.split_requests``, not to the summary that is committed).
 """
 
 from __future__ import annotations
@@ -290,7 +291,11 @@ def calibrate(engine: Any, spec: WorkloadSpec, seed: int, repeats: int = 3, outp
 
 
 def attainment_of(point: dict[str, Any], slo: SLO) -> float:
-    """Recompute a point's attainment for another SLO from its stored per-request (TTFT, TPOT)."""
+    """Recompute a point's attainment for another SLO from its per-request (TTFT, TPOT).
+
+    A point read from a committed summary lacks them: ``disagg_result.join_requests`` puts them back
+    from the per-request file.
+    """
     pairs = point["requests_ttft_tpot_s"]
     return sum(1 for p in pairs if p is not None and p[0] <= slo.ttft_s and p[1] <= slo.tpot_s) / len(pairs)
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from rich.table import Table
 
-from minidisagg.bench.common import default_out_dir
+from minidisagg.bench.common import compact_png, default_out_dir
 from minidisagg.bench.transport_names import CEILING_OF, SOCKET, TCP_POOL, size_label
 
 
@@ -97,6 +97,7 @@ def plot_bandwidth(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    compact_png(path)
 
 
 def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> list[Path]:
