@@ -1,8 +1,8 @@
 """Dataclasses to plain dicts, fast enough for every KV transfer and every streamed output.
 
-``dataclasses.asdict`` deep-copies every element of every list: for a sequence's state with a
-2048-token prompt that took 1.2 ms, on the critical path of each KV hand-off (DONE) and of
-each request's submission. ``plain_dict`` copies containers one level deep instead, which is
+``dataclasses.asdict`` deep-copies every element of every list: a sequence's state with a long
+prompt takes milliseconds (``benchmarks/NOTES.md``, "DONE was slow to build"), on the critical
+path of each KV hand-off (DONE) and of each request's submission. ``plain_dict`` copies containers one level deep instead, which is
 enough for what crosses the wire here: lists of token ids or times, flat dicts of settings.
 """
 

@@ -19,13 +19,12 @@ CPU smoke (model ``tiny``, gloo, both workers on the CPU, few requests; under a 
 
     python -m minidisagg.cli bench disagg --smoke --out /tmp/disagg-smoke
 
-Runtime of the default GPU sweep, estimated (H100: 8B random-weight load a few seconds,
-prefill ~50 ms per 2k tokens, decode 5-8 ms a step): per model three deployments (about
-15-25 s each to start: weights, CUDA graphs, NCCL), calibration, greedy check, KV probe and
-ceiling about 20 s, and eight sweeps of 3-6 rates at 5-10 s a rate. The time budget is
+A run is, per model: three deployments started (weights, CUDA graphs, NCCL), calibration, the
+greedy check, the KV probe and ceiling, and eight sweeps of a few rates each (what each part
+took on H100s is in ``benchmarks/NOTES.md``, "Figures behind the code"). The time budget is
 split over the models and then over the sweeps left; a sweep skips the rates that would
 overrun its share and stops after the first rate below 50% attainment, so the whole run ends
-within the budget plus one rate and a shutdown (about 8 minutes for ``--time-budget-s 480``).
+within the budget plus one rate and a shutdown.
 Every wait has a timeout: worker start (300 s), each request (deadline after the last arrival),
 transfers (the NCCL process group's timeout), the ceiling (120 s).
 """

@@ -8,9 +8,9 @@ time; the replays that use the model then run on a ``SimulatedClock(cost_model=.
 
 On a CPU the calibration runs on one thread. With several, each op ends at a barrier where every
 thread waits for the slowest; when another program holds a core, one descheduled thread stalls them
-all for a scheduler slice, so a step's time stops depending on its size at all (measured on a 2-core
-host at load 6: a 16-token prefill "took" 235 ms, a 64-token one 31 ms). One thread's timings stay
-in proportion to the work under load; the replay is then that of a one-core machine.
+all for a scheduler slice, so a step's time stops depending on its size at all (``benchmarks/NOTES.md``,
+"Calibration under load", has an example). One thread's timings stay in proportion to the work under
+load; the replay is then that of a one-core machine.
 """
 
 from __future__ import annotations

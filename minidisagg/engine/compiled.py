@@ -13,16 +13,16 @@ in between:
 - the KV write and attention, ``minidisagg_cpu.write_kv_and_attend``: the same ATen calls as this
   module's Python op :func:`write_kv_and_attend` (so the same bits), which stays as the fallback;
 - in bfloat16, every one-row product, ``minidisagg_cpu.gemv_bf16`` (on a CPU with AVX512-BF16): a
-  bf16 step is bound by streaming the weights, and this GEMV streams them ~1.5x faster than
-  torch's ``mv``. Without it the graph writes the products as ``addmv`` with inductor told not
+  bf16 step is bound by streaming the weights, and this GEMV streams them faster than torch's
+  ``mv``, whose bf16 kernel is compute-bound. Without it the graph writes the products as ``addmv`` with inductor told not
   to decompose it, a direct call of torch's kernel (inductor's own plans, a multiply and a sum
   or a one-row ``mm``, are slower still).
 
 Without a compile, ``engine/native_decode.py`` (the engine's default) runs the same layer as one
 C++ op with eager's unfused ops; this graph goes further by fusing them.
 
-Measured on a 2-core Xeon with SmolLM2-135M (``benchmarks/NOTES.md``): a bf16 step 26 -> 22 ms
-with the native attention, -> 15 ms with the GEMV as well. The fused kernels round to bf16 where
+What the native attention and the GEMV each save is measured in ``benchmarks/NOTES.md``
+("Native kernels in the compiled step"). The fused kernels round to bf16 where
 eager's ops do (``emulate_precision_casts``), but their reductions, and the GEMV's, add in another
 order, so a step's logits are within a few percent of eager's, and greedy tokens can part from
 eager's after some tens of tokens. Without a compiler, or when compilation fails, the engine
@@ -48,8 +48,8 @@ from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
 log = logging.getLogger(__name__)
-# cpp_wrapper: kernels called from C++ (1.20x over eager in fp32, against 1.15x without); emulate_precision_casts:
-# fused bf16 kernels round where eager rounds (teacher-forced logits often bit-equal to eager's, else within ~3%)
+# cpp_wrapper: kernels called from C++, no Python between them (faster than without: benchmarks/NOTES.md, "A compiled
+# batch-1 step"); emulate_precision_casts: fused bf16 kernels round where eager rounds
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "emulate_precision_casts": True}
 
 _OPS = torch.library.Library("minidisagg", "DEF")  # the op registry of this module (one op)

@@ -9,10 +9,10 @@ in the same order, the same products (``kernels.linear.cpu_linear_kind`` picks `
 called once per step. It needs the C++ compiler only once, to build the op (a few seconds,
 cached); nothing is compiled per model or per process, unlike ``compile_cpu``.
 
-Measured on a 2-core Xeon with SmolLM2-135M, one step side by side, Python -> C++ (ms):
-float32 at 1 / 3 / 8 sequences 43.2 -> 32.2, 56.0 -> 41.7, 71.2 -> 54.2; bfloat16 at 3 / 8
-sequences 45.0 -> 29.9, 46.6 -> 31.4, all bit-equal. A lone bf16 sequence goes through the
-native GEMV on a CPU with AVX512-BF16 (its sums run in another order): 30.4 -> 15.4 ms.
+The C++ step gives the same bits as the Python step in float32 and bfloat16 at any batch size,
+except for a lone bf16 sequence on a CPU with AVX512-BF16, whose products go through the native
+GEMV (its sums run in another order). What it saves per step is measured in
+``benchmarks/NOTES.md`` ("The decode step in C++").
 
 The engine takes this step by default (``EngineConfig.native_cpu_decode``) for every batch of
 decode tokens on the CPU whenever the op builds, except in batch-invariant mode, with a per-layer

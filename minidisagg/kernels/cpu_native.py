@@ -7,10 +7,10 @@ Three ops, registered with the PyTorch dispatcher:
   instead of ~1,800 small ops from Python. The engine's default for batch-1 CPU decode
   (``engine/native_decode.py``).
 - ``torch.ops.minidisagg_cpu.gemv_bf16(weight, x)``: a bf16 matrix-vector product that keeps
-  several weight rows in flight with AVX512-BF16 dot instructions and software prefetch. Over
-  SmolLM2-135M's 121 projections it streams the weights at ~21 GB/s on a 2-core Xeon, against
-  ~14 GB/s for ``torch.mv`` (whose bf16 kernel is compute-bound there: it reaches only ~29 GB/s
-  even on a matrix that sits in L2). Only on a CPU with the ``avx512_bf16`` instructions.
+  several weight rows in flight with AVX512-BF16 dot instructions and software prefetch, so it
+  streams the weights at the memory's rate, where ``torch.mv``'s bf16 kernel is compute-bound
+  (even on a matrix that sits in L2; ``benchmarks/NOTES.md``, "Native kernels in the compiled
+  step"). Only on a CPU with the ``avx512_bf16`` instructions.
 - ``torch.ops.minidisagg_cpu.write_kv_and_attend(...)``: the paged KV write and attention of one
   sequence, the Python op of ``engine/compiled.py`` in C++ (the same ATen calls in the same order),
   which the compiled graph and ``decode_step`` call once per layer.

@@ -7,17 +7,17 @@ computed tile by tile, so every call the kernel sees has the same shape and a ro
 never depends on the rest of the batch.
 
 On the CPU, weights packed once into oneDNN's blocked layout (as torch.compile's CPU backend
-does) stream faster than ``F.linear`` re-reading the plain layout every call. Measured on a
-2-core Xeon over SmolLM2-135M's 121 projections: bf16 at 1 row 23.9 -> 17.7 ms, with
-bit-identical results; fp32 at 8 rows 51.4 -> 38.6 ms, but slower at 1-2 rows (21.8 -> 27.5
-ms), where plain ``F.linear`` stays (``benchmarks/NOTES.md``). A packed copy is made on first use
-of a weight (and again if the weight is changed in place), so fp32 models that batch hold their
-weights twice. ``MINIDISAGG_CPU_PACKED_LINEAR=0`` turns packing off.
+does) stream faster than ``F.linear`` re-reading the plain layout every call: every bf16 call
+(bit-identical to ``F.linear``) and fp32 calls of 3 or more rows take the packed weights; fp32
+calls of 1-2 rows, where packing is slower, stay on plain ``F.linear`` (timings in
+``benchmarks/NOTES.md``, "What changed"). A packed copy is made on first use of a weight (and
+again if the weight is changed in place), so fp32 models that batch hold their weights twice.
+``MINIDISAGG_CPU_PACKED_LINEAR=0`` turns packing off.
 
 One row of bf16 (a batch-1 decode step) goes to ``torch.mv`` instead: torch's own bf16
-matrix-vector kernel streams the weight faster than the packed oneDNN kernel at one row (the
-bench's chain of SmolLM2-135M's 121 projections: 21.8 -> 19.7 ms; the LM head alone 2.9 -> 2.0
-ms), with the same bits as ``F.linear`` in every shape tried.
+matrix-vector kernel streams the weight faster than the packed oneDNN kernel at one row
+(``benchmarks/NOTES.md``, "Fewer ops per batch-1 step"), with the same bits as ``F.linear`` in
+every shape tried.
 """
 
 from __future__ import annotations

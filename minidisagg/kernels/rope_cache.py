@@ -2,7 +2,8 @@
 
 Every layer rotates the new tokens' q and k and then copies k and v into the paged cache. As two
 kernels these are two launches per layer, each moving a few kilobytes in a decode step: on a GPU
-both are bound by launch latency (about 1.5 us each, even inside a CUDA graph), not by memory.
+both are bound by launch latency, even inside a CUDA graph (``benchmarks/NOTES.md``, "Figures
+behind the code"), not by memory.
 One kernel that rotates k in registers and stores it straight into the cache halves the launches
 per layer and reads k once instead of twice. The torch path runs the two references in turn, so
 the fused kernel has exactly the unfused semantics to be tested against.

@@ -12,9 +12,9 @@ Strings are a u64 byte length followed by UTF-8 bytes; arrays are an item type u
 then the items. Nothing here trusts a length or count read from the file: each is checked against
 the bytes left before anything is read or allocated, so a corrupt file raises ``GGUFError``.
 
-``gguf.GGUFReader`` builds a numpy view for every string of the vocabulary (about 2 s for
-SmolLM2); this module reads them with ``struct`` in tens of milliseconds and never touches the
-tensor data until it is asked for.
+``gguf.GGUFReader`` builds a numpy view for every string of the vocabulary, which is slow for a
+49k-token vocabulary (``benchmarks/NOTES.md``, "Figures behind the code"); this module reads
+them with ``struct`` and never touches the tensor data until it is asked for.
 """
 
 from __future__ import annotations
