@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+# Only the standard library at the top: ``minidisagg --help`` must not wait for torch. Each command
+# imports what it needs when it runs.
 import argparse
 import os
 import platform
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from rich.console import Console
-from rich.table import Table
 
-console = Console()
+class _LazyConsole:
+    """Stands for a rich ``Console`` made on first use, so that parsing arguments does not import rich."""
+
+    _console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _LazyConsole._console is None:
+            from rich.console import Console
+
+            _LazyConsole._console = Console()
+        return getattr(_LazyConsole._console, name)
+
+
+console = _LazyConsole()
+MODEL_HELP = ("smollm2-135m (real weights, fetched once), tiny, llama-1b or llama-8b (random weights of that shape), "
+              "an HF-format Llama folder, or a .gguf file (default: %(default)s)")
+DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (default: %(default)s)"
+DTYPE_HELP = "auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16 (default: %(default)s)"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -60,6 +77,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     if args.model in RANDOM_MODELS:
         console.print(f"{args.model} uses random weights; nothing to fetch (its tokenizer comes from smollm2-135m)")
+        return 0
+    if args.model.endswith(".gguf"):
+        if not os.path.isfile(os.path.expanduser(args.model)):
+            raise ValueError(f"file not found: {args.model}")
+        console.print(f"{args.model} is a local file; nothing to fetch")
         return 0
     if args.model != "smollm2-135m":
         console.print(f"[red]unknown model {args.model!r}[/]; known: {', '.join(known_models())}")
@@ -112,6 +134,7 @@ def native_step_status() -> str:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Print versions, the device, Triton's state, the native CPU step, whether ``compile_cpu`` can run, the model cache."""
     import torch
+    from rich.table import Table
 
     from minidisagg import __version__
     from minidisagg.models.fetch import SMOLLM2_GGUF, cache_dir, cached_path
@@ -168,6 +191,9 @@ def _run_module_main(module_name: str, rest: Sequence[str]) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks: cpu (decode vs HF), transport (KV transfer), gpu (rooflines), disagg (goodput)."""
+    from minidisagg.bench.args import SUITE_PARSERS
+
+    SUITE_PARSERS[args.suite]().parse_args(args.rest)  # --help and bad flags answered before torch loads
     return _run_module_main(BENCH_SUITES[args.suite], args.rest)
 
 
@@ -272,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="stream a completion for one prompt")
-    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -280,21 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="auto", help=DEVICE_HELP)
+    gen.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     gen.add_argument("--quiet", action="store_true", help="no timing line after the text")
     gen.set_defaults(func=cmd_generate)
 
     fetch = sub.add_parser("fetch", help="download and verify a model's weights")
-    fetch.add_argument("model", nargs="?", default="smollm2-135m")
+    fetch.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default); the random-weight "
+                       "shapes and local files have nothing to fetch")
     fetch.set_defaults(func=cmd_fetch)
 
     doctor = sub.add_parser("doctor", help="show versions, device, Triton and cache state")
     doctor.set_defaults(func=cmd_doctor)
 
     demo = sub.add_parser("demo", help="interference: colocated engine vs disaggregated workers")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--device", default="auto")
+    demo.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     demo.add_argument("--out", default=".", help="folder for the PNG timeline")
     demo.add_argument("--colocated-only", action="store_true", help="skip the disaggregated run")
     demo.add_argument("--calibrated-only", action="store_true",
@@ -307,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port")
     serve.add_argument("--peers", default="", help="prefill: decode workers as NAME=host:port,...; "
                                                   "router: prefill=NAME@host:port,...;decode=NAME@host:port,...")
-    serve.add_argument("--model", default="smollm2-135m")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    serve.add_argument("--device", default="auto", help=DEVICE_HELP)
+    serve.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     serve.add_argument("--random-weights", action="store_true")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--max-num-seqs", type=int, default=64)

@@ -22,7 +22,6 @@ take the default native step, so their batch-8 rows measure the default engine a
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import statistics
@@ -34,6 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from minidisagg.bench.args import cpu_parser
 from minidisagg.bench.common import machine_info, progress_bar, write_result_files
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.kernels import cpu_native
@@ -311,20 +311,7 @@ def write_results(result: dict[str, Any], out_dir: Optional[Path] = None) -> tup
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m minidisagg.bench.cpu [--batch-sizes 1 8] [--new-tokens 64] [--repeats 3]``."""
-    parser = argparse.ArgumentParser(prog="minidisagg bench cpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--compiled", action="store_true",
-                        help="add 'minidisagg fp32 compiled' and 'minidisagg bf16 compiled' (compile_cpu=True; "
-                             "needs a C++ compiler)")
-    parser.add_argument("--python-step", action="store_true",
-                        help="add 'minidisagg fp32 python step' and 'minidisagg bf16 python step' "
-                             "(native_cpu_decode=False: the decode step's ops called from Python)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    args = cpu_parser().parse_args(argv)
     result = run_cpu_decode_bench(args.batch_sizes, args.new_tokens, args.repeats, not args.no_progress, args.threads,
                                   args.compiled, args.python_step)
     console = Console()

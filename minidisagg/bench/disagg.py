@@ -31,7 +31,6 @@ transfers (the NCCL process group's timeout), the ceiling (120 s).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from minidisagg.bench.args import disagg_parser
 from minidisagg.bench.disagg_link import compare_greedy, greedy_prompts, greedy_tokens, measure_ceiling, probe_transfer
 from minidisagg.bench.disagg_report import card_name, machine_summary, write_results
 from minidisagg.bench.disagg_sweep import Sweep, calibrate, choose_slo, rate_grid, workloads
@@ -247,19 +247,7 @@ def run_bench(s: Settings, out_dir: Path, log: Callable[[str], None] = print) ->
 
 def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
     """Command-line flags -> (Settings, output folder)."""
-    parser = argparse.ArgumentParser(prog="minidisagg bench disagg", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="llama-1b,llama-8b", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--devices", default="cuda:0,cuda:1", help="GPU for replica 0 / prefill, replica 1 / decode")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results)")
-    parser.add_argument("--time-budget-s", type=float, default=None, help="sweeps are trimmed to fit (default 480)")
-    parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny model, gloo, few requests")
-    parser.add_argument("--rates", default="", help="explicit total request rates, e.g. 2,4,8 (default: calibrated)")
-    parser.add_argument("--window-s", type=float, default=None, help="arrival window per rate (default 4)")
-    parser.add_argument("--ttft-slo-scale", type=float, default=None, help="TTFT SLO / unloaded TTFT (default 5)")
-    parser.add_argument("--tpot-slo-scale", type=float, default=None, help="TPOT SLO / unloaded TPOT (default 1.5)")
-    parser.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
-                        help="KV pool layout of every engine (default: block_major on CUDA)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = disagg_parser()
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.smoke:

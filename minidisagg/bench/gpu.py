@@ -18,7 +18,6 @@ Models use random weights of their real shapes (speed does not depend on the val
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import re
@@ -30,6 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from minidisagg.bench.args import gpu_parser
 from minidisagg.bench.common import default_out_dir, git_commit, write_result_files
 from minidisagg.bench.gpu_rows import Row, decode_row, engine_llm, prefill_row
 from minidisagg.roofline import measure_copy_bandwidth, measure_matmul_rate, measure_read_bandwidth
@@ -194,17 +194,7 @@ def _csv(text: str) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``minidisagg bench gpu``."""
-    parser = argparse.ArgumentParser(prog="minidisagg bench gpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2-135m,llama-1b,llama-8b")
-    parser.add_argument("--batches", default="1,8,32,128")
-    parser.add_argument("--prefill", default="512,2048,8192")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
-    parser.add_argument("--hf-compiled", default="smollm2-135m,llama-1b,llama-8b",
-                        help="models to time with HF's static cache (compiles; slow)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
-    args = parser.parse_args(argv)
+    args = gpu_parser().parse_args(argv)
     console = Console()
     t0 = time.perf_counter()
     out_dir = Path(args.out_dir) if args.out_dir is not None else default_out_dir()

@@ -25,16 +25,15 @@ projection) and ``transport_report`` (tables, Markdown, figure, files).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 from collections.abc import Sequence as Seq
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from rich.console import Console
 
+from minidisagg.bench.args import transport_parser
 from minidisagg.bench.common import machine_info
 from minidisagg.bench.transport_bandwidth import MAX_MESSAGES_PER_SAMPLE, run_bandwidth
 from minidisagg.bench.transport_names import QUICK_SIZES, SIZES, SOCKET, MiB, size_label
@@ -83,16 +82,7 @@ def run_transport_bench(sizes: Seq[int] = SIZES, repeats: int = 9, transfer_byte
 
 def main(argv: Optional[Seq[str]] = None) -> int:
     """``python -m minidisagg.bench.transport [--quick] [--repeats 9] [--threads 1] [--out-dir DIR]``."""
-    parser = argparse.ArgumentParser(prog="minidisagg bench transport", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two small sizes, 2 repeats, one short prompt")
-    parser.add_argument("--repeats", type=int, default=None, help="default 9 (quick: 2)")
-    parser.add_argument("--model", default="smollm2-135m", help="model of the KV-vs-prefill part (random weights)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in each process (default 1: a core each for sender and receiver; "
-                             "0: torch's choice)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    args = transport_parser().parse_args(argv)
     quick = dict(sizes=QUICK_SIZES, transfer_bytes=8 * MiB, sample_bytes=16 * MiB, prompt_lens=(128,),
                  prefill_repeats=1)
     result = run_transport_bench(repeats=args.repeats or (2 if args.quick else 9), model=args.model,

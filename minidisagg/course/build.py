@@ -17,10 +17,10 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import nbformat
-from nbformat import NotebookNode
+if TYPE_CHECKING:  # nbformat is imported where notebooks are read or written (it takes a second or two)
+    from nbformat import NotebookNode
 
 BEGIN_MARKER = "### BEGIN SOLUTION"
 END_MARKER = "### END SOLUTION"
@@ -166,6 +166,8 @@ def build_lab(solution_nb: NotebookNode, lab: int, name: str = "notebook") -> No
         if (block is not None or CHECK_CALL.search(cell.source)) and RAISES_TAG not in tags:
             tags.append(RAISES_TAG)
         _set_tags(cell, tags)
+    import nbformat
+
     try:
         nbformat.validate(nb)
     except nbformat.ValidationError as exc:
@@ -175,6 +177,8 @@ def build_lab(solution_nb: NotebookNode, lab: int, name: str = "notebook") -> No
 
 def read_notebook(path: Path) -> NotebookNode:
     """Read a notebook as nbformat 4, with a clear error naming the file if it cannot be read."""
+    import nbformat
+
     try:
         return nbformat.read(str(path), as_version=4)
     except (OSError, ValueError) as exc:
@@ -185,6 +189,8 @@ def render_lab(solution_path: Path) -> str:
     """The exact text of the lab generated from one solution notebook."""
     solution_path = Path(solution_path)
     lab = build_lab(read_notebook(solution_path), lab_number(solution_path), solution_path.name)
+    import nbformat
+
     return nbformat.writes(lab) + "\n"
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, TypeVar
+from typing import TYPE_CHECKING, Optional, TypeVar
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is looked at: ``course verify --help`` needs none of it
+    import torch
 
 STRICT_ENV = "MINIDISAGG_STRICT_CLAIMS"
 OK_MARK = "CLAIM ok"
@@ -60,6 +61,8 @@ def host_load() -> HostLoad:
 
 def device_name(device: "torch.device | str | None" = None) -> str:
     """``CPU`` or the CUDA card's name."""
+    import torch
+
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev)
@@ -68,6 +71,8 @@ def device_name(device: "torch.device | str | None" = None) -> str:
 
 def is_gpu(device: "torch.device | str | object | None") -> bool:
     """Whether ``device`` (a torch device, its name, or anything with ``.device``) is a CUDA device."""
+    import torch
+
     dev = getattr(device, "device", device)
     return dev is not None and torch.device(dev).type == "cuda"
 

@@ -29,7 +29,7 @@ RANDOM_MODELS = {"tiny", "llama-1b", "llama-8b"}
 
 
 class UnknownModelError(ValueError):
-    """The model name is neither a known preset nor a local directory or GGUF file."""
+    """The model name is neither a known preset nor a local directory or GGUF file (or names a missing one)."""
 
 
 def known_models() -> list[str]:
@@ -144,6 +144,8 @@ def load_model(
         config = config_from_gguf(path)
         tensors = random_tensors(config, dt, dev, seed) if random_weights else iter_gguf_tensors(path, config, dt)
         tok_loader = lambda: load_tokenizer(path)  # noqa: E731
+    elif path.suffix == ".gguf":
+        raise UnknownModelError(f"file not found: {path}")
     else:
         raise UnknownModelError(
             f"unknown model {model!r}: use one of {known_models()}, a local HF-format directory "

@@ -1,0 +1,88 @@
+"""The bench suites' command-line flags, in a module that loads nothing heavy.
+
+``minidisagg bench SUITE --help`` and a bad flag are answered from here before the suite's module,
+and torch with it, is imported; each suite's ``main`` parses its arguments with the same parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+OUT_HELP = "default: benchmarks/results"
+
+
+def cpu_parser() -> argparse.ArgumentParser:
+    """Flags of ``minidisagg bench cpu``."""
+    parser = argparse.ArgumentParser(prog="minidisagg bench cpu", description="CPU decode throughput: minidisagg "
+                                     "against HF transformers ``generate`` and a bare-matmul ceiling.")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out-dir", type=Path, default=None, help=OUT_HELP)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add 'minidisagg fp32 compiled' and 'minidisagg bf16 compiled' (compile_cpu=True; "
+                             "needs a C++ compiler)")
+    parser.add_argument("--python-step", action="store_true",
+                        help="add 'minidisagg fp32 python step' and 'minidisagg bf16 python step' "
+                             "(native_cpu_decode=False: the decode step's ops called from Python)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def transport_parser() -> argparse.ArgumentParser:
+    """Flags of ``minidisagg bench transport``."""
+    parser = argparse.ArgumentParser(prog="minidisagg bench transport", description="KV transfer bandwidth by "
+                                     "transport and message size, each against its plain ceiling; KV transfer vs "
+                                     "prefill.")
+    parser.add_argument("--quick", action="store_true", help="two small sizes, 2 repeats, one short prompt")
+    parser.add_argument("--repeats", type=int, default=None, help="default 9 (quick: 2)")
+    parser.add_argument("--model", default="smollm2-135m", help="model of the KV-vs-prefill part (random weights)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in each process (default 1: a core each for sender and receiver; "
+                             "0: torch's choice)")
+    parser.add_argument("--out-dir", type=Path, default=None, help=OUT_HELP)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def gpu_parser() -> argparse.ArgumentParser:
+    """Flags of ``minidisagg bench gpu``."""
+    parser = argparse.ArgumentParser(prog="minidisagg bench gpu", description="The card's ceilings, then decode, "
+                                     "prefill and every kernel against them, beside HF.")
+    parser.add_argument("--models", default="smollm2-135m,llama-1b,llama-8b",
+                        help="comma-separated model names (random weights of their shapes)")
+    parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--prefill", default="512,2048,8192")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    parser.add_argument("--hf-compiled", default="smollm2-135m,llama-1b,llama-8b",
+                        help="models to time with HF's static cache (compiles; slow)")
+    parser.add_argument("--out-dir", type=Path, default=None, help=OUT_HELP)
+    return parser
+
+
+def disagg_parser() -> argparse.ArgumentParser:
+    """Flags of ``minidisagg bench disagg``."""
+    parser = argparse.ArgumentParser(prog="minidisagg bench disagg", description="Disaggregated 1P1D against two "
+                                     "colocated replicas on the same two GPUs.")
+    parser.add_argument("--models", default="llama-1b,llama-8b", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--devices", default="cuda:0,cuda:1", help="GPU for replica 0 / prefill, replica 1 / decode")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results)")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="sweeps are trimmed to fit (default 480)")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny model, gloo, few requests")
+    parser.add_argument("--rates", default="", help="explicit total request rates, e.g. 2,4,8 (default: calibrated)")
+    parser.add_argument("--window-s", type=float, default=None, help="arrival window per rate (default 4)")
+    parser.add_argument("--ttft-slo-scale", type=float, default=None, help="TTFT SLO / unloaded TTFT (default 5)")
+    parser.add_argument("--tpot-slo-scale", type=float, default=None, help="TPOT SLO / unloaded TPOT (default 1.5)")
+    parser.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
+                        help="KV pool layout of every engine (default: block_major on CUDA)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+SUITE_PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "cpu": cpu_parser, "transport": transport_parser, "gpu": gpu_parser, "disagg": disagg_parser}
