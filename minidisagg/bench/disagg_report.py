@@ -222,6 +222,7 @@ def write_results(result: dict[str, Any], out_dir: Path, plots: bool = True) -> 
     raw_path = requests_path(json_path)
 
     def write_summary() -> None:
+        """The summary JSON, the per-request JSON and the Markdown, from the result as it stands."""
         summary, raw = split_requests(result)
         json_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
         raw_path.parent.mkdir(parents=True, exist_ok=True)
