@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -42,6 +42,7 @@ from minidisagg.engine.clock import Clock, SimulatedClock, WallClock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.replay import replay
 from minidisagg.engine.step_cost import StepCostModel
+from minidisagg.engine.steppable import Steppable
 from minidisagg.models.registry import LoadedModel, load_model
 from minidisagg.stages.modelled import use_modelled_stages
 from minidisagg.workload import TimedRequest, interference_workload
@@ -124,7 +125,7 @@ def _split(label: str, clock: str, outs: list[RequestOutput], num_decodes: int, 
     return DemoRun(label, outs[:num_decodes], outs[num_decodes:], duration_s, clock, start_s)
 
 
-def warm_up(engine: "LLMEngine | Any", settings: DemoSettings) -> float:
+def warm_up(engine: Steppable, settings: DemoSettings) -> float:
     """Run the workload's shapes once through ``engine`` (decodes, a whole long prompt), so one-time costs stay out.
 
     Returns the lower quartile of the decodes' inter-token gaps there: this engine's plain decode step on this
@@ -152,7 +153,7 @@ def retimed(workload: Sequence[TimedRequest], step_s: float, calibrated_step_s: 
     return [dataclasses.replace(r, arrival_s=r.arrival_s * scale) for r in workload]
 
 
-def timed_replay(engine: "LLMEngine | Any", label: str, clock: str, workload: Sequence[TimedRequest],
+def timed_replay(engine: Steppable, label: str, clock: str, workload: Sequence[TimedRequest],
                  settings: DemoSettings, progress: Optional[Progress] = None) -> DemoRun:
     """Replay ``workload`` from the engine clock's current time; arrivals and the duration count from there."""
     start = engine.clock.now()

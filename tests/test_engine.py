@@ -222,3 +222,22 @@ def test_tiny_greedy_tokens_depend_on_the_context(tiny_loaded, seed):
     echoed = sum(firsts[i] == [p[-1]] for i, p in enumerate(prompts))
     assert changed >= len(prompts) // 4, f"seed {seed}: only {changed}/{len(prompts)} first tokens read the context"
     assert echoed <= len(prompts) // 4, f"seed {seed}: {echoed}/{len(prompts)} prompts echo their last token"
+
+
+def test_every_steppable_engine_offers_the_steppable_surface(tiny_loaded):
+    import inspect
+
+    from minidisagg.config import EngineConfig
+    from minidisagg.disagg.cluster import DisaggCluster
+    from minidisagg.disagg.replicas import ReplicaCluster
+    from minidisagg.engine.llm_engine import LLMEngine
+    from minidisagg.engine.steppable import Steppable
+
+    engine = LLMEngine(tiny_loaded, EngineConfig())
+    assert isinstance(engine, Steppable)
+    wanted = {name for name in dir(Steppable) if not name.startswith("_") and callable(getattr(Steppable, name))}
+    assert wanted == {"add_request", "step", "has_unfinished", "abort", "release"}
+    for cls in (DisaggCluster, ReplicaCluster):
+        for name in wanted:
+            ours, theirs = inspect.signature(getattr(Steppable, name)), inspect.signature(getattr(cls, name))
+            assert list(ours.parameters) == list(theirs.parameters), f"{cls.__name__}.{name}{theirs}"

@@ -1,24 +1,25 @@
 """Replay a timed workload (Poisson, CSV, the interference scenario) through an engine.
 
-Anything with the engine's steppable surface works: ``LLMEngine`` or a ``DisaggCluster``.
+Any ``Steppable`` works: the colocated ``LLMEngine``, a ``DisaggCluster`` or a ``ReplicaCluster``.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from rich.progress import Progress, TaskID
 
-from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
+from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.steppable import Steppable
 from minidisagg.metrics import RequestTimeline
 from minidisagg.workload import TimedRequest
 
 SYNTHETIC_TOKEN_RANGE = (100, 49152)  # ordinary (non-special) ids of the SmolLM2 vocabulary
 
 
-def submit_workload(engine: "LLMEngine | Any", workload: Sequence[TimedRequest], seed: int = 0) -> list[str]:
+def submit_workload(engine: Steppable, workload: Sequence[TimedRequest], seed: int = 0) -> list[str]:
     """Queue every request at its arrival time, with seeded synthetic prompt ids; returns request ids.
 
     Outputs are greedy and ignore EOS, so each request produces exactly ``output_len`` tokens.
@@ -35,7 +36,7 @@ def submit_workload(engine: "LLMEngine | Any", workload: Sequence[TimedRequest],
 
 
 def run_to_completion(
-    engine: "LLMEngine | Any", request_ids: Sequence[str], progress: Optional[Progress] = None, task: Optional[TaskID] = None
+    engine: Steppable, request_ids: Sequence[str], progress: Optional[Progress] = None, task: Optional[TaskID] = None
 ) -> list[RequestOutput]:
     """Step until the given requests finish; returns their outputs in order (progress counts tokens).
 
@@ -54,14 +55,14 @@ def run_to_completion(
     return [done[r] if r in done else _lost(engine, r, tokens.get(r, 0)) for r in request_ids]
 
 
-def _lost(engine: "LLMEngine | Any", request_id: str, num_tokens: int) -> RequestOutput:
+def _lost(engine: Steppable, request_id: str, num_tokens: int) -> RequestOutput:
     """A failed output for a request that ended without a finished output."""
     now = engine.clock.now()
     return RequestOutput(request_id, None, [], "", [], True, "error", None, RequestTimeline(arrival_s=now, finish_s=now),
                          error=f"the engine stopped working on it after {num_tokens} tokens, unfinished")
 
 
-def replay(engine: "LLMEngine | Any", workload: Sequence[TimedRequest], seed: int = 0,
+def replay(engine: Steppable, workload: Sequence[TimedRequest], seed: int = 0,
            progress: Optional[Progress] = None, label: str = "replay") -> list[RequestOutput]:
     """Submit a workload and run it to the end; outputs come back in workload order."""
     ids = submit_workload(engine, workload, seed)
