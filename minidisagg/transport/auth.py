@@ -39,6 +39,7 @@ from typing import Optional, Union
 
 from minidisagg.transport import tls
 from minidisagg.transport.framing import (
+    Frame,
     FrameError,
     FrameKind,
     HandshakeError,
@@ -124,7 +125,7 @@ def _nonce(value: object) -> bytes:
     return bytes.fromhex(value)
 
 
-def _recv_auth(sock: Link, timeout_s: float) -> object:
+def _recv_auth(sock: Link, timeout_s: float) -> Frame:
     """One frame of the authentication exchange: a small header, never a payload."""
     return recv_frame(sock, timeout_s, max_header_bytes=MAX_AUTH_HEADER_BYTES, max_payload_bytes=0)
 
