@@ -117,7 +117,7 @@ class TLSStream:
         while True:
             with self._lock:
                 try:
-                    return self._sock.recv_into(buffer, nbytes)
+                    return self._sock.recv_into(buffer, nbytes or None)
                 except ssl.SSLWantReadError:
                     for_write = False
                 except ssl.SSLWantWriteError:
