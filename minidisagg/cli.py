@@ -240,7 +240,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from minidisagg.disagg.serve import DecodeServer, PrefillServer
     from minidisagg.engine.clock import WallClock
     from minidisagg.models.registry import load_model
+    from minidisagg.transport.auth import SECRET_ENV, link_security
 
+    # The secret first, before anything could start a subprocess that inherits it; then out of the environment.
+    security = link_security(args.secret_file or None, args.tls_cert or None, args.tls_key or None,
+                             args.tls_ca or None, args.insecure_no_auth)
+    os.environ.pop(SECRET_ENV, None)
+    if args.role != "router" and (refusal := security.listen_refusal(args.host)) is not None:
+        raise ValueError(refusal)  # before the model loads: seconds, not minutes, to learn what to fix
     if args.cpu_cores:
         os.sched_setaffinity(0, {int(c) for c in args.cpu_cores.split(",")})
     if args.threads:
@@ -258,22 +265,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.role == "router":
         from minidisagg.disagg.router_server import serve_router
 
-        return serve_router(args, config)
+        return serve_router(args, config, security)
     decode_ranks = None
     if args.dist_init:  # join the deployment's torch.distributed group first: under NCCL it picks the GPU
         from minidisagg.transport.dist import init_dist, parse_peer_ranks
 
-        args.device = init_dist(args.dist_init, args.dist_rank, args.dist_world, args.dist_backend, args.device)
+        args.device = init_dist(args.dist_init, args.dist_rank, args.dist_world, args.dist_backend, args.device,
+                                secret=security.secret)
         if args.role == "prefill":
             args.peers, decode_ranks = parse_peer_ranks(args.peers or "")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                         random_weights=args.random_weights)
     clock = WallClock(args.clock_origin)
     if args.role == "decode":
-        server = DecodeServer(loaded, config, args.host, args.port, clock=clock)
+        server = DecodeServer(loaded, config, args.host, args.port, clock=clock, security=security)
     else:
         server = PrefillServer(loaded, config, parse_peers(args.peers or ""), args.host, args.port,
-                               overlap=args.overlap, clock=clock, decode_ranks=decode_ranks)
+                               overlap=args.overlap, clock=clock, decode_ranks=decode_ranks, security=security)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -368,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dist-world", type=int, default=None, help="number of workers in the process group")
     serve.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,
                        help="default: nccl on a CUDA device, else gloo")
+    serve.add_argument("--secret-file", default="",
+                       help="the deployment's shared secret (at least 32 bytes of text, used as is; chmod 600); "
+                            "default: the MINIDISAGG_SECRET environment variable. Every process needs the same one")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="prefill/decode: listen beyond loopback without a secret (anyone who reaches the port "
+                            "may submit, read and abort requests); only on a network you trust")
+    serve.add_argument("--tls-cert", default="", help="TLS: this process's certificate (PEM); workers serve TLS with it")
+    serve.add_argument("--tls-key", default="", help="TLS: the private key of --tls-cert (PEM)")
+    serve.add_argument("--tls-ca", default="", help="TLS: CA bundle that signed the peers' certificates; checks "
+                                                   "the servers this process dials, and makes servers ask clients "
+                                                   "for a certificate (mutual TLS)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks (" + ", ".join(BENCH_SUITES) + ")")

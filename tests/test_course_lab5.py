@@ -13,7 +13,7 @@ import torch
 
 from minidisagg.course import check
 from minidisagg.course.checking import CheckFailed
-from minidisagg.transport.framing import PREFIX, FrameKind, payload_tensor, recv_frame, send_frame
+from minidisagg.transport.framing import PREFIX, WIRE_VERSION, FrameKind, payload_tensor, recv_frame, send_frame
 
 
 def engine_pages_to_frames(pages, transfer_id):
@@ -67,7 +67,7 @@ def frames_with_full_shape(pages, transfer_id):
         header = json.loads(frame[PREFIX.size:PREFIX.size + header_len])
         header["shape"] = [1, *header["shape"]]
         head = json.dumps(header, separators=(",", ":")).encode()
-        out.append(PREFIX.pack(b"MDKV", 1, int(FrameKind.LAYER), 0, len(head), payload_len) + head
+        out.append(PREFIX.pack(b"MDKV", WIRE_VERSION, int(FrameKind.LAYER), 0, len(head), payload_len) + head
                    + frame[PREFIX.size + header_len:])
     return out
 

@@ -10,6 +10,7 @@ import torch
 from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
 from minidisagg.kv.pages import KVLayout
+from minidisagg.transport.auth import LinkSecurity
 from minidisagg.transport.framing import FrameKind, recv_frame, send_frame
 from minidisagg.transport.socket import SocketSender, make_hello
 
@@ -82,7 +83,9 @@ def test_dist_1p2d_equals_colocated_and_leaves_no_orphans(reference, seed, monke
 
 
 def _prefill_link(llm: LLM, port: int) -> SocketSender:
-    return SocketSender("127.0.0.1", port, make_hello("prefill", llm.loaded.config.fingerprint(), layout_of(llm)))
+    security = LinkSecurity(secret=llm.engine.processes[0].secret)  # the launch's secret: its workers ask for it
+    return SocketSender("127.0.0.1", port, make_hello("prefill", llm.loaded.config.fingerprint(), layout_of(llm)),
+                        security=security)
 
 
 def _garbage_link(llm: LLM, port: int, header_update: dict, payload: bytes = b"") -> str:

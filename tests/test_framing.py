@@ -20,6 +20,7 @@ import torch
 from minidisagg.transport.framing import (
     MAGIC,
     PREFIX,
+    WIRE_VERSION,
     FrameError,
     FrameKind,
     HandshakeError,
@@ -219,7 +220,7 @@ def test_partial_reads_reassemble(pair, seed, max_chunk, payload_len):
     assert (frame.kind, frame.header, bytes(frame.payload)) == (FrameKind.TOKENS, header, payload), f"seed={seed}"
 
 
-def raw_prefix(magic=MAGIC, version=1, kind=int(FrameKind.LAYER), flags=0, header_len=2, payload_len=0) -> bytes:
+def raw_prefix(magic=MAGIC, version=WIRE_VERSION, kind=int(FrameKind.LAYER), flags=0, header_len=2, payload_len=0) -> bytes:
     """A hand-made prefix, to forge broken frames."""
     return PREFIX.pack(magic, version, kind, flags, header_len, payload_len)
 
@@ -227,7 +228,7 @@ def raw_prefix(magic=MAGIC, version=1, kind=int(FrameKind.LAYER), flags=0, heade
 GARBAGE = {
     "random bytes": (b"\x00" + random.Random().randbytes(63), {}, "bad magic"),
     "wrong magic": (raw_prefix(magic=b"HTTP") + b"{}", {}, r"bad magic b'HTTP'"),
-    "wrong version": (raw_prefix(version=2) + b"{}", {}, "wrong wire version 2"),
+    "wrong version": (raw_prefix(version=WIRE_VERSION + 1) + b"{}", {}, f"wrong wire version {WIRE_VERSION + 1}"),
     "unknown kind": (raw_prefix(kind=200) + b"{}", {}, "unknown frame kind 200"),
     "flags set": (raw_prefix(flags=1) + b"{}", {}, "unsupported flags"),
     "header over limit": (raw_prefix(header_len=2**31), {}, "header too large"),
@@ -354,6 +355,7 @@ def test_handshake_rejects_roles_and_malformed_hellos(pair):
     a, b = socket.socketpair()
     with a, b:
         server_side = Background(lambda: server_handshake(b, make_hello("decode"), timeout_s=2))
+        assert recv_frame(a, timeout_s=2).header == {"scheme": "none"}  # a server without a secret asks for none
         send_frame(a, FrameKind.HELLO, {"role": "prefill", "fingerprint": "x", "block_size": "16"})
         reply = recv_frame(a, timeout_s=2)
         assert reply.kind is FrameKind.ERROR and "dtype" in reply.header["message"]

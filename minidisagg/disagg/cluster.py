@@ -108,6 +108,7 @@ class DisaggCluster:
                          decode_devices: Optional[Seq[str]]) -> None:
         from minidisagg.disagg.launch import RemoteWorker, launch_local, stop_processes
         from minidisagg.kv.pages import KVLayout
+        from minidisagg.transport.auth import LinkSecurity, new_secret
         from minidisagg.transport.socket import make_hello
 
         loaded = self.loaded
@@ -133,19 +134,20 @@ class DisaggCluster:
             args.append("--batch-invariant")
         if loaded.random_weights:
             args += ["--random-weights", "--seed", str(loaded.seed)]
+        security = LinkSecurity(secret=new_secret())  # this launch's: its workers accept only who proves it
         prefills, decodes, self.log_dir = launch_local(args, num_prefill, num_decode, overlap, pin_cores,
                                                        transport=self.transport, prefill_devices=prefill_devices,
-                                                       decode_devices=decode_devices)
+                                                       decode_devices=decode_devices, secret=security.secret)
         self.processes = prefills + decodes
         cfg = loaded.config
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.cache.block_size, loaded.dtype)
         hello = make_hello("router", cfg.fingerprint(), layout)
         try:
             vocab = cfg.vocab_size
-            self.decode_workers = [RemoteWorker(d.name, d.host, d.port, hello, self._outputs, vocab_size=vocab)
-                                   for d in decodes]
-            self.prefill_workers = [RemoteWorker(p.name, p.host, p.port, hello, self._outputs, vocab_size=vocab)
-                                    for p in prefills]
+            self.decode_workers = [RemoteWorker(d.name, d.host, d.port, hello, self._outputs, vocab_size=vocab,
+                                                security=security) for d in decodes]
+            self.prefill_workers = [RemoteWorker(p.name, p.host, p.port, hello, self._outputs, vocab_size=vocab,
+                                                 security=security) for p in prefills]
         except BaseException:
             stop_processes(self.processes)
             raise

@@ -2,6 +2,10 @@
 
 Children die with their parent (``PR_SET_PDEATHSIG`` on Linux) and are terminated, then
 killed, by ``stop_processes``: no orphan processes, even when the router crashes.
+
+Each launch makes a fresh shared secret (``auth.new_secret``) and hands it to its children in
+their environment (``MINIDISAGG_SECRET``), never on a command line, which other users of the
+machine can read in ``ps``; a child's environment is readable by its owner only.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +30,7 @@ from minidisagg.disagg.prefill_worker import FailedRequest, Submission
 from minidisagg.disagg.serve import submission_to_dict
 from minidisagg.disagg.validate import InvalidMessage, check_output
 from minidisagg.engine.llm_engine import RequestOutput
+from minidisagg.transport.auth import SECRET_ENV, LinkSecurity, new_secret, open_link
 from minidisagg.transport.socket import wait_readable
 from minidisagg.transport.framing import (
     Frame,
@@ -33,8 +38,6 @@ from minidisagg.transport.framing import (
     FrameKind,
     Hello,
     PeerClosed,
-    client_handshake,
-    connect,
     recv_frame,
     send_frame,
 )
@@ -53,7 +56,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 @dataclass
 class WorkerProcess:
-    """A running ``minidisagg serve`` child: its role, name, address and log file."""
+    """A running ``minidisagg serve`` child: its role, name, address, log file and the secret it was given."""
 
     role: str
     name: str
@@ -61,6 +64,7 @@ class WorkerProcess:
     host: str
     port: int
     log_path: Path
+    secret: Optional[bytes] = field(default=None, repr=False)
 
     def log_tail(self, lines: int = 15) -> str:
         """The end of the child's log, for error messages."""
@@ -71,8 +75,12 @@ class WorkerProcess:
 
 
 def start_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
-                 cpu_cores: Optional[str] = None, port: int = 0, device: Optional[str] = None) -> WorkerProcess:
-    """Start one worker process without waiting for it (see ``wait_ready``); ``device`` pins it (see ``placement``)."""
+                 cpu_cores: Optional[str] = None, port: int = 0, device: Optional[str] = None,
+                 secret: Optional[bytes] = None) -> WorkerProcess:
+    """Start one worker process without waiting for it (see ``wait_ready``); ``device`` pins it (see ``placement``).
+
+    ``secret`` reaches the child as ``MINIDISAGG_SECRET`` (None: the child inherits this environment as is).
+    """
     ready = log_dir / f"{name}.port"
     log_path = log_dir / f"{name}.log"
     device_args, device_env = placement(device)
@@ -81,10 +89,12 @@ def start_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path,
     if cpu_cores:
         cmd += ["--cpu-cores", cpu_cores]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **device_env)
+    if secret is not None:
+        env[SECRET_ENV] = secret.decode()
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    return WorkerProcess(role, name, proc, host, port, log_path)
+    return WorkerProcess(role, name, proc, host, port, log_path, secret)
 
 
 def wait_ready(workers: Sequence[WorkerProcess], ready_timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -111,9 +121,9 @@ def wait_ready(workers: Sequence[WorkerProcess], ready_timeout_s: float = READY_
 
 def spawn_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path, host: str = "127.0.0.1",
                  cpu_cores: Optional[str] = None, ready_timeout_s: float = READY_TIMEOUT_S,
-                 device: Optional[str] = None) -> WorkerProcess:
-    """Start one worker process and wait until it listens (or fail with its log)."""
-    worker = start_worker(role, name, serve_args, log_dir, host, cpu_cores, device=device)
+                 device: Optional[str] = None, secret: Optional[bytes] = None) -> WorkerProcess:
+    """Start one worker process and wait until it listens (or fail with its log); ``secret`` as in ``start_worker``."""
+    worker = start_worker(role, name, serve_args, log_dir, host, cpu_cores, device=device, secret=secret)
     wait_ready([worker], ready_timeout_s)
     return worker
 
@@ -145,8 +155,12 @@ def stop_processes(workers: Sequence[WorkerProcess], timeout_s: float = 10.0) ->
 def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, overlap: bool = False,
                  pin_cores: bool = False, transport: str = "socket", dist_backend: Optional[str] = None,
                  host: str = "127.0.0.1", prefill_devices: Optional[Sequence[str]] = None,
-                 decode_devices: Optional[Sequence[str]] = None) -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
+                 decode_devices: Optional[Sequence[str]] = None,
+                 secret: Optional[bytes] = None) -> tuple[list[WorkerProcess], list[WorkerProcess], Path]:
     """Start ``num_decode`` decode servers and ``num_prefill`` prefill servers pointing at them.
+
+    Every worker gets ``secret``, or one made for this launch when None (``WorkerProcess.secret``
+    says which): the workers prove it to each other, and a router must prove it to them.
 
     ``prefill_devices`` / ``decode_devices`` (``"cpu"`` or ``"cuda:N"``, one per worker) pin
     each worker to a device; left out, every worker uses the ``--device`` in ``serve_args``.
@@ -160,6 +174,7 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
     decode_at = check_placement(decode_devices, num_decode, "decode")
     if transport == "dist":
         check_dist_placement([*prefill_at, *decode_at])
+    secret = secret or new_secret()
     log_dir = Path(tempfile.mkdtemp(prefix="minidisagg-workers-"))
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     core_list = sorted(cores)
@@ -177,20 +192,21 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
             world += ["--dist-backend", dist_backend] if dist_backend else []
             for i, port in enumerate(decode_ports):
                 decodes.append(start_worker("decode", f"d{i}", [*serve_args, *world, "--dist-rank", str(i)], log_dir,
-                                            host, core_for(num_prefill + i), port, decode_at[i]))
+                                            host, core_for(num_prefill + i), port, decode_at[i], secret))
             peers = ",".join(f"{d.name}={d.host}:{d.port}@{rank}" for rank, d in enumerate(decodes))
             for i in range(num_prefill):
                 args = [*serve_args, *world, "--dist-rank", str(num_decode + i), "--peers", peers, *overlap_flag]
-                prefills.append(start_worker("prefill", f"p{i}", args, log_dir, host, core_for(i), device=prefill_at[i]))
+                prefills.append(start_worker("prefill", f"p{i}", args, log_dir, host, core_for(i), device=prefill_at[i],
+                                             secret=secret))
             wait_ready(decodes + prefills)
         else:
             for i in range(num_decode):
                 decodes.append(spawn_worker("decode", f"d{i}", serve_args, log_dir, host, core_for(num_prefill + i),
-                                            device=decode_at[i]))
+                                            device=decode_at[i], secret=secret))
             peers = ",".join(f"{d.name}={d.host}:{d.port}" for d in decodes)
             for i in range(num_prefill):
                 prefills.append(spawn_worker("prefill", f"p{i}", [*serve_args, "--peers", peers, *overlap_flag],
-                                             log_dir, host, core_for(i), device=prefill_at[i]))
+                                             log_dir, host, core_for(i), device=prefill_at[i], secret=secret))
     except BaseException:
         stop_processes(prefills + decodes)
         raise
@@ -210,12 +226,12 @@ class RemoteWorker:
 
     def __init__(self, name: str, host: str, port: int, hello: Hello,
                  outputs: "queue.Queue[RequestOutput | FailedRequest]", timeout_s: float = 30.0,
-                 vocab_size: Optional[int] = None) -> None:
+                 vocab_size: Optional[int] = None, security: Optional[LinkSecurity] = None) -> None:
+        """``security``: the deployment's secret (and TLS) to prove to the worker and check it by; None: neither."""
         self.name = name
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
-        self.sock = connect(host, port, timeout_s, retries=20)
-        client_handshake(self.sock, hello, timeout_s)
+        self.sock, _ = open_link(host, port, hello, security or LinkSecurity(), timeout_s, retries=20)
         # One timeout for the socket's whole life: two threads share it, and changing a socket's
         # timeout while another thread blocks in recv can make that recv fail with EAGAIN.
         self.sock.settimeout(timeout_s)

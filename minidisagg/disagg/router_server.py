@@ -39,6 +39,7 @@ from minidisagg.engine.clock import WallClock
 from minidisagg.kv.pages import KVLayout
 from minidisagg.models.registry import LoadedModel
 from minidisagg.models.tokenizer import Tokenizer
+from minidisagg.transport.auth import LinkSecurity
 from minidisagg.transport.framing import FrameError
 from minidisagg.transport.socket import accept_loop, listen, make_hello, parse_host_port
 
@@ -92,7 +93,9 @@ class RemoteCluster(DisaggCluster):
     def __init__(self, loaded: LoadedModel, config: EngineConfig, prefill_addrs: dict[str, Address],
                  decode_addrs: dict[str, Address], routing: str = "round_robin", kv_failure_policy: str = "fail",
                  request_timeout_s: float = 600.0, max_attempts: int = 3, clock_origin_s: Optional[float] = None,
-                 connect_timeout_s: float = 30.0) -> None:
+                 connect_timeout_s: float = 30.0, security: Optional[LinkSecurity] = None) -> None:
+        """``security``: the deployment's secret (and TLS) proved to every worker; None: neither."""
+        self.security = security or LinkSecurity()
         if not prefill_addrs or not decode_addrs:
             raise ValueError("a RemoteCluster needs at least one prefill and one decode address")
         self.prefill_addrs, self.decode_addrs = dict(prefill_addrs), dict(decode_addrs)
@@ -119,7 +122,7 @@ class RemoteCluster(DisaggCluster):
                 for name, (host, port) in addrs.items():
                     try:
                         workers.append(RemoteWorker(name, host, port, hello, self._outputs, self.connect_timeout_s,
-                                                    vocab_size=cfg.vocab_size))
+                                                    vocab_size=cfg.vocab_size, security=self.security))
                     except (ConnectionError, OSError, FrameError) as exc:
                         raise ConnectionError(f"cannot reach {role} worker {name} at {host}:{port}: {exc}") from exc
         except BaseException:
@@ -324,8 +327,11 @@ class RouterServer:
         self.cluster.shutdown(timeout_s / 2)
 
 
-def serve_router(args: argparse.Namespace, config: EngineConfig) -> int:
-    """Run the router role (``minidisagg serve --role router``) until SIGTERM/SIGINT; returns the exit code."""
+def serve_router(args: argparse.Namespace, config: EngineConfig, security: Optional[LinkSecurity] = None) -> int:
+    """Run the router role (``minidisagg serve --role router``) until SIGTERM/SIGINT; returns the exit code.
+
+    ``security`` is what the router proves to the workers; its own client port speaks plain JSON lines.
+    """
     from minidisagg.models.registry import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -342,7 +348,7 @@ def serve_router(args: argparse.Namespace, config: EngineConfig) -> int:
                                 routing=args.routing,
                                 kv_failure_policy=args.kv_failure_policy,
                                 request_timeout_s=args.request_timeout_s,
-                                clock_origin_s=args.clock_origin)
+                                clock_origin_s=args.clock_origin, security=security)
     except ConnectionError as exc:
         log.error("router could not start: %s", exc)
         return 1

@@ -1,6 +1,7 @@
 """Worker processes: a decode server and a prefill server speaking the socket protocol.
 
-Who connects to whom (every connection starts with a HELLO carrying the model fingerprint):
+Who connects to whom (every connection starts with the proof of the deployment's shared secret,
+``transport/auth.py``, over TLS where configured, then a HELLO carrying the model fingerprint):
 
 - the router connects to each prefill server (role ``router``) and sends REQUEST frames;
   the prefill server answers on that connection with TOKENS (a request that stopped at its
@@ -38,6 +39,7 @@ from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.kv.pages import KVLayout
 from minidisagg.plain import plain_dict
 from minidisagg.models.registry import LoadedModel
+from minidisagg.transport.auth import AuthError, LinkSecurity
 from minidisagg.transport.framing import (
     FrameError,
     FrameKind,
@@ -111,7 +113,9 @@ class WorkerServer:
     role = "worker"
     worker: DecodeWorker | PrefillWorker
 
-    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int) -> None:
+    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int,
+                 security: Optional[LinkSecurity] = None) -> None:
+        self.security = security or LinkSecurity()  # subclasses check it first: LinkSecurity.check_listen
         self.hello = make_hello(self.role, loaded.config.fingerprint(), layout)
         self.server = listen(host, port)
         self.port = self.server.getsockname()[1]
@@ -139,12 +143,19 @@ class WorkerServer:
                 "num_blocks": blocks.num_blocks}
 
     def handle(self, sock: socket.socket, peer: str) -> None:
-        """Handshake, then serve the connection by the peer's role; errors drop only this connection."""
+        """TLS (if set), authentication and handshake, then serve the connection by the peer's role.
+
+        Errors drop only this connection; a peer that fails authentication is logged with its address.
+        """
         try:
-            theirs = server_handshake(sock, self.hello, HANDSHAKE_TIMEOUT_S, self.accepted_roles())
+            sock = self.security.wrap_server(sock, HANDSHAKE_TIMEOUT_S, peer)
+            theirs = server_handshake(sock, self.hello, HANDSHAKE_TIMEOUT_S, self.accepted_roles(),
+                                      secret=self.security.secret)
             # Fixed for the connection's life: a reader and other writers share this socket.
             sock.settimeout(SEND_TIMEOUT_S)
             self.serve_role(theirs.role, sock, peer)
+        except AuthError as exc:
+            log.warning("%s: refused %s: %s", self.role, peer, exc)
         except (ConnectionError, FrameError, OSError, TimeoutError) as exc:
             log.warning("%s: connection from %s dropped: %s", self.role, peer, exc)
         except Exception:  # noqa: BLE001 - a bug on one connection must not leak its socket or thread
@@ -205,9 +216,11 @@ class DecodeServer(WorkerServer):
     role = "decode"
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, host: str = "127.0.0.1", port: int = 0,
-                 clock: Optional[WallClock] = None) -> None:
+                 clock: Optional[WallClock] = None, security: Optional[LinkSecurity] = None) -> None:
+        """``security``: the secret (and TLS) peers must prove; None: none, allowed on loopback only."""
+        (security or LinkSecurity()).check_listen(host, self.role)  # no secret beyond loopback: refused here
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
-        super().__init__(loaded, self.worker.layout, host, port)
+        super().__init__(loaded, self.worker.layout, host, port, security)
         self._watch_worker(self.worker)
         self.worker.start()
 
@@ -238,22 +251,28 @@ class PrefillServer(WorkerServer):
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, decode_peers: dict[str, tuple[str, int]],
                  host: str = "127.0.0.1", port: int = 0, overlap: bool = False,
-                 clock: Optional[WallClock] = None, decode_ranks: Optional[dict[str, int]] = None) -> None:
-        """``decode_ranks`` (name -> torch.distributed rank) switches the KV links to the dist transport."""
+                 clock: Optional[WallClock] = None, decode_ranks: Optional[dict[str, int]] = None,
+                 security: Optional[LinkSecurity] = None) -> None:
+        """``decode_ranks`` (name -> torch.distributed rank) switches the KV links to the dist transport.
+
+        ``security``: the secret (and TLS) of the deployment, proved to decode servers and asked of routers.
+        """
+        (security or LinkSecurity()).check_listen(host, self.role)  # no secret beyond loopback: refused here
         self.worker = PrefillWorker("prefill", loaded, config, clock or WallClock(), {}, self._emit, overlap=overlap)
         layout = KVLayout.of(self.worker.engine.kv_cache)
         sender_hello = make_hello("prefill", loaded.config.fingerprint(), layout)
         senders: dict[str, SocketSender]
         if decode_ranks is None:
-            senders = {name: SocketSender(h, p, sender_hello) for name, (h, p) in decode_peers.items()}
+            senders = {name: SocketSender(h, p, sender_hello, security=security) for name, (h, p) in decode_peers.items()}
         else:
             from minidisagg.transport.dist import DistSender
 
             if missing := sorted(set(decode_peers) - set(decode_ranks)):
                 raise ValueError(f"no torch.distributed rank for decode worker(s) {missing}")
-            senders = {name: DistSender(h, p, sender_hello, decode_ranks[name]) for name, (h, p) in decode_peers.items()}
+            senders = {name: DistSender(h, p, sender_hello, decode_ranks[name], security=security)
+                       for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
-        super().__init__(loaded, layout, host, port)
+        super().__init__(loaded, layout, host, port, security)
         self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)
         self._watch_worker(self.worker)
         self.worker.start()

@@ -68,7 +68,9 @@ import torch.distributed as dist
 from minidisagg.engine.clock import event_time_s
 from minidisagg.kv.pages import split_ranges
 from minidisagg.transport.base import TransferError
+from minidisagg.transport.auth import LinkSecurity
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
+from minidisagg.transport.rendezvous import MembershipError, check_init_method, join_store
 from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
 
 log = logging.getLogger(__name__)
@@ -86,11 +88,13 @@ def default_backend(device: str | torch.device) -> str:
 
 
 def init_dist(init_method: str, rank: Optional[int], world_size: Optional[int], backend: Optional[str] = None,
-              device: str = "auto", timeout_s: float = INIT_TIMEOUT_S) -> str:
+              device: str = "auto", timeout_s: float = INIT_TIMEOUT_S, secret: Optional[bytes] = None) -> str:
     """Join the deployment's process group; returns the device this worker should load its model on.
 
     Under NCCL every rank needs a GPU of its own: a device given without an index becomes
-    ``cuda:<rank % device_count>`` and becomes the current CUDA device.
+    ``cuda:<rank % device_count>`` and becomes the current CUDA device. A ``tcp://HOST:PORT``
+    rendezvous store listens on HOST only, and with ``secret`` every rank proves it through the
+    store before any gloo/NCCL connection opens (``rendezvous.py``).
     """
     if not isinstance(rank, int) or not isinstance(world_size, int):
         raise ValueError("--dist-init needs --dist-rank and --dist-world")
@@ -108,9 +112,17 @@ def init_dist(init_method: str, rank: Optional[int], world_size: Optional[int], 
         index = dev.index if dev.index is not None else rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         device = f"cuda:{index}"
+    check_init_method(init_method, secret)
     try:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        store = join_store(init_method, rank, world_size, timeout_s, secret)
+        if store is None:  # not tcp:// (env://, file://, ...): torch's own rendezvous
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+    except MembershipError:  # a rank without the secret: say so, not "did every worker start"
+        raise
     except Exception as exc:  # noqa: BLE001 - c10d raises RuntimeError, DistStoreError, ValueError...
         raise RuntimeError(
             f"rank {rank} of {world_size} could not join the {backend} process group at {init_method} "
@@ -289,13 +301,14 @@ class DistSender(SocketSender):
     name = "dist"
 
     def __init__(self, host: str, port: int, hello: Hello, dst_rank: int, timeout_s: float = FRAME_TIMEOUT_S,
-                 connect_retries: int = CONNECT_RETRIES) -> None:
+                 connect_retries: int = CONNECT_RETRIES, security: Optional[LinkSecurity] = None) -> None:
+        """The control link authenticates like a ``SocketSender``'s (``security``); the pages follow by rank."""
         if not dist.is_initialized():
             raise RuntimeError("DistSender needs torch.distributed.init_process_group (see init_dist) first")
         if not 0 <= dst_rank < dist.get_world_size() or dst_rank == dist.get_rank():
             raise ValueError(f"decode rank {dst_rank} is not a peer of rank {dist.get_rank()} "
                              f"in a world of {dist.get_world_size()}")
-        super().__init__(host, port, hello, timeout_s, connect_retries)
+        super().__init__(host, port, hello, timeout_s, connect_retries, security)
         self.src_rank = dist.get_rank()
         self.dst_rank = dst_rank
         self.device = transfer_device()

@@ -4,8 +4,8 @@ Every message is one frame: a fixed prefix, a JSON header, then raw payload byte
 
     prefix (20 bytes, little-endian, struct "<4sBBHIQ")
       magic        4s   b"MDKV"
-      version      u8   1
-      kind         u8   a FrameKind (HELLO=1 ... HEALTH=14)
+      version      u8   2 (2 added the authentication frames; a version 1 peer is refused)
+      kind         u8   a FrameKind (HELLO=1 ... AUTH_RESPONSE=16)
       flags        u16  0 (reserved)
       header_len   u32  bytes of JSON that follow
       payload_len  u64  raw bytes after the header (may be 0)
@@ -22,6 +22,10 @@ Why this shape:
   instead makes the kernel fault in every page of it, which costs measurable bandwidth.
 - Lengths come first, so the receiver checks them against its limits before it
   allocates or reads anything: a corrupt prefix claiming 2**40 bytes fails at once.
+
+A connection opens with the server's AUTH_CHALLENGE and the client's proof of the
+deployment's shared secret (``auth.py``), then HELLO / HELLO_OK: ``client_handshake`` and
+``server_handshake`` do both steps.
 
 Errors: a malformed frame raises ``FrameError`` (a ValueError), or its subclass ``HeaderError``
 when only the JSON header was bad (too deeply nested, say) and the frame, which had no
@@ -48,7 +52,7 @@ import torch
 
 PREFIX = struct.Struct("<4sBBHIQ")
 MAGIC = b"MDKV"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 DEFAULT_MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_PAYLOAD_BYTES = 4 << 30
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -87,6 +91,8 @@ class FrameKind(enum.IntEnum):
     BYE = 12  # orderly goodbye before close
     CANCEL = 13  # prefill -> decode: give a reservation back
     HEALTH = 14  # worker -> router: {"healthy": bool, "reason": str, ...}; unasked when a worker fails, else after PING
+    AUTH_CHALLENGE = 15  # server -> client, first frame of a connection: {"scheme", "nonce"} (auth.py)
+    AUTH_RESPONSE = 16  # client -> server: proof of the secret; server -> client: its own proof
 
 
 @dataclass
@@ -356,8 +362,11 @@ _COMPARED_FIELDS = ("fingerprint", "dtype", "block_size", "kv_layout", "version"
 _HANDSHAKE_MAX_HEADER_BYTES = 64 << 10
 
 
-def client_handshake(sock: socket.socket, hello: Hello, timeout_s: float) -> Hello:
-    """Send our HELLO and return the server's Hello, or raise HandshakeError with its reason."""
+def client_handshake(sock: socket.socket, hello: Hello, timeout_s: float, secret: bytes | None = None) -> Hello:
+    """Prove ``secret`` and check the server's proof, send our HELLO; the server's Hello, or HandshakeError saying why."""
+    from minidisagg.transport.auth import client_authenticate  # lazy: auth.py builds on this module
+
+    client_authenticate(sock, secret, hello.role, timeout_s)
     send_frame(sock, FrameKind.HELLO, hello.to_header(), timeout_s=timeout_s)
     reply = recv_frame(sock, timeout_s, max_header_bytes=_HANDSHAKE_MAX_HEADER_BYTES, max_payload_bytes=0)
     if reply.kind == FrameKind.ERROR:
@@ -368,9 +377,16 @@ def client_handshake(sock: socket.socket, hello: Hello, timeout_s: float) -> Hel
 
 
 def server_handshake(
-    sock: socket.socket, hello: Hello, timeout_s: float, accept_roles: Collection[str] | None = None
+    sock: socket.socket, hello: Hello, timeout_s: float, accept_roles: Collection[str] | None = None,
+    secret: bytes | None = None,
 ) -> Hello:
-    """Wait for the client's HELLO, check it against ours, reply HELLO_OK or ERROR; returns the client's Hello."""
+    """Have the client prove ``secret`` (auth.py), then check its HELLO against ours; returns the client's Hello.
+
+    Only a client that proved the secret (or any client, without one) learns why its HELLO was refused.
+    """
+    from minidisagg.transport.auth import server_authenticate  # lazy: auth.py builds on this module
+
+    proved_role = server_authenticate(sock, secret, timeout_s)
     frame = recv_frame(sock, timeout_s, max_header_bytes=_HANDSHAKE_MAX_HEADER_BYTES, max_payload_bytes=0)
     try:
         if frame.kind != FrameKind.HELLO:
@@ -385,6 +401,8 @@ def server_handshake(
     ]
     if accept_roles is not None and theirs.role not in accept_roles:
         mismatches.insert(0, f"role: accepted={sorted(accept_roles)} theirs={theirs.role}")
+    if proved_role is not None and theirs.role != proved_role:
+        mismatches.insert(0, f"role: authenticated as {proved_role}, HELLO says {theirs.role}")
     if mismatches:
         _refuse(sock, f"{hello.role} and {theirs.role} disagree on " + "; ".join(mismatches), timeout_s)
     send_frame(sock, FrameKind.HELLO_OK, hello.to_header(), timeout_s=timeout_s)

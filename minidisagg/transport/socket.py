@@ -23,6 +23,7 @@ import torch
 
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout, split_ranges
+from minidisagg.transport.auth import LinkSecurity, open_link
 from minidisagg.transport.base import KVReceiver, KVSender, TransferError
 from minidisagg.transport.trace import kv_trace
 from minidisagg.transport.framing import (
@@ -31,8 +32,6 @@ from minidisagg.transport.framing import (
     HeaderError,
     Hello,
     PeerClosed,
-    client_handshake,
-    connect,
     recv_frame,
     send_frame,
 )
@@ -54,13 +53,13 @@ class SocketSender(KVSender):
     name = "socket"
 
     def __init__(self, host: str, port: int, hello: Hello, timeout_s: float = FRAME_TIMEOUT_S,
-                 connect_retries: int = 50) -> None:
+                 connect_retries: int = 50, security: Optional[LinkSecurity] = None) -> None:
+        """``security``: the deployment's secret (and TLS) this link proves and checks; None: neither."""
         super().__init__()
         self.address = f"{host}:{port}"
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
-        self.sock = connect(host, port, timeout_s, retries=connect_retries)
-        client_handshake(self.sock, hello, timeout_s)
+        self.sock, _ = open_link(host, port, hello, security or LinkSecurity(), timeout_s, retries=connect_retries)
         self._broken: Optional[str] = None
 
     def _exchange(self, kind: FrameKind, header: dict[str, Any], reply_kind: Optional[FrameKind],
@@ -174,8 +173,14 @@ def _is_int(value: object) -> bool:
 
 
 def wait_readable(sock: socket.socket, stop: threading.Event, poll_s: float = 0.2) -> bool:
-    """Block until ``sock`` has bytes (True) or ``stop`` is set (False)."""
+    """Block until ``sock`` has bytes (True) or ``stop`` is set (False).
+
+    A TLS stream may hold decrypted bytes that ``select`` on its socket cannot see: ``pending`` first.
+    """
+    pending = getattr(sock, "pending", None)
     while not stop.is_set():
+        if pending is not None and pending():
+            return True
         ready, _, _ = select.select([sock], [], [], poll_s)
         if ready:
             return True
