@@ -15,6 +15,7 @@ from conftest import make_engine, run_all
 from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.scheduler import POLICIES
+from minidisagg.stages.async_decode import AsyncDecodeStage
 from minidisagg.stages.decode import DecodeStage
 
 
@@ -130,7 +131,7 @@ def test_kv_after_async_decode_matches_a_fresh_prefill(tiny_loaded, seed):
 def test_reserving_blocks_for_incoming_kv_waits_for_queued_steps(tiny_loaded):
     settled = []
 
-    class Watched(DecodeStage):
+    class Watched(AsyncDecodeStage):
         def settle(self) -> None:
             settled.append(True)
             super().settle()
@@ -164,7 +165,7 @@ def test_a_queued_step_runs_only_if_it_is_exactly_the_next_step(tiny_loaded, see
             engine.step()
         seq = engine.sequence(rid)
         seq.output_token_ids[-1] = (seq.output_token_ids[-1] + 1) % tiny_loaded.config.vocab_size
-        dropped = engine.decode_stage.lookahead.dropped
+        dropped = engine.decode_stage.lookahead.dropped if async_scheduling else 0
         engine.step()
         tokens.append(seq.output_token_ids[-1])
         if async_scheduling:

@@ -16,7 +16,7 @@ from minidisagg.course.interference_lab import LabSizes, Scenario, pooled_itl_pe
 from minidisagg.engine.scheduler import POLICIES, StepBudget, StepPlan
 from minidisagg.engine.sequence import Sequence
 from minidisagg.metrics import percentile, summarize
-from minidisagg.stages.base import PrefillChunk
+from minidisagg.engine.batch import PrefillChunk
 
 chunked = POLICIES["chunked"]
 

@@ -67,7 +67,7 @@ def test_the_prefill_fit_recovers_a_known_line_and_never_goes_negative():
 def test_shape_of_work_counts_attention_pairs():
     from types import SimpleNamespace as NS
 
-    from minidisagg.stages.base import PrefillChunk
+    from minidisagg.engine.batch import PrefillChunk
 
     chunks = [PrefillChunk(NS(num_computed_tokens=32, num_prefill_tokens_left=16), 16),
               PrefillChunk(NS(num_computed_tokens=0, num_prefill_tokens_left=40), 8)]

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from minidisagg.config import ModelConfig
 from minidisagg.course.gemm_lab import min_time_s
-from minidisagg.engine.runner import BatchItem, ModelRunner
+from minidisagg.engine.batch import BatchItem
+from minidisagg.engine.runner import ModelRunner
 from minidisagg.kernels.activation import silu_and_mul
 from minidisagg.kernels.attention import AttentionMetadata
 from minidisagg.kernels.linear import linear

@@ -27,7 +27,8 @@ from minidisagg.engine.sequence import Sequence as EngineSequence
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.metrics import SLO, RequestMetrics, slo_attainment
 from minidisagg.models.registry import LoadedModel
-from minidisagg.stages.base import PrefillChunk, StageResult
+from minidisagg.engine.batch import PrefillChunk
+from minidisagg.stages.base import StageResult
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
 from minidisagg.workload import TimedRequest

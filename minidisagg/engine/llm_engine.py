@@ -15,13 +15,14 @@ from minidisagg.engine.clock import Clock, WallClock
 from minidisagg.engine.step_cost import StepShape
 from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sampling import SamplingParams, make_generator
-from minidisagg.engine.scheduler import Policy, Scheduler, StepBudget
-from minidisagg.engine.sequence import Sequence, SequenceState, SequenceStatus
+from minidisagg.engine.scheduler import Policy, Scheduler, StepBudget, StopRules
+from minidisagg.engine.sequence import Sequence, SequenceState
 from minidisagg.engine.text_decoder import TextDecoder
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.metrics import RequestMetrics, RequestTimeline
 from minidisagg.models.registry import LoadedModel
+from minidisagg.stages.async_decode import AsyncDecodeStage
 from minidisagg.stages.base import Stage, StageResult
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
@@ -119,6 +120,10 @@ class LLMEngine:
     ``add_request`` queues work (optionally arriving later on the engine clock); each
     ``step`` admits arrivals, asks the scheduler for a plan and runs the prefill and decode
     stages. Pass ``prefill_stage`` / ``decode_stage`` (a ``Stage`` subclass) to replace a phase.
+    With asynchronous scheduling the stock ``DecodeStage`` becomes an ``AsyncDecodeStage``.
+
+    The scheduler owns the queues and the stopping rules: the engine runs what it plans and
+    hands it the sampled tokens (``Scheduler.update_from_output``).
     """
 
     def __init__(
@@ -143,11 +148,14 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                   async_scheduling=config.async_scheduling, compile_cpu=config.compile_cpu,
                                   native_cpu_decode=config.native_cpu_decode)
+        if self.runner.async_scheduling and decode_stage is DecodeStage:
+            decode_stage = AsyncDecodeStage
         self.prefill_stage: Stage = prefill_stage(self.runner)
         self.decode_stage: Stage = decode_stage(self.runner)
         budget = StepBudget(config.max_num_seqs, config.max_num_batched_tokens)
-        self.scheduler = Scheduler(policy or config.policy, budget, self.blocks,
-                                   lookahead_tokens=1 if self.runner.async_scheduling else 0)
+        stop = StopRules(frozenset(loaded.config.eos_token_ids), self.max_model_len, self._stop_string_hit)
+        self.scheduler = Scheduler(policy or config.policy, budget, self.blocks, stop=stop,
+                                   lookahead_tokens=1 if isinstance(self.decode_stage, AsyncDecodeStage) else 0)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._pending: list[tuple[float, int, Sequence]] = []
@@ -189,7 +197,7 @@ class LLMEngine:
         if not math.isfinite(arrival):  # the step loop waits until the earliest arrival: NaN or inf would wedge it
             raise ValueError(f"arrival_time must be a finite number of seconds, got {arrival_time!r}")
         seq = Sequence(seq_id, request_id, ids, params, RequestTimeline(arrival_s=arrival), prompt=text,
-                       generator=make_generator(params, self.loaded.model.device))
+                       blocks=self.blocks, generator=make_generator(params, self.loaded.model.device))
         self._seqs[request_id] = seq
         heapq.heappush(self._pending, (arrival, seq_id, seq))
         return request_id
@@ -264,10 +272,9 @@ class LLMEngine:
                 result = stage.run(work)
                 charged_s = self.clock.charge(shape, result.elapsed_s)
                 self._apply(stage, result, touched, charged_s)
-        for seq in self.scheduler.finished:
+        for seq in self.scheduler.drain_finished():
             seq.timeline.finish_s = self.clock.now() if seq.timeline.finish_s is None else seq.timeline.finish_s
             touched[seq.seq_id] = seq
-        self.scheduler.finished.clear()
         self.stats.num_preemptions = self.scheduler.num_preemptions
         return [self.output_of(s) for s in touched.values()]
 
@@ -275,35 +282,16 @@ class LLMEngine:
         t = self.clock.now()
         self.stats.steps.append(StepRecord(stage.name, len(result.seqs), result.num_tokens, charged_s, t,
                                            result.elapsed_s))
-        for seq, token in zip(result.seqs, result.new_token_ids):
-            if token is None:
-                continue
-            if seq.status is SequenceStatus.WAITING:  # its prefill just completed (O(1), unlike a queue scan)
-                self.scheduler.on_prefill_done(seq)
-                if seq.timeline.prefill_end_s is None:
-                    seq.timeline.prefill_end_s = t
-            seq.output_token_ids.append(token)
-            seq.timeline.record_token(t)
+        update = self.scheduler.update_from_output(result.seqs, result.new_token_ids, t,
+                                                   hand_off=self.handoff is not None)
+        for seq in update.touched:
             touched[seq.seq_id] = seq
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            elif self.handoff is not None and seq.status is SequenceStatus.RUNNING and len(seq.output_token_ids) == 1:
-                self.scheduler.running.remove(seq)
-                seq.status = SequenceStatus.HANDED_OFF
-                self.handoff(seq)
+        for seq in update.handed_off:
+            self.handoff(seq)
 
-    def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
-        p = seq.params
-        if not p.ignore_eos and token in self.model_config.eos_token_ids:
-            return "stop"
-        if p.stop_token_ids and token in p.stop_token_ids:
-            return "stop"
-        if p.stop and self._stop_string_at(seq) is not None:
-            return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+    def _stop_string_hit(self, seq: Sequence) -> bool:
+        """Whether the sequence's text now holds one of its stop strings (the scheduler's stopping rules ask)."""
+        return self._stop_string_at(seq) is not None
 
     def _text_of(self, seq: Sequence) -> str:
         """The sequence's output text (special tokens skipped), decoding only what is new since last time."""
@@ -338,10 +326,7 @@ class LLMEngine:
     # ---- disaggregation: hand a prefilled sequence over, or take one in ------------------------
     def release_handed_off(self, seq: Sequence) -> None:
         """The decode side holds this sequence now: free its blocks here and forget it."""
-        self.blocks.free(seq.seq_id)
-        seq.block_table = []
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "handed_off"
+        self.scheduler.release_handed_off(seq)
         self._seqs.pop(seq.request_id, None)
 
     def reserve(self, key: str, num_tokens: int) -> Optional[list[int]]:
@@ -349,7 +334,7 @@ class LLMEngine:
         if num_tokens + 1 > self.blocks.capacity_tokens:
             raise ValueError(f"{num_tokens} tokens can never fit this KV pool ({self.blocks.capacity_tokens} slots)")
         # Leave a block of headroom per running sequence, so incoming KV does not starve their growth.
-        headroom = len(self.scheduler.running)
+        headroom = self.scheduler.num_running
         needed = self.blocks.blocks_needed(num_tokens)
         if self.blocks.block_table(key) or needed + headroom > self.blocks.num_free_blocks:
             return None
@@ -399,10 +384,9 @@ class LLMEngine:
         except (TypeError, ValueError, RuntimeError) as exc:  # not base64, or not a state of this device's generator
             raise ValueError(f"request {rid}: generator_state_b64 cannot be restored here: {exc}") from None
         seq = Sequence(next(self._ids), rid, list(state.prompt_token_ids), params, timeline, prompt=state.prompt,
-                       output_token_ids=list(state.output_token_ids), generator=generator)
-        seq.num_computed_tokens = num_computed_tokens
-        seq.block_table = self.blocks.rename(key, seq.seq_id)
-        seq.status = SequenceStatus.RUNNING
+                       output_token_ids=list(state.output_token_ids), num_computed_tokens=num_computed_tokens,
+                       blocks=self.blocks, generator=generator)
+        self.blocks.rename(key, seq.seq_id)
+        self.scheduler.adopt(seq)
         self._seqs[seq.request_id] = seq
-        self.scheduler.running.append(seq)
         return seq

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from minidisagg.kernels.attention import AttentionMetadata
 from minidisagg.kernels.triton_support import use_triton
@@ -19,16 +19,6 @@ if TYPE_CHECKING:
     from minidisagg.engine.native_decode import NativeCpuDecode
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """Tokens of one sequence to run now, at positions ``start_pos ...``, with the blocks holding its KV."""
-
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-    want_logits: bool
 
 
 class ModelRunner:

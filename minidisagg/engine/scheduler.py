@@ -1,20 +1,23 @@
 """Iteration-level scheduling (Orca-style continuous batching) with pluggable policies.
 
-Each engine step the scheduler asks a *policy* which work to run (decodes of running
-sequences, prefill chunks of waiting ones), then makes that plan fit the KV pool: it
-grows block tables, defers prefills that do not fit, and preempts (frees and later
-recomputes) the newest running sequences when decodes run out of blocks.
+The scheduler owns every request's lifecycle: waiting, running, handed off, finished. Each
+engine step it asks a *policy* which work to run (decodes of running sequences, prefill chunks
+of waiting ones) and makes that plan fit the KV pool: it asks the ``BlockManager`` for slots,
+defers prefills that do not fit, and preempts (frees and later recomputes) the newest running
+sequences when decodes run out of blocks. After the stages ran, ``update_from_output`` takes
+the sampled tokens, applies the stopping rules and moves sequences between queues. Nothing in
+it needs a model: ``tests/test_scheduler.py`` drives it with plain token lists.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from minidisagg.engine.sequence import Sequence, SequenceStatus
 from minidisagg.kv.block_manager import BlockManager
-from minidisagg.stages.base import PrefillChunk
+from minidisagg.engine.batch import PrefillChunk
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,47 @@ class PolicyError(ValueError):
     """A scheduling policy returned a plan that breaks the scheduler's rules."""
 
 
-class Scheduler:
-    """Holds the waiting and running queues and turns policy plans into feasible steps."""
+@dataclass(frozen=True)
+class StopRules:
+    """When a sequence stops: end-of-sequence tokens, the context length, and stop strings.
 
-    def __init__(self, policy: Policy | str, budget: StepBudget, blocks: BlockManager, lookahead_tokens: int = 0) -> None:
+    ``stop_string_hit`` says whether a sequence's text now contains one of its stop strings; the
+    engine supplies it, as only the engine holds the tokenizer. Stop and length limits asked for
+    by the request itself (``stop_token_ids``, ``max_tokens``, ``ignore_eos``) come from its params.
+    """
+
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 2**31
+    stop_string_hit: Optional[Callable[[Sequence], bool]] = None
+
+    def reason(self, seq: Sequence, token: int) -> Optional[str]:
+        """``"stop"`` or ``"length"`` when ``seq`` must stop after ``token`` (already appended), else None."""
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if p.stop_token_ids and token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.stop_string_hit is not None and self.stop_string_hit(seq):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+
+@dataclass
+class StepUpdate:
+    """What one stage's tokens did: who got a token, who finished, who was handed off."""
+
+    touched: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+    handed_off: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    """Holds the waiting and running queues, turns policy plans into feasible steps, and applies their outputs."""
+
+    def __init__(self, policy: Policy | str, budget: StepBudget, blocks: BlockManager, lookahead_tokens: int = 0,
+                 stop: StopRules = StopRules()) -> None:
         if isinstance(policy, str):
             if policy not in POLICIES:
                 raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
@@ -112,6 +152,7 @@ class Scheduler:
         self.policy = policy
         self.budget = budget
         self.blocks = blocks
+        self.stop = stop
         # With asynchronous scheduling the step after this one is queued before the next schedule:
         # a decode also takes the block its next token needs, when that leaves a free block for
         # every decode in the plan (so it never causes a preemption).
@@ -119,16 +160,30 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.finished: list[Sequence] = []  # finished by the scheduler itself; the engine drains it
+        self._finished: list[Sequence] = []  # finished since the last drain_finished()
 
+    # ---- queues ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence for prefill."""
+        if seq.status is not SequenceStatus.WAITING:
+            raise ValueError(f"request {seq.request_id} is {seq.status.value}; only a waiting sequence can be added")
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
+    @property
+    def num_running(self) -> int:
+        """Sequences decoding now."""
+        return len(self.running)
+
+    def drain_finished(self) -> list[Sequence]:
+        """Sequences finished since the last call (by their outputs, by the pool, or aborted), oldest first."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    # ---- planning ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Ask the policy for a plan, check it, and fit it into the KV pool."""
         plan = self.policy(list(self.waiting), list(self.running), self.budget)
@@ -164,23 +219,21 @@ class Scheduler:
         for seq in decodes:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_tokens = seq.num_tokens
-            fits = self.blocks.can_grow(seq.seq_id, num_tokens)
-            while not fits:
+            table = self.blocks.allocate_slots(seq, 1)  # the slot of the token this step computes
+            while table is None:
                 victim = self._pick_victim(exclude=seq)
                 if victim is None:
                     break
                 self.preempt(victim)
                 if victim in fitted:
                     fitted.remove(victim)
-                fits = self.blocks.can_grow(seq.seq_id, num_tokens)
-            if fits:
-                seq.block_table = self.blocks.grow(seq.seq_id, num_tokens)
-                ahead = num_tokens + self.lookahead_tokens
+                table = self.blocks.allocate_slots(seq, 1)
+            if table is not None:
+                ahead = seq.num_tokens + self.lookahead_tokens
                 if self.lookahead_tokens and self.blocks.num_extra_blocks(seq.seq_id, ahead) < self.blocks.num_free_blocks - len(decodes):
-                    seq.block_table = self.blocks.grow(seq.seq_id, ahead)
+                    self.blocks.allocate_slots(seq, 1, lookahead=self.lookahead_tokens)
                 fitted.append(seq)
-            elif self.blocks.blocks_needed(num_tokens) > self.blocks.num_blocks:
+            elif self.blocks.blocks_needed(seq.num_tokens) > self.blocks.num_blocks:
                 self.finish(seq, "length")  # alone, it would overflow the whole KV pool
             else:
                 self.preempt(seq)  # the rest is held by blocks it cannot take (e.g. incoming KV): retry later
@@ -192,9 +245,7 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is not SequenceStatus.WAITING:
                 continue
-            target = seq.num_computed_tokens + chunk.num_tokens
-            if self.blocks.can_grow(seq.seq_id, target):
-                seq.block_table = self.blocks.grow(seq.seq_id, target)
+            if self.blocks.allocate_slots(seq, chunk.num_tokens) is not None:
                 fitted.append(chunk)
             elif not any(owner != seq.seq_id for owner in self.blocks.owners()):
                 self.finish(seq, "length")  # even the empty pool cannot hold it
@@ -211,10 +262,44 @@ class Scheduler:
                 return seq
         return None
 
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def update_from_output(self, seqs: list[Sequence], token_ids: list[Optional[int]], now_s: float,
+                           hand_off: bool = False) -> StepUpdate:
+        """Apply one stage's sampled tokens (``None``: no token yet, a prefill chunk that was not the last).
+
+        A sequence whose prefill completed starts running; each token is appended and timed at
+        ``now_s``; a sequence that meets a stopping rule finishes and frees its blocks. With
+        ``hand_off``, a sequence that has just sampled its first token leaves the running queue
+        with its blocks still owned (``hand_off``), for a decode worker to continue.
+        """
+        update = StepUpdate()
+        for seq, token in zip(seqs, token_ids):
+            if token is None:
+                continue
+            if seq.status is SequenceStatus.WAITING:  # its prefill just completed
+                self._start_running(seq)
+                if seq.timeline.prefill_end_s is None:
+                    seq.timeline.prefill_end_s = now_s
+            seq.output_token_ids.append(token)
+            seq.timeline.record_token(now_s)
+            update.touched.append(seq)
+            reason = self.stop.reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+                update.finished.append(seq)
+            elif hand_off and seq.status is SequenceStatus.RUNNING and len(seq.output_token_ids) == 1:
+                self.hand_off(seq)
+                update.handed_off.append(seq)
+        return update
+
+    def _start_running(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def preempt(self, seq: Sequence) -> None:
         """Free a sequence's blocks and put it back at the front of the queue to be recomputed."""
         self.blocks.free(seq.seq_id)
-        seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -222,12 +307,6 @@ class Scheduler:
             self.running.remove(seq)
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
-
-    def on_prefill_done(self, seq: Sequence) -> None:
-        """Move a sequence whose prefill completed from waiting to running."""
-        self.waiting.remove(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark a sequence finished, drop it from the queues and free its blocks."""
@@ -237,6 +316,31 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.finished.append(seq)
+        self._finished.append(seq)
         self.blocks.free(seq.seq_id)
-        seq.block_table = []
+
+    # ---- disaggregation ----------------------------------------------------------------------
+    def hand_off(self, seq: Sequence) -> None:
+        """Take a running sequence out of the queues for another engine to decode; its blocks stay owned."""
+        if seq.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"request {seq.request_id} is {seq.status.value}; only a running sequence is handed off")
+        self.running.remove(seq)
+        seq.status = SequenceStatus.HANDED_OFF
+
+    def release_handed_off(self, seq: Sequence) -> None:
+        """The other engine holds a handed-off sequence now: free its blocks here."""
+        if seq.status is not SequenceStatus.HANDED_OFF:
+            raise ValueError(f"request {seq.request_id} is {seq.status.value}, not handed off")
+        self.blocks.free(seq.seq_id)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "handed_off"
+
+    def adopt(self, seq: Sequence) -> None:
+        """Start decoding a sequence prefilled elsewhere; its blocks must already hold every token's KV but the last."""
+        if seq.status is not SequenceStatus.WAITING or seq.num_prefill_tokens_left != 1:
+            raise ValueError(f"request {seq.request_id}: only a sequence with every token's KV but the last "
+                             f"can be adopted ({seq.num_prefill_tokens_left} tokens lack KV)")
+        if self.blocks.blocks_needed(seq.num_computed_tokens) > len(self.blocks.block_table(seq.seq_id)):
+            raise ValueError(f"request {seq.request_id}: its blocks cannot hold its {seq.num_computed_tokens} tokens of KV")
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)

@@ -12,6 +12,7 @@ import torch
 
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.text_decoder import TextDecoder
+from minidisagg.kv.block_manager import BlockManager
 from minidisagg.metrics import RequestTimeline
 from minidisagg.plain import plain_dict
 
@@ -44,12 +45,17 @@ class Sequence:
     prompt: Optional[str] = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    blocks: Optional[BlockManager] = field(default=None, repr=False)  # the pool whose blocks hold this KV
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[str] = None
     num_preemptions: int = 0
     generator: Optional[torch.Generator] = None
     text_decoder: Optional[TextDecoder] = None  # keeps the output text up to date; made on first use
+
+    @property
+    def block_table(self) -> list[int]:
+        """This sequence's KV blocks in token order, as its pool's ``BlockManager`` holds them (read it only)."""
+        return [] if self.blocks is None else self.blocks.block_table(self.seq_id)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -7,46 +7,16 @@ per layer, and a sequence's block table lists the blocks that hold its tokens in
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from minidisagg.kernels.attention_metadata import AttentionMetadata
 from minidisagg.kernels.triton_support import use_triton
 
 INVARIANT_QUERY_TILE = 16
 INVARIANT_KEY_BLOCK = 64
-
-
-@dataclass
-class AttentionMetadata:
-    """Where each sequence's queries sit in the packed batch and where its keys sit in the cache."""
-
-    query_starts: list[int]
-    query_lens: list[int]
-    context_lens: list[int]  # tokens in the cache after this step's write, per sequence
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
-    context_lens_tensor: torch.Tensor  # [num_seqs] int64
-    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of each new token
-    batch_invariant: bool = False
-    num_splits: int | None = None  # decode attention's context splits, pinned (CUDA graphs); None: chosen per call
-
-    @property
-    def num_seqs(self) -> int:
-        """Number of sequences in the batch."""
-        return len(self.query_lens)
-
-    @property
-    def is_decode(self) -> bool:
-        """True when every sequence contributes exactly one query token."""
-        return all(n == 1 for n in self.query_lens)
-
-    @functools.cached_property
-    def host_block_tables(self) -> list[list[int]]:
-        """``block_tables`` as Python lists, read once per batch (for the CPU path: on a GPU it would sync)."""
-        return self.block_tables.tolist()
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minidisagg.kernels.attention import AttentionMetadata
+from minidisagg.kernels.attention_metadata import AttentionMetadata
 from minidisagg.kernels.triton_support import next_pow2
 
 LOG2_E = 1.4426950408889634

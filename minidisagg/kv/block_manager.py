@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Hashable, Optional, Protocol
 
 
 class OutOfBlocksError(RuntimeError):
     """Raised when an allocation is attempted without enough free blocks (check first)."""
+
+
+class KVOwner(Protocol):
+    """What ``allocate_slots`` reads of a sequence: the key its blocks are held under, and its KV progress."""
+
+    @property
+    def seq_id(self) -> Hashable:
+        """The key this sequence's blocks are held under."""
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose KV is already in the pool."""
 
 
 class BlockManager:
@@ -50,6 +63,19 @@ class BlockManager:
     def can_grow(self, seq_key: object, num_tokens: int) -> bool:
         """Whether the sequence can be grown to ``num_tokens`` tokens now."""
         return self.num_extra_blocks(seq_key, num_tokens) <= self.num_free_blocks
+
+    def allocate_slots(self, seq: KVOwner, num_new_tokens: int, lookahead: int = 0) -> Optional[list[int]]:
+        """Give ``seq`` slots for ``num_new_tokens`` more tokens (plus ``lookahead``) past its computed ones.
+
+        All or nothing: returns the sequence's block table, or None, changing nothing, when the pool
+        lacks the blocks. The scheduler asks through this; it never writes a block table itself.
+        """
+        if num_new_tokens < 0 or lookahead < 0:
+            raise ValueError(f"num_new_tokens and lookahead must be >= 0, got {num_new_tokens}, {lookahead}")
+        target = seq.num_computed_tokens + num_new_tokens + lookahead
+        if not self.can_grow(seq.seq_id, target):
+            return None
+        return self.grow(seq.seq_id, target)
 
     def grow(self, seq_key: object, num_tokens: int) -> list[int]:
         """Ensure the sequence owns enough blocks for ``num_tokens`` tokens; returns its table."""

@@ -1,7 +1,9 @@
 """Pluggable stages: prefill (prompt -> KV pages + first token) and decode (one token per step)."""
 
-from minidisagg.stages.base import PrefillChunk, Stage, StageResult
+from minidisagg.engine.batch import PrefillChunk
+from minidisagg.stages.async_decode import AsyncDecodeStage
+from minidisagg.stages.base import Stage, StageResult
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
 
-__all__ = ["DecodeStage", "PrefillChunk", "PrefillStage", "Stage", "StageResult"]
+__all__ = ["AsyncDecodeStage", "DecodeStage", "PrefillChunk", "PrefillStage", "Stage", "StageResult"]

@@ -7,22 +7,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Generic, Optional, TypeVar
 
-from minidisagg.engine.runner import BatchItem, ModelRunner
+from minidisagg.engine.batch import BatchItem
+from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sampling import sample
 from minidisagg.engine.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class PrefillChunk:
-    """Prefill the next ``num_tokens`` uncomputed tokens of ``seq``."""
-
-    seq: Sequence
-    num_tokens: int
-
-    @property
-    def is_last(self) -> bool:
-        """Whether this chunk completes the sequence's prefill (so a token is sampled)."""
-        return self.num_tokens == self.seq.num_prefill_tokens_left
 
 
 @dataclass

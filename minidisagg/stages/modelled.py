@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from minidisagg.engine.batch import PrefillChunk
 from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sequence import Sequence
 from minidisagg.engine.step_cost import DECODE, PREFILL, StepShape
-from minidisagg.stages.base import PrefillChunk, StageResult
+from minidisagg.stages.base import StageResult
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from minidisagg.engine.runner import BatchItem
+from minidisagg.engine.batch import BatchItem, PrefillChunk
 from minidisagg.engine.sequence import Sequence
-from minidisagg.stages.base import PrefillChunk, Stage, StageResult
+from minidisagg.stages.base import Stage, StageResult
 
 
 class PrefillStage(Stage[PrefillChunk]):

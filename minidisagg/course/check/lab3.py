@@ -21,7 +21,7 @@ from minidisagg.engine.scheduler import POLICIES, StepBudget, StepPlan
 from minidisagg.engine.sequence import Sequence, SequenceStatus
 from minidisagg.metrics import RequestMetrics, RequestTimeline, percentile, summarize
 from minidisagg.models.registry import LoadedModel, load_model
-from minidisagg.stages.base import PrefillChunk
+from minidisagg.engine.batch import PrefillChunk
 
 NUM_SCHEDULES = 40
 NUM_ITL_CASES = 40
