@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import make_engine, run_all, token_prompts
 from minidisagg.config import EngineConfig
 from minidisagg.engine import compiled
-from minidisagg.engine.runner import BatchItem
+from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.kernels import cpu_native
 

@@ -12,7 +12,8 @@ from minidisagg.course import check
 from minidisagg.course.checking import CheckFailed
 from minidisagg.course.kv_lab import (DecodeTimer, attention_inputs, attention_outputs, causal_attention,
                                       decode_with_engine_cache, embed, engine_logits, final_logits)
-from minidisagg.engine.runner import BatchItem, ModelRunner
+from minidisagg.engine.batch import BatchItem
+from minidisagg.engine.runner import ModelRunner
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.roofline import dtype_bytes

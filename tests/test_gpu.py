@@ -52,7 +52,7 @@ def test_triton_path_equals_torch_path_greedy(monkeypatch, seed):
 
 def test_triton_path_close_to_torch_path_bf16_logits(monkeypatch, seed):
     """bf16: first-step logits of the two paths agree to bf16 precision."""
-    from minidisagg.engine.runner import BatchItem
+    from minidisagg.engine.batch import BatchItem
 
     llm = engine("smollm2-135m", "bfloat16", cuda_graphs=False)
     runner = llm.engine.runner
@@ -111,7 +111,7 @@ def test_capture_cuda_graphs_captures_every_bucket_and_replays_equal(seed):
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
 def test_cuda_graph_logits_close_to_eager_bf16(seed, batch_size):
     """bf16: one decode step by graph replay and eagerly give logits equal to bf16 precision."""
-    from minidisagg.engine.runner import BatchItem
+    from minidisagg.engine.batch import BatchItem
 
     llm = engine("llama-1b", "bfloat16", cuda_graphs=True, max_num_seqs=16)
     runner = llm.engine.runner

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_engine, run_all
-from minidisagg.engine.runner import BatchItem, ModelRunner
+from minidisagg.engine.batch import BatchItem
+from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.kv.cache import PagedKVCache
 

@@ -12,7 +12,7 @@ from conftest import make_engine, run_all, token_prompts
 from minidisagg.config import EngineConfig
 from minidisagg.engine import native_decode
 from minidisagg.engine.compiled import StepKernels
-from minidisagg.engine.runner import BatchItem
+from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.kernels import cpu_native
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from minidisagg.config import PRESETS, ModelConfig
-from minidisagg.engine.runner import BatchItem
+from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.llm import LLM
 from minidisagg.models.llama import weight_bytes

@@ -287,7 +287,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
 
     def receive_dist(header: dict[str, Any]) -> None:
         """Header checked like a socket payload's; the pages' receives posted and their scatters queued (dist.py)."""
-        from minidisagg.transport import dist as kv_dist  # lazy: dist.py builds on this module
+        from minidisagg.transport import dist_receive as kv_dist  # torch.distributed only when a link uses it
 
         device = kv_dist.transfer_device()
         ranges = pieces_of(header)
@@ -328,7 +328,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
         """
         if not dist_source:
             return None
-        from minidisagg.transport import dist as kv_dist
+        from minidisagg.transport import dist_receive as kv_dist
 
         for work, view, first, order in deferred.pop(tid, []):
             kv_dist.finish_receive(work, False, dist_source["rank"], frame_timeout_s)
@@ -432,7 +432,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                             peer or "a prefill worker", exc)
             receiver.cancel(tid)
         if dist_source:
-            from minidisagg.transport.dist import SOURCE_CLAIMS
+            from minidisagg.transport.dist_receive import SOURCE_CLAIMS
 
             SOURCE_CLAIMS.release(sock)
         sock.close()
