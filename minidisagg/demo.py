@@ -45,7 +45,7 @@ from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.engine.steppable import Steppable
 from minidisagg.models.registry import LoadedModel, load_model
 from minidisagg.stages.modelled import use_modelled_stages
-from minidisagg.workload import TimedRequest, interference_workload
+from minidisagg.workload import Scenario, TimedRequest
 
 
 WARM_UP_DECODE_TOKENS = 12  # enough gaps that their lower quartile is a plain decode step, chunked or not
@@ -53,60 +53,64 @@ WARM_UP_DECODE_TOKENS = 12  # enough gaps that their lower quartile is a plain d
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the interference scenario; when the long prompts arrive follows from the calibrated costs."""
+    """The interference scenario's sizes; when the long prompts arrive follows from the calibrated costs.
 
-    num_decodes: int = 4
-    decode_prompt_len: int = 32
-    num_long: int = 2
-    long_prompt_len: int = 512
-    long_output_len: int = 8
+    ``scenario`` is lab 3's ``Scenario``: its timing fields are ignored here, as ``schedule`` derives
+    them; its ``token_budget`` is the chunked engine's step budget.
+    """
+
+    scenario: Scenario = Scenario(num_decodes=4, decode_prompt_len=32, num_long=2, long_prompt_len=512,
+                                  long_output_len=8, token_budget=128, seed=0)
     long_every_steps: int = 24  # decode steps between two long prompts, at least
-    chunk_budget_tokens: int = 128
     calibration_repeats: int = 3
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_decodes", "decode_prompt_len", "num_long", "long_prompt_len", "long_output_len",
-                     "long_every_steps", "chunk_budget_tokens", "calibration_repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DemoSettings.{name} must be >= 1, got {getattr(self, name)}")
+        sizes = {"num_decodes": self.scenario.num_decodes, "decode_prompt_len": self.scenario.decode_prompt_len,
+                 "num_long": self.scenario.num_long, "long_prompt_len": self.scenario.long_prompt_len,
+                 "long_output_len": self.scenario.long_output_len, "token_budget": self.scenario.token_budget,
+                 "long_every_steps": self.long_every_steps, "calibration_repeats": self.calibration_repeats}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"DemoSettings: {name} must be >= 1, got {value}")
 
     @classmethod
     def for_device(cls, device: torch.device) -> "DemoSettings":
         """Larger prompts and batches on a GPU, where a small prefill is too fast to see."""
         if device.type == "cuda":
-            return cls(num_decodes=16, num_long=3, long_prompt_len=4096, long_every_steps=40, chunk_budget_tokens=512)
+            return cls(dataclasses.replace(cls.scenario, num_decodes=16, num_long=3, long_prompt_len=4096,
+                                           token_budget=512), long_every_steps=40)
         return cls()
 
     def calibration_plan(self) -> CalibrationPlan:
         """Every shape the replays run: prefills up to a whole long prompt, decode batches up to all requests."""
-        return CalibrationPlan.covering(self.long_prompt_len, self.num_decodes + 1,
-                                        self.long_prompt_len + self.long_output_len, repeats=self.calibration_repeats)
+        sc = self.scenario
+        return CalibrationPlan.covering(sc.long_prompt_len, sc.num_decodes + 1, sc.long_prompt_len + sc.long_output_len,
+                                        repeats=self.calibration_repeats)
 
     def schedule(self, costs: StepCostModel) -> "DemoSchedule":
         """When the long prompts arrive, how long the decodes run, and what the costs predict for the tail."""
-        decode_s = costs.decode_cost_s(self.num_decodes, self.decode_prompt_len)
-        chunks = range(0, self.long_prompt_len, self.chunk_budget_tokens)
-        chunked_long_s = sum(costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len - c), c) + decode_s
+        sc = self.scenario
+        decode_s = costs.decode_cost_s(sc.num_decodes, sc.decode_prompt_len)
+        chunks = range(0, sc.long_prompt_len, sc.token_budget)
+        chunked_long_s = sum(costs.prefill_cost_s(min(sc.token_budget, sc.long_prompt_len - c), c) + decode_s
                              for c in chunks)
         # a period holds one chunked long prefill and long_every_steps plain decode steps; the decodes last
         # half a period past the last arrival even where nothing stalls them (disaggregated)
         period_s = chunked_long_s + self.long_every_steps * decode_s
-        last_arrival_s = period_s / 2 + (self.num_long - 1) * period_s
+        last_arrival_s = period_s / 2 + (sc.num_long - 1) * period_s
         output_len = math.ceil((last_arrival_s + period_s / 2) / decode_s)
-        whole_step_s = costs.prefill_cost_s(self.long_prompt_len) + decode_s
-        chunk_step_s = costs.prefill_cost_s(min(self.chunk_budget_tokens, self.long_prompt_len),
-                                            self.long_prompt_len // 2) + decode_s
-        workload = interference_workload(self.num_decodes, self.decode_prompt_len, output_len, self.num_long,
-                                         self.long_prompt_len, period_s, self.long_output_len, start_long_s=period_s / 2)
-        return DemoSchedule(period_s, output_len, whole_step_s / chunk_step_s, tuple(workload))
+        whole_step_s = costs.prefill_cost_s(sc.long_prompt_len) + decode_s
+        chunk_step_s = costs.prefill_cost_s(min(sc.token_budget, sc.long_prompt_len), sc.long_prompt_len // 2) + decode_s
+        timed = dataclasses.replace(sc, decode_output_len=output_len, long_every_s=period_s, start_long_s=period_s / 2)
+        return DemoSchedule(period_s, output_len, whole_step_s / chunk_step_s, tuple(timed.workload()))
 
     def engine_config(self, policy: str, workload: Sequence[TimedRequest]) -> EngineConfig:
         """The colocated engine for ``policy`` (a whole prompt per step, or chunks), its KV pool sized for ``workload``."""
-        whole = self.long_prompt_len + self.num_decodes * self.decode_prompt_len
-        budget = self.chunk_budget_tokens if policy == "chunked" else whole
+        sc = self.scenario
+        whole = sc.long_prompt_len + sc.num_decodes * sc.decode_prompt_len
+        budget = sc.token_budget if policy == "chunked" else whole
         blocks = sum(-(-(r.prompt_len + r.output_len) // 16) for r in workload) + len(workload) + 8
-        return EngineConfig(max_num_seqs=self.num_decodes + self.num_long, max_num_batched_tokens=budget,
+        return EngineConfig(max_num_seqs=sc.num_decodes + sc.num_long, max_num_batched_tokens=budget,
                             policy=policy, cache=CacheConfig(block_size=16, num_blocks=blocks))
 
 
@@ -134,10 +138,11 @@ def warm_up(engine: Steppable, settings: DemoSettings) -> float:
     if isinstance(engine, LLMEngine):
         engine.capture_cuda_graphs()
     start = engine.clock.now()
-    warm = interference_workload(settings.num_decodes, settings.decode_prompt_len, WARM_UP_DECODE_TOKENS, 1,
-                                 settings.long_prompt_len, 1.0, 2, start_long_s=0.0)
-    outs = replay(engine, [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in warm], settings.seed + 1)
-    gaps = sorted(gap for o in outs[:settings.num_decodes] if o.metrics is not None for gap in o.metrics.itl_s)
+    sc = settings.scenario
+    warm = dataclasses.replace(sc, decode_output_len=WARM_UP_DECODE_TOKENS, num_long=1, long_every_s=1.0,
+                               long_output_len=2, start_long_s=0.0).workload()
+    outs = replay(engine, [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in warm], sc.seed + 1)
+    gaps = sorted(gap for o in outs[:sc.num_decodes] if o.metrics is not None for gap in o.metrics.itl_s)
     return gaps[len(gaps) // 4] if gaps else math.nan  # NaN: every warm-up decode failed
 
 
@@ -158,8 +163,8 @@ def timed_replay(engine: Steppable, label: str, clock: str, workload: Sequence[T
     """Replay ``workload`` from the engine clock's current time; arrivals and the duration count from there."""
     start = engine.clock.now()
     shifted = [dataclasses.replace(r, arrival_s=r.arrival_s + start) for r in workload]
-    outs = replay(engine, shifted, settings.seed, progress, f"{label}, {clock}")
-    return _split(label, clock, outs, settings.num_decodes, engine.clock.now() - start, start)
+    outs = replay(engine, shifted, settings.scenario.seed, progress, f"{label}, {clock}")
+    return _split(label, clock, outs, settings.scenario.num_decodes, engine.clock.now() - start, start)
 
 
 def colocated_run(loaded: LoadedModel, settings: DemoSettings, policy: str, workload: Sequence[TimedRequest],
@@ -194,7 +199,8 @@ def disagg_run(loaded: LoadedModel, model: str, settings: DemoSettings, workload
 
     cpu = loaded.device.type == "cpu"
     task = progress.add_task(f"{DISAGG}: starting two worker processes, warming up", total=None)
-    budget = max(2048, settings.long_prompt_len + settings.num_decodes * settings.decode_prompt_len)
+    sc = settings.scenario
+    budget = max(2048, sc.long_prompt_len + sc.num_decodes * sc.decode_prompt_len)
     cluster = DisaggCluster(loaded, EngineConfig(max_num_batched_tokens=budget, cache=CacheConfig()),
                             transport="socket", model_ref=model, pin_cores=cpu, worker_threads=1 if cpu else 0)
     try:
@@ -247,7 +253,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
     console.print(f"Calibrating step costs: the fastest of {settings.calibration_repeats} runs of each shape ...",
                   highlight=False)
     mark = time.perf_counter()
-    costs = calibrate_step_costs(loaded, settings.calibration_plan(), seed=settings.seed)
+    costs = calibrate_step_costs(loaded, settings.calibration_plan(), seed=settings.scenario.seed)
     phases_s["calibration"] = time.perf_counter() - mark
     console.print(costs.describe(), style="dim", highlight=False)
     schedule = settings.schedule(costs)
@@ -260,7 +266,7 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
         phases_s["calibrated replays"] = time.perf_counter() - mark
         if wall:
             mark = time.perf_counter()
-            step_s = costs.decode_cost_s(settings.num_decodes, settings.decode_prompt_len)
+            step_s = costs.decode_cost_s(settings.scenario.num_decodes, settings.scenario.decode_prompt_len)
             for policy in POLICIES:
                 run = colocated_run(loaded, settings, policy, workload, progress=progress, calibrated_step_s=step_s)
                 runs[run.key] = run
@@ -271,8 +277,8 @@ def run_demo(model: str = "smollm2-135m", device: str = "auto", out_dir: str | P
                 runs[run.key] = run
                 phases_s["disaggregated run"] = time.perf_counter() - mark
     load_after = host_load()
-    title = (f"{settings.num_decodes} steady decodes while {settings.num_long} prompts of "
-             f"{settings.long_prompt_len} tokens arrive")
+    title = (f"{settings.scenario.num_decodes} steady decodes while {settings.scenario.num_long} prompts of "
+             f"{settings.scenario.long_prompt_len} tokens arrive")
     console.print(demo_table(runs, title))
     one_core = f" (as on one core: calibrated on {costs.cpu_threads} thread)" if costs.cpu_threads == 1 else ""
     notes = [f"{CALIBRATED}: a simulated clock charges each step its calibrated cost{one_core}, so load during the "

@@ -283,3 +283,28 @@ def synthetic_prompt_ids(
     for b in banned:  # ascending, so later banned ids see the already-shifted values
         ids = ids + (ids >= b)
     return [int(t) for t in ids]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The interference scenario: steady decodes from t=0 while long prompts arrive, and the step token budget.
+
+    Lab 3, the decks and the demo all replay it; the demo derives the timing fields
+    (``decode_output_len``, ``long_every_s``, ``start_long_s``) from calibrated step costs.
+    """
+
+    num_decodes: int = 4
+    decode_prompt_len: int = 32
+    decode_output_len: int = 32
+    num_long: int = 2
+    long_prompt_len: int = 384
+    long_every_s: float = 0.8
+    start_long_s: float = 0.2
+    long_output_len: int = 4
+    token_budget: int = 128
+    seed: int = 0
+
+    def workload(self) -> list[TimedRequest]:
+        """The timed requests: the decodes first (all arrive at t=0), then the long prompts."""
+        return interference_workload(self.num_decodes, self.decode_prompt_len, self.decode_output_len, self.num_long,
+                                     self.long_prompt_len, self.long_every_s, self.long_output_len, self.start_long_s)

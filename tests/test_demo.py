@@ -21,9 +21,10 @@ from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.plots import DECODE_COLOR, itl_timeline_figure
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
+from minidisagg.workload import Scenario
 
-SMALL = DemoSettings(num_decodes=2, decode_prompt_len=8, num_long=2, long_prompt_len=128, long_output_len=2,
-                     long_every_steps=10, chunk_budget_tokens=32, calibration_repeats=1)
+SMALL = DemoSettings(Scenario(num_decodes=2, decode_prompt_len=8, num_long=2, long_prompt_len=128, long_output_len=2,
+                              token_budget=32), long_every_steps=10, calibration_repeats=1)
 # A prefill costs 0.5 ms a token, a decode step 10 ms: the long prompt is worth six decode steps.
 COSTS = StepCostModel(prefill_fixed_s=0.0, prefill_per_token_s=0.0005, prefill_per_pair_s=0.0,
                       decode_batch_sizes=(1, 2, 3), decode_s=(0.010, 0.010, 0.010))
@@ -85,7 +86,7 @@ def test_every_long_prompt_arrives_while_the_decodes_run(quiet_runs):
     for run in quiet_runs.values():
         last_decode_token_s = min(o.timeline.token_times_s[-1] for o in run.decodes)
         assert all(o.timeline.arrival_s < last_decode_token_s for o in run.longs)
-        assert [len(o.token_ids) for o in run.decodes] == [SCHEDULE.decode_output_len] * SMALL.num_decodes
+        assert [len(o.token_ids) for o in run.decodes] == [SCHEDULE.decode_output_len] * SMALL.scenario.num_decodes
 
 
 class _WideRow:
@@ -137,8 +138,8 @@ def _truncated(timeline, end_s):
 
 
 def test_demo_runs_calibrated_wall_and_disaggregated(tmp_path):
-    settings = DemoSettings(num_decodes=2, decode_prompt_len=8, num_long=2, long_prompt_len=96, long_output_len=2,
-                            long_every_steps=6, chunk_budget_tokens=32, calibration_repeats=1)
+    settings = DemoSettings(Scenario(num_decodes=2, decode_prompt_len=8, num_long=2, long_prompt_len=96, long_output_len=2,
+                                     token_budget=32), long_every_steps=6, calibration_repeats=1)
     console = Console(record=True, width=80, file=io.StringIO())
     report = run_demo(model="tiny", device="cpu", out_dir=tmp_path, settings=settings, console=console)
     assert list(report.runs) == ["prefill_first, calibrated", "chunked, calibrated", "prefill_first, wall",
@@ -157,7 +158,7 @@ def test_demo_runs_calibrated_wall_and_disaggregated(tmp_path):
 
 
 def test_the_decodes_outlast_every_arrival_even_without_a_stall():
-    decode_s = COSTS.decode_cost_s(SMALL.num_decodes, SMALL.decode_prompt_len)
+    decode_s = COSTS.decode_cost_s(SMALL.scenario.num_decodes, SMALL.scenario.decode_prompt_len)
     last_arrival_s = max(r.arrival_s for r in SCHEDULE.workload)
     assert SCHEDULE.decode_output_len * decode_s >= last_arrival_s + SCHEDULE.period_s / 2 - 1e-9
 

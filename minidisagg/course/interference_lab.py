@@ -27,30 +27,9 @@ from minidisagg.metrics import (RequestTimeline, Summary, count_failures, failur
                                 summarize_outputs)
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.modelled import use_modelled_stages
-from minidisagg.workload import Fixed, TimedRequest, Uniform, interference_workload, poisson_workload
+from minidisagg.workload import Fixed, Scenario, TimedRequest, Uniform, poisson_workload
 
 KV_SLACK_BLOCKS = 8
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """Steady decodes from t=0 while long prompts arrive, and the step token budget the engine gets."""
-
-    num_decodes: int = 4
-    decode_prompt_len: int = 32
-    decode_output_len: int = 32
-    num_long: int = 2
-    long_prompt_len: int = 384
-    long_every_s: float = 0.8
-    start_long_s: float = 0.2
-    long_output_len: int = 4
-    token_budget: int = 128
-    seed: int = 0
-
-    def workload(self) -> list[TimedRequest]:
-        """The timed requests: the decodes first (all arrive at t=0), then the long prompts."""
-        return interference_workload(self.num_decodes, self.decode_prompt_len, self.decode_output_len, self.num_long,
-                                     self.long_prompt_len, self.long_every_s, self.long_output_len, self.start_long_s)
 
 
 @dataclass(frozen=True)
