@@ -131,6 +131,10 @@ class DisaggCluster:
             args += ["--async-scheduling", "on" if config.async_scheduling else "off"]
         if config.batch_invariant:
             args.append("--batch-invariant")
+        link = config.link
+        args += ["--kv-lease-s", repr(link.kv_lease_s), "--max-reserved-share-per-peer",
+                 repr(link.max_reserved_share_per_peer), "--reconnect-deadline-s", repr(link.reconnect_deadline_s),
+                 "--subscriber-queue-size", str(link.subscriber_queue_size)]
         if loaded.random_weights:
             args += ["--random-weights", "--seed", str(loaded.seed)]
         prefills, decodes, self.log_dir = launch_local(args, num_prefill, num_decode, overlap, pin_cores,
