@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
+from minidisagg.disagg.outbox import Subscribers
 from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
 from minidisagg.disagg.validate import InvalidMessage, MessageLimits, check_abort, check_submission, request_id_in
 from minidisagg.engine.clock import WallClock
@@ -44,7 +45,6 @@ from minidisagg.transport.framing import (
     HeaderError,
     PeerClosed,
     recv_frame,
-    send_frame,
     server_handshake,
 )
 from minidisagg.transport.socket import (
@@ -74,49 +74,18 @@ def submission_to_dict(sub: Submission) -> dict[str, Any]:
     return plain_dict(sub)
 
 
-class _Subscribers:
-    """Router connections that want this worker's outputs."""
-
-    def __init__(self) -> None:
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def add(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.append(sock)
-
-    def remove(self, sock: socket.socket) -> None:
-        with self._lock:
-            if sock in self._socks:
-                self._socks.remove(sock)
-
-    def send(self, kind: FrameKind, header: dict[str, Any]) -> None:
-        with self._lock:
-            for sock in list(self._socks):
-                try:
-                    send_frame(sock, kind, header)
-                except OSError as exc:  # a router went away: keep serving the others
-                    log.warning("dropping subscriber: %s", exc)
-                    self._socks.remove(sock)
-
-    def send_to(self, sock: socket.socket, kind: FrameKind, header: dict[str, Any]) -> None:
-        """One frame to one router (between the frames other threads send it)."""
-        with self._lock:
-            send_frame(sock, kind, header)
-
-
 class WorkerServer:
     """Shared skeleton: listen, handshake every connection, dispatch it by role."""
 
     role = "worker"
     worker: DecodeWorker | PrefillWorker
 
-    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int) -> None:
+    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int, queue_size: int) -> None:
         self.hello = make_hello(self.role, loaded.config.fingerprint(), layout)
         self.server = listen(host, port)
         self.port = self.server.getsockname()[1]
         self.stop_event = threading.Event()
-        self.subscribers = _Subscribers()
+        self.subscribers = Subscribers(queue_size, self.subscriber_dropped)
         self.failure: Optional[str] = None  # why the engine loop died, once it has
 
     @property
@@ -157,13 +126,16 @@ class WorkerServer:
         """Roles allowed to connect."""
         return {"router"}
 
+    def subscriber_dropped(self, peer: str, reason: str, num_left: int) -> None:
+        """A router fell behind on this worker's outputs and was dropped (``outbox``; already logged)."""
+
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         """Serve one accepted connection."""
         raise NotImplementedError
 
     def serve_router(self, sock: socket.socket, peer: str, on_request: Callable[[dict[str, Any]], None]) -> None:
         """Subscribe a router to outputs and feed its REQUEST frames to ``on_request`` until it leaves."""
-        self.subscribers.add(sock)
+        self.subscribers.add(sock, peer)
         while wait_readable(sock, self.stop_event):
             try:
                 frame = recv_frame(sock, None, max_payload_bytes=0)
@@ -207,7 +179,7 @@ class DecodeServer(WorkerServer):
     def __init__(self, loaded: LoadedModel, config: EngineConfig, host: str = "127.0.0.1", port: int = 0,
                  clock: Optional[WallClock] = None) -> None:
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
-        super().__init__(loaded, self.worker.layout, host, port)
+        super().__init__(loaded, self.worker.layout, host, port, config.link.subscriber_queue_size)
         self._watch_worker(self.worker)
         self.worker.start()
 
@@ -219,6 +191,16 @@ class DecodeServer(WorkerServer):
 
     def accepted_roles(self) -> set[str]:
         return {"router", "prefill"}
+
+    def subscriber_dropped(self, peer: str, reason: str, num_left: int) -> None:
+        """With no router left to read them, abort every request decoding here, so their KV blocks are freed."""
+        if num_left:
+            return
+        request_ids = self.worker.engine.request_ids()
+        for request_id in request_ids:
+            self.worker.abort(request_id)
+        log.warning("decode: %s was the last router subscribed; aborted its %d request(s) and freed their KV",
+                    peer, len(request_ids))
 
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         if role == "prefill":
@@ -253,7 +235,7 @@ class PrefillServer(WorkerServer):
                 raise ValueError(f"no torch.distributed rank for decode worker(s) {missing}")
             senders = {name: DistSender(h, p, sender_hello, decode_ranks[name]) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
-        super().__init__(loaded, layout, host, port)
+        super().__init__(loaded, layout, host, port, config.link.subscriber_queue_size)
         self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)
         self._watch_worker(self.worker)
         self.worker.start()
