@@ -55,7 +55,8 @@ from minidisagg.kv.cache import PagedKVCache
 from minidisagg.kv.pages import KVLayout, gather_layer, gather_pages, scatter_blocks, scatter_layer, scatter_pages
 from minidisagg.transport.framing import server_handshake
 from minidisagg.transport.inproc import InprocSender
-from minidisagg.transport.socket import SocketSender, listen, make_hello, serve_kv_link
+from minidisagg.transport.kv_link import serve_kv_link
+from minidisagg.transport.socket import SocketSender, listen, make_hello
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = (64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB)

@@ -47,12 +47,13 @@ from minidisagg.transport.framing import (
     recv_frame,
     server_handshake,
 )
+from minidisagg.transport.backoff import ReconnectPolicy
+from minidisagg.transport.kv_link import serve_kv_link
 from minidisagg.transport.socket import (
     SocketSender,
     accept_loop,
     listen,
     make_hello,
-    serve_kv_link,
     wait_readable,
 )
 
@@ -227,7 +228,8 @@ class PrefillServer(WorkerServer):
         sender_hello = make_hello("prefill", loaded.config.fingerprint(), layout)
         senders: dict[str, SocketSender]
         if decode_ranks is None:
-            senders = {name: SocketSender(h, p, sender_hello) for name, (h, p) in decode_peers.items()}
+            reconnect = ReconnectPolicy.of(config.link)
+            senders = {name: SocketSender(h, p, sender_hello, reconnect=reconnect) for name, (h, p) in decode_peers.items()}
         else:
             from minidisagg.transport.dist import DistSender
 

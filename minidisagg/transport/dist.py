@@ -67,7 +67,6 @@ import torch.distributed as dist
 
 from minidisagg.engine.clock import event_time_s
 from minidisagg.kv.pages import split_ranges
-from minidisagg.transport.base import TransferError
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
 from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
 
@@ -317,19 +316,16 @@ class DistSender(SocketSender):
 
     def _send_pages(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
         """A payload-free LAYER frame, then the pages by ``torch.distributed`` (both under the link's lock)."""
-        if self._broken is not None:
-            raise TransferError(f"link to {self.address} is down: {self._broken}")
         pages = pages.detach().to(self.device).contiguous()
         header = {**self._layer_header(transfer_id, layer, pages, stacked), "via": "dist", "src_rank": self.src_rank}
         t0 = time.perf_counter()
         with self._lock:
+            self._check_usable(transfer_id)
             try:
                 send_frame(self.sock, FrameKind.LAYER, header, timeout_s=self.timeout_s)
                 self._isend(pages)
             except (OSError, FrameError, RuntimeError) as exc:
-                self._broken = str(exc)
-                self.sock.close()
-                raise TransferError(f"link to {self.address} (rank {self.dst_rank}) failed: {exc}") from exc
+                raise self._fail(exc) from exc
         self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += pages.numel() * pages.element_size()
 
@@ -366,8 +362,8 @@ class DistSender(SocketSender):
 
     def send_pieces(self, transfer_id: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
         """One send per piece, no frame: each queued right behind its own piece's gather, if it needed one."""
-        if self._broken is not None:
-            raise TransferError(f"link to {self.address} is down: {self._broken}")
+        with self._lock:  # announced pages go even after an expired lease: the decode side posted their receives
+            self._check_usable(transfer_id, notices=False)
         t0 = time.perf_counter()
         try:
             for _, pages in pieces:
@@ -375,7 +371,6 @@ class DistSender(SocketSender):
                 self._isend(pages)
                 self.stats.bytes_sent += pages.numel() * pages.element_size()
         except RuntimeError as exc:
-            self._broken = str(exc)
-            self.sock.close()
-            raise TransferError(f"link to {self.address} (rank {self.dst_rank}) failed: {exc}") from exc
+            with self._lock:
+                raise self._fail(exc) from exc
         self.stats.send_s += time.perf_counter() - t0
