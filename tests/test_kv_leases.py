@@ -217,6 +217,57 @@ def test_pages_after_an_expired_lease_are_refused_by_name(tiny_loaded, decode_se
         sender.close()
 
 
+@pytest.mark.parametrize("decode_server", [LinkConfig(kv_lease_s=0.5)], indirect=True)
+def test_heartbeats_keep_a_waiting_transfer_alive(tiny_loaded, decode_server):
+    sender = sender_to(tiny_loaded, decode_server, heartbeat_s=0.05)
+    try:
+        assert sender.reserve("queued", 40, TIMEOUT_S)
+        until = time.monotonic() + 1.5  # three leases long: its prefill is still queued
+        while time.monotonic() < until:
+            sender.renew_leases()
+            time.sleep(0.02)
+        sender.send_layers("queued", 0, torch.zeros(decode_server.worker.layout.num_layers,
+                                                    *decode_server.worker.layout.layer_shape(3)))
+        sender.commit("queued", state("r", 40), 0, TIMEOUT_S)  # adopted: the lease held
+        assert pool_whole(decode_server.worker)
+    finally:
+        sender.close()
+
+
+def test_a_long_prefill_queue_keeps_its_reservations(tiny_loaded, reference, monkeypatch, caplog):
+    """One prompt per prefill step, each step slower than a third of the lease: the last waits several leases."""
+    link = LinkConfig(kv_lease_s=0.5)
+    decode = DecodeServer(tiny_loaded, replace(CONFIG, link=link))
+    serve(decode)
+    prefill = PrefillServer(tiny_loaded, replace(CONFIG, link=link, max_num_seqs=1), {"d0": (HOST, decode.port)})
+    serve(prefill)
+    real_step = prefill.worker.engine.step
+
+    def slow_step():
+        time.sleep(0.3)
+        return real_step()
+
+    monkeypatch.setattr(prefill.worker.engine, "step", slow_step)
+    cluster = RemoteCluster(tiny_loaded, CONFIG, {"p0": (HOST, prefill.port)}, {"d0": (HOST, decode.port)},
+                            request_timeout_s=60)
+    try:
+        prompts = [[5 + i, 6, 7, 8, 9] for i in range(4)]
+        with caplog.at_level(logging.WARNING):
+            ids = [cluster.add_request({"prompt_token_ids": p}, SamplingParams(**GREEDY)) for p in prompts]
+            done: dict[str, RequestOutput] = {}
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(done) < len(ids) and time.monotonic() < deadline:
+                done.update((o.request_id, o) for o in cluster.step() if o.finished)
+        assert [done[i].error for i in ids] == [None] * 4, "a queued transfer lost its reservation"
+        assert [done[i].token_ids for i in ids] == [colocated(reference, p) for p in prompts]
+        assert "lease expired" not in caplog.text
+        assert pool_whole(decode.worker)
+    finally:
+        cluster.shutdown()
+        prefill.stop()
+        decode.stop()
+
+
 # ---- quotas and closed links --------------------------------------------------------------------
 
 

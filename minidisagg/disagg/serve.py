@@ -227,15 +227,17 @@ class PrefillServer(WorkerServer):
         layout = KVLayout.of(self.worker.engine.kv_cache)
         sender_hello = make_hello("prefill", loaded.config.fingerprint(), layout)
         senders: dict[str, SocketSender]
+        reconnect, heartbeat_s = ReconnectPolicy.of(config.link), config.link.kv_lease_s / 3  # see ``LinkConfig``
         if decode_ranks is None:
-            reconnect = ReconnectPolicy.of(config.link)
-            senders = {name: SocketSender(h, p, sender_hello, reconnect=reconnect) for name, (h, p) in decode_peers.items()}
+            senders = {name: SocketSender(h, p, sender_hello, reconnect=reconnect, heartbeat_s=heartbeat_s)
+                       for name, (h, p) in decode_peers.items()}
         else:
             from minidisagg.transport.dist import DistSender
 
             if missing := sorted(set(decode_peers) - set(decode_ranks)):
                 raise ValueError(f"no torch.distributed rank for decode worker(s) {missing}")
-            senders = {name: DistSender(h, p, sender_hello, decode_ranks[name]) for name, (h, p) in decode_peers.items()}
+            senders = {name: DistSender(h, p, sender_hello, decode_ranks[name], reconnect=reconnect,
+                                        heartbeat_s=heartbeat_s) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
         super().__init__(loaded, layout, host, port, config.link.subscriber_queue_size)
         self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)

@@ -188,6 +188,13 @@ class KVSender(ABC):
         """Whether the link is down for good (every later call fails)."""
         return False
 
+    def renew_leases(self) -> None:
+        """Tell the decode side that the transfers reserved over this link are still under way.
+
+        A prefill worker calls this from its loop, so a loop that stops also stops renewing.
+        Links whose reservations hold no lease need not do anything (the default).
+        """
+
     @abstractmethod
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:
         """Hand over the sequence and wait for the acknowledgement (TransferError on failure)."""

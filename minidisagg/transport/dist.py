@@ -67,8 +67,9 @@ import torch.distributed as dist
 
 from minidisagg.engine.clock import event_time_s
 from minidisagg.kv.pages import split_ranges
+from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
-from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
+from minidisagg.transport.socket import FRAME_TIMEOUT_S, HEARTBEAT_S, SocketSender
 
 log = logging.getLogger(__name__)
 BACKENDS = ("gloo", "nccl")
@@ -288,13 +289,14 @@ class DistSender(SocketSender):
     name = "dist"
 
     def __init__(self, host: str, port: int, hello: Hello, dst_rank: int, timeout_s: float = FRAME_TIMEOUT_S,
-                 connect_retries: int = CONNECT_RETRIES) -> None:
+                 connect_retries: int = CONNECT_RETRIES, reconnect: Optional[ReconnectPolicy] = None,
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistSender needs torch.distributed.init_process_group (see init_dist) first")
         if not 0 <= dst_rank < dist.get_world_size() or dst_rank == dist.get_rank():
             raise ValueError(f"decode rank {dst_rank} is not a peer of rank {dist.get_rank()} "
                              f"in a world of {dist.get_world_size()}")
-        super().__init__(host, port, hello, timeout_s, connect_retries)
+        super().__init__(host, port, hello, timeout_s, connect_retries, reconnect, heartbeat_s)
         self.src_rank = dist.get_rank()
         self.dst_rank = dst_rank
         self.device = transfer_device()

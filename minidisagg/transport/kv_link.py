@@ -12,7 +12,8 @@ is a lease (``disagg.leases``). When one expires, this link frees its blocks (it
 writer: pages still in flight land first) and sends an unasked ERROR ``{"transfer_id",
 "event": "lease_expired", "message"}``; later LAYER frames for it are read and dropped, each
 answered with the same notice, and its DONE is refused with the reason. Notices carry
-``event`` so a sender can tell them from the reply it waits for.
+``event`` so a sender can tell them from the reply it waits for. A PING ``{"renew": [ids]}``
+renews those transfers' leases: the sender's heartbeat while their prefill is still queued.
 """
 
 from __future__ import annotations
@@ -324,7 +325,14 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                     receiver.cancel(tid)
             elif frame.kind == FrameKind.BYE:
                 return
-            elif frame.kind == FrameKind.PING:
+            elif frame.kind == FrameKind.PING:  # with "renew": the sender's transfers still under way
+                renew = h.get("renew")
+                for rid in renew if isinstance(renew, list) and session is not None else ():
+                    if isinstance(rid, str) and rid in reserved:
+                        try:
+                            session.renew(rid)
+                        except LeaseExpired:  # too late: its notice is on the way
+                            pass
                 send_frame(sock, FrameKind.ACK, {"transfer_id": tid}, timeout_s=frame_timeout_s)
             else:
                 raise FrameError(f"unexpected {frame.kind.name} frame on a KV link")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from minidisagg.config import LinkConfig
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout
 from minidisagg.transport.backoff import ReconnectPolicy
@@ -40,6 +41,7 @@ from minidisagg.transport.framing import (
 
 log = logging.getLogger(__name__)
 FRAME_TIMEOUT_S = 30.0
+HEARTBEAT_S = LinkConfig.kv_lease_s / 3  # renew the decode side's leases three times per lease
 
 
 def make_hello(role: str, fingerprint: str, layout: KVLayout) -> Hello:
@@ -62,12 +64,15 @@ class SocketSender(KVSender):
     name = "socket"
 
     def __init__(self, host: str, port: int, hello: Hello, timeout_s: float = FRAME_TIMEOUT_S,
-                 connect_retries: int = 50, reconnect: Optional[ReconnectPolicy] = None) -> None:
+                 connect_retries: int = 50, reconnect: Optional[ReconnectPolicy] = None,
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
         super().__init__()
         self.host, self.port, self.hello = host, port, hello
         self.address = f"{host}:{port}"
         self.timeout_s = timeout_s
         self.reconnect = reconnect if reconnect is not None else ReconnectPolicy()
+        self.heartbeat_s = heartbeat_s
+        self._next_heartbeat_s = 0.0
         self._lock = threading.Lock()
         self.sock = connect(host, port, timeout_s, retries=connect_retries)
         client_handshake(self.sock, hello, timeout_s)
@@ -230,6 +235,23 @@ class SocketSender(KVSender):
                     return [False] * len(requests)
                 raise error from exc
         return answers
+
+    def renew_leases(self) -> None:
+        """Every ``heartbeat_s``: PING ``{"renew": [transfer ids]}`` for the transfers reserved here, ACKed.
+
+        The decode side renews their leases, so a transfer whose prefill is still queued keeps its
+        blocks. A link that is down renews nothing (its reservations are gone).
+        """
+        now_s = time.monotonic()
+        with self._lock:
+            if now_s < self._next_heartbeat_s or not self._transfers or self._broken is not None:
+                return
+            self._next_heartbeat_s = now_s + self.heartbeat_s
+            renew = sorted(self._transfers)
+        try:
+            self._exchange(FrameKind.PING, {"transfer_id": None, "renew": renew}, FrameKind.ACK)
+        except TransferError as exc:  # the link broke: it heals, and its transfers fail on their own
+            log.info("KV link to %s: heartbeat failed: %s", self.address, exc)
 
     def _layer_header(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> dict[str, Any]:
         header = {"transfer_id": transfer_id, "layer": layer, "shape": list(pages.shape),
