@@ -32,6 +32,7 @@ from minidisagg.metrics import RequestTimeline
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.base import TransferError
 from minidisagg.transport.framing import MAGIC, PREFIX, WIRE_VERSION, FrameKind, client_handshake, recv_frame
+from minidisagg.transport.inproc import InprocSender
 from minidisagg.transport.socket import SocketSender, make_hello
 
 HOST = "127.0.0.1"
@@ -141,6 +142,22 @@ def test_a_lease_without_progress_expires_and_the_pool_is_whole(tiny_loaded, cap
         with pytest.raises(ValueError, match="lease expired.*kv_lease_s"):
             late()
     assert pool_whole(worker, 0.0) and outputs == []
+
+
+def test_an_in_process_sender_renews_its_leases_until_it_stops(tiny_loaded):
+    clock = FakeClock()
+    worker = DecodeWorker("d0", tiny_loaded, replace(CONFIG, link=LinkConfig(kv_lease_s=5.0)), WallClock(),
+                          lambda out: None, lease_clock=clock)
+    sender = InprocSender(worker, heartbeat_s=0.0)
+    assert sender.reserve("queued", 40, TIMEOUT_S)
+    for _ in range(4):  # twenty seconds of heartbeats: the prefill is still working through its queue
+        clock.advance(4.0)
+        sender.renew_leases()
+        assert worker.expire_leases() == []
+    clock.advance(5.0)  # the heartbeats stop (a stuck prefill loop)
+    assert worker.expire_leases() == ["queued"] and pool_whole(worker, 0.0)
+    with pytest.raises(TransferError, match="lease expired"):
+        sender.commit("queued", state("r", 40), 0, TIMEOUT_S)
 
 
 def test_a_committed_transfer_never_expires(tiny_loaded):

@@ -87,7 +87,8 @@ class DisaggCluster:
         if transport == "inproc":
             self.decode_workers: list = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
                                          for i in range(num_decode)]
-            senders = lambda: {w.name: InprocSender(w) for w in self.decode_workers}  # noqa: E731
+            heartbeat_s = config.link.kv_lease_s / 3
+            senders = lambda: {w.name: InprocSender(w, heartbeat_s) for w in self.decode_workers}  # noqa: E731
             self.prefill_workers: list = [
                 PrefillWorker(f"p{i}", loaded, config, self.clock, senders(), self._outputs.put, overlap=overlap)
                 for i in range(num_prefill)

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from minidisagg.kv.pages import KVLayout, block_region, scatter_blocks, scatter_
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
+from minidisagg.transport.base import LeaseExpired
 from minidisagg.transport.trace import kv_trace
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,14 @@ class DecodeWorker:
             log.info("decode worker %s: link from %s closed; freed %d block(s) of %d reservation(s) it held",
                      self.name, peer.name, num_blocks, len(tids))
         return num_blocks
+
+    def renew_reservations(self, transfer_ids: Sequence[str]) -> None:
+        """An in-process sender's heartbeat: these transfers are still under way (expired or unknown ones are skipped)."""
+        for transfer_id in transfer_ids:
+            try:
+                self.leases.renew(transfer_id)
+            except LeaseExpired:
+                pass
 
     def expire_leases(self) -> list[str]:
         """Expire every reservation whose lease ran out; returns their transfer ids.

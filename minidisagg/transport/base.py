@@ -25,7 +25,10 @@ from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from minidisagg.config import LinkConfig
 from minidisagg.engine.sequence import SequenceState
+
+HEARTBEAT_S = LinkConfig.kv_lease_s / 3  # a sender renews its reservations' leases three times per lease
 
 
 class TransferError(RuntimeError):
@@ -61,6 +64,14 @@ class KVPeer(Protocol):
 
     def close(self) -> int:
         """The link is gone: free every reservation it still holds; returns the number of blocks freed."""
+
+
+@runtime_checkable
+class LeaseRenewing(Protocol):
+    """A ``KVReceiver`` whose reservations are leases an in-process sender renews."""
+
+    def renew_reservations(self, transfer_ids: Sequence[str]) -> None:
+        """These transfers are still under way: their leases start again (unknown or expired ones are skipped)."""
 
 
 @runtime_checkable

@@ -68,8 +68,9 @@ import torch.distributed as dist
 from minidisagg.engine.clock import event_time_s
 from minidisagg.kv.pages import split_ranges
 from minidisagg.transport.backoff import ReconnectPolicy
+from minidisagg.transport.base import HEARTBEAT_S
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
-from minidisagg.transport.socket import FRAME_TIMEOUT_S, HEARTBEAT_S, SocketSender
+from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
 
 log = logging.getLogger(__name__)
 BACKENDS = ("gloo", "nccl")

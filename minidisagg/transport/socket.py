@@ -23,11 +23,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from minidisagg.config import LinkConfig
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout
 from minidisagg.transport.backoff import ReconnectPolicy
-from minidisagg.transport.base import KVSender, TransferError
+from minidisagg.transport.base import HEARTBEAT_S, KVSender, TransferError
 from minidisagg.transport.framing import (
     Frame,
     FrameError,
@@ -41,7 +40,6 @@ from minidisagg.transport.framing import (
 
 log = logging.getLogger(__name__)
 FRAME_TIMEOUT_S = 30.0
-HEARTBEAT_S = LinkConfig.kv_lease_s / 3  # renew the decode side's leases three times per lease
 
 
 def make_hello(role: str, fingerprint: str, layout: KVLayout) -> Hello:
