@@ -428,6 +428,41 @@ def test_a_dropped_and_a_restarted_decode_link_heal_and_serve_greedy_tokens(tiny
             server.stop()
 
 
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_a_transfer_cut_by_a_broken_link_follows_the_failure_policy(tiny_loaded, reference, policy):
+    config = replace(CONFIG, link=LinkConfig(reconnect_initial_s=0.05, reconnect_max_s=0.2))
+    decode = DecodeServer(tiny_loaded, config)
+    serve(decode)
+    prefill = PrefillServer(tiny_loaded, config, {"d0": (HOST, decode.port)})
+    serve(prefill)
+    sender = prefill.worker.senders["d0"]
+    real_send_layers, cuts = sender.send_layers, []
+
+    def cut_once(*args: Any) -> None:  # the link breaks just as the first request's pages leave
+        if not cuts:
+            cuts.append(args[0])
+            sender.sock.shutdown(socket.SHUT_RDWR)
+        real_send_layers(*args)
+
+    sender.send_layers = cut_once  # type: ignore[method-assign]
+    cluster = RemoteCluster(tiny_loaded, CONFIG, {"p0": (HOST, prefill.port)}, {"d0": (HOST, decode.port)},
+                            kv_failure_policy=policy, request_timeout_s=60)
+    try:
+        prompts = [[21, 22, 23, 24], [31, 32, 33, 34, 35, 36]]
+        first = run_request(cluster, prompts[0])
+        if policy == "fail":
+            assert first.finish_reason == "error" and "KV transfer to d0 failed" in (first.error or ""), first.error
+        else:
+            assert first.error is None and first.token_ids == colocated(reference, prompts[0]), first.error
+        later = run_request(cluster, prompts[1])  # over the healed link
+        assert later.error is None and later.token_ids == colocated(reference, prompts[1]), later.error
+        assert cuts and sender.num_reconnects == 1 and pool_whole(decode.worker)
+    finally:
+        cluster.shutdown()
+        prefill.stop()
+        decode.stop()
+
+
 # ---- subscribers that fall behind ---------------------------------------------------------------
 
 
@@ -503,6 +538,39 @@ def test_worker_subscribers_drop_a_router_that_never_reads(caplog):
     for pair in pairs:
         for sock in pair:
             sock.close()
+
+
+def test_a_decode_worker_whose_last_router_stops_reading_aborts_its_requests(tiny_loaded, caplog):
+    """The only router never reads; once its queue overflows it is dropped, and nobody is left to read the
+    outputs, so the requests are aborted and their blocks freed long before max_tokens. (Bulky frames stand
+    in for a long stream of outputs: they fill the socket's buffers in a moment.)"""
+    decode = DecodeServer(tiny_loaded, replace(CONFIG, link=LinkConfig(subscriber_queue_size=2)))
+    serve(decode)
+    deaf = socket.socket()
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.connect((HOST, decode.port))
+    client_handshake(deaf, make_hello("router", tiny_loaded.config.fingerprint(), decode.worker.layout), TIMEOUT_S)
+    sender = sender_to(tiny_loaded, decode)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(decode.subscribers) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with caplog.at_level(logging.WARNING):
+            for i in range(4):
+                assert sender.reserve(f"t{i}", 40, TIMEOUT_S)
+                sender.commit(f"t{i}", state(f"r{i}", 40, max_tokens=1900), 0, TIMEOUT_S)
+            bulky = {"request_id": "bulk", "pad": "x" * (500 << 10)}
+            for _ in range(100):  # 50 MB, far more than any socket buffer; never blocks the caller
+                if len(decode.subscribers) == 0:
+                    break
+                decode.subscribers.send(FrameKind.TOKENS, bulky)
+                time.sleep(0.01)
+            assert pool_whole(decode.worker), "the requests of a dropped router kept their blocks"
+        assert "overflowed" in caplog.text and "aborted its 4 request(s)" in caplog.text
+    finally:
+        sender.close()
+        deaf.close()
+        decode.stop()
 
 
 class FloodCluster:

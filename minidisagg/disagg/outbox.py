@@ -83,7 +83,7 @@ class Outbox(Generic[T]):
             self._cond.notify()
 
     def abandon(self) -> None:
-        """End now, discarding what is queued (the connection is closing); no drop is reported."""
+        """End now, discarding what is queued (the connection is closing); a write failing from now on is no drop."""
         with self._cond:
             self._abandoned = True
             self._queue.clear()
@@ -113,8 +113,8 @@ class Outbox(Generic[T]):
                         if self.dropped is None and not self._abandoned:
                             self.dropped = f"writing to it failed: {exc}"
                     break
-            with self._cond:
-                reason = None if self._abandoned else self.dropped
+            with self._cond:  # a drop decided before the connection went away is still reported
+                reason = self.dropped
             if reason is not None:
                 log.warning("dropping subscriber %s: %s", self.name, reason)
                 self._interrupt()

@@ -55,8 +55,9 @@ class SocketSender(KVSender):
     Transfers reserved over the broken connection fail (the decode side freed their blocks when it
     saw the connection drop); while the link heals, ``reserve_many`` answers "not now", so new
     requests wait for the healed link as they wait for a full pool; past the policy's deadline the
-    link is down for good and every call fails. The decode side's unasked notices (an expired
-    lease: ERROR with ``event``) are noted and fail that transfer's next call.
+    link is down for good and every call fails. ``renew_leases`` is the prefill loop's heartbeat
+    for the transfers reserved here; the decode side's unasked notices (an expired lease: ERROR
+    with ``event``) are noted and fail that transfer's next call.
     """
 
     name = "socket"
