@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Generic, Optional, TypeVar
 
@@ -162,6 +163,16 @@ class Subscribers:
         with self._lock:
             self._outboxes[sock] = outbox
         outbox.start()
+
+    def close(self, timeout_s: float) -> None:
+        """Write out what is queued for every subscriber (within ``timeout_s`` in all), then stop."""
+        with self._lock:
+            outboxes = list(self._outboxes.values())
+        for outbox in outboxes:
+            outbox.close()
+        deadline_s = time.monotonic() + timeout_s
+        for outbox in outboxes:
+            outbox.join(max(0.0, deadline_s - time.monotonic()))
 
     def remove(self, sock: socket.socket) -> None:
         """Unsubscribe ``sock`` (its connection is closing): what is still queued for it is discarded."""

@@ -60,6 +60,7 @@ from minidisagg.transport.socket import (
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 30.0
+FLUSH_TIMEOUT_S = 1.0  # at stop, how long the outputs still queued for routers may take to leave
 STREAM_EVERY_TOKENS = 8  # a decode server streams a request's output every this many tokens (and when it ends)
 
 
@@ -167,7 +168,8 @@ class WorkerServer:
         accept_loop(self.server, self.handle, self.stop_event, self.role)
 
     def stop(self) -> None:
-        """Stop accepting and close the listener."""
+        """Stop accepting and close the listener; what routers are still owed goes out first (briefly)."""
+        self.subscribers.close(FLUSH_TIMEOUT_S)
         self.stop_event.set()
         self.server.close()
 

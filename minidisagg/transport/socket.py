@@ -242,10 +242,12 @@ class SocketSender(KVSender):
         blocks. A link that is down renews nothing (its reservations are gone).
         """
         now_s = time.monotonic()
+        if now_s < self._next_heartbeat_s:  # checked before the lock: a big send in flight must not hold up the loop
+            return
         with self._lock:
-            if now_s < self._next_heartbeat_s or not self._transfers or self._broken is not None:
-                return
             self._next_heartbeat_s = now_s + self.heartbeat_s
+            if not self._transfers or self._broken is not None:
+                return
             renew = sorted(self._transfers)
         try:
             self._exchange(FrameKind.PING, {"transfer_id": None, "renew": renew}, FrameKind.ACK)
