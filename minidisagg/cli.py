@@ -236,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from minidisagg.config import CacheConfig, EngineConfig
+    from minidisagg.config import CacheConfig, EngineConfig, LinkConfig
     from minidisagg.disagg.serve import DecodeServer, PrefillServer
     from minidisagg.engine.clock import WallClock
     from minidisagg.models.registry import load_model
@@ -256,9 +256,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # default a waiting thread gets the GIL only after 5 ms, so each KV frame could wait that long behind
     # a busy step loop; a shorter interval bounds that wait at a small cost in extra switches.
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+    link = LinkConfig(kv_lease_s=args.kv_lease_s, max_reserved_share_per_peer=args.max_reserved_share_per_peer,
+                      reconnect_deadline_s=args.reconnect_deadline_s, subscriber_queue_size=args.subscriber_queue_size)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
-                          cuda_graphs=not args.no_cuda_graphs,
+                          cuda_graphs=not args.no_cuda_graphs, link=link,
                           async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
                           cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                                             memory_budget_bytes=args.kv_memory_budget_bytes, layout=args.kv_layout))
@@ -336,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only the calibrated replays: skip every wall-clock run (the disaggregated one too)")
     demo.set_defaults(func=cmd_demo)
 
+    from minidisagg.config import LinkConfig
+
     serve = sub.add_parser("serve", help="run a prefill, decode or router process")
     serve.add_argument("--role", choices=["prefill", "decode", "router"], required=True)
     serve.add_argument("--host", default="127.0.0.1")
@@ -370,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
                        help="router: what happens to requests of a worker that dies")
     serve.add_argument("--request-timeout-s", type=float, default=600.0, help="router: deadline of every request")
+    serve.add_argument("--kv-lease-s", type=float, default=LinkConfig.kv_lease_s,
+                       help="decode: a KV reservation with no progress for this long is freed")
+    serve.add_argument("--max-reserved-share-per-peer", type=float, default=LinkConfig.max_reserved_share_per_peer,
+                       help="decode: the share of the KV pool one prefill link may hold in reservations (0 < x <= 1)")
+    serve.add_argument("--reconnect-deadline-s", type=float, default=LinkConfig.reconnect_deadline_s,
+                       help="prefill: how long a broken KV link is re-established for (0: never)")
+    serve.add_argument("--subscriber-queue-size", type=int, default=LinkConfig.subscriber_queue_size,
+                       help="outputs queued per router (or client) before that slow reader is dropped")
     serve.add_argument("--dist-init", default="", help="dist transport: rendezvous, e.g. tcp://127.0.0.1:29500; "
                                                       "prefill --peers then read name=host:port@rank")
     serve.add_argument("--dist-rank", type=int, default=None, help="this worker's rank (decodes first by convention)")

@@ -196,6 +196,53 @@ class CacheConfig:
         return int(num)
 
 
+def _check_seconds(owner: str, name: str, value: object, allow_zero: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite number of seconds > 0 (>= 0 with ``allow_zero``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{owner}.{name} must be a finite number of seconds {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """How disaggregated workers guard their links: KV leases, per-peer quotas, reconnects, output queues.
+
+    A decode worker's KV reservation is a lease of ``kv_lease_s``: each chunk of pages (and the
+    commit) renews it; one whose transfer makes no progress for that long is freed. One peer
+    (one KV link) may hold at most ``max_reserved_share_per_peer`` of the decode pool in
+    reservations; a peer holding none may always take one, so a request larger than the share
+    still runs, alone. A broken prefill-to-decode link is re-established with exponential
+    backoff (``reconnect_initial_s`` doubling up to ``reconnect_max_s``, jittered) until
+    ``reconnect_deadline_s`` (0: never). Every output subscriber (a router on a worker, a
+    client on a router) gets a queue of ``subscriber_queue_size`` messages; one that falls that
+    far behind is dropped.
+    """
+
+    kv_lease_s: float = 30.0
+    max_reserved_share_per_peer: float = 0.5
+    reconnect_initial_s: float = 0.1
+    reconnect_max_s: float = 5.0
+    reconnect_deadline_s: float = 60.0
+    subscriber_queue_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_seconds("LinkConfig", "kv_lease_s", self.kv_lease_s)
+        share = self.max_reserved_share_per_peer
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"LinkConfig.max_reserved_share_per_peer must be a fraction of the decode pool "
+                             f"with 0 < share <= 1, got {share!r}")
+        _check_seconds("LinkConfig", "reconnect_initial_s", self.reconnect_initial_s)
+        _check_seconds("LinkConfig", "reconnect_max_s", self.reconnect_max_s)
+        _check_seconds("LinkConfig", "reconnect_deadline_s", self.reconnect_deadline_s, allow_zero=True)
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError(f"LinkConfig.reconnect_max_s ({self.reconnect_max_s}) must be >= reconnect_initial_s "
+                             f"({self.reconnect_initial_s})")
+        size = self.subscriber_queue_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"LinkConfig.subscriber_queue_size must be an integer >= 1 (messages), got {size!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Scheduling limits and numerics switches of one engine."""
@@ -218,6 +265,7 @@ class EngineConfig:
     # Batch-1 decode of a float32 or bfloat16 CPU model through one C++ op, the eager engine's ops without
     # Python between them (``engine/native_decode.py``); built once with the C++ compiler, else the engine stays in Python.
     native_cpu_decode: bool = True
+    link: LinkConfig = field(default_factory=LinkConfig)  # disaggregated workers only (``LinkConfig``)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -233,3 +281,5 @@ class EngineConfig:
             raise ValueError(f"compile_cpu must be True or False, got {self.compile_cpu!r}")
         if not isinstance(self.native_cpu_decode, bool):
             raise ValueError(f"native_cpu_decode must be True or False, got {self.native_cpu_decode!r}")
+        if not isinstance(self.link, LinkConfig):
+            raise ValueError(f"link must be a LinkConfig, got {type(self.link).__name__}")

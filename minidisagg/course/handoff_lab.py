@@ -32,7 +32,8 @@ from minidisagg.models.registry import LoadedModel
 from minidisagg.transport.base import KVReceiver, KVSender, TransferError
 from minidisagg.transport.framing import FrameError, server_handshake
 from minidisagg.transport.inproc import InprocSender
-from minidisagg.transport.socket import SocketSender, accept_loop, listen, make_hello, serve_kv_link
+from minidisagg.transport.kv_link import serve_kv_link
+from minidisagg.transport.socket import SocketSender, accept_loop, listen, make_hello
 
 TRANSPORTS = ("inproc", "socket")
 TRANSFER_TIMEOUT_S = 30.0

@@ -87,7 +87,8 @@ class DisaggCluster:
         if transport == "inproc":
             self.decode_workers: list = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
                                          for i in range(num_decode)]
-            senders = lambda: {w.name: InprocSender(w) for w in self.decode_workers}  # noqa: E731
+            heartbeat_s = config.link.kv_lease_s / 3
+            senders = lambda: {w.name: InprocSender(w, heartbeat_s) for w in self.decode_workers}  # noqa: E731
             self.prefill_workers: list = [
                 PrefillWorker(f"p{i}", loaded, config, self.clock, senders(), self._outputs.put, overlap=overlap)
                 for i in range(num_prefill)
@@ -132,6 +133,10 @@ class DisaggCluster:
             args += ["--async-scheduling", "on" if config.async_scheduling else "off"]
         if config.batch_invariant:
             args.append("--batch-invariant")
+        link = config.link
+        args += ["--kv-lease-s", repr(link.kv_lease_s), "--max-reserved-share-per-peer",
+                 repr(link.max_reserved_share_per_peer), "--reconnect-deadline-s", repr(link.reconnect_deadline_s),
+                 "--subscriber-queue-size", str(link.subscriber_queue_size)]
         if loaded.random_weights:
             args += ["--random-weights", "--seed", str(loaded.seed)]
         security = LinkSecurity(secret=new_secret())  # this launch's: its workers accept only who proves it

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.health import LoopHealth
+from minidisagg.disagg.leases import LeaseTable, PeerSession
 from minidisagg.disagg.validate import MessageLimits, check_sequence_state
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
@@ -26,6 +28,7 @@ from minidisagg.kv.pages import KVLayout, block_region, scatter_blocks, scatter_
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
+from minidisagg.transport.base import LeaseExpired
 from minidisagg.transport.trace import kv_trace
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ OutputSink = Callable[[RequestOutput], None]
 IDLE_WAIT_S = 0.05
 WAITER_GRACE_S = 0.05
 FAIL_LOCK_TIMEOUT_S = 5.0
+LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
 
 
 @dataclass
@@ -49,12 +53,14 @@ class DecodeWorker:
     """An ``LLMEngine`` that only decodes: sequences arrive prefilled, through ``KVReceiver`` calls.
 
     It is the receiving end of every transport. Reservations are blocks held under the
-    transfer id; ``commit`` turns one into a running sequence. Outputs (each new token, and
-    the final result) go to ``sink``.
+    transfer id; ``commit`` turns one into a running sequence. Each is a lease that expires
+    without progress, and a link's reservations count against its quota (``leases``; the
+    clock is ``lease_clock``, monotonic). Outputs (each new token, and the final result) go
+    to ``sink``.
     """
 
     def __init__(self, name: str, loaded: LoadedModel, config: EngineConfig, clock: Clock, sink: OutputSink,
-                 decode_stage: type[Stage] = DecodeStage) -> None:
+                 decode_stage: type[Stage] = DecodeStage, lease_clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.engine = LLMEngine(loaded, config, clock=clock, policy="decode_first", decode_stage=decode_stage)
         self.engine.capture_cuda_graphs()  # a server captures at start: no request pays for a capture
@@ -70,7 +76,11 @@ class DecodeWorker:
         self._no_waiters.set()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._reserved: dict[str, list[int]] = {}
+        link = config.link
+        self.leases = LeaseTable(link.kv_lease_s, self.engine.blocks.num_blocks, link.max_reserved_share_per_peer,
+                                 lease_clock)
+        self._reserved = self.leases.blocks  # transfer id -> blocks; changed only through ``leases``
+        self._next_lease_check_s = 0.0
         self._adoptions: deque[_Adoption] = deque()  # committed transfers the loop adopts before its next step
         self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
@@ -98,8 +108,12 @@ class DecodeWorker:
                     self._no_waiters.set()
 
     # ---- KVReceiver -------------------------------------------------------------------------
-    def reserve(self, transfer_id: str, num_tokens: int) -> bool:
-        """Reserve blocks for an incoming request; False when the pool cannot take it now."""
+    def reserve(self, transfer_id: str, num_tokens: int, peer: Optional[PeerSession] = None) -> bool:
+        """Reserve blocks for an incoming request; False when the pool cannot take it now.
+
+        ``peer`` (a link's ``open_peer``) holds the reservation: ``QuotaExceeded`` (a ValueError)
+        if it would take that peer past ``max_reserved_share_per_peer`` of the pool.
+        """
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}")
         if num_tokens >= self.engine.max_model_len:
@@ -109,10 +123,12 @@ class DecodeWorker:
             self.health.check()
             if transfer_id in self._reserved:
                 raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
+            if peer is not None:
+                self.leases.check_quota(peer, self.engine.blocks.blocks_needed(num_tokens))
             blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
             if blocks is None:
                 return False
-            self._reserved[transfer_id] = blocks
+            self.leases.add(transfer_id, blocks, peer)
             return True
 
     def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
@@ -137,10 +153,8 @@ class DecodeWorker:
         return block_region(self.engine.kv_cache, blocks[first:end])
 
     def _blocks_of(self, transfer_id: str) -> list[int]:
-        blocks = self._reserved.get(transfer_id)
-        if blocks is None:
-            raise ValueError(f"no reservation for transfer {transfer_id!r}")
-        return blocks
+        """The reservation's blocks; asking for them to write pages is progress, so its lease is renewed."""
+        return self.leases.blocks_of(transfer_id)
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
                landed_at_s: Optional[float] = None) -> None:
@@ -159,6 +173,7 @@ class DecodeWorker:
         num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
         if self.engine.blocks.blocks_needed(num_tokens - 1) > len(blocks):
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
+        self.leases.commit(transfer_id)  # LeaseExpired if the loop expired it first; after this it cannot
         item: Optional[_Adoption] = _Adoption(transfer_id, state, num_bytes, landed_at_s)
         if self._lock.acquire(blocking=False):  # the engine is free: adopt now (errors reach the caller)
             try:
@@ -190,7 +205,7 @@ class DecodeWorker:
             raise ValueError(f"no reservation for transfer {tid!r}")
         seq = self.engine.adopt(item.state, f"transfer:{tid}")
         kv_trace("adopted", tid)
-        del self._reserved[tid]
+        self.leases.remove(tid)
         now = self.engine.clock.now()
         seq.timeline.transfer_end_s = now
         seq.timeline.kv_transfer_bytes = item.num_bytes
@@ -213,7 +228,7 @@ class DecodeWorker:
                 outputs.append(self._adopt(item))
             except ValueError as exc:
                 self.engine.cancel_reservation(f"transfer:{item.transfer_id}")
-                del self._reserved[item.transfer_id]
+                self.leases.remove(item.transfer_id)
                 failures.append(RequestOutput(state.request_id, state.prompt, list(state.prompt_token_ids), "", [],
                                               True, "error", None, state.restore_timeline(), error=str(exc)))
         return outputs, failures
@@ -221,8 +236,54 @@ class DecodeWorker:
     def cancel(self, transfer_id: str) -> None:
         """Give a reservation back to the pool."""
         with self._engine_access():
-            if self._reserved.pop(transfer_id, None) is not None:
+            if self.leases.remove(transfer_id) is not None:
                 self.engine.cancel_reservation(f"transfer:{transfer_id}")
+
+    # ---- leases and peers (``leases``) ------------------------------------------------------
+    def open_peer(self, name: str) -> PeerSession:
+        """Track one KV link: its reservations count against its quota and go when it closes."""
+        return PeerSession(name, self)
+
+    def release_peer(self, peer: PeerSession) -> int:
+        """Free every uncommitted reservation ``peer`` holds (its link closed); returns the blocks freed."""
+        with self._engine_access():
+            tids = self.leases.held_by(peer)
+            num_blocks = 0
+            for tid in tids:
+                blocks = self.leases.remove(tid)
+                if blocks is not None:
+                    num_blocks += len(blocks)
+                    self.engine.cancel_reservation(f"transfer:{tid}")
+        if tids:
+            log.info("decode worker %s: link from %s closed; freed %d block(s) of %d reservation(s) it held",
+                     self.name, peer.name, num_blocks, len(tids))
+        return num_blocks
+
+    def renew_reservations(self, transfer_ids: Sequence[str]) -> None:
+        """An in-process sender's heartbeat: these transfers are still under way (expired or unknown ones are skipped)."""
+        for transfer_id in transfer_ids:
+            try:
+                self.leases.renew(transfer_id)
+            except LeaseExpired:
+                pass
+
+    def expire_leases(self) -> list[str]:
+        """Expire every reservation whose lease ran out; returns their transfer ids.
+
+        A link's reservation is handed to that link to free (``PeerSession.take_expired``); one
+        without a link is freed here. Runs under the engine lock, so it never interleaves with a commit.
+        """
+        with self._lock:
+            expired = self.leases.take_expired()
+            for lease in expired:
+                reason = self.leases.expiry_message(lease)
+                log.warning("decode worker %s: %s (held by %s)", self.name, reason,
+                            lease.peer.name if lease.peer is not None else "an in-process sender")
+                if lease.peer is not None:
+                    lease.peer.notify_expired(lease.transfer_id, reason)
+                elif self.leases.remove(lease.transfer_id) is not None:
+                    self.engine.cancel_reservation(f"transfer:{lease.transfer_id}")
+        return [lease.transfer_id for lease in expired]
 
     # ---- the loop ---------------------------------------------------------------------------
     @property
@@ -234,6 +295,10 @@ class DecodeWorker:
         """Adopt queued transfers, then one decode iteration; returns whether there was work."""
         self._no_waiters.wait(WAITER_GRACE_S)  # transport calls first (bounded, so a stuck one cannot stall decode)
         with self._lock:
+            now_s = self.leases.clock()
+            if now_s >= self._next_lease_check_s:
+                self._next_lease_check_s = now_s + LEASE_CHECK_S
+                self.expire_leases()
             adopted, failed = self._adopt_queued()
             outputs: list[RequestOutput] = []
             if self.engine.has_unfinished():
@@ -279,7 +344,7 @@ class DecodeWorker:
                                               state.restore_timeline(), error=reason))
             for tid in list(self._reserved):
                 self.engine.cancel_reservation(f"transfer:{tid}")
-            self._reserved.clear()
+            self.leases.clear()
             for rid in self.engine.request_ids():
                 try:
                     seq = self.engine.sequence(rid)
@@ -313,7 +378,7 @@ class DecodeWorker:
                 dropped = [a for a in self._adoptions if a.state.request_id == request_id]
                 self._adoptions = deque(a for a in self._adoptions if a.state.request_id != request_id)
             for item in dropped:
-                if self._reserved.pop(item.transfer_id, None) is not None:
+                if self.leases.remove(item.transfer_id) is not None:
                     self.engine.cancel_reservation(f"transfer:{item.transfer_id}")
             self.engine.abort(request_id)
             self.engine.release(request_id)

@@ -339,6 +339,8 @@ class PrefillWorker:
     def step(self) -> bool:
         """Admit what has credit, run one prefill step, reap finished transfers; returns whether it worked."""
         self._admit()
+        for sender in self.senders.values():  # reservations still waiting for their prefill keep their leases
+            sender.renew_leases()
         worked = False
         if self.engine.has_unfinished():
             for out in self.engine.step():

@@ -19,7 +19,8 @@ The router answers with lines carrying the request's ``id``::
 
 Many requests may be in flight on one connection (give them ids); a bad line gets an error line
 and the connection stays open. Input EOF (half-close) is fine: the connection closes once its
-requests finish. A client that goes away (or reads nothing for 30 s) has its requests aborted.
+requests finish. A client that goes away, reads nothing for 30 s, or falls more lines behind than
+its queue holds (``subscriber_queue_size``) is dropped and has its requests aborted.
 ``ttft_s``/``tpot_s``/``e2e_s`` are measured by the router; ``kv_transfer_s`` is null unless
 every process got the same ``--clock-origin`` (workers' clocks are compared only then).
 """

@@ -12,18 +12,18 @@ import argparse
 import itertools
 import json
 import logging
-import queue
 import signal
 import socket
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from minidisagg.config import EngineConfig
+from minidisagg.config import EngineConfig, LinkConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.disagg.launch import RemoteWorker
+from minidisagg.disagg.outbox import Outbox, shutdown_quietly
 from minidisagg.disagg.prefill_worker import Submission
 from minidisagg.disagg.router_protocol import (
     IDLE_WAIT_S,
@@ -138,18 +138,22 @@ class RemoteCluster(DisaggCluster):
 
 
 class _Client:
-    """One client connection: a reader thread (lines in), a writer thread (its outbox out)."""
+    """One client connection: a reader thread (lines in), and a bounded outbox with its own sender thread (lines out)."""
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(self, sock: socket.socket, peer: str, queue_size: int, on_drop: Callable[[str], None],
+                 on_exit: Callable[[], None]) -> None:
         self.sock, self.peer = sock, peer
-        self.outbox: queue.Queue[Optional[dict[str, Any]]] = queue.Queue()
+        self.outbox: Outbox[dict[str, Any]] = Outbox(f"client {peer}", self._write_line, queue_size,
+                                                     lambda: shutdown_quietly(sock), on_drop, on_exit)
         self.inflight: dict[str, str] = {}  # client id -> request id (under RouterServer.lock)
         self.closed = threading.Event()
         self.input_done = False
-        self.writer: Optional[threading.Thread] = None
+
+    def _write_line(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(message).encode() + b"\n")  # SEND_TIMEOUT_S bounds a stuck write
 
     def send(self, message: dict[str, Any]) -> None:
-        """Queue a line for this client (dropped once the connection is closed)."""
+        """Queue a line for this client without blocking (dropped once the connection is closed)."""
         if not self.closed.is_set():
             self.outbox.put(message)
 
@@ -157,7 +161,7 @@ class _Client:
         """Close after the queued lines are written (safe to call twice)."""
         if not self.closed.is_set():
             self.closed.set()
-            self.outbox.put(None)
+            self.outbox.close()
 
 
 class RouterServer:
@@ -165,11 +169,15 @@ class RouterServer:
 
     One driver thread owns ``cluster.step()``; client threads call ``add_request`` under the
     same lock, which also guards the request table, so no output can outrun its registration.
+    Lines go out through a bounded queue per client (``queue_size`` lines, see ``outbox``): a
+    client that falls that far behind is dropped and its requests aborted; the driver never waits.
     """
 
     def __init__(self, cluster: RemoteCluster, host: str = "127.0.0.1", port: int = 0,
-                 tokenizer: Optional[Tokenizer] = None) -> None:
+                 tokenizer: Optional[Tokenizer] = None,
+                 queue_size: int = LinkConfig.subscriber_queue_size) -> None:
         self.cluster, self.tokenizer = cluster, tokenizer
+        self.queue_size = queue_size
         self.listener = listen(host, port)
         self.port: int = self.listener.getsockname()[1]
         self.lock = threading.Lock()
@@ -196,12 +204,16 @@ class RouterServer:
     # ---- client connections ----------------------------------------------------------------------
     def _serve_client(self, sock: socket.socket, peer: str) -> None:
         sock.settimeout(SEND_TIMEOUT_S)
-        client = _Client(sock, peer)
+
+        def gone() -> None:  # the sender thread ends: nothing more goes out on this connection
+            sock.close()
+            with self.lock:
+                self.clients.discard(client)
+
+        client = _Client(sock, peer, self.queue_size, lambda reason: self._drop(client, reason), gone)
         with self.lock:
             self.clients.add(client)
-        client.writer = threading.Thread(target=self._write_loop, args=(client,), name=f"router-out-{peer}",
-                                         daemon=True)
-        client.writer.start()
+        client.outbox.start()
         try:
             for line_no, line in enumerate(read_lines(sock, client.closed), start=1):
                 if line is None:
@@ -220,17 +232,6 @@ class RouterServer:
             idle = not client.inflight
         if idle:
             client.close()
-
-    def _write_loop(self, client: _Client) -> None:
-        try:
-            while (message := client.outbox.get()) is not None:
-                client.sock.sendall(json.dumps(message).encode() + b"\n")
-        except OSError as exc:
-            self._drop(client, f"write failed: {exc}")
-        finally:
-            client.sock.close()
-            with self.lock:
-                self.clients.discard(client)
 
     def _submit(self, client: _Client, line: bytes, default_id: str) -> None:
         try:
@@ -322,8 +323,7 @@ class RouterServer:
         self._fail_all("the router is shutting down")
         deadline = time.monotonic() + 1.0
         for client in list(self.clients):  # give the last lines a second to leave
-            if client.writer is not None:
-                client.writer.join(max(0.0, deadline - time.monotonic()))
+            client.outbox.join(max(0.0, deadline - time.monotonic()))
         self.cluster.shutdown(timeout_s / 2)
 
 
@@ -352,7 +352,7 @@ def serve_router(args: argparse.Namespace, config: EngineConfig, security: Optio
     except ConnectionError as exc:
         log.error("router could not start: %s", exc)
         return 1
-    server = RouterServer(cluster, args.host, args.port, tokenizer)
+    server = RouterServer(cluster, args.host, args.port, tokenizer, config.link.subscriber_queue_size)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
+from minidisagg.disagg.outbox import Subscribers
 from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
 from minidisagg.disagg.validate import InvalidMessage, MessageLimits, check_abort, check_submission, request_id_in
 from minidisagg.engine.clock import WallClock
@@ -46,21 +47,22 @@ from minidisagg.transport.framing import (
     HeaderError,
     PeerClosed,
     recv_frame,
-    send_frame,
     server_handshake,
 )
+from minidisagg.transport.backoff import ReconnectPolicy
+from minidisagg.transport.kv_link import serve_kv_link
 from minidisagg.transport.socket import (
     SocketSender,
     accept_loop,
     listen,
     make_hello,
-    serve_kv_link,
     wait_readable,
 )
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 30.0
+FLUSH_TIMEOUT_S = 1.0  # at stop, how long the outputs still queued for routers may take to leave
 STREAM_EVERY_TOKENS = 8  # a decode server streams a request's output every this many tokens (and when it ends)
 
 
@@ -76,51 +78,20 @@ def submission_to_dict(sub: Submission) -> dict[str, Any]:
     return plain_dict(sub)
 
 
-class _Subscribers:
-    """Router connections that want this worker's outputs."""
-
-    def __init__(self) -> None:
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def add(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.append(sock)
-
-    def remove(self, sock: socket.socket) -> None:
-        with self._lock:
-            if sock in self._socks:
-                self._socks.remove(sock)
-
-    def send(self, kind: FrameKind, header: dict[str, Any]) -> None:
-        with self._lock:
-            for sock in list(self._socks):
-                try:
-                    send_frame(sock, kind, header)
-                except OSError as exc:  # a router went away: keep serving the others
-                    log.warning("dropping subscriber: %s", exc)
-                    self._socks.remove(sock)
-
-    def send_to(self, sock: socket.socket, kind: FrameKind, header: dict[str, Any]) -> None:
-        """One frame to one router (between the frames other threads send it)."""
-        with self._lock:
-            send_frame(sock, kind, header)
-
-
 class WorkerServer:
     """Shared skeleton: listen, handshake every connection, dispatch it by role."""
 
     role = "worker"
     worker: DecodeWorker | PrefillWorker
 
-    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int,
+    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int, queue_size: int,
                  security: Optional[LinkSecurity] = None) -> None:
         self.security = security or LinkSecurity()  # subclasses check it first: LinkSecurity.check_listen
         self.hello = make_hello(self.role, loaded.config.fingerprint(), layout)
         self.server = listen(host, port)
         self.port = self.server.getsockname()[1]
         self.stop_event = threading.Event()
-        self.subscribers = _Subscribers()
+        self.subscribers = Subscribers(queue_size, self.subscriber_dropped)
         self.failure: Optional[str] = None  # why the engine loop died, once it has
 
     @property
@@ -168,13 +139,16 @@ class WorkerServer:
         """Roles allowed to connect."""
         return {"router"}
 
+    def subscriber_dropped(self, peer: str, reason: str, num_left: int) -> None:
+        """A router fell behind on this worker's outputs and was dropped (``outbox``; already logged)."""
+
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         """Serve one accepted connection."""
         raise NotImplementedError
 
     def serve_router(self, sock: socket.socket, peer: str, on_request: Callable[[dict[str, Any]], None]) -> None:
         """Subscribe a router to outputs and feed its REQUEST frames to ``on_request`` until it leaves."""
-        self.subscribers.add(sock)
+        self.subscribers.add(sock, peer)
         while wait_readable(sock, self.stop_event):
             try:
                 frame = recv_frame(sock, None, max_payload_bytes=0)
@@ -205,7 +179,8 @@ class WorkerServer:
         accept_loop(self.server, self.handle, self.stop_event, self.role)
 
     def stop(self) -> None:
-        """Stop accepting and close the listener."""
+        """Stop accepting and close the listener; what routers are still owed goes out first (briefly)."""
+        self.subscribers.close(FLUSH_TIMEOUT_S)
         self.stop_event.set()
         self.server.close()
 
@@ -220,7 +195,7 @@ class DecodeServer(WorkerServer):
         """``security``: the secret (and TLS) peers must prove; None: none, allowed on loopback only."""
         (security or LinkSecurity()).check_listen(host, self.role)  # no secret beyond loopback: refused here
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
-        super().__init__(loaded, self.worker.layout, host, port, security)
+        super().__init__(loaded, self.worker.layout, host, port, config.link.subscriber_queue_size, security)
         self._watch_worker(self.worker)
         self.worker.start()
 
@@ -232,6 +207,16 @@ class DecodeServer(WorkerServer):
 
     def accepted_roles(self) -> set[str]:
         return {"router", "prefill"}
+
+    def subscriber_dropped(self, peer: str, reason: str, num_left: int) -> None:
+        """With no router left to read them, abort every request decoding here, so their KV blocks are freed."""
+        if num_left:
+            return
+        request_ids = self.worker.engine.request_ids()
+        for request_id in request_ids:
+            self.worker.abort(request_id)
+        log.warning("decode: %s was the last router subscribed; aborted its %d request(s) and freed their KV",
+                    peer, len(request_ids))
 
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         if role == "prefill":
@@ -262,17 +247,19 @@ class PrefillServer(WorkerServer):
         layout = KVLayout.of(self.worker.engine.kv_cache)
         sender_hello = make_hello("prefill", loaded.config.fingerprint(), layout)
         senders: dict[str, SocketSender]
+        reconnect, heartbeat_s = ReconnectPolicy.of(config.link), config.link.kv_lease_s / 3  # see ``LinkConfig``
         if decode_ranks is None:
-            senders = {name: SocketSender(h, p, sender_hello, security=security) for name, (h, p) in decode_peers.items()}
+            senders = {name: SocketSender(h, p, sender_hello, security=security, reconnect=reconnect,
+                                          heartbeat_s=heartbeat_s) for name, (h, p) in decode_peers.items()}
         else:
             from minidisagg.transport.dist import DistSender
 
             if missing := sorted(set(decode_peers) - set(decode_ranks)):
                 raise ValueError(f"no torch.distributed rank for decode worker(s) {missing}")
-            senders = {name: DistSender(h, p, sender_hello, decode_ranks[name], security=security)
-                       for name, (h, p) in decode_peers.items()}
+            senders = {name: DistSender(h, p, sender_hello, decode_ranks[name], security=security, reconnect=reconnect,
+                                        heartbeat_s=heartbeat_s) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
-        super().__init__(loaded, layout, host, port, security)
+        super().__init__(loaded, layout, host, port, config.link.subscriber_queue_size, security)
         self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)
         self._watch_worker(self.worker)
         self.worker.start()

@@ -11,21 +11,75 @@ A transfer has four moves, the same over every transport:
 3. ``commit``: the sequence's state (tokens, sampling, timeline); the decode worker adopts
    it and acknowledges, after which the prefill worker frees its own pages;
 4. ``cancel``: give the reservation back if anything went wrong.
+
+A decode worker may hold each reservation as a lease that expires without progress and count
+it against the quota of the link it came over (``KVPeer``, ``PeerAwareReceiver``); a refusal
+for that reason is a ``QuotaExceeded`` (wait and ask again), an expired one a ``LeaseExpired``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from minidisagg.config import LinkConfig
 from minidisagg.engine.sequence import SequenceState
+
+HEARTBEAT_S = LinkConfig.kv_lease_s / 3  # a sender renews its reservations' leases three times per lease
 
 
 class TransferError(RuntimeError):
     """A KV transfer failed (peer gone, timed out, refused); the request can be failed or recomputed."""
+
+
+class QuotaExceeded(ValueError):
+    """A reservation refused because its peer already holds its share of the pool: retry once transfers commit."""
+
+
+class LeaseExpired(ValueError):
+    """A reservation whose transfer made no progress within its lease; its blocks went back to the pool."""
+
+
+class KVPeer(Protocol):
+    """One link's standing with a decode worker: its reservations, their leases and its quota.
+
+    Reservations made through it count against its quota; a lease that expires is reported
+    back through ``take_expired`` so the link, the only writer of those blocks, frees them;
+    ``close`` frees whatever the link still holds.
+    """
+
+    name: str
+
+    def reserve(self, transfer_id: str, num_tokens: int) -> bool:
+        """Reserve as ``KVReceiver.reserve``, held by this peer (``QuotaExceeded`` over its share)."""
+
+    def renew(self, transfer_id: str) -> None:
+        """Progress on a transfer: its lease starts again."""
+
+    def take_expired(self) -> list[tuple[str, str]]:
+        """(transfer id, reason) of this peer's leases that expired since the last call."""
+
+    def close(self) -> int:
+        """The link is gone: free every reservation it still holds; returns the number of blocks freed."""
+
+
+@runtime_checkable
+class LeaseRenewing(Protocol):
+    """A ``KVReceiver`` whose reservations are leases an in-process sender renews."""
+
+    def renew_reservations(self, transfer_ids: Sequence[str]) -> None:
+        """These transfers are still under way: their leases start again (unknown or expired ones are skipped)."""
+
+
+@runtime_checkable
+class PeerAwareReceiver(Protocol):
+    """A ``KVReceiver`` that tracks reservations per link (leases, quotas, freeing on close)."""
+
+    def open_peer(self, name: str) -> KVPeer:
+        """Start tracking one link (``name`` says who it is, for messages)."""
 
 
 class KVReceiver(Protocol):
@@ -144,6 +198,13 @@ class KVSender(ABC):
     def is_broken(self) -> bool:
         """Whether the link is down for good (every later call fails)."""
         return False
+
+    def renew_leases(self) -> None:
+        """Tell the decode side that the transfers reserved over this link are still under way.
+
+        A prefill worker calls this from its loop, so a loop that stops also stops renewing.
+        Links whose reservations hold no lease need not do anything (the default).
+        """
 
     @abstractmethod
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:

@@ -67,8 +67,9 @@ import torch
 import torch.distributed as dist
 
 from minidisagg.kv.pages import split_ranges
-from minidisagg.transport.base import TransferError
 from minidisagg.transport.auth import LinkSecurity
+from minidisagg.transport.backoff import ReconnectPolicy
+from minidisagg.transport.base import HEARTBEAT_S
 from minidisagg.transport.dist_receive import KV_TAG, transfer_device
 from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
 from minidisagg.transport.rendezvous import MembershipError, check_init_method, join_store
@@ -170,14 +171,15 @@ class DistSender(SocketSender):
     name = "dist"
 
     def __init__(self, host: str, port: int, hello: Hello, dst_rank: int, timeout_s: float = FRAME_TIMEOUT_S,
-                 connect_retries: int = CONNECT_RETRIES, security: Optional[LinkSecurity] = None) -> None:
-        """The control link authenticates like a ``SocketSender``'s (``security``); the pages follow by rank."""
+                 connect_retries: int = CONNECT_RETRIES, security: Optional[LinkSecurity] = None,
+                 reconnect: Optional[ReconnectPolicy] = None, heartbeat_s: float = HEARTBEAT_S) -> None:
+        """The control link authenticates and heals like a ``SocketSender``'s; the pages follow by rank."""
         if not dist.is_initialized():
             raise RuntimeError("DistSender needs torch.distributed.init_process_group (see init_dist) first")
         if not 0 <= dst_rank < dist.get_world_size() or dst_rank == dist.get_rank():
             raise ValueError(f"decode rank {dst_rank} is not a peer of rank {dist.get_rank()} "
                              f"in a world of {dist.get_world_size()}")
-        super().__init__(host, port, hello, timeout_s, connect_retries, security)
+        super().__init__(host, port, hello, timeout_s, connect_retries, security, reconnect, heartbeat_s)
         self.src_rank = dist.get_rank()
         self.dst_rank = dst_rank
         self.device = transfer_device()
@@ -199,19 +201,16 @@ class DistSender(SocketSender):
 
     def _send_pages(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
         """A payload-free LAYER frame, then the pages by ``torch.distributed`` (both under the link's lock)."""
-        if self._broken is not None:
-            raise TransferError(f"link to {self.address} is down: {self._broken}")
         pages = pages.detach().to(self.device).contiguous()
         header = {**self._layer_header(transfer_id, layer, pages, stacked), "via": "dist", "src_rank": self.src_rank}
         t0 = time.perf_counter()
         with self._lock:
+            self._check_usable(transfer_id)
             try:
                 send_frame(self.sock, FrameKind.LAYER, header, timeout_s=self.timeout_s)
                 self._isend(pages)
             except (OSError, FrameError, RuntimeError) as exc:
-                self._broken = str(exc)
-                self.sock.close()
-                raise TransferError(f"link to {self.address} (rank {self.dst_rank}) failed: {exc}") from exc
+                raise self._fail(exc) from exc
         self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += pages.numel() * pages.element_size()
 
@@ -248,8 +247,8 @@ class DistSender(SocketSender):
 
     def send_pieces(self, transfer_id: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
         """One send per piece, no frame: each queued right behind its own piece's gather, if it needed one."""
-        if self._broken is not None:
-            raise TransferError(f"link to {self.address} is down: {self._broken}")
+        with self._lock:  # announced pages go even after an expired lease: the decode side posted their receives
+            self._check_usable(transfer_id, notices=False)
         t0 = time.perf_counter()
         try:
             for _, pages in pieces:
@@ -257,7 +256,6 @@ class DistSender(SocketSender):
                 self._isend(pages)
                 self.stats.bytes_sent += pages.numel() * pages.element_size()
         except RuntimeError as exc:
-            self._broken = str(exc)
-            self.sock.close()
-            raise TransferError(f"link to {self.address} (rank {self.dst_rank}) failed: {exc}") from exc
+            with self._lock:
+                raise self._fail(exc) from exc
         self.stats.send_s += time.perf_counter() - t0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.transport.base import KVReceiver, KVSender, TransferError
+from minidisagg.transport.base import HEARTBEAT_S, KVReceiver, KVSender, LeaseRenewing, TransferError
 
 
 class InprocSender(KVSender):
@@ -15,13 +16,37 @@ class InprocSender(KVSender):
 
     name = "inproc"
 
-    def __init__(self, receiver: KVReceiver) -> None:
+    def __init__(self, receiver: KVReceiver, heartbeat_s: float = HEARTBEAT_S) -> None:
         super().__init__()
         self.receiver = receiver
+        self.heartbeat_s = heartbeat_s
+        self._next_heartbeat_s = 0.0
+        self._granted: set[str] = set()  # reserved, not yet committed or cancelled
+        self._lock = threading.Lock()
 
     def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
         """Reserve blocks on the receiver."""
-        return self.receiver.reserve(transfer_id, num_tokens)
+        granted = self.receiver.reserve(transfer_id, num_tokens)
+        if granted:
+            with self._lock:
+                self._granted.add(transfer_id)
+        return granted
+
+    def renew_leases(self) -> None:
+        """Every ``heartbeat_s``: renew the leases of the transfers reserved here (receivers that hold leases)."""
+        if not isinstance(self.receiver, LeaseRenewing):
+            return
+        now_s = time.monotonic()
+        with self._lock:
+            if now_s < self._next_heartbeat_s or not self._granted:
+                return
+            self._next_heartbeat_s = now_s + self.heartbeat_s
+            transfer_ids = sorted(self._granted)
+        self.receiver.renew_reservations(transfer_ids)
+
+    def _forget(self, transfer_id: str) -> None:
+        with self._lock:
+            self._granted.discard(transfer_id)
 
     def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Give the receiver the layer's pages to scatter into its pool."""
@@ -43,8 +68,11 @@ class InprocSender(KVSender):
             self.receiver.commit(transfer_id, state, num_bytes)
         except Exception as exc:  # the receiver refused or failed
             raise TransferError(f"decode worker refused transfer {transfer_id}: {exc}") from exc
+        finally:
+            self._forget(transfer_id)
         self.stats.num_transfers += 1
 
     def cancel(self, transfer_id: str) -> None:
         """Drop the reservation."""
+        self._forget(transfer_id)
         self.receiver.cancel(transfer_id)
