@@ -24,18 +24,16 @@ from minidisagg.transport.framing import (
     FrameError,
     FrameKind,
     HandshakeError,
-    Hello,
     PeerClosed,
-    client_handshake,
     connect,
     encode_head,
     payload_tensor,
     recv_frame,
     send_frame,
-    server_handshake,
     tensor_memoryview,
     tune_socket,
 )
+from minidisagg.transport.handshake import Hello, client_handshake, server_handshake
 
 MiB = 1 << 20
 

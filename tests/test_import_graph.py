@@ -1,7 +1,7 @@
 """The package's import graph: no cycles among its modules, and no module imports another's private names.
 
-Only imports that run when a module loads count (module level, outside ``if TYPE_CHECKING``); an
-import inside a function runs later and is how a module loads a heavy dependency lazily.
+Every import counts, at module level or inside a function (a lazy import that loads a heavy
+dependency late is still a dependency), except those under ``if TYPE_CHECKING``.
 """
 
 from __future__ import annotations
@@ -22,27 +22,25 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def load_time_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    """Import statements that run when the module is imported."""
+def module_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement in the module, outside ``if TYPE_CHECKING`` blocks."""
     found: list[ast.Import | ast.ImportFrom] = []
 
-    def visit(nodes: list[ast.stmt]) -> None:
-        for node in nodes:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                found.append(node)
-            elif isinstance(node, ast.If):
-                test = ast.unparse(node.test)
-                if "TYPE_CHECKING" not in test:
-                    visit(node.body)
-                visit(node.orelse)
-            elif isinstance(node, ast.Try):
-                visit(node.body)
-                for handler in node.handlers:
-                    visit(handler.body)
-                visit(node.orelse)
-                visit(node.finalbody)
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:  # noqa: N802 - ast's naming
+            if "TYPE_CHECKING" in ast.unparse(node.test):
+                for child in node.orelse:
+                    self.visit(child)
+            else:
+                self.generic_visit(node)
 
-    visit(tree.body)
+        def visit_Import(self, node: ast.Import) -> None:  # noqa: N802
+            found.append(node)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:  # noqa: N802
+            found.append(node)
+
+    Visitor().visit(tree)
     return found
 
 
@@ -66,10 +64,10 @@ def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, known: se
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports at load time."""
+    """Module -> the package modules it imports."""
     modules = package_modules()
     known = set(modules)
-    return {name: {t for node in load_time_imports(tree) for t in imported_modules(node, name, known) if t != name}
+    return {name: {t for node in module_imports(tree) for t in imported_modules(node, name, known) if t != name}
             for name, tree in modules.items()}
 
 

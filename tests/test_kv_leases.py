@@ -31,7 +31,8 @@ from minidisagg.engine.sequence import SequenceState
 from minidisagg.metrics import RequestTimeline
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.base import TransferError
-from minidisagg.transport.framing import MAGIC, PREFIX, WIRE_VERSION, FrameKind, client_handshake, recv_frame
+from minidisagg.transport.framing import MAGIC, PREFIX, WIRE_VERSION, FrameKind, recv_frame
+from minidisagg.transport.handshake import client_handshake
 from minidisagg.transport.inproc import InprocSender
 from minidisagg.transport.socket import SocketSender, make_hello
 

@@ -26,7 +26,8 @@ from minidisagg.disagg.launch import WorkerProcess, spawn_worker, stop_processes
 from minidisagg.disagg.router_server import RemoteCluster, RouterServer
 from minidisagg.disagg.serve import DecodeServer, PrefillServer
 from minidisagg.kv.pages import KVLayout
-from minidisagg.transport.framing import MAGIC, PREFIX, WIRE_VERSION, Frame, FrameKind, client_handshake, recv_frame
+from minidisagg.transport.framing import MAGIC, PREFIX, WIRE_VERSION, Frame, FrameKind, recv_frame
+from minidisagg.transport.handshake import client_handshake
 from minidisagg.transport.socket import make_hello
 
 HOST = "127.0.0.1"
@@ -548,7 +549,7 @@ def test_the_router_reads_a_bad_worker_frame_as_that_requests_failure_only(tiny_
     import queue
 
     from minidisagg.disagg.launch import RemoteWorker
-    from minidisagg.transport.framing import server_handshake
+    from minidisagg.transport.handshake import server_handshake
     from minidisagg.transport.socket import listen
 
     layout = layout_of(tiny_loaded)

@@ -25,7 +25,7 @@ from minidisagg.config import ModelConfig
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.kv.pages import KVLayout, gather_pages, scatter_blocks, scatter_layer, scatter_pages
-from minidisagg.transport.framing import server_handshake
+from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.kv_link import serve_kv_link
 from minidisagg.transport.socket import SocketSender, listen, make_hello
 

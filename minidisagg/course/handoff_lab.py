@@ -30,7 +30,8 @@ from minidisagg.kv.cache import PagedKVCache
 from minidisagg.kv.pages import KVLayout, gather_layer
 from minidisagg.models.registry import LoadedModel
 from minidisagg.transport.base import KVReceiver, KVSender, TransferError
-from minidisagg.transport.framing import FrameError, server_handshake
+from minidisagg.transport.framing import FrameError
+from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.inproc import InprocSender
 from minidisagg.transport.kv_link import serve_kv_link
 from minidisagg.transport.socket import SocketSender, accept_loop, listen, make_hello

@@ -30,17 +30,10 @@ from minidisagg.disagg.prefill_worker import FailedRequest, Submission
 from minidisagg.disagg.serve import submission_to_dict
 from minidisagg.disagg.validate import InvalidMessage, check_output
 from minidisagg.engine.llm_engine import RequestOutput
-from minidisagg.transport.auth import SECRET_ENV, LinkSecurity, new_secret, open_link
+from minidisagg.transport.auth import SECRET_ENV, LinkSecurity, new_secret
+from minidisagg.transport.framing import Frame, FrameError, FrameKind, PeerClosed, recv_frame, send_frame
+from minidisagg.transport.handshake import Hello, open_link
 from minidisagg.transport.socket import wait_readable
-from minidisagg.transport.framing import (
-    Frame,
-    FrameError,
-    FrameKind,
-    Hello,
-    PeerClosed,
-    recv_frame,
-    send_frame,
-)
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 180.0

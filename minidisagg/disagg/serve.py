@@ -41,15 +41,9 @@ from minidisagg.kv.pages import KVLayout
 from minidisagg.plain import plain_dict
 from minidisagg.models.registry import LoadedModel
 from minidisagg.transport.auth import AuthError, LinkSecurity
-from minidisagg.transport.framing import (
-    FrameError,
-    FrameKind,
-    HeaderError,
-    PeerClosed,
-    recv_frame,
-    server_handshake,
-)
+from minidisagg.transport.framing import FrameError, FrameKind, HeaderError, PeerClosed, recv_frame
 from minidisagg.transport.backoff import ReconnectPolicy
+from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.kv_link import serve_kv_link
 from minidisagg.transport.socket import (
     SocketSender,

@@ -7,7 +7,7 @@ the server speaking (frames of ``framing``, wire version 2)::
     server -> client  AUTH_CHALLENGE {"scheme": "hmac-sha256", "nonce": Ns}     (or {"scheme": "none"})
     client -> server  AUTH_RESPONSE  {"role": R, "nonce": Nc, "mac": HMAC(secret, "client->server", R, Ns, Nc)}
     server -> client  AUTH_RESPONSE  {"mac": HMAC(secret, "server->client", R, Ns, Nc)}   or ERROR, then close
-    then HELLO / HELLO_OK as before (``framing.client_handshake``), the HELLO's role bound to R
+    then HELLO / HELLO_OK as before (``handshake.client_handshake``), the HELLO's role bound to R
 
 Both nonces are 32 fresh random bytes, so an answer recorded on one connection proves nothing
 on the next (replay); the direction label makes the client's proof useless as the server's
@@ -43,10 +43,7 @@ from minidisagg.transport.framing import (
     FrameError,
     FrameKind,
     HandshakeError,
-    Hello,
     PeerClosed,
-    client_handshake,
-    connect,
     peer_name,
     recv_frame,
     send_frame,
@@ -282,15 +279,3 @@ def link_security(secret_file: Optional[str] = None, tls_cert: Optional[str] = N
     tls_server = tls.server_context(tls_cert, tls_key, tls_ca or None) if tls_cert and tls_key else None
     tls_client = tls.client_context(tls_ca or None, tls_cert or None, tls_key or None) if tls_cert or tls_ca else None
     return LinkSecurity(secret, tls_server, tls_client, insecure_no_auth)
-
-
-def open_link(host: str, port: int, hello: Hello, security: LinkSecurity, timeout_s: float,
-              retries: int = 0) -> tuple[Link, Hello]:
-    """Connect, wrap in TLS if configured, authenticate both ways, exchange HELLOs; returns (link, the server's Hello)."""
-    link: Link = connect(host, port, timeout_s, retries=retries)
-    try:
-        link = security.wrap_client(link, host, timeout_s)
-        return link, client_handshake(link, hello, timeout_s, secret=security.secret)
-    except BaseException:
-        link.close()
-        raise

@@ -71,7 +71,8 @@ from minidisagg.transport.auth import LinkSecurity
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.base import HEARTBEAT_S
 from minidisagg.transport.dist_receive import KV_TAG, transfer_device
-from minidisagg.transport.framing import FrameError, FrameKind, Hello, send_frame
+from minidisagg.transport.framing import FrameError, FrameKind, send_frame
+from minidisagg.transport.handshake import Hello
 from minidisagg.transport.rendezvous import MembershipError, check_init_method, join_store
 from minidisagg.transport.socket import FRAME_TIMEOUT_S, SocketSender
 

@@ -24,8 +24,7 @@ Why this shape:
   allocates or reads anything: a corrupt prefix claiming 2**40 bytes fails at once.
 
 A connection opens with the server's AUTH_CHALLENGE and the client's proof of the
-deployment's shared secret (``auth.py``), then HELLO / HELLO_OK: ``client_handshake`` and
-``server_handshake`` do both steps.
+deployment's shared secret (``auth.py``), then HELLO / HELLO_OK: ``handshake.py`` does both steps.
 
 Errors: a malformed frame raises ``FrameError`` (a ValueError), or its subclass ``HeaderError``
 when only the JSON header was bad (too deeply nested, say) and the frame, which had no
@@ -37,14 +36,13 @@ is out of step: close the socket. Use at most one sending and one receiving thre
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import json
 import math
 import socket
 import struct
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -327,92 +325,6 @@ def payload_tensor(frame: Frame, dtype: torch.dtype, shape: Sequence[int]) -> to
     if isinstance(buffer, bytes) or memoryview(buffer).readonly:
         buffer = bytearray(buffer)  # torch wants writable memory; only sent-side frames get here
     return torch.frombuffer(buffer, dtype=dtype, count=numel).view(tuple(shape))
-
-
-@dataclass(frozen=True)
-class Hello:
-    """What each side declares on connect: who it is and the KV layout it speaks."""
-
-    role: str  # "prefill" | "decode" | "router" | "client"
-    fingerprint: str  # model config hash
-    dtype: str  # e.g. "bfloat16"
-    block_size: int
-    kv_layout: str  # e.g. "layers,2,blocks,block_size,kv_heads,head_dim"
-    version: int = 1
-
-    def to_header(self) -> dict[str, Any]:
-        """This Hello as a frame header."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_header(cls, header: dict[str, Any]) -> Hello:
-        """Parse a peer's Hello, raising HandshakeError naming any missing or mistyped field."""
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in header and field.default is dataclasses.MISSING:
-                raise HandshakeError(f"malformed HELLO: missing field {field.name!r}")
-            value = header.get(field.name, field.default)
-            if type(value).__name__ != field.type:  # annotations are strings: "str" or "int"
-                raise HandshakeError(f"malformed HELLO: {field.name} should be {field.type}, got {value!r}")
-            values[field.name] = value
-        return cls(**values)
-
-
-_COMPARED_FIELDS = ("fingerprint", "dtype", "block_size", "kv_layout", "version")
-_HANDSHAKE_MAX_HEADER_BYTES = 64 << 10
-
-
-def client_handshake(sock: socket.socket, hello: Hello, timeout_s: float, secret: bytes | None = None) -> Hello:
-    """Prove ``secret`` and check the server's proof, send our HELLO; the server's Hello, or HandshakeError saying why."""
-    from minidisagg.transport.auth import client_authenticate  # lazy: auth.py builds on this module
-
-    client_authenticate(sock, secret, hello.role, timeout_s)
-    send_frame(sock, FrameKind.HELLO, hello.to_header(), timeout_s=timeout_s)
-    reply = recv_frame(sock, timeout_s, max_header_bytes=_HANDSHAKE_MAX_HEADER_BYTES, max_payload_bytes=0)
-    if reply.kind == FrameKind.ERROR:
-        raise HandshakeError(f"{peer_name(sock)} refused the handshake: {reply.header.get('message', reply.header)}")
-    if reply.kind != FrameKind.HELLO_OK:
-        raise HandshakeError(f"expected HELLO_OK or ERROR from {peer_name(sock)}, got {reply.kind.name}")
-    return Hello.from_header(reply.header)
-
-
-def server_handshake(
-    sock: socket.socket, hello: Hello, timeout_s: float, accept_roles: Collection[str] | None = None,
-    secret: bytes | None = None,
-) -> Hello:
-    """Have the client prove ``secret`` (auth.py), then check its HELLO against ours; returns the client's Hello.
-
-    Only a client that proved the secret (or any client, without one) learns why its HELLO was refused.
-    """
-    from minidisagg.transport.auth import server_authenticate  # lazy: auth.py builds on this module
-
-    proved_role = server_authenticate(sock, secret, timeout_s)
-    frame = recv_frame(sock, timeout_s, max_header_bytes=_HANDSHAKE_MAX_HEADER_BYTES, max_payload_bytes=0)
-    try:
-        if frame.kind != FrameKind.HELLO:
-            raise HandshakeError(f"expected HELLO, got {frame.kind.name}")
-        theirs = Hello.from_header(frame.header)
-    except HandshakeError as exc:
-        _refuse(sock, str(exc), timeout_s)
-    mismatches = [
-        f"{name}: ours={getattr(hello, name)} theirs={getattr(theirs, name)}"
-        for name in _COMPARED_FIELDS
-        if getattr(hello, name) != getattr(theirs, name)
-    ]
-    if accept_roles is not None and theirs.role not in accept_roles:
-        mismatches.insert(0, f"role: accepted={sorted(accept_roles)} theirs={theirs.role}")
-    if proved_role is not None and theirs.role != proved_role:
-        mismatches.insert(0, f"role: authenticated as {proved_role}, HELLO says {theirs.role}")
-    if mismatches:
-        _refuse(sock, f"{hello.role} and {theirs.role} disagree on " + "; ".join(mismatches), timeout_s)
-    send_frame(sock, FrameKind.HELLO_OK, hello.to_header(), timeout_s=timeout_s)
-    return theirs
-
-
-def _refuse(sock: socket.socket, message: str, timeout_s: float) -> NoReturn:
-    with contextlib.suppress(OSError):  # the client may already be gone; our own error matters more
-        send_frame(sock, FrameKind.ERROR, {"message": message}, timeout_s=timeout_s)
-    raise HandshakeError(message)
 
 
 def tune_socket(sock: socket.socket, buffer_bytes: int | None = SOCKET_BUFFER_BYTES) -> None:

@@ -25,17 +25,11 @@ import torch
 
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout
-from minidisagg.transport.auth import LinkSecurity, open_link
+from minidisagg.transport.auth import LinkSecurity
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.base import HEARTBEAT_S, KVSender, TransferError
-from minidisagg.transport.framing import (
-    Frame,
-    FrameError,
-    FrameKind,
-    Hello,
-    recv_frame,
-    send_frame,
-)
+from minidisagg.transport.framing import Frame, FrameError, FrameKind, recv_frame, send_frame
+from minidisagg.transport.handshake import Hello, open_link
 
 log = logging.getLogger(__name__)
 FRAME_TIMEOUT_S = 30.0
