@@ -1,0 +1,176 @@
+"""``minidisagg serve``: one prefill, decode or router process, its flags and its run loop.
+
+Only the standard library is imported here at load time, so ``minidisagg --help`` stays fast; the
+engine, torch and the transports load when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+WORKER_HEALTH_POLL_S = 0.2  # how often ``serve`` checks that its worker's engine loop is alive
+WORKER_SWITCH_INTERVAL_S = float(os.environ.get("MINIDISAGG_SWITCH_INTERVAL_S", "0.0005"))  # see cmd_serve
+
+
+def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: str) -> None:
+    """Add the ``serve`` subcommand and its flags to ``sub`` (the CLI's subparsers)."""
+    from minidisagg.config import LinkConfig  # dataclasses only: no torch
+
+    serve = sub.add_parser("serve", help="run a prefill, decode or router process")
+    serve.add_argument("--role", choices=["prefill", "decode", "router"], required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    serve.add_argument("--peers", default="", help="prefill: decode workers as NAME=host:port,...; "
+                                                  "router: prefill=NAME@host:port,...;decode=NAME@host:port,...")
+    serve.add_argument("--model", default="smollm2-135m", help=model_help)
+    serve.add_argument("--device", default="auto", help=device_help)
+    serve.add_argument("--dtype", default="auto", help=dtype_help)
+    serve.add_argument("--random-weights", action="store_true")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--num-kv-blocks", type=int, default=None)
+    serve.add_argument("--batch-invariant", action="store_true")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    serve.add_argument("--kv-memory-budget-bytes", type=int, default=None, help="KV pool size (default: the engine's)")
+    serve.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
+                       help="KV pool memory layout (default: block_major on CUDA, layer_major on a CPU)")
+    serve.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    serve.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                       help="queue decode step n+1 before step n's tokens reach the host (auto: with CUDA graphs)")
+    serve.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
+                       help="send KV layer by layer during the prefill (default: after it, the faster choice here)")
+    serve.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    serve.add_argument("--cpu-cores", default="", help="pin this process to these cores, e.g. 0 or 0,1")
+    serve.add_argument("--clock-origin", type=float, default=None, help="shared perf_counter origin")
+    serve.add_argument("--ready-file", default="", help="write the bound port here once listening")
+    serve.add_argument("--routing", choices=["round_robin", "least_loaded"], default="round_robin",
+                       help="router: how requests are spread over workers")
+    serve.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
+                       help="router: what happens to requests of a worker that dies")
+    serve.add_argument("--request-timeout-s", type=float, default=600.0, help="router: deadline of every request")
+    serve.add_argument("--kv-lease-s", type=float, default=LinkConfig.kv_lease_s,
+                       help="decode: a KV reservation with no progress for this long is freed")
+    serve.add_argument("--max-reserved-share-per-peer", type=float, default=LinkConfig.max_reserved_share_per_peer,
+                       help="decode: the share of the KV pool one prefill link may hold in reservations (0 < x <= 1)")
+    serve.add_argument("--reconnect-deadline-s", type=float, default=LinkConfig.reconnect_deadline_s,
+                       help="prefill: how long a broken KV link is re-established for (0: never)")
+    serve.add_argument("--subscriber-queue-size", type=int, default=LinkConfig.subscriber_queue_size,
+                       help="outputs queued per router (or client) before that slow reader is dropped")
+    serve.add_argument("--dist-init", default="", help="dist transport: rendezvous, e.g. tcp://127.0.0.1:29500; "
+                                                      "prefill --peers then read name=host:port@rank")
+    serve.add_argument("--dist-rank", type=int, default=None, help="this worker's rank (decodes first by convention)")
+    serve.add_argument("--dist-world", type=int, default=None, help="number of workers in the process group")
+    serve.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,
+                       help="default: nccl on a CUDA device, else gloo")
+    serve.add_argument("--secret-file", default="",
+                       help="the deployment's shared secret (at least 32 bytes of text, used as is; chmod 600); "
+                            "default: the MINIDISAGG_SECRET environment variable. Every process needs the same one")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="prefill/decode: listen beyond loopback without a secret (anyone who reaches the port "
+                            "may submit, read and abort requests); only on a network you trust")
+    serve.add_argument("--tls-cert", default="", help="TLS: this process's certificate (PEM); workers serve TLS with it")
+    serve.add_argument("--tls-key", default="", help="TLS: the private key of --tls-cert (PEM)")
+    serve.add_argument("--tls-ca", default="", help="TLS: CA bundle that signed the peers' certificates; checks "
+                                                   "the servers this process dials, and makes servers ask clients "
+                                                   "for a certificate (mutual TLS)")
+    serve.set_defaults(func=cmd_serve)
+
+
+
+def parse_peers(text: str) -> dict[str, tuple[str, int]]:
+    """``d0=127.0.0.1:7001,d1=host:7002`` -> {"d0": ("127.0.0.1", 7001), ...}."""
+    from minidisagg.transport.socket import parse_host_port
+
+    peers: dict[str, tuple[str, int]] = {}
+    for item in filter(None, text.split(",")):
+        name, _, address = item.partition("=")
+        try:
+            peers[name] = parse_host_port(address)
+        except ValueError:
+            raise ValueError(f"--peers entries look like name=host:port, got {item!r}") from None
+        if not name:
+            raise ValueError(f"--peers entries look like name=host:port, got {item!r}")
+    return peers
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run one worker process (prefill or decode) until terminated."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+
+    from minidisagg.config import CacheConfig, EngineConfig, LinkConfig
+    from minidisagg.disagg.serve import DecodeServer, PrefillServer
+    from minidisagg.engine.clock import WallClock
+    from minidisagg.models.registry import load_model
+    from minidisagg.transport.auth import SECRET_ENV, link_security
+
+    # The secret first, before anything could start a subprocess that inherits it; then out of the environment.
+    security = link_security(args.secret_file or None, args.tls_cert or None, args.tls_key or None,
+                             args.tls_ca or None, args.insecure_no_auth)
+    os.environ.pop(SECRET_ENV, None)
+    if args.role != "router" and (refusal := security.listen_refusal(args.host)) is not None:
+        raise ValueError(refusal)  # before the model loads: seconds, not minutes, to learn what to fix
+    if args.cpu_cores:
+        os.sched_setaffinity(0, {int(c) for c in args.cpu_cores.split(",")})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # A worker's engine loop shares the GIL with its link threads (KV frames, reservations, outputs). By
+    # default a waiting thread gets the GIL only after 5 ms, so each KV frame could wait that long behind
+    # a busy step loop; a shorter interval bounds that wait at a small cost in extra switches.
+    sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+    link = LinkConfig(kv_lease_s=args.kv_lease_s, max_reserved_share_per_peer=args.max_reserved_share_per_peer,
+                      reconnect_deadline_s=args.reconnect_deadline_s, subscriber_queue_size=args.subscriber_queue_size)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
+                          cuda_graphs=not args.no_cuda_graphs, link=link,
+                          async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+                          cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                                            memory_budget_bytes=args.kv_memory_budget_bytes, layout=args.kv_layout))
+    if args.role == "router":
+        from minidisagg.disagg.router_server import serve_router
+
+        return serve_router(args, config, security)
+    decode_ranks = None
+    if args.dist_init:  # join the deployment's torch.distributed group first: under NCCL it picks the GPU
+        from minidisagg.transport.dist import init_dist, parse_peer_ranks
+
+        args.device = init_dist(args.dist_init, args.dist_rank, args.dist_world, args.dist_backend, args.device,
+                                secret=security.secret)
+        if args.role == "prefill":
+            args.peers, decode_ranks = parse_peer_ranks(args.peers or "")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                        random_weights=args.random_weights)
+    clock = WallClock(args.clock_origin)
+    if args.role == "decode":
+        server = DecodeServer(loaded, config, args.host, args.port, clock=clock, security=security)
+    else:
+        server = PrefillServer(loaded, config, parse_peers(args.peers or ""), args.host, args.port,
+                               overlap=args.overlap, clock=clock, decode_ranks=decode_ranks, security=security)
+    console = Console()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    threading.Thread(target=server.serve_forever, args=(Path(args.ready_file) if args.ready_file else None,),
+                     daemon=True).start()
+    console.print(f"{args.role} worker listening on {args.host}:{server.port}", highlight=False)
+    while not done.wait(WORKER_HEALTH_POLL_S) and not server.failed:
+        pass
+    if server.failed:  # its engine loop died: the routers were told; a port that looks alive would mislead
+        console.print(f"[red]error:[/] {server.failure}", highlight=False)
+    server.stop()
+    if args.dist_init:
+        from minidisagg.transport.dist import shutdown_dist
+
+        shutdown_dist()
+    return 1 if server.failed else 0
+
+
