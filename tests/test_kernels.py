@@ -588,7 +588,7 @@ def test_cpu_packed_linear_matches_torch_and_follows_weight_changes(dtype):
                 assert torch.equal(got, want), f"seed {seed}, rows {rows}"
             else:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {seed}, rows {rows}")
-        if lin._wants_packed(x, weight):  # bf16 without CPU support stays on F.linear
+        if lin.cpu_linear_kind(x.shape[0], x.dtype) == "packed":  # bf16 without CPU support stays on F.linear
             first = getattr(weight, lin.PACKED_ATTR)[1]
             weight.mul_(-2.0)  # in place: the packed copy must not go stale
             torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -638,23 +638,25 @@ def test_lone_decode_on_consecutive_blocks_reads_pages_in_place(seed, dtype):
     check_close(consecutive, gathered, dtype, f"consecutive vs scattered blocks, {where}", seed)
 
 
-def test_bf16_single_row_linear_is_a_gemv_equal_to_f_linear(seed):
-    """bf16 with one row (a batch-1 decode step) goes through ``torch.mv``: the same bits as ``F.linear``
-    on odd sizes; more rows, fp32 and batch-invariant calls do not take that path."""
+def test_bf16_single_row_linear_is_a_gemv_equal_to_f_linear(seed, monkeypatch):
+    """bf16 with one row (a batch-1 decode step) goes through ``torch.mv`` where the native GEMV does not run:
+    the same bits as ``F.linear`` on odd sizes; more rows, fp32 and batch-invariant calls do not take that path."""
+    from minidisagg.kernels import cpu_native
     from minidisagg.kernels import linear as lin
 
+    monkeypatch.setattr(cpu_native, "cpu_has_avx512_bf16", lambda: False)
     rnd = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     out_f, in_f = rnd.randint(1, 700), rnd.randint(1, 700)
     weight = (randn(gen, out_f, in_f) * in_f**-0.5).to(torch.bfloat16)
     x = randn(gen, 1, in_f, dtype=torch.bfloat16)
     where = f"weight {out_f}x{in_f} (seed {seed})"
-    assert lin._wants_gemv(x, weight), where
+    assert lin.cpu_linear_kind(1, torch.bfloat16) == "mv", where
     got = linear(x, weight)
     assert got.shape == (1, out_f) and got.dtype == torch.bfloat16, where
     assert torch.equal(got, F.linear(x, weight)), f"gemv differs from F.linear, {where}"
     assert torch.equal(lin.linear_cpu_gemv(x[:, : in_f], weight), got), where
-    assert not lin._wants_gemv(x.expand(2, -1), weight) and not lin._wants_gemv(x.float(), weight.float()), where
+    assert lin.cpu_linear_kind(2, torch.bfloat16) != "mv" and lin.cpu_linear_kind(1, torch.float32) != "mv", where
     torch.testing.assert_close(linear(x, weight, batch_invariant=True), got, rtol=2e-2, atol=2e-2)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minidisagg.kernels.attention_metadata import AttentionMetadata
+from minidisagg.kernels.cpu_native import in_cpu_graph, use_cpu_native
 from minidisagg.kernels.triton_support import use_triton
 
 INVARIANT_QUERY_TILE = 16
@@ -164,5 +165,8 @@ def paged_attention(
             return attention_triton.decode_attention_triton(q, k_cache, v_cache, meta, scale, meta.num_splits)
         return attention_triton.prefill_attention_triton(q, k_cache, v_cache, meta, scale)
     if meta.is_decode:
+        if use_cpu_native(q) or in_cpu_graph(q):  # the reference's ATen calls in one C++ op (kernels/cpu_native.py)
+            return torch.ops.minidisagg_cpu.decode_attention(q, k_cache, v_cache, meta.block_tables,
+                                                             meta.context_lens_tensor, scale)
         return decode_attention_reference(q, k_cache, v_cache, meta, scale)
     return prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
