@@ -28,6 +28,7 @@ from minidisagg.kernels.attention import (
     prefill_attention_reference,
 )
 from minidisagg.kernels.cache_write import write_kv
+from minidisagg.kernels.cpu_native import use_cpu_native
 from minidisagg.kernels.linear import linear, linear_batch_invariant
 from minidisagg.kernels.norm import rms_norm
 from minidisagg.kernels.rope import apply_rope_reference, cos_sin_cache, inverse_frequencies
@@ -321,9 +322,16 @@ def test_paged_attention_matches_naive(seed, dtype, heads, head_dim, block_size,
 
     default = paged_attention(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, scale)
     assert default.dtype == dtype and default.shape == batch.q.shape, f"{where} (seed {seed})"
-    path = "decode_attention_reference" if kind == "decode" else "prefill_attention_reference"
+    native = kind == "decode" and use_cpu_native(batch.q)  # the CPU's native op, else the torch reference
+    path = ("minidisagg_cpu::decode_attention" if native else "decode_attention_reference") if kind == "decode" \
+        else "prefill_attention_reference"
     check_close(default, expected, dtype, f"paged_attention via {path}, {where}", seed)
-    if kind == "decode":
+    if native:
+        direct = torch.ops.minidisagg_cpu.decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.block_tables,
+                                                           batch.meta.context_lens_tensor, scale)
+        check_close(direct, decode_attention_reference(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale), dtype,
+                    f"native decode attention against the reference, {where}", seed)
+    elif kind == "decode":
         direct = decode_attention_reference(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale)
     else:
         direct = prefill_attention_reference(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, scale)
@@ -573,7 +581,8 @@ def test_scatter_and_gather_pages_round_trip_any_block_order():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_packed_linear_matches_torch_and_follows_weight_changes(dtype):
     """The dispatch point's oneDNN-packed path: bf16 bit-equal to F.linear at any row count, fp32 within
-    rounding (and plain F.linear below its row threshold); an in-place weight change is picked up."""
+    rounding (and plain F.linear below its row threshold, except one row where the native GEMV runs it);
+    an in-place weight change is picked up."""
     from minidisagg.kernels import linear as lin
 
     seed = random.SystemRandom().randrange(1 << 30)
@@ -584,7 +593,9 @@ def test_cpu_packed_linear_matches_torch_and_follows_weight_changes(dtype):
         for rows in (1, 2, 3, 8, 13):
             x = torch.randn(rows, in_f, generator=gen).to(dtype)
             got, want = linear(x, weight), F.linear(x, weight)
-            if dtype == torch.bfloat16 or rows < lin.FP32_PACKED_MIN_ROWS:
+            if lin.cpu_linear_kind(rows, dtype) == "native_gemv":  # one row: the native GEMV sums in another order
+                check_close(got, want, dtype, f"one row, {out_f}x{in_f}", seed)
+            elif dtype == torch.bfloat16 or rows < lin.FP32_PACKED_MIN_ROWS:
                 assert torch.equal(got, want), f"seed {seed}, rows {rows}"
             else:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {seed}, rows {rows}")
@@ -623,7 +634,8 @@ def test_lone_decode_on_consecutive_blocks_reads_pages_in_place(seed, dtype):
             context_lens_tensor=torch.tensor([ctx]), slot_mapping=slots[-1:],
         )
         out = decode_attention_reference(batch.q, k_cache, v_cache, meta, scale)
-        assert torch.equal(paged_attention(batch.q, batch.k, batch.v, k_cache, v_cache, meta, scale), out), where
+        check_close(paged_attention(batch.q, batch.k, batch.v, k_cache, v_cache, meta, scale), out, dtype,
+                    f"the dispatch point against the reference, {where}", seed)
         return out
 
     first = rnd.randint(0, 5)

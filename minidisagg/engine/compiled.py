@@ -94,8 +94,7 @@ class CompiledCpuDecode:
         self.kv_cache = kv_cache
         self.max_blocks = -(-max_model_len // kv_cache.block_size)
         self.failed = False
-        log.info("compiled CPU decode: native bf16 GEMV %s", model.dtype == torch.bfloat16
-                 and cpu_native.gemv_bf16_available())
+        log.info("compiled CPU decode: native GEMV %s", cpu_native.gemv_available(model.dtype))
         self._step: Callable[..., torch.Tensor] = torch.compile(
             self._forward, dynamic=False, fullgraph=True, backend=inductor_keeping_addmv)
 

@@ -45,7 +45,7 @@ SOURCE_PATH = CSRC / "cpu_ops.cpp"
 EXTENSION_NAME = "minidisagg_cpu_ops"
 DISABLE_ENV = "MINIDISAGG_CPU_NATIVE"  # set to 0 to keep torch's references on the CPU
 # set once the ops are registered (and whether the GEMV can run): read by dispatch points, inside compiled graphs too
-_LOADED = {"ops": False, "gemv": False}
+_LOADED = {"ops": False, "gemv_float32": False, "gemv_bfloat16": False}
 
 
 @functools.cache
@@ -66,8 +66,14 @@ def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
 
 @functools.cache
 def cpu_has_avx512_bf16() -> bool:
-    """Whether this CPU runs AVX512-BF16 instructions (what ``gemv_bf16`` is compiled for)."""
+    """Whether this CPU runs AVX512-BF16 instructions (what the bf16 ``gemv`` is compiled for)."""
     return "avx512_bf16" in cpu_model_and_flags()[1]
+
+
+@functools.cache
+def cpu_has_avx512f() -> bool:
+    """Whether this CPU runs AVX512F instructions (what the float32 ``gemv`` is compiled for)."""
+    return "avx512f" in cpu_model_and_flags()[1]
 
 
 def _put_ninja_on_path() -> None:
@@ -109,7 +115,7 @@ def load_cpu_ops() -> bool:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("could not build the native CPU kernels (%s); the CPU keeps torch's reference kernels", first_line)
         return False
-    _LOADED.update(ops=True, gemv=cpu_has_avx512_bf16())
+    _LOADED.update(ops=True, gemv_float32=cpu_has_avx512f(), gemv_bfloat16=cpu_has_avx512_bf16())
     return True
 
 
@@ -133,15 +139,17 @@ def in_cpu_graph(t: torch.Tensor) -> bool:
 
 
 def gemv_in_cpu_graph(t: torch.Tensor) -> bool:
-    """Whether a one-row bf16 product traced into a ``torch.compile`` graph should call ``gemv_bf16``."""
-    return in_cpu_graph(t) and _LOADED["gemv"]
+    """Whether a one-row product of ``t``'s dtype traced into a ``torch.compile`` graph should call ``gemv``."""
+    return in_cpu_graph(t) and _LOADED.get(f"gemv_{str(t.dtype).removeprefix('torch.')}", False)
 
 
-def gemv_bf16_available() -> bool:
-    """Whether ``minidisagg_cpu::gemv_bf16`` can run here (built, enabled, and the CPU has AVX512-BF16)."""
-    return cpu_has_avx512_bf16() and native_enabled()
+def gemv_available(dtype: torch.dtype) -> bool:
+    """Whether ``minidisagg_cpu::gemv`` runs ``dtype`` here (built and enabled; float32 needs AVX512F, bf16 AVX512-BF16)."""
+    if dtype == torch.float32:
+        return cpu_has_avx512f() and native_enabled()
+    return dtype == torch.bfloat16 and cpu_has_avx512_bf16() and native_enabled()
 
 
-def linear_one_row_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for one bf16 row ``x`` [1, in] through ``gemv_bf16`` (call :func:`gemv_bf16_available` first)."""
-    return torch.ops.minidisagg_cpu.gemv_bf16(weight, x.view(-1)).view(1, -1)
+def linear_one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for one row ``x`` [1, in] through the native ``gemv`` (call :func:`gemv_available` first)."""
+    return torch.ops.minidisagg_cpu.gemv(weight, x.view(-1)).view(1, -1)

@@ -14,11 +14,13 @@ calls of 1-2 rows, where packing is slower, stay on plain ``F.linear`` (timings 
 again if the weight is changed in place), so fp32 models that batch hold their weights twice.
 ``MINIDISAGG_CPU_PACKED_LINEAR=0`` turns packing off.
 
-One row of bf16 (a batch-1 decode step) goes to a matrix-vector product instead: the native
-``gemv_bf16`` (``kernels/cpu_native.py``) on a CPU with AVX512-BF16, which streams the weights at
-the memory's rate, else ``torch.mv``, whose bf16 kernel still beats the packed oneDNN kernel at one
-row (``benchmarks/NOTES.md``, "Fewer ops per batch-1 step") with the same bits as ``F.linear`` in
-every shape tried.
+One row (a batch-1 decode step) goes to a matrix-vector product instead: the native ``gemv``
+(``kernels/cpu_native.py``; float32 on a CPU with AVX512F, bf16 with AVX512-BF16), which streams
+the weights near the memory's rate where torch's one-row kernels reach about half of it
+(``benchmarks/NOTES.md``, "One model path"); elsewhere bf16 takes ``torch.mv``, whose bf16 kernel
+beat the packed oneDNN kernel at one row on a Xeon ("Fewer ops per batch-1 step"), with the same
+bits as ``F.linear`` in every shape tried, and float32 plain ``F.linear``. The GEMV's sums run in
+another order than torch's kernels.
 
 Inside a ``torch.compile`` graph of the model (``engine/compiled.py``) the products are
 :func:`linear_in_graph`: the packed weights live outside the graph, so the graph gets ``F.linear``
@@ -78,14 +80,16 @@ def cpu_packing_available() -> bool:
 def cpu_linear_kind(rows: int, dtype: torch.dtype) -> str:
     """Which kernel :func:`linear` runs for a CPU product of ``rows`` rows in ``dtype`` (weight of the same dtype).
 
-    ``"native_gemv"``: one bf16 row where ``gemv_bf16`` runs, :func:`linear_cpu_native_gemv`;
+    ``"native_gemv"``: one row where the native ``gemv`` runs it, :func:`linear_cpu_native_gemv`;
     ``"mv"``: one bf16 row elsewhere, :func:`linear_cpu_gemv`; ``"packed"``: :func:`linear_cpu_packed`
     (every bf16 call where oneDNN runs bf16, fp32 calls of ``FP32_PACKED_MIN_ROWS`` or more rows);
     ``"plain"``: ``F.linear``. The opt-in whole-step decode (``minidisagg/accel``) asks this too, to
     run the same products.
     """
+    if rows == 1 and cpu_native.gemv_available(dtype):
+        return "native_gemv"
     if dtype == torch.bfloat16 and rows == 1:
-        return "native_gemv" if cpu_native.gemv_bf16_available() else "mv"
+        return "mv"
     if rows > 0 and cpu_packing_available() and (
             (dtype == torch.bfloat16 and _bf16_packing_supported())
             or (dtype == torch.float32 and rows >= FP32_PACKED_MIN_ROWS)):
@@ -99,19 +103,19 @@ def linear_cpu_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_cpu_native_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for a single bf16 row ``x`` [1, in_features] through the native ``gemv_bf16``."""
-    return torch.ops.minidisagg_cpu.gemv_bf16(weight, x.view(-1)).view(1, -1)
+    """``x @ weight.T`` for a single row ``x`` [1, in_features] through the native ``gemv`` (float32 or bf16)."""
+    return torch.ops.minidisagg_cpu.gemv(weight, x.view(-1)).view(1, -1)
 
 
 def linear_in_graph(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` traced into a ``torch.compile`` graph: one bf16 row as the native GEMV or ``addmv``.
+    """``x @ weight.T`` traced into a ``torch.compile`` graph: one row as the native GEMV, or ``addmv`` in bf16.
 
     ``addmv`` is the call of torch's ``mv`` kernel that inductor can keep whole (``engine/compiled.py``
-    tells it not to decompose it); float32 and several rows are ``F.linear``, planned by inductor.
+    tells it not to decompose it); the rest is ``F.linear``, planned by inductor.
     """
+    if x.shape[0] == 1 and cpu_native.gemv_in_cpu_graph(x):
+        return linear_cpu_native_gemv(x, weight)
     if x.dtype == torch.bfloat16 and x.shape[0] == 1:
-        if cpu_native.gemv_in_cpu_graph(x):
-            return linear_cpu_native_gemv(x, weight)
         return torch.addmv(x.new_zeros(()), weight, x.view(-1), beta=0).view(1, -1)
     return F.linear(x, weight)
 

@@ -32,8 +32,8 @@ at::Tensor step_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   switch (kind) {
     case kOneRowMv:  // kernels/linear.py's linear_cpu_gemv: torch.mv
       return at::mv(weight, x.view({-1})).view({1, -1});
-    case kNativeGemv:
-      return gemv_bf16(weight, x.view({-1})).view({1, -1});
+    case kNativeGemv:  // kernels/linear.py's linear_cpu_native_gemv
+      return gemv(weight, x.view({-1})).view({1, -1});
     case kPacked: {  // kernels/linear.py's linear_cpu_packed
       static const c10::OperatorHandle op =
           c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");

@@ -34,7 +34,7 @@ void write_kv_op(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, 
 
 void write_kv_meta(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {}
 
-at::Tensor gemv_bf16_meta(const at::Tensor& weight, const at::Tensor& x) {
+at::Tensor gemv_meta(const at::Tensor& weight, const at::Tensor& x) {
   return at::empty({weight.size(0)}, x.options());
 }
 
@@ -67,7 +67,7 @@ at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const a
 }  // namespace
 
 TORCH_LIBRARY(minidisagg_cpu, m) {
-  m.def("gemv_bf16(Tensor weight, Tensor x) -> Tensor");
+  m.def("gemv(Tensor weight, Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
@@ -79,7 +79,7 @@ TORCH_LIBRARY(minidisagg_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(minidisagg_cpu, CPU, m) {
-  m.impl("gemv_bf16", gemv_bf16);
+  m.impl("gemv", gemv);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm_op);
   m.impl("silu_and_mul", silu_and_mul);
@@ -89,7 +89,7 @@ TORCH_LIBRARY_IMPL(minidisagg_cpu, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(minidisagg_cpu, Meta, m) {
-  m.impl("gemv_bf16", gemv_bf16_meta);
+  m.impl("gemv", gemv_meta);
   m.impl("rms_norm", rms_norm_meta);
   m.impl("add_rms_norm", add_rms_norm_meta);
   m.impl("silu_and_mul", silu_and_mul_meta);
