@@ -1,24 +1,25 @@
 """Native CPU kernels (``csrc/cpu_ops.cpp``), built with the C++ compiler on first use; the CPU's dispatch choice.
 
-On the CPU a decode step of a small model is bound by per-op cost, not arithmetic: besides its
-matmuls each layer runs a few dozen small torch ops (RMSNorm, RoPE, the KV write, the attention's
-page bookkeeping, SwiGLU), and from Python each costs microseconds of interpreter and argument
-parsing before any work. So each dispatch point of ``kernels/`` that the model calls has, beside
-its torch reference, one C++ op (``csrc/cpu_kernels.h``) that makes the reference's ATen calls in
-the same order, with the same bits, in one call from Python:
+On the CPU a decode step of a small model is bound by its weights' bytes and by per-op cost: besides
+its matmuls each layer runs a few dozen small torch ops (RMSNorm, RoPE, the KV write, the
+attention's page bookkeeping, SwiGLU), and from Python each costs microseconds of interpreter and
+argument parsing before any work. So each dispatch point of ``kernels/`` that the model calls has,
+beside its torch reference, one C++ op (``csrc/cpu_kernels.h``) that it calls on a CPU:
 
-- ``minidisagg_cpu::rms_norm`` / ``add_rms_norm`` for ``kernels.norm.rms_norm``;
-- ``minidisagg_cpu::silu_and_mul`` for ``kernels.activation.silu_and_mul``;
-- ``minidisagg_cpu::rope_and_write_kv`` for ``kernels.rope_cache.rope_and_write_kv``;
-- ``minidisagg_cpu::decode_attention`` for decode batches in ``kernels.attention.paged_attention``;
+- ``minidisagg_cpu::rms_norm`` / ``add_rms_norm`` for ``kernels.norm.rms_norm``,
+  ``minidisagg_cpu::silu_and_mul`` for ``kernels.activation.silu_and_mul`` and
+  ``minidisagg_cpu::rope_and_write_kv`` for ``kernels.rope_cache.rope_and_write_kv``: the reference's
+  ATen calls in the same order, with the same bits, in one call from Python;
 - ``minidisagg_cpu::write_kv``, the KV write alone, which a ``torch.compile`` graph of the model
-  calls (``engine/compiled.py``) so that it writes the pool in place.
-
-One op is a kernel of its own: ``minidisagg_cpu::gemv_bf16``, a bf16 matrix-vector product that
-keeps several weight rows in flight with AVX512-BF16 dot instructions and software prefetch, so
-it streams the weights at the memory's rate where ``torch.mv``'s bf16 kernel is compute-bound
-(``benchmarks/NOTES.md``, "Native kernels in the compiled step"). ``kernels.linear`` takes it for
-one bf16 row on a CPU with ``avx512_bf16``; its sums run in another order than ``mv``'s.
+  calls (``engine/compiled.py``) so that it writes the pool in place;
+- ``minidisagg_cpu::decode_attention`` for decode batches in ``kernels.attention.paged_attention``,
+  a kernel of its own: each sequence's pages read in place through its block table (the reference
+  gathers them into a padded batch for SDPA), float32 math, sums in another order;
+- ``minidisagg_cpu::gemv``, for one-row products in ``kernels.linear``, a kernel of its own: a
+  matrix-vector product that keeps several weight rows in flight (AVX512 FMAs in float32,
+  AVX512-BF16 dot instructions in bf16) with software prefetch, so it streams the weights near the
+  memory's rate, where torch's one-row kernels reach about half of it (``benchmarks/NOTES.md``,
+  "One model path"); its sums run in another order than torch's.
 
 The build goes through ``torch.utils.cpp_extension.load`` (cached in torch's extensions folder,
 ``$TORCH_EXTENSIONS_DIR``, and rebuilt when the source changes; a few seconds the first time). If

@@ -1,24 +1,27 @@
 // The CPU kernels behind the model's dispatch points (minidisagg/kernels/*.py), in C++.
 //
-// Each function is the torch reference of one dispatch point written with the same ATen calls in
-// the same order, so it gives the reference's bits; what it saves is Python's cost per op (a decode
-// step of SmolLM2 runs some 1,800 small ops). The one exception is gemv_bf16, a kernel of its own.
+// Most functions are the torch reference of one dispatch point written with the same ATen calls in
+// the same order, so they give the reference's bits; what they save is Python's cost per op (a
+// decode step of SmolLM2 runs some 1,800 small ops). Two are kernels of their own, with the
+// reference's math summed in another order: the decode attention and the GEMV.
 //
 //   rms_norm            kernels/norm.py's rms_norm_reference (add_rms_norm: with the residual add)
 //   silu_and_mul        kernels/activation.py's silu_and_mul_reference
 //   rope_and_write_kv   kernels/rope_cache.py's rope_and_write_kv_reference: RoPE, then the paged KV write
-//   decode_attention    kernels/attention.py's decode_attention_reference (one query per sequence), a kernel of its own
-//   gemv_bf16           y = weight @ x for a bf16 weight [out, in] and one bf16 row x [in]
+//   write_kv            kernels/cache_write.py's write_kv_reference
+//   decode_attention    kernels/attention.py's decode_attention_reference: pages read in place, float32 math
+//   gemv                y = weight @ x for a weight [out, in] and one row x [in], float32 or bfloat16
 //
 // kernels/csrc/cpu_ops.cpp registers them as the `minidisagg_cpu` ops the model calls; the opt-in
 // whole-step decode (minidisagg/accel/csrc/decode_step.cpp) calls the same functions. Everything here
 // sits in an anonymous namespace: each extension that includes this file gets its own copy.
 //
-// The GEMV keeps four rows in flight: each AVX512-BF16 `vdpbf16ps` multiplies 32 bf16 pairs and adds
-// them into 16 float32 lanes, and every row prefetches the weight 8 KB ahead of its loads, so the
-// cores keep more cache-line requests to memory outstanding than the hardware prefetcher alone
-// would. It is compiled for AVX512-BF16 only (a per-function target attribute); Python checks that
-// the CPU has those instructions before it calls it.
+// The GEMV keeps four rows in flight: in bf16 each AVX512-BF16 `vdpbf16ps` multiplies 32 bf16 pairs
+// and adds them into 16 float32 lanes (in float32 a `vfmadd231ps` 16 pairs), and every row prefetches
+// the weight 8 KB ahead of its loads, so the cores keep more cache-line requests to memory outstanding
+// than the hardware prefetcher alone would: a one-row product is bound by streaming its weight. It is
+// compiled for AVX512F / AVX512-BF16 only (per-function target attributes); Python checks that the CPU
+// has those instructions before it calls it.
 
 #pragma once
 
@@ -126,10 +129,6 @@ at::Tensor gemv(const at::Tensor& weight, const at::Tensor& x) {
 }
 
 at::Tensor gemv_bf16(const at::Tensor& weight, const at::Tensor& x) {
-  TORCH_CHECK(weight.dim() == 2 && x.dim() == 1 && weight.size(1) == x.size(0),
-              "gemv_bf16 takes a weight [out, in] and a vector [in]; got ", weight.sizes(), " and ", x.sizes());
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16,
-              "gemv_bf16 takes bfloat16 tensors; got ", weight.scalar_type(), " and ", x.scalar_type());
   const at::Tensor w = weight.contiguous(), v = x.contiguous();
   const int64_t out_features = w.size(0), in_features = w.size(1);
   at::Tensor y = at::empty({out_features}, v.options());

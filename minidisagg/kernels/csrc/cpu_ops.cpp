@@ -4,7 +4,7 @@
 // attention.py, linear.py) on a CPU once kernels/cpu_native.py has built this file. Each has a Meta
 // kernel too, so a torch.compile graph of the model (engine/compiled.py) calls them from its C++
 // wrapper: the KV write and the decode attention stay opaque there, since their context grows every
-// step while the graph keeps static shapes.
+// step while the graph keeps static shapes, and so does the GEMV.
 
 #include <torch/library.h>
 
