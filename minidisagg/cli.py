@@ -119,22 +119,22 @@ def compile_cpu_status() -> str:
     return f"available ({compiler}); {gemv}"
 
 
-def native_step_status() -> str:
-    """Whether batch-1 CPU decode runs as the native C++ step here (this builds it, once per machine)."""
+def native_kernels_status() -> str:
+    """Whether the model's CPU dispatch points run their native C++ ops here (this builds them, once per machine)."""
     from minidisagg.engine.compiled import cxx_compiler
     from minidisagg.kernels import cpu_native
 
     if os.environ.get(cpu_native.DISABLE_ENV, "1") == "0":
-        return f"off ({cpu_native.DISABLE_ENV}=0): batch-1 CPU decode runs in Python"
+        return f"off ({cpu_native.DISABLE_ENV}=0): the CPU runs torch's reference kernels"
     if cxx_compiler() is None:
-        return "no C++ compiler: batch-1 CPU decode runs in Python"
+        return "no C++ compiler: the CPU runs torch's reference kernels"
     if cpu_native.load_cpu_ops():
-        return "built: batch-1 CPU decode runs as one C++ op"
-    return "the build failed (the warning above says why): batch-1 CPU decode runs in Python"
+        return "built: the model's CPU kernels run as native ops (native_cpu_decode=True can add the C++ step)"
+    return "the build failed (the warning above says why): the CPU runs torch's reference kernels"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Print versions, the device, Triton's state, the native CPU step, whether ``compile_cpu`` can run, the model cache."""
+    """Print versions, the device, Triton's state, the native CPU kernels, whether ``compile_cpu`` can run, the model cache."""
     import torch
     from rich.table import Table
 
@@ -152,7 +152,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         table.add_row("device", f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     table.add_row("triton", triton_status())
-    table.add_row("native CPU step", native_step_status())
+    table.add_row("native CPU kernels", native_kernels_status())
     table.add_row("compile_cpu", compile_cpu_status())
     table.add_row("cache", str(cache_dir()))
     gguf_path = cached_path(SMOLLM2_GGUF)

@@ -259,12 +259,13 @@ class EngineConfig:
     # between steps overlaps the device's (vLLM's asynchronous scheduling). None: on where decode
     # runs by CUDA graphs, off elsewhere (on a CPU nothing runs in the background to overlap).
     async_scheduling: Optional[bool] = None
-    # Batch-1 decode of a float32 or bfloat16 CPU model through one torch.compile graph (needs a C++ compiler;
-    # without one the engine stays eager). Off by default: compiling takes tens of seconds.
+    # Batch-1 decode of a float32 or bfloat16 CPU model through one torch.compile graph of the model's own
+    # code (needs a C++ compiler; without one the engine stays eager). Off by default: compiling takes tens of seconds.
     compile_cpu: bool = False
-    # Batch-1 decode of a float32 or bfloat16 CPU model through one C++ op, the eager engine's ops without
-    # Python between them (``engine/native_decode.py``); built once with the C++ compiler, else the engine stays in Python.
-    native_cpu_decode: bool = True
+    # Opt-in accelerator: CPU decode steps through one C++ op, a copy of the stock model's step with no
+    # Python between its ops (``accel/native_decode.py``). Off by default: the engine runs the model itself,
+    # and the accelerator refuses to run (saying why) when the model is not the stock one.
+    native_cpu_decode: bool = False
     link: LinkConfig = field(default_factory=LinkConfig)  # disaggregated workers only (``LinkConfig``)
 
     def __post_init__(self) -> None:

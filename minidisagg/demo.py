@@ -10,7 +10,7 @@ repeats per shape), then both colocated policies replay on a ``SimulatedClock`` 
 step its calibrated cost, so another program's load during the replay cannot change its timeline
 or invert the lesson. The same workload then runs on wall time, colocated and disaggregated over
 TCP (which only wall time can show), each engine warmed up first so that no one-time cost (first
-calls, kernel builds, CUDA graph capture, the native decode op) falls inside a measured run.
+calls, native kernel builds, CUDA graph capture) falls inside a measured run.
 The host load is read before and after; above one runnable task per core, the wall-clock rows
 include other programs' time, and the demo says so.
 

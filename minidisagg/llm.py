@@ -72,9 +72,10 @@ class LLM:
     their torch CPU threads (0: torch's default). ``async_scheduling`` queues each decode step
     on the device before the previous step's tokens reach the host (None: where decode runs by CUDA
     graphs). ``compile_cpu=True`` runs batch-1 decode of a float32 or bfloat16 CPU model through one
-    ``torch.compile`` graph (a C++ compiler is needed; without one it stays eager). ``native_cpu_decode``
-    (on by default) runs the same batch-1 CPU steps through one C++ op, the eager engine's ops with no
-    Python between them (built once with the C++ compiler; without one the engine stays in Python). ``kv_layout``
+    ``torch.compile`` graph traced from the model's code (a C++ compiler is needed; without one it stays
+    eager). ``native_cpu_decode=True`` turns on an opt-in accelerator: CPU decode steps through one C++
+    op, a copy of the stock model's step (``minidisagg/accel``), which refuses to run, saying why, for a
+    model whose code was changed. ``kv_layout``
     picks how the KV pool sits in memory (``PagedKVCache``: ``"layer_major"``, the CPU default, or
     ``"block_major"``, the CUDA default, whose request pages cross a ``dist`` link without a copy).
     ``kv_overlap=True`` sends each layer's KV while later layers are still computing; it is off by
@@ -105,7 +106,7 @@ class LLM:
         cuda_graphs: bool = True,
         async_scheduling: Optional[bool] = None,
         compile_cpu: bool = False,
-        native_cpu_decode: bool = True,
+        native_cpu_decode: bool = False,
         random_weights: bool = False,
         seed: int = 0,
         clock: Optional[Clock] = None,

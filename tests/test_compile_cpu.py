@@ -1,4 +1,5 @@
-"""``compile_cpu``: the compiled batch-1 CPU decode step gives the eager engine's greedy tokens, or stays eager."""
+"""``compile_cpu``: the compiled batch-1 CPU decode step, traced from the model's own code, gives the eager
+engine's greedy tokens (and follows a changed model), or stays eager."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from minidisagg.config import EngineConfig
 from minidisagg.engine import compiled
 from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.sampling import SamplingParams
-from minidisagg.kernels import cpu_native
+from minidisagg.kernels.linear import linear_in_graph
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -87,7 +88,6 @@ def test_compiled_greedy_equals_eager_real_weights(smollm2_fp32_cut, module_seed
     eager = generate_one_by_one(make_engine(smollm2_fp32_cut, max_model_len=256), prompts)
     engine = make_engine(smollm2_fp32_cut, max_model_len=256)
     engine.runner.enable_compiled_cpu_decode()
-    assert engine.runner.compiled_decode.kernels.native_attend == cpu_native.load_cpu_ops()
     calls = count_compiled_steps(engine.runner)
     assert generate_one_by_one(engine, prompts) == eager, f"seed {module_seed}"
     assert calls[0] == 2 * (GREEDY.max_tokens - 1), "decode steps did not go through the compiled graph"
@@ -103,7 +103,6 @@ def test_compiled_bf16_close_to_eager_real_weights(smollm2_bf16, module_seed):
     want, forced = decode_logits(make_engine(smollm2_bf16, max_model_len=256).runner, prompt_ids, 8)
     engine = make_engine(smollm2_bf16, max_model_len=256)
     engine.runner.enable_compiled_cpu_decode()
-    assert engine.runner.compiled_decode.kernels.native_gemv == cpu_native.gemv_bf16_available()
     calls = count_compiled_steps(engine.runner)
     got, _ = decode_logits(engine.runner, prompt_ids, 8, forced)
     assert calls[0] == len(forced), "decode steps did not go through the compiled graph"
@@ -154,52 +153,47 @@ def test_failed_compile_falls_back_to_eager(tiny_loaded, monkeypatch, caplog):
     assert "compiler exploded" in caplog.text and "decoding eagerly" in caplog.text
 
 
-@pytest.mark.parametrize("op", ["python", "native"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_table", [[2, 3, 4], [4, 0, 2]], ids=["consecutive", "scattered"])
-def test_attend_op_equals_eager_attention(block_table, dtype, op, seed):
-    """Both the Python op and its C++ twin give the eager kernel's bits, in the pool and in the output."""
-    from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference
-    from minidisagg.kernels.cache_write import write_kv_reference
+@pytest.mark.skipif(compiled.cxx_compiler() is None, reason="needs a C++ compiler")
+def test_compiled_step_follows_a_changed_model(tiny_loaded, monkeypatch, seed):
+    """The graph is traced from ``LlamaLayer``'s own methods: a patched MLP shows in the compiled tokens too."""
+    from minidisagg.models import llama
 
-    if op == "native":
-        if compiled.cxx_compiler() is None:
-            pytest.skip("needs a C++ compiler")
-        assert cpu_native.load_cpu_ops(), "the native CPU kernels did not build (see the warning above)"
-    attend = compiled.write_kv_and_attend if op == "python" else torch.ops.minidisagg_cpu.write_kv_and_attend
-    gen = torch.Generator().manual_seed(seed)
-    kv = torch.randn(2, 2, 6, 4, 2, 8, generator=gen).to(dtype)  # [layers, k/v, blocks, block_size, KH, D]
-    q, k, v = (torch.randn(1, heads, 8, generator=gen).to(dtype) for heads in (4, 2, 2))
-    context_len = 10
-    slot = torch.tensor([block_table[2] * 4 + 1])
-    first = block_table[0] if block_table == list(range(block_table[0], block_table[0] + 3)) else -1
-    want_kv = kv.clone()
-    write_kv_reference(k, v, want_kv[1, 0], want_kv[1, 1], slot)
-    meta = AttentionMetadata([0], [1], [context_len], torch.tensor([block_table]), torch.tensor([context_len]), slot)
-    want = decode_attention_reference(q, want_kv[1, 0], want_kv[1, 1], meta, 0.3)
-    got = attend(q, k, v, kv, 1, slot, torch.tensor([block_table + [0]]), torch.tensor([context_len, first]), 0.3)
-    assert torch.equal(kv, want_kv) and torch.equal(got, want), f"seed {seed}"
+    prompts = token_prompts(seed, 2)
+    stock = generate_one_by_one(make_engine(tiny_loaded), prompts)
+    stock_mlp = llama.LlamaLayer.mlp
+    monkeypatch.setattr(llama.LlamaLayer, "mlp", lambda self, x, inv=False: stock_mlp(self, x, inv) * -3.0)
+    eager = generate_one_by_one(make_engine(tiny_loaded), prompts)
+    engine = make_engine(tiny_loaded)
+    engine.runner.enable_compiled_cpu_decode()
+    calls = count_compiled_steps(engine.runner)
+    assert generate_one_by_one(engine, prompts) == eager, f"seed {seed}"
+    assert calls[0] == 2 * (GREEDY.max_tokens - 1), "decode steps did not go through the compiled graph"
+    assert eager != stock, f"seed {seed}: the patch changed nothing"
 
 
 @pytest.mark.skipif(compiled.cxx_compiler() is None, reason="needs a C++ compiler")
 def test_addmv_backend_compiles_under_ci_and_keeps_eager_bits(monkeypatch):
-    """The kept-whole ``addmv`` compiles with ``CI`` set (inductor is strict about fallbacks there), with eager's bits."""
+    """The kept-whole ``addmv`` (one bf16 row where the native GEMV does not run) compiles with ``CI`` set
+    (inductor is strict about fallbacks there), with eager's bits."""
     import torch._inductor.config as inductor_config
 
+    from minidisagg.kernels import cpu_native
+
     monkeypatch.setenv("CI", "1")
+    monkeypatch.setitem(cpu_native._LOADED, "gemv", False)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     x = torch.randn(1, 96, generator=gen).to(torch.bfloat16)
     weight = torch.randn(80, 96, generator=gen).to(torch.bfloat16)
     torch._dynamo.reset()
     with inductor_config.patch(fx_graph_cache=False):
-        step = torch.compile(lambda a, w: compiled.decode_linear(a, w) * 2, fullgraph=True,
+        step = torch.compile(lambda a, w: linear_in_graph(a, w) * 2, fullgraph=True,
                              backend=compiled.inductor_keeping_addmv)
         got = step(x, weight)
     assert torch.equal(got, F.linear(x, weight) * 2)
 
 
 def test_block_major_pool_stays_eager(tiny_loaded, caplog):
-    """The compiled step slices a layer's pages, which only a layer_major pool allows: block_major says so."""
+    """The compiled step writes a layer's pages in place, which it does only in a layer_major pool: block_major says so."""
     prompts = token_prompts(5, 2)
     eager = generate_one_by_one(make_engine(tiny_loaded), prompts)
     engine = make_engine(tiny_loaded, layout="block_major")

@@ -28,6 +28,7 @@ from minidisagg.kernels.attention import (
     prefill_attention_reference,
 )
 from minidisagg.kernels.cache_write import write_kv
+from minidisagg.kernels.cpu_native import use_cpu_native
 from minidisagg.kernels.linear import linear, linear_batch_invariant
 from minidisagg.kernels.norm import rms_norm
 from minidisagg.kernels.rope import apply_rope_reference, cos_sin_cache, inverse_frequencies
@@ -321,9 +322,16 @@ def test_paged_attention_matches_naive(seed, dtype, heads, head_dim, block_size,
 
     default = paged_attention(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, scale)
     assert default.dtype == dtype and default.shape == batch.q.shape, f"{where} (seed {seed})"
-    path = "decode_attention_reference" if kind == "decode" else "prefill_attention_reference"
+    native = kind == "decode" and use_cpu_native(batch.q)  # the CPU's native op, else the torch reference
+    path = ("minidisagg_cpu::decode_attention" if native else "decode_attention_reference") if kind == "decode" \
+        else "prefill_attention_reference"
     check_close(default, expected, dtype, f"paged_attention via {path}, {where}", seed)
-    if kind == "decode":
+    if native:
+        direct = torch.ops.minidisagg_cpu.decode_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta.block_tables,
+                                                           batch.meta.context_lens_tensor, scale)
+        check_close(direct, decode_attention_reference(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale), dtype,
+                    f"native decode attention against the reference, {where}", seed)
+    elif kind == "decode":
         direct = decode_attention_reference(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale)
     else:
         direct = prefill_attention_reference(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, scale)
@@ -573,7 +581,8 @@ def test_scatter_and_gather_pages_round_trip_any_block_order():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_packed_linear_matches_torch_and_follows_weight_changes(dtype):
     """The dispatch point's oneDNN-packed path: bf16 bit-equal to F.linear at any row count, fp32 within
-    rounding (and plain F.linear below its row threshold); an in-place weight change is picked up."""
+    rounding (and plain F.linear below its row threshold, except one row where the native GEMV runs it);
+    an in-place weight change is picked up."""
     from minidisagg.kernels import linear as lin
 
     seed = random.SystemRandom().randrange(1 << 30)
@@ -584,11 +593,13 @@ def test_cpu_packed_linear_matches_torch_and_follows_weight_changes(dtype):
         for rows in (1, 2, 3, 8, 13):
             x = torch.randn(rows, in_f, generator=gen).to(dtype)
             got, want = linear(x, weight), F.linear(x, weight)
-            if dtype == torch.bfloat16 or rows < lin.FP32_PACKED_MIN_ROWS:
+            if lin.cpu_linear_kind(rows, dtype) == "native_gemv":  # one row: the native GEMV sums in another order
+                check_close(got, want, dtype, f"one row, {out_f}x{in_f}", seed)
+            elif dtype == torch.bfloat16 or rows < lin.FP32_PACKED_MIN_ROWS:
                 assert torch.equal(got, want), f"seed {seed}, rows {rows}"
             else:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"seed {seed}, rows {rows}")
-        if lin._wants_packed(x, weight):  # bf16 without CPU support stays on F.linear
+        if lin.cpu_linear_kind(x.shape[0], x.dtype) == "packed":  # bf16 without CPU support stays on F.linear
             first = getattr(weight, lin.PACKED_ATTR)[1]
             weight.mul_(-2.0)  # in place: the packed copy must not go stale
             torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -623,7 +634,8 @@ def test_lone_decode_on_consecutive_blocks_reads_pages_in_place(seed, dtype):
             context_lens_tensor=torch.tensor([ctx]), slot_mapping=slots[-1:],
         )
         out = decode_attention_reference(batch.q, k_cache, v_cache, meta, scale)
-        assert torch.equal(paged_attention(batch.q, batch.k, batch.v, k_cache, v_cache, meta, scale), out), where
+        check_close(paged_attention(batch.q, batch.k, batch.v, k_cache, v_cache, meta, scale), out, dtype,
+                    f"the dispatch point against the reference, {where}", seed)
         return out
 
     first = rnd.randint(0, 5)
@@ -638,23 +650,25 @@ def test_lone_decode_on_consecutive_blocks_reads_pages_in_place(seed, dtype):
     check_close(consecutive, gathered, dtype, f"consecutive vs scattered blocks, {where}", seed)
 
 
-def test_bf16_single_row_linear_is_a_gemv_equal_to_f_linear(seed):
-    """bf16 with one row (a batch-1 decode step) goes through ``torch.mv``: the same bits as ``F.linear``
-    on odd sizes; more rows, fp32 and batch-invariant calls do not take that path."""
+def test_bf16_single_row_linear_is_a_gemv_equal_to_f_linear(seed, monkeypatch):
+    """bf16 with one row (a batch-1 decode step) goes through ``torch.mv`` where the native GEMV does not run:
+    the same bits as ``F.linear`` on odd sizes; more rows, fp32 and batch-invariant calls do not take that path."""
+    from minidisagg.kernels import cpu_native
     from minidisagg.kernels import linear as lin
 
+    monkeypatch.setattr(cpu_native, "cpu_has_avx512_bf16", lambda: False)
     rnd = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     out_f, in_f = rnd.randint(1, 700), rnd.randint(1, 700)
     weight = (randn(gen, out_f, in_f) * in_f**-0.5).to(torch.bfloat16)
     x = randn(gen, 1, in_f, dtype=torch.bfloat16)
     where = f"weight {out_f}x{in_f} (seed {seed})"
-    assert lin._wants_gemv(x, weight), where
+    assert lin.cpu_linear_kind(1, torch.bfloat16) == "mv", where
     got = linear(x, weight)
     assert got.shape == (1, out_f) and got.dtype == torch.bfloat16, where
     assert torch.equal(got, F.linear(x, weight)), f"gemv differs from F.linear, {where}"
     assert torch.equal(lin.linear_cpu_gemv(x[:, : in_f], weight), got), where
-    assert not lin._wants_gemv(x.expand(2, -1), weight) and not lin._wants_gemv(x.float(), weight.float()), where
+    assert lin.cpu_linear_kind(2, torch.bfloat16) != "mv" and lin.cpu_linear_kind(1, torch.float32) != "mv", where
     torch.testing.assert_close(linear(x, weight, batch_invariant=True), got, rtol=2e-2, atol=2e-2)
 
 

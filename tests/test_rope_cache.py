@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from minidisagg.config import TINY  # noqa: E402
-from minidisagg.kernels import cache_write, rope, rope_cache  # noqa: E402
+from minidisagg.kernels import cache_write, cpu_native, rope, rope_cache  # noqa: E402
 from minidisagg.kernels.attention import AttentionMetadata  # noqa: E402
 from minidisagg.models.llama import LlamaLayer  # noqa: E402
 
@@ -220,6 +220,7 @@ def test_fused_takes_contiguous_inputs_and_no_tokens(forced_triton, seed):
 @pytest.mark.parametrize("kernels_env, on_cpu_env", [(None, "1"), ("torch", "1"), (None, None)])
 def test_dispatch_picks_one_fused_launch_or_the_references(monkeypatch, seed, kernels_env, on_cpu_env):
     expect_triton = kernels_env != "torch" and (DEVICE == "cuda" or on_cpu_env == "1")
+    expect_native = not expect_triton and kernels_env != "torch" and DEVICE == "cpu" and cpu_native.load_cpu_ops()
     if expect_triton and why_triton_cannot_run_here():
         pytest.skip(why_triton_cannot_run_here())
     for name, value in [("MINIDISAGG_KERNELS", kernels_env), ("MINIDISAGG_TRITON_ON_CPU", on_cpu_env)]:
@@ -232,7 +233,12 @@ def test_dispatch_picks_one_fused_launch_or_the_references(monkeypatch, seed, ke
     case = make_case(seed, 5, (4, 2), 32, 16, torch.float32, torch.float32, pad_share=0.0)
     q, k, v = case.views(case.qkv.clone())
     k_cache, v_cache = case.cache_noise[0].clone(), case.cache_noise[1].clone()
-    rope_cache.rope_and_write_kv(q, k, v, case.positions, case.cos_sin, k_cache, v_cache, case.slot_mapping)
+    out = rope_cache.rope_and_write_kv(q, k, v, case.positions, case.cos_sin, k_cache, v_cache, case.slot_mapping)
+    if expect_native:  # the CPU's native op: no Python kernel runs, and the reference's bits come out
+        ref_q, ref_k, ref_k_cache, ref_v_cache = run_reference(case)
+        assert calls == [] and torch.equal(out[0], ref_q) and torch.equal(out[1], ref_k), f"seed {seed}"
+        assert torch.equal(k_cache, ref_k_cache) and torch.equal(v_cache, ref_v_cache), f"seed {seed}"
+        return
     assert calls == (["rope_and_write_kv_triton"] if expect_triton else ["rope_and_write_kv_reference"]), f"seed {seed}"
 
 

@@ -25,9 +25,9 @@ def cpu_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compiled", action="store_true",
                         help="add 'minidisagg fp32 compiled' and 'minidisagg bf16 compiled' (compile_cpu=True; "
                              "needs a C++ compiler)")
-    parser.add_argument("--python-step", action="store_true",
-                        help="add 'minidisagg fp32 python step' and 'minidisagg bf16 python step' "
-                             "(native_cpu_decode=False: the decode step's ops called from Python)")
+    parser.add_argument("--accel", action="store_true",
+                        help="add 'minidisagg fp32 accel' and 'minidisagg bf16 accel' (native_cpu_decode=True: "
+                             "the opt-in accelerator, decode steps as one C++ op; needs a C++ compiler)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -1,4 +1,9 @@
-"""Lab 2 helpers: a layer split around its attention, the engine's own logits, decode timing, block tables drawn."""
+"""Lab 2 helpers: a layer split around its attention, the engine's own logits, decode timing, block tables drawn.
+
+The layer split calls the model's own steps (``LlamaLayer``'s methods in ``models/llama.py``), so
+the lab's cached decode loop computes exactly what the engine computes, and a change to the model
+shows in both.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,8 @@ from minidisagg.config import ModelConfig
 from minidisagg.course.gemm_lab import min_time_s
 from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.runner import ModelRunner
-from minidisagg.kernels.activation import silu_and_mul
 from minidisagg.kernels.attention import AttentionMetadata
 from minidisagg.kernels.linear import linear
-from minidisagg.kernels.norm import rms_norm
-from minidisagg.kernels.rope import apply_rope
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
@@ -27,25 +29,24 @@ if TYPE_CHECKING:  # matplotlib is needed only to draw
     from matplotlib.axes import Axes
 
 
-# --- one layer, opened up around attention (the same math as LlamaLayer.forward, minus the paged cache) ---
+# --- one layer, opened up around attention: the model's own steps (LlamaLayer's methods), minus the paged cache ---
 
 def embed(model: LlamaModel, token_ids: torch.Tensor) -> torch.Tensor:
-    """Embeddings [n, hidden] of ``token_ids`` [n]."""
-    return model.embed[token_ids.to(model.device)]
+    """Embeddings [n, hidden] of ``token_ids`` [n] (``LlamaModel.embed_tokens``)."""
+    return model.embed_tokens(token_ids.to(model.device))
 
 
 @torch.inference_mode()
 def attention_inputs(model: LlamaModel, layer_index: int, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Layer ``layer_index`` up to attention: returns q [n, H, D], k and v [n, KH, D] (RoPE applied), residual."""
+    """Layer ``layer_index`` up to attention: returns q [n, H, D], k and v [n, KH, D] (RoPE applied), residual.
+
+    ``LlamaLayer.attention_inputs`` (norm, q/k/v projection), then ``LlamaLayer.rope_and_write_kv``
+    without a cache: the rotation only.
+    """
     layer = model.layers[layer_index]
-    cfg = model.cfg
-    x, residual = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps, residual)
-    q, k, v = linear(x, layer.qkv_proj).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    q = q.reshape(-1, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, k, positions.to(model.device), model.cos_sin)
+    q, k, v, residual = layer.attention_inputs(hidden, residual)
+    q, k = layer.rope_and_write_kv(q, k, v, positions.to(model.device), model.cos_sin)
     return q, k, v, residual
 
 
@@ -68,19 +69,19 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
 @torch.inference_mode()
 def attention_outputs(model: LlamaModel, layer_index: int, attn: torch.Tensor,
                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer ``layer_index`` after attention (O projection, norm, MLP): returns (hidden, residual)."""
+    """Layer ``layer_index`` after attention: returns (hidden, residual) for the next layer.
+
+    ``LlamaLayer.attention_output`` (O projection), ``mlp_input`` (residual add, norm), then ``mlp``.
+    """
     layer = model.layers[layer_index]
-    cfg = model.cfg
-    hidden = linear(attn.reshape(-1, cfg.q_size), layer.o_proj)
-    x, residual = rms_norm(hidden, layer.post_attn_norm, cfg.rms_norm_eps, residual)
-    return linear(silu_and_mul(linear(x, layer.gate_up_proj)), layer.down_proj), residual
+    x, residual = layer.mlp_input(layer.attention_output(attn), residual)
+    return layer.mlp(x), residual
 
 
 @torch.inference_mode()
 def final_logits(model: LlamaModel, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """Float32 logits [n, vocab] after the last layer."""
-    hidden, _ = rms_norm(hidden, model.norm, model.cfg.rms_norm_eps, residual)
-    return model.compute_logits(hidden)
+    """Float32 logits [n, vocab] after the last layer (``LlamaModel.final_norm``, then ``compute_logits``)."""
+    return model.compute_logits(model.final_norm(hidden, residual))
 
 
 # --- the engine as the outside reference ---

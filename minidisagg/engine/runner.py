@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from minidisagg.accel import stock  # noqa: F401  (records the stock model's functions before any user code runs)
 from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from minidisagg.kernels.attention import AttentionMetadata
@@ -15,19 +16,26 @@ from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 
 if TYPE_CHECKING:
+    from minidisagg.accel.native_decode import NativeCpuDecode
     from minidisagg.engine.compiled import CompiledCpuDecode
-    from minidisagg.engine.native_decode import NativeCpuDecode
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Owns the model and the KV pool; executes one forward pass over a packed batch."""
+    """Owns the model and the KV pool; executes one forward pass over a packed batch.
+
+    Every step runs the model's own code (``LlamaModel.forward``), directly or through a fast path
+    built from it: a CUDA graph captured from it (``cuda_graphs``), or one ``torch.compile`` graph
+    traced from it on the CPU (``compile_cpu``). The one exception is the opt-in accelerator
+    ``native_cpu_decode`` (``minidisagg/accel``), a C++ copy of the stock model's decode step that
+    refuses to run when the model is not the stock one.
+    """
 
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, batch_invariant: bool = False,
                  cuda_graphs: bool = False, max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  async_scheduling: Optional[bool] = None, compile_cpu: bool = False,
-                 native_cpu_decode: bool = True) -> None:
+                 native_cpu_decode: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.batch_invariant = batch_invariant
@@ -41,7 +49,7 @@ class ModelRunner:
         # ``EngineConfig.async_scheduling``); by default only where graphs make a step cheap to launch.
         self.async_scheduling = self.decode_graphs is not None if async_scheduling is None else async_scheduling
         self.compiled_decode: Optional[CompiledCpuDecode] = None
-        # The C++ CPU decode step (``EngineConfig.native_cpu_decode``), set up at the first step it could run.
+        # The opt-in C++ CPU decode step (``EngineConfig.native_cpu_decode``), set up at the first step it could run.
         self._native_decode_wanted = native_cpu_decode and not batch_invariant and self.device.type == "cpu"
         self._native_decode: Optional[NativeCpuDecode] = None
         if compile_cpu:
@@ -116,15 +124,17 @@ class ModelRunner:
                 return logits
         if device_token_ids is None and self._native_eligible(items):
             native = self.native_decode()
-            if native is not None:
+            if native is not None and native.applies():
                 return native.run([it.token_ids[0] for it in items], [it.start_pos for it in items],
                                   [it.block_table for it in items])
         ids, pos, meta, logit_rows = self._prepare(items)
         if device_token_ids is not None:
             ids = device_token_ids
-        hidden = self.model(ids, pos, self.kv_cache, meta, self.layer_hook)
-        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[rows], self.batch_invariant)
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, self.kv_cache, meta, self.layer_hook)
+            if len(logit_rows) != hidden.shape[0]:
+                hidden = hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
+            return self.model.compute_logits(hidden, self.batch_invariant)
 
     def _graph_eligible(self, items: list[BatchItem]) -> bool:
         """A pure decode batch that fits a captured bucket, with no per-layer Python hook to call."""
@@ -143,9 +153,9 @@ class ModelRunner:
                 and all(len(it.token_ids) == 1 and it.want_logits for it in items))
 
     def native_decode(self) -> Optional[NativeCpuDecode]:
-        """The C++ decode step, built on first call; None where it does not apply or does not build."""
+        """The opt-in C++ decode step, built on first call; None where it does not apply or does not build."""
         if self._native_decode_wanted and self._native_decode is None:
-            from minidisagg.engine.native_decode import native_cpu_decode
+            from minidisagg.accel.native_decode import native_cpu_decode
 
             self._native_decode = native_cpu_decode(self.model, self.kv_cache)
             self._native_decode_wanted = self._native_decode is not None

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minidisagg.kernels.cpu_native import use_cpu_native
 from minidisagg.kernels.triton_support import triton_modules, use_triton
 
 BLOCK_FFN = 1024  # FFN columns per program; the last block of a row is masked
@@ -56,4 +57,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """Dispatch point for SwiGLU."""
     if use_triton(gate_up):
         return silu_and_mul_triton(gate_up)
+    if use_cpu_native(gate_up):  # the reference's ATen calls in one C++ op (kernels/cpu_native.py)
+        return torch.ops.minidisagg_cpu.silu_and_mul(gate_up)
     return silu_and_mul_reference(gate_up)

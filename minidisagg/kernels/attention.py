@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minidisagg.kernels.attention_metadata import AttentionMetadata
+from minidisagg.kernels.cpu_native import in_cpu_graph, use_cpu_native
 from minidisagg.kernels.triton_support import use_triton
 
 INVARIANT_QUERY_TILE = 16
@@ -40,7 +41,9 @@ def decode_attention_reference(
     Gathers every sequence's pages into a padded [B, KV heads, L, D] batch and runs SDPA with a
     padding mask (none when all sequences have the same length). A lone sequence on the CPU whose
     blocks are consecutive in the pool (the block manager hands them out in order, so a batch-1
-    decode nearly always is) needs no gather: its pages are a slice of the cache.
+    decode nearly always is) needs no gather: its pages are a slice of the cache. On a CPU the
+    dispatch point runs ``minidisagg_cpu::decode_attention`` instead (``kernels/cpu_native.py``),
+    which reads every sequence's pages in place.
     """
     num_seqs, num_heads, head_dim = q.shape
     max_len = max(meta.context_lens)
@@ -164,5 +167,8 @@ def paged_attention(
             return attention_triton.decode_attention_triton(q, k_cache, v_cache, meta, scale, meta.num_splits)
         return attention_triton.prefill_attention_triton(q, k_cache, v_cache, meta, scale)
     if meta.is_decode:
+        if use_cpu_native(q) or in_cpu_graph(q):  # pages read in place, in C++ (kernels/cpu_native.py)
+            return torch.ops.minidisagg_cpu.decode_attention(q, k_cache, v_cache, meta.block_tables,
+                                                             meta.context_lens_tensor, scale)
         return decode_attention_reference(q, k_cache, v_cache, meta, scale)
     return prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale)

@@ -14,10 +14,17 @@ calls of 1-2 rows, where packing is slower, stay on plain ``F.linear`` (timings 
 again if the weight is changed in place), so fp32 models that batch hold their weights twice.
 ``MINIDISAGG_CPU_PACKED_LINEAR=0`` turns packing off.
 
-One row of bf16 (a batch-1 decode step) goes to ``torch.mv`` instead: torch's own bf16
-matrix-vector kernel streams the weight faster than the packed oneDNN kernel at one row
-(``benchmarks/NOTES.md``, "Fewer ops per batch-1 step"), with the same bits as ``F.linear`` in
-every shape tried.
+One row (a batch-1 decode step) goes to a matrix-vector product instead: the native ``gemv``
+(``kernels/cpu_native.py``; float32 on a CPU with AVX512F, bf16 with AVX512-BF16), which streams
+the weights near the memory's rate where torch's one-row kernels reach about half of it
+(``benchmarks/NOTES.md``, "One model path"); elsewhere bf16 takes ``torch.mv``, whose bf16 kernel
+beat the packed oneDNN kernel at one row on a Xeon ("Fewer ops per batch-1 step"), with the same
+bits as ``F.linear`` in every shape tried, and float32 plain ``F.linear``. The GEMV's sums run in
+another order than torch's kernels.
+
+Inside a ``torch.compile`` graph of the model (``engine/compiled.py``) the products are
+:func:`linear_in_graph`: the packed weights live outside the graph, so the graph gets ``F.linear``
+(planned by inductor) or, for one bf16 row, the native GEMV or ``addmv``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from minidisagg.kernels import cpu_native
 
 log = logging.getLogger(__name__)
 INVARIANT_TILE_ROWS = 16
@@ -71,10 +80,14 @@ def cpu_packing_available() -> bool:
 def cpu_linear_kind(rows: int, dtype: torch.dtype) -> str:
     """Which kernel :func:`linear` runs for a CPU product of ``rows`` rows in ``dtype`` (weight of the same dtype).
 
-    ``"mv"``: one bf16 row, :func:`linear_cpu_gemv`; ``"packed"``: :func:`linear_cpu_packed` (every
-    bf16 call where oneDNN runs bf16, fp32 calls of ``FP32_PACKED_MIN_ROWS`` or more rows);
-    ``"plain"``: ``F.linear``. The native decode step asks this too, to run the same products.
+    ``"native_gemv"``: one row where the native ``gemv`` runs it, :func:`linear_cpu_native_gemv`;
+    ``"mv"``: one bf16 row elsewhere, :func:`linear_cpu_gemv`; ``"packed"``: :func:`linear_cpu_packed`
+    (every bf16 call where oneDNN runs bf16, fp32 calls of ``FP32_PACKED_MIN_ROWS`` or more rows);
+    ``"plain"``: ``F.linear``. The opt-in whole-step decode (``minidisagg/accel``) asks this too, to
+    run the same products.
     """
+    if rows == 1 and cpu_native.gemv_available(dtype):
+        return "native_gemv"
     if dtype == torch.bfloat16 and rows == 1:
         return "mv"
     if rows > 0 and cpu_packing_available() and (
@@ -84,19 +97,27 @@ def cpu_linear_kind(rows: int, dtype: torch.dtype) -> str:
     return "plain"
 
 
-def _wants_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A single bf16 row on the CPU: :func:`linear_cpu_gemv` is the faster kernel there."""
-    return x.is_cpu and x.dtype == weight.dtype and x.dim() == 2 and cpu_linear_kind(x.shape[0], x.dtype) == "mv"
-
-
 def linear_cpu_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for a single row ``x`` [1, in_features], as a matrix-vector product."""
     return torch.mv(weight, x.view(-1)).view(1, -1)
 
 
-def _wants_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.is_cpu and x.dim() == 2 and x.dtype == weight.dtype
-            and cpu_linear_kind(x.shape[0], x.dtype) == "packed")
+def linear_cpu_native_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for a single row ``x`` [1, in_features] through the native ``gemv`` (float32 or bf16)."""
+    return torch.ops.minidisagg_cpu.gemv(weight, x.view(-1)).view(1, -1)
+
+
+def linear_in_graph(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` traced into a ``torch.compile`` graph: one row as the native GEMV, or ``addmv`` in bf16.
+
+    ``addmv`` is the call of torch's ``mv`` kernel that inductor can keep whole (``engine/compiled.py``
+    tells it not to decompose it); the rest is ``F.linear``, planned by inductor.
+    """
+    if x.shape[0] == 1 and cpu_native.gemv_in_cpu_graph(x):
+        return linear_cpu_native_gemv(x, weight)
+    if x.dtype == torch.bfloat16 and x.shape[0] == 1:
+        return torch.addmv(x.new_zeros(()), weight, x.view(-1), beta=0).view(1, -1)
+    return F.linear(x, weight)
 
 
 @functools.cache
@@ -123,9 +144,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = False)
     """Dispatch point for every projection in the model. ``x`` is [tokens, in_features]."""
     if batch_invariant:
         return linear_batch_invariant(x, weight)
-    if _wants_gemv(x, weight):
+    if not x.is_cpu or x.dim() != 2 or x.dtype != weight.dtype:
+        return linear_reference(x, weight)
+    if torch.compiler.is_compiling():
+        return linear_in_graph(x, weight)
+    kind = cpu_linear_kind(x.shape[0], x.dtype)
+    if kind == "native_gemv":
+        return linear_cpu_native_gemv(x, weight)
+    if kind == "mv":
         return linear_cpu_gemv(x, weight)
-    if _wants_packed(x, weight):
+    if kind == "packed":
         try:
             return linear_cpu_packed(x, weight)
         except RuntimeError as exc:  # an unusual build or CPU: fall back for good, once, with the reason

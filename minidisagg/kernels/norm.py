@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 
+from minidisagg.kernels.cpu_native import use_cpu_native
 from minidisagg.kernels.triton_support import next_pow2, triton_modules, use_triton
 
 
@@ -98,4 +99,8 @@ def rms_norm(
     """Dispatch point: fused residual add + RMSNorm. Returns ``(normed, new_residual)``."""
     if use_triton(x):
         return rms_norm_triton(x, weight, eps, residual)
+    if use_cpu_native(x):  # the reference's ATen calls in one C++ op (kernels/cpu_native.py)
+        if residual is None:
+            return torch.ops.minidisagg_cpu.rms_norm(x, weight, eps), x
+        return torch.ops.minidisagg_cpu.add_rms_norm(x, residual, weight, eps)
     return rms_norm_reference(x, weight, eps, residual)

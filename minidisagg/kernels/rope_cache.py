@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from minidisagg.kernels.cache_write import write_kv_reference
-from minidisagg.kernels.rope import apply_rope_reference
+from minidisagg.kernels.cpu_native import in_cpu_graph, use_cpu_native
+from minidisagg.kernels.rope import apply_rope_reference, rotate, rotation_tables
 from minidisagg.kernels.triton_support import next_pow2, triton_modules, use_triton
 
 
@@ -136,4 +137,11 @@ def rope_and_write_kv(
     """Dispatch point for RoPE plus the paged KV write; use the returned q, k (Triton rotates in place)."""
     if use_triton(q):
         return rope_and_write_kv_triton(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    if use_cpu_native(q):  # the reference's ATen calls in one C++ op (kernels/cpu_native.py)
+        rotated = torch.ops.minidisagg_cpu.rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
+    if in_cpu_graph(q):  # traced by torch.compile: RoPE is fused into the graph, the write stays one op on the pool
+        q, k = rotate(q, k, *rotation_tables(positions, cos_sin))
+        torch.ops.minidisagg_cpu.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q, k
     return rope_and_write_kv_reference(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)

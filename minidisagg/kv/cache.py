@@ -16,8 +16,8 @@ def default_pool_layout(device: torch.device | str) -> str:
 
     On a GPU the kernels read either layout at the same speed (llama-8b decode at batch 32 with
     2k-token contexts: equal TPOT on an H200), and ``block_major`` lets a run of blocks cross
-    the wire with no copy on either side. On a CPU the batch-1 decode and ``compile_cpu`` read a
-    layer's pages as one slice, which only ``layer_major`` gives.
+    the wire with no copy on either side. On a CPU a layer's pages are one range in ``layer_major``,
+    which ``compile_cpu`` and the opt-in C++ decode step need.
     """
     return "block_major" if torch.device(device).type == "cuda" else "layer_major"
 
@@ -31,7 +31,7 @@ class PagedKVCache:
 
     - ``layer_major`` (the default on a CPU): ``kv`` itself is contiguous: each layer's pages are one
       range, so a layer can be shipped as it is computed, and a lone sequence's keys are a
-      slice of it (the CPU's batch-1 decode reads them without a copy);
+      slice of it (the torch reference of decode attention reads them without a copy);
     - ``block_major``: the memory is ``by_block`` [num_blocks, num_layers, 2, block_size,
       num_kv_heads, head_dim]: a block holds every layer's K and V, so the pages of a run of
       consecutive blocks are one contiguous range, which a transport sends or receives

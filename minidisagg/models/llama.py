@@ -17,13 +17,20 @@ from minidisagg.kernels.activation import silu_and_mul
 from minidisagg.kernels.attention import AttentionMetadata, paged_attention
 from minidisagg.kernels.linear import linear
 from minidisagg.kernels.norm import rms_norm
-from minidisagg.kernels.rope import cos_sin_cache
+from minidisagg.kernels.rope import apply_rope, cos_sin_cache
 from minidisagg.kernels.rope_cache import rope_and_write_kv
 from minidisagg.kv.cache import PagedKVCache
 
 
 class LlamaLayer(nn.Module):
-    """One transformer block: attention then MLP, each behind a (fused residual) RMSNorm."""
+    """One transformer block: attention then MLP, each behind a (fused residual) RMSNorm.
+
+    ``forward`` is six steps, each a method that can be called (and replaced) on its own:
+    :meth:`attention_inputs` (norm, q/k/v projection), :meth:`rope_and_write_kv` (positions,
+    the paged KV write), :meth:`attention`, :meth:`attention_output` (O projection),
+    :meth:`mlp_input` (residual add, norm) and :meth:`mlp` (SwiGLU). Every device runs this code;
+    the kernels it calls pick their implementation (Triton, native CPU ops, torch references).
+    """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
@@ -51,16 +58,48 @@ class LlamaLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the block on packed tokens; returns (hidden, residual) for the next block."""
-        cfg, inv = self.cfg, meta.batch_invariant
+        inv = meta.batch_invariant
+        q, k, v, residual = self.attention_inputs(hidden, residual, inv)
+        q, k = self.rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        attn = self.attention(q, k, v, k_cache, v_cache, meta)
+        hidden = self.attention_output(attn, inv)
+        x, residual = self.mlp_input(hidden, residual)
+        return self.mlp(x, inv), residual
+
+    def attention_inputs(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch_invariant: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residual add, RMSNorm and the fused q/k/v projection: q [n, H, D], k and v [n, KH, D], the new residual."""
+        cfg = self.cfg
         x, residual = rms_norm(hidden, self.input_norm, cfg.rms_norm_eps, residual)
-        qkv = linear(x, self.qkv_proj, inv).view(-1, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+        qkv = linear(x, self.qkv_proj, batch_invariant).view(-1, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
         q, k, v = qkv.split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
-        q, k = rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim**-0.5)
-        hidden = linear(attn.reshape(-1, cfg.q_size), self.o_proj, inv)
-        x, residual = rms_norm(hidden, self.post_attn_norm, cfg.rms_norm_eps, residual)
-        hidden = linear(silu_and_mul(linear(x, self.gate_up_proj, inv)), self.down_proj, inv)
-        return hidden, residual
+        return q, k, v, residual
+
+    def rope_and_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          cos_sin: torch.Tensor, k_cache: Optional[torch.Tensor] = None,
+                          v_cache: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated to their ``positions`` (RoPE); with caches, the rotated k and v go to ``slot_mapping``'s slots."""
+        if k_cache is None or v_cache is None or slot_mapping is None:
+            return apply_rope(q, k, positions, cos_sin)
+        return rope_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Each query's attention [n, H, D] over its sequence's cached keys and values (this step's already written)."""
+        return paged_attention(q, k, v, k_cache, v_cache, meta, self.cfg.head_dim**-0.5)
+
+    def attention_output(self, attn: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+        """The O projection of the heads' outputs [n, H, D]: hidden [n, hidden]."""
+        return linear(attn.reshape(-1, self.cfg.q_size), self.o_proj, batch_invariant)
+
+    def mlp_input(self, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual add and the post-attention RMSNorm: (the MLP's input, the new residual)."""
+        return rms_norm(hidden, self.post_attn_norm, self.cfg.rms_norm_eps, residual)
+
+    def mlp(self, x: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+        """SwiGLU: ``down(silu(gate(x)) * up(x))``, with gate and up as one fused projection."""
+        return linear(silu_and_mul(linear(x, self.gate_up_proj, batch_invariant)), self.down_proj, batch_invariant)
 
 
 class LlamaModel(nn.Module):
@@ -83,7 +122,9 @@ class LlamaModel(nn.Module):
             "cos_sin", cos_sin_cache(cfg.max_position, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device), persistent=False
         )
 
-    @torch.inference_mode()
+    # no_grad rather than inference_mode: torch.compile can trace it (engine/compiled.py), and the
+    # engine's runner calls the model inside inference_mode anyway
+    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -96,17 +137,24 @@ class LlamaModel(nn.Module):
 
         ``layer_done(i)`` is called once layer ``i``'s KV is in the cache (for layer-wise KV shipping).
         """
-        hidden = self.embed[input_ids]
+        hidden = self.embed_tokens(input_ids)
         residual = None
         for index, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache.layer(index)
             hidden, residual = layer(hidden, residual, positions, self.cos_sin, k_cache, v_cache, meta)
             if layer_done is not None:
                 layer_done(index)
-        hidden, _ = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps, residual)
-        return hidden
+        return self.final_norm(hidden, residual)
 
-    @torch.inference_mode()
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings [n, hidden] of ``input_ids`` [n]."""
+        return self.embed[input_ids]
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's residual add and the final RMSNorm: hidden states [n, hidden] for the LM head."""
+        return rms_norm(hidden, self.norm, self.cfg.rms_norm_eps, residual)[0]
+
+    @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
         """Float32 logits [rows, vocab] for the given final hidden states."""
         return linear(hidden, self.lm_head, batch_invariant).float()

@@ -1,0 +1,390 @@
+// The CPU kernels behind the model's dispatch points (minidisagg/kernels/*.py), in C++.
+//
+// Most functions are the torch reference of one dispatch point written with the same ATen calls in
+// the same order, so they give the reference's bits; what they save is Python's cost per op (a
+// decode step of SmolLM2 runs some 1,800 small ops). Two are kernels of their own, with the
+// reference's math summed in another order: the decode attention and the GEMV.
+//
+//   rms_norm            kernels/norm.py's rms_norm_reference (add_rms_norm: with the residual add)
+//   silu_and_mul        kernels/activation.py's silu_and_mul_reference
+//   rope_and_write_kv   kernels/rope_cache.py's rope_and_write_kv_reference: RoPE, then the paged KV write
+//   write_kv            kernels/cache_write.py's write_kv_reference
+//   decode_attention    kernels/attention.py's decode_attention_reference: pages read in place, float32 math
+//   gemv                y = weight @ x for a weight [out, in] and one row x [in], float32 or bfloat16
+//
+// kernels/csrc/cpu_ops.cpp registers them as the `minidisagg_cpu` ops the model calls; the opt-in
+// whole-step decode (minidisagg/accel/csrc/decode_step.cpp) calls the same functions. Everything here
+// sits in an anonymous namespace: each extension that includes this file gets its own copy.
+//
+// The GEMV keeps four rows in flight: in bf16 each AVX512-BF16 `vdpbf16ps` multiplies 32 bf16 pairs
+// and adds them into 16 float32 lanes (in float32 a `vfmadd231ps` 16 pairs), and every row prefetches
+// the weight 8 KB ahead of its loads, so the cores keep more cache-line requests to memory outstanding
+// than the hardware prefetcher alone would: a one-row product is bound by streaming its weight. It is
+// compiled for AVX512F / AVX512-BF16 only (per-function target attributes); Python checks that the CPU
+// has those instructions before it calls it.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addcmul.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/lt.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/remainder.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/silu.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRowsPerTile = 4;         // rows of the weight read side by side
+constexpr int64_t kPrefetchElements = 4096;  // how far ahead each row prefetches (8 KB of bf16)
+constexpr int64_t kTilesPerTask = 8;         // at::parallel_for grain, in tiles
+
+at::Tensor gemv_bf16(const at::Tensor& weight, const at::Tensor& x);
+
+template <int kRows>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dot_rows(
+    const c10::BFloat16* weight, int64_t in_features, const c10::BFloat16* x, c10::BFloat16* y) {
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= in_features; i += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+    for (int r = 0; r < kRows; ++r) {
+      const c10::BFloat16* row = weight + r * in_features;
+      _mm_prefetch(reinterpret_cast<const char*>(row + i + kPrefetchElements), _MM_HINT_T0);
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(row + i), xv);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    float sum = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t j = i; j < in_features; ++j) sum += float(weight[r * in_features + j]) * float(x[j]);
+    y[r] = c10::BFloat16(sum);
+  }
+}
+
+// The float32 twin of dot_rows: 16 float32 products a `vfmadd231ps`, the same rows in flight and prefetch.
+template <int kRows>
+__attribute__((target("avx512f"))) void dot_rows_f32(const float* weight, int64_t in_features, const float* x,
+                                                     float* y) {
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in_features; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < kRows; ++r) {
+      const float* row = weight + r * in_features;
+      _mm_prefetch(reinterpret_cast<const char*>(row + i + kPrefetchElements / 2), _MM_HINT_T0);
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    float sum = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t j = i; j < in_features; ++j) sum += weight[r * in_features + j] * x[j];
+    y[r] = sum;
+  }
+}
+
+// y = weight @ x, one row of x, float32 (AVX512F) or bfloat16 (AVX512-BF16): the weight streamed
+// once, row tiles spread over the threads.
+at::Tensor gemv(const at::Tensor& weight, const at::Tensor& x) {
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 1 && weight.size(1) == x.size(0),
+              "gemv takes a weight [out, in] and a vector [in]; got ", weight.sizes(), " and ", x.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "gemv takes float32 or bfloat16 tensors of one dtype; got ", weight.scalar_type(), " and ",
+              x.scalar_type());
+  if (x.scalar_type() == at::kBFloat16) return gemv_bf16(weight, x);
+  const at::Tensor w = weight.contiguous(), v = x.contiguous();
+  const int64_t out_features = w.size(0), in_features = w.size(1);
+  at::Tensor y = at::empty({out_features}, v.options());
+  const float* wp = w.const_data_ptr<float>();
+  const float* xp = v.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t tiles = out_features / kRowsPerTile;
+  at::parallel_for(0, tiles, kTilesPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      dot_rows_f32<kRowsPerTile>(wp + t * kRowsPerTile * in_features, in_features, xp, yp + t * kRowsPerTile);
+  });
+  for (int64_t r = tiles * kRowsPerTile; r < out_features; ++r) dot_rows_f32<1>(wp + r * in_features, in_features, xp, yp + r);
+  return y;
+}
+
+at::Tensor gemv_bf16(const at::Tensor& weight, const at::Tensor& x) {
+  const at::Tensor w = weight.contiguous(), v = x.contiguous();
+  const int64_t out_features = w.size(0), in_features = w.size(1);
+  at::Tensor y = at::empty({out_features}, v.options());
+  const c10::BFloat16* wp = w.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* xp = v.const_data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.mutable_data_ptr<c10::BFloat16>();
+  const int64_t tiles = out_features / kRowsPerTile;
+  at::parallel_for(0, tiles, kTilesPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      dot_rows<kRowsPerTile>(wp + t * kRowsPerTile * in_features, in_features, xp, yp + t * kRowsPerTile);
+  });
+  for (int64_t r = tiles * kRowsPerTile; r < out_features; ++r) dot_rows<1>(wp + r * in_features, in_features, xp, yp + r);
+  return y;
+}
+
+// rms_norm_reference: rmsnorm(x) * weight, the statistics in float32, rounded to x's dtype before the weight.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{-1}, /*keepdim=*/true, at::kFloat);
+  const at::Tensor eps_t = at::scalar_tensor(eps, at::kFloat);
+  const at::Tensor inv_rms = at::addcmul(eps_t, norm, norm, 1.0 / double(x.size(-1))).rsqrt_();
+  at::Tensor normed = at::empty_like(x);
+  at::mul_out(normed, x, inv_rms);  // float32 math, rounded to x's dtype
+  if (normed.scalar_type() == c10::promoteTypes(normed.scalar_type(), weight.scalar_type())) return normed.mul_(weight);
+  return at::mul(weight, normed);
+}
+
+// rms_norm_reference with a residual: (rmsnorm(x + residual) * weight, x + residual).
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                               const at::Tensor& weight, double eps) {
+  at::Tensor sum = at::add(x, residual);
+  return {rms_norm(sum, weight, eps), sum};
+}
+
+// silu_and_mul_reference: silu(first half) * second half of the fused gate/up output.
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  const auto halves = gate_up.chunk(2, -1);
+  return at::silu(halves[0]).mul_(halves[1]);
+}
+
+// kernels/rope.py's rotation_tables: cos and sign-folded sin rows [T, 1, D] for these positions.
+std::pair<at::Tensor, at::Tensor> rotation_tables(const at::Tensor& positions, const at::Tensor& cos_sin) {
+  const int64_t half = cos_sin.size(-1) / 2;
+  const at::Tensor table = cos_sin.index_select(0, positions).unsqueeze(1);
+  const at::Tensor cos = table.narrow(-1, 0, half), sin = table.narrow(-1, half, half);
+  return {at::cat({cos, cos}, -1), at::cat({at::neg(sin), sin}, -1)};
+}
+
+// kernels/rope.py's rotate: x * [cos, cos] + [x2, x1] * [-sin, sin] over q and k at once, rounded to q's
+// dtype; returns the rotated heads [T, H + KH, D] (q's heads first), which the callers slice.
+at::Tensor rotate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& signed_sin) {
+  const int64_t half = q.size(-1) / 2;
+  const at::Tensor both = at::cat({q, k}, 1);
+  const at::Tensor swapped = both.unflatten(-1, {2, half}).flip({-2}).flatten(-2);
+  return at::mul(both, cos).add_(at::mul(swapped, signed_sin)).to(q.scalar_type());
+}
+
+// kernels/cache_write.py's write_kv_reference: k, v [T, KH, D] into their flat slots of the paged caches.
+void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  for (const auto& [fresh, cache] : {std::pair{k, k_cache}, std::pair{v, v_cache}}) {
+    if (cache.stride(0) == cache.size(1) * cache.stride(1)) {  // blocks follow each other: one flat copy by slot
+      cache.view({-1, cache.size(2), cache.size(3)}).index_copy_(0, slot_mapping, fresh.to(cache.scalar_type()));
+    } else {  // blocks apart in memory (block_major): index block and offset
+      const int64_t block_size = cache.size(1);
+      at::Tensor(cache).index_put_({at::div(slot_mapping, block_size, "floor"), at::remainder(slot_mapping, block_size)},
+                                   fresh.to(cache.scalar_type()));
+    }
+  }
+}
+
+// rope_and_write_kv_reference: q and k rotated by their positions ([T, H + KH, D], q's heads first),
+// and the rotated k and the v written to their slots of the caches.
+at::Tensor rope_and_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                             const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& slot_mapping) {
+  const auto [cos, signed_sin] = rotation_tables(positions, cos_sin);
+  at::Tensor rotated = rotate(q, k, cos, signed_sin);
+  write_kv(rotated.narrow(1, q.size(1), k.size(1)), v, k_cache, v_cache, slot_mapping);
+  return rotated;
+}
+
+// Decode attention: q [B, H, D], one query per sequence, over each sequence's cached pages, read in
+// place through its block table (no gather, no padding). One task per (sequence, KV head) computes
+// the scores of its `group` query heads over the sequence's L keys, a softmax, and the weighted sum
+// of the values, all in float32, and rounds once to q's dtype: what decode_attention_reference
+// computes, with sums in another order (tested within float rounding). On a CPU with AVX512F the
+// loops are vector instructions (attend_group_avx512); elsewhere plain C++.
+
+inline float load_float(float v) { return v; }
+inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+void attend_group(
+    const T* q, int64_t q_head_stride, int64_t group, int64_t head_dim, float scale, const T* keys,
+    const T* values, int64_t block_stride, int64_t slot_stride, const int64_t* table, int64_t block_size,
+    int64_t len, float* buffer, T* out, int64_t out_head_stride) {
+  float* qf = buffer;                       // [group, D]: q in float32, times the scale
+  float* acc = qf + group * head_dim;       // [group, D]: the weighted sum of the values
+  float* scores = acc + group * head_dim;   // [group, L]
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = load_float(q[g * q_head_stride + d]) * scale;
+  for (int64_t t = 0; t < len; ++t) {
+    const T* key = keys + table[t / block_size] * block_stride + (t % block_size) * slot_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * head_dim;
+      float lanes[16] = {0};
+      int64_t d = 0;
+      for (; d + 16 <= head_dim; d += 16)
+        for (int j = 0; j < 16; ++j) lanes[j] += qg[d + j] * load_float(key[d + j]);
+      float dot = 0;
+      for (; d < head_dim; ++d) dot += qg[d] * load_float(key[d]);
+      for (int j = 0; j < 16; ++j) dot += lanes[j];
+      scores[g * len + t] = dot;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * len;
+    float top = s[0];
+    for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
+    float total = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - top);
+      total += s[t];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+  std::fill(acc, acc + group * head_dim, 0.0f);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* value = values + table[t / block_size] * block_stride + (t % block_size) * slot_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * len + t];
+      float* ag = acc + g * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * load_float(value[d]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d) out[g * out_head_stride + d] = T(acc[g * head_dim + d]);
+}
+
+// AVX512 versions of attend_group for a head_dim that is a multiple of 16 (64 and 128 in practice):
+// each key row is loaded once as head_dim / 16 float32 vectors (bf16 widened by a shift), its dot with
+// each query head is a chain of FMAs and one horizontal add, and the value rows are FMA'd into the
+// group's accumulators.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+__attribute__((target("avx512f"))) void attend_group_avx512(
+    const T* q, int64_t q_head_stride, int64_t group, int64_t head_dim, float scale, const T* keys,
+    const T* values, int64_t block_stride, int64_t slot_stride, const int64_t* table, int64_t block_size,
+    int64_t len, float* buffer, T* out, int64_t out_head_stride) {
+  float* qf = buffer;
+  float* acc = qf + group * head_dim;
+  float* scores = acc + group * head_dim;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = load_float(q[g * q_head_stride + d]) * scale;
+  const int64_t chunks = head_dim / 16;
+  for (int64_t t = 0; t < len; ++t) {
+    const T* key = keys + table[t / block_size] * block_stride + (t % block_size) * slot_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * head_dim;
+      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qg), load16(key));
+      for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), load16(key + 16 * c), dot);
+      scores[g * len + t] = _mm512_reduce_add_ps(dot);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * len;
+    float top = s[0];
+    for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
+    float total = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - top);
+      total += s[t];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+  std::fill(acc, acc + group * head_dim, 0.0f);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* value = values + table[t / block_size] * block_stride + (t % block_size) * slot_stride;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512 v = load16(value + 16 * c);
+      for (int64_t g = 0; g < group; ++g) {
+        float* a = acc + g * head_dim + 16 * c;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), v, _mm512_loadu_ps(a)));
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d) out[g * out_head_stride + d] = T(acc[g * head_dim + d]);
+}
+
+inline bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+template <typename T>
+void decode_attention_typed(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& tables, const int64_t* lens, double scale, at::Tensor& out) {
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(2), group = num_heads / num_kv_heads, block_size = k_cache.size(1);
+  const int64_t max_len = *std::max_element(lens, lens + num_seqs);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k_cache.const_data_ptr<T>();
+  const T* vp = v_cache.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  const int64_t* table = tables.const_data_ptr<int64_t>();
+  const bool wide = head_dim % 16 == 0 && cpu_has_avx512f();
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(group * (2 * head_dim + max_len));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, kh = task % num_kv_heads;
+      auto* attend = wide ? attend_group_avx512<T> : attend_group<T>;
+      attend(qp + b * q.stride(0) + kh * group * q.stride(1), q.stride(1), group, head_dim, float(scale),
+             kp + kh * k_cache.stride(2), vp + kh * v_cache.stride(2), k_cache.stride(0), k_cache.stride(1),
+             table + b * tables.stride(0), block_size, lens[b], buffer.data(),
+             op + b * out.stride(0) + kh * group * out.stride(1), out.stride(1));
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  const int64_t num_seqs = q.size(0), block_size = k_cache.size(1);
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+                  q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
+              "decode_attention takes q [B, H, D] and caches [blocks, block_size, KH, D] with H a multiple of KH; "
+              "got ", q.sizes(), " and ", k_cache.sizes());
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "decode_attention takes float32 or bfloat16 q and caches of one dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(),
+              "decode_attention needs each head's D values side by side, and caches of one layout");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs && context_lens.numel() == num_seqs,
+              "decode_attention takes one block table row and one context length per query; got ", num_seqs,
+              " queries, block tables ", block_tables.sizes(), ", ", context_lens.numel(), " lengths");
+  const at::Tensor lens = context_lens.to(at::kLong).contiguous();
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  const int64_t* len_data = lens.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t blocks = (len_data[b] + block_size - 1) / block_size;
+    TORCH_CHECK(len_data[b] >= 1 && blocks <= tables.size(1), "decode_attention: a context of ", len_data[b],
+                " tokens needs ", blocks, " blocks; the block table has ", tables.size(1));
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.scalar_type() == at::kFloat)
+    decode_attention_typed<float>(q, k_cache, v_cache, tables, len_data, scale, out);
+  else
+    decode_attention_typed<c10::BFloat16>(q, k_cache, v_cache, tables, len_data, scale, out);
+  return out;
+}
+
+}  // namespace
