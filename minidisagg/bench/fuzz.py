@@ -70,10 +70,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"`--max-connections {s['max_connections']}`; {m['cpu']}, {m['cores']} cores, load "
              f"{m['loadavg_start'][0]:.1f} at the start; commit {m['minidisagg_commit']}; {result['seconds']:.0f} s.",
              "", "After each input: every process alive, both KV pools whole (HEALTH), a greedy request through the "
-             "router (and each victim request of our own router that the input attacked) equal to the colocated "
-             "engine's; a lost request is one that was not. A promise is what the input tested beyond that (a "
-             "stalled peer dropped after the deadline, a connection over the cap refused, a failed handshake "
-             "closed).", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "router (and each victim request of our own router that the input attacked; that router recomputes a "
+             "request a worker fails, `kv_failure_policy=recompute`) equal to the colocated engine's; a lost request "
+             "is one that was not. A promise is what the input tested beyond that (a stalled peer dropped after the "
+             "deadline, a connection over the cap refused, a failed handshake closed). Tracebacks in the three "
+             f"processes' logs (an input that reached an unexpected error path): {result['tracebacks']}.", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in result["table"]]
     broken = result["broken"]
     lines += ["", "Inputs that broke something: " + ("none." if not broken else f"{len(broken)}:")]
@@ -111,11 +112,12 @@ def run_fuzz_bench(inputs: int, seed: int, sigstop_s: float = 0.0, deadline_s: f
             results = run_fuzz(deployment, generate_inputs(seed, inputs), lambda r: progress.advance(task))
     finally:
         deployment.stop()
+    tracebacks = sum(p.log_path.read_text(errors="replace").count("Traceback") for p in deployment.processes.values())
     result: dict[str, Any] = {
         "benchmark": "fuzz", "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
         "settings": {"inputs": inputs, "seed": seed, "model": settings.model, "num_kv_blocks": settings.num_kv_blocks,
                      "frame_deadline_s": settings.frame_deadline_s, "max_connections": settings.max_connections},
-        "table": summarize(results),
+        "table": summarize(results), "tracebacks": tracebacks,
         "broken": [{"index": r.index, "category": r.category, "name": r.name, "notes": r.notes}
                    for r in results if r.notes or not r.alive or not r.pools_whole or r.lost]}
     if sigstop_s > 0:
@@ -147,14 +149,15 @@ def main(argv: Optional[Seq[str]] = None) -> int:
         table.add_row(*cells(row))
     console.print(table)
     text = markdown(result)
-    console.print(text.split("## SIGSTOP")[1] if "sigstop" in result else "", highlight=False)
+    if "sigstop" in result:
+        console.print("SIGSTOP" + text.split("## SIGSTOP", 1)[1], highlight=False)
     date = result["date"][:10]
     stem = f"fuzz-{date}-seed{args.seed}-n{args.inputs}"
     paths = write_result_files(result, stem, text, args.out_dir)
     console.print("wrote " + ", ".join(str(p) for p in paths))
     stall_ok = "sigstop" not in result or (result["sigstop"]["ended_within_deadline"]
                                            and result["sigstop"]["every_later_request_ok"])
-    return 0 if not result["broken"] and stall_ok else 1
+    return 0 if not result["broken"] and not result["tracebacks"] and stall_ok else 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from typing import Callable
 
 from minidisagg.disagg.fuzz_frames import (
@@ -36,6 +37,7 @@ from minidisagg.transport.framing import PREFIX, FrameKind
 
 __all__ = ["CATEGORIES", "FuzzInput", "FuzzTarget", "Peer", "frame_bytes", "generate_inputs"]
 CATEGORIES = ("prefix", "header", "request", "kv", "order", "ids", "slowloris", "flood", "handshake", "router")
+PING_FLOOD = 20_000  # more HEALTH answers than a router's output queue and the socket buffers hold
 
 
 def _prefix(rng: random.Random, i: int) -> FuzzInput:
@@ -146,10 +148,13 @@ def _slowloris(rng: random.Random, i: int) -> FuzzInput:
 
 
 def _flood(rng: random.Random, i: int) -> FuzzInput:
-    """Many connections that close at once or send garbage, or more idle ones than the cap allows."""
-    target = rng.choice(["decode", "prefill", "router"])
-    how = rng.choice(["connect and close", "connect and send garbage", "hold idle connections over the cap"])
-    count = rng.randint(20, 60)
+    """Many connections that close at once or send garbage, more idle ones than the cap allows, or a router
+    that asks for HEALTH thousands of times and never reads the answers."""
+    how = rng.choice(["connect and close", "connect and send garbage", "hold idle connections over the cap",
+                      "PINGs it never reads"])
+    target = rng.choice(["decode", "prefill"] + ([] if how == "PINGs it never reads" else ["router"]))
+    count = {"hold idle connections over the cap": "cap + 8", "PINGs it never reads": PING_FLOOD}.get(
+        how, rng.randint(20, 60))
     garbage = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200)))
 
     def act(t: FuzzTarget) -> None:
@@ -161,14 +166,21 @@ def _flood(rng: random.Random, i: int) -> FuzzInput:
             if refused < 8:
                 t.note(f"only {refused} of 8 connections over max_connections={t.max_connections} were refused")
             return
-        for _ in range(count):
+        if how == "PINGs it never reads":  # its answers pile up: its queue overflows and it is dropped
+            deaf = t.peer(target, "router", deaf=True)
+            deaf.send_raw(frame_bytes(FrameKind.PING, {}) * PING_FLOOD)
+            t.serve_one()  # others are served while its answers pile up
+            time.sleep(1.0)  # reading nothing, as a stuck router would
+            if not deaf.wait_closed(10.0):  # the worker dropped it: the rest of what it was sent, then EOF
+                t.note(f"a router that never read {PING_FLOOD} HEALTH answers was not dropped")
+            return
+        for _ in range(int(count)):
             peer = t.raw(target)
             if how == "connect and send garbage":
                 peer.send_raw(garbage)
             peer.wait_closed(0.0)
 
-    return FuzzInput("flood", f"{how} ({count if not how.startswith('hold') else 'cap + 8'}) to {target}",
-                     act, authenticated=False)
+    return FuzzInput("flood", f"{how} ({count}) to {target}", act, authenticated=how == "PINGs it never reads")
 
 
 def _handshake(rng: random.Random, i: int) -> FuzzInput:

@@ -56,12 +56,14 @@ class FuzzSettings:
     check_timeout_s: float = 30.0
     pool_wait_s: float = 10.0
     victim_policy: str = "recompute"  # the kv_failure_policy of our own router, whose requests inputs attack
+    subscriber_queue_size: int = 256  # small, so a router that reads nothing overflows it soon
 
     def serve_args(self) -> list[str]:
         """The ``minidisagg serve`` flags every process of the deployment gets."""
         return ["--model", self.model, "--device", "cpu", "--dtype", "float32", "--random-weights", "--batch-invariant",
                 "--num-kv-blocks", str(self.num_kv_blocks), "--frame-deadline-s", repr(self.frame_deadline_s),
-                "--max-connections", str(self.max_connections), "--request-timeout-s", repr(self.request_timeout_s)]
+                "--max-connections", str(self.max_connections), "--request-timeout-s", repr(self.request_timeout_s),
+                "--subscriber-queue-size", str(self.subscriber_queue_size)]
 
 
 class FuzzDeployment:
@@ -119,12 +121,16 @@ class FuzzDeployment:
         """The listening port of ``decode``, ``prefill`` or ``router``."""
         return self.processes[target].port
 
-    def connect(self, target: str, role: str, timeout_s: float = 10.0) -> SocketPeer:
-        """A connection to a worker that proved the secret and said HELLO as ``role``."""
+    def connect(self, target: str, role: str, timeout_s: float = 10.0, deaf: bool = False) -> SocketPeer:
+        """A connection to a worker that proved the secret and said HELLO as ``role`` (``deaf``: a tiny receive buffer)."""
         from minidisagg.transport.socket import make_hello
 
-        sock = socket.create_connection((HOST, self.port(target)), timeout=timeout_s)
+        sock = socket.socket()
         try:
+            if deaf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(timeout_s)
+            sock.connect((HOST, self.port(target)))
             client_handshake(sock, make_hello(role, self.loaded.config.fingerprint(), self.layout), timeout_s,
                              secret=self.secret)
         except BaseException:
@@ -248,9 +254,9 @@ class FuzzContext:
         self.requests = 0
         self.lost: list[str] = []
 
-    def peer(self, target: str, role: str) -> SocketPeer:
+    def peer(self, target: str, role: str, deaf: bool = False) -> SocketPeer:
         """An authenticated connection (``fuzz.FuzzTarget.peer``)."""
-        self.peers.append(self.deployment.connect(target, role))
+        self.peers.append(self.deployment.connect(target, role, deaf=deaf))
         return self.peers[-1]
 
     def raw(self, target: str) -> SocketPeer:

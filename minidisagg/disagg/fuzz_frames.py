@@ -49,8 +49,11 @@ class FuzzTarget(Protocol):
     frame_deadline_s: float
     max_connections: int
 
-    def peer(self, target: str, role: str) -> Peer:
-        """A connection to ``decode`` or ``prefill`` that proved the secret and said HELLO as ``role``."""
+    def peer(self, target: str, role: str, deaf: bool = False) -> Peer:
+        """A connection to ``decode`` or ``prefill`` that proved the secret and said HELLO as ``role``.
+
+        ``deaf``: its receive buffer is tiny, so what the worker sends it backs up at once.
+        """
 
     def raw(self, target: str) -> Peer:
         """A bare TCP connection to ``decode``, ``prefill`` or ``router`` (no handshake)."""

@@ -20,7 +20,10 @@ The router answers with lines carrying the request's ``id``::
 Many requests may be in flight on one connection (give them ids); a bad line gets an error line
 and the connection stays open. Input EOF (half-close) is fine: the connection closes once its
 requests finish. A client that goes away, reads nothing for 30 s, or falls more lines behind than
-its queue holds (``subscriber_queue_size``) is dropped and has its requests aborted.
+its queue holds (``subscriber_queue_size``) is dropped and has its requests aborted. A line must
+end within ``frame_deadline_s`` of its first byte (``read_lines``): a client that sends half a
+line and stalls gets an error line and is dropped. Past ``max_connections`` clients at once, a
+new one gets an error line naming the limit and is closed.
 ``ttft_s``/``tpot_s``/``e2e_s`` are measured by the router; ``kv_transfer_s`` is null unless
 every process got the same ``--clock-origin`` (workers' clocks are compared only then).
 """
