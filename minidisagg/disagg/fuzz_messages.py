@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from typing import Any
 
 from minidisagg.disagg.fuzz_frames import (
     BAD_NUMBERS,
@@ -23,6 +24,7 @@ from minidisagg.disagg.fuzz_frames import (
     set_path,
     submission,
 )
+from minidisagg.kv.pages import KVLayout
 from minidisagg.transport.framing import FrameKind
 
 
@@ -135,9 +137,11 @@ def kv_input(rng: random.Random, i: int) -> FuzzInput:
 
 
 def ids_input(rng: random.Random, i: int) -> FuzzInput:
-    """Another router's request id aborted, resubmitted or adopted again (``victim``), or an unknown one aborted."""
+    """Another router's request id aborted, resubmitted or adopted again (``victim``), an unknown one aborted,
+    or another KV link's transfer id cancelled, renewed, committed and written to."""
     what = rng.choice(["abort a foreign request", "abort an unknown id", "resubmit a foreign id to prefill",
-                       "adopt a foreign id on decode", "abort a foreign request with a guessed owner"])
+                       "adopt a foreign id on decode", "abort a foreign request with a guessed owner",
+                       "use another link's transfer id"])
     on_decode = rng.random() < 0.7
     guessed_owner = "%032x" % rng.getrandbits(128)
     prompt = [rng.randrange(1, 500) for _ in range(4)]
@@ -147,6 +151,9 @@ def ids_input(rng: random.Random, i: int) -> FuzzInput:
             peer = t.peer("decode", "router")
             peer.send(FrameKind.REQUEST, {"abort": f"fz-unknown-{i}"})
             drain(peer)
+            return
+        if what == "use another link's transfer id":
+            _foreign_transfer(t, f"fz-foreign-{i}")
             return
         victim = t.victim(on_decode)
         if what.startswith("abort a foreign request"):
@@ -162,19 +169,41 @@ def ids_input(rng: random.Random, i: int) -> FuzzInput:
             peer.send(FrameKind.REQUEST, submission(victim, prompt))
             drain(peer, 1.0)
         else:
-            layout = t.layout
             peer = t.peer("decode", "prefill")
             tid = f"fz-dup-{i}"
             peer.send(FrameKind.RESERVE, {"transfer_id": tid, "num_tokens": 4})
-            shape = [layout.num_layers, *layout.layer_shape(1)]
-            peer.send(FrameKind.LAYER, {"transfer_id": tid, "layer": 0, "shape": shape, "dtype": layout.dtype_name,
-                                        "num_layers": layout.num_layers}, bytes(4 * math.prod(shape)))
-            peer.send(FrameKind.DONE, {"transfer_id": tid, "state": sequence_state(victim, [5, 6, 7, 8], 9),
-                                       "num_bytes": 0})
+            for kind, header, payload in _pages_and_done(t.layout, tid, victim):
+                peer.send(kind, header, payload)
             drain(peer, 0.5)
 
-    where = "on decode" if on_decode else "while it may still be prefilling"
-    return FuzzInput("ids", f"{what} ({where})", act)
+    where = "" if what in ("abort an unknown id", "use another link's transfer id") else \
+        " (on decode)" if on_decode else " (while it may still be prefilling)"
+    return FuzzInput("ids", f"{what}{where}", act)
+
+
+def _pages_and_done(layout: KVLayout, tid: str, rid: str) -> list[tuple[FrameKind, dict[str, Any], bytes]]:
+    """The LAYER (zero pages, every layer of one block) and DONE frames that complete a 4-token transfer."""
+    shape = [layout.num_layers, *layout.layer_shape(1)]
+    return [(FrameKind.LAYER, {"transfer_id": tid, "layer": 0, "shape": shape, "dtype": layout.dtype_name,
+                               "num_layers": layout.num_layers}, bytes(4 * math.prod(shape))),
+            (FrameKind.DONE, {"transfer_id": tid, "state": sequence_state(rid, [5, 6, 7, 8], 9), "num_bytes": 0}, b"")]
+
+
+def _foreign_transfer(t: FuzzTarget, tid: str) -> None:
+    """One link reserves ``tid``; another cancels, renews, commits and writes to it; the first still completes it."""
+    owner, other = t.peer("decode", "prefill"), t.peer("decode", "prefill")
+    owner.send(FrameKind.RESERVE, {"transfer_id": tid, "num_tokens": 4})
+    drain(owner, 0.3)
+    for kind, header, payload in [(FrameKind.CANCEL, {"transfer_id": tid}, b""),
+                                  (FrameKind.PING, {"transfer_id": None, "renew": [tid]}, b""),
+                                  *_pages_and_done(t.layout, tid, f"{tid}-stolen")[::-1]]:  # DONE, then LAYER
+        other.send(kind, header, payload)
+    drain(other, 0.5)
+    for kind, header, payload in _pages_and_done(t.layout, tid, f"{tid}-own"):
+        owner.send(kind, header, payload)
+    acks = [h for k, h in drain(owner, 2.0) if k == FrameKind.ACK]
+    if not any(h.get("transfer_id") == tid and h.get("ok") is True for h in acks):
+        t.note(f"another link's frames for transfer {tid} kept its own link from completing it: {acks}")
 
 
 def router_input(rng: random.Random, i: int) -> FuzzInput:
