@@ -245,6 +245,23 @@ def test_a_router_may_abort_only_its_own_requests(servers, reference):
         theirs.shutdown()
 
 
+def test_a_router_that_leaves_has_its_requests_aborted(servers):
+    cluster = servers.cluster()
+    long = {"temperature": 0, "max_tokens": 480, "ignore_eos": True}  # about the whole decode pool
+    try:
+        rid = cluster.add_request({"prompt_token_ids": [91, 92, 93]}, SamplingParams(**long))
+        deadline = time.monotonic() + TIMEOUT_S
+        while not servers.decode.worker.owners.owner_of(cluster.wire_id(rid, 1)) and time.monotonic() < deadline:
+            cluster.step()
+    finally:
+        cluster.shutdown()  # its link to d0 closes with the request still decoding
+    left_s = time.monotonic()
+    while servers.decode.worker.num_free_blocks < 32 and time.monotonic() < left_s + 1.5:
+        time.sleep(0.02)
+    assert servers.decode.worker.num_free_blocks == 32, "a router's requests kept decoding after it left"
+    assert len(servers.decode.worker.owners) == 0
+
+
 def frames_before_health(sock: socket.socket) -> list[framing.Frame]:
     frames = []
     while True:
@@ -258,10 +275,15 @@ def frames_before_health(sock: socket.socket) -> list[framing.Frame]:
 
 def test_a_version_1_peer_stops_at_the_first_frame_and_never_meets_health(servers, monkeypatch):
     with socket.create_connection((HOST, servers.decode.port), timeout=TIMEOUT_S) as sock:
+        raw = sock.recv(PREFIX.size, socket.MSG_WAITALL)  # the worker's first frame, as bytes
+        raw += sock.recv(PREFIX.unpack(raw)[4], socket.MSG_WAITALL)
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        theirs.sendall(raw)
         monkeypatch.setattr(framing, "WIRE_VERSION", 1)  # this side now reads as a version 1 peer would
         with pytest.raises(FrameError, match="wrong wire version 2 \\(this side speaks 1\\)"):
-            recv_frame(sock, TIMEOUT_S)
-    monkeypatch.undo()
+            recv_frame(mine, TIMEOUT_S)
+        monkeypatch.undo()
     with socket.create_connection((HOST, servers.decode.port), timeout=TIMEOUT_S) as sock:
         challenge = recv_frame(sock, TIMEOUT_S)
         assert challenge.kind == FrameKind.AUTH_CHALLENGE

@@ -69,6 +69,7 @@ class DecodeWorker:
         self.layout = KVLayout.of(self.engine.kv_cache)
         self._sink = sink
         self.owners = RequestOwners()  # request id -> owner token, from commit until the request ends
+        self.owner_connected: Callable[[str], bool] = lambda token: True  # a server tells whether that router is here
         self._lock = threading.RLock()
         # Python locks are not fair: a loop that releases and at once re-takes the lock can starve
         # transport threads (reserve, commit) for seconds. Callers announce themselves, and the loop
@@ -178,6 +179,9 @@ class DecodeWorker:
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
         self.owners.claim(state.request_id, state.owner, f"decode worker {self.name}")  # ValueError: a duplicate id
         try:
+            if state.owner is not None and not self.owner_connected(state.owner):  # after the claim: see ``owners``
+                raise ValueError(f"request {state.request_id}: the router that submitted it has no connection to "
+                                 f"decode worker {self.name}, so nobody would read its outputs")
             self.leases.commit(transfer_id)  # LeaseExpired if the loop expired it first; after this it cannot
         except BaseException:
             self.owners.release(state.request_id)
@@ -215,6 +219,8 @@ class DecodeWorker:
         tid = item.transfer_id
         if tid not in self._reserved:
             raise ValueError(f"no reservation for transfer {tid!r}")
+        if item.state.request_id not in self.owners:
+            raise ValueError(f"request {item.state.request_id} was aborted before it could be adopted")
         seq = self.engine.adopt(item.state, f"transfer:{tid}")
         kv_trace("adopted", tid)
         self.leases.remove(tid)

@@ -29,11 +29,12 @@ from minidisagg.transport.framing import FrameKind
 
 
 def request_input(rng: random.Random, i: int) -> FuzzInput:
-    """A REQUEST to the prefill worker with one field wrong (or well-formed and unusual)."""
-    rid = f"fz-{i}"
+    """A REQUEST to the prefill worker with one field wrong (or well-formed and unusual), sent as a router that
+    registered its owner token with the decode worker first; when it leaves, what it started must end."""
+    rid, owner = f"fz-{i}", "%032x" % rng.getrandbits(128)
     paths = {"request_id": BAD_STRINGS, "submission.request_id": ["someone-else", 5, None],
              "submission.prompt_token_ids": [[], "1 2", [1] * 100_000, None] + [[5, t, 6] for t in BAD_TOKENS],
-             "submission.arrival_s": BAD_NUMBERS, "submission.params.max_tokens": BAD_NUMBERS + [0, 10**12],
+             "submission.arrival_s": BAD_NUMBERS, "submission.params.max_tokens": BAD_NUMBERS + [0],
              "submission.params.temperature": BAD_NUMBERS, "submission.params.top_p": BAD_NUMBERS + [1.5],
              "submission.params.top_k": BAD_NUMBERS, "submission.params.seed": [2**70, -(2**70), 1.5, True],
              "submission.params.stop": [[["x"]], ["x"] * 1000, 7], "submission.params.frobnicate": [1],
@@ -42,16 +43,21 @@ def request_input(rng: random.Random, i: int) -> FuzzInput:
              "submission": ["x", None, [], 5]}
     path = rng.choice(sorted(paths))
     value = rng.choice(paths[path])
-    header = set_path(submission(rid, [rng.randrange(1, 500) for _ in range(rng.randint(2, 9))]), path, value)
-    if rng.random() < 0.2:  # well-formed, unusual, from a router nobody routes for: it must run and end cleanly
+    prompt = [rng.randrange(1, 500) for _ in range(rng.randint(2, 9))]
+    if rng.random() < 0.2:  # well-formed and unusual: it must run, and end once its router leaves
         path, value = "submission.params", rng.choice([
             {"temperature": 0.7, "seed": rng.getrandbits(63), "max_tokens": 4}, {"max_tokens": 1},
             {"temperature": 1.0, "top_k": 3, "top_p": 0.5, "max_tokens": 3}, {"stop": ["a", "b"], "max_tokens": 4},
-            {"max_tokens": 6, "stop_token_ids": [0, 1, 2], "ignore_eos": True}])
-        header = set_path(submission(rid, [rng.randrange(1, 500) for _ in range(rng.randint(1, 400))]),
-                           path, value)
+            {"max_tokens": 6, "stop_token_ids": [0, 1, 2], "ignore_eos": True},
+            {"max_tokens": 10**30, "ignore_eos": True}, {"max_tokens": 2000, "ignore_eos": True}])
+        prompt = [rng.randrange(1, 500) for _ in range(rng.randint(1, 400))]
+    header = submission(rid, prompt)
+    header["submission"]["owner"] = owner
+    header = set_path(header, path, value)
 
     def act(t: FuzzTarget) -> None:
+        registered = t.peer("decode", "router")  # as a router does before it submits anything
+        registered.send(FrameKind.REQUEST, {"owner": owner})
         peer = t.peer("prefill", "router")
         peer.send(FrameKind.REQUEST, header)
         drain(peer, 0.5)

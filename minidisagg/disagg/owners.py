@@ -11,7 +11,13 @@ random token (its *owner* token) and
 A decode worker then (``RequestOwners``) takes no second request under an id it already
 decodes, lets a router abort only requests carrying its own token (another's abort gets an
 ERROR naming the id, and nothing is aborted), and (``OwnerConnections``) sends a request's
-outputs only to its owner's connections. Requests without a token (in-process clusters,
+outputs only to its owner's connections; when the last of them closes, the owner's requests are
+aborted and their KV blocks freed (the router fails or recomputes them anyway once it loses
+its link), and a request arriving later under that owner is refused. So a router must register
+its token on its decode connections before it submits (``RemoteWorker`` does, on connect). The
+worker claims a request's id before it checks that the owner is connected, and a closing
+connection drops its registration before it aborts the owner's claimed requests, so a request
+committed as its router leaves is either refused or aborted, never left to decode into the void. Requests without a token (in-process clusters,
 routers that do not send one) keep the older behaviour: anyone may abort them, and their
 outputs go to every router connection that registered no token; a router that did register
 one never sees them, so no peer can feed it outputs under one of its ids. A token is only as
@@ -67,6 +73,11 @@ class RequestOwners:
         """The request's owner token (None: no such request, or one without an owner)."""
         with self._lock:
             return self._owners.get(request_id)
+
+    def held_by(self, owner: str) -> list[str]:
+        """The ids of the requests held here under ``owner``."""
+        with self._lock:
+            return [rid for rid, holder in self._owners.items() if holder == owner]
 
     def check_abort(self, request_id: str, owner: Optional[str]) -> None:
         """Raise ``NotOwner`` when ``request_id`` is held here with a token other than ``owner``."""

@@ -222,6 +222,7 @@ class DecodeServer(WorkerServer):
         (security or LinkSecurity()).check_listen(host, self.role)  # no secret beyond loopback: refused here
         self.routers: OwnerConnections[socket.socket] = OwnerConnections()  # router connections by owner token
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
+        self.worker.owner_connected = lambda token: bool(self.routers.connections(token))
         super().__init__(loaded, self.worker.layout, host, port, config.link, security)
         self._watch_worker(self.worker)
         self.worker.start()
@@ -249,7 +250,17 @@ class DecodeServer(WorkerServer):
             self.worker.abort_as(value, self.routers.token_of(sock))  # NotOwner names the id; nothing is aborted
 
     def connection_closed(self, sock: socket.socket) -> None:
+        """A router that closed its last connection has its requests aborted: nobody reads their outputs now."""
+        token = self.routers.token_of(sock)
         self.routers.remove(sock)
+        if token is None or self.routers.connections(token):
+            return
+        request_ids = self.worker.owners.held_by(token)
+        for request_id in request_ids:
+            self.worker.abort(request_id)
+        if request_ids:
+            log.warning("decode: a router left with %d request(s) decoding here; aborted them and freed their KV",
+                        len(request_ids))
 
     def accepted_roles(self) -> set[str]:
         return {"router", "prefill"}
