@@ -177,6 +177,7 @@ BENCH_SUITES = {
     "transport": "minidisagg.bench.transport",
     "gpu": "minidisagg.bench.gpu",
     "disagg": "minidisagg.bench.disagg",
+    "fuzz": "minidisagg.bench.fuzz",
 }
 COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify"}
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
@@ -190,7 +191,7 @@ def _run_module_main(module_name: str, rest: Sequence[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks: cpu (decode vs HF), transport (KV transfer), gpu (rooflines), disagg (goodput)."""
+    """Benchmarks: cpu (decode vs HF), transport (KV transfer), gpu (rooflines), disagg (goodput), fuzz (hostile peers)."""
     from minidisagg.bench.args import SUITE_PARSERS
 
     SUITE_PARSERS[args.suite]().parse_args(args.rest)  # --help and bad flags answered before torch loads

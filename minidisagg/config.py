@@ -216,7 +216,10 @@ class LinkConfig:
     backoff (``reconnect_initial_s`` doubling up to ``reconnect_max_s``, jittered) until
     ``reconnect_deadline_s`` (0: never). Every output subscriber (a router on a worker, a
     client on a router) gets a queue of ``subscriber_queue_size`` messages; one that falls that
-    far behind is dropped.
+    far behind is dropped. A frame on a router link, or a client's JSON line on a router, must
+    arrive whole within ``frame_deadline_s`` of its first byte, else its connection is dropped;
+    each listening port serves at most ``max_connections`` connections at once (one thread
+    each) and refuses more, saying why.
     """
 
     kv_lease_s: float = 30.0
@@ -225,6 +228,8 @@ class LinkConfig:
     reconnect_max_s: float = 5.0
     reconnect_deadline_s: float = 60.0
     subscriber_queue_size: int = 4096
+    frame_deadline_s: float = 10.0
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         _check_seconds("LinkConfig", "kv_lease_s", self.kv_lease_s)
@@ -241,6 +246,11 @@ class LinkConfig:
         size = self.subscriber_queue_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"LinkConfig.subscriber_queue_size must be an integer >= 1 (messages), got {size!r}")
+        _check_seconds("LinkConfig", "frame_deadline_s", self.frame_deadline_s)
+        cap = self.max_connections
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"LinkConfig.max_connections must be an integer >= 1 (connections per listening port), "
+                             f"got {cap!r}")
 
 
 @dataclass(frozen=True)

@@ -84,5 +84,23 @@ def disagg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fuzz_parser() -> argparse.ArgumentParser:
+    """Flags of ``minidisagg bench fuzz``."""
+    parser = argparse.ArgumentParser(prog="minidisagg bench fuzz", description="Malformed and adversarial frames, "
+                                     "control messages and connections against live prefill, decode and router "
+                                     "processes; after each input: every process alive, both KV pools whole, a "
+                                     "greedy request equal to the colocated engine's.")
+    parser.add_argument("--inputs", type=int, default=300, help="number of inputs (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the generator's seed (default: %(default)s)")
+    parser.add_argument("--sigstop-s", type=float, default=0.0,
+                        help="then stop the decode worker (SIGSTOP) this many seconds while it holds requests, and "
+                             "report what happened (0: skip; must exceed --deadline-s)")
+    parser.add_argument("--deadline-s", type=float, default=12.0, help="request deadline in the SIGSTOP run")
+    parser.add_argument("--policy", choices=("fail", "recompute"), default="fail",
+                        help="kv_failure_policy of the router in the SIGSTOP run")
+    parser.add_argument("--out-dir", type=Path, default=None, help=OUT_HELP)
+    return parser
+
+
 SUITE_PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
-    "cpu": cpu_parser, "transport": transport_parser, "gpu": gpu_parser, "disagg": disagg_parser}
+    "cpu": cpu_parser, "transport": transport_parser, "gpu": gpu_parser, "disagg": disagg_parser, "fuzz": fuzz_parser}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import secrets
 import weakref
 import queue
 import time
@@ -38,11 +39,6 @@ def _stop_remote(workers: list, processes: list) -> None:
     for worker in workers:
         worker.stop()
     stop_processes(processes)
-
-
-def _attempt_id(request_id: str, attempt: int) -> str:
-    """The id workers see for one attempt at a request."""
-    return f"{request_id}@{attempt}"
 
 
 @dataclass
@@ -82,6 +78,8 @@ class DisaggCluster:
         self.request_timeout_s = request_timeout_s
         self.max_attempts = max_attempts
         self.router = Router(num_prefill, num_decode, routing)
+        self.owner = secrets.token_hex(16)  # this router's owner token on remote workers (``owners``)
+        self._id_tag = secrets.token_hex(6)  # in every id workers see: other routers cannot guess ours
         self._outputs: queue.Queue[RequestOutput | FailedRequest] = queue.Queue()
         self.processes: list = []
         if transport == "inproc":
@@ -103,6 +101,7 @@ class DisaggCluster:
         self._ids = itertools.count()
         self._dead_decodes: set[int] = set()
         self._dead_prefills: set[int] = set()
+        self._failures_seen: dict[tuple[str, int], int] = {}  # (kind, index) -> the worker's failures handled
 
     def _start_processes(self, model_ref: str, config: EngineConfig, num_prefill: int, num_decode: int,
                          overlap: bool, pin_cores: bool, worker_threads: int, prefill_devices: Optional[Seq[str]],
@@ -136,7 +135,8 @@ class DisaggCluster:
         link = config.link
         args += ["--kv-lease-s", repr(link.kv_lease_s), "--max-reserved-share-per-peer",
                  repr(link.max_reserved_share_per_peer), "--reconnect-deadline-s", repr(link.reconnect_deadline_s),
-                 "--subscriber-queue-size", str(link.subscriber_queue_size)]
+                 "--subscriber-queue-size", str(link.subscriber_queue_size),
+                 "--frame-deadline-s", repr(link.frame_deadline_s), "--max-connections", str(link.max_connections)]
         if loaded.random_weights:
             args += ["--random-weights", "--seed", str(loaded.seed)]
         security = LinkSecurity(secret=new_secret())  # this launch's: its workers accept only who proves it
@@ -148,16 +148,30 @@ class DisaggCluster:
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.cache.block_size, loaded.dtype)
         hello = make_hello("router", cfg.fingerprint(), layout)
         try:
-            vocab = cfg.vocab_size
-            self.decode_workers = [RemoteWorker(d.name, d.host, d.port, hello, self._outputs, vocab_size=vocab,
-                                                security=security) for d in decodes]
-            self.prefill_workers = [RemoteWorker(p.name, p.host, p.port, hello, self._outputs, vocab_size=vocab,
-                                                 security=security) for p in prefills]
+            self.decode_workers = [RemoteWorker(d.name, d.host, d.port, hello, self._outputs,
+                                                **self.remote_worker_options(config, security)) for d in decodes]
+            self.prefill_workers = [RemoteWorker(p.name, p.host, p.port, hello, self._outputs,
+                                                 **self.remote_worker_options(config, security)) for p in prefills]
         except BaseException:
             stop_processes(self.processes)
             raise
         # An LLM dropped without shutdown() still stops its processes (at the latest, at interpreter exit).
         weakref.finalize(self, _stop_remote, [*self.prefill_workers, *self.decode_workers], list(self.processes))
+
+    def remote_worker_options(self, config: EngineConfig, security: object) -> dict:
+        """How this router's links to worker servers behave (``RemoteWorker``'s keyword arguments).
+
+        One owner token per router (``owners``): its requests are its own on every worker.
+        """
+        from minidisagg.transport.backoff import ReconnectPolicy
+
+        return {"vocab_size": self.model_config.vocab_size, "security": security, "owner": self.owner,
+                "reconnect": ReconnectPolicy.of(config.link), "frame_deadline_s": config.link.frame_deadline_s}
+
+    def wire_id(self, request_id: str, attempt: int) -> str:
+        """The id workers see for one attempt at a request: late outputs of an abandoned attempt are recognised, and
+        this router's random tag keeps other routers from guessing (and taking) the ids of its requests."""
+        return f"{request_id}@{attempt}.{self._id_tag}"
 
     # ---- the LLMEngine surface ----------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
@@ -196,7 +210,7 @@ class DisaggCluster:
         deadline = max(arrival, self.clock.now()) + self.request_timeout_s
         self._live[sub.request_id] = _Live(sub, p, d, deadline, attempts, tokens_seen)
         # Workers see one id per attempt, so late outputs of an abandoned attempt are recognised.
-        self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=_attempt_id(sub.request_id, attempts)))
+        self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=self.wire_id(sub.request_id, attempts)))
 
     def has_unfinished(self) -> bool:
         """Whether any request is still waiting to arrive or in flight."""
@@ -226,18 +240,26 @@ class DisaggCluster:
         return outputs
 
     def _check_workers(self) -> list[RequestOutput]:
-        """A dead worker takes only its own requests down: fail them, or recompute them elsewhere."""
+        """A dead worker takes only its own requests down: fail them, or recompute them elsewhere.
+
+        A remote worker whose link heals (``RemoteWorker.num_failures`` counts the breaks) is used again.
+        """
         failed: list[RequestOutput] = []
         for kind, workers, dead in (("decode", self.decode_workers, self._dead_decodes),
                                     ("prefill", self.prefill_workers, self._dead_prefills)):
             for index, worker in enumerate(workers):
-                if index in dead or worker.error is None:
+                failures = getattr(worker, "num_failures", int(worker.error is not None))
+                if worker.error is None:
+                    dead.discard(index)
+                else:
+                    dead.add(index)
+                if failures <= self._failures_seen.get((kind, index), 0):
                     continue
-                dead.add(index)
+                self._failures_seen[(kind, index)] = failures
                 mine = [(r, live.attempts) for r, live in self._live.items()
                         if getattr(live, kind) == index and not (kind == "prefill" and live.on_decode)]
                 for rid, attempt in mine:
-                    out = self._handle(FailedRequest(_attempt_id(rid, attempt),
+                    out = self._handle(FailedRequest(self.wire_id(rid, attempt),
                                                      f"{kind} worker {worker.name} died: {worker.error}"))
                     if out is not None:
                         failed.append(out)
@@ -248,7 +270,7 @@ class DisaggCluster:
             item = FailedRequest(item.request_id, item.error or "the worker failed the request")
         rid, _, attempt = item.request_id.rpartition("@")
         live = self._live.get(rid)
-        if live is None or str(live.attempts) != attempt:
+        if live is None or self.wire_id(rid, live.attempts) != item.request_id:
             return None  # a late output of a request that already failed, timed out or moved on
         if isinstance(item, FailedRequest):
             if self.kv_failure_policy == "recompute" and live.attempts < self.max_attempts:
@@ -274,7 +296,7 @@ class DisaggCluster:
         sub = live.submission
         tl = RequestTimeline(arrival_s=sub.arrival_s, finish_s=self.clock.now())
         for worker in self.decode_workers:
-            worker.abort(_attempt_id(request_id, live.attempts))
+            worker.abort(self.wire_id(request_id, live.attempts))
         return RequestOutput(request_id, sub.prompt, list(sub.prompt_token_ids), "", [], True, "error", None, tl,
                              error=error)
 

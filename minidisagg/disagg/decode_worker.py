@@ -20,6 +20,7 @@ import torch
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.health import LoopHealth
 from minidisagg.disagg.leases import LeaseTable, PeerSession
+from minidisagg.disagg.owners import RequestOwners
 from minidisagg.disagg.validate import MessageLimits, check_sequence_state
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
@@ -56,7 +57,8 @@ class DecodeWorker:
     transfer id; ``commit`` turns one into a running sequence. Each is a lease that expires
     without progress, and a link's reservations count against its quota (``leases``; the
     clock is ``lease_clock``, monotonic). Outputs (each new token, and the final result) go
-    to ``sink``.
+    to ``sink``. Each request is held under its id, with its router's owner token
+    (``owners``): a second request under an id already here is refused at commit.
     """
 
     def __init__(self, name: str, loaded: LoadedModel, config: EngineConfig, clock: Clock, sink: OutputSink,
@@ -65,7 +67,9 @@ class DecodeWorker:
         self.engine = LLMEngine(loaded, config, clock=clock, policy="decode_first", decode_stage=decode_stage)
         self.engine.capture_cuda_graphs()  # a server captures at start: no request pays for a capture
         self.layout = KVLayout.of(self.engine.kv_cache)
-        self.sink = sink
+        self._sink = sink
+        self.owners = RequestOwners()  # request id -> owner token, from commit until the request ends
+        self.owner_connected: Callable[[str], bool] = lambda token: True  # a server tells whether that router is here
         self._lock = threading.RLock()
         # Python locks are not fair: a loop that releases and at once re-takes the lock can starve
         # transport threads (reserve, commit) for seconds. Callers announce themselves, and the loop
@@ -173,7 +177,15 @@ class DecodeWorker:
         num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
         if self.engine.blocks.blocks_needed(num_tokens - 1) > len(blocks):
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
-        self.leases.commit(transfer_id)  # LeaseExpired if the loop expired it first; after this it cannot
+        self.owners.claim(state.request_id, state.owner, f"decode worker {self.name}")  # ValueError: a duplicate id
+        try:
+            if state.owner is not None and not self.owner_connected(state.owner):  # after the claim: see ``owners``
+                raise ValueError(f"request {state.request_id}: the router that submitted it has no connection to "
+                                 f"decode worker {self.name}, so nobody would read its outputs")
+            self.leases.commit(transfer_id)  # LeaseExpired if the loop expired it first; after this it cannot
+        except BaseException:
+            self.owners.release(state.request_id)
+            raise
         item: Optional[_Adoption] = _Adoption(transfer_id, state, num_bytes, landed_at_s)
         if self._lock.acquire(blocking=False):  # the engine is free: adopt now (errors reach the caller)
             try:
@@ -184,7 +196,11 @@ class DecodeWorker:
                 if item is None:
                     adopted, failed = self._adopt_queued()
                 else:
-                    adopted, failed = [self._adopt(item)], []
+                    try:
+                        adopted, failed = [self._adopt(item)], []
+                    except BaseException:
+                        self.owners.release(state.request_id)
+                        raise
             finally:
                 self._lock.release()
             for out in failed + adopted:
@@ -203,6 +219,8 @@ class DecodeWorker:
         tid = item.transfer_id
         if tid not in self._reserved:
             raise ValueError(f"no reservation for transfer {tid!r}")
+        if item.state.request_id not in self.owners:
+            raise ValueError(f"request {item.state.request_id} was aborted before it could be adopted")
         seq = self.engine.adopt(item.state, f"transfer:{tid}")
         kv_trace("adopted", tid)
         self.leases.remove(tid)
@@ -371,8 +389,22 @@ class DecodeWorker:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
+    def sink(self, out: RequestOutput) -> None:
+        """Hand an output on; a request whose last output this is no longer counts as held (``owners``)."""
+        try:
+            self._sink(out)
+        finally:
+            if out.finished:
+                self.owners.release(out.request_id)
+
+    def abort_as(self, request_id: str, owner: Optional[str]) -> None:
+        """Abort for a router whose owner token is ``owner``: ``NotOwner`` (nothing aborted) if another router owns it."""
+        self.owners.check_abort(request_id, owner)
+        self.abort(request_id)
+
     def abort(self, request_id: str) -> None:
         """Stop decoding one request and free its blocks (also one committed but not adopted yet)."""
+        self.owners.release(request_id)
         with self._engine_access():
             with self._adoptions_lock:
                 dropped = [a for a in self._adoptions if a.state.request_id == request_id]

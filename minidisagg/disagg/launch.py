@@ -1,7 +1,11 @@
-"""Start worker processes (``minidisagg serve``) on this machine and talk to them from the router.
+"""Start worker processes (``minidisagg serve``) on this machine (the router's side of their links: ``remote_worker``).
 
-Children die with their parent (``PR_SET_PDEATHSIG`` on Linux) and are terminated, then
-killed, by ``stop_processes``: no orphan processes, even when the router crashes.
+Children die with their parent process (``PR_SET_PDEATHSIG`` on Linux) and are terminated,
+then killed, by ``stop_processes``: no orphan processes, even when the router crashes. The
+kernel sends that signal when the *thread* that forked the child ends, not the process, so
+every child is started by one long-lived launcher thread (``Launcher``): an ``LLM`` made on a
+short-lived thread keeps its workers after that thread returns. A child that finds its parent
+already gone when it sets the signal up (the parent died during the fork) exits at once.
 
 Each launch makes a fresh shared secret (``auth.new_secret``) and hands it to its children in
 their environment (``MINIDISAGG_SECRET``), never on a command line, which other users of the
@@ -11,6 +15,7 @@ machine can read in ``ps``; a child's environment is readable by its owner only.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import queue
@@ -23,28 +28,63 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
-from minidisagg.disagg.prefill_worker import FailedRequest, Submission
-from minidisagg.disagg.serve import submission_to_dict
-from minidisagg.disagg.validate import InvalidMessage, check_output
-from minidisagg.engine.llm_engine import RequestOutput
-from minidisagg.transport.auth import SECRET_ENV, LinkSecurity, new_secret
-from minidisagg.transport.framing import Frame, FrameError, FrameKind, PeerClosed, recv_frame, send_frame
-from minidisagg.transport.handshake import Hello, open_link
-from minidisagg.transport.socket import wait_readable
+from minidisagg.disagg.remote_worker import RemoteWorker  # noqa: F401 - re-exported: the router's side of a link
+from minidisagg.transport.auth import SECRET_ENV, new_secret
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 180.0
+POPEN_TIMEOUT_S = 60.0  # starting one process (fork and exec), not its readiness
+PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent_pid: int) -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
-        pass
+        return
+    if os.getppid() != parent_pid:  # the parent died before the signal was set up: nobody would send it
+        os._exit(1)
+
+
+class Launcher:
+    """Starts child processes from one daemon thread that lives as long as the process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[tuple, dict, dict[str, Any], threading.Event]] = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:
+        """``subprocess.Popen(*args, **kwargs)``, run on the launcher thread; its errors are raised here."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="minidisagg-launcher", daemon=True)
+                self._thread.start()
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self._jobs.put((args, kwargs, box, done))
+        if not done.wait(POPEN_TIMEOUT_S):
+            raise TimeoutError(f"the launcher thread did not start {args[0][:4]} within {POPEN_TIMEOUT_S} s")
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]
+
+    def _run(self) -> None:
+        while True:
+            args, kwargs, box, done = self._jobs.get()
+            try:
+                box["proc"] = subprocess.Popen(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+                box["error"] = exc
+            finally:
+                done.set()
+
+
+LAUNCHER = Launcher()  # one per process by necessity: the thread it keeps must outlive every caller
 
 
 @dataclass
@@ -85,8 +125,9 @@ def start_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path,
     if secret is not None:
         env[SECRET_ENV] = secret.decode()
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        preexec = functools.partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None
+        proc = LAUNCHER.popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                              preexec_fn=preexec)
     return WorkerProcess(role, name, proc, host, port, log_path, secret)
 
 
@@ -204,101 +245,3 @@ def launch_local(serve_args: Sequence[str], num_prefill: int, num_decode: int, o
         stop_processes(prefills + decodes)
         raise
     return prefills, decodes, log_dir
-
-
-class RemoteWorker:
-    """The router's connection to one worker server: submit or abort requests, receive outputs.
-
-    Outputs land on ``outputs``. A lost connection, or a HEALTH frame saying the worker is not
-    healthy, sets ``error`` (the cluster then fails or recomputes this worker's requests). An
-    ERROR with a request id fails that request; one without (a frame the worker could not
-    read) is logged, never taken for a lost connection. Every TOKENS frame is checked
-    (``validate.check_output``; token ids against ``vocab_size`` when given): a malformed one
-    fails its request.
-    """
-
-    def __init__(self, name: str, host: str, port: int, hello: Hello,
-                 outputs: "queue.Queue[RequestOutput | FailedRequest]", timeout_s: float = 30.0,
-                 vocab_size: Optional[int] = None, security: Optional[LinkSecurity] = None) -> None:
-        """``security``: the deployment's secret (and TLS) to prove to the worker and check it by; None: neither."""
-        self.name = name
-        self.vocab_size = vocab_size
-        self.timeout_s = timeout_s
-        self.sock, _ = open_link(host, port, hello, security or LinkSecurity(), timeout_s, retries=20)
-        # One timeout for the socket's whole life: two threads share it, and changing a socket's
-        # timeout while another thread blocks in recv can make that recv fail with EAGAIN.
-        self.sock.settimeout(timeout_s)
-        self.outputs = outputs
-        self.error: Optional[str] = None
-        self._lock = threading.Lock()
-        self._closing = False
-        self._stop = threading.Event()
-        self._reader = threading.Thread(target=self._read_loop, name=f"router-{name}", daemon=True)
-        self._reader.start()
-
-    def _read_loop(self) -> None:
-        try:
-            while wait_readable(self.sock, self._stop):
-                self._on_frame(recv_frame(self.sock, None, max_payload_bytes=0))
-        except (PeerClosed, OSError, ValueError) as exc:
-            if not self._closing:
-                self.error = f"connection to {self.name} lost: {exc}"
-                log.warning("%s", self.error)
-        except Exception as exc:  # noqa: BLE001 - a bug here must still mark the worker as gone
-            log.exception("reading from %s failed", self.name)
-            self.error = f"reading from {self.name} failed: {type(exc).__name__}: {exc}"
-
-    def _on_frame(self, frame: Frame) -> None:
-        """One frame from the worker: an output, a request's failure, or its health."""
-        header = frame.header
-        if frame.kind == FrameKind.TOKENS:
-            try:
-                self.outputs.put(check_output(header, self.vocab_size))
-            except InvalidMessage as exc:
-                log.warning("%s sent a malformed TOKENS frame: %s", self.name, exc)
-                if exc.request_id is not None:
-                    self.outputs.put(FailedRequest(exc.request_id, f"{self.name} sent a malformed output: {exc}"))
-        elif frame.kind == FrameKind.ERROR:
-            rid, message = header.get("request_id"), str(header.get("message"))[:4096]
-            if isinstance(rid, str) and rid:
-                self.outputs.put(FailedRequest(rid, message))
-            else:  # about a frame, not a request: the connection is fine
-                log.warning("%s refused a frame: %s", self.name, message)
-        elif frame.kind == FrameKind.HEALTH:
-            if header.get("healthy") is not True and self.error is None:
-                self.error = f"{self.name} is unhealthy: {str(header.get('reason'))[:4096]}"
-                log.warning("%s", self.error)
-        else:
-            raise FrameError(f"unexpected {frame.kind.name} frame from {self.name}")
-
-    def _send(self, header: dict) -> None:
-        if self.error is not None:
-            raise ConnectionError(self.error)
-        with self._lock:
-            send_frame(self.sock, FrameKind.REQUEST, header)
-
-    def submit(self, sub: Submission) -> None:
-        """Queue a request on this prefill server."""
-        try:
-            self._send({"request_id": sub.request_id, "submission": submission_to_dict(sub)})
-        except OSError as exc:
-            self.outputs.put(FailedRequest(sub.request_id, f"prefill worker {self.name} unreachable: {exc}"))
-
-    def abort(self, request_id: str) -> None:
-        """Ask a decode server to drop a request (best effort)."""
-        try:
-            self._send({"abort": request_id})
-        except OSError:
-            pass
-
-    def stop(self, timeout_s: float = 1.0) -> None:
-        """Say BYE and close."""
-        self._closing = True
-        self._stop.set()
-        try:
-            with self._lock:
-                send_frame(self.sock, FrameKind.BYE, {})
-        except OSError:
-            pass
-        self._reader.join(timeout_s)
-        self.sock.close()

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Generic, Optional, TypeVar
+from typing import Any, Callable, Collection, Generic, Optional, TypeVar
 
 from minidisagg.transport.framing import FrameError, FrameKind, send_frame
 
@@ -181,10 +181,10 @@ class Subscribers:
         if outbox is not None:
             outbox.abandon()
 
-    def send(self, kind: FrameKind, header: dict[str, Any]) -> None:
-        """Queue one frame for every subscriber (never blocks)."""
+    def send(self, kind: FrameKind, header: dict[str, Any], exclude: Collection[socket.socket] = ()) -> None:
+        """Queue one frame for every subscriber but those in ``exclude`` (never blocks)."""
         with self._lock:
-            outboxes = list(self._outboxes.values())
+            outboxes = [outbox for sock, outbox in self._outboxes.items() if sock not in exclude]
         for outbox in outboxes:
             outbox.put((kind, header))
 

@@ -7,6 +7,7 @@ decode side, and refuses new submissions.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -36,7 +37,11 @@ IDLE_WAIT_S = 0.05
 
 @dataclass
 class Submission:
-    """A request routed to this prefill worker, with the decode worker its KV must reach."""
+    """A request routed to this prefill worker, with the decode worker its KV must reach.
+
+    ``owner``: the submitting router's opaque token, handed on with the request's state
+    (``SequenceState.owner``), so the decode worker ties the request to that router.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -44,6 +49,7 @@ class Submission:
     arrival_s: float
     decode_target: str
     prompt: Optional[str] = None
+    owner: Optional[str] = None
 
 
 @dataclass
@@ -139,6 +145,11 @@ class PrefillWorker:
                 raise ValueError(f"request id {submission.request_id!r} is already in flight on {self.name}")
             self._held_ids.add(submission.request_id)
             self._inbox.put(submission)
+
+    def holds(self, request_id: str) -> bool:
+        """Whether ``request_id`` was submitted here and is not yet finished, failed or handed over."""
+        with self.health.guard():
+            return request_id in self._held_ids
 
     def _emit(self, item: RequestOutput | FailedRequest) -> None:
         """Pass a request's last word to the sink; it no longer counts as held here."""
@@ -307,7 +318,8 @@ class PrefillWorker:
                 transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
                 transfer.num_bytes += pages.numel() * pages.element_size()
             else:
-                state = SequenceState.of(transfer.seq)  # the engine no longer touches a handed-off seq
+                # the engine no longer touches a handed-off seq
+                state = dataclasses.replace(SequenceState.of(transfer.seq), owner=transfer.submission.owner)
                 kv_trace("commit", transfer.transfer_id)
                 transfer.sender.commit(transfer.transfer_id, state, transfer.num_bytes, self.timeout_s)
                 kv_trace("acked", transfer.transfer_id)

@@ -20,7 +20,10 @@ The router answers with lines carrying the request's ``id``::
 Many requests may be in flight on one connection (give them ids); a bad line gets an error line
 and the connection stays open. Input EOF (half-close) is fine: the connection closes once its
 requests finish. A client that goes away, reads nothing for 30 s, or falls more lines behind than
-its queue holds (``subscriber_queue_size``) is dropped and has its requests aborted.
+its queue holds (``subscriber_queue_size``) is dropped and has its requests aborted. A line must
+end within ``frame_deadline_s`` of its first byte (``read_lines``): a client that sends half a
+line and stalls gets an error line and is dropped. Past ``max_connections`` clients at once, a
+new one gets an error line naming the limit and is closed.
 ``ttft_s``/``tpot_s``/``e2e_s`` are measured by the router; ``kv_transfer_s`` is null unless
 every process got the same ``--clock-origin`` (workers' clocks are compared only then).
 """
@@ -111,17 +114,34 @@ def parse_request(line: bytes, default_id: str,
         raise BadRequest(rid, str(exc)) from None
 
 
-def read_lines(sock: socket.socket, closed: threading.Event) -> Iterator[Optional[bytes]]:
-    """A client's lines until EOF or ``closed``; None stands for a line over MAX_LINE_BYTES (then skipped)."""
+def read_lines(sock: socket.socket, closed: threading.Event,
+               line_deadline_s: Optional[float] = None) -> Iterator[Optional[bytes]]:
+    """A client's lines until EOF or ``closed``; None stands for a line over MAX_LINE_BYTES (then skipped).
+
+    With ``line_deadline_s``, a line whose first byte came must end within that many seconds:
+    TimeoutError otherwise (a client that sends half a line and stalls holds a thread no longer).
+    """
     buf, skipping = bytearray(), False
-    while wait_readable(sock, closed, IDLE_WAIT_S):
+    line_started_s: Optional[float] = None
+    while not closed.is_set():
+        if line_started_s is not None and line_deadline_s is not None and \
+                time.monotonic() - line_started_s > line_deadline_s:
+            raise TimeoutError(f"a line was still incomplete {line_deadline_s:g} s after its first byte "
+                               f"({len(buf)} bytes without a newline; the limit is --frame-deadline-s)")
+        wait_s = IDLE_WAIT_S if line_started_s is None or line_deadline_s is None else \
+            max(0.0, min(IDLE_WAIT_S, line_started_s + line_deadline_s - time.monotonic()) + 0.001)
+        if not wait_readable(sock, closed, wait_s, once=True):
+            continue
         chunk = sock.recv(1 << 16)
         if not chunk:
             return
+        if line_started_s is None:
+            line_started_s = time.monotonic()
         buf += chunk
         while (nl := buf.find(b"\n")) >= 0:
             line, was_skipping, skipping = bytes(buf[:nl]), skipping, False
             del buf[:nl + 1]
+            line_started_s = time.monotonic() if buf else None  # the rest started a new line just now
             if not was_skipping:
                 yield line if len(line) <= MAX_LINE_BYTES else None
         if len(buf) > MAX_LINE_BYTES:

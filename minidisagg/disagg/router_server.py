@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from minidisagg.config import EngineConfig, LinkConfig
 from minidisagg.disagg.cluster import DisaggCluster
-from minidisagg.disagg.launch import RemoteWorker
+from minidisagg.disagg.remote_worker import RemoteWorker
 from minidisagg.disagg.outbox import Outbox, shutdown_quietly
 from minidisagg.disagg.prefill_worker import Submission
 from minidisagg.disagg.router_protocol import (
@@ -41,7 +41,8 @@ from minidisagg.models.registry import LoadedModel
 from minidisagg.models.tokenizer import Tokenizer
 from minidisagg.transport.auth import LinkSecurity
 from minidisagg.transport.framing import FrameError
-from minidisagg.transport.socket import accept_loop, listen, make_hello, parse_host_port
+from minidisagg.transport.listener import ConnectionLimit, accept_loop, listen
+from minidisagg.transport.socket import make_hello, parse_host_port
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
@@ -122,7 +123,7 @@ class RemoteCluster(DisaggCluster):
                 for name, (host, port) in addrs.items():
                     try:
                         workers.append(RemoteWorker(name, host, port, hello, self._outputs, self.connect_timeout_s,
-                                                    vocab_size=cfg.vocab_size, security=self.security))
+                                                    **self.remote_worker_options(config, self.security)))
                     except (ConnectionError, OSError, FrameError) as exc:
                         raise ConnectionError(f"cannot reach {role} worker {name} at {host}:{port}: {exc}") from exc
         except BaseException:
@@ -171,13 +172,19 @@ class RouterServer:
     same lock, which also guards the request table, so no output can outrun its registration.
     Lines go out through a bounded queue per client (``queue_size`` lines, see ``outbox``): a
     client that falls that far behind is dropped and its requests aborted; the driver never waits.
+    A line begun must end within ``line_deadline_s`` (else the client is told and dropped), and
+    at most ``max_connections`` clients are served at once (more get an error line and are closed).
     """
 
     def __init__(self, cluster: RemoteCluster, host: str = "127.0.0.1", port: int = 0,
                  tokenizer: Optional[Tokenizer] = None,
-                 queue_size: int = LinkConfig.subscriber_queue_size) -> None:
+                 queue_size: int = LinkConfig.subscriber_queue_size,
+                 max_connections: int = LinkConfig.max_connections,
+                 line_deadline_s: float = LinkConfig.frame_deadline_s) -> None:
         self.cluster, self.tokenizer = cluster, tokenizer
         self.queue_size = queue_size
+        self.connections = ConnectionLimit(max_connections)
+        self.line_deadline_s = line_deadline_s
         self.listener = listen(host, port)
         self.port: int = self.listener.getsockname()[1]
         self.lock = threading.Lock()
@@ -192,8 +199,10 @@ class RouterServer:
     def start(self, ready_file: Optional[Path] = None) -> None:
         """Start the driver and accept loop; then write the bound port to ``ready_file``."""
         accept_args = (self.listener, self._serve_client, self.stop_event, "router")
-        for name, target, args in (("driver", self._drive, ()), ("accept", accept_loop, accept_args)):
-            thread = threading.Thread(target=target, args=args, name=f"router-{name}", daemon=True)
+        accept_kwargs = {"refuse": _refuse_client, "limit": self.connections}
+        for name, target, args, kwargs in (("driver", self._drive, (), {}),
+                                           ("accept", accept_loop, accept_args, accept_kwargs)):
+            thread = threading.Thread(target=target, args=args, kwargs=kwargs, name=f"router-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
         if ready_file is not None:
@@ -215,11 +224,15 @@ class RouterServer:
             self.clients.add(client)
         client.outbox.start()
         try:
-            for line_no, line in enumerate(read_lines(sock, client.closed), start=1):
+            for line_no, line in enumerate(read_lines(sock, client.closed, self.line_deadline_s), start=1):
                 if line is None:
                     client.send(error_line(f"#{line_no}", f"line longer than {MAX_LINE_BYTES} bytes"))
                 elif line.strip():
                     self._submit(client, line, f"#{line_no}")
+        except TimeoutError as exc:  # half a line, then nothing: say why, then let it go
+            client.send(error_line(None, str(exc)))
+            self._drop(client, str(exc))
+            return
         except (OSError, ValueError) as exc:  # reset by the client, or closed under us
             self._drop(client, f"read failed: {exc}")
             return
@@ -327,6 +340,11 @@ class RouterServer:
         self.cluster.shutdown(timeout_s / 2)
 
 
+def _refuse_client(sock: socket.socket, message: str) -> None:
+    """An error line for a client over the router's connection cap (it is closed next)."""
+    sock.sendall(json.dumps(error_line(None, message)).encode() + b"\n")
+
+
 def serve_router(args: argparse.Namespace, config: EngineConfig, security: Optional[LinkSecurity] = None) -> int:
     """Run the router role (``minidisagg serve --role router``) until SIGTERM/SIGINT; returns the exit code.
 
@@ -352,7 +370,8 @@ def serve_router(args: argparse.Namespace, config: EngineConfig, security: Optio
     except ConnectionError as exc:
         log.error("router could not start: %s", exc)
         return 1
-    server = RouterServer(cluster, args.host, args.port, tokenizer, config.link.subscriber_queue_size)
+    server = RouterServer(cluster, args.host, args.port, tokenizer, config.link.subscriber_queue_size,
+                          config.link.max_connections, config.link.frame_deadline_s)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -7,14 +7,20 @@ Who connects to whom (every connection starts with the proof of the deployment's
   the prefill server answers on that connection with TOKENS (a request that stopped at its
   first token) or ERROR (a request it could not hand over);
 - each prefill server connects to every decode server (role ``prefill``): the KV link;
-- the router connects to each decode server (role ``router``) and receives TOKENS frames,
-  one per new token, the last one marked finished; it may send REQUEST {"abort": id}.
+- the router connects to each decode server (role ``router``), says which router it is (REQUEST
+  ``{"owner": token}``, ``owners``) and receives TOKENS frames for its requests, the last one
+  marked finished; it may send REQUEST ``{"abort": id}`` for its own requests only.
 
 Every REQUEST is checked field by field (``validate``) before the worker sees it. A bad one,
 or a frame whose JSON header cannot be parsed, is answered with an ERROR naming the field, sent
 to that router alone and carrying the request id where the frame had a usable one; the
 connection stays open. A router's PING is answered, to it alone, with HEALTH
-``{"healthy", "reason", "num_free_blocks", "num_blocks"}``.
+``{"healthy", "reason", "num_free_blocks", "num_blocks"}``. A prefill server answers a request
+(ERROR, or TOKENS for one that stopped at its first token) to the router that sent it alone.
+
+A frame from a router must arrive whole within ``LinkConfig.frame_deadline_s`` of its first
+byte (a peer that sends half a frame and stalls is dropped), and each port serves at most
+``LinkConfig.max_connections`` connections at once; one more gets an ERROR saying so.
 
 Health (``health`` says why this design): when a worker's engine loop dies, the server sends
 every router an unasked HEALTH ``{"healthy": false, "reason": ...}`` before the worker fails the
@@ -30,21 +36,29 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from minidisagg.config import EngineConfig
+from minidisagg.config import EngineConfig, LinkConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
 from minidisagg.disagg.outbox import Subscribers
+from minidisagg.disagg.owners import OwnerConnections
 from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
-from minidisagg.disagg.validate import InvalidMessage, MessageLimits, check_abort, check_submission, request_id_in
+from minidisagg.disagg.validate import (
+    InvalidMessage,
+    MessageLimits,
+    check_decode_request,
+    check_submission,
+    request_id_in,
+)
 from minidisagg.engine.clock import WallClock
 from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.kv.pages import KVLayout
 from minidisagg.plain import plain_dict
 from minidisagg.models.registry import LoadedModel
 from minidisagg.transport.auth import AuthError, LinkSecurity
-from minidisagg.transport.framing import FrameError, FrameKind, HeaderError, PeerClosed, recv_frame
+from minidisagg.transport.framing import FrameError, FrameKind, HeaderError, PeerClosed, recv_frame, send_frame
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.kv_link import serve_kv_link
+from minidisagg.transport.listener import REFUSAL_TIMEOUT_S, ConnectionLimit
 from minidisagg.transport.socket import (
     SocketSender,
     accept_loop,
@@ -78,14 +92,16 @@ class WorkerServer:
     role = "worker"
     worker: DecodeWorker | PrefillWorker
 
-    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int, queue_size: int,
+    def __init__(self, loaded: LoadedModel, layout: KVLayout, host: str, port: int, link: LinkConfig,
                  security: Optional[LinkSecurity] = None) -> None:
         self.security = security or LinkSecurity()  # subclasses check it first: LinkSecurity.check_listen
         self.hello = make_hello(self.role, loaded.config.fingerprint(), layout)
         self.server = listen(host, port)
         self.port = self.server.getsockname()[1]
         self.stop_event = threading.Event()
-        self.subscribers = Subscribers(queue_size, self.subscriber_dropped)
+        self.subscribers = Subscribers(link.subscriber_queue_size, self.subscriber_dropped)
+        self.frame_deadline_s = link.frame_deadline_s
+        self.connections = ConnectionLimit(link.max_connections)  # served at once; ``serve_forever`` refuses more
         self.failure: Optional[str] = None  # why the engine loop died, once it has
 
     @property
@@ -127,7 +143,19 @@ class WorkerServer:
             log.exception("%s: connection from %s failed", self.role, peer)
         finally:
             self.subscribers.remove(sock)
+            self.connection_closed(sock)
             sock.close()
+
+    def connection_closed(self, sock: socket.socket) -> None:
+        """A connection ended (whatever its role): forget what was tied to it."""
+
+    def refuse(self, sock: socket.socket, message: str) -> None:
+        """Turn a connection away before its handshake (over ``max_connections``): an ERROR saying why.
+
+        Over TLS nothing can be said before the TLS handshake, so the connection is only closed.
+        """
+        if self.security.tls_server is None:
+            send_frame(sock, FrameKind.ERROR, {"message": message}, timeout_s=REFUSAL_TIMEOUT_S)
 
     def accepted_roles(self) -> set[str]:
         """Roles allowed to connect."""
@@ -140,12 +168,16 @@ class WorkerServer:
         """Serve one accepted connection."""
         raise NotImplementedError
 
-    def serve_router(self, sock: socket.socket, peer: str, on_request: Callable[[dict[str, Any]], None]) -> None:
-        """Subscribe a router to outputs and feed its REQUEST frames to ``on_request`` until it leaves."""
+    def serve_router(self, sock: socket.socket, peer: str,
+                     on_request: Callable[[dict[str, Any], socket.socket], None]) -> None:
+        """Subscribe a router to outputs and feed its REQUEST frames to ``on_request(header, sock)`` until it leaves.
+
+        A frame begun must be whole within ``frame_deadline_s`` (TimeoutError: the connection is dropped).
+        """
         self.subscribers.add(sock, peer)
         while wait_readable(sock, self.stop_event):
             try:
-                frame = recv_frame(sock, None, max_payload_bytes=0)
+                frame = recv_frame(sock, max_payload_bytes=0, frame_deadline_s=self.frame_deadline_s)
             except PeerClosed:
                 return
             except HeaderError as exc:  # read whole, so the connection is still in step: say why, go on
@@ -159,7 +191,7 @@ class WorkerServer:
             if frame.kind != FrameKind.REQUEST:
                 raise FrameError(f"unexpected {frame.kind.name} frame from a router")
             try:
-                on_request(frame.header)
+                on_request(frame.header, sock)
             except ValueError as exc:  # one bad request: tell its sender alone, keep the connection
                 rid = (exc.request_id if isinstance(exc, InvalidMessage) else None) or request_id_in(frame.header)
                 self.subscribers.send_to(sock, FrameKind.ERROR, {"request_id": rid, "message": str(exc)})
@@ -170,7 +202,7 @@ class WorkerServer:
             tmp = ready_file.with_suffix(".tmp")
             tmp.write_text(str(self.port))
             tmp.replace(ready_file)
-        accept_loop(self.server, self.handle, self.stop_event, self.role)
+        accept_loop(self.server, self.handle, self.stop_event, self.role, refuse=self.refuse, limit=self.connections)
 
     def stop(self) -> None:
         """Stop accepting and close the listener; what routers are still owed goes out first (briefly)."""
@@ -188,16 +220,47 @@ class DecodeServer(WorkerServer):
                  clock: Optional[WallClock] = None, security: Optional[LinkSecurity] = None) -> None:
         """``security``: the secret (and TLS) peers must prove; None: none, allowed on loopback only."""
         (security or LinkSecurity()).check_listen(host, self.role)  # no secret beyond loopback: refused here
+        self.routers: OwnerConnections[socket.socket] = OwnerConnections()  # router connections by owner token
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
-        super().__init__(loaded, self.worker.layout, host, port, config.link.subscriber_queue_size, security)
+        self.worker.owner_connected = lambda token: bool(self.routers.connections(token))
+        super().__init__(loaded, self.worker.layout, host, port, config.link, security)
         self._watch_worker(self.worker)
         self.worker.start()
 
     def _emit(self, out: RequestOutput) -> None:
+        """An output goes to its owner's connections (``owners``); one without an owner to every router
+        connection that registered no owner token."""
         # Each frame carries the whole output so far; sending one per token would make the decode loop
         # pay O(n^2) encoding per request. Stream every STREAM_EVERY_TOKENS tokens, and always the last.
-        if out.finished or len(out.token_ids) % STREAM_EVERY_TOKENS == 1:
-            self.subscribers.send(FrameKind.TOKENS, output_to_dict(out))
+        if not (out.finished or len(out.token_ids) % STREAM_EVERY_TOKENS == 1):
+            return
+        token = self.worker.owners.owner_of(out.request_id)
+        if token is None:
+            self.subscribers.send(FrameKind.TOKENS, output_to_dict(out), exclude=self.routers.registered())
+            return
+        for conn in self.routers.connections(token):  # none left: the owner is gone (or reconnecting)
+            self.subscribers.send_to(conn, FrameKind.TOKENS, output_to_dict(out))
+
+    def _on_router_request(self, header: dict[str, Any], sock: socket.socket) -> None:
+        """``{"owner": token}``: this connection speaks for that router; ``{"abort": id}``: abort one of its requests."""
+        what, value = check_decode_request(header)
+        if what == "owner":
+            self.routers.register(sock, value)
+        else:
+            self.worker.abort_as(value, self.routers.token_of(sock))  # NotOwner names the id; nothing is aborted
+
+    def connection_closed(self, sock: socket.socket) -> None:
+        """A router that closed its last connection has its requests aborted: nobody reads their outputs now."""
+        token = self.routers.token_of(sock)
+        self.routers.remove(sock)
+        if token is None or self.routers.connections(token):
+            return
+        request_ids = self.worker.owners.held_by(token)
+        for request_id in request_ids:
+            self.worker.abort(request_id)
+        if request_ids:
+            log.warning("decode: a router left with %d request(s) decoding here; aborted them and freed their KV",
+                        len(request_ids))
 
     def accepted_roles(self) -> set[str]:
         return {"router", "prefill"}
@@ -216,7 +279,7 @@ class DecodeServer(WorkerServer):
         if role == "prefill":
             serve_kv_link(sock, self.worker, self.worker.layout, self.stop_event, peer)
         else:
-            self.serve_router(sock, peer, lambda h: self.worker.abort(check_abort(h)))
+            self.serve_router(sock, peer, self._on_router_request)
 
     def stop(self) -> None:
         super().stop()
@@ -253,26 +316,43 @@ class PrefillServer(WorkerServer):
             senders = {name: DistSender(h, p, sender_hello, decode_ranks[name], security=security, reconnect=reconnect,
                                         heartbeat_s=heartbeat_s) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
-        super().__init__(loaded, layout, host, port, config.link.subscriber_queue_size, security)
+        self._submitters: dict[str, socket.socket] = {}  # request id -> the router connection that sent it
+        self._submit_lock = threading.Lock()
+        super().__init__(loaded, layout, host, port, config.link, security)
         self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)
         self._watch_worker(self.worker)
         self.worker.start()
 
     def _emit(self, item: RequestOutput | FailedRequest) -> None:
+        """A request's last word here goes to the router that sent it (to every router if that is unknown)."""
+        with self._submit_lock:
+            sock = self._submitters.pop(item.request_id, None)
         if isinstance(item, FailedRequest):
-            self.subscribers.send(FrameKind.ERROR, {"request_id": item.request_id, "message": item.error})
+            kind, header = FrameKind.ERROR, {"request_id": item.request_id, "message": item.error}
         else:
-            self.subscribers.send(FrameKind.TOKENS, output_to_dict(item))
+            kind, header = FrameKind.TOKENS, output_to_dict(item)
+        if sock is not None:
+            self.subscribers.send_to(sock, kind, header)
+        else:
+            self.subscribers.send(kind, header)
 
-    def _on_request(self, header: dict[str, Any]) -> None:
+    def _on_request(self, header: dict[str, Any], sock: socket.socket) -> None:
         sub = check_submission(header, self.limits, self.worker.engine.clock.now(), self.worker.senders)
-        try:
-            self.worker.engine.tokenize_prompt({"prompt_token_ids": sub.prompt_token_ids})  # fits the KV pool
-            self.worker.submit(sub)
-        except InvalidMessage:
-            raise
-        except ValueError as exc:
-            raise InvalidMessage("submission", str(exc), sub.request_id) from None
+        with self._submit_lock:  # the worker may answer before submit returns: note the sender first
+            for rid in [rid for rid in self._submitters if not self.worker.holds(rid)]:
+                del self._submitters[rid]  # handed over to its decode worker: nothing more to say here
+            if sub.request_id in self._submitters:
+                raise InvalidMessage("request_id", f"{sub.request_id!r} is already in flight on this prefill worker",
+                                     sub.request_id)
+            self._submitters[sub.request_id] = sock
+            try:
+                self.worker.engine.tokenize_prompt({"prompt_token_ids": sub.prompt_token_ids})  # fits the KV pool
+                self.worker.submit(sub)
+            except ValueError as exc:
+                self._submitters.pop(sub.request_id, None)
+                if isinstance(exc, InvalidMessage):
+                    raise
+                raise InvalidMessage("submission", str(exc), sub.request_id) from None
 
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         self.serve_router(sock, peer, self._on_request)

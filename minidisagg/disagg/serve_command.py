@@ -61,6 +61,12 @@ def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: st
                        help="prefill: how long a broken KV link is re-established for (0: never)")
     serve.add_argument("--subscriber-queue-size", type=int, default=LinkConfig.subscriber_queue_size,
                        help="outputs queued per router (or client) before that slow reader is dropped")
+    serve.add_argument("--frame-deadline-s", type=float, default=LinkConfig.frame_deadline_s,
+                       help="a frame from a router (or a router client's JSON line) must arrive whole within this "
+                            "many seconds of its first byte, else the connection is dropped")
+    serve.add_argument("--max-connections", type=int, default=LinkConfig.max_connections,
+                       help="connections served at once per listening port (one thread each); more are refused "
+                            "with a message saying so")
     serve.add_argument("--dist-init", default="", help="dist transport: rendezvous, e.g. tcp://127.0.0.1:29500; "
                                                       "prefill --peers then read name=host:port@rank")
     serve.add_argument("--dist-rank", type=int, default=None, help="this worker's rank (decodes first by convention)")
@@ -128,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a busy step loop; a shorter interval bounds that wait at a small cost in extra switches.
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     link = LinkConfig(kv_lease_s=args.kv_lease_s, max_reserved_share_per_peer=args.max_reserved_share_per_peer,
-                      reconnect_deadline_s=args.reconnect_deadline_s, subscriber_queue_size=args.subscriber_queue_size)
+                      reconnect_deadline_s=args.reconnect_deadline_s, subscriber_queue_size=args.subscriber_queue_size,
+                      frame_deadline_s=args.frame_deadline_s, max_connections=args.max_connections)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
                           cuda_graphs=not args.no_cuda_graphs, link=link,

@@ -208,6 +208,7 @@ def check_sequence_state(state: SequenceState, limits: MessageLimits, now_s: flo
         check_sampling_params(state.params, "state.params")
         require_str(state.prompt, "state.prompt", optional=True, max_chars=1 << 22)
         check_timeline(state.timeline, "state.timeline", now_s)
+        require_str(state.owner, "state.owner", optional=True)
         gen = require_str(state.generator_state_b64, "state.generator_state_b64", optional=True, max_chars=1 << 16)
         if gen is not None:
             try:
@@ -239,19 +240,41 @@ def check_submission(header: object, limits: MessageLimits, now_s: float, decode
             raise InvalidMessage("submission.decode_target", f"unknown decode worker {target!r}; "
                                  f"known: {sorted(decode_targets)}")
         prompt = require_str(s.get("prompt"), "submission.prompt", optional=True, max_chars=1 << 22)
+        owner = require_str(s.get("owner"), "submission.owner", optional=True)
     except InvalidMessage as exc:
         exc.request_id = rid
         raise
     assert target is not None
-    return Submission(rid, ids, params, arrival_s, target, prompt)
+    return Submission(rid, ids, params, arrival_s, target, prompt, owner)
+
+
+DECODE_REQUESTS = ("abort", "owner")
+
+
+def check_decode_request(header: object) -> tuple[str, str]:
+    """A REQUEST frame for a decode worker -> ``(what, value)``: ``("abort", request_id)`` or ``("owner", token)``.
+
+    ``{"abort": request_id}`` drops a request; ``{"owner": token}`` tells the worker which router
+    this connection belongs to (the token its requests carry as ``SequenceState.owner``).
+    """
+    d = require_dict(header, "REQUEST", DECODE_REQUESTS)
+    if not d:
+        raise InvalidMessage("REQUEST.abort", "is missing (a REQUEST to a decode worker is {\"abort\": request_id} "
+                                              "or {\"owner\": token})")
+    if len(d) > 1:
+        raise InvalidMessage("REQUEST.owner", "goes in a REQUEST of its own, not beside abort")
+    (what, value), = d.items()
+    checked = require_str(value, what)
+    assert checked is not None
+    return what, checked
 
 
 def check_abort(header: object) -> str:
-    """A REQUEST frame for a decode worker: ``{"abort": request_id}`` -> the id."""
-    d = require_dict(header, "REQUEST", ("abort",), ("abort",))
-    rid = require_str(d["abort"], "abort")
-    assert rid is not None
-    return rid
+    """A REQUEST frame ``{"abort": request_id}`` for a decode worker -> the id."""
+    what, value = check_decode_request(header)
+    if what != "abort":
+        raise InvalidMessage("REQUEST.abort", "is missing")
+    return value
 
 
 def check_output(header: object, vocab_size: Optional[int] = None) -> RequestOutput:

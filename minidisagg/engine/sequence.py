@@ -88,7 +88,9 @@ class SequenceState:
     """A sequence minus its KV pages: what a decode worker needs to continue a prefilled request.
 
     It travels with the pages (as a dict, JSON-friendly) and carries the sampler's generator
-    state, so seeded sampling continues the same random stream after the hand-off.
+    state, so seeded sampling continues the same random stream after the hand-off. ``owner`` is
+    the opaque token of the router that submitted the request, if it gave one: a decode worker
+    sends the request's outputs to that router and lets no other router abort it.
     """
 
     request_id: str
@@ -98,6 +100,7 @@ class SequenceState:
     timeline: dict[str, Any]
     prompt: Optional[str] = None
     generator_state_b64: Optional[str] = None
+    owner: Optional[str] = None
 
     @classmethod
     def of(cls, seq: Sequence) -> "SequenceState":

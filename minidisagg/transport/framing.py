@@ -26,9 +26,22 @@ Why this shape:
 A connection opens with the server's AUTH_CHALLENGE and the client's proof of the
 deployment's shared secret (``auth.py``), then HELLO / HELLO_OK: ``handshake.py`` does both steps.
 
+HEALTH (14) and older peers. A worker sends HEALTH ``{"healthy", "reason", "num_free_blocks",
+"num_blocks"}`` to a router in answer to its PING, and once unasked, ``{"healthy": false,
+"reason"}``, when its engine loop dies. HEALTH came late in version 1, without a new version
+number: a version 1 router built before it reads kind 14 as "unknown frame kind 14" and drops
+the connection on the first HEALTH. No version 1 peer gets that far any more: every
+connection now starts with the worker's version 2 AUTH_CHALLENGE, so a version 1 peer stops at
+its very first frame ("wrong wire version 2 (this side speaks 1)"), and a version 1 frame sent
+to a worker is refused ("authentication failed") before anything else is read. Kinds unknown
+to a receiver (a newer peer's, say) fail the same way as any malformed frame: the receiver
+drops the connection. New kinds therefore come with a new version number.
+
 Errors: a malformed frame raises ``FrameError`` (a ValueError), or its subclass ``HeaderError``
 when only the JSON header was bad (too deeply nested, say) and the frame, which had no
 payload, was read whole: the stream is still in step; the peer closing raises ``PeerClosed``; ``timeout_s`` is a deadline for the whole frame and raises TimeoutError.
+``frame_deadline_s`` is one too, for a socket that another thread writes on: it waits for bytes
+with ``select`` and leaves the socket's own timeout alone (changing it would change the writer's).
 After any error, except a receive timeout before the frame's first byte, the byte stream
 is out of step: close the socket. Use at most one sending and one receiving thread per socket.
 """
@@ -39,6 +52,7 @@ import contextlib
 import enum
 import json
 import math
+import select
 import socket
 import struct
 import time
@@ -200,11 +214,18 @@ def send_frame(
 
 
 class _Reader:
-    """Reads exact byte counts of one frame, tracking progress for error messages."""
+    """Reads exact byte counts of one frame, tracking progress for error messages.
 
-    def __init__(self, sock: socket.socket, timeout_s: float | None) -> None:
+    ``timeout_s`` arms the socket's timeout for each read; ``frame_deadline_s`` instead waits for
+    bytes with ``select`` before each read, so the socket's timeout, which a writing thread relies
+    on, is never touched.
+    """
+
+    def __init__(self, sock: socket.socket, timeout_s: float | None, frame_deadline_s: float | None = None) -> None:
         self.sock, self.deadline = sock, _deadline(timeout_s)
-        self.timeout_s = sock.gettimeout() if timeout_s is None else timeout_s  # for messages
+        self.poll_deadline = _deadline(frame_deadline_s)
+        self.timeout_s = frame_deadline_s if frame_deadline_s is not None else (
+            sock.gettimeout() if timeout_s is None else timeout_s)  # for messages
         self.received, self.expected = 0, PREFIX.size  # expected grows once the prefix is parsed
 
     def read_into(self, view: memoryview) -> None:
@@ -212,6 +233,7 @@ class _Reader:
         got = 0
         while got < view.nbytes:
             try:
+                self._wait_for_bytes()
                 _arm(self.sock, self.deadline)
                 n = self.sock.recv_into(view[got:])
             except socket.timeout:
@@ -223,6 +245,17 @@ class _Reader:
                 raise PeerClosed(f"{peer_name(self.sock)} closed the connection {where}")
             got += n
             self.received += n
+
+    def _wait_for_bytes(self) -> None:
+        """With a frame deadline: return once the socket has bytes, raise socket.timeout once the deadline passed."""
+        if self.poll_deadline is None:
+            return
+        pending = getattr(self.sock, "pending", None)  # a TLS stream may hold bytes select cannot see
+        if pending is not None and pending():
+            return
+        remaining_s = self.poll_deadline - time.monotonic()
+        if remaining_s <= 0 or not select.select([self.sock], [], [], remaining_s)[0]:
+            raise socket.timeout
 
     def _timed_out(self) -> NoReturn:
         who = peer_name(self.sock)
@@ -239,14 +272,18 @@ def recv_frame(
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     into: Callable[[dict[str, Any], int], memoryview | None] | None = None,
+    frame_deadline_s: float | None = None,
 ) -> Frame:
     """Receive exactly one frame within ``timeout_s`` (None: the socket's own timeout).
+
+    ``frame_deadline_s`` bounds the whole frame without touching the socket's timeout (see the
+    module docstring); a peer that sends part of a frame and stalls raises TimeoutError then.
 
     The payload lands in a fresh writable bytearray, or, when ``into(header, payload_len)``
     returns a writable memoryview of exactly ``payload_len`` bytes, directly in that memory
     (``into`` is called only for non-empty payloads and may return None to decline).
     """
-    reader = _Reader(sock, timeout_s)
+    reader = _Reader(sock, timeout_s, frame_deadline_s)
     previous_timeout_s = sock.gettimeout()
     try:
         prefix = bytearray(PREFIX.size)

@@ -271,7 +271,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             elif frame.kind == FrameKind.LAYER:
                 via = h.get("via", "socket")
                 kv_trace(f"layer-frame-{h.get('layer')}", tid)
-                if session is not None and tid in reserved:
+                if session is not None and isinstance(tid, str) and tid in reserved:
                     try:
                         session.renew(tid)
                     except LeaseExpired:  # it ran out just now: free it as the decode loop asked
@@ -288,7 +288,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                         write_pages(tid, h["layer"], h["_tensor"], "layers" if "num_layers" in h else "layer")
                 except LeaseExpired:  # it ran out between the renewal and the write
                     free_expired()
-                if tid not in reserved and tid in expired:  # pages for a transfer whose lease ran out: dropped
+                if isinstance(tid, str) and tid not in reserved and tid in expired:  # its lease ran out: dropped
                     notice(tid, expired[tid][1])
             elif frame.kind == FrameKind.DONE:
                 if not isinstance(tid, str) or tid not in reserved:
@@ -319,7 +319,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             elif frame.kind == FrameKind.CANCEL:
                 if isinstance(tid, str):
                     expired.pop(tid, None)
-                if reserved.pop(tid, None) is not None:
+                if isinstance(tid, str) and reserved.pop(tid, None) is not None:
                     landed(tid)
                     announced.discard(tid)  # nothing may still be writing into blocks that go back to the pool
                     receiver.cancel(tid)

@@ -19,7 +19,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.base import HEARTBEAT_S, KVSender, TransferError
 from minidisagg.transport.framing import Frame, FrameError, FrameKind, recv_frame, send_frame
 from minidisagg.transport.handshake import Hello, open_link
+from minidisagg.transport.listener import Handler, accept_loop, listen  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 FRAME_TIMEOUT_S = 30.0
@@ -307,8 +308,8 @@ class SocketSender(KVSender):
             self._healer.join(self.reconnect.attempt_timeout_s)
 
 
-def wait_readable(sock: socket.socket, stop: threading.Event, poll_s: float = 0.2) -> bool:
-    """Block until ``sock`` has bytes (True) or ``stop`` is set (False).
+def wait_readable(sock: socket.socket, stop: threading.Event, poll_s: float = 0.2, once: bool = False) -> bool:
+    """Block until ``sock`` has bytes (True) or ``stop`` is set (False); with ``once``, wait at most ``poll_s``.
 
     A TLS stream may hold decrypted bytes that ``select`` on its socket cannot see: ``pending`` first.
     """
@@ -319,10 +320,9 @@ def wait_readable(sock: socket.socket, stop: threading.Event, poll_s: float = 0.
         ready, _, _ = select.select([sock], [], [], poll_s)
         if ready:
             return True
+        if once:
+            break
     return False
-
-
-Handler = Callable[[socket.socket, str], None]
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -332,25 +332,3 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
     return host, int(port)
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one)."""
-    server = socket.create_server((host, port), reuse_port=False)
-    server.listen(64)
-    return server
-
-
-def accept_loop(server: socket.socket, handler: Handler, stop: threading.Event, name: str) -> None:
-    """Accept connections until ``stop``; each one is handled on its own daemon thread."""
-    server.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            conn, addr = server.accept()
-        except socket.timeout:
-            continue
-        except OSError:
-            return
-        conn.settimeout(None)
-        peer = f"{addr[0]}:{addr[1]}"
-        threading.Thread(target=handler, args=(conn, peer), name=f"{name}-{peer}", daemon=True).start()
