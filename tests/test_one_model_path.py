@@ -67,8 +67,8 @@ def scaled_mlp_when(decode: bool, factor: float = -4.0):
 
 
 def make_llm(device: str, **kwargs) -> LLM:
-    """The default engine on ``device`` for the random-weight ``tiny`` preset."""
-    return LLM("tiny", device=device, **kwargs)
+    """The default engine on ``device`` for the random-weight ``tiny`` preset (a small KV pool: a GPU's would fill it)."""
+    return LLM("tiny", device=device, num_kv_blocks=64, **kwargs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

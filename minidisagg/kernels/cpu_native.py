@@ -96,7 +96,9 @@ def build_cpu_extension(name: str, sources: Sequence[Path]) -> None:
 
     _put_ninja_on_path()
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # at::parallel_for runs serially without it
-    load(name, sources=[str(s) for s in sources], extra_cflags=["-O3", *openmp], extra_ldflags=openmp,
+    # -ffp-contract=off: a product and a sum stay two roundings, as in torch's separate ops (never one FMA)
+    load(name, sources=[str(s) for s in sources], extra_cflags=["-O3", "-ffp-contract=off", *openmp],
+         extra_ldflags=openmp,
          extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
 
 

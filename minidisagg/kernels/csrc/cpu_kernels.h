@@ -54,6 +54,9 @@
 
 namespace {
 
+inline float load_float(float v) { return v; }
+inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
 constexpr int64_t kRowsPerTile = 4;         // rows of the weight read side by side
 constexpr int64_t kPrefetchElements = 4096;  // how far ahead each row prefetches (8 KB of bf16)
 constexpr int64_t kTilesPerTask = 8;         // at::parallel_for grain, in tiles
@@ -199,14 +202,81 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
   }
 }
 
+// rope_and_write_kv_reference's loops written out for one token's heads: each rotated element is
+// x1 * cos + x2 * (-sin) (or x2 * cos + x1 * sin), two float32 products and a sum, each rounded as
+// torch's separate mul, mul and add round them (the build keeps the compiler from fusing them into
+// an FMA), then rounded once to T: the reference's bits, without its dozen ATen calls.
+template <typename T>
+void rotate_heads(const T* src, int64_t head_stride, int64_t heads, int64_t half, const float* cos,
+                  const float* sin, T* dst) {
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* x = src + h * head_stride;
+    T* out = dst + h * 2 * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = load_float(x[i]), x2 = load_float(x[i + half]);
+      const float first = x1 * cos[i], first_swapped = x2 * -sin[i];
+      const float second = x2 * cos[i], second_swapped = x1 * sin[i];
+      out[i] = T(first + first_swapped);
+      out[i + half] = T(second + second_swapped);
+    }
+  }
+}
+
+template <typename T>
+void rope_and_write_kv_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& slot_mapping, at::Tensor& rotated) {
+  const int64_t tokens = q.size(0), num_heads = q.size(1), num_kv_heads = k.size(1), head_dim = q.size(2);
+  const int64_t half = head_dim / 2, width = (num_heads + num_kv_heads) * head_dim;
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  const float* table = cos_sin.const_data_ptr<float>();
+  const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
+  T* out = rotated.mutable_data_ptr<T>();
+  T *kc = k_cache.mutable_data_ptr<T>(), *vc = v_cache.mutable_data_ptr<T>();
+  const int64_t block_size = k_cache.size(1);
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cos = table + pos[t] * cos_sin.stride(0);
+      T* row = out + t * width;
+      rotate_heads(qp + t * q.stride(0), q.stride(1), num_heads, half, cos, cos + half, row);
+      rotate_heads(kp + t * k.stride(0), k.stride(1), num_kv_heads, half, cos, cos + half, row + num_heads * head_dim);
+      const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+      T* k_slot = kc + block * k_cache.stride(0) + offset * k_cache.stride(1);
+      T* v_slot = vc + block * v_cache.stride(0) + offset * v_cache.stride(1);
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        std::copy_n(row + (num_heads + h) * head_dim, head_dim, k_slot + h * k_cache.stride(2));
+        std::copy_n(vp + t * v.stride(0) + h * v.stride(1), head_dim, v_slot + h * v_cache.stride(2));
+      }
+    }
+  });
+}
+
 // rope_and_write_kv_reference: q and k rotated by their positions ([T, H + KH, D], q's heads first),
-// and the rotated k and the v written to their slots of the caches.
+// and the rotated k and the v written to their slots of the caches. In float32 or bf16 with caches of
+// the same dtype, a float32 table and each head's values side by side, the loops above; else the
+// reference's ATen calls.
 at::Tensor rope_and_write_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                              const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& slot_mapping) {
-  const auto [cos, signed_sin] = rotation_tables(positions, cos_sin);
-  at::Tensor rotated = rotate(q, k, cos, signed_sin);
-  write_kv(rotated.narrow(1, q.size(1), k.size(1)), v, k_cache, v_cache, slot_mapping);
+  const auto dtype = q.scalar_type();
+  const bool direct = (dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype &&
+                      v.scalar_type() == dtype && k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype &&
+                      cos_sin.scalar_type() == at::kFloat && cos_sin.stride(1) == 1 && q.stride(2) == 1 &&
+                      k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
+                      positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                      slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && q.size(2) % 2 == 0;
+  if (!direct) {
+    const auto [cos, signed_sin] = rotation_tables(positions, cos_sin);
+    at::Tensor rotated = rotate(q, k, cos, signed_sin);
+    write_kv(rotated.narrow(1, q.size(1), k.size(1)), v, k_cache, v_cache, slot_mapping);
+    return rotated;
+  }
+  at::Tensor rotated = at::empty({q.size(0), q.size(1) + k.size(1), q.size(2)}, q.options());
+  if (dtype == at::kFloat)
+    rope_and_write_kv_typed<float>(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, rotated);
+  else
+    rope_and_write_kv_typed<c10::BFloat16>(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, rotated);
   return rotated;
 }
 
@@ -216,9 +286,6 @@ at::Tensor rope_and_write_kv(const at::Tensor& q, const at::Tensor& k, const at:
 // of the values, all in float32, and rounds once to q's dtype: what decode_attention_reference
 // computes, with sums in another order (tested within float rounding). On a CPU with AVX512F the
 // loops are vector instructions (attend_group_avx512); elsewhere plain C++.
-
-inline float load_float(float v) { return v; }
-inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 template <typename T>
 void attend_group(
