@@ -403,8 +403,11 @@ class DecodeWorker:
         self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stop decoding one request and free its blocks (also one committed but not adopted yet)."""
-        self.owners.release(request_id)
+        """Stop decoding one request and free its blocks (also one committed but not adopted yet).
+
+        Its id is released last, under the engine: a commit still on its way in then finds it gone and is
+        refused (``_adopt``), while one the loop adopted first is aborted here.
+        """
         with self._engine_access():
             with self._adoptions_lock:
                 dropped = [a for a in self._adoptions if a.state.request_id == request_id]
@@ -414,3 +417,4 @@ class DecodeWorker:
                     self.engine.cancel_reservation(f"transfer:{item.transfer_id}")
             self.engine.abort(request_id)
             self.engine.release(request_id)
+            self.owners.release(request_id)
