@@ -32,6 +32,7 @@ from minidisagg.models.llama import LlamaLayer, LlamaModel
 
 LAYER_METHODS = ("forward", "attention_inputs", "rope_and_write_kv", "attention", "attention_output", "mlp_input", "mlp")
 MODEL_METHODS = ("forward", "embed_tokens", "final_norm", "compute_logits")
+_LAYER_METHOD_SET = frozenset(LAYER_METHODS)
 KERNELS: dict[str, Callable[..., object]] = {  # the names models/llama.py calls, and what they must be
     "rms_norm": norm.rms_norm, "linear": linear.linear, "rope_and_write_kv": rope_cache.rope_and_write_kv,
     "apply_rope": rope.apply_rope, "paged_attention": attention.paged_attention,
@@ -78,13 +79,14 @@ def why_not_stock(model: torch.nn.Module) -> Optional[str]:
     overridden = [name for name in MODEL_METHODS if name in model.__dict__]
     if overridden or _hooked(model):
         return f"an instance attribute overrides LlamaModel.{overridden[0]}" if overridden else "the model has forward hooks"
-    for index, layer in enumerate(model.layers):
+    global_hooks = module_state._global_forward_hooks or module_state._global_forward_pre_hooks
+    for index, layer in enumerate(model.layers):  # every step: kept to a few dictionary lookups a layer
         if type(layer) is not LlamaLayer:
             return f"layer {index} is a {type(layer).__qualname__}, not models/llama.py's LlamaLayer"
-        if layer.__dict__.keys() & LAYER_METHODS:
-            name = sorted(layer.__dict__.keys() & LAYER_METHODS)[0]
+        if not _LAYER_METHOD_SET.isdisjoint(layer.__dict__):
+            name = sorted(_LAYER_METHOD_SET.intersection(layer.__dict__))[0]
             return f"an instance attribute overrides layer {index}'s {name}"
-        if _hooked(layer):
+        if layer._forward_hooks or layer._forward_pre_hooks or global_hooks:
             return f"layer {index} has forward hooks"
     if stock_source_sha256() != STOCK_SOURCE_SHA256:
         return "models/llama.py's layer code is not the code the accelerator was checked against"
