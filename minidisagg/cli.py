@@ -18,12 +18,16 @@ class _LazyConsole:
 
     _console: Any = None
 
-    def __getattr__(self, name: str) -> Any:
+    def real(self) -> Any:
+        """The rich ``Console`` itself, made now if need be (for code that needs a true Console)."""
         if _LazyConsole._console is None:
             from rich.console import Console
 
             _LazyConsole._console = Console()
-        return getattr(_LazyConsole._console, name)
+        return _LazyConsole._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
 
 
 console = _LazyConsole()
@@ -166,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The interference demo."""
     from minidisagg.demo import run_demo
 
-    run_demo(model=args.model, device=args.device, out_dir=args.out, console=console, disagg=not args.colocated_only,
+    run_demo(model=args.model, device=args.device, out_dir=args.out, console=console.real(), disagg=not args.colocated_only,
              wall=not args.calibrated_only)
     return 0
 
