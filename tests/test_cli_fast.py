@@ -73,3 +73,15 @@ def test_a_missing_gguf_file_is_reported_as_not_found(tmp_path, capsys, monkeypa
         assert main(argv) == 2, argv
         out = " ".join(capsys.readouterr().out.split())
         assert f"file not found: {missing}" in out and "unknown model" not in out, out
+
+
+def test_the_lazy_console_hands_a_real_console_to_progress_bars():
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from minidisagg import cli
+
+    real = cli.console.real()
+    assert isinstance(real, Console) and cli.console.real() is real
+    with Progress(console=real, transient=True) as progress:  # what cmd_demo does: entered as a context manager
+        progress.add_task("x", total=1)
