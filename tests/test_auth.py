@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import pytest
 
+from cluster_requests import run_request
 from minidisagg import LLM, SamplingParams
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.launch import RemoteWorker, WorkerProcess, spawn_worker, stop_processes
@@ -104,16 +105,6 @@ def deployment(tmp_path_factory):
     yield dep
     stop_processes([dep.prefill, dep.decode], timeout_s=20)
 
-
-def run_request(cluster: RemoteCluster, prompt: list[int]) -> Any:
-    """One greedy request through a router cluster, stepped to its end."""
-    rid = cluster.add_request({"prompt_token_ids": prompt}, SamplingParams(**GREEDY))
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        for out in cluster.step():
-            if out.request_id == rid and out.finished:
-                return out
-    raise AssertionError(f"request {rid} did not finish within {TIMEOUT_S} s")
 
 
 def assert_serves_like_colocated(cluster: RemoteCluster, reference, label: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import pytest
 import torch
 
+from cluster_requests import run_request
 from minidisagg import LLM, SamplingParams
 from minidisagg.config import CacheConfig, EngineConfig, LinkConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
@@ -377,15 +378,6 @@ def test_a_link_that_cannot_heal_gives_up_after_its_deadline(tiny_loaded, decode
     finally:
         sender.close()
 
-
-def run_request(cluster, prompt: list[int]) -> RequestOutput:
-    rid = cluster.add_request({"prompt_token_ids": prompt}, SamplingParams(**GREEDY))
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        for out in cluster.step():
-            if out.request_id == rid and out.finished:
-                return out
-    raise AssertionError(f"request {rid} did not finish within {TIMEOUT_S} s")
 
 
 def colocated(reference, prompt: list[int]) -> list[int]:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from cluster_requests import run_request
 from minidisagg import LLM, SamplingParams
 from minidisagg.config import CacheConfig, EngineConfig, LinkConfig
 from minidisagg.disagg.router_server import RemoteCluster, RouterServer
@@ -88,15 +89,6 @@ def servers(tiny_loaded) -> Iterator[Servers]:
     yield s
     s.stop()
 
-
-def run_request(cluster: RemoteCluster, prompt: list[int], params: dict[str, Any] = GREEDY) -> Any:
-    rid = cluster.add_request({"prompt_token_ids": prompt}, SamplingParams(**params))
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        for out in cluster.step():
-            if out.request_id == rid and out.finished:
-                return out
-    raise AssertionError(f"request {rid} did not finish within {TIMEOUT_S} s")
 
 
 def closed_within(sock: socket.socket, timeout_s: float) -> float | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from cluster_requests import run_request
 from minidisagg import LLM, SamplingParams
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.launch import WorkerProcess, spawn_worker, stop_processes
@@ -122,16 +123,6 @@ def live(tmp_path_factory, tiny_loaded):
             cluster.shutdown()
         stop_processes(procs, timeout_s=20)
 
-
-def run_request(cluster, prompt: list[int], params: dict[str, Any]) -> Any:
-    """One request through a router cluster, stepped to its end (within TIMEOUT_S)."""
-    rid = cluster.add_request({"prompt_token_ids": prompt}, SamplingParams(**params))
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        for out in cluster.step():
-            if out.request_id == rid and out.finished:
-                return out
-    raise AssertionError(f"request {rid} did not finish within {TIMEOUT_S} s")
 
 
 def assert_unharmed(live: Live, reference, label: str) -> None:
