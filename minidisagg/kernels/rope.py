@@ -91,17 +91,23 @@ def apply_rope_reference(
 
 @functools.cache
 def rope_kernel() -> Any:
-    """The Triton kernel, built on first use (so triton is imported only when it runs)."""
+    """The one Triton RoPE kernel, built on first use (so triton is imported only when it runs).
+
+    ``WRITE_KV`` (a compile-time flag) also stores the rotated k and the unrotated v in their cache
+    slots: ``kernels/rope_cache.py`` launches it that way, :func:`apply_rope_triton` without.
+    """
     triton, tl = triton_modules()
 
     @triton.jit
     def _rope(
-        q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
-        q_token_stride, q_head_stride, k_token_stride, k_head_stride, table_stride,
+        q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+        q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
+        table_stride, block_size, cache_block_stride, cache_slot_stride, cache_head_stride,
         num_heads, num_kv_heads, half,
-        BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, WRITE_KV: tl.constexpr,
     ):
-        # One program per token rotates all its q heads and k heads in place, in float32.
+        # One program per token rotates its q and k heads in place (float32 math, stored in the input
+        # dtype); with WRITE_KV it then copies the rotated k and the unrotated v into slot_mapping[token].
         token = tl.program_id(0).to(tl.int64)
         row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * table_stride
         d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -117,14 +123,30 @@ def rope_kernel() -> Any:
         tl.store(ptrs, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(ptrs + half, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
 
-        # k: the same rotation over the KV heads.
+        # k: the same rotation over the KV heads, rounded to k's dtype before it goes anywhere, so the
+        # cache holds exactly what the returned k holds (cast again on store if the cache dtype differs).
         h = tl.arange(0, BLOCK_KH)[:, None]
         mask = (h < num_kv_heads) & (d < half)
         ptrs = k_ptr + token * k_token_stride + h * k_head_stride + d
         x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty), mask=mask)
-        tl.store(ptrs + half, (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty), mask=mask)
+        k1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
+        k2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
+        tl.store(ptrs, k1, mask=mask)
+        tl.store(ptrs + half, k2, mask=mask)
+
+        if WRITE_KV:
+            slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+            if slot >= 0:  # a negative slot (padding) writes nothing
+                dst = (slot // block_size) * cache_block_stride + (slot % block_size) * cache_slot_stride
+                dst += h * cache_head_stride + d
+                tl.store(k_cache_ptr + dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+                tl.store(k_cache_ptr + dst + half, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+                src = v_ptr + token * v_token_stride + h * v_head_stride + d
+                v1 = tl.load(src, mask=mask)
+                v2 = tl.load(src + half, mask=mask)
+                tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+                tl.store(v_cache_ptr + dst + half, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
     return _rope
 
@@ -140,11 +162,14 @@ def apply_rope_triton(
     table = cos_sin if cos_sin.stride(-1) == 1 else cos_sin.contiguous()
     tokens, num_heads, head_dim = q.shape
     if tokens > 0:
+        unused = q  # WRITE_KV=False: the v, cache and slot pointers are never read
         rope_kernel()[(tokens,)](
-            q, k, positions.contiguous(), table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), table.stride(0),
+            q, k, unused, positions.contiguous(), table, unused, unused, positions,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0,
+            table.stride(0), 1, 0, 0, 0,
             num_heads, k.shape[1], head_dim // 2,
             BLOCK_H=next_pow2(num_heads), BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=next_pow2(head_dim // 2),
+            WRITE_KV=False,
         )
     return q, k
 
