@@ -6,6 +6,13 @@
 docstring with its TODO and HINT lines stays. The lab's exercise and check cells are tagged
 ``raises-exception`` so that ``pytest --nbval-lax`` accepts them raising. The output is
 deterministic (same solution, same bytes), which is what ``--check`` and the tests compare.
+
+Three more things stay in solutions/ only:
+
+- a prediction's value: ``q1_name = 24  ### PREDICTION`` becomes ``q1_name = ...`` for the student;
+- a written question's model answer and rubric: a markdown cell tagged ``written-answer`` that
+  starts ``**W1. Model answer.**`` becomes an empty ``**W1. Your answer.**`` cell;
+- a worked derivation: a cell tagged ``solution-only`` is left out of the lab.
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ CHECK_CALL = re.compile(r"\bcheck\.lab\d+\.task\d+\s*\(")
 ANY_MARKER = re.compile(r"(BEGIN|END)\s+SOLUTION", re.IGNORECASE)
 EXECUTION_RECORD_KEYS = ("execution", "ExecuteTime")  # timestamps written when a cell runs
 BUILD_COMMAND = "minidisagg course build"
+PREDICTION_LINE = re.compile(r"^(\s*)([A-Za-z_]\w*)\s*=\s*(.+?)\s*###\s*PREDICTION\s*$")
+PREDICTION_STUB = "...  # your prediction: replace ... with a number"
+WRITTEN_TAG = "written-answer"
+SOLUTION_ONLY_TAG = "solution-only"
+WRITTEN_HEADER = re.compile(r"^\*\*(W\d+)\. Model answer\.\*\*")
+WRITTEN_STUB = "**{question}. Your answer.** *(Double-click this cell and write it here.)*"
 
 
 class LabSourceError(ValueError):
@@ -130,6 +143,23 @@ def _is_check_output_marker(line: str) -> bool:
     return text.startswith("#") and text.lstrip("#").strip() == CHECK_OUTPUT_MARKER
 
 
+def strip_predictions(source: str) -> str:
+    """Each ``name = value  ### PREDICTION`` line with its value replaced by ``...``."""
+    lines = []
+    for line in source.split("\n"):
+        match = PREDICTION_LINE.match(line)
+        lines.append(f"{match.group(1)}{match.group(2)} = {PREDICTION_STUB}" if match else line)
+    return "\n".join(lines)
+
+
+def written_question(source: str, where: str) -> str:
+    """The question a ``written-answer`` cell answers ("W1"), from its ``**W1. Model answer.**`` header."""
+    match = WRITTEN_HEADER.match(source.lstrip())
+    if match is None:
+        raise LabSourceError(f"{where}: a {WRITTEN_TAG!r} cell starts with '**W<n>. Model answer.**'")
+    return match.group(1)
+
+
 def _set_tags(cell: NotebookNode, tags: list[str]) -> None:
     if tags:
         cell.metadata["tags"] = tags
@@ -143,6 +173,7 @@ def build_lab(solution_nb: NotebookNode, lab: int, name: str = "notebook") -> No
     nb.metadata.pop("widgets", None)  # saved widget state belongs to the stripped outputs
     nb.nbformat_minor = max(int(nb.get("nbformat_minor", 0)), 5)  # 4.5+ carries cell ids
     task = 0
+    nb.cells = [cell for cell in nb.cells if SOLUTION_ONLY_TAG not in cell.metadata.get("tags", [])]
     for index, cell in enumerate(nb.cells, 1):
         where = f"{name}, cell {index} ({cell.cell_type})"
         source = cell.source if isinstance(cell.source, str) else "".join(cell.source)
@@ -151,11 +182,13 @@ def build_lab(solution_nb: NotebookNode, lab: int, name: str = "notebook") -> No
             cell.metadata.pop(key, None)
         if cell.cell_type != "code":
             _reject_stray_markers(source, cell.cell_type, where)
+            if WRITTEN_TAG in cell.metadata.get("tags", []):
+                source = WRITTEN_STUB.format(question=written_question(source, where))
             cell.source = source
             continue
         cell.outputs = []
         cell.execution_count = None
-        lines = source.split("\n")
+        lines = strip_predictions(source).split("\n")
         block = find_solution_block(source, where)
         if block is not None:
             task += 1

@@ -162,14 +162,81 @@ def learner_status(learner_fn: Any) -> str:
     return f"using your {name} (not checked yet: run its check cell; results below may be wrong)"
 
 
-def learner_or_reference(learner_fn: Optional[Callable[..., Any]], reference_fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+class TaskNotChecked(RuntimeError):
+    """A cell needs a task's result before the task's check cell ran (or the task was skipped)."""
+
+    def _render_traceback_(self) -> list[str]:
+        """The lines IPython shows instead of a traceback: what to do."""
+        return [str(self)]
+
+
+_SKIPPED: set[str] = set()
+
+
+def skip_task(task: str) -> None:
+    """Go on without doing ``task`` ("Lab 1, Task 2"): later cells use the reference and say so."""
+    from minidisagg.course.grading import lab_grading, task_lab
+
+    lab_grading(task_lab(task)).task(task)  # a clear KeyError for a task that does not exist
+    _SKIPPED.add(task)
+    print(f"[{task}] skipped: the cells below use the reference solution")
+
+
+def _reference_of(task: str) -> Callable[..., Any]:
+    from minidisagg.course.grading import lab_grading, task_lab
+
+    return lab_grading(task_lab(task)).task(task).load_reference()
+
+
+def learner_or_reference(learner_fn: Optional[Callable[..., Any]], task: str,
+                         legacy_name: Optional[str] = None) -> Callable[..., Any]:
     """Return a callable that runs the learner's function, falling back (visibly) to the reference.
 
     Cells after an exercise use this, so a lab runs top to bottom before its exercises are done.
-    It says once which function runs and, for the learner's, whether it passed its check: at
-    once when its check has judged it, else on the first call.
+    The reference of ``task`` ("Lab 1, Task 2") is looked up only when the learner's function
+    raises ``NotImplementedError``, and only once the task's check cell has run or the task was
+    skipped (``skip_task``): before that the call raises ``TaskNotChecked``, which says what to do.
+    It says once which function runs and, for the learner's, whether it passed its check.
     """
+    if callable(task):  # the older form (learner_fn, reference_fn, name), kept while labs move over
+        return _learner_or_given(learner_fn, task, legacy_name or "reference")
 
+    said = {"learner": False, "reference": False}
+
+    def say(which: str, line: str) -> None:
+        if not said[which]:
+            print(f"[{task}] {line}")
+            said[which] = True
+
+    verdict = REGISTRY.of_function(learner_fn) if learner_fn is not None else None
+    if verdict is not None and NOT_IMPLEMENTED in verdict.detail:
+        say("reference", FALLBACK)
+    elif verdict is not None:
+        say("learner", learner_status(learner_fn))
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if learner_fn is not None:
+            try:
+                value = learner_fn(*args, **kwargs)
+            except NotImplementedError:
+                pass
+            else:
+                say("learner", learner_status(learner_fn))
+                return value
+        if REGISTRY.of_task(task) is None and task not in _SKIPPED:
+            raise TaskNotChecked(
+                f"{task} is not done yet and its check cell has not run: run the check cell after the task "
+                f"(it says what is missing), or call skip_task({task!r}) to go on with the reference"
+            )
+        say("reference", FALLBACK)
+        return _reference_of(task)(*args, **kwargs)
+
+    return call
+
+
+def _learner_or_given(learner_fn: Optional[Callable[..., Any]], reference_fn: Callable[..., Any],
+                      name: str) -> Callable[..., Any]:
+    """The older form: the reference is handed in by the notebook."""
     said = {"learner": False, "reference": False}
 
     def say(which: str, line: str) -> None:
