@@ -183,7 +183,8 @@ BENCH_SUITES = {
     "disagg": "minidisagg.bench.disagg",
     "fuzz": "minidisagg.bench.fuzz",
 }
-COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify"}
+COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify",
+                  "grade": "minidisagg.course.grade"}
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
 
 
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
-    course = sub.add_parser("course", help="course tooling (build labs/ from solutions/; verify their claims)")
+    course = sub.add_parser("course", help="course tooling (build labs/ from solutions/; verify their claims; grade a student's lab)")
     course.add_argument("action", choices=list(COURSE_ACTIONS))
     course.add_argument("rest", nargs=argparse.REMAINDER)
     course.set_defaults(func=cmd_course)
