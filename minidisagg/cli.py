@@ -183,7 +183,8 @@ BENCH_SUITES = {
     "disagg": "minidisagg.bench.disagg",
     "fuzz": "minidisagg.bench.fuzz",
 }
-COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify"}
+COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify",
+                  "leaderboard": "minidisagg.course.leaderboard"}
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
 
 
