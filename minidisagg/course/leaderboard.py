@@ -283,3 +283,15 @@ def main(argv: Sequence[str]) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(to_json(ranked), indent=2) + "\n")
     return 0
+
+
+def reference_entry(rules: Rules) -> tuple[Callable[..., StepPlan], tuple[int, int]]:
+    """A sound entry for ``rules``: the xPyD that the queueing model ranks best per GPU, whole prompts first."""
+    from minidisagg.course.placement_lab import WorkloadShape, system_goodput
+    from minidisagg.engine.scheduler import prefill_first
+
+    costs = rules.calibration.phase_costs()
+    shape = WorkloadShape(rules.prompt_mean_tokens, rules.output_tokens)
+    options = [(x, y) for x in range(1, rules.gpu_budget) for y in range(1, rules.gpu_budget - x + 1)]
+    best = max(options, key=lambda xy: system_goodput(costs, shape, rules.slo, *xy) / sum(xy))
+    return prefill_first, best
