@@ -1,36 +1,73 @@
-"""Lab 6 checks: PASS for implementations built from the engine's metrics and the lab's model, FAIL for wrong ones."""
+"""Lab 6 checks: the references pass the checks and the hidden cases, plausible mistakes fail with a named cause."""
 
 from __future__ import annotations
 
 import pytest
 
 from minidisagg.course import check
+from minidisagg.course import leaderboard as lb
+from minidisagg.course.check.lab6 import GRADING
 from minidisagg.course.checking import CheckFailed
-from minidisagg.course.placement_lab import system_goodput
-from minidisagg.metrics import SLO, goodput, slo_attainment
-
-
-def engine_goodput(metrics_by_rate, slo, target=0.9):
-    """The engine's own slo_attainment and goodput."""
-    rates = list(metrics_by_rate)
-    return goodput(rates, [slo_attainment(metrics_by_rate[r], slo) for r in rates], target)
+from minidisagg.course.gpu_sweeps import verdict_of_runs
+from minidisagg.course.placement_lab import sweep_goodput_rps
+from minidisagg.engine.batch import PrefillChunk
+from minidisagg.engine.scheduler import StepPlan, prefill_first
+from minidisagg.metrics import SLO
 
 
 def ttft_only_goodput(metrics_by_rate, slo, target=0.9):
     """Subtly wrong: judges TTFT alone."""
-    return engine_goodput(metrics_by_rate, SLO(slo.ttft_s, 1e9), target)
+    return sweep_goodput_rps(metrics_by_rate, SLO(slo.ttft_s, 1e9), target)
 
 
-def brute_force_placement(costs, shape, slo, gpu_budget):
-    """Every xPyD within the budget, scored with the lab's model."""
-    options = [(x, y) for x in range(1, gpu_budget) for y in range(1, gpu_budget - x + 1)]
-    return max(options, key=lambda xy: system_goodput(costs, shape, slo, *xy) / sum(xy))
+def strict_target_goodput(metrics_by_rate, slo, target=0.9):
+    """Plausible: an attainment equal to the target counts as a miss (> instead of >=)."""
+    return sweep_goodput_rps(metrics_by_rate, slo, target + 1e-12)
 
 
-def whole_budget_placement(costs, shape, slo, gpu_budget):
-    """Subtly wrong: always uses every GPU of the budget."""
-    options = [(x, gpu_budget - x) for x in range(1, gpu_budget)]
-    return max(options, key=lambda xy: system_goodput(costs, shape, slo, *xy) / sum(xy))
+def strict_slo_goodput(metrics_by_rate, slo, target=0.9):
+    """Plausible: a request exactly on the SLO misses it (< instead of <=)."""
+    return sweep_goodput_rps(metrics_by_rate, SLO(slo.ttft_s * (1 - 1e-12), slo.tpot_s * (1 - 1e-12)), target)
+
+
+def mean_verdict(ratios):
+    """Plausible: calls the mean of the runs, hiding a run on the other side of 1."""
+    if len(ratios) < 2:
+        return "tie"
+    mean = sum(ratios) / len(ratios)
+    return "gains" if mean >= 1.05 else "loses" if mean <= 0.95 else "tie"
+
+
+def one_run_verdict(ratios):
+    """Plausible: trusts a single run."""
+    if not ratios:
+        return "tie"
+    if min(ratios) > 1:
+        return "gains"
+    if max(ratios) < 1:
+        return "loses"
+    return "tie"
+
+
+def colocated_prefill_first_entry(rules):
+    """Plausible: keeps the default (nothing gained over the baseline)."""
+    return prefill_first, (0, rules.gpu_budget)
+
+
+def one_more_gpu_entry(rules):
+    """Plausible: one GPU over the budget (4 prefill GPUs and 1 decode GPU of a 4-GPU budget)."""
+    return prefill_first, (rules.gpu_budget, 1)
+
+
+def every_prompt_at_once(waiting, running, budget):
+    """Plausible: admits every waiting prompt whole, whatever the token budget."""
+    chunks = [PrefillChunk(s, s.num_prefill_tokens_left) for s in waiting[: budget.max_num_seqs - len(running)]]
+    return StepPlan(prefills=chunks) if chunks else StepPlan(decodes=list(running))
+
+
+def greedy_prefill_entry(rules):
+    """Plausible: a good split with a policy that ignores the token budget."""
+    return every_prompt_at_once, (rules.gpu_budget - 1, 1)
 
 
 def not_done(*args, **kwargs):
@@ -38,42 +75,17 @@ def not_done(*args, **kwargs):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_task1_passes_engine_metrics(seed, capsys):
-    assert check.lab6.task1(engine_goodput, seed=seed)
+def test_task1_reference_passes(seed, capsys):
+    assert check.lab6.task1(sweep_goodput_rps, seed=seed)
     assert "PASS" in capsys.readouterr().out
+    assert GRADING.task("Lab 6, Task 1").hidden(sweep_goodput_rps)
 
 
 def test_task1_catches_missing_tpot():
     with pytest.raises(CheckFailed, match="TTFT and TPOT"):
         check.lab6.task1(ttft_only_goodput, seed=0)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_task2_passes_brute_force(seed):
-    assert check.lab6.task2(brute_force_placement, seed=seed)
-
-
-def test_task2_catches_whole_budget_only():
-    with pytest.raises(CheckFailed, match="per GPU"):
-        check.lab6.task2(whole_budget_placement, seed=0)
-
-
-@pytest.mark.parametrize("task", ["task1", "task2"])
-def test_not_implemented_is_a_fail(task, capsys):
-    with pytest.raises(CheckFailed, match="not implemented") as info:
-        getattr(check.lab6, task)(not_done)
-    assert capsys.readouterr().out == ""  # the raised FAIL line is all the learner sees
-    assert str(info.value).startswith(f"FAIL  Lab 6, Task {task[-1]}: not implemented yet")
-
-
-def strict_target_goodput(metrics_by_rate, slo, target=0.9):
-    """Plausible: an attainment equal to the target counts as a miss (> instead of >=)."""
-    return engine_goodput(metrics_by_rate, slo, target + 1e-12)
-
-
-def strict_slo_goodput(metrics_by_rate, slo, target=0.9):
-    """Plausible: a request exactly on the SLO misses it (< instead of <=)."""
-    return engine_goodput(metrics_by_rate, SLO(slo.ttft_s * (1 - 1e-12), slo.tpot_s * (1 - 1e-12)), target)
+    with pytest.raises(CheckFailed, match="TTFT and TPOT"):
+        GRADING.task("Lab 6, Task 1").hidden(ttft_only_goodput)
 
 
 @pytest.mark.parametrize("wrong", [strict_target_goodput, strict_slo_goodput], ids=["target", "slo"])
@@ -85,13 +97,57 @@ def test_task1_fails_on_the_boundary_sweep(wrong):
                               "expected 1 (the lowest rate meets the target exactly"), message
 
 
-def placement_skipping_the_last_prefill_count(costs, shape, slo, gpu_budget):
-    """Plausible: an off-by-one in the range of x, which leaves nothing to pick from with 2 GPUs."""
-    options = [(x, y) for x in range(1, gpu_budget - 1) for y in range(1, gpu_budget - x + 1)]
-    return max(options, key=lambda xy: system_goodput(costs, shape, slo, *xy) / sum(xy))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_task2_reference_passes(seed):
+    assert check.lab6.task2(verdict_of_runs, seed=seed)
+    assert GRADING.task("Lab 6, Task 2").hidden(verdict_of_runs)
 
 
-def test_task2_fails_with_two_gpus():
-    with pytest.raises(CheckFailed, match=r"^FAIL  Lab 6, Task 2: case 0: budget 2 GPUs, .* best_placement raised "
-                                          r"ValueError"):
-        check.lab6.task2(placement_skipping_the_last_prefill_count, seed=0)
+def test_task2_catches_a_mean_that_hides_disagreeing_runs():
+    with pytest.raises(CheckFailed, match="runs disagree .* did a mean or a median hide"):
+        check.lab6.task2(mean_verdict, seed=0)
+
+
+def test_task2_catches_trusting_one_run():
+    with pytest.raises(CheckFailed, match="one run proves little"):
+        GRADING.task("Lab 6, Task 2").hidden(one_run_verdict)
+
+
+def test_task3_reference_passes_and_ranks_first(capsys):
+    assert check.lab6.task3(lb.reference_entry)
+    out = capsys.readouterr().out
+    assert "   1* your entry" in out and "PASS" in out
+    assert GRADING.task("Lab 6, Task 3").hidden(lb.reference_entry)
+
+
+def test_task3_catches_no_gain_over_the_baseline():
+    with pytest.raises(CheckFailed, match="no more than colocated prefill_first's"):
+        check.lab6.task3(colocated_prefill_first_entry)
+
+
+def test_task3_catches_a_split_over_budget():
+    with pytest.raises(CheckFailed, match="uses 5 GPUs, over the budget of 4"):
+        check.lab6.task3(one_more_gpu_entry)
+
+
+def test_task3_catches_a_policy_over_the_token_budget():
+    with pytest.raises(CheckFailed, match="over the token budget of 128"):
+        check.lab6.task3(greedy_prefill_entry)
+
+
+@pytest.mark.parametrize("task", ["Lab 6, Task 1", "Lab 6, Task 2", "Lab 6, Task 3"])
+def test_a_stub_fails_check_and_hidden(task, capsys):
+    graded = GRADING.task(task)
+    with pytest.raises(CheckFailed, match="not implemented"):
+        getattr(check.lab6, f"task{task[-1]}")(not_done)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(CheckFailed):
+        graded.hidden(not_done)
+
+
+def test_grading_lists_three_tasks_two_of_them_design_four_predictions_two_written():
+    assert [t.design for t in GRADING.tasks] == [False, True, True]
+    assert GRADING.predictions == ("Lab 6, Q1", "Lab 6, Q2", "Lab 6, Q3", "Lab 6, Q4")
+    assert GRADING.written == ("W1", "W2")
+    for t in GRADING.tasks:
+        assert callable(t.load_reference())

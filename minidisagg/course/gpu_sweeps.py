@@ -201,3 +201,23 @@ def ratio_figure(all_verdicts: Sequence[Verdict]) -> Figure:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
+
+
+GAINS, LOSES, TIE = "gains", "loses", "tie"
+NOISE_BAND = 0.1  # a ratio within 10% of 1 is inside the spread of one 4 s window
+
+
+def verdict_of_runs(ratios: Sequence[float]) -> str:
+    """Call a model and workload from its ratios across runs: 'gains', 'loses' or 'tie'.
+
+    One run proves little, runs that disagree on the side of 1 are a tie, and a call needs every
+    run beyond the noise band on the same side.
+    """
+    values = [float(r) for r in ratios]
+    if len(values) < 2:
+        return TIE
+    if min(values) >= 1 + NOISE_BAND:
+        return GAINS
+    if max(values) <= 1 - NOISE_BAND:
+        return LOSES
+    return TIE

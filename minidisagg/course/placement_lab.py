@@ -23,9 +23,10 @@ from minidisagg.course.phase_costs import (CostCalibration, PhaseCosts, lower_en
 from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.llm_engine import LLMEngine
 from minidisagg.engine.replay import replay, submit_workload
+from minidisagg.engine.scheduler import Policy
 from minidisagg.engine.sequence import Sequence as EngineSequence
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.metrics import SLO, RequestMetrics, slo_attainment
+from minidisagg.metrics import SLO, RequestMetrics, goodput, slo_attainment
 from minidisagg.models.registry import LoadedModel
 from minidisagg.engine.batch import PrefillChunk
 from minidisagg.stages.base import StageResult
@@ -72,10 +73,14 @@ def pool_blocks(costs: PhaseCosts, workload: Sequence[TimedRequest], block_size:
     return costs.max_batch * -(-longest // block_size) + 16
 
 
-def simulated_engine(loaded: LoadedModel, costs: PhaseCosts, policy: str, num_blocks: int = 4096,
+def simulated_engine(loaded: LoadedModel, costs: PhaseCosts, policy: Policy | str, num_blocks: int = 4096,
                      max_num_batched_tokens: int = 2048) -> LLMEngine:
-    """An ``LLMEngine`` on a ``SimulatedClock`` whose stages charge ``costs`` (``loaded`` only shapes the pool)."""
-    config = EngineConfig(max_num_seqs=costs.max_batch, max_num_batched_tokens=max_num_batched_tokens, policy=policy,
+    """An ``LLMEngine`` on a ``SimulatedClock`` whose stages charge ``costs`` (``loaded`` only shapes the pool).
+
+    ``policy`` is a built-in policy's name or any function of the scheduler's ``Policy`` shape.
+    """
+    name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
+    config = EngineConfig(max_num_seqs=costs.max_batch, max_num_batched_tokens=max_num_batched_tokens, policy=name,
                           cache=CacheConfig(block_size=16, num_blocks=num_blocks))
     engine = LLMEngine(loaded, config, clock=SimulatedClock(), policy=policy)
     engine.prefill_stage = CostedPrefillStage(engine.runner, costs)
@@ -84,13 +89,14 @@ def simulated_engine(loaded: LoadedModel, costs: PhaseCosts, policy: str, num_bl
 
 
 def replay_colocated(loaded: LoadedModel, costs: PhaseCosts, workload: Sequence[TimedRequest], num_gpus: int = 1,
-                     policy: str = "prefill_first", seed: int = 0) -> list[RequestMetrics]:
+                     policy: Policy | str = "prefill_first", seed: int = 0,
+                     token_budget: int = 2048) -> list[RequestMetrics]:
     """``num_gpus`` colocated engines, requests dealt round robin; each replays its share on its own clock."""
     metrics: list[RequestMetrics] = []
     for gpu in range(num_gpus):
         share = list(workload[gpu::num_gpus])
         if share:
-            engine = simulated_engine(loaded, costs, policy, pool_blocks(costs, share))
+            engine = simulated_engine(loaded, costs, policy, pool_blocks(costs, share), token_budget)
             metrics += [out.metrics for out in replay(engine, share, seed=seed + gpu) if out.metrics is not None]
     return metrics
 
@@ -153,7 +159,8 @@ def _decode_arrivals(engine: LLMEngine, arrivals: list[tuple[float, SequenceStat
 
 
 def replay_disagg(loaded: LoadedModel, costs: PhaseCosts, workload: Sequence[TimedRequest], num_prefill: int,
-                  num_decode: int, seed: int = 0) -> list[RequestMetrics]:
+                  num_decode: int, seed: int = 0, prefill_policy: Policy | str = "prefill_first",
+                  token_budget: int = 2048) -> list[RequestMetrics]:
     """xPyD on simulated clocks: prefill engines hand off, KV lands after ``costs.transfer_s``, decode engines adopt.
 
     Requests go round robin to prefill engines, and in KV arrival order round robin to decode engines.
@@ -166,7 +173,7 @@ def replay_disagg(loaded: LoadedModel, costs: PhaseCosts, workload: Sequence[Tim
     for p in range(num_prefill):
         share = list(workload[p::num_prefill])
         if share:
-            engine = simulated_engine(loaded, costs, "prefill_first", pool_blocks(costs, share))
+            engine = simulated_engine(loaded, costs, prefill_policy, pool_blocks(costs, share), token_budget)
             handed, finished = _prefill_handoffs(engine, costs, share, seed + p,
                                                  f"p{p}")
             arrivals += handed
@@ -196,11 +203,14 @@ class Placement:
         return f"colocated x{self.num_decode}" if self.num_prefill == 0 else f"{self.num_prefill}P{self.num_decode}D"
 
     def replay(self, loaded: LoadedModel, costs: PhaseCosts, workload: Sequence[TimedRequest],
-               seed: int = 0) -> list[RequestMetrics]:
-        """Replay ``workload`` on this deployment (simulated clocks, measured costs)."""
+               seed: int = 0, policy: Policy | str = "prefill_first", token_budget: int = 2048) -> list[RequestMetrics]:
+        """Replay ``workload`` on this deployment (simulated clocks, measured costs).
+
+        ``policy`` schedules the colocated engines, or the prefill engines of xPyD (decode engines decode first).
+        """
         if self.num_prefill == 0:
-            return replay_colocated(loaded, costs, workload, self.num_decode, seed=seed)
-        return replay_disagg(loaded, costs, workload, self.num_prefill, self.num_decode, seed=seed)
+            return replay_colocated(loaded, costs, workload, self.num_decode, policy, seed, token_budget)
+        return replay_disagg(loaded, costs, workload, self.num_prefill, self.num_decode, seed, policy, token_budget)
 
 
 def attainment_table(metrics_by_rate: dict[float, Sequence[RequestMetrics]], slo: SLO) -> dict[str, list[float]]:
@@ -214,6 +224,12 @@ def attainment_table(metrics_by_rate: dict[float, Sequence[RequestMetrics]], slo
         out["tpot"].append(slo_attainment(ms, SLO(big, slo.tpot_s)))
         out["both"].append(slo_attainment(ms, slo))
     return out
+
+
+def sweep_goodput_rps(metrics_by_rate: dict[float, Sequence[RequestMetrics]], slo: SLO, target: float = 0.9) -> float:
+    """Goodput (req/s) of a replayed rate sweep: the engine's ``slo_attainment`` per rate, then ``metrics.goodput``."""
+    rates = list(metrics_by_rate)
+    return goodput(rates, [slo_attainment(metrics_by_rate[r], slo) for r in rates], target)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Reference entries of the placement leaderboard, each a submission file (NAME, PLACEMENT, policy)."""
