@@ -184,7 +184,7 @@ BENCH_SUITES = {
     "fuzz": "minidisagg.bench.fuzz",
 }
 COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify",
-                  "grade": "minidisagg.course.grade", "leaderboard": "minidisagg.course.leaderboard"}
+                  "grade": "minidisagg.course.grade", "leaderboard": "minidisagg.course.leaderboard_cli"}
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
 
 

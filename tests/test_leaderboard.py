@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from minidisagg.course import leaderboard as lb
+from minidisagg.course import leaderboard_cli
 
 # The documented order of the reference entries under RULES (goodput per GPU, req/s): 2P2D ~1.58,
 # colocated chunked ~1.22, colocated prefill_first ~1.13, 1P3D ~0.63 (one prefill GPU cannot keep up).
@@ -67,7 +68,7 @@ def test_a_submission_that_copies_a_reference_ties_it(tmp_path, reference_run):
 ])
 def test_a_bad_submission_gets_one_line_and_exit_code_2(tmp_path, capsys, body, message):
     path = write(tmp_path, body)
-    assert lb.main([str(path)]) == 2
+    assert leaderboard_cli.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err
     assert err.startswith("bad submission: entry.py") or "policy" in err
@@ -81,7 +82,7 @@ def test_cli_ranks_a_submission_and_writes_json(tmp_path, capsys):
         PLACEMENT = (3, 1)
     """)
     out_json = tmp_path / "board.json"
-    assert lb.main([str(path), "--json", str(out_json)]) == 0
+    assert leaderboard_cli.main([str(path), "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "gpu_budget" in out and "three prefill GPUs:" in out and "rank" in out
     data = json.loads(out_json.read_text())

@@ -22,8 +22,7 @@ from typing import Any, Optional, Sequence
 
 from minidisagg.course.claims import STRICT_ENV
 from minidisagg.course.build import WRITTEN_HEADER, WRITTEN_STUB, WRITTEN_TAG, LabSourceError, lab_number
-from minidisagg.course.grade_kernel import REPORT_MARK
-from minidisagg.course.grading import LabGrading, lab_grading
+from minidisagg.course.grading import REPORT_MARK, LabGrading, lab_grading
 
 COLLECT_CELL = "from minidisagg.course.grade_kernel import collect\ncollect({lab}, globals())"
 
@@ -157,9 +156,16 @@ def grade_notebook(path: Path, cell_timeout_s: int = 600) -> LabGrade:
     problems = []
     from jupyter_client.manager import KernelManager
 
+    class LocalSocketKernelManager(KernelManager):
+        """A kernel reached over a local socket file, not TCP (no network port, no warning about one)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(transport="ipc", **kwargs)
+
     client = NotebookClient(nb, timeout=cell_timeout_s, kernel_name="python3", allow_errors=True,
-                            interrupt_on_timeout=True, resources={"metadata": {"path": str(path.resolve().parent)}},
-                            km=KernelManager(kernel_name="python3", transport="ipc"))  # a local socket, not TCP
+                            interrupt_on_timeout=True, startup_timeout=300,  # a loaded host starts kernels slowly
+                            resources={"metadata": {"path": str(path.resolve().parent)}},
+                            kernel_manager_class=LocalSocketKernelManager)
     strict = os.environ.pop(STRICT_ENV, None)  # the kernel inherits this: its claims print, never raise
     try:
         client.execute()

@@ -16,10 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
 from minidisagg.course.checking import REGISTRY, CheckFailed
-from minidisagg.course.grading import GradedTask, lab_grading
+from minidisagg.course.grading import REPORT_MARK, GradedTask, lab_grading
 from minidisagg.course.predict import prediction_results
-
-REPORT_MARK = "@@minidisagg-grade@@"
 
 
 @dataclass(frozen=True)

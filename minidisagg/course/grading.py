@@ -13,6 +13,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+REPORT_MARK = "@@minidisagg-grade@@"  # frames the JSON line the grading cell prints
+
 
 @dataclass(frozen=True)
 class GradedTask:

@@ -16,7 +16,6 @@ per-GPU rate whose SLO attainment stays at or above the target (interpolated bet
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -259,16 +258,11 @@ def to_json(ranked: Sequence[Entry], rules: Rules = RULES) -> dict[str, Any]:
                         for i, e in enumerate(ranked, 1)]}
 
 
-def main(argv: Sequence[str]) -> int:
-    """``minidisagg course leaderboard SUBMISSION.py [--json PATH]``: 0 ranked, 2 a bad submission."""
-    parser = argparse.ArgumentParser(prog="minidisagg course leaderboard", description=__doc__.splitlines()[0])
-    parser.add_argument("submission", nargs="?", help="a .py file defining NAME, PLACEMENT and policy "
-                                                      "(omit it to rank the reference entries alone)")
-    parser.add_argument("--json", dest="json_path", help="also write the rules and the ranking here")
-    args = parser.parse_args(list(argv))
+def run_command(submission_path: Optional[str], json_path: Optional[str]) -> int:
+    """Rank ``submission_path`` (or the reference entries alone) and print the board: 0 ranked, 2 a bad submission."""
     t0 = time.perf_counter()
     try:
-        submission = load_submission(args.submission) if args.submission else None
+        submission = load_submission(submission_path) if submission_path else None
         ranked = run_leaderboard(submission)
     except SubmissionError as err:
         print(f"bad submission: {err}", file=sys.stderr)
@@ -280,8 +274,8 @@ def main(argv: Sequence[str]) -> int:
         e = ranked[mine - 1]
         print(f"{e.name}: {e.goodput_per_gpu_rps:.3f} req/s per GPU, rank {mine} of {len(ranked)}")
     print(f"replayed {len(ranked)} entries x {len(RULES.per_gpu_rates_rps)} rates in {time.perf_counter() - t0:.1f} s")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(to_json(ranked), indent=2) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(to_json(ranked), indent=2) + "\n")
     return 0
 
 
