@@ -539,9 +539,9 @@ def test_the_router_reads_a_bad_worker_frame_as_that_requests_failure_only(tiny_
     fails its request only; HEALTH {"healthy": false} marks the worker gone at once."""
     import queue
 
-    from minidisagg.disagg.launch import RemoteWorker
+    from minidisagg.disagg.remote_worker import RemoteWorker
     from minidisagg.transport.handshake import server_handshake
-    from minidisagg.transport.socket import listen
+    from minidisagg.transport.listener import listen
 
     layout = layout_of(tiny_loaded)
     fingerprint = tiny_loaded.config.fingerprint()

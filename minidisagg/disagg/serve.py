@@ -58,14 +58,8 @@ from minidisagg.transport.framing import FrameError, FrameKind, HeaderError, Pee
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.kv_link import serve_kv_link
-from minidisagg.transport.listener import REFUSAL_TIMEOUT_S, ConnectionLimit
-from minidisagg.transport.socket import (
-    SocketSender,
-    accept_loop,
-    listen,
-    make_hello,
-    wait_readable,
-)
+from minidisagg.transport.listener import REFUSAL_TIMEOUT_S, ConnectionLimit, accept_loop, listen
+from minidisagg.transport.socket import SocketSender, make_hello, wait_readable
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
