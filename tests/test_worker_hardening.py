@@ -488,7 +488,8 @@ def test_an_inproc_decode_loop_that_raises_moves_requests_elsewhere(tiny_loaded,
 
 def test_a_prefill_worker_refuses_an_id_it_already_holds(tiny_loaded):
     """Another router reusing an id in flight must not be able to fail or confuse that request."""
-    from minidisagg.disagg.prefill_worker import PrefillWorker, Submission
+    from minidisagg.disagg.prefill_requests import Submission
+    from minidisagg.disagg.prefill_worker import PrefillWorker
     from minidisagg.engine.clock import WallClock
 
     worker = PrefillWorker("p", tiny_loaded, CONFIG, WallClock(), {}, lambda item: None)

@@ -19,7 +19,8 @@ from typing import Optional, Sequence as Seq
 
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
-from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
+from minidisagg.disagg.prefill_requests import FailedRequest, Submission
+from minidisagg.disagg.prefill_worker import PrefillWorker
 from minidisagg.disagg.router import Router
 from minidisagg.engine.clock import WallClock
 from minidisagg.engine.llm_engine import PromptInput, RequestOutput, validate_prompt

@@ -40,7 +40,8 @@ from minidisagg.config import EngineConfig, LinkConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
 from minidisagg.disagg.outbox import Subscribers
 from minidisagg.disagg.owners import OwnerConnections
-from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
+from minidisagg.disagg.prefill_requests import FailedRequest, Submission
+from minidisagg.disagg.prefill_worker import PrefillWorker
 from minidisagg.disagg.validate import (
     InvalidMessage,
     MessageLimits,
