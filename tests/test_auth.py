@@ -28,7 +28,8 @@ import pytest
 from cluster_requests import run_request
 from minidisagg import LLM, SamplingParams
 from minidisagg.config import CacheConfig, EngineConfig
-from minidisagg.disagg.launch import RemoteWorker, WorkerProcess, spawn_worker, stop_processes
+from minidisagg.disagg.launch import WorkerProcess, spawn_worker, stop_processes
+from minidisagg.disagg.remote_worker import RemoteWorker
 from minidisagg.disagg.router_protocol import stream_request
 from minidisagg.disagg.router_server import RemoteCluster
 from minidisagg.disagg.serve import DecodeServer

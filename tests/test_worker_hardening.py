@@ -488,7 +488,8 @@ def test_an_inproc_decode_loop_that_raises_moves_requests_elsewhere(tiny_loaded,
 
 def test_a_prefill_worker_refuses_an_id_it_already_holds(tiny_loaded):
     """Another router reusing an id in flight must not be able to fail or confuse that request."""
-    from minidisagg.disagg.prefill_worker import PrefillWorker, Submission
+    from minidisagg.disagg.prefill_requests import Submission
+    from minidisagg.disagg.prefill_worker import PrefillWorker
     from minidisagg.engine.clock import WallClock
 
     worker = PrefillWorker("p", tiny_loaded, CONFIG, WallClock(), {}, lambda item: None)
@@ -539,9 +540,9 @@ def test_the_router_reads_a_bad_worker_frame_as_that_requests_failure_only(tiny_
     fails its request only; HEALTH {"healthy": false} marks the worker gone at once."""
     import queue
 
-    from minidisagg.disagg.launch import RemoteWorker
+    from minidisagg.disagg.remote_worker import RemoteWorker
     from minidisagg.transport.handshake import server_handshake
-    from minidisagg.transport.socket import listen
+    from minidisagg.transport.listener import listen
 
     layout = layout_of(tiny_loaded)
     fingerprint = tiny_loaded.config.fingerprint()

@@ -27,7 +27,8 @@ from minidisagg.kv.cache import PagedKVCache
 from minidisagg.kv.pages import KVLayout, gather_pages, scatter_blocks, scatter_layer, scatter_pages
 from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.kv_link import serve_kv_link
-from minidisagg.transport.socket import SocketSender, listen, make_hello
+from minidisagg.transport.listener import listen
+from minidisagg.transport.socket import SocketSender, make_hello
 
 FINGERPRINT = "bench-transport"
 GLOO_TAG, PIPE_TIMEOUT_S, TIMEOUT_S, RAW_HEAD_BYTES = 7, 120.0, 60.0, 24

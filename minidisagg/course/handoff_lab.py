@@ -34,7 +34,8 @@ from minidisagg.transport.framing import FrameError
 from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.inproc import InprocSender
 from minidisagg.transport.kv_link import serve_kv_link
-from minidisagg.transport.socket import SocketSender, accept_loop, listen, make_hello
+from minidisagg.transport.listener import accept_loop, listen
+from minidisagg.transport.socket import SocketSender, make_hello
 
 TRANSPORTS = ("inproc", "socket")
 TRANSFER_TIMEOUT_S = 30.0

@@ -19,7 +19,8 @@ from typing import Optional, Sequence as Seq
 
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
-from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
+from minidisagg.disagg.prefill_requests import FailedRequest, Submission
+from minidisagg.disagg.prefill_worker import PrefillWorker
 from minidisagg.disagg.router import Router
 from minidisagg.engine.clock import WallClock
 from minidisagg.engine.llm_engine import PromptInput, RequestOutput, validate_prompt
@@ -106,7 +107,8 @@ class DisaggCluster:
     def _start_processes(self, model_ref: str, config: EngineConfig, num_prefill: int, num_decode: int,
                          overlap: bool, pin_cores: bool, worker_threads: int, prefill_devices: Optional[Seq[str]],
                          decode_devices: Optional[Seq[str]]) -> None:
-        from minidisagg.disagg.launch import RemoteWorker, launch_local, stop_processes
+        from minidisagg.disagg.launch import launch_local, stop_processes
+        from minidisagg.disagg.remote_worker import RemoteWorker
         from minidisagg.kv.pages import KVLayout
         from minidisagg.transport.auth import LinkSecurity, new_secret
         from minidisagg.transport.socket import make_hello

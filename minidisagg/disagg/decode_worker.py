@@ -1,5 +1,8 @@
 """The decode worker: receives prefilled requests' KV pages and decodes them with the usual engine.
 
+The receiving calls other than ``commit`` (reservations, page writes, leases, peers) are
+``decode_reservations``'s; the engine's lock is a ``FairEngineLock`` (``engine_lock``).
+
 A decode loop that dies is a health failure (``health``): the worker fails every request it
 holds, each with an error output, frees all their KV blocks, reservations included, and from
 then on refuses reservations and commits.
@@ -11,25 +14,20 @@ import logging
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
-
-import torch
+from typing import Callable, Optional
 
 from minidisagg.config import EngineConfig
+from minidisagg.disagg.decode_reservations import DecodeReservations
 from minidisagg.disagg.health import LoopHealth
-from minidisagg.disagg.leases import LeaseTable, PeerSession
 from minidisagg.disagg.owners import RequestOwners
 from minidisagg.disagg.validate import MessageLimits, check_sequence_state
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sequence import SequenceState
-from minidisagg.kv.pages import KVLayout, block_region, scatter_blocks, scatter_layer, scatter_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
-from minidisagg.transport.base import LeaseExpired
 from minidisagg.transport.trace import kv_trace
 
 log = logging.getLogger(__name__)
@@ -50,45 +48,31 @@ class _Adoption:
     landed_at_s: Optional[float]
 
 
-class DecodeWorker:
+class DecodeWorker(DecodeReservations):
     """An ``LLMEngine`` that only decodes: sequences arrive prefilled, through ``KVReceiver`` calls.
 
     It is the receiving end of every transport. Reservations are blocks held under the
-    transfer id; ``commit`` turns one into a running sequence. Each is a lease that expires
-    without progress, and a link's reservations count against its quota (``leases``; the
-    clock is ``lease_clock``, monotonic). Outputs (each new token, and the final result) go
-    to ``sink``. Each request is held under its id, with its router's owner token
+    transfer id (``DecodeReservations``); ``commit`` turns one into a running sequence. Each is a
+    lease that expires without progress, and a link's reservations count against its quota
+    (``leases``; the clock is ``lease_clock``, monotonic). Outputs (each new token, and the final
+    result) go to ``sink``. Each request is held under its id, with its router's owner token
     (``owners``): a second request under an id already here is refused at commit.
     """
 
     def __init__(self, name: str, loaded: LoadedModel, config: EngineConfig, clock: Clock, sink: OutputSink,
                  decode_stage: type[Stage] = DecodeStage, lease_clock: Callable[[], float] = time.monotonic) -> None:
-        self.name = name
-        self.engine = LLMEngine(loaded, config, clock=clock, policy="decode_first", decode_stage=decode_stage)
-        self.engine.capture_cuda_graphs()  # a server captures at start: no request pays for a capture
-        self.layout = KVLayout.of(self.engine.kv_cache)
+        engine = LLMEngine(loaded, config, clock=clock, policy="decode_first", decode_stage=decode_stage)
+        engine.capture_cuda_graphs()  # a server captures at start: no request pays for a capture
+        super().__init__(name, engine, LoopHealth(f"decode worker {name}"), config.link, lease_clock)
         self._sink = sink
         self.owners = RequestOwners()  # request id -> owner token, from commit until the request ends
         self.owner_connected: Callable[[str], bool] = lambda token: True  # a server tells whether that router is here
-        self._lock = threading.RLock()
-        # Python locks are not fair: a loop that releases and at once re-takes the lock can starve
-        # transport threads (reserve, commit) for seconds. Callers announce themselves, and the loop
-        # lets them in before its next step.
-        self._num_waiting = 0
-        self._waiting_lock = threading.Lock()
-        self._no_waiters = threading.Event()
-        self._no_waiters.set()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        link = config.link
-        self.leases = LeaseTable(link.kv_lease_s, self.engine.blocks.num_blocks, link.max_reserved_share_per_peer,
-                                 lease_clock)
-        self._reserved = self.leases.blocks  # transfer id -> blocks; changed only through ``leases``
         self._next_lease_check_s = 0.0
         self._adoptions: deque[_Adoption] = deque()  # committed transfers the loop adopts before its next step
         self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
-        self.health = LoopHealth(f"decode worker {name}")
         self.limits = MessageLimits(loaded.config.vocab_size, self.engine.max_model_len)
 
     @property
@@ -96,70 +80,7 @@ class DecodeWorker:
         """What killed the decode loop (None while it is healthy)."""
         return self.health.error
 
-    @contextmanager
-    def _engine_access(self) -> Iterator[None]:
-        """Hold the engine for a transport call, ahead of the decode loop's next step."""
-        with self._waiting_lock:
-            self._num_waiting += 1
-            self._no_waiters.clear()
-        try:
-            with self._lock:
-                yield
-        finally:
-            with self._waiting_lock:
-                self._num_waiting -= 1
-                if self._num_waiting == 0:
-                    self._no_waiters.set()
-
-    # ---- KVReceiver -------------------------------------------------------------------------
-    def reserve(self, transfer_id: str, num_tokens: int, peer: Optional[PeerSession] = None) -> bool:
-        """Reserve blocks for an incoming request; False when the pool cannot take it now.
-
-        ``peer`` (a link's ``open_peer``) holds the reservation: ``QuotaExceeded`` (a ValueError)
-        if it would take that peer past ``max_reserved_share_per_peer`` of the pool.
-        """
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}")
-        if num_tokens >= self.engine.max_model_len:
-            raise ValueError(f"num_tokens={num_tokens} can never fit this engine's context of "
-                             f"{self.engine.max_model_len} tokens (prompt plus at least one generated token)")
-        with self._engine_access():
-            self.health.check()
-            if transfer_id in self._reserved:
-                raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
-            if peer is not None:
-                self.leases.check_quota(peer, self.engine.blocks.blocks_needed(num_tokens))
-            blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
-            if blocks is None:
-                return False
-            self.leases.add(transfer_id, blocks, peer)
-            return True
-
-    def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
-        """Scatter one layer's pages into the reservation (no lock: the blocks are ours alone)."""
-        if not 0 <= layer < self.layout.num_layers:
-            raise ValueError(f"layer {layer} out of range (model has {self.layout.num_layers})")
-        scatter_layer(self.engine.kv_cache, layer, self._blocks_of(transfer_id), pages)
-
-    def write_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
-        """Scatter consecutive layers' pages into the reservation at once (no lock, as ``write_layer``)."""
-        scatter_pages(self.engine.kv_cache, self._blocks_of(transfer_id), pages, first_layer)
-
-    def write_blocks(self, transfer_id: str, first: int, pages: torch.Tensor) -> None:
-        """Write pages block first into the reservation's blocks from position ``first`` (no lock, as ``write_layer``)."""
-        scatter_blocks(self.engine.kv_cache, self._blocks_of(transfer_id), pages, first)
-
-    def block_region(self, transfer_id: str, first: int, end: int) -> Optional[torch.Tensor]:
-        """The pool's memory for the reservation's blocks ``first .. end`` if it is one range (``kv.pages.block_region``)."""
-        blocks = self._blocks_of(transfer_id)
-        if not 0 <= first < end <= len(blocks):
-            raise ValueError(f"blocks {first}..{end} of a reservation of {len(blocks)}")
-        return block_region(self.engine.kv_cache, blocks[first:end])
-
-    def _blocks_of(self, transfer_id: str) -> list[int]:
-        """The reservation's blocks; asking for them to write pages is progress, so its lease is renewed."""
-        return self.leases.blocks_of(transfer_id)
-
+    # ---- KVReceiver: commit (the other calls are ``DecodeReservations``'s) ------------------
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int,
                landed_at_s: Optional[float] = None) -> None:
         """Adopt the sequence whose pages now sit in the reservation: now if the engine is free, else queued.
@@ -251,58 +172,6 @@ class DecodeWorker:
                                               True, "error", None, state.restore_timeline(), error=str(exc)))
         return outputs, failures
 
-    def cancel(self, transfer_id: str) -> None:
-        """Give a reservation back to the pool."""
-        with self._engine_access():
-            if self.leases.remove(transfer_id) is not None:
-                self.engine.cancel_reservation(f"transfer:{transfer_id}")
-
-    # ---- leases and peers (``leases``) ------------------------------------------------------
-    def open_peer(self, name: str) -> PeerSession:
-        """Track one KV link: its reservations count against its quota and go when it closes."""
-        return PeerSession(name, self)
-
-    def release_peer(self, peer: PeerSession) -> int:
-        """Free every uncommitted reservation ``peer`` holds (its link closed); returns the blocks freed."""
-        with self._engine_access():
-            tids = self.leases.held_by(peer)
-            num_blocks = 0
-            for tid in tids:
-                blocks = self.leases.remove(tid)
-                if blocks is not None:
-                    num_blocks += len(blocks)
-                    self.engine.cancel_reservation(f"transfer:{tid}")
-        if tids:
-            log.info("decode worker %s: link from %s closed; freed %d block(s) of %d reservation(s) it held",
-                     self.name, peer.name, num_blocks, len(tids))
-        return num_blocks
-
-    def renew_reservations(self, transfer_ids: Sequence[str]) -> None:
-        """An in-process sender's heartbeat: these transfers are still under way (expired or unknown ones are skipped)."""
-        for transfer_id in transfer_ids:
-            try:
-                self.leases.renew(transfer_id)
-            except LeaseExpired:
-                pass
-
-    def expire_leases(self) -> list[str]:
-        """Expire every reservation whose lease ran out; returns their transfer ids.
-
-        A link's reservation is handed to that link to free (``PeerSession.take_expired``); one
-        without a link is freed here. Runs under the engine lock, so it never interleaves with a commit.
-        """
-        with self._lock:
-            expired = self.leases.take_expired()
-            for lease in expired:
-                reason = self.leases.expiry_message(lease)
-                log.warning("decode worker %s: %s (held by %s)", self.name, reason,
-                            lease.peer.name if lease.peer is not None else "an in-process sender")
-                if lease.peer is not None:
-                    lease.peer.notify_expired(lease.transfer_id, reason)
-                elif self.leases.remove(lease.transfer_id) is not None:
-                    self.engine.cancel_reservation(f"transfer:{lease.transfer_id}")
-        return [lease.transfer_id for lease in expired]
-
     # ---- the loop ---------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
@@ -311,7 +180,7 @@ class DecodeWorker:
 
     def step(self) -> bool:
         """Adopt queued transfers, then one decode iteration; returns whether there was work."""
-        self._no_waiters.wait(WAITER_GRACE_S)  # transport calls first (bounded, so a stuck one cannot stall decode)
+        self._fair_lock.let_waiters_in(WAITER_GRACE_S)  # transport calls first (bounded: none stalls decode)
         with self._lock:
             now_s = self.leases.clock()
             if now_s >= self._next_lease_check_s:
@@ -408,7 +277,7 @@ class DecodeWorker:
         Its id is released last, under the engine: a commit still on its way in then finds it gone and is
         refused (``_adopt``), while one the loop adopted first is aborted here.
         """
-        with self._engine_access():
+        with self._fair_lock.transport_access():
             with self._adoptions_lock:
                 dropped = [a for a in self._adoptions if a.state.request_id == request_id]
                 self._adoptions = deque(a for a in self._adoptions if a.state.request_id != request_id)

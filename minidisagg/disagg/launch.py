@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minidisagg.disagg.placement import check_dist_placement, check_placement, placement
-from minidisagg.disagg.remote_worker import RemoteWorker  # noqa: F401 - re-exported: the router's side of a link
 from minidisagg.transport.auth import SECRET_ENV, new_secret
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,8 @@
 """The prefill worker: computes prompts' KV and first tokens, then ships the pages to a decode worker.
 
+Its link operations run on a sender thread (``kv_send_thread``); what it takes and gives back
+are ``prefill_requests``'s ``Submission`` and ``FailedRequest``.
+
 A prefill loop that dies is a health failure (``health``): the worker fails every request it
 holds with a ``FailedRequest``, frees their blocks here, gives their reservations back on the
 decode side, and refuses new submissions.
@@ -7,24 +10,23 @@ decode side, and refuses new submissions.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.health import LoopHealth
+from minidisagg.disagg.kv_send_thread import KVSendThread, OutgoingTransfer
+from minidisagg.disagg.prefill_requests import FailedRequest, Submission
 from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
-from minidisagg.engine.sampling import SamplingParams
-from minidisagg.engine.sequence import Sequence, SequenceState, SequenceStatus
+from minidisagg.engine.sequence import Sequence, SequenceStatus
 from minidisagg.kv.pages import KVLayout, gather_block_pieces, gather_layer, gather_pages
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
@@ -33,46 +35,6 @@ from minidisagg.transport.trace import kv_trace
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
-
-
-@dataclass
-class Submission:
-    """A request routed to this prefill worker, with the decode worker its KV must reach.
-
-    ``owner``: the submitting router's opaque token, handed on with the request's state
-    (``SequenceState.owner``), so the decode worker ties the request to that router.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_s: float
-    decode_target: str
-    prompt: Optional[str] = None
-    owner: Optional[str] = None
-
-
-@dataclass
-class FailedRequest:
-    """A request this worker could not hand over, with the reason (the router decides what next)."""
-
-    request_id: str
-    error: str
-
-
-@dataclass
-class _Transfer:
-    transfer_id: str
-    submission: Submission
-    sender: KVSender
-    seq: Sequence
-    num_bytes: int = 0
-    started: bool = False
-    error: Optional[str] = None
-    shape: Optional[tuple[int, ...]] = None  # of the announced stacked pages (see ``_announce``)
-    pieces: list[tuple[int, int]] = field(default_factory=list)  # their planned block ranges
-    handed_off: bool = False
-    kv_ready: Optional[tuple[float, Optional[torch.cuda.Event]]] = None  # when its pages were complete
 
 
 def kv_ready_mark(device: torch.device, clock: Clock) -> tuple[float, Optional[torch.cuda.Event]]:
@@ -113,12 +75,10 @@ class PrefillWorker:
         self.timeout_s = timeout_s
         self._inbox: queue.Queue[Submission] = queue.Queue()
         self._pending: list[Submission] = []
-        self._transfers: dict[str, _Transfer] = {}  # by request id
-        self._announced: list[_Transfer] = []  # announced in this step, in order; shipped after its last layer
-        self._to_commit: list[_Transfer] = []  # announced transfers handed off in this step
-        self._sender_idle = threading.Event()  # set while the sender thread waits on an empty queue
-        self._send_queue: queue.Queue[Optional[tuple[str, _Transfer, object]]] = queue.Queue()
-        self._finished_transfers: queue.Queue[_Transfer] = queue.Queue()
+        self._transfers: dict[str, OutgoingTransfer] = {}  # by request id
+        self._announced: list[OutgoingTransfer] = []  # announced in this step, in order; shipped after its last layer
+        self._to_commit: list[OutgoingTransfer] = []  # announced transfers handed off in this step
+        self._sends = KVSendThread(self.layout.dtype, self.engine.clock, timeout_s)
         # Transfer ids key the reservations of a decode worker that every prefill worker shares, and
         # separate server processes may all be named "prefill": a random tag keeps them apart.
         self._transfer_prefix = f"{name}-{secrets.token_hex(4)}"
@@ -180,7 +140,7 @@ class PrefillWorker:
                 sender.cancel(tid)
                 self._emit(FailedRequest(sub.request_id, str(exc)))
                 continue
-            self._transfers[sub.request_id] = _Transfer(tid, sub, sender, self.engine.sequence(sub.request_id))
+            self._transfers[sub.request_id] = OutgoingTransfer(tid, sub, sender, self.engine.sequence(sub.request_id))
         self._pending = still_pending
 
     def _reserve_pending(self) -> list[tuple[Submission, str, bool | TransferError]]:
@@ -206,7 +166,7 @@ class PrefillWorker:
             transfer = self._transfers.get(seq.request_id)
             if transfer is not None:
                 pages = gather_layer(self.engine.kv_cache, layer, seq.block_table)
-                self._send_queue.put(("layer", transfer, (layer, pages)))
+                self._sends.put("layer", transfer, (layer, pages))
 
     def _announce(self, seqs: list[Sequence]) -> None:
         """Before the batch that completes ``seqs`` runs: queue each one's page header (links that announce)."""
@@ -217,7 +177,7 @@ class PrefillWorker:
             transfer.shape = self.layout.block_shape(len(seq.block_table))
             transfer.pieces = transfer.sender.plan_pieces(transfer.shape, self.layout.dtype)
             self._announced.append(transfer)
-            self._send_queue.put(("announce", transfer, None))
+            self._sends.put("announce", transfer)
 
     def _on_last_layer(self, seqs: list[Sequence], layer: int) -> None:
         """After the last layer of a batch is queued: send the announced pages of ``seqs``, in announcement order.
@@ -263,8 +223,8 @@ class PrefillWorker:
             self._to_commit.append(transfer)
             return
         if not self.overlap:  # the prefill is over: every layer in one message
-            self._send_queue.put(("layers", transfer, (0, gather_pages(self.engine.kv_cache, seq.block_table))))
-        self._send_queue.put(("commit", transfer, seq))
+            self._sends.put("layers", transfer, (0, gather_pages(self.engine.kv_cache, seq.block_table)))
+        self._sends.put("commit", transfer, seq)
 
     def _commit_handed_off(self) -> None:
         """Send DONE for the announced transfers this step handed off: here when idle, else by the sender thread.
@@ -274,72 +234,17 @@ class PrefillWorker:
         exchange itself: the hop to the sender thread would add its wake-up to the request's TTFT.
         """
         to_commit, self._to_commit = self._to_commit, []
-        idle = (self._sender_idle.is_set() and self._send_queue.empty() and self._inbox.empty()
-                and not self._pending and not self.engine.has_unfinished())
+        idle = (self._sends.is_idle() and self._inbox.empty() and not self._pending
+                and not self.engine.has_unfinished())
         for transfer in to_commit:
             if idle:
-                self._send_item("commit", transfer, transfer.seq)
+                self._sends.send("commit", transfer, transfer.seq)
             else:
-                self._send_queue.put(("commit", transfer, transfer.seq))
-
-    # ---- the sender thread ------------------------------------------------------------------
-    def _send_loop(self) -> None:
-        while True:
-            self._sender_idle.set()
-            item = self._send_queue.get()
-            self._sender_idle.clear()
-            if item is None:
-                return
-            self._send_item(*item)
-
-    def _send_item(self, kind: str, transfer: _Transfer, payload: object) -> None:
-        """Carry out one queued link operation (on the sender thread, or inline when idle: ``_commit_handed_off``)."""
-        if transfer.error is not None:
-            if kind == "commit":
-                self._finished_transfers.put(transfer)
-            return
-        try:
-            if kind == "announce":
-                kv_trace("announce", transfer.transfer_id)
-                transfer.sender.announce_pages(transfer.transfer_id, transfer.shape, self.layout.dtype,
-                                                transfer.pieces)
-            elif kind == "cancel":
-                transfer.sender.cancel(transfer.transfer_id)
-            elif kind in ("layer", "layers"):
-                layer, pages = payload  # type: ignore[misc]
-                if not transfer.started:
-                    transfer.started = True
-                    transfer.seq.timeline.transfer_start_s = self.engine.clock.now()
-                sent_at = time.perf_counter()
-                send = transfer.sender.send_layer if kind == "layer" else transfer.sender.send_layers
-                kv_trace(f"send-{layer}", transfer.transfer_id)
-                send(transfer.transfer_id, layer, pages)
-                kv_trace(f"sent-{layer}", transfer.transfer_id)
-                transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
-                transfer.num_bytes += pages.numel() * pages.element_size()
-            else:
-                # the engine no longer touches a handed-off seq
-                state = dataclasses.replace(SequenceState.of(transfer.seq), owner=transfer.submission.owner)
-                kv_trace("commit", transfer.transfer_id)
-                transfer.sender.commit(transfer.transfer_id, state, transfer.num_bytes, self.timeout_s)
-                kv_trace("acked", transfer.transfer_id)
-                self._finished_transfers.put(transfer)
-        except Exception as exc:  # a dead peer, a timeout, a refusal: fail this request only
-            transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"
-            log.warning("%s", transfer.error)
-            try:
-                transfer.sender.cancel(transfer.transfer_id)
-            except Exception:  # noqa: BLE001 - best effort on a broken link
-                pass
-            if kind == "commit":
-                self._finished_transfers.put(transfer)
+                self._sends.put("commit", transfer, transfer.seq)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                transfer = self._finished_transfers.get_nowait()
-            except queue.Empty:
-                return
+        """Free what the sender thread finished with (committed, or failed at its commit); fail the failed."""
+        while (transfer := self._sends.next_finished()) is not None:
             self.engine.release_handed_off(transfer.seq)
             self._transfers.pop(transfer.submission.request_id, None)
             with self.health.guard():
@@ -361,7 +266,7 @@ class PrefillWorker:
                     if transfer.shape is None:
                         transfer.sender.cancel(transfer.transfer_id)
                     else:  # after its announcement, in the link's order
-                        self._send_queue.put(("cancel", transfer, None))
+                        self._sends.put("cancel", transfer)
                     self.engine.release(out.request_id)
                     self._emit(out)
             self._commit_handed_off()
@@ -410,7 +315,7 @@ class PrefillWorker:
 
     def start(self) -> None:
         """Start the loop and the sender on daemon threads."""
-        for target, kind in ((self.run_forever, "prefill"), (self._send_loop, "sender")):
+        for target, kind in ((self.run_forever, "prefill"), (self._sends.run, "sender")):
             thread = threading.Thread(target=target, name=f"{kind}-{self.name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -418,7 +323,7 @@ class PrefillWorker:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop both threads and wait for them."""
         self._stop.set()
-        self._send_queue.put(None)
+        self._sends.close()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Optional
 
-from minidisagg.disagg.prefill_worker import FailedRequest, Submission
+from minidisagg.disagg.prefill_requests import FailedRequest, Submission
 from minidisagg.disagg.serve import submission_to_dict
 from minidisagg.disagg.validate import InvalidMessage, check_output
 from minidisagg.engine.llm_engine import RequestOutput

@@ -24,7 +24,7 @@ from minidisagg.config import EngineConfig, LinkConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.disagg.remote_worker import RemoteWorker
 from minidisagg.disagg.outbox import Outbox, shutdown_quietly
-from minidisagg.disagg.prefill_worker import Submission
+from minidisagg.disagg.prefill_requests import Submission
 from minidisagg.disagg.router_protocol import (
     IDLE_WAIT_S,
     MAX_LINE_BYTES,

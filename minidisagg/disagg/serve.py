@@ -40,7 +40,8 @@ from minidisagg.config import EngineConfig, LinkConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
 from minidisagg.disagg.outbox import Subscribers
 from minidisagg.disagg.owners import OwnerConnections
-from minidisagg.disagg.prefill_worker import FailedRequest, PrefillWorker, Submission
+from minidisagg.disagg.prefill_requests import FailedRequest, Submission
+from minidisagg.disagg.prefill_worker import PrefillWorker
 from minidisagg.disagg.validate import (
     InvalidMessage,
     MessageLimits,
@@ -58,14 +59,8 @@ from minidisagg.transport.framing import FrameError, FrameKind, HeaderError, Pee
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.handshake import server_handshake
 from minidisagg.transport.kv_link import serve_kv_link
-from minidisagg.transport.listener import REFUSAL_TIMEOUT_S, ConnectionLimit
-from minidisagg.transport.socket import (
-    SocketSender,
-    accept_loop,
-    listen,
-    make_hello,
-    wait_readable,
-)
+from minidisagg.transport.listener import REFUSAL_TIMEOUT_S, ConnectionLimit, accept_loop, listen
+from minidisagg.transport.socket import SocketSender, make_hello, wait_readable
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Collection, Optional
 
-from minidisagg.disagg.prefill_worker import Submission
+from minidisagg.disagg.prefill_requests import Submission
 from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import SequenceState

@@ -30,7 +30,6 @@ from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.base import HEARTBEAT_S, KVSender, TransferError
 from minidisagg.transport.framing import Frame, FrameError, FrameKind, recv_frame, send_frame
 from minidisagg.transport.handshake import Hello, open_link
-from minidisagg.transport.listener import Handler, accept_loop, listen  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 FRAME_TIMEOUT_S = 30.0
