@@ -193,9 +193,9 @@ def test_not_implemented_is_a_fail(task, capsys):
         GRADING.task(f"Lab 5, Task {task[-1]}").hidden(not_done)
 
 
-def test_grading_lists_two_design_tasks_three_predictions_two_written():
+def test_grading_lists_two_design_tasks_four_predictions_two_written():
     assert sum(t.design for t in GRADING.tasks) == 2 and len(GRADING.tasks) == 3
-    assert GRADING.predictions == ("Lab 5, Q1", "Lab 5, Q2", "Lab 5, Q3") and GRADING.written == ("W1", "W2")
+    assert GRADING.predictions == ("Lab 5, Q1", "Lab 5, Q2", "Lab 5, Q3", "Lab 5, Q4") and GRADING.written == ("W1", "W2")
 
 
 def test_layout_copies_are_measured_and_the_block_major_pool_skips_them():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import random
 from typing import Any, Callable, Optional, Sequence
 
@@ -79,7 +80,7 @@ def _check_group_cases(choose: Callable[..., Any], task: str, cases: Sequence[Gr
             return not_implemented(task, err)  # type: ignore[return-value]
         except Exception as err:  # noqa: BLE001 - the learner sees which case broke their function
             failed(f"{task}: {where}: choose_group_size raised {type(err).__name__}: {err}")
-        if isinstance(got, bool) or not isinstance(got, int) or not 1 <= got <= layers:
+        if isinstance(got, bool) or not isinstance(got, numbers.Integral) or not 1 <= got <= layers:
             failed(f"{task}: {where}: returned {got!r}; a group size is a whole number of layers, 1..{layers}")
         pipe = LayerPipeline(layers, compute_s, layer_bytes)
         best = fastest_group_size(layers, compute_s, layer_bytes, link)
@@ -268,6 +269,6 @@ GRADING = LabGrading(
         GradedTask(task="Lab 5, Task 3", function="admit_handoffs", points=3, hidden=hidden_task3,
                    reference="minidisagg.course.admission_lab:first_fit_in_order", design=True),
     ),
-    predictions=("Lab 5, Q1", "Lab 5, Q2", "Lab 5, Q3"),
+    predictions=("Lab 5, Q1", "Lab 5, Q2", "Lab 5, Q3", "Lab 5, Q4"),
     written=("W1", "W2"),
 )
