@@ -1,85 +1,81 @@
-"""Lab 5 checks: PASS for implementations built from the engine's framing and KVLayout, FAIL for subtly wrong ones."""
+"""Lab 5 checks: PASS for the references, FAIL with the mistake named for plausible wrong answers."""
 
 from __future__ import annotations
 
-import json
+import math
 import random
-import socket
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from minidisagg.course import check
+from minidisagg.course.admission_lab import first_fit_in_order, random_handoffs, replay_admission
 from minidisagg.course.checking import CheckFailed
-from minidisagg.transport.framing import PREFIX, WIRE_VERSION, FrameKind, payload_tensor, recv_frame, send_frame
+from minidisagg.course.grouping_lab import LayerPipeline, fastest_group_size
+from minidisagg.course.transfer_lab import LinkModel
+
+GRADING = check.lab5.GRADING
 
 
-def engine_pages_to_frames(pages, transfer_id):
-    """Frames captured from the engine's own send_frame on a real socket."""
-    frames = []
-    for layer in range(pages.shape[0]):
-        a, b = socket.socketpair()
-        header = {"transfer_id": transfer_id, "layer": layer, "shape": list(pages.shape[1:]),
-                  "dtype": str(pages.dtype).removeprefix("torch.")}
-        sent = []
-        reader = threading.Thread(target=lambda: sent.append(_read_all(b)))
-        reader.start()
-        send_frame(a, FrameKind.LAYER, header, pages[layer].contiguous())
-        a.close()
-        reader.join()
-        b.close()
-        frames.append(sent[0])
-    return frames
+def not_done(*args, **kwargs):
+    raise NotImplementedError("Lab 5: not done")
 
 
-def _read_all(sock):
-    data = bytearray()
-    while chunk := sock.recv(1 << 16):
-        data += chunk
-    return bytes(data)
+# ---------------------------------------------------------------- Task 1
 
 
-def engine_frames_to_pages(frames):
-    """The engine's recv_frame + payload_tensor over a socket, layers placed by their header."""
-    layers = {}
-    for data in frames:
-        a, b = socket.socketpair()
-        writer = threading.Thread(target=lambda: (a.sendall(data), a.close()))
-        writer.start()
-        try:
-            frame = recv_frame(b, timeout_s=10)
-        finally:
-            writer.join()
-            b.close()
-        dtype = getattr(torch, frame.header["dtype"])
-        layers[frame.header["layer"]] = payload_tensor(frame, dtype, frame.header["shape"]).clone()
-    return torch.stack([layers[i] for i in range(len(layers))])
+def one_per_layer(num_layers, layer_compute_s, layer_bytes, link):
+    """Plausible: always what kv_overlap=True does, whatever the per-message cost."""
+    return 1
 
 
-def frames_with_full_shape(pages, transfer_id):
-    """Subtly wrong: the header's shape includes the layer dimension."""
-    frames = engine_pages_to_frames(pages, transfer_id)
-    out = []
-    for layer, frame in enumerate(frames):
-        _, _, _, _, header_len, payload_len = PREFIX.unpack_from(frame)
-        header = json.loads(frame[PREFIX.size:PREFIX.size + header_len])
-        header["shape"] = [1, *header["shape"]]
-        head = json.dumps(header, separators=(",", ":")).encode()
-        out.append(PREFIX.pack(b"MDKV", WIRE_VERSION, int(FrameKind.LAYER), 0, len(head), payload_len) + head
-                   + frame[PREFIX.size + header_len:])
-    return out
+def all_after_prefill(num_layers, layer_compute_s, layer_bytes, link):
+    """Plausible: one message, the fewest latencies paid."""
+    return num_layers
 
 
-def frames_in_arrival_order(frames):
-    """Subtly wrong: stacks layers in the order frames arrive, ignoring the header's layer index."""
-    pages = engine_frames_to_pages(frames)
-    order = []
-    for data in frames:
-        _, _, _, _, header_len, _ = PREFIX.unpack_from(data)
-        order.append(json.loads(data[PREFIX.size:PREFIX.size + header_len])["layer"])
-    return pages[order]
+def latency_over_compute(num_layers, layer_compute_s, layer_bytes, link):
+    """Plausible: as many layers as their compute covers one latency, ignoring the bytes."""
+    return max(1, min(num_layers, math.ceil(link.latency_s / layer_compute_s)))
+
+
+def test_tail_model_by_hand():
+    pipe = LayerPipeline(4, 1.0, 1e9)  # 4 layers of 1 s, 1 GB each, over 1 GB/s
+    link = LinkModel("1 GB/s, 2 s per message", 1.0, 2.0)
+    assert pipe.tail_s(1, link) == pytest.approx(9.0)  # sends of 3 s from 1 s on, back to back: end 13, prefill 4
+    assert pipe.tail_s(2, link) == pytest.approx(6.0)  # 2 -> 6, 6 -> 10
+    assert pipe.tail_s(3, link) == pytest.approx(7.0)  # 3 -> 8, 8 -> 11 (the last group holds one layer)
+    assert pipe.tail_s(4, link) == pytest.approx(6.0)  # one message of 4 s + 2 s after the prefill
+    assert fastest_group_size(4, 1.0, 1e9, link) == 2  # the smallest of the tied best
+    with pytest.raises(ValueError, match="group_layers"):
+        pipe.tail_s(5, link)
+
+
+def test_task1_reference_passes_check_and_hidden(capsys):
+    assert check.lab5.task1(GRADING.task("Lab 5, Task 1").load_reference(), seed=3)
+    assert GRADING.task("Lab 5, Task 1").hidden(fastest_group_size)
+    assert capsys.readouterr().out.count("PASS") == 1  # the hidden check does not print
+
+
+@pytest.mark.parametrize("wrong, says", [
+    (one_per_layer, "pay the per-message latency .* too many times"),
+    (all_after_prefill, "sending every layer after the prefill hides nothing"),
+    (latency_over_compute, "g=4 lands the last byte .* g=8"),
+])
+def test_task1_wrong_answers_name_the_mistake(wrong, says):
+    with pytest.raises(CheckFailed, match=says):
+        check.lab5.task1(wrong, seed=0)
+    with pytest.raises(CheckFailed, match="Lab 5, Task 1"):
+        GRADING.task("Lab 5, Task 1").hidden(wrong)
+
+
+def test_task1_rejects_a_size_out_of_range():
+    with pytest.raises(CheckFailed, match="a whole number of layers"):
+        check.lab5.task1(lambda n, c, b, link: 0, seed=0)
+
+
+# ---------------------------------------------------------------- Task 2
 
 
 def break_even_brute_force(layout, prefill, link, max_len):
@@ -92,81 +88,11 @@ def break_even_brute_force(layout, prefill, link, max_len):
 
 
 def break_even_exact_tokens(layout, prefill, link, max_len):
-    """Subtly wrong: counts the prompt's tokens, not the whole blocks that cross the wire."""
+    """Plausible: counts the prompt's tokens, not the whole blocks that cross the wire."""
     n = np.arange(1, max_len + 1)
     per_token = layout.request_nbytes(1) / layout.block_size
     hit = np.nonzero(link.seconds(n * per_token, layout.num_layers) >= prefill.seconds(n))[0]
     return int(n[hit[0]]) if hit.size else None
-
-
-def not_done(*args, **kwargs):
-    raise NotImplementedError("Lab 5: not done")
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_task1_passes_engine_frames(seed, capsys):
-    assert check.lab5.task1(engine_pages_to_frames, cases=6, seed=seed)
-    assert "PASS" in capsys.readouterr().out
-
-
-def test_task1_names_the_wrong_header_field():
-    with pytest.raises(CheckFailed, match="shape"):
-        check.lab5.task1(frames_with_full_shape, cases=4, seed=0)
-
-
-def test_task2_passes_engine_decoder():
-    assert check.lab5.task2(engine_frames_to_pages, cases=6, seed=0)
-
-
-def test_task2_catches_ignored_layer_index():
-    with pytest.raises(CheckFailed, match="differ"):
-        check.lab5.task2(frames_in_arrival_order, cases=12, seed=0)
-
-
-def test_task3_passes_brute_force():
-    assert check.lab5.task3(break_even_brute_force, cases=15, seed=0)
-
-
-def test_task3_catches_tokens_instead_of_blocks():
-    with pytest.raises(CheckFailed, match="whole blocks"):
-        check.lab5.task3(break_even_exact_tokens, cases=40, seed=0)
-
-
-@pytest.mark.parametrize("task", ["task1", "task2", "task3"])
-def test_not_implemented_is_a_fail(task, capsys):
-    with pytest.raises(CheckFailed, match="not implemented") as info:
-        getattr(check.lab5, task)(not_done)
-    assert capsys.readouterr().out == ""  # the raised FAIL line is all the learner sees
-    assert str(info.value).startswith(f"FAIL  Lab 5, Task {task[-1]}: not implemented yet")
-
-
-def test_layout_copies_are_measured_and_the_block_major_pool_skips_them():
-    from minidisagg.config import TINY
-    from minidisagg.course.transfer_lab import measure_layout_copies
-    from minidisagg.kv.pages import KVLayout
-
-    prompt_len = random.SystemRandom().randrange(1, 400)
-    copies = measure_layout_copies(TINY, torch.float32, "cpu", prompt_len, repeats=2)
-    layout = KVLayout(TINY.num_layers, TINY.num_kv_heads, TINY.head_dim, 16, torch.float32)
-    assert [c.layout for c in copies] == ["layer_major", "block_major"]
-    assert [c.in_place for c in copies] == [False, True]
-    assert all(c.num_bytes == layout.request_nbytes(-(-prompt_len // 16)) for c in copies), prompt_len
-    assert all(c.gather_s > 0 and c.scatter_s > 0 for c in copies)
-    with pytest.raises(ValueError, match="prompt_len"):
-        measure_layout_copies(TINY, torch.float32, "cpu", 0)
-
-
-def frames_through_numpy(pages, transfer_id):
-    """Plausible: bytes via numpy, which has no bfloat16 (the one-element bfloat16 case comes first)."""
-    return check.lab5.engine_frames(pages, transfer_id, body_bytes=lambda body: body.numpy().tobytes())
-
-
-def test_task1_names_the_case_a_learners_exception_came_from():
-    with pytest.raises(CheckFailed) as info:
-        check.lab5.task1(frames_through_numpy, seed=0)
-    assert str(info.value).startswith("FAIL  Lab 5, Task 1: case 0 (pages (1, 2, 1, 1, 1, 1) bfloat16, "
-                                      "transfer_id"), str(info.value)
-    assert "pages_to_frames raised TypeError" in str(info.value)
 
 
 def break_even_from_block_size(layout, prefill, link, max_len):
@@ -184,11 +110,105 @@ def break_even_or_max_len(layout, prefill, link, max_len):
     return max_len if found is None else found
 
 
+def test_task2_brute_force_passes_check_and_hidden():
+    assert check.lab5.task2(break_even_brute_force, cases=15, seed=0)
+    assert GRADING.task("Lab 5, Task 2").hidden(GRADING.task("Lab 5, Task 2").load_reference())
+
+
 @pytest.mark.parametrize("wrong, says", [
+    (break_even_exact_tokens, "whole blocks"),
     (break_even_from_block_size, "case 0: .* got 16, expected 1 \\(a one-token prompt already ships slower"),
     (break_even_or_max_len, "case 1: .* got 512, expected None \\(no prompt up to max_len ships slower than it "
                             "prefills: return None\\)"),
 ])
-def test_task3_fails_at_the_boundaries(wrong, says):
+def test_task2_wrong_answers_name_the_mistake(wrong, says):
+    with pytest.raises(CheckFailed, match=says):
+        check.lab5.task2(wrong, seed=0)
+
+
+# ---------------------------------------------------------------- Task 3
+
+
+def head_of_line(needs_blocks, free_blocks, reserve_blocks):
+    """Plausible: stops at the first request that does not fit."""
+    spare, out = free_blocks - reserve_blocks, []
+    for i, need in enumerate(needs_blocks):
+        if need > spare:
+            break
+        out.append(i)
+        spare -= need
+    return out
+
+
+def ignores_reserve(needs_blocks, free_blocks, reserve_blocks):
+    """Plausible: fills every free block, leaving the running batch nothing to grow into."""
+    return first_fit_in_order(needs_blocks, free_blocks, 0)
+
+
+def largest_first(needs_blocks, free_blocks, reserve_blocks):
+    """Plausible: packs the biggest requests first (fewer, fuller admissions), passing older ones over."""
+    spare, out = free_blocks - reserve_blocks, []
+    for i in sorted(range(len(needs_blocks)), key=lambda i: -needs_blocks[i]):
+        if needs_blocks[i] <= spare:
+            out.append(i)
+            spare -= needs_blocks[i]
+    return out
+
+
+def test_task3_reference_passes_check_and_hidden():
+    assert check.lab5.task3(GRADING.task("Lab 5, Task 3").load_reference(), seed=1)
+    assert GRADING.task("Lab 5, Task 3").hidden(first_fit_in_order)
+
+
+@pytest.mark.parametrize("wrong, says", [
+    (head_of_line, "blocks sit idle while a request fits"),
+    (ignores_reserve, "eating into the .* reserved for the running batch"),
+    (largest_first, "an older request that fits is never passed over"),
+])
+def test_task3_wrong_answers_name_the_mistake(wrong, says):
     with pytest.raises(CheckFailed, match=says):
         check.lab5.task3(wrong, seed=0)
+    with pytest.raises(CheckFailed, match=says):
+        GRADING.task("Lab 5, Task 3").hidden(wrong)
+
+
+def test_replay_counts_preemptions_and_never_overfills():
+    handoffs = random_handoffs(60, seed=random.SystemRandom().randrange(1000))
+    kept = replay_admission(first_fit_in_order, handoffs, pool_blocks=200)
+    assert len(kept.waits) >= 60 and kept.steps > 0
+    with pytest.raises(ValueError, match="more blocks than are free"):
+        replay_admission(lambda needs, free, reserve: list(range(len(needs))), handoffs, pool_blocks=70)
+
+
+# ---------------------------------------------------------------- every task
+
+
+@pytest.mark.parametrize("task", ["task1", "task2", "task3"])
+def test_not_implemented_is_a_fail(task, capsys):
+    with pytest.raises(CheckFailed, match="not implemented") as info:
+        getattr(check.lab5, task)(not_done)
+    assert capsys.readouterr().out == ""  # the raised FAIL line is all the learner sees
+    assert str(info.value).startswith(f"FAIL  Lab 5, Task {task[-1]}: not implemented yet")
+    with pytest.raises(CheckFailed, match="not implemented"):
+        GRADING.task(f"Lab 5, Task {task[-1]}").hidden(not_done)
+
+
+def test_grading_lists_two_design_tasks_four_predictions_two_written():
+    assert sum(t.design for t in GRADING.tasks) == 2 and len(GRADING.tasks) == 3
+    assert GRADING.predictions == ("Lab 5, Q1", "Lab 5, Q2", "Lab 5, Q3", "Lab 5, Q4") and GRADING.written == ("W1", "W2")
+
+
+def test_layout_copies_are_measured_and_the_block_major_pool_skips_them():
+    from minidisagg.config import TINY
+    from minidisagg.course.transfer_lab import measure_layout_copies
+    from minidisagg.kv.pages import KVLayout
+
+    prompt_len = random.SystemRandom().randrange(1, 400)
+    copies = measure_layout_copies(TINY, torch.float32, "cpu", prompt_len, repeats=2)
+    layout = KVLayout(TINY.num_layers, TINY.num_kv_heads, TINY.head_dim, 16, torch.float32)
+    assert [c.layout for c in copies] == ["layer_major", "block_major"]
+    assert [c.in_place for c in copies] == [False, True]
+    assert all(c.num_bytes == layout.request_nbytes(-(-prompt_len // 16)) for c in copies), prompt_len
+    assert all(c.gather_s > 0 and c.scatter_s > 0 for c in copies)
+    with pytest.raises(ValueError, match="prompt_len"):
+        measure_layout_copies(TINY, torch.float32, "cpu", 0)
