@@ -154,18 +154,9 @@ def grade_notebook(path: Path, cell_timeout_s: int = 600) -> LabGrade:
     nb.cells.append(nbformat.v4.new_code_cell(COLLECT_CELL.format(lab=lab)))
     start = time.perf_counter()
     problems = []
-    from jupyter_client.manager import KernelManager
-
-    class LocalSocketKernelManager(KernelManager):
-        """A kernel reached over a local socket file, not TCP (no network port, no warning about one)."""
-
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(transport="ipc", **kwargs)
-
     client = NotebookClient(nb, timeout=cell_timeout_s, kernel_name="python3", allow_errors=True,
                             interrupt_on_timeout=True, startup_timeout=300,  # a loaded host starts kernels slowly
-                            resources={"metadata": {"path": str(path.resolve().parent)}},
-                            kernel_manager_class=LocalSocketKernelManager)
+                            resources={"metadata": {"path": str(path.resolve().parent)}})
     strict = os.environ.pop(STRICT_ENV, None)  # the kernel inherits this: its claims print, never raise
     try:
         client.execute()
