@@ -96,7 +96,7 @@ class PredictionResult:
         if self.predicted is None:
             return (f"{self.question}: no prediction yet ({self.error}); measured {_fmt(self.measured)}{unit}. "
                     f"Why a prediction can differ: {self.why}")
-        verdict = f"within the {self.tolerance} asked" if self.within else f"outside the {self.tolerance} asked"
+        verdict = f"{'inside' if self.within else 'outside'} the tolerance asked, {self.tolerance}"
         return (f"{self.question}: you predicted {_fmt(self.predicted)}{unit}, measured {_fmt(self.measured)}{unit} "
                 f"({self.error}; {verdict}). Why they can differ: {self.why}")
 
