@@ -12,6 +12,7 @@ import torch
 from minidisagg.course.check import lab3
 from minidisagg.course.checking import CheckFailed
 from minidisagg.course.device import LabDevice
+from minidisagg.course.budget_lab import choose_token_budget_reference
 from minidisagg.course.interference_lab import LabSizes, Scenario, pooled_itl_percentile_s, run_scenario
 from minidisagg.engine.scheduler import POLICIES, StepBudget, StepPlan
 from minidisagg.engine.sequence import Sequence
@@ -184,49 +185,80 @@ def test_random_schedules_exercise_every_rule_and_the_engine_keeps_them():
     assert min(split, leftover, seq_capped, partial_head) >= 10
 
 
-def _gaps_percentile(token_times: list[list[float]], q: float) -> float:
-    return float(np.percentile([b - a for row in token_times for a, b in zip(row, row[1:])], q))
+def smallest_budget(costs, scenario, itl_p99_target_s, ttft_slo_s):
+    """Plausible: only the ITL target counts, so one prompt token per step is always safest."""
+    return scenario.num_decodes + 1
 
 
-def _index_percentile(token_times: list[list[float]], q: float) -> float:
-    """Plausible: the order statistic at index q/100 * n, which runs off the end at q = 100."""
-    gaps = sorted(b - a for row in token_times for a, b in zip(row, row[1:]))
-    return gaps[int(q / 100 * len(gaps))]
+def never_declines(costs, scenario, itl_p99_target_s, ttft_slo_s):
+    """Plausible: picks by the ITL target and never checks the TTFT SLO, so never answers None."""
+    return choose_token_budget_reference(costs, scenario, itl_p99_target_s, float("inf"))
 
 
-def test_task2_q100_comes_first():
-    with pytest.raises(CheckFailed) as info:
-        lab3.task2(_index_percentile)
-    assert str(info.value).startswith("FAIL  Lab 3, Task 2: case 0 ("), str(info.value)
-    assert "q=100.0" in str(info.value) and "raised IndexError" in str(info.value)
+def forgets_the_decodes(costs, scenario, itl_p99_target_s, ttft_slo_s):
+    """Plausible: prices a step by its chunk alone, as if the decodes ran for free."""
+    return choose_token_budget_reference(costs, dataclasses.replace(scenario, num_decodes=0), itl_p99_target_s,
+                                         ttft_slo_s)
 
 
-def test_task2_passes_a_correct_percentile(capsys):
-    assert lab3.task2(_gaps_percentile).passed
-    assert capsys.readouterr().out.startswith("PASS  (40 random token timelines; max error")
+def choose_not_done(costs, scenario, itl_p99_target_s, ttft_slo_s):
+    raise NotImplementedError("Lab 3, Task 2: pick a budget")
+
+
+def test_task2_and_hidden_pass_the_reference(capsys):
+    assert lab3.task2(choose_token_budget_reference).passed
+    assert capsys.readouterr().out.startswith("PASS  (6 random scenarios replayed on calibrated costs")
+    assert lab3.GRADING.task("Lab 3, Task 2").hidden(choose_token_budget_reference).passed
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize(
-    "wrong",
+    ("wrong", "says"),
     [
-        pytest.param(lambda tt, q: float(np.percentile([b - a for r in tt for a, b in zip(r, r[1:])], q, method="nearest")),
-                     id="nearest-rank"),
-        pytest.param(lambda tt, q: float(np.mean([np.percentile(np.diff(r), q) for r in tt if len(r) > 1])),
-                     id="per-request-average"),
-        pytest.param(lambda tt, q: _gaps_percentile(tt, q) * 1000, id="milliseconds"),
+        (smallest_budget, r"TTFT SLO is broken; a larger budget needs fewer steps|ITL target is broken"),
+        (never_declines, r"no budget meets both objectives here: say so with None"),
+        # its budgets are too large: the ITL breaks, or where no budget fits it still answers one
+        (forgets_the_decodes, r"ITL target is broken\. A decode waits through every step that carries a chunk|"
+                              r"say so with None"),
     ],
 )
-def test_task2_fails_wrong_percentiles(wrong):
-    with pytest.raises(CheckFailed, match=r"case \d+ .*expected"):
+def test_task2_and_hidden_name_the_mistake(wrong, says):
+    with pytest.raises(CheckFailed, match=says):
         lab3.task2(wrong)
+    with pytest.raises(CheckFailed, match=says):
+        lab3.GRADING.task("Lab 3, Task 2").hidden(wrong)
 
 
-def test_task2_reports_not_implemented():
-    def not_yet(token_times, q):
-        raise NotImplementedError("Lab 3, Task 2: pool the gaps")
+def test_task2_fails_none_where_a_budget_fits_and_a_budget_the_decodes_use_up():
+    with pytest.raises(CheckFailed, match="you answered None, but a budget meets both"):
+        lab3.task2(lambda costs, scenario, itl, ttft: None)
+    with pytest.raises(CheckFailed, match="used up by the .* decodes alone"):
+        lab3.task2(lambda costs, scenario, itl, ttft: scenario.num_decodes)
 
+
+def test_task2_reports_not_implemented_and_hidden_fails_a_stub():
     with pytest.raises(CheckFailed, match="Lab 3, Task 2: not implemented yet"):
-        lab3.task2(not_yet)
+        lab3.task2(choose_not_done)
+    for task, stub in (("Lab 3, Task 1", not_done), ("Lab 3, Task 2", choose_not_done)):
+        with pytest.raises(CheckFailed, match="not implemented yet"):
+            lab3.GRADING.task(task).hidden(stub)
+
+
+def test_hidden_task1_passes_chunked_and_names_broken_rules():
+    assert lab3.GRADING.task("Lab 3, Task 1").hidden(chunked).passed
+    for policy, rule in ((lifo, "FIFO order"), (overruns_the_budget, "token budget never exceeded"),
+                         (drops_a_decode, "all decodes included")):
+        with pytest.raises(CheckFailed, match=rule):
+            lab3.GRADING.task("Lab 3, Task 1").hidden(policy)
+
+
+def test_grading_declares_two_design_tasks_three_predictions_and_two_written_questions():
+    grading = lab3.GRADING
+    assert [t.function for t in grading.tasks] == ["chunked_policy", "choose_token_budget"]
+    assert all(t.design for t in grading.tasks)
+    assert grading.predictions == ("Lab 3, Q1", "Lab 3, Q2", "Lab 3, Q3") and grading.written == ("W1", "W2")
+    assert grading.task("Lab 3, Task 1").load_reference() is chunked
+    assert grading.task("Lab 3, Task 2").load_reference() is choose_token_budget_reference
 
 
 def test_pooled_itl_percentile_matches_metrics():

@@ -171,3 +171,59 @@ def test_pair_serves_like_the_colocated_engine(tiny_loaded, transport):
 def test_make_pair_rejects_an_unknown_transport(tiny_loaded):
     with pytest.raises(ValueError, match="transport"):
         make_pair(tiny_loaded, "pigeon")
+
+
+def never_cancels(seq, cache, sender, transfer_id):
+    """Plausible: the four moves in order, but a failure after the reservation leaves it held."""
+    assert sender.reserve(transfer_id, seq.num_computed_tokens, 10.0)
+    num_bytes = 0
+    for layer in range(cache.model.num_layers):
+        pages = gather_layer(cache, layer, seq.block_table)
+        sender.send_layer(transfer_id, layer, pages)
+        num_bytes += pages.numel() * pages.element_size()
+    sender.commit(transfer_id, SequenceState.of(seq), num_bytes, 10.0)
+    return num_bytes
+
+
+def swallows_the_failure(seq, cache, sender, transfer_id):
+    """Plausible: cancels on failure, but hides it from the caller."""
+    try:
+        return hand_off_kv_reference(seq, cache, sender, transfer_id)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def test_hidden_checks_pass_the_references_quietly(capsys):
+    assert lab4.GRADING.task("Lab 4, Task 1").hidden(hand_off_kv_reference).passed
+    assert lab4.GRADING.task("Lab 4, Task 2").hidden(serve_prompts_reference).passed
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("wrong, says", [
+    (never_cancels, "stayed reserved for a request that will never arrive"),
+    (swallows_the_failure, "yet hand_off returned normally"),
+    (reserves_prompt_and_output, "the first output token has no KV yet"),
+    (not_done, "not implemented"),
+])
+def test_hidden_task1_names_the_mistake(wrong, says):
+    with pytest.raises(CheckFailed, match=says):
+        lab4.GRADING.task("Lab 4, Task 1").hidden(wrong)
+
+
+@pytest.mark.parametrize("wrong, says", [
+    (forgets_to_free_prefill_blocks, "prefill block"),
+    (serves_colocated, "crossed the transport"),
+    (lambda *a: (_ for _ in ()).throw(NotImplementedError("Lab 4, Task 2")), "not implemented"),
+])
+def test_hidden_task2_names_the_mistake(wrong, says):
+    with pytest.raises(CheckFailed, match=says):
+        lab4.GRADING.task("Lab 4, Task 2").hidden(wrong)
+
+
+def test_grading_declares_two_tasks_three_predictions_and_two_written_questions():
+    grading = lab4.GRADING
+    assert [t.function for t in grading.tasks] == ["hand_off_kv", "serve_prompts"]
+    assert all(t.design for t in grading.tasks)
+    assert grading.predictions == ("Lab 4, Q1", "Lab 4, Q2", "Lab 4, Q3") and grading.written == ("W1", "W2")
+    assert grading.task("Lab 4, Task 1").load_reference() is hand_off_kv_reference
+    assert grading.task("Lab 4, Task 2").load_reference() is serve_prompts_reference

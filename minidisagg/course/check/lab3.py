@@ -1,31 +1,36 @@
-"""Checks of lab 3 (interference): a chunked-prefill scheduling policy, and ITL percentiles from token times.
+"""Checks of lab 3 (interference): a chunked-prefill scheduling policy, and a token budget chosen under two SLOs.
 
 Task 1 runs the learner's policy on fresh random schedules built from real ``Sequence`` objects,
 judges each plan against the scheduler's rules and the engine's own ``chunked`` policy, then
-replays a short interference workload with it. Task 2 compares pooled ITL percentiles with
-``minidisagg.metrics``.
+replays a short interference workload with it. Task 2 replays the budget the learner's chooser
+picks, on the simulated clock with calibrated step costs, and judges it against an ITL p99 target
+and a TTFT SLO drawn around what the replays of a grid of budgets measured.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+from minidisagg.course.budget_lab import BudgetChooser
+from minidisagg.course.check.lab3_budget import budget_cases, judge_chooser, monotone_decodes
 from minidisagg.course.checking import CheckResult, failed, not_implemented, passed, task_check
 from minidisagg.course.interference_lab import Scenario, run_scenario
 from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.scheduler import POLICIES, StepBudget, StepPlan
 from minidisagg.engine.sequence import Sequence, SequenceStatus
-from minidisagg.metrics import RequestMetrics, RequestTimeline, percentile, summarize
+from minidisagg.metrics import RequestTimeline
 from minidisagg.models.registry import LoadedModel, load_model
 from minidisagg.engine.batch import PrefillChunk
+from minidisagg.engine.step_cost import StepCostModel
+from minidisagg.course.grading import GradedTask, LabGrading
 
 NUM_SCHEDULES = 40
-NUM_ITL_CASES = 40
-ITL_TOLERANCE_S = 1e-12
+NUM_BUDGET_CASES = 6
+NUM_HIDDEN_SCHEDULES = 60
 
 
 @dataclass
@@ -180,6 +185,50 @@ def rule_broken(plan: object, sched: Schedule) -> Optional[str]:
     return None
 
 
+TINY_LONGEST_PROMPT = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_setup() -> tuple[LoadedModel, StepCostModel]:
+    """The small random ``tiny`` model on CPU and one calibration of it, shared by every check that needs none given."""
+    loaded = load_model("tiny", device="cpu", dtype="float32")
+    plan = CalibrationPlan.covering(TINY_LONGEST_PROMPT, 8, TINY_LONGEST_PROMPT + 64)
+    return loaded, calibrate_step_costs(loaded, plan, progress=False)
+
+
+def judge_schedules(policy: Callable[[list[Sequence], list[Sequence], StepBudget], StepPlan],
+                    schedules: Iterator[Schedule]) -> int:
+    """Run ``policy`` on every schedule; FAIL (raised) at the first broken rule or difference from ``chunked``."""
+    reference = POLICIES["chunked"]
+    count = 0
+    for sched in schedules:
+        before = _state(sched.waiting + sched.running)
+        try:
+            plan = policy(list(sched.waiting), list(sched.running), sched.budget)
+        except NotImplementedError as err:
+            not_implemented("Lab 3, Task 1", err)
+            raise AssertionError("unreachable") from err
+        except Exception as err:  # noqa: BLE001
+            failed(f"{sched.describe()}: the policy raised {type(err).__name__}: {err}")
+        if _state(sched.waiting + sched.running) != before:
+            failed(f"{sched.describe()}: rule 'a policy only plans' broken: it changed the sequences "
+                   f"(their computed tokens, status or outputs); the engine does that when the plan runs")
+        broken = rule_broken(plan, sched)
+        if broken is not None:
+            failed(f"{sched.describe()}: {broken}; the plan was {_plan_text(plan) if isinstance(plan, StepPlan) else plan!r}")
+        want = reference(list(sched.waiting), list(sched.running), sched.budget)
+        if [(c.seq.seq_id, c.num_tokens) for c in plan.prefills] != [(c.seq.seq_id, c.num_tokens) for c in want.prefills]:
+            failed(f"{sched.describe()}: differs from the engine's chunked policy: got {_plan_text(plan)}, "
+                   f"expected {_plan_text(want)}")
+        count += 1
+    return count
+
+
+def _notebook_schedules(rng: random.Random) -> Iterator[Schedule]:
+    for index in range(NUM_SCHEDULES):
+        yield boundary_schedule(index, rng) if index < len(BOUNDARY_NOTES) else random_schedule(index, rng)
+
+
 @task_check("Lab 3, Task 1")
 def task1(policy: Callable[[list[Sequence], list[Sequence], StepBudget], StepPlan],
           loaded: Optional[LoadedModel] = None, long_prompt_len: Optional[int] = None) -> CheckResult:
@@ -187,35 +236,19 @@ def task1(policy: Callable[[list[Sequence], list[Sequence], StepBudget], StepPla
 
     ``loaded`` is the model for the replay (default: the small random ``tiny`` preset on CPU).
     """
-    rng = random.Random()
-    reference = POLICIES["chunked"]
-    for index in range(NUM_SCHEDULES):
-        sched = boundary_schedule(index, rng) if index < len(BOUNDARY_NOTES) else random_schedule(index, rng)
-        before = _state(sched.waiting + sched.running)
-        try:
-            plan = policy(list(sched.waiting), list(sched.running), sched.budget)
-        except NotImplementedError as err:
-            return not_implemented("Lab 3, Task 1", err)
-        except Exception as err:  # noqa: BLE001
-            return failed(f"{sched.describe()}: the policy raised {type(err).__name__}: {err}")
-        if _state(sched.waiting + sched.running) != before:
-            return failed(f"{sched.describe()}: rule 'a policy only plans' broken: it changed the sequences "
-                          f"(their computed tokens, status or outputs); the engine does that when the plan runs")
-        broken = rule_broken(plan, sched)
-        if broken is not None:
-            return failed(f"{sched.describe()}: {broken}; the plan was {_plan_text(plan) if isinstance(plan, StepPlan) else plan!r}")
-        want = reference(list(sched.waiting), list(sched.running), sched.budget)
-        got_chunks = [(c.seq.seq_id, c.num_tokens) for c in plan.prefills]
-        if got_chunks != [(c.seq.seq_id, c.num_tokens) for c in want.prefills]:
-            return failed(f"{sched.describe()}: differs from the engine's chunked policy: got {_plan_text(plan)}, "
-                          f"expected {_plan_text(want)}")
-    loaded = loaded or load_model("tiny", device="cpu", dtype="float32")
-    length = long_prompt_len or min(1024, loaded.config.max_position // 2)
+    judge_schedules(policy, _notebook_schedules(random.Random()))
+    if loaded is None:
+        loaded, costs = tiny_setup()
+        length = long_prompt_len or TINY_LONGEST_PROMPT
+    else:
+        length = long_prompt_len or min(1024, loaded.config.max_position // 2)
+        costs = None
     scenario = Scenario(num_decodes=2, decode_output_len=12, num_long=1, long_prompt_len=length, start_long_s=0.0,
                         token_budget=max(32, length // 4))
     # steps are charged calibrated costs, so host load during the replays cannot flip the comparison
-    costs = calibrate_step_costs(loaded, CalibrationPlan.covering(length, scenario.num_decodes + 1,
-                                                                  length + scenario.decode_output_len), progress=False)
+    costs = costs or calibrate_step_costs(loaded, CalibrationPlan.covering(length, scenario.num_decodes + 1,
+                                                                           length + scenario.decode_output_len),
+                                          progress=False)
     try:  # one replay each: deterministic given the calibration
         mine = run_scenario(loaded, scenario, policy, costs=costs)
     except NotImplementedError as err:
@@ -231,51 +264,53 @@ def task1(policy: Callable[[list[Sequence], list[Sequence], StepBudget], StepPla
     return passed(f"{NUM_SCHEDULES} random schedules; ITL p99 {verdict} prefill_first")
 
 
-def _random_token_times(rng: random.Random) -> list[list[float]]:
-    """Token times of a few requests: each non-decreasing, some with a single token, at least one gap in all."""
-    times: list[list[float]] = []
-    for _ in range(rng.randint(1, 6)):
-        t = rng.uniform(0.0, 5.0)
-        row = [t]
-        for _ in range(rng.choice([0, 1, 2, rng.randint(3, 60)])):
-            t += rng.expovariate(1 / 0.03) if rng.random() > 0.05 else rng.uniform(0.3, 2.0)  # a stall now and then
-            row.append(t)
-        times.append(row)
-    if all(len(row) < 2 for row in times):
-        times[0].append(times[0][0] + rng.uniform(0.01, 0.1))
-    return times
+
+
+def _hidden_schedules(rng: random.Random) -> Iterator[Schedule]:
+    """Schedules the notebook's check never draws: other seeds, wider queues, and every regime shuffled."""
+    for index in range(NUM_HIDDEN_SCHEDULES):
+        yield boundary_schedule(index % len(BOUNDARY_NOTES), rng) if index % 5 == 0 else \
+            random_schedule(rng.randrange(4) + 4 * (index + 50), rng)
+
+
+def hidden_task1(policy: Callable[[list[Sequence], list[Sequence], StepBudget], StepPlan]) -> CheckResult:
+    """The grader's cases for Task 1: fresh schedules of every regime, judged like the notebook's."""
+    count = judge_schedules(policy, _hidden_schedules(random.Random()))
+    return passed(f"{count} hidden schedules")
 
 
 @task_check("Lab 3, Task 2")
-def task2(itl_percentile_s: Callable[[list[list[float]], float], float]) -> CheckResult:
-    """Check pooled ITL percentiles against ``minidisagg.metrics`` on 40 random sets of token times."""
+def task2(choose: BudgetChooser, loaded: Optional[LoadedModel] = None, costs: Optional[StepCostModel] = None,
+          longest: Optional[int] = None) -> CheckResult:
+    """Replay the budget ``choose`` picks for random scenarios and objectives; both objectives must hold, or None."""
+    if loaded is None or costs is None:
+        loaded, costs = tiny_setup()
+        longest = longest or TINY_LONGEST_PROMPT
+    costs = monotone_decodes(costs)  # the same cost model for your chooser and for the replays that judge it
+    cases = budget_cases(loaded, costs, random.Random(), longest or 512, NUM_BUDGET_CASES, 4)
+    answered, declined = judge_chooser(choose, loaded, costs, cases)
+    return passed(f"{len(cases)} random scenarios replayed on calibrated costs: {answered} budgets met both "
+                  f"objectives, {declined} answered None where no budget could")
+
+
+def hidden_task2(choose: BudgetChooser) -> CheckResult:
+    """The grader's cases for Task 2: other scenario sizes (more decodes, shorter prompts), feasible and not."""
+    loaded, costs = tiny_setup()
+    costs = monotone_decodes(costs)
     rng = random.Random()
-    worst = 0.0
-    for case in range(NUM_ITL_CASES):
-        token_times = _random_token_times(rng)
-        q = [50.0, 90.0, 99.0, round(rng.uniform(0, 100), 1)][case % 4]
-        if case < 3:  # boundaries: the largest and the smallest gap, and a single gap in all
-            q = (100.0, 0.0, 99.0)[case]
-            token_times = token_times if case < 2 else [[1.0], [2.0, 2.25], [3.0]]
-        timelines = [RequestTimeline(arrival_s=row[0], token_times_s=list(row), finish_s=row[-1]) for row in token_times]
-        metrics = [RequestMetrics.from_timeline(tl) for tl in timelines]
-        if q == 50.0:
-            want = summarize(metrics, 1.0).itl_p50_s
-        elif q == 99.0:
-            want = summarize(metrics, 1.0).itl_p99_s
-        else:
-            want = percentile([gap for m in metrics for gap in m.itl_s], q)
-        try:
-            got = itl_percentile_s([list(row) for row in token_times], q)
-        except NotImplementedError as err:
-            return not_implemented("Lab 3, Task 2", err)
-        except Exception as err:  # noqa: BLE001 - the learner sees which case broke their function
-            lens = [len(row) for row in token_times]
-            return failed(f"case {case} ({len(token_times)} requests with {lens} tokens, q={q}): "
-                          f"itl_percentile_s raised {type(err).__name__}: {err}")
-        if not isinstance(got, (int, float)) or not math.isfinite(got) or abs(got - want) > ITL_TOLERANCE_S:
-            lens = [len(row) for row in token_times]
-            return failed(f"case {case} ({len(token_times)} requests with {lens} tokens, q={q}): got {got!r} s, "
-                          f"expected {want!r} s (gaps pooled over requests, linear interpolation between order statistics)")
-        worst = max(worst, abs(got - want))
-    return passed(f"{NUM_ITL_CASES} random token timelines; max error {worst:.1e} s")
+    cases = budget_cases(loaded, costs, rng, TINY_LONGEST_PROMPT // 2, NUM_BUDGET_CASES + 3, 7)
+    answered, declined = judge_chooser(choose, loaded, costs, cases)
+    return passed(f"{len(cases)} hidden scenarios: {answered} budgets, {declined} None")
+
+
+GRADING = LabGrading(
+    lab=3,
+    tasks=(
+        GradedTask(task="Lab 3, Task 1", function="chunked_policy", points=3, hidden=hidden_task1,
+                   reference="minidisagg.engine.scheduler:chunked", design=True),
+        GradedTask(task="Lab 3, Task 2", function="choose_token_budget", points=3, hidden=hidden_task2,
+                   reference="minidisagg.course.budget_lab:choose_token_budget_reference", design=True),
+    ),
+    predictions=("Lab 3, Q1", "Lab 3, Q2", "Lab 3, Q3"),
+    written=("W1", "W2"),
+)

@@ -17,6 +17,7 @@ import torch
 
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.course.checking import CheckResult, failed, not_implemented, passed, task_check
+from minidisagg.course.grading import GradedTask, LabGrading
 from minidisagg.course.handoff_lab import (
     DisaggPair,
     HandOff,
@@ -30,10 +31,12 @@ from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.sequence import Sequence
 from minidisagg.kv.pages import gather_pages
 from minidisagg.models.registry import LoadedModel, load_model
+from minidisagg.transport.base import TransferError
 
 NUM_BLOCKS = 96
 MAX_LOOP_STEPS = 2000  # far more steps than any check case needs
 BLOCK_SIZES = (4, 8, 16)
+HIDDEN_BLOCK_SIZES = (2, 5, 32)  # block sizes the notebook's check never draws
 ServePrompts = Callable[[DisaggPair, list[list[int]], SamplingParams, HandOff], list[list[int]]]
 
 
@@ -165,14 +168,14 @@ def _prefill_all(pair: DisaggPair, prompts: list[list[int]], params: SamplingPar
 
 @task_check("Lab 4, Task 1")
 def task1(hand_off: HandOff, num_cases: int = 4, loaded: Optional[LoadedModel] = None,
-          seed: Optional[int] = None) -> CheckResult:
+          seed: Optional[int] = None, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> CheckResult:
     """Move prefilled requests with ``hand_off``; decode pages must equal the prefill pool's, bit for bit."""
     seed = random.SystemRandom().randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     loaded = loaded or _tiny()
     num_requests = num_bytes = 0
     for case in range(num_cases):
-        block_size = rng.choice(BLOCK_SIZES)
+        block_size = rng.choice(block_sizes)
         transport = "inproc" if case % 2 == 0 else "socket"
         prompts = _random_prompts(rng, rng.randint(2, 4), block_size, loaded.config.vocab_size)
         params = SamplingParams(temperature=0, max_tokens=rng.randint(3, 8), ignore_eos=True)
@@ -240,14 +243,14 @@ def _decode_all(pair: DisaggPair, ids: list[str], prompts: list[list[int]]) -> l
 
 @task_check("Lab 4, Task 2")
 def task2(serve_prompts: ServePrompts, num_cases: int = 3, loaded: Optional[LoadedModel] = None,
-          seed: Optional[int] = None) -> CheckResult:
+          seed: Optional[int] = None, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> CheckResult:
     """Serve random prompts with ``serve_prompts``; tokens must equal the colocated engine's, KV must cross."""
     seed = random.SystemRandom().randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     loaded = loaded or _tiny()
     num_prompts = num_tokens = 0
     for case in range(num_cases):
-        block_size = rng.choice(BLOCK_SIZES)
+        block_size = rng.choice(block_sizes)
         transport = "inproc" if case % 2 == 0 else "socket"
         prompts = _random_prompts(rng, rng.randint(2, 6), block_size, loaded.config.vocab_size)
         # every third case stops at the first token: such requests finish on the prefill side
@@ -286,3 +289,64 @@ def task2(serve_prompts: ServePrompts, num_cases: int = 3, loaded: Optional[Load
     return passed(f"{num_prompts} random prompts in {num_cases} cases over inproc and TCP (one-token prompts, prompts "
                   f"that fill their blocks exactly and requests done at their first token included), {num_tokens} "
                   f"tokens equal to the colocated engine's, no blocks leaked")
+
+
+class BrokenLink(WatchedSender):
+    """A sender whose link fails at one layer's send (every call before it goes through)."""
+
+    def __init__(self, inner: Any, fail_at_layer: int) -> None:
+        super().__init__(inner)
+        self.fail_at_layer = fail_at_layer
+
+    def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
+        """Send, except at ``fail_at_layer``, where the link breaks."""
+        if layer == self.fail_at_layer:
+            raise TransferError(f"link broke while sending layer {layer}")
+        self._inner.send_layer(transfer_id, layer, pages)
+
+
+def broken_link_case(hand_off: HandOff, loaded: LoadedModel, rng: random.Random) -> None:
+    """A send that fails halfway: the hand-off must raise and leave no decode block reserved (FAIL raised otherwise)."""
+    with make_pair(loaded, "inproc", block_size=8, num_blocks=NUM_BLOCKS) as pair:
+        prompt = [rng.randrange(100, 1000) for _ in range(rng.randint(9, 40))]
+        _, handed = _prefill_all(pair, [prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        layer = rng.randrange(1, loaded.config.num_layers)
+        sender = BrokenLink(pair.sender, layer)
+        try:
+            hand_off(handed[0], pair.prefill.kv_cache, sender, "broken-link")
+        except NotImplementedError as err:
+            not_implemented("Lab 4, Task 1", err)
+        except Exception:  # noqa: BLE001 - the failure must reach the caller; what it is does not matter
+            pass
+        else:
+            failed(f"the link broke while sending layer {layer}, yet hand_off returned normally: its caller would "
+                   f"believe the request crossed. Let the failure reach the caller")
+        held = pair.decode.engine.blocks.num_blocks - pair.decode.engine.blocks.num_free_blocks
+        if held:
+            failed(f"the link broke while sending layer {layer} and {held} decode block(s) stayed reserved for a "
+                   f"request that will never arrive: give the reservation back when a move fails")
+
+
+def hidden_task1(hand_off: HandOff) -> CheckResult:
+    """The grader's cases for Task 1: other block sizes and seeds over both transports, and a link that breaks."""
+    result = task1.__wrapped__(hand_off, num_cases=2, block_sizes=HIDDEN_BLOCK_SIZES)  # type: ignore[attr-defined]
+    broken_link_case(hand_off, _tiny(), random.Random())
+    return passed(f"{result.detail}; a link broken halfway left nothing reserved")
+
+
+def hidden_task2(serve_prompts: ServePrompts) -> CheckResult:
+    """The grader's cases for Task 2: other block sizes and seeds, a request done at its first token included."""
+    return task2.__wrapped__(serve_prompts, num_cases=3, block_sizes=HIDDEN_BLOCK_SIZES)  # type: ignore[attr-defined]
+
+
+GRADING = LabGrading(
+    lab=4,
+    tasks=(
+        GradedTask(task="Lab 4, Task 1", function="hand_off_kv", points=3, hidden=hidden_task1,
+                   reference="minidisagg.course.handoff_lab:hand_off_kv_reference", design=True),
+        GradedTask(task="Lab 4, Task 2", function="serve_prompts", points=3, hidden=hidden_task2,
+                   reference="minidisagg.course.handoff_lab:serve_prompts_reference", design=True),
+    ),
+    predictions=("Lab 4, Q1", "Lab 4, Q2", "Lab 4, Q3"),
+    written=("W1", "W2"),
+)
