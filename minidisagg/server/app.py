@@ -1,0 +1,225 @@
+"""The FastAPI application: OpenAI-shaped routes over an ``EngineLoop``, SSE streaming, auth and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.server import protocol as p
+from minidisagg.server.engine_loop import EngineLoop, QueueFullError, TokenEvent
+from minidisagg.server.requests import (
+    EnginePrompt, ModelInfo, chat_params, chat_prompt, check_model, completion_params, completion_prompts, parse_body)
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks whether its client is still there
+FINISH_REASONS = {"stop": "stop", "length": "length"}  # engine -> API (anything else ends in an error)
+
+
+def _error_response(err: p.ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+class Submitted:
+    """The requests one HTTP request put in the engine loop, and the queue their events arrive on."""
+
+    def __init__(self, engine_loop: EngineLoop, prompts: list[EnginePrompt], params: SamplingParams,
+                 response_id: str) -> None:
+        self.engine_loop = engine_loop
+        self.events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+        self.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
+        self.open = set(range(len(prompts)))
+        loop = asyncio.get_running_loop()
+        try:
+            for i, (rid, prompt) in enumerate(zip(self.request_ids, prompts)):
+                engine_loop.submit(rid, prompt, params, self._sink(loop, i))
+        except QueueFullError as exc:
+            self.abort_open(submitted=i)
+            raise p.ApiError(503, str(exc), type_="server_overloaded", code="queue_full") from None
+
+    def _sink(self, loop: asyncio.AbstractEventLoop, index: int) -> Any:
+        def put(event: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+            except RuntimeError:  # the event loop closed: the server is going down
+                pass
+        return put
+
+    async def next(self) -> tuple[int, TokenEvent]:
+        """The next event of any of the requests."""
+        index, event = await self.events.get()
+        if event.finished:
+            self.open.discard(index)
+        return index, event
+
+    def abort_open(self, submitted: Optional[int] = None) -> None:
+        """Abort every request that has not finished (its client left, or a sibling could not be queued)."""
+        for i in sorted(self.open)[:submitted]:
+            self.engine_loop.abort(self.request_ids[i])
+        self.open.clear()
+
+
+def _check_failed(event: TokenEvent) -> None:
+    if event.finished and event.finish_reason not in FINISH_REASONS:
+        raise p.ApiError(500, event.error or f"the request ended: {event.finish_reason}", type_="server_error",
+                         code="worker_failure")
+
+
+async def _collect(sub: Submitted, request: Request) -> Optional[list[tuple[str, str, int, int]]]:
+    """Wait for every request to finish: (text, finish_reason, prompt tokens, completion tokens) each.
+
+    None when the client went away (its requests are aborted then).
+    """
+    texts = [""] * len(sub.request_ids)
+    ends: dict[int, TokenEvent] = {}
+    try:
+        while sub.open:
+            try:
+                index, event = await asyncio.wait_for(sub.next(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            texts[index] += event.text
+            _check_failed(event)
+            if event.finished:
+                ends[index] = event
+    finally:
+        sub.abort_open()
+    return [(texts[i], FINISH_REASONS[e.finish_reason or "stop"], e.prompt_tokens, e.completion_tokens)
+            for i, e in sorted(ends.items())]
+
+
+async def _stream(sub: Submitted, chat: bool, model: str, response_id: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per new text, a last chunk with the finish reason, usage, ``[DONE]``."""
+    created = p.now_s()
+    prompt_tokens = completion_tokens = 0
+    try:
+        if chat:
+            yield _sse(p.chat_chunk(response_id, created, model, {"role": "assistant", "content": ""}, None))
+        while sub.open:
+            index, event = await sub.next()
+            if event.finished and event.finish_reason not in FINISH_REASONS:
+                message = event.error or f"the request ended: {event.finish_reason}"
+                yield _sse(p.ApiError(500, message, "server_error", code="worker_failure").body())
+                break
+            reason = FINISH_REASONS[event.finish_reason] if event.finished else None
+            if event.text or reason:
+                if chat:
+                    delta = {"content": event.text} if event.text else {}
+                    yield _sse(p.chat_chunk(response_id, created, model, delta, reason))
+                else:
+                    yield _sse(p.completion_chunk(response_id, created, model, index, event.text, reason))
+            if event.finished:
+                prompt_tokens += event.prompt_tokens
+                completion_tokens += event.completion_tokens
+        else:
+            if include_usage:
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                yield _sse(p.usage_chunk(response_id, created, model, kind, p.usage(prompt_tokens, completion_tokens)))
+        yield b"data: [DONE]\n\n"
+    finally:  # a client that disconnects lands here too: its requests are aborted, their KV blocks freed
+        sub.abort_open()
+
+
+def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] = None) -> FastAPI:
+    """The HTTP application over a started ``EngineLoop`` serving the model ``info`` describes."""
+    app = FastAPI(title="minidisagg", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = engine_loop.metrics
+
+    @app.exception_handler(p.ApiError)
+    async def api_error(request: Request, exc: p.ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(p.ApiError(500, f"{type(exc).__name__}: {exc}", type_="server_error"))
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next: Any) -> Response:
+        route = request.url.path
+        if api_key is not None and route.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                response: Response = _error_response(p.ApiError(
+                    401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"))
+            else:
+                response = await call_next(request)
+        else:
+            response = await call_next(request)
+        known = route if route in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                                   "/metrics") else "other"
+        metrics.http_requests.labels(known, str(response.status_code)).inc()
+        return response
+
+    async def body_of(request: Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError:
+            raise p.ApiError(400, "the request body is not valid JSON") from None
+
+    async def respond(request: Request, sub: Submitted, chat: bool, model: str, response_id: str,
+                      stream: bool, include_usage: bool) -> Response:
+        if stream:
+            return StreamingResponse(_stream(sub, chat, model, response_id, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await _collect(sub, request)
+        if results is None:
+            return Response(status_code=499)  # the client closed the connection; nobody reads this
+        total = p.usage(sum(r[2] for r in results), sum(r[3] for r in results))
+        if chat:
+            text, reason = results[0][0], results[0][1]
+            choices: list[dict[str, Any]] = [{"index": 0, "message": {"role": "assistant", "content": text},
+                                              "logprobs": None, "finish_reason": reason}]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": r[0], "logprobs": None, "finish_reason": r[1]} for i, r in enumerate(results)]
+            obj = "text_completion"
+        return JSONResponse({"id": response_id, "object": obj, "created": p.now_s(), "model": model,
+                             "choices": choices, "usage": total})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_body(p.CompletionRequest, await body_of(request))
+        check_model(req.model, info)
+        params = completion_params(req)
+        prompts = completion_prompts(req, info)
+        response_id = p.new_id("cmpl")
+        sub = Submitted(engine_loop, prompts, params, response_id)
+        return await respond(request, sub, False, req.model, response_id, req.stream, req.include_usage())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_body(p.ChatCompletionRequest, await body_of(request))
+        check_model(req.model, info)
+        prompt = chat_prompt(req, info)
+        params = chat_params(req, prompt, info)
+        response_id = p.new_id("chatcmpl")
+        sub = Submitted(engine_loop, [prompt], params, response_id)
+        return await respond(request, sub, True, req.model, response_id, req.stream, req.include_usage())
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0,
+                                            "owned_by": "minidisagg", "max_model_len": info.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine_loop.alive:
+            return JSONResponse({"status": "down", "error": engine_loop.failure}, status_code=503)
+        return JSONResponse({"status": "ok", "requests": engine_loop.num_accepted,
+                             "last_step_failure": engine_loop.failure})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
