@@ -80,11 +80,16 @@ class EngineLoop:
         """Start stepping."""
         self._thread.start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the loop; requests still live get an error event."""
+    def request_stop(self) -> None:
+        """Ask the loop to stop (returns at once; safe in a signal handler): live requests get an error event."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop and wait for its thread; requests still live get an error event."""
+        self.request_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
 
     @property
     def alive(self) -> bool:

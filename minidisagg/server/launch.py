@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
+import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import uvicorn
 
@@ -59,13 +62,43 @@ def model_info(llm: LLM, name: str) -> ModelInfo:
                      check_prompt=engine.tokenize_prompt)
 
 
+class FrontServer(uvicorn.Server):
+    """uvicorn's server, except that SIGINT / SIGTERM first end the engine loop's requests with an error event.
+
+    Streams then close at once instead of holding the graceful shutdown open, and the process exits
+    normally afterwards (stock uvicorn re-raises the signal, which would skip stopping worker processes).
+    """
+
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop) -> None:
+        super().__init__(config)
+        self.engine_loop = engine_loop
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Handle SIGINT and SIGTERM while serving (main thread only, as signals require)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(sig: int, frame: Any) -> None:
+            self.engine_loop.request_stop()
+            self.handle_exit(sig, frame)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 @dataclass
 class HttpServer:
     """A running HTTP front: its URL, the engine loop and the uvicorn server (``stop`` ends both)."""
 
     url: str
     engine_loop: EngineLoop
-    server: uvicorn.Server
+    server: FrontServer
     thread: Optional[threading.Thread] = None
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -85,7 +118,7 @@ def build_server(llm: LLM, name: str, host: str = "127.0.0.1", port: int = 0, ap
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = FrontServer(config, engine_loop)
     shown = f"[{host}]" if ":" in host else host
     engine_loop.start()
     return HttpServer(f"http://{shown}:{bound}", engine_loop, server), sock
@@ -96,11 +129,11 @@ def start_in_thread(llm: LLM, name: str, **options: Any) -> HttpServer:
     handle, sock = build_server(llm, name, **options)
     handle.thread = threading.Thread(target=handle.server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
     handle.thread.start()
-    deadline = threading.Event()
-    for _ in range(int(SERVER_START_TIMEOUT_S / 0.05)):
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
         if handle.server.started:
             return handle
-        deadline.wait(0.05)
+        time.sleep(0.05)
     handle.stop()
     raise RuntimeError(f"the HTTP server did not start within {SERVER_START_TIMEOUT_S:g} s")
 
