@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -16,45 +11,15 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from minidisagg.bench.serve import RequestResult, main, summarize  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 240.0
-STOP_TIMEOUT_S = 30.0
+from serve_process import STOP_TIMEOUT_S, serve_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``minidisagg serve tiny --mode colocated`` in a subprocess on a free port; SIGTERM at the end."""
     ready = tmp_path_factory.mktemp("serve") / "port"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
-    proc = subprocess.Popen([sys.executable, "-m", "minidisagg.cli", "serve", "tiny", "--mode", "colocated",
-                             "--device", "cpu", "--dtype", "float32", "--port", "0", "--ready-file", str(ready),
-                             "--num-kv-blocks", "256"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (ready.exists() and ready.read_text()):
-            assert proc.poll() is None, f"the server exited: {proc.stdout.read()}"
-            assert time.monotonic() < deadline, "the server did not start in time"
-            time.sleep(0.2)
-        url = f"http://127.0.0.1:{ready.read_text()}"
-        while True:  # the port is bound before uvicorn serves it
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server never answered /health"
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT_S)
+    yield from serve_process(["tiny", "--mode", "colocated", "--device", "cpu", "--dtype", "float32",
+                              "--num-kv-blocks", "256"], ready)
 
 
 def check_result(result: dict, num_prompts: int) -> None:

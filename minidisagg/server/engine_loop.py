@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.steppable import Steppable
+from minidisagg.engine.text_decoder import REPLACEMENT_CHAR, TextDecoder
 from minidisagg.server.metrics import ServerMetrics
 
 IDLE_WAIT_S = 0.05  # an idle loop sleeps this long at most between checks (a submission wakes it at once)
@@ -48,6 +49,8 @@ class _Live:
     received_s: float
     deadline_s: float
     holdback_chars: int  # text held back while a stop string may still be forming
+    stop: list[str]
+    decoder: Optional[TextDecoder] = None
     prompt_tokens: int = 0
     sent_chars: int = 0
     sent_tokens: int = 0
@@ -59,8 +62,10 @@ class EngineLoop:
     """Steps a ``Steppable`` engine in a background thread; ``submit`` and ``abort`` are safe from any thread."""
 
     def __init__(self, engine: Steppable, metrics: ServerMetrics, kv_blocks: Optional[KVBlocks] = None,
-                 max_pending: int = 256, request_timeout_s: float = 600.0) -> None:
+                 max_pending: int = 256, request_timeout_s: float = 600.0, tokenizer: Any = None) -> None:
+        """``tokenizer``: decode the text here from the token ids (workers in other processes send ids only)."""
         self.engine = engine
+        self.tokenizer = tokenizer
         self.metrics = metrics
         self.kv_blocks = kv_blocks
         self.max_pending = max_pending
@@ -153,7 +158,8 @@ class EngineLoop:
     def _add(self, request_id: str, prompt: dict[str, Any], params: SamplingParams,
              sink: Callable[[TokenEvent], None], received_s: float) -> None:
         holdback = max((len(s) for s in params.stop or []), default=1) - 1
-        live = _Live(sink, received_s, received_s + self.request_timeout_s, holdback,
+        live = _Live(sink, received_s, received_s + self.request_timeout_s, holdback, list(params.stop or []),
+                     TextDecoder(self.tokenizer) if self.tokenizer is not None else None,
                      prompt_tokens=len(prompt["prompt_token_ids"]))
         self._live[request_id] = live
         try:
@@ -178,10 +184,16 @@ class EngineLoop:
         if new_tokens:
             self.metrics.generation_tokens.inc(len(new_tokens))
         live.sent_tokens = len(out.token_ids)
-        visible = len(out.text) if out.finished else max(live.sent_chars, len(out.text) - live.holdback_chars)
-        text = out.text[live.sent_chars:visible]
+        full = self._text(live, out)
+        if out.finished:
+            visible = len(full)
+        else:  # hold back what a stop string or an unfinished character may still change
+            visible = max(live.sent_chars, len(full.rstrip(REPLACEMENT_CHAR)) - live.holdback_chars)
+        text = full[live.sent_chars:visible]
         live.sent_chars = max(live.sent_chars, visible)
         if out.finished:
+            if out.metrics is not None and out.metrics.kv_transfer_bytes:
+                self.metrics.kv_transfer_bytes.inc(out.metrics.kv_transfer_bytes)
             if out.finish_reason == "error" or out.error:
                 self._end(out.request_id, "error", out.error or "the request failed", engine_abort=False,
                           text=text, token_ids=new_tokens)
@@ -192,6 +204,15 @@ class EngineLoop:
         elif text or new_tokens:
             live.sink(TokenEvent(text, new_tokens, prompt_tokens=live.prompt_tokens,
                                  completion_tokens=live.sent_tokens))
+
+    @staticmethod
+    def _text(live: _Live, out: RequestOutput) -> str:
+        """The output's text: the engine's, or decoded here from its token ids and cut at the first stop string."""
+        if live.decoder is None:
+            return out.text
+        text = live.decoder.text(out.token_ids)
+        hits = [text.find(s) for s in live.stop if s in text]
+        return text[:min(hits)] if hits else text
 
     def _end(self, request_id: str, reason: str, error: Optional[str], engine_abort: bool, text: str = "",
              token_ids: Optional[list[int]] = None) -> None:

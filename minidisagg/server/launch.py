@@ -25,6 +25,7 @@ from minidisagg.server.requests import ModelInfo
 
 API_KEY_ENV = "MINIDISAGG_API_KEY"
 SERVER_START_TIMEOUT_S = 30.0
+WORKER_POOL_POLL_S = 0.5  # how often the front asks worker processes for their KV pools (for /metrics)
 
 
 def is_loopback(host: str) -> bool:
@@ -48,10 +49,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class WorkerPools:
+    """Free and total KV blocks of each worker process, from their latest HEALTH answers (asked every interval)."""
+
+    def __init__(self, workers: list[Any], interval_s: float = WORKER_POOL_POLL_S) -> None:
+        self.workers = workers
+        self.interval_s = interval_s
+        self._asked_s = -float("inf")
+
+    def __call__(self) -> dict[str, tuple[int, int]]:
+        """Each worker's (free, total) KV blocks as last reported; asks again when the last ask is old enough."""
+        if time.monotonic() - self._asked_s >= self.interval_s:
+            self._asked_s = time.monotonic()
+            for worker in self.workers:
+                worker.ping()
+        pools = {}
+        for worker in self.workers:
+            health = worker.last_health or {}
+            if isinstance(health.get("num_free_blocks"), int) and isinstance(health.get("num_blocks"), int):
+                pools[worker.name] = (health["num_free_blocks"], health["num_blocks"])
+        return pools
+
+
 def engine_kv_blocks(engine: Any) -> Optional[KVBlocks]:
-    """Free and total KV blocks of a colocated engine (None for engines whose pools live elsewhere)."""
+    """Free and total KV blocks of the engine's pool, or of every worker process's (None: not known here)."""
     if isinstance(engine, LLMEngine):
         return lambda: {"engine": (engine.blocks.num_free_blocks, engine.blocks.num_blocks)}
+    workers = [*getattr(engine, "prefill_workers", []), *getattr(engine, "decode_workers", [])]
+    if workers and all(hasattr(w, "ping") for w in workers):
+        return WorkerPools(workers)
     return None
 
 
@@ -113,7 +139,7 @@ def build_server(llm: LLM, name: str, host: str = "127.0.0.1", port: int = 0, ap
                  max_pending: int = 256, request_timeout_s: float = 600.0) -> tuple[HttpServer, socket.socket]:
     """The app over ``llm``'s engine, its engine loop started, and a bound socket (not yet serving)."""
     engine_loop = EngineLoop(llm.engine, ServerMetrics(), engine_kv_blocks(llm.engine), max_pending=max_pending,
-                             request_timeout_s=request_timeout_s)
+                             request_timeout_s=request_timeout_s, tokenizer=llm.get_tokenizer())
     app = create_app(engine_loop, model_info(llm, name), api_key)
     sock = bind(host, port)
     bound = sock.getsockname()[1]
