@@ -24,6 +24,7 @@ API_KEY = "sk-test-key"
 TIMEOUT_S = 180.0  # every wait below is bounded by this (a busy 2-core CPU is slow, never this slow)
 NUM_KV_BLOCKS = 256
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,"]
+NUM_CLIENTS = 32
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -116,7 +117,7 @@ def test_a_stop_string_ends_the_text_where_generate_does(client, reference):
 
 def test_concurrent_streams_join_one_batch_and_metrics_agree(served):
     llm, handle = served
-    aclient_usage: list = [None] * 8
+    aclient_usage: list = [None] * NUM_CLIENTS
     before = {name: metric(handle.url, name) for name in ("minidisagg_generation_tokens_total",
                                                           "minidisagg_prompt_tokens_total",
                                                           "minidisagg_time_to_first_token_seconds_count")}
@@ -127,14 +128,14 @@ def test_concurrent_streams_join_one_batch_and_metrics_agree(served):
     def one(i: int) -> None:
         try:
             c = openai.OpenAI(base_url=handle.url + "/v1", api_key=API_KEY, timeout=TIMEOUT_S, max_retries=0)
-            chunks = list(c.completions.create(model="tiny", prompt=f"Request number {i} says", max_tokens=10 + i,
+            chunks = list(c.completions.create(model="tiny", prompt=f"Request number {i} says", max_tokens=4 + i % 7,
                                                temperature=0.8, seed=i, stream=True,
                                                stream_options={"include_usage": True}))
             aclient_usage[i] = chunks[-1].usage
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(NUM_CLIENTS)]
     for t in threads:
         t.start()
     for t in threads:
@@ -147,8 +148,8 @@ def test_concurrent_streams_join_one_batch_and_metrics_agree(served):
     assert metric(handle.url, "minidisagg_prompt_tokens_total") - before["minidisagg_prompt_tokens_total"] \
         == prompt_tokens
     assert metric(handle.url, "minidisagg_time_to_first_token_seconds_count") \
-        - before["minidisagg_time_to_first_token_seconds_count"] == 8
-    assert finished_total(handle.url) - finished_before == 8
+        - before["minidisagg_time_to_first_token_seconds_count"] == NUM_CLIENTS
+    assert finished_total(handle.url) - finished_before == NUM_CLIENTS
     # continuous batching across HTTP requests: some decode step ran several of them together
     assert max(s.num_seqs for s in llm.engine.stats.steps[steps_before:] if s.stage == "decode") >= 2
 
@@ -171,6 +172,18 @@ def test_a_client_leaving_mid_stream_frees_its_kv_blocks(served):
     wait_for(lambda: metric(handle.url, "minidisagg_kv_free_blocks", '{worker="engine"}') == NUM_KV_BLOCKS,
              "every KV block to be free again")
     assert llm.engine.blocks.num_free_blocks == NUM_KV_BLOCKS and not llm.engine.has_unfinished()
+
+
+def test_a_client_leaving_a_non_streaming_request_aborts_it(served):
+    llm, handle = served
+    aborts = metric(handle.url, "minidisagg_requests_finished_total", '{finish_reason="abort"}')
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(handle.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=httpx.Timeout(TIMEOUT_S, read=3.0))
+    wait_for(lambda: metric(handle.url, "minidisagg_requests_finished_total", '{finish_reason="abort"}') == aborts + 1,
+             "the abort to be counted")
+    wait_for(lambda: llm.engine.blocks.num_free_blocks == NUM_KV_BLOCKS, "every KV block to be free again")
 
 
 def assert_error(response, status: int, param=None, code=None) -> None:

@@ -9,14 +9,16 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.server import protocol as p
 from minidisagg.server.engine_loop import EngineLoop, QueueFullError, TokenEvent
+from minidisagg.server.metrics import ServerMetrics
 from minidisagg.server.requests import (
     EnginePrompt, ModelInfo, chat_params, chat_prompt, check_model, completion_params, completion_prompts, parse_body)
 
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks whether its client is still there
 FINISH_REASONS = {"stop": "stop", "length": "length"}  # engine -> API (anything else ends in an error)
 
 
@@ -73,6 +75,12 @@ def _check_failed(event: TokenEvent) -> None:
                          code="worker_failure")
 
 
+async def _until_disconnect(request: Request) -> None:
+    """Return once the client has closed the connection (the request body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _collect(sub: Submitted, request: Request) -> Optional[list[tuple[str, str, int, int]]]:
     """Wait for every request to finish: (text, finish_reason, prompt tokens, completion tokens) each.
 
@@ -80,19 +88,21 @@ async def _collect(sub: Submitted, request: Request) -> Optional[list[tuple[str,
     """
     texts = [""] * len(sub.request_ids)
     ends: dict[int, TokenEvent] = {}
+    watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
         while sub.open:
-            try:
-                index, event = await asyncio.wait_for(sub.next(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
+            getter = asyncio.ensure_future(sub.next())
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                return None
+            index, event = getter.result()
             texts[index] += event.text
             _check_failed(event)
             if event.finished:
                 ends[index] = event
     finally:
+        watcher.cancel()
         sub.abort_open()
     return [(texts[i], FINISH_REASONS[e.finish_reason or "stop"], e.prompt_tokens, e.completion_tokens)
             for i, e in sorted(ends.items())]
@@ -130,6 +140,44 @@ async def _stream(sub: Submitted, chat: bool, model: str, response_id: str, incl
         sub.abort_open()
 
 
+class AuthAndCount:
+    """ASGI middleware: checks the API key on /v1/ routes and counts responses by route and status.
+
+    A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``) so that the routes still see the
+    client's disconnect, which is how an abandoned request gets aborted.
+    """
+
+    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app: ASGIApp, api_key: Optional[str], metrics: ServerMetrics) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        given = Headers(scope=scope).get("authorization", "").encode()
+        if self.expected is not None and path.startswith("/v1/") and not hmac.compare_digest(given, self.expected):
+            refusal = p.ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                 code="invalid_api_key")
+            await _error_response(refusal)(scope, receive, send_counted)
+        else:
+            await self.app(scope, receive, send_counted)
+        self.metrics.http_requests.labels(path if path in self.ROUTES else "other", str(status)).inc()
+
+
 def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] = None) -> FastAPI:
     """The HTTP application over a started ``EngineLoop`` serving the model ``info`` describes."""
     app = FastAPI(title="minidisagg", docs_url=None, redoc_url=None, openapi_url=None)
@@ -143,22 +191,7 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(p.ApiError(500, f"{type(exc).__name__}: {exc}", type_="server_error"))
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Any) -> Response:
-        route = request.url.path
-        if api_key is not None and route.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response: Response = _error_response(p.ApiError(
-                    401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"))
-            else:
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        known = route if route in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                   "/metrics") else "other"
-        metrics.http_requests.labels(known, str(response.status_code)).inc()
-        return response
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
 
     async def body_of(request: Request) -> Any:
         try:
