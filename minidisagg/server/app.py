@@ -185,15 +185,18 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
 
     @app.exception_handler(p.ApiError)
     async def api_error(request: Request, exc: p.ApiError) -> JSONResponse:
+        """An ``ApiError``: its status and the OpenAI error body."""
         return _error_response(exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """Anything else: a 500 saying what broke (the server stays up)."""
         return _error_response(p.ApiError(500, f"{type(exc).__name__}: {exc}", type_="server_error"))
 
     app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
 
     async def body_of(request: Request) -> Any:
+        """The request's JSON body; 400 when it is not JSON."""
         try:
             return await request.json()
         except ValueError:
@@ -201,6 +204,7 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
 
     async def respond(request: Request, sub: Submitted, chat: bool, model: str, response_id: str,
                       stream: bool, include_usage: bool) -> Response:
+        """Stream the submitted requests' events, or wait for them and answer once."""
         if stream:
             return StreamingResponse(_stream(sub, chat, model, response_id, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -221,6 +225,7 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        """``POST /v1/completions``."""
         req = parse_body(p.CompletionRequest, await body_of(request))
         check_model(req.model, info)
         params = completion_params(req)
@@ -231,6 +236,7 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        """``POST /v1/chat/completions``."""
         req = parse_body(p.ChatCompletionRequest, await body_of(request))
         check_model(req.model, info)
         prompt = chat_prompt(req, info)
@@ -241,11 +247,13 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        """``GET /v1/models``: the one model served."""
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0,
                                             "owned_by": "minidisagg", "max_model_len": info.max_model_len}]}
 
     @app.get("/health")
     async def health() -> Response:
+        """``GET /health``: 200 while the engine loop runs, else 503."""
         if not engine_loop.alive:
             return JSONResponse({"status": "down", "error": engine_loop.failure}, status_code=503)
         return JSONResponse({"status": "ok", "requests": engine_loop.num_accepted,
@@ -253,6 +261,7 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        """``GET /metrics``: the Prometheus text exposition."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
