@@ -1,4 +1,4 @@
-"""``minidisagg serve --mode disagg``: the HTTP front over one prefill and one decode worker process (socket).
+"""``minidisagg serve --mode disagg``: the HTTP front over one prefill and one decode worker process (socket, dist).
 
 Greedy text equals the colocated engine's, a client leaving mid-stream leaves every worker's KV pool
 whole, and SIGTERM leaves no process behind.
@@ -27,10 +27,10 @@ PROMPT = "The quick brown fox"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["socket", "dist"])
+def server(request, tmp_path_factory):
     ready = tmp_path_factory.mktemp("serve") / "port"
-    yield from serve_process(["tiny", "--mode", "disagg", "--transport", "socket", "--num-prefill", "1",
+    yield from serve_process(["tiny", "--mode", "disagg", "--transport", request.param, "--num-prefill", "1",
                               "--num-decode", "1", *MODEL_ARGS], ready)
 
 
