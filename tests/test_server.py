@@ -67,7 +67,7 @@ def wait_for(predicate, what: str, timeout_s: float = TIMEOUT_S) -> None:
 
 def finished_total(url: str) -> float:
     return sum(metric(url, "minidisagg_requests_finished_total", f'{{finish_reason="{r}"}}')
-               for r in ("stop", "length", "abort", "error"))
+               for r in ("stop", "length", "abort", "error", "timeout"))
 
 
 def test_completions_match_generate_token_for_token(client, reference):
@@ -232,6 +232,15 @@ def test_every_error_gets_its_status_and_openai_body_and_the_server_keeps_servin
             assert_error(http.post(url, json=ok, headers=auth), 503, None, "queue_full")
         finally:
             handle.engine_loop.max_pending = 256
+        assert_still_serving(client)
+
+        handle.engine_loop.request_timeout_s = 0.5  # every request's deadline
+        try:
+            late = http.post(url, json={**ok, "max_tokens": 1500, "ignore_eos": True}, headers=auth)
+        finally:
+            handle.engine_loop.request_timeout_s = 600.0
+        assert_error(late, 500, None, "request_timeout")
+        assert "deadline" in late.json()["error"]["message"]
         assert_still_serving(client)
 
         real_step = llm.engine.step

@@ -69,10 +69,15 @@ class Submitted:
         self.open.clear()
 
 
+def _failure(event: TokenEvent) -> p.ApiError:
+    """The error a request that ended without finishing gets (its deadline passed, or a step or worker failed)."""
+    code = "request_timeout" if event.finish_reason == "timeout" else "worker_failure"
+    return p.ApiError(500, event.error or f"the request ended: {event.finish_reason}", type_="server_error", code=code)
+
+
 def _check_failed(event: TokenEvent) -> None:
     if event.finished and event.finish_reason not in FINISH_REASONS:
-        raise p.ApiError(500, event.error or f"the request ended: {event.finish_reason}", type_="server_error",
-                         code="worker_failure")
+        raise _failure(event)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -118,8 +123,7 @@ async def _stream(sub: Submitted, chat: bool, model: str, response_id: str, incl
         while sub.open:
             index, event = await sub.next()
             if event.finished and event.finish_reason not in FINISH_REASONS:
-                message = event.error or f"the request ended: {event.finish_reason}"
-                yield _sse(p.ApiError(500, message, "server_error", code="worker_failure").body())
+                yield _sse(_failure(event).body())
                 break
             reason = FINISH_REASONS[event.finish_reason] if event.finished else None
             if event.text or reason:

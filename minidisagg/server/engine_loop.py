@@ -239,7 +239,7 @@ class EngineLoop:
         now = time.perf_counter()
         for request_id in [rid for rid, live in self._live.items() if now > live.deadline_s]:
             self.engine.abort(request_id)
-            self._end(request_id, "error", f"the request ran past its deadline of {self.request_timeout_s:g} s",
+            self._end(request_id, "timeout", f"the request ran past its deadline of {self.request_timeout_s:g} s",
                       engine_abort=False)
 
     def _update_gauges(self) -> None:

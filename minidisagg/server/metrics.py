@@ -19,7 +19,7 @@ class ServerMetrics:
         self.http_requests = Counter(f"{PREFIX}_http_requests", "HTTP requests answered, by route and status code",
                                      ["route", "status"], registry=r)
         self.requests_finished = Counter(f"{PREFIX}_requests_finished",
-                                         "generation requests that ended, by how (stop, length, abort, error)",
+                                         "generation requests that ended, by how (stop, length, abort, error, timeout)",
                                          ["finish_reason"], registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "tokens generated and delivered",
