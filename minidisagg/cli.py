@@ -182,6 +182,7 @@ BENCH_SUITES = {
     "gpu": "minidisagg.bench.gpu",
     "disagg": "minidisagg.bench.disagg",
     "fuzz": "minidisagg.bench.fuzz",
+    "serve": "minidisagg.bench.serve",
 }
 COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify",
                   "grade": "minidisagg.course.grade", "leaderboard": "minidisagg.course.leaderboard_cli"}
@@ -196,7 +197,8 @@ def _run_module_main(module_name: str, rest: Sequence[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks: cpu (decode vs HF), transport (KV transfer), gpu (rooflines), disagg (goodput), fuzz (hostile peers)."""
+    """Benchmarks: cpu (decode vs HF), transport (KV transfer), gpu (rooflines), disagg (goodput), fuzz (hostile peers),
+    serve (an HTTP server under load)."""
     from minidisagg.bench.args import SUITE_PARSERS
 
     SUITE_PARSERS[args.suite]().parse_args(args.rest)  # --help and bad flags answered before torch loads

@@ -102,5 +102,47 @@ def fuzz_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def rate_arg(text: str) -> float:
+    """A request rate in requests per second, or ``inf`` (every request at once)."""
+    rate = float(text)
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"the rate must be > 0 requests/s or inf, got {text!r}")
+    return rate
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """Flags of ``minidisagg bench serve``."""
+    parser = argparse.ArgumentParser(prog="minidisagg bench serve", description="Load an OpenAI-compatible server "
+                                     "with timed, streamed requests (Poisson arrivals) and report TTFT, ITL, TPOT, "
+                                     "E2E, throughput and goodput under an SLO.")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (default: %(default)s)")
+    parser.add_argument("--model", default="", help="the model to ask for (default: the first /v1/models lists)")
+    parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                        help="/v1/completions or /v1/chat/completions (default: %(default)s)")
+    parser.add_argument("--dataset", default="synthetic",
+                        help="'synthetic' (random words), or a JSON / JSONL file: ShareGPT-style conversations or "
+                             "{prompt, output_len} records")
+    parser.add_argument("--input-len", type=int, default=128, help="synthetic: words per prompt (about a token each)")
+    parser.add_argument("--output-len", type=int, default=64,
+                        help="max_tokens of each request (a file's own output_len wins)")
+    parser.add_argument("--rate", type=rate_arg, default=float("inf"),
+                        help="mean request rate in requests/s (Poisson arrivals), or inf (default: all at once)")
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: "
+                                                                          "no limit)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the dataset and the arrivals")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: a request's TTFT must be within this")
+    parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: a request's TPOT must be within this")
+    parser.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (an extension "
+                                                                  "minidisagg and vLLM accept)")
+    parser.add_argument("--api-key", default="", help="sent as 'Authorization: Bearer KEY' (default: "
+                                                      "$OPENAI_API_KEY, if set)")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="each request's deadline")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
 SUITE_PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
-    "cpu": cpu_parser, "transport": transport_parser, "gpu": gpu_parser, "disagg": disagg_parser, "fuzz": fuzz_parser}
+    "cpu": cpu_parser, "transport": transport_parser, "gpu": gpu_parser, "disagg": disagg_parser, "fuzz": fuzz_parser,
+    "serve": serve_parser}

@@ -63,6 +63,7 @@ class RemoteWorker:
         self.error: Optional[str] = None
         self.num_failures = 0  # connections lost or unhealthy reports so far
         self.num_reconnects = 0
+        self.last_health: Optional[dict] = None  # the worker's latest HEALTH answer (its KV pool among it)
         self._lock = threading.Lock()  # one writer at a time; guards the connection's replacement
         self._closing = False
         self._stop = threading.Event()
@@ -182,6 +183,7 @@ class RemoteWorker:
             else:  # about a frame, not a request: the connection is fine
                 log.warning("%s refused a frame: %s", self.name, message)
         elif frame.kind == FrameKind.HEALTH:
+            self.last_health = dict(header)
             if header.get("healthy") is not True:
                 with self._lock:
                     if self.error is None:
@@ -205,6 +207,15 @@ class RemoteWorker:
             self._send({"request_id": sub.request_id, "submission": submission})
         except OSError as exc:
             self.outputs.put(FailedRequest(sub.request_id, f"prefill worker {self.name} unreachable: {exc}"))
+
+    def ping(self) -> None:
+        """Ask the worker for its health (best effort); the answer lands in ``last_health``."""
+        try:
+            with self._lock:
+                if self.error is None:
+                    send_frame(self.sock, FrameKind.PING, {})
+        except OSError:
+            pass
 
     def abort(self, request_id: str) -> None:
         """Ask a decode server to drop one of this router's requests (best effort)."""

@@ -1,4 +1,5 @@
-"""``minidisagg serve``: one prefill, decode or router process, its flags and its run loop.
+"""``minidisagg serve``: the OpenAI-compatible HTTP front (``--mode``), or one prefill, decode or router process
+(``--role``), its flags and its run loop.
 
 Only the standard library is imported here at load time, so ``minidisagg --help`` stays fast; the
 engine, torch and the transports load when the command runs.
@@ -19,10 +20,29 @@ def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: st
     """Add the ``serve`` subcommand and its flags to ``sub`` (the CLI's subparsers)."""
     from minidisagg.config import LinkConfig  # dataclasses only: no torch
 
-    serve = sub.add_parser("serve", help="run a prefill, decode or router process")
-    serve.add_argument("--role", choices=["prefill", "decode", "router"], required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    serve = sub.add_parser("serve", help="serve the OpenAI API over HTTP (--mode), or run one prefill, decode or "
+                                         "router process (--role)")
+    serve.add_argument("model_arg", nargs="?", metavar="MODEL", default=None, help="the model (same as --model)")
+    serve.add_argument("--mode", choices=["colocated", "disagg"], default=None,
+                       help="HTTP front over one colocated engine, or over prefill and decode worker processes "
+                            "(the default without --role: colocated)")
+    serve.add_argument("--role", choices=["prefill", "decode", "router"], default=None,
+                       help="run one worker process instead (multi-host setups)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=None, help="HTTP front: default 8000; --role: default 0, a "
+                                                              "free port; 0 picks a free port")
+    serve.add_argument("--api-key", default="", help="HTTP front: require 'Authorization: Bearer KEY' on /v1/ "
+                                                     "(default: $MINIDISAGG_API_KEY; none: no check)")
+    serve.add_argument("--served-model-name", default="", help="HTTP front: the model's name in the API "
+                                                               "(default: MODEL)")
+    serve.add_argument("--num-prefill", type=int, default=1, help="--mode disagg: prefill worker processes")
+    serve.add_argument("--num-decode", type=int, default=1, help="--mode disagg: decode worker processes")
+    serve.add_argument("--transport", choices=["socket", "dist"], default="socket",
+                       help="--mode disagg: how KV pages move between the workers")
+    serve.add_argument("--max-pending", type=int, default=256,
+                       help="HTTP front: requests held at once (queued or running); more get 503")
+    serve.add_argument("--policy", default="prefill_first", help="HTTP front: the scheduling policy "
+                                                                 "(prefill_first, decode_first, chunked)")
     serve.add_argument("--peers", default="", help="prefill: decode workers as NAME=host:port,...; "
                                                   "router: prefill=NAME@host:port,...;decode=NAME@host:port,...")
     serve.add_argument("--model", default="smollm2-135m", help=model_help)
@@ -105,7 +125,22 @@ def parse_peers(text: str) -> dict[str, tuple[str, int]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run one worker process (prefill or decode) until terminated."""
+    """Serve the HTTP front (``--mode``), or run one worker or router process (``--role``) until terminated."""
+    if args.model_arg is not None:
+        args.model = args.model_arg
+    if args.role is not None and args.mode is not None:
+        raise ValueError("--role runs one worker process and --mode the HTTP front; give one of them")
+    if args.role is None:
+        from minidisagg.server.launch import serve_http
+
+        args.mode = args.mode or "colocated"
+        return serve_http(args)
+    args.port = 0 if args.port is None else args.port
+    return serve_worker(args)
+
+
+def serve_worker(args: argparse.Namespace) -> int:
+    """Run one worker process (prefill or decode) or a router until terminated."""
     import signal
     import threading
     from pathlib import Path
