@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from minidisagg.engine.batch import BatchItem
@@ -37,19 +39,23 @@ class ProfiledSteps:
     kernels may still run after it (the next step waits for them outside the timed span).
     """
 
-    averages: Any  # torch.autograd.profiler_util.EventList: one row per label and per operator
+    averages: Any  # an EventList of the host's rows: one per label and per operator
     num_steps: int
     step_wall_s: float
     method_s: dict[str, float] = field(default_factory=dict)  # per step, summed over layers, by label
     on_gpu: bool = False
+    all_rows: Any = None  # every row of the trace, the GPU's own (kernels, labels seen on the device) included
 
     def device_share(self, label: str) -> float:
-        """On a GPU, the fraction of the kernels' device time that ran under ``label`` (0.0 on a CPU)."""
+        """On a GPU, the fraction of the step's kernel time that ran under ``label`` (0.0 on a CPU)."""
         if not self.on_gpu:
             return 0.0
-        rows = {e.key: e for e in self.averages}
-        total = rows[STEP_LABEL].device_time_total
-        return rows[label].device_time_total / total if label in rows and total > 0 else 0.0
+
+        def device_s(key: str) -> float:
+            return max((e.device_time_total for e in self.all_rows if e.key == key), default=0.0)
+
+        total = device_s(STEP_LABEL)
+        return device_s(label) / total if total > 0 else 0.0
 
 
 def _timed(label: str, fn: Callable[..., Any], spent: dict[str, float]) -> Callable[..., Any]:
@@ -100,9 +106,12 @@ def profile_decode_steps(model: LlamaModel, batch: int, context_len: int, num_st
     finally:
         for owner, name in patched:
             delattr(owner, name)  # the class's method shows through again
-    averages = prof.key_averages()
-    return ProfiledSteps(averages, num_steps, wall_s / num_steps,
-                         {label: s / num_steps for label, s in spent.items()}, model.device.type == "cuda")
+    all_rows = prof.key_averages()
+    on_gpu = model.device.type == "cuda"
+    # A label shows up twice on a GPU (as the host ran it, and as the device saw it): keep the host's rows.
+    host_rows = EventList([e for e in all_rows if e.device_type == DeviceType.CPU], use_device="cuda" if on_gpu else None)
+    return ProfiledSteps(host_rows, num_steps, wall_s / num_steps, {label: s / num_steps for label, s in spent.items()},
+                         on_gpu, all_rows)
 
 
 def breakdown_from_trace(averages: Any, num_steps: int, step_wall_s: float) -> tuple[float, float, float]:
