@@ -157,3 +157,17 @@ def test_bench_measures_a_point_with_counted_flops_and_bytes():
     assert point.time_s > 0 and point.intensity == pytest.approx(point.flops / point.bytes_moved)
     with pytest.raises(ValueError, match="tokens must be >= 1"):
         bench.measure(0)
+
+
+def test_the_lab_notebook_names_no_reference():
+    """labs/ must not reach a task's reference: neither its module imported whole nor its name, unless it is the task's own."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "labs" / "01_arithmetic_intensity.ipynb").read_text()
+    for graded in check.lab1.GRADING.tasks:
+        module, attribute = graded.reference.split(":")
+        parent, leaf = module.rsplit(".", 1)
+        assert f"from {parent} import {leaf}" not in text and f"import {module}" not in text, graded.task
+        assert f"{leaf}.{attribute}" not in text, graded.task
+        if attribute != graded.function:
+            assert attribute not in text, graded.task

@@ -274,3 +274,16 @@ def test_plan_matches_presets_kv_bytes_per_token():
     cfg = PRESETS["llama-8b"]
     blocks, requests = kv_pool_plan(cfg, torch.bfloat16, 65 * 2**30, 16, 4096)
     assert blocks == 65 * 2**30 // (16 * cfg.kv_bytes_per_token(2)) and requests == blocks // 256
+
+
+def test_the_lab_notebook_names_no_reference():
+    """labs/ must not reach a task's reference: neither its name nor a whole-module import of the module holding it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "labs" / "02_kv_cache.ipynb").read_text()
+    for graded in check.lab2.GRADING.tasks:
+        module, attribute = graded.reference.split(":")
+        parent, leaf = module.rsplit(".", 1)
+        assert f"from {parent} import {leaf}" not in text and f"import {module}\\n" not in text, graded.task
+        assert attribute not in text, graded.task
+    assert "minidisagg.course.sizing" not in text
