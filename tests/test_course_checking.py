@@ -7,6 +7,7 @@ import pytest
 from nbclient import NotebookClient
 
 from minidisagg import roofline
+from minidisagg.course.sizing import decode_batch_for_budget
 from minidisagg.course import check
 from minidisagg.course.checking import REGISTRY, CheckFailed, learner_or_reference
 
@@ -47,7 +48,7 @@ def test_not_implemented_is_one_fail_line_without_a_chained_traceback():
 
 
 def test_verdicts_are_recorded_per_task_and_per_function():
-    check.lab1.task2(roofline.roofline_time_s, seed=0)
+    check.lab1.task2(decode_batch_for_budget, seed=0)
     with pytest.raises(CheckFailed):
         check.lab1.task1(no_factor_two, seed=0)
     assert REGISTRY.of_task("Lab 1, Task 2").passed

@@ -10,6 +10,7 @@ from minidisagg.course import check
 from minidisagg.course.checking import CheckFailed
 from minidisagg.course.gemm_lab import LayerGemmBench, layer_gemms
 from minidisagg.config import PRESETS
+from minidisagg.course.sizing import decode_batch_for_budget
 
 
 def test_task1_passes_with_the_roofline_module(module_seed):
@@ -50,7 +51,7 @@ def test_task1_names_the_factor_two_on_the_first_case():
         check.lab1.task1(_multiply_adds_as_one_flop, seed=0)
     assert str(info.value) == ("FAIL  Lab 1, Task 1: arithmetic_intensity(m=1, n=1, k=1, dtype=torch.float32) "
                                "returned 0.0833333 FLOP/byte, expected 0.166667 (= 2 FLOPs / 12 bytes; relative "
-                               "error 5.00e-01)")
+                               "error 5.00e-01); a multiply-add is 2 FLOPs, you counted 1")
 
 
 def test_task1_integer_division_fails_on_a_one_token_product():
@@ -73,48 +74,67 @@ def test_task1_names_the_case_that_crashed_and_refuses_a_non_function():
         check.lab1.task1(0.5)
 
 
-def test_task2_passes_with_the_roofline_module(module_seed):
-    result = check.lab1.task2(roofline.roofline_time_s, seed=module_seed)
-    assert result.passed and "compute-bound" in result.detail, f"seed {module_seed}"
+# --- Task 2: a decode batch for a latency budget ---
+
+def _batch_one_layer(shapes, layers, dtype, peak, bandwidth, budget, max_batch):
+    return decode_batch_for_budget(shapes, 1, dtype, peak, bandwidth, budget, max_batch)
 
 
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        lambda f, b, p, bw: f / p + b / bw,  # adds the two times
-        lambda f, b, p, bw: min(f / p, b / bw),  # the smaller, not the larger
-        lambda f, b, p, bw: max(f / bw, b / p),  # rates swapped
-    ],
-    ids=["sum", "min", "swapped"],
-)
-def test_task2_fails_a_subtly_wrong_bound(wrong, module_seed):
+def _batch_ignoring_the_cap(shapes, layers, dtype, peak, bandwidth, budget, max_batch):
+    return decode_batch_for_budget(shapes, layers, dtype, peak, bandwidth, budget, 1 << 20)
+
+
+def _batch_at_least_one(shapes, layers, dtype, peak, bandwidth, budget, max_batch):
+    return max(1, decode_batch_for_budget(shapes, layers, dtype, peak, bandwidth, budget, max_batch))
+
+
+def test_task2_and_its_hidden_cases_pass_the_reference(module_seed):
+    result = check.lab1.task2(decode_batch_for_budget, seed=module_seed)
+    assert result.passed and "random layers, ceilings and budgets" in result.detail, f"seed {module_seed}"
+    assert check.lab1.GRADING.task("Lab 1, Task 2").hidden(decode_batch_for_budget).passed
+
+
+@pytest.mark.parametrize("wrong, names", [
+    (_batch_one_layer, "a step runs every layer"),
+    (_batch_ignoring_the_cap, "may not exceed max_batch"),
+    (_batch_at_least_one, "return 0"),
+], ids=["one-layer", "no-cap", "never-zero"])
+def test_task2_names_the_mistake(wrong, names, module_seed):
     with pytest.raises(CheckFailed) as info:
         check.lab1.task2(wrong, seed=module_seed)
-    message = str(info.value)
-    assert message.startswith("FAIL  Lab 1, Task 2: roofline_time("), message
-    assert ("-bound" in message or "at the ridge" in message) and "expected" in message, message
-
-
-def test_task2_adding_the_times_fails_at_the_ridge():
-    with pytest.raises(CheckFailed, match=r"this case is balanced \(at the ridge\)"):
-        check.lab1.task2(lambda f, b, p, bw: f / p + b / bw, seed=0)
-
-
-def test_task2_a_time_built_from_intensity_fails_on_a_pure_copy():
-    """time = flops / min(peak, intensity * bw) is right for every kernel with FLOPs, and divides by zero on a copy."""
-    def via_attainable_rate(flops, bytes_moved, peak, bandwidth):
-        return flops / min(peak, flops / bytes_moved * bandwidth)
-
-    with pytest.raises(CheckFailed, match=r"roofline_time\(0, .* raised ZeroDivisionError"):
-        check.lab1.task2(via_attainable_rate, seed=0)
+    assert names in str(info.value), f"seed {module_seed}: {info.value}"
+    with pytest.raises(CheckFailed, match="hidden"):
+        check.lab1.GRADING.task("Lab 1, Task 2").hidden(wrong)
 
 
 def test_task2_reports_not_implemented():
-    def stub(flops, bytes_moved, peak, bandwidth):
-        raise NotImplementedError("Lab 1, Task 2: the larger of the two times")
+    def stub(*args):
+        raise NotImplementedError("Lab 1, Task 2: the largest batch")
 
     with pytest.raises(CheckFailed, match="Lab 1, Task 2: not implemented yet"):
         check.lab1.task2(stub)
+    with pytest.raises(CheckFailed, match="not implemented yet"):
+        check.lab1.GRADING.task("Lab 1, Task 2").hidden(stub)
+
+
+# --- grading ---
+
+def test_task1_hidden_passes_the_reference_and_names_a_slip():
+    hidden = check.lab1.GRADING.task("Lab 1, Task 1").hidden
+    assert hidden(roofline.arithmetic_intensity).passed
+    with pytest.raises(CheckFailed, match="you left out writing the output"):
+        hidden(_without_output_write)
+    with pytest.raises(CheckFailed, match="not implemented yet"):
+        hidden(lambda *args: (_ for _ in ()).throw(NotImplementedError("Lab 1, Task 1: count")))
+
+
+def test_grading_declares_two_tasks_one_of_them_design():
+    grading = check.lab1.GRADING
+    assert [t.function for t in grading.tasks] == ["arithmetic_intensity", "choose_decode_batch"]
+    assert [t.design for t in grading.tasks] == [False, True]
+    assert grading.predictions == ("Lab 1, Q1", "Lab 1, Q2", "Lab 1, Q3") and grading.written == ("W1", "W2")
+    for graded in grading.tasks:
+        assert callable(graded.load_reference())
 
 
 def test_layer_gemms_match_the_model_weights():
@@ -137,3 +157,17 @@ def test_bench_measures_a_point_with_counted_flops_and_bytes():
     assert point.time_s > 0 and point.intensity == pytest.approx(point.flops / point.bytes_moved)
     with pytest.raises(ValueError, match="tokens must be >= 1"):
         bench.measure(0)
+
+
+def test_the_lab_notebook_names_no_reference():
+    """labs/ must not reach a task's reference: neither its module imported whole nor its name, unless it is the task's own."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "labs" / "01_arithmetic_intensity.ipynb").read_text()
+    for graded in check.lab1.GRADING.tasks:
+        module, attribute = graded.reference.split(":")
+        parent, leaf = module.rsplit(".", 1)
+        assert f"from {parent} import {leaf}" not in text and f"import {module}" not in text, graded.task
+        assert f"{leaf}.{attribute}" not in text, graded.task
+        if attribute != graded.function:
+            assert attribute not in text, graded.task

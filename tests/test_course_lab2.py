@@ -1,58 +1,22 @@
-"""Lab 2 checks: PASS for functions built from the engine, a precise FAIL for subtly wrong ones."""
+"""Lab 2 checks and grading: PASS for the references, a FAIL that names the mistake for plausible wrong answers."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from minidisagg.config import ModelConfig
+from minidisagg.config import PRESETS
 from minidisagg.course import check
 from minidisagg.course.checking import CheckFailed
+from minidisagg.course.kv_lab import Request, blocks_for
+from minidisagg.course.profile_lab import breakdown_from_trace
+from minidisagg.course.sizing import admit_fcfs, kv_pool_plan
+from minidisagg.roofline import dtype_bytes
 from minidisagg.course.kv_lab import (DecodeTimer, attention_inputs, attention_outputs, causal_attention,
                                       decode_with_engine_cache, embed, engine_logits, final_logits)
 from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.runner import ModelRunner
-from minidisagg.kv.block_manager import BlockManager
 from minidisagg.kv.cache import PagedKVCache
-from minidisagg.roofline import dtype_bytes
-
-
-# --- Task 1: KV bytes per token ---
-
-def _engine_kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype):
-    cfg = ModelConfig("t", num_layers, num_kv_heads * head_dim, num_kv_heads, num_kv_heads, head_dim, 8, 8)
-    return cfg.kv_bytes_per_token(dtype_bytes(dtype))
-
-
-def test_task1_passes_with_the_model_config_formula(module_seed):
-    assert check.lab2.task1(_engine_kv_bytes_per_token, seed=module_seed).passed, f"seed {module_seed}"
-
-
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        lambda L, kh, d, dt: L * kh * d * dtype_bytes(dt),  # keys only
-        lambda L, kh, d, dt: 2 * L * kh * d * 2,  # always two bytes per element
-        lambda L, kh, d, dt: 2 * kh * d * dtype_bytes(dt),  # one layer
-    ],
-    ids=["keys-only", "bf16-always", "one-layer"],
-)
-def test_task1_fails_a_subtly_wrong_formula(wrong, module_seed):
-    with pytest.raises(CheckFailed) as info:
-        check.lab2.task1(wrong, seed=module_seed)
-    message = str(info.value)
-    assert "Lab 2, Task 1" in message and "kv_bytes_per_token(num_layers=" in message
-    assert "the engine stores" in message, message
-
-
-def test_task1_reports_not_implemented():
-    def stub(num_layers, num_kv_heads, head_dim, dtype):
-        raise NotImplementedError("Lab 2, Task 1: count K and V")
-
-    with pytest.raises(CheckFailed, match="Lab 2, Task 1: not implemented yet"):
-        check.lab2.task1(stub)
 
 
 # --- Task 2: a decode loop with a KV cache ---
@@ -124,47 +88,6 @@ def test_engine_logits_is_the_engine_forward(tiny_loaded):
     torch.testing.assert_close(engine_logits(model, ids)[-1], want, rtol=0, atol=1e-5)
 
 
-# --- Task 3: slot mapping ---
-
-def _engine_slot_mapping(block_table, positions, block_size):
-    """BlockManager.slot_mapping, for a sequence that owns exactly ``block_table``."""
-    manager = BlockManager(max(block_table) + 1, block_size)
-    manager._tables["seq"] = list(block_table)  # adopt the given table as this sequence's
-    return [manager.slot_mapping("seq", p, p + 1)[0] for p in positions]
-
-
-def test_task3_passes_with_the_block_manager(module_seed):
-    result = check.lab2.task3(_engine_slot_mapping, seed=module_seed)
-    assert result.passed and "every slot equals BlockManager.slot_mapping" in result.detail, f"seed {module_seed}"
-
-
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        lambda table, positions, bs: [table[p // bs] + p % bs for p in positions],  # block id not scaled
-        lambda table, positions, bs: [(p // bs) * bs + p % bs for p in positions],  # table ignored
-        lambda table, positions, bs: [table[p // bs] * bs + p % bs for p in positions][:-1],  # one short
-    ],
-    ids=["unscaled-block", "no-table", "one-short"],
-)
-def test_task3_fails_a_subtly_wrong_mapping(wrong, module_seed):
-    with pytest.raises(CheckFailed) as info:
-        check.lab2.task3(wrong, seed=module_seed)
-    message = str(info.value)
-    assert "Lab 2, Task 3" in message and "slot_mapping([" in message, message
-    assert "should be slot" in message or "slots for" in message, message
-
-
-def test_task3_reports_not_implemented_and_refuses_a_non_function():
-    def stub(block_table, positions, block_size):
-        raise NotImplementedError("Lab 2, Task 3: map through the table")
-
-    with pytest.raises(CheckFailed, match="Lab 2, Task 3: not implemented yet"):
-        check.lab2.task3(stub)
-    with pytest.raises(CheckFailed, match="pass your function itself"):
-        check.lab2.task3([0, 1, 2])
-
-
 # --- the timing helper ---
 
 def test_decode_timer_counts_the_kv_it_reads(tiny_loaded):
@@ -220,16 +143,147 @@ def test_task2_a_one_token_prompt_comes_first():
     assert message.endswith("raised IndexError: nothing to prefill before the last prompt token"), message
 
 
-def _ceil_block_index(block_table, positions, block_size):
-    """Plausible: the block index as ceil(p / block_size) - 1, right inside a block, wrong on its first token."""
-    return [block_table[max(0, math.ceil(p / block_size) - 1)] * block_size + p % block_size for p in positions]
+# --- Task 1: a KV pool for a memory budget ---
+
+def _plan_query_heads(cfg, dtype, memory, block_size, tokens):
+    per_token = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * dtype_bytes(dtype)
+    blocks = memory // (per_token * block_size)
+    return blocks, blocks // blocks_for(tokens, block_size)
 
 
-def test_task3_fails_on_the_first_token_of_a_block(module_seed):
+def _plan_tokens_not_blocks(cfg, dtype, memory, block_size, tokens):
+    blocks, _ = kv_pool_plan(cfg, dtype, memory, block_size, tokens)
+    return blocks, blocks * block_size // tokens
+
+
+def _plan_keys_only(cfg, dtype, memory, block_size, tokens):
+    per_token = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes(dtype)
+    blocks = memory // (per_token * block_size)
+    return blocks, blocks // blocks_for(tokens, block_size)
+
+
+def test_task1_and_its_hidden_cases_pass_the_reference(module_seed):
+    assert check.lab2.task1(kv_pool_plan, seed=module_seed).passed, f"seed {module_seed}"
+    assert check.lab2.GRADING.task("Lab 2, Task 1").hidden(kv_pool_plan).passed
+
+
+@pytest.mark.parametrize("wrong, names", [
+    (_plan_query_heads, "per QUERY head"),
+    (_plan_tokens_not_blocks, "round its blocks up"),
+    (_plan_keys_only, "a key AND a value"),
+], ids=["query-heads", "tokens-not-blocks", "keys-only"])
+def test_task1_names_the_mistake(wrong, names, module_seed):
     with pytest.raises(CheckFailed) as info:
-        check.lab2.task3(_ceil_block_index, seed=module_seed)
-    message = str(info.value)
-    assert message.startswith("FAIL  Lab 2, Task 3: slot_mapping("), message
-    position = int(message.split(": position ")[1].split()[0])
-    block_size = int(message.split("block_size=")[1].split(")")[0])
-    assert position % block_size == 0 and position > 0, message
+        check.lab2.task1(wrong, seed=module_seed)
+    assert names in str(info.value), f"seed {module_seed}: {info.value}"
+    with pytest.raises(CheckFailed, match="hidden"):
+        check.lab2.GRADING.task("Lab 2, Task 1").hidden(wrong)
+
+
+# --- Task 3: admission ---
+
+def _admit_skipping(waiting, running, free, bs):
+    budget = free - sum(blocks_for(r.tokens_at_most, bs) - blocks_for(r.tokens_now, bs) for r in running)
+    count = 0
+    for r in waiting:
+        if blocks_for(r.tokens_at_most, bs) <= budget:
+            budget -= blocks_for(r.tokens_at_most, bs)
+            count += 1
+    return count
+
+
+def _admit_ignoring_running(waiting, running, free, bs):
+    return admit_fcfs(waiting, [], free, bs)
+
+
+def _admit_by_prompt(waiting, running, free, bs):
+    return admit_fcfs([Request(r.prompt_len, 0) for r in waiting], running, free, bs)
+
+
+def test_task3_and_its_hidden_cases_pass_the_reference(module_seed):
+    assert check.lab2.task3(admit_fcfs, seed=module_seed).passed, f"seed {module_seed}"
+    assert check.lab2.GRADING.task("Lab 2, Task 3").hidden(admit_fcfs).passed
+
+
+@pytest.mark.parametrize("wrong, names", [
+    (_admit_skipping, "first come, first served"),
+    (_admit_ignoring_running, "the running requests will still need"),
+    (_admit_by_prompt, "prompt alone"),
+], ids=["skips-ahead", "ignores-running", "prompt-only"])
+def test_task3_names_the_mistake(wrong, names, module_seed):
+    with pytest.raises(CheckFailed) as info:
+        check.lab2.task3(wrong, seed=module_seed)
+    assert names in str(info.value), f"seed {module_seed}: {info.value}"
+
+
+# --- Task 4: reading a profiled step ---
+
+def _read_self_times(averages, num_steps, wall):
+    rows = {e.key: e for e in averages}
+    lm, attn, overhead = breakdown_from_trace(averages, num_steps, wall)
+    return (rows["lm_head"].self_cpu_time_total / 1e6 / num_steps / wall,
+            rows["attention"].self_cpu_time_total / 1e6 / num_steps / wall, overhead)
+
+
+def _read_total_times(averages, num_steps, wall):
+    lm, attn, _ = breakdown_from_trace(averages, num_steps, wall)
+    return lm, attn, wall - sum(e.cpu_time_total for e in averages if not e.is_user_annotation) / 1e6 / num_steps
+
+
+def test_task4_and_its_hidden_trace_pass_the_reference(module_seed):
+    result = check.lab2.task4(breakdown_from_trace, seed=module_seed)
+    assert result.passed and "from the methods' own timers" in result.detail
+    assert check.lab2.GRADING.task("Lab 2, Task 4").hidden(breakdown_from_trace).passed
+
+
+@pytest.mark.parametrize("wrong, names", [
+    (_read_self_times, "own time leaves out the operators"),
+    (_read_total_times, "sum the self times"),
+], ids=["label-self-time", "operator-total-time"])
+def test_task4_names_the_mistake(wrong, names, module_seed):
+    with pytest.raises(CheckFailed) as info:
+        check.lab2.task4(wrong, seed=module_seed)
+    assert names in str(info.value), f"seed {module_seed}: {info.value}"
+
+
+# --- grading ---
+
+def test_grading_declares_four_tasks_half_of_them_design():
+    grading = check.lab2.GRADING
+    assert [t.function for t in grading.tasks] == ["plan_kv_pool", "decode_with_kv_cache", "admit", "read_profile"]
+    assert sum(t.design for t in grading.tasks) * 2 >= len(grading.tasks)
+    assert grading.predictions == ("Lab 2, Q1", "Lab 2, Q2", "Lab 2, Q3") and grading.written == ("W1", "W2")
+    for graded in grading.tasks:
+        assert callable(graded.load_reference())
+
+
+@pytest.mark.parametrize("task", ["Lab 2, Task 1", "Lab 2, Task 2", "Lab 2, Task 3", "Lab 2, Task 4"])
+def test_a_stub_fails_every_hidden_check(task):
+    def stub(*args):
+        raise NotImplementedError(f"{task}: not done")
+
+    with pytest.raises((CheckFailed, NotImplementedError)):
+        check.lab2.GRADING.task(task).hidden(stub)
+
+
+def test_task2_hidden_passes_the_engines_cache():
+    assert check.lab2.GRADING.task("Lab 2, Task 2").hidden(decode_with_engine_cache).passed
+
+
+def test_plan_matches_presets_kv_bytes_per_token():
+    cfg = PRESETS["llama-8b"]
+    blocks, requests = kv_pool_plan(cfg, torch.bfloat16, 65 * 2**30, 16, 4096)
+    assert blocks == 65 * 2**30 // (16 * cfg.kv_bytes_per_token(2)) and requests == blocks // 256
+
+
+def test_the_lab_notebook_names_no_reference():
+    """labs/ must not reach a task's reference: neither its name nor a whole-module import of the module holding it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "labs" / "02_kv_cache.ipynb").read_text()
+    for graded in check.lab2.GRADING.tasks:
+        module, attribute = graded.reference.split(":")
+        parent, leaf = module.rsplit(".", 1)
+        assert f"from {parent} import {leaf}" not in text and f"import {module}\\n" not in text, graded.task
+        assert attribute not in text, graded.task
+    assert "minidisagg.course.sizing" not in text

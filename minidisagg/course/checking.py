@@ -140,6 +140,24 @@ def task_check(task: str) -> Callable[[CheckFn], CheckFn]:
     return wrap
 
 
+def hidden_check(task: str) -> Callable[[Callable[[Any], CheckResult]], Callable[[Any], CheckResult]]:
+    """Make a grader's hidden check of ``task`` FAIL, not crash, on a task not done yet or on a non-function."""
+
+    def wrap(check: Callable[[Any], CheckResult]) -> Callable[[Any], CheckResult]:
+        @functools.wraps(check)
+        def run(fn: Any) -> CheckResult:
+            if not callable(fn):
+                failed(f"{task} (hidden): no function to check, got {fn!r}")
+            try:
+                return check(fn)
+            except NotImplementedError as err:
+                return not_implemented(task, err)
+
+        return run
+
+    return wrap
+
+
 def max_abs_error(got: Any, want: Any) -> float:
     """Largest absolute difference between two tensors, arrays or numbers."""
     got_t = torch.as_tensor(got, dtype=torch.float64)

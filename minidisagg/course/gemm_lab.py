@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from minidisagg.config import ModelConfig
-from minidisagg.roofline import Ceilings, dtype_bytes, gemm_bytes, gemm_flops, measure_ceilings, synchronize
+from minidisagg.roofline import (Ceilings, dtype_bytes, gemm_bytes, gemm_flops, measure_ceilings, roofline_time_s,
+                                synchronize)
 
 if TYPE_CHECKING:  # matplotlib is needed only to draw
     from matplotlib.axes import Axes
@@ -104,6 +105,12 @@ class GemmPoint:
     def flops_per_s(self) -> float:
         """Achieved FLOP/s."""
         return self.flops / self.time_s
+
+
+def roof_fraction(point: GemmPoint, ceilings: Ceilings) -> float:
+    """How close a measured point came to the roof: its roofline lower bound over its measured time."""
+    bound_s = roofline_time_s(point.flops, point.bytes_moved, ceilings.matmul_flops_per_s, ceilings.copy_bytes_per_s)
+    return bound_s / point.time_s
 
 
 class LayerGemmBench:

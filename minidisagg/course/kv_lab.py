@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.runner import ModelRunner
 from minidisagg.kernels.attention import AttentionMetadata
 from minidisagg.kernels.linear import linear
-from minidisagg.kv.block_manager import BlockManager
+from minidisagg.kv.block_manager import BlockManager, OutOfBlocksError
 from minidisagg.kv.cache import PagedKVCache
 from minidisagg.models.llama import LlamaModel
 from minidisagg.roofline import dtype_bytes, synchronize
@@ -214,6 +214,80 @@ class DecodeTimer:
         step_s = min_time_s(lambda: self.runner.execute(items), self.model.device, warmup=1, iters=iters)
         kv_bytes = self.batch * context_len * self.cache.bytes_per_block // self.block_size
         return DecodeTiming(self.batch, context_len, step_s, kv_bytes)
+
+
+# --- admission: requests that share one pool ---
+
+@dataclass(frozen=True)
+class Request:
+    """A request as the scheduler sees it: its prompt, the most tokens it may generate, and how many it has so far."""
+
+    prompt_len: int
+    max_new_tokens: int
+    generated: int = 0
+
+    @property
+    def tokens_now(self) -> int:
+        """Tokens whose KV it holds now (prompt and output so far)."""
+        return self.prompt_len + self.generated
+
+    @property
+    def tokens_at_most(self) -> int:
+        """Tokens whose KV it will hold if it runs to ``max_new_tokens``."""
+        return self.prompt_len + self.max_new_tokens
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold ``tokens`` token slots (a partly used block is still a whole block)."""
+    return -(-tokens // block_size)
+
+
+AdmitFn = Callable[[list[Request], list[Request], int, int], int]
+
+
+@dataclass(frozen=True)
+class AdmissionRun:
+    """A replay of a queue through one pool: steps taken, requests finished, the fullest the pool got, the first failure."""
+
+    steps: int
+    finished: int
+    peak_blocks: int
+    out_of_blocks_step: Optional[int]  # the step at which a running request found no free block, or None
+
+
+def replay_admission(admit: AdmitFn, queue: Sequence[Request], num_blocks: int, block_size: int,
+                     stop_after: Sequence[int], max_steps: int = 100_000) -> AdmissionRun:
+    """Run ``queue`` through a ``BlockManager``: each step admits by ``admit``, then every running request gains a token.
+
+    Request ``i`` finishes after ``stop_after[i]`` tokens (at most its ``max_new_tokens``): the rule does
+    not know when. A running request that needs a block when none is free ends the replay.
+    """
+    manager = BlockManager(num_blocks, block_size)
+    waiting, running = list(enumerate(queue)), []  # (index, request)
+    finished = peak = 0
+    for step in range(max_steps):
+        if not waiting and not running:
+            return AdmissionRun(step, finished, peak, None)
+        count = admit([r for _, r in waiting], [r for _, r in running], manager.num_free_blocks, block_size)
+        for index, request in waiting[:count]:
+            manager.grow(index, request.tokens_now)
+            running.append((index, request))
+        waiting = waiting[count:]
+        still = []
+        for index, request in running:
+            grown = Request(request.prompt_len, request.max_new_tokens, request.generated + 1)
+            try:
+                manager.grow(index, grown.tokens_now)
+            except OutOfBlocksError:
+                return AdmissionRun(step, finished, peak, step)
+            if grown.generated >= min(stop_after[index], grown.max_new_tokens):
+                manager.free(index)
+                finished += 1
+            else:
+                still.append((index, grown))
+        running = still
+        peak = max(peak, num_blocks - manager.num_free_blocks)
+    return AdmissionRun(max_steps, finished, peak, None)
 
 
 # --- the block table, drawn ---
