@@ -62,8 +62,8 @@ def test_a_later_cell_says_the_learners_function_failed_its_check(capsys):
     with pytest.raises(CheckFailed):
         check.lab1.task1(no_factor_two, seed=0)
     capsys.readouterr()
-    intensity = learner_or_reference(no_factor_two, roofline.arithmetic_intensity, "Task 1")
-    said = "[Task 1] using your no_factor_two (it FAILED its check: results below may be wrong)\n"
+    intensity = learner_or_reference(no_factor_two, "Lab 1, Task 1")
+    said = "[Lab 1, Task 1] using your no_factor_two (it FAILED its check: results below may be wrong)\n"
     assert capsys.readouterr().out == said  # at once, above the table the cell prints
     assert intensity(1, 8, 8, roofline.torch.float32) == no_factor_two(1, 8, 8, roofline.torch.float32)
     intensity(4, 8, 8, roofline.torch.float32)
@@ -74,21 +74,21 @@ def test_a_later_cell_says_passed_unchecked_redefined_or_reference(capsys):
     def arithmetic_intensity(m, n, k, dtype):
         return roofline.arithmetic_intensity(m, n, k, dtype)
 
-    learner_or_reference(arithmetic_intensity, roofline.arithmetic_intensity, "Task 1")(1, 2, 3, roofline.torch.float32)
+    learner_or_reference(arithmetic_intensity, "Lab 1, Task 1")(1, 2, 3, roofline.torch.float32)
     assert "not checked yet: run its check cell" in capsys.readouterr().out
     check.lab1.task1(arithmetic_intensity, seed=0)
     capsys.readouterr()
-    learner_or_reference(arithmetic_intensity, roofline.arithmetic_intensity, "Task 1")(1, 2, 3, roofline.torch.float32)
-    assert capsys.readouterr().out == "[Task 1] using your arithmetic_intensity (it passed its check)\n"
+    learner_or_reference(arithmetic_intensity, "Lab 1, Task 1")(1, 2, 3, roofline.torch.float32)
+    assert capsys.readouterr().out == "[Lab 1, Task 1] using your arithmetic_intensity (it passed its check)\n"
 
     def arithmetic_intensity(m, n, k, dtype):  # noqa: F811 - the learner edits and reruns the cell
         return 1.0
 
-    learner_or_reference(arithmetic_intensity, roofline.arithmetic_intensity, "Task 1")(1, 2, 3, roofline.torch.float32)
+    learner_or_reference(arithmetic_intensity, "Lab 1, Task 1")(1, 2, 3, roofline.torch.float32)
     assert "redefined since its check: run the check again" in capsys.readouterr().out
-    value = learner_or_reference(not_done, roofline.arithmetic_intensity, "Task 1")(1, 2, 3, roofline.torch.float32)
+    value = learner_or_reference(not_done, "Lab 1, Task 1")(1, 2, 3, roofline.torch.float32)
     assert value == roofline.arithmetic_intensity(1, 2, 3, roofline.torch.float32)
-    assert capsys.readouterr().out == "[Task 1] not implemented yet: using the reference solution for the cells below\n"
+    assert capsys.readouterr().out == "[Lab 1, Task 1] not implemented yet: using the reference solution for the cells below\n"
 
 
 def test_in_a_notebook_pass_and_fail_show_once_and_a_stub_shows_one_line():
@@ -117,7 +117,7 @@ def test_in_a_notebook_pass_and_fail_show_once_and_a_stub_shows_one_line():
 def test_a_stub_that_failed_as_not_implemented_says_so_when_the_cell_starts(capsys):
     with pytest.raises(CheckFailed):
         check.lab1.task1(not_done)
-    intensity = learner_or_reference(not_done, roofline.arithmetic_intensity, "Task 1")
-    assert capsys.readouterr().out == "[Task 1] not implemented yet: using the reference solution for the cells below\n"
+    intensity = learner_or_reference(not_done, "Lab 1, Task 1")
+    assert capsys.readouterr().out == "[Lab 1, Task 1] not implemented yet: using the reference solution for the cells below\n"
     assert intensity(2, 3, 4, roofline.torch.float16) == roofline.arithmetic_intensity(2, 3, 4, roofline.torch.float16)
     assert capsys.readouterr().out == ""

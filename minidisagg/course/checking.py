@@ -206,8 +206,7 @@ def _reference_of(task: str) -> Callable[..., Any]:
     return lab_grading(task_lab(task)).task(task).load_reference()
 
 
-def learner_or_reference(learner_fn: Optional[Callable[..., Any]], task: str,
-                         legacy_name: Optional[str] = None) -> Callable[..., Any]:
+def learner_or_reference(learner_fn: Optional[Callable[..., Any]], task: str) -> Callable[..., Any]:
     """Return a callable that runs the learner's function, falling back (visibly) to the reference.
 
     Cells after an exercise use this, so a lab runs top to bottom before its exercises are done.
@@ -216,9 +215,8 @@ def learner_or_reference(learner_fn: Optional[Callable[..., Any]], task: str,
     skipped (``skip_task``): before that the call raises ``TaskNotChecked``, which says what to do.
     It says once which function runs and, for the learner's, whether it passed its check.
     """
-    if callable(task):  # the older form (learner_fn, reference_fn, name), kept while labs move over
-        return _learner_or_given(learner_fn, task, legacy_name or "reference")
-
+    if not isinstance(task, str):
+        raise TypeError(f"learner_or_reference(fn, task): task names the task, e.g. 'Lab 1, Task 2' (got {task!r})")
     said = {"learner": False, "reference": False}
 
     def say(which: str, line: str) -> None:
@@ -248,36 +246,5 @@ def learner_or_reference(learner_fn: Optional[Callable[..., Any]], task: str,
             )
         say("reference", FALLBACK)
         return _reference_of(task)(*args, **kwargs)
-
-    return call
-
-
-def _learner_or_given(learner_fn: Optional[Callable[..., Any]], reference_fn: Callable[..., Any],
-                      name: str) -> Callable[..., Any]:
-    """The older form: the reference is handed in by the notebook."""
-    said = {"learner": False, "reference": False}
-
-    def say(which: str, line: str) -> None:
-        if not said[which]:
-            print(f"[{name}] {line}")
-            said[which] = True
-
-    verdict = REGISTRY.of_function(learner_fn) if learner_fn is not None else None
-    if verdict is not None and NOT_IMPLEMENTED in verdict.detail:
-        say("reference", FALLBACK)
-    elif verdict is not None:
-        say("learner", learner_status(learner_fn))
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if learner_fn is not None:
-            try:
-                value = learner_fn(*args, **kwargs)
-            except NotImplementedError:
-                pass
-            else:
-                say("learner", learner_status(learner_fn))
-                return value
-        say("reference", FALLBACK)
-        return reference_fn(*args, **kwargs)
 
     return call
