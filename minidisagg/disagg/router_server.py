@@ -34,7 +34,6 @@ from minidisagg.disagg.router_protocol import (
     parse_request,
     read_lines,
 )
-from minidisagg.disagg.router_protocol import stream_request as stream_request  # re-exported: README imports it here
 from minidisagg.engine.clock import WallClock
 from minidisagg.kv.pages import KVLayout
 from minidisagg.models.registry import LoadedModel
