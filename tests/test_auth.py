@@ -28,7 +28,7 @@ import pytest
 from cluster_requests import run_request
 from minidisagg import LLM, SamplingParams
 from minidisagg.config import CacheConfig, EngineConfig
-from minidisagg.disagg.launch import WorkerProcess, spawn_worker, stop_processes
+from minidisagg.disagg.launch import WorkerProcess, free_ports, spawn_worker, stop_processes
 from minidisagg.disagg.remote_worker import RemoteWorker
 from minidisagg.disagg.router_protocol import stream_request
 from minidisagg.disagg.router_server import RemoteCluster
@@ -538,8 +538,7 @@ def _outside_address() -> str | None:
 
 
 def _free_port() -> int:
-    with socket.create_server((HOST, 0)) as probe:
-        return probe.getsockname()[1]
+    return free_ports(HOST, 1)[0]  # outside the ephemeral range, which the store's own connections draw from
 
 
 def test_the_rendezvous_store_listens_on_its_host_only():

@@ -72,3 +72,18 @@ def test_workers_outlive_the_thread_that_made_them_and_die_with_the_process():
         for pid in pids:
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_picked_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
+    """Outgoing connections (gloo, the rendezvous store) draw ephemeral ports: a picked port must not be one."""
+    import socket
+
+    from minidisagg.disagg.launch import ephemeral_port_range, free_ports
+
+    ports = free_ports("127.0.0.1", 8)
+    assert len(set(ports)) == 8
+    span = ephemeral_port_range()
+    if span is not None:
+        assert all(p < span[0] for p in ports), (ports, span)
+    for port in ports:
+        socket.create_server(("127.0.0.1", port)).close()

@@ -161,10 +161,43 @@ def spawn_worker(role: str, name: str, serve_args: Sequence[str], log_dir: Path,
     return worker
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """``count`` distinct ports free right now on ``host`` (another process may still take one first)."""
-    socks = [socket.create_server((host, 0)) for _ in range(count)]
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PICKED_PORT = 10000  # below this sit well-known and registered services
+
+
+def ephemeral_port_range() -> Optional[tuple[int, int]]:
+    """The range the kernel draws outgoing connections' ports from (Linux), or None where it cannot be read."""
     try:
+        low, high = (int(x) for x in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free right now on ``host``, outside the kernel's ephemeral range.
+
+    A port handed to a worker before it binds can be taken meanwhile. The likeliest taker is an
+    outgoing connection (torch.distributed's store and gloo open many), whose port the kernel draws
+    from the ephemeral range: so on Linux the ports are drawn below that range and checked by
+    binding them. Elsewhere the kernel picks (port 0), which is free now but not reserved.
+    """
+    import random
+
+    span = ephemeral_port_range()
+    socks: list[socket.socket] = []
+    try:
+        if span is not None and span[0] - LOWEST_PICKED_PORT >= 64 * count:
+            rng = random.Random()
+            tries = 0
+            while len(socks) < count and tries < 200 * count:
+                tries += 1
+                try:
+                    socks.append(socket.create_server((host, rng.randrange(LOWEST_PICKED_PORT, span[0]))))
+                except OSError:  # taken: draw another
+                    continue
+        while len(socks) < count:
+            socks.append(socket.create_server((host, 0)))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
