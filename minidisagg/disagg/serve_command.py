@@ -10,10 +10,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Optional, Protocol
 
 WORKER_HEALTH_POLL_S = 0.2  # how often ``serve`` checks that its worker's engine loop is alive
 WORKER_SWITCH_INTERVAL_S = float(os.environ.get("MINIDISAGG_SWITCH_INTERVAL_S", "0.0005"))  # see cmd_serve
+
+
+class WorkerRendezvous(Protocol):
+    """How a worker started by an outside launcher (``torchrun``: ``disagg.torchrun``) joins its group and finds peers."""
+
+    def join(self, secret: Optional[bytes]) -> Any:
+        """The group's store, joined and this rank's membership proved (``init_dist``'s ``store``)."""
+
+    def decode_peers(self) -> str:
+        """Prefill: the decode workers as ``name=host:port@rank,...``, once all of them listen."""
+
+    def listening(self, port: int) -> None:
+        """This worker listens on ``port``: tell the others."""
 
 
 def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: str) -> None:
@@ -139,8 +152,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_worker(args)
 
 
-def serve_worker(args: argparse.Namespace) -> int:
-    """Run one worker process (prefill or decode) or a router until terminated."""
+def serve_worker(args: argparse.Namespace, rendezvous: Optional[WorkerRendezvous] = None) -> int:
+    """Run one worker process (prefill or decode) or a router until terminated.
+
+    ``rendezvous`` (with ``--dist-init``): the group's store and the peers' addresses come from
+    it instead of ``--dist-init`` and ``--peers``.
+    """
     import signal
     import threading
     from pathlib import Path
@@ -185,9 +202,12 @@ def serve_worker(args: argparse.Namespace) -> int:
     if args.dist_init:  # join the deployment's torch.distributed group first: under NCCL it picks the GPU
         from minidisagg.transport.dist import init_dist, parse_peer_ranks
 
+        store = rendezvous.join(security.secret) if rendezvous is not None else None
         args.device = init_dist(args.dist_init, args.dist_rank, args.dist_world, args.dist_backend, args.device,
-                                secret=security.secret)
+                                secret=security.secret, store=store)
         if args.role == "prefill":
+            if rendezvous is not None:
+                args.peers = rendezvous.decode_peers()
             args.peers, decode_ranks = parse_peer_ranks(args.peers or "")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                         random_weights=args.random_weights)
@@ -204,6 +224,8 @@ def serve_worker(args: argparse.Namespace) -> int:
     threading.Thread(target=server.serve_forever, args=(Path(args.ready_file) if args.ready_file else None,),
                      daemon=True).start()
     console.print(f"{args.role} worker listening on {args.host}:{server.port}", highlight=False)
+    if rendezvous is not None:
+        rendezvous.listening(server.port)
     while not done.wait(WORKER_HEALTH_POLL_S) and not server.failed:
         pass
     if server.failed:  # its engine loop died: the routers were told; a port that looks alive would mislead

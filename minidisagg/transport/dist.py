@@ -90,13 +90,15 @@ def default_backend(device: str | torch.device) -> str:
 
 
 def init_dist(init_method: str, rank: Optional[int], world_size: Optional[int], backend: Optional[str] = None,
-              device: str = "auto", timeout_s: float = INIT_TIMEOUT_S, secret: Optional[bytes] = None) -> str:
+              device: str = "auto", timeout_s: float = INIT_TIMEOUT_S, secret: Optional[bytes] = None,
+              store: Optional[dist.Store] = None) -> str:
     """Join the deployment's process group; returns the device this worker should load its model on.
 
     Under NCCL every rank needs a GPU of its own: a device given without an index becomes
     ``cuda:<rank % device_count>`` and becomes the current CUDA device. A ``tcp://HOST:PORT``
     rendezvous store listens on HOST only, and with ``secret`` every rank proves it through the
-    store before any gloo/NCCL connection opens (``rendezvous.py``).
+    store before any gloo/NCCL connection opens (``rendezvous.py``). A ``store`` already joined
+    (``join_torchrun_store``) is used as is; ``init_method`` then only names it in errors.
     """
     if not isinstance(rank, int) or not isinstance(world_size, int):
         raise ValueError("--dist-init needs --dist-rank and --dist-world")
@@ -114,9 +116,11 @@ def init_dist(init_method: str, rank: Optional[int], world_size: Optional[int], 
         index = dev.index if dev.index is not None else rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         device = f"cuda:{index}"
-    check_init_method(init_method, secret)
+    if store is None:
+        check_init_method(init_method, secret)
     try:
-        store = join_store(init_method, rank, world_size, timeout_s, secret)
+        if store is None:
+            store = join_store(init_method, rank, world_size, timeout_s, secret)
         if store is None:  # not tcp:// (env://, file://, ...): torch's own rendezvous
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import os
 import secrets
 import socket
-from typing import Optional
+from dataclasses import dataclass
+from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
 import torch.distributed as dist
@@ -105,4 +107,47 @@ def join_store(init_method: str, rank: int, world_size: int, timeout_s: float,
         store = dist.TCPStore(host, port, world_size, False, timeout)
     if secret is not None:
         prove_membership(store, secret, rank, world_size)
+    return store
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """What ``torchrun`` tells each process it starts: its ranks, the group's size and the store's address."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    restart_count: int = 0
+    use_agent_store: bool = False
+
+    @classmethod
+    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "TorchrunEnv":
+        """Read the variables torchrun sets; ValueError naming the missing ones (not started by torchrun)."""
+        env = os.environ if environ is None else environ
+        missing = [name for name in TORCHRUN_VARIABLES if not env.get(name)]
+        if missing:
+            raise ValueError(f"not started by torchrun: {', '.join(missing)} not set")
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), env["MASTER_ADDR"],
+                   int(env["MASTER_PORT"]), int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+                   env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def join_torchrun_store(env: TorchrunEnv, timeout_s: float, secret: Optional[bytes] = None) -> dist.Store:
+    """The store of a torchrun launch, its membership proved, under a prefix of its own for this restart.
+
+    torchrun's agent on the first node may host the store already (``use_agent_store``): then
+    every rank is a client, as in torch's own ``env://`` rendezvous; otherwise rank 0 hosts it.
+    The prefix keeps one restart's keys (nonce, proofs, addresses) from the next's.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    is_master = env.rank == 0 and not env.use_agent_store
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master, timeout)
+    store = dist.PrefixStore(f"minidisagg/restart{env.restart_count}", store)
+    if secret is not None:
+        prove_membership(store, secret, env.rank, env.world_size)
     return store
