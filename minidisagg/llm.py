@@ -20,6 +20,7 @@ from minidisagg.models.tokenizer import Tokenizer, TokenizerError, check_message
 from minidisagg.stages.base import Stage
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
+from minidisagg.transport.auth import LinkSecurity
 
 PROGRESS_MIN_REQUESTS = 8
 Message = dict[str, str]
@@ -81,6 +82,9 @@ class LLM:
     ``kv_overlap=True`` sends each layer's KV while later layers are still computing; it is off by
     default because sending after the prefill gave as much goodput or more in this engine's two-GPU
     runs (``benchmarks/NOTES.md``; lab 5 shows when overlap would win: a slow link, a long prefill).
+    ``workers`` (``mode="disagg"``) connects to worker processes already running, on this host or
+    others (``prefill=p0@HOST:PORT,...;decode=d0@HOST:PORT,...``, the router's ``--peers``), proving
+    ``worker_security`` (their secret) to them, instead of launching its own.
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -123,6 +127,8 @@ class LLM:
         prefill_devices: Optional[Seq[str]] = None,
         decode_devices: Optional[Seq[str]] = None,
         worker_threads: int = 0,
+        workers: Optional[str] = None,
+        worker_security: Optional[LinkSecurity] = None,
     ) -> None:
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes,
                             layout=kv_layout)
@@ -141,11 +147,19 @@ class LLM:
         if mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")
         self.mode = mode
-        remote = mode == "disagg" and transport != "inproc"  # workers load the weights themselves
+        if workers is not None and mode != "disagg":
+            raise ValueError("workers= names disaggregated worker processes: give mode='disagg' with it")
+        remote = mode == "disagg" and (transport != "inproc" or workers is not None)  # workers load the weights
         self.loaded = load_model(model, device=device, dtype=dtype, seed=seed, random_weights=random_weights,
                                  weights=not remote)
         self.engine: LLMEngine | DisaggCluster
-        if mode == "colocated":
+        if workers is not None:
+            from minidisagg.disagg.router_server import RemoteCluster, parse_router_peers
+
+            self.engine = RemoteCluster(self.loaded, self.config, *parse_router_peers(workers), routing=routing,
+                                        kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s,
+                                        security=worker_security)
+        elif mode == "colocated":
             self.engine = LLMEngine(self.loaded, self.config, clock=clock, policy=policy,
                                     prefill_stage=prefill_stage, decode_stage=decode_stage)
         else:

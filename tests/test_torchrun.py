@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster_requests import run_request
 from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
-from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.launch import free_ports
-from minidisagg.disagg.router_server import RemoteCluster, parse_router_peers
+from minidisagg.disagg.router_server import parse_router_peers
 from minidisagg.disagg.torchrun import router_peers, worker_role
-from minidisagg.models.registry import load_model
 from minidisagg.transport.auth import SECRET_ENV, LinkSecurity, new_secret
+from serve_process import serve_process
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -90,30 +88,41 @@ def stop_nodes(nodes: list[subprocess.Popen]) -> None:
             node.wait(5)
 
 
-def test_two_torchrun_nodes_serve_like_colocated_and_leave_no_process(tmp_path, module_seed):
+def test_two_torchrun_nodes_serve_like_colocated_and_leave_no_process(tmp_path, module_seed, monkeypatch):
+    """Python (``LLM(workers=...)``) and the HTTP front (``serve --peers``) both reach the workers torchrun started."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
     seed = module_seed
     secret = new_secret()
+    monkeypatch.setenv(SECRET_ENV, secret.decode())  # the HTTP front's process inherits it
     (rdzv_port,) = free_ports(HOST, 1)
     nodes = [start_node(rank, rdzv_port, seed, tmp_path, secret) for rank in (0, 1)]
-    cluster = None
     try:
-        prefill_addrs, decode_addrs = parse_router_peers(wait_for_peers(tmp_path / "peers0.txt", nodes, tmp_path))
-        assert list(prefill_addrs) == ["p0"] and list(decode_addrs) == ["d0"]
-        loaded = load_model("tiny", device="cpu", dtype="float32", seed=seed, random_weights=True, weights=False)
-        config = EngineConfig(batch_invariant=True, cache=CacheConfig(num_blocks=NUM_BLOCKS))
-        cluster = RemoteCluster(loaded, config, prefill_addrs, decode_addrs, request_timeout_s=60,
-                                security=LinkSecurity(secret=secret))
+        peers = wait_for_peers(tmp_path / "peers0.txt", nodes, tmp_path)
+        assert [list(a) for a in parse_router_peers(peers)] == [["p0"], ["d0"]]
+        model = {"device": "cpu", "dtype": "float32", "batch_invariant": True, "seed": seed,
+                 "num_kv_blocks": NUM_BLOCKS}
         prompts = token_prompts(seed, 3)
-        reference = LLM("tiny", device="cpu", dtype="float32", batch_invariant=True, seed=seed)
+        reference = LLM("tiny", **model)
         want = reference.generate(prompts, SamplingParams(**GREEDY), use_tqdm=False)
-        for prompt, expected in zip(prompts, want):
-            out = run_request(cluster, prompt["prompt_token_ids"], GREEDY, timeout_s=60)
-            assert out.error is None, f"seed {seed}: {out.error}\n{logs(tmp_path)}"
-            assert out.token_ids == expected.token_ids, f"seed {seed}: torchrun workers differ from colocated"
-            assert out.metrics.kv_transfer_bytes > 0
+        llm = LLM("tiny", **model, mode="disagg", workers=peers, worker_security=LinkSecurity(secret=secret),
+                  request_timeout_s=60)
+        try:
+            got = llm.generate(prompts, SamplingParams(**GREEDY), use_tqdm=False)
+        finally:
+            llm.shutdown()
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], \
+            f"seed {seed}: torchrun workers differ from colocated\n{logs(tmp_path)}"
+        assert all(o.metrics.kv_transfer_bytes > 0 for o in got)
+        front = ["tiny", "--peers", peers, "--device", "cpu", "--dtype", "float32", "--random-weights", "--seed",
+                 str(seed), "--batch-invariant", "--num-kv-blocks", str(NUM_BLOCKS)]
+        for url, _ in serve_process(front, tmp_path / "front.port"):
+            body = {"model": "tiny", "prompt": prompts[0]["prompt_token_ids"], **GREEDY}
+            reply = httpx.post(url + "/v1/completions", json=body, timeout=READY_TIMEOUT_S)
+            assert reply.status_code == 200, reply.text
+            text = reference.get_tokenizer().decode(want[0].token_ids, skip_special_tokens=True)
+            assert reply.json()["choices"][0]["text"] == text, f"seed {seed}: the HTTP front differs"
     finally:
-        if cluster is not None:
-            cluster.shutdown()
         stop_nodes(nodes)
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     while any(session_alive(n.pid) for n in nodes) and time.monotonic() < deadline:

@@ -57,7 +57,8 @@ def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: st
     serve.add_argument("--policy", default="prefill_first", help="HTTP front: the scheduling policy "
                                                                  "(prefill_first, decode_first, chunked)")
     serve.add_argument("--peers", default="", help="prefill: decode workers as NAME=host:port,...; "
-                                                  "router: prefill=NAME@host:port,...;decode=NAME@host:port,...")
+                                                  "router, and HTTP front over running workers: "
+                                                  "prefill=NAME@host:port,...;decode=NAME@host:port,...")
     serve.add_argument("--model", default="smollm2-135m", help=model_help)
     serve.add_argument("--device", default="auto", help=device_help)
     serve.add_argument("--dtype", default="auto", help=dtype_help)
@@ -146,7 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.role is None:
         from minidisagg.server.launch import serve_http
 
-        args.mode = args.mode or "colocated"
+        if args.peers and args.mode == "colocated":
+            raise ValueError("--peers names running worker processes: it goes with --mode disagg")
+        args.mode = args.mode or ("disagg" if args.peers else "colocated")
         return serve_http(args)
     args.port = 0 if args.port is None else args.port
     return serve_worker(args)

@@ -165,8 +165,17 @@ def start_in_thread(llm: LLM, name: str, **options: Any) -> HttpServer:
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:
-    """The ``LLM`` the serve flags describe: one colocated engine, or a router over worker processes."""
+    """The ``LLM`` the serve flags describe: one colocated engine, or a router over worker processes.
+
+    With ``--peers`` (``--mode disagg``) the workers are already running, and the router connects to them.
+    """
     disagg = args.mode == "disagg"
+    workers, security = (args.peers or None) if disagg else None, None
+    if workers is not None:  # worker processes already running (another launcher, torchrun): connect to them
+        from minidisagg.transport.auth import link_security
+
+        security = link_security(args.secret_file or None, args.tls_cert or None, args.tls_key or None,
+                                 args.tls_ca or None)
     return LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -177,7 +186,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
                mode=args.mode, transport=args.transport if disagg else "inproc", num_prefill=args.num_prefill,
                num_decode=args.num_decode, routing=args.routing, kv_overlap=args.overlap,
                kv_failure_policy=args.kv_failure_policy, request_timeout_s=args.request_timeout_s,
-               worker_threads=args.threads)
+               worker_threads=args.threads, workers=workers, worker_security=security)
 
 
 def serve_http(args: argparse.Namespace) -> int:
