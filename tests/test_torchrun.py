@@ -1,4 +1,4 @@
-"""Workers started by torchrun as two "nodes" on this machine (CPU, gloo): they serve like a colocated LLM and all exit."""
+"""Workers started by torchrun as two "nodes" on this machine (CPU, gloo): they serve like colocated, then all exit."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
 from minidisagg.disagg.launch import free_ports
 from minidisagg.disagg.router_server import parse_router_peers
-from minidisagg.disagg.torchrun import router_peers, worker_role
+from minidisagg.disagg.torchrun import advertised_host, router_peers, worker_role
 from minidisagg.transport.auth import SECRET_ENV, LinkSecurity, new_secret
 from serve_process import serve_process
 
@@ -34,6 +34,10 @@ def test_roles_and_router_peers_follow_the_launchers_convention():
     text = router_peers(["d0=10.0.0.1:7001", "p0=10.0.0.2:7002", "p1=10.0.0.2:7003"], num_decode=1)
     assert parse_router_peers(text) == ({"p0": ("10.0.0.2", 7002), "p1": ("10.0.0.2", 7003)},
                                         {"d0": ("10.0.0.1", 7001)})
+    assert advertised_host("10.0.0.3", HOST) == "10.0.0.3"
+    assert advertised_host("0.0.0.0", HOST) == HOST  # a wildcard: the interface toward the store
+    with pytest.raises(ValueError, match="mode='disagg'"):
+        LLM("tiny", device="cpu", workers=text)
 
 
 def start_node(node_rank: int, rdzv_port: int, seed: int, log_dir: Path, secret: bytes) -> subprocess.Popen:
