@@ -45,7 +45,8 @@ PREDICTION_STUB = "...  # your prediction: replace ... with a number"
 WRITTEN_TAG = "written-answer"
 SOLUTION_ONLY_TAG = "solution-only"
 WRITTEN_HEADER = re.compile(r"^\*\*(W\d+)\. Model answer\.\*\*")
-WRITTEN_STUB = "**{question}. Your answer.** *(Double-click this cell and write it here.)*"
+WRITTEN_PROMPT = "*(Double-click this cell and write it here.)*"
+WRITTEN_STUB = "**{question}. Your answer.** " + WRITTEN_PROMPT
 
 
 class LabSourceError(ValueError):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minidisagg.course.claims import STRICT_ENV
-from minidisagg.course.build import WRITTEN_HEADER, WRITTEN_STUB, WRITTEN_TAG, LabSourceError, lab_number
+from minidisagg.course.build import WRITTEN_HEADER, WRITTEN_PROMPT, WRITTEN_STUB, WRITTEN_TAG, LabSourceError, lab_number
 from minidisagg.course.grading import REPORT_MARK, LabGrading, lab_grading
 
 COLLECT_CELL = "from minidisagg.course.grade_kernel import collect\ncollect({lab}, globals())"
@@ -91,7 +91,7 @@ def written_answers(nb: Any) -> list[WrittenAnswer]:
             continue
         match = WRITTEN_HEADER.match(text)
         body = text[match.end():] if match else text.removeprefix(header)
-        body = body.replace("*(Double-click this cell and write it here.)*", "").strip()
+        body = body.replace(WRITTEN_PROMPT, "").strip()
         answers.append(WrittenAnswer(question, bool(body), body))
     return answers
 
