@@ -81,3 +81,21 @@ def test_verify_fails_a_notebook_whose_claim_is_not_seen(tmp_path, monkeypatch):
     assert not v.ok and "1 claim(s) not seen: c3" in v.problem()
     assert "| solutions/09_x.ipynb | 5 | 4 |" in verify.table_markdown([v])
     assert v.claim_lines[3].startswith("CLAIM NOT SEEN: c3") and "- CLAIM ok: c4" in verify.claims_markdown([v])
+
+
+def test_verify_saves_a_failed_notebook_with_its_traceback(tmp_path, monkeypatch):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from minidisagg.course.claims import claim\nclaim('c0', True)"),
+                nbformat.v4.new_code_cell("raise ValueError('boom in cell two')")]
+    path = tmp_path / "solutions" / "09_y.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, path)
+    monkeypatch.setenv(claims.STRICT_ENV, "0")
+    v = verify.verify_notebook(path, timeout_s=120, write=True, executed_dir=tmp_path / "executed")
+    assert "boom in cell two" in v.problem() and (v.claims, v.held) == (1, 1)
+    assert not nbformat.read(path, as_version=4).cells[0].outputs  # a failed notebook is never written in place
+    saved = nbformat.read(tmp_path / "executed" / "09_y.ipynb", as_version=4)
+    error = saved.cells[1].outputs[0]
+    assert error.output_type == "error" and error.ename == "ValueError" and "boom in cell two" in error.evalue

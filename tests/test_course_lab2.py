@@ -287,3 +287,14 @@ def test_the_lab_notebook_names_no_reference():
         assert f"from {parent} import {leaf}" not in text and f"import {module}\\n" not in text, graded.task
         assert attribute not in text, graded.task
     assert "minidisagg.course.sizing" not in text
+
+
+def test_profiled_decode_steps_table_names_the_step_and_its_operators():
+    from minidisagg.course.profile_lab import STEP_LABEL, profile_decode_steps
+    from minidisagg.models.registry import load_model
+
+    model = load_model("tiny", device="cpu", dtype="float32").model
+    steps = profile_decode_steps(model, batch=2, context_len=20, num_steps=2)
+    table = steps.table(row_limit=40)
+    assert STEP_LABEL in table and "attention" in table and "Self CPU time total" in table
+    assert steps.step_wall_s > 0 and steps.device_share("attention") == 0.0  # no device on a CPU

@@ -57,6 +57,15 @@ class ProfiledSteps:
         total = device_s(STEP_LABEL)
         return device_s(label) / total if total > 0 else 0.0
 
+    def table(self, row_limit: int = 12) -> str:
+        """The profiler's table, busiest host operators first: the whole trace on a GPU (its kernels included).
+
+        On a GPU the host rows alone cannot be tabled: torch sums device time over the device's rows only,
+        and those are what this selection leaves out.
+        """
+        rows = self.all_rows if self.on_gpu else self.averages
+        return rows.table(sort_by="self_cpu_time_total", row_limit=row_limit)
+
 
 def _timed(label: str, fn: Callable[..., Any], spent: dict[str, float]) -> Callable[..., Any]:
     """``fn`` inside a profiler label, its host time added to ``spent[label]``."""

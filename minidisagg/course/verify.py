@@ -88,8 +88,12 @@ def _output_text(nb) -> str:
     return "\n".join(parts)
 
 
-def verify_notebook(path: Path, timeout_s: int = 1200, write: bool = False) -> NotebookVerdict:
-    """Execute ``path`` in a fresh kernel (claims never raise here, so all are counted) and read its claims."""
+def verify_notebook(path: Path, timeout_s: int = 1200, write: bool = False,
+                    executed_dir: Optional[Path] = None) -> NotebookVerdict:
+    """Execute ``path`` in a fresh kernel (claims never raise here, so all are counted) and read its claims.
+
+    ``executed_dir``: also save the executed notebook there, whatever happened (to read a failure's traceback).
+    """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -111,6 +115,9 @@ def verify_notebook(path: Path, timeout_s: int = 1200, write: bool = False) -> N
     if write and verdict.ok:  # a saved output never holds a claim not seen (tests/test_course_claims.py)
         nb.metadata.pop("widgets", None)  # widget state means nothing without the kernel that drew it
         nbformat.write(nb, path)
+    if executed_dir is not None:
+        executed_dir.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, executed_dir / path.name)
     return verdict
 
 
@@ -149,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--write", action="store_true", help="save each executed notebook's outputs in place (only a notebook whose every claim held)")
     parser.add_argument("--report", type=Path, help="also write the table as Markdown to this file")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds one cell may take (default 1200)")
+    parser.add_argument("--save-executed", type=Path, metavar="DIR",
+                        help="also save every executed notebook in DIR, failed ones included (tracebacks and all)")
     args = parser.parse_args(argv)
     if args.labs_only and args.decks_only:
         parser.error("--labs-only and --decks-only exclude each other")
@@ -166,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verdicts = []
     for path in paths:
         print(f"  running {path.parent.name}/{path.name} ...", flush=True)
-        v = verify_notebook(path, args.timeout, args.write)
+        v = verify_notebook(path, args.timeout, args.write, args.save_executed)
         print(f"    {v.claims} claims, {v.held} held, {v.seconds:.0f} s{'' if v.ok else '  FAILED: ' + v.problem()}", flush=True)
         verdicts.append(v)
         if args.report:  # after every notebook, so a run cut short still leaves what it verified
