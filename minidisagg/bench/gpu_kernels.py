@@ -119,7 +119,8 @@ def prefill_attention_inputs(lens: list[int], prefix: int = 0, block_size: int =
 
 
 def sdpa_flash_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> Callable[[], torch.Tensor]:
-    """One sequence through torch SDPA's flash backend (K/V heads repeated beforehand, a lower-right causal mask)."""
+    """One sequence through torch SDPA's fused kernels, K/V heads repeated beforehand: flash for a fresh
+    prompt; with a ``prefix``, a lower-right causal mask, which torch runs in its memory-efficient kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
@@ -130,13 +131,13 @@ def sdpa_flash_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: i
     mask = causal_lower_right(qh.shape[2], kh.shape[2]) if prefix else None
 
     def call() -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=not prefix)
     return call
 
 
 def prefill_attention_row(name: str, lens: list[int], mm_flops_per_s: float, prefix: int = 0) -> Row:
-    """``attention prefill <name>``: causal attention FLOPs over the matmul rate, beside torch SDPA (flash).
+    """``attention prefill <name>``: causal attention FLOPs over the matmul rate, beside torch SDPA.
 
     ``lens`` new tokens per sequence after ``prefix`` cached tokens each (a chunk over a paged
     context when ``prefix`` > 0); the engine's call: new K/V from the projection, the prefix from pages.
@@ -156,7 +157,7 @@ def prefill_attention_row(name: str, lens: list[int], mm_flops_per_s: float, pre
     if len(lens) == 1:
         keys, values = _gathered(k_cache, v_cache, meta) if prefix else (k, v)
         t_sdpa = time_device_s(sdpa_flash_call(q, keys, values, prefix), CUDA, graph=False, **reps)
-        note += f"; torch SDPA flash {1e6 * t_sdpa:.0f} us ({flops / t_sdpa / mm_flops_per_s:.3f} of the matmul rate)"
+        note += f"; torch SDPA {'efficient' if prefix else 'flash'} {1e6 * t_sdpa:.0f} us ({flops / t_sdpa / mm_flops_per_s:.3f} of the matmul rate)"
     floor = flops / mm_flops_per_s
     return Row(f"attention prefill {name}", round(1e6 * t, 2), "us", round(1e6 * floor, 2), round(floor / t, 3),
                note=note)

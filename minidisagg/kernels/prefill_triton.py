@@ -19,6 +19,8 @@ bucket); under the interpreter a single config runs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -141,10 +143,7 @@ def _flash_prefill_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the shapes FlashAttention-2 in Triton favours on Ampere/Hopper
-TUNING_CONFIGS = [
-    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
-    (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
-]
+TUNING_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 2)]
 
 
 def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
@@ -155,9 +154,16 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
 
 _autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in TUNING_CONFIGS],
-    key=["HEAD_DIM", "GROUP", "BLOCK_SIZE", "NEW_FROM_PAGES", "q_len_bucket", "ctx_bucket"],
+    key=["HEAD_DIM", "GROUP", "BLOCK_SIZE", "NEW_FROM_PAGES", "DOT_PRECISION", "q_len_bucket", "ctx_bucket"],
     prune_configs_by={"early_config_prune": _prune},
 )(_flash_prefill_kernel)
+
+
+def autotuning_on(q: torch.Tensor, max_query_len: int) -> bool:
+    """Whether a call autotunes: 16-bit q on a GPU, query runs of SMALL_QUERY_TOKENS or more, and
+    ``MINIDISAGG_PREFILL_AUTOTUNE`` not ``0`` (tests set it to skip compiling every config per shape)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and max_query_len >= SMALL_QUERY_TOKENS
+            and os.environ.get("MINIDISAGG_PREFILL_AUTOTUNE", "1") != "0")
 
 
 def prefill_attention_triton(
@@ -189,18 +195,20 @@ def prefill_attention_triton(
     args = (
         q, k, v, k_cache, v_cache, meta.block_tables, meta.seq_info, out, scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        meta.block_tables.stride(0), out.stride(0), out.stride(1), next_pow2(max_q), next_pow2(max(meta.context_lens)),
+        meta.block_tables.stride(0), out.stride(0), out.stride(1),
+        min(next_pow2(max_q), 4096), min(next_pow2(max(meta.context_lens)), 32768),
     )
     fixed = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1],
                  NEW_FROM_PAGES=from_pages, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
-    tuned = block_m is None and block_n is None and not interpreter_on() and max_q >= SMALL_QUERY_TOKENS
-    if tuned:
+    if block_m is None and block_n is None and autotuning_on(q, max_q):
         _autotuned[lambda c: (num_heads, triton.cdiv(max_q, c["BLOCK_M"]), meta.num_seqs)](*args, **fixed)
         return out
     if block_m is None:
         block_m = INTERPRETER_BLOCK if interpreter_on() else min(64, max(MIN_DOT_ROWS, next_pow2(max_q)))
     block_n = block_n or (INTERPRETER_BLOCK if interpreter_on() else 64)
     launch = {name: n for name, n in (("num_warps", num_warps), ("num_stages", num_stages)) if n is not None}
+    if not interpreter_on():
+        launch = {"num_warps": 4, "num_stages": 2, **launch}  # fits shared memory even in float32 at head_dim 128
     _flash_prefill_kernel[(num_heads, triton.cdiv(max_q, block_m), meta.num_seqs)](
         *args, **fixed, BLOCK_M=block_m, BLOCK_N=block_n, **launch)
     return out
