@@ -32,6 +32,7 @@ from rich.progress import Progress
 from minidisagg.bench.args import gpu_parser
 from minidisagg.bench.common import default_out_dir, git_commit, write_result_files
 from minidisagg.bench.gpu_rows import Row, decode_row, engine_llm, prefill_row
+from minidisagg.engine.prefill_graphs import PREFILL_BUCKETS
 from minidisagg.roofline import measure_copy_bandwidth, measure_matmul_rate, measure_read_bandwidth
 
 GOALS: dict[str, tuple[str, Callable[[dict[str, Any]], bool]]] = {
@@ -72,7 +73,7 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
                   f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
     rows: list[Row] = []
     checks: dict[str, Any] = {}
-    steps = (len(models) * (len(batches) + 2 + len(prefill_lengths) + int(hf_eager)) + len(hf_compiled)
+    steps = (len(models) * (len(batches) + 2 + 2 * len(prefill_lengths) + int(hf_eager)) + len(hf_compiled)
              + 6 + len(PREFILL_ATTENTION_CASES))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench gpu", total=steps)
@@ -101,6 +102,10 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
                 try:
                     for n in prefill_lengths:
                         done(prefill_row(model, n, mm_rate, llm))
+                    graphed = [n for n in prefill_lengths if n <= max(PREFILL_BUCKETS)]
+                    llm.engine.runner.enable_prefill_graphs(sorted(set(graphed)))  # type: ignore[union-attr]
+                    for n in graphed:
+                        done(prefill_row(model, n, mm_rate, llm, suffix=" graphs"))
                 finally:
                     llm.shutdown()
                     del llm
