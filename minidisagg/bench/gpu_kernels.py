@@ -169,7 +169,8 @@ def prefill_attention_row(name: str, lens: list[int], mm_flops_per_s: float, pre
                note=note)
 
 
-def _gathered(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+def _gathered(k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     """The first sequence's whole context [ctx, KH, D] gathered from its pages (SDPA needs it contiguous)."""
     ctx, bs = meta.context_lens[0], k_cache.shape[1]
     blocks = meta.block_tables[0, : -(-ctx // bs)]
@@ -183,7 +184,7 @@ PREFILL_ATTENTION_CASES: list[tuple[str, list[int], int]] = [
 
 
 def prefill_attention_rows(mm_flops_per_s: float) -> list[Row]:
-    """Every case of ``PREFILL_ATTENTION_CASES``: fresh prompts at 2k (two sequences and one), 8k and 32k, and a chunk."""
+    """Every case of ``PREFILL_ATTENTION_CASES``: fresh prompts at 2k (two sequences, one), 8k, 32k; a chunk."""
     rows = []
     for name, lens, prefix in PREFILL_ATTENTION_CASES:
         rows.append(prefill_attention_row(name, lens, mm_flops_per_s, prefix))

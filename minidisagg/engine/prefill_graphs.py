@@ -41,7 +41,8 @@ class PrefillGraphs:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         too_long = [b for b in buckets if b > model.cfg.max_position]
         if not buckets or too_long:
-            raise ValueError(f"prefill buckets must be non-empty and at most {model.cfg.max_position} tokens, got {buckets}")
+            raise ValueError(f"prefill buckets must be non-empty and at most {model.cfg.max_position} tokens, "
+                             f"got {buckets}")
         self.model = model
         self.kv_cache = kv_cache
         self.buckets = tuple(sorted(set(buckets)))

@@ -153,7 +153,8 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
 
 
 _autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in TUNING_CONFIGS],
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+             for bm, bn, w, s in TUNING_CONFIGS],
     key=["HEAD_DIM", "GROUP", "BLOCK_SIZE", "NEW_FROM_PAGES", "DOT_PRECISION", "q_len_bucket", "ctx_bucket"],
     prune_configs_by={"early_config_prune": _prune},
 )(_flash_prefill_kernel)
@@ -196,7 +197,7 @@ def prefill_attention_triton(
         q, k, v, k_cache, v_cache, meta.block_tables, meta.seq_info, out, scale * LOG2_E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
-        min(next_pow2(max_q), 4096), min(next_pow2(max(meta.context_lens)), 32768),
+        min(next_pow2(max_q), 2048), min(next_pow2(max(meta.context_lens)), 16384),
     )
     fixed = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1],
                  NEW_FROM_PAGES=from_pages, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)
