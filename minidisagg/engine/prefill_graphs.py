@@ -87,6 +87,16 @@ class PrefillGraphs:
         torch.cuda.synchronize(dev)
         self._steps[bucket] = _CapturedPrefill(graph, inputs, logits)
 
+    @property
+    def captured_buckets(self) -> tuple[int, ...]:
+        """Buckets captured so far."""
+        return tuple(sorted(self._steps))
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first (so smaller ones reuse its memory pool)."""
+        for bucket in sorted(self.buckets, reverse=True):
+            self.capture(bucket)
+
     @torch.inference_mode()
     def run(self, token_ids: Sequence[int], block_table: Sequence[int]) -> torch.Tensor:
         """Prefill one fresh prompt by graph replay (its KV lands in ``block_table``); float32 logits [1, vocab]."""

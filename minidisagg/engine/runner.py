@@ -126,7 +126,8 @@ class ModelRunner:
                 [it.token_ids[0] for it in items], [it.start_pos for it in items], [it.block_table for it in items],
                 device_token_ids)
         if device_token_ids is None and self._prefill_graph_eligible(items):
-            return self.prefill_graphs.run(items[0].token_ids, items[0].block_table)  # type: ignore[union-attr]
+            logits = self.prefill_graphs.run(items[0].token_ids, items[0].block_table)  # type: ignore[union-attr]
+            return logits if items[0].want_logits else logits[:0]
         if device_token_ids is None and self._compiled_eligible(items):
             logits = self.compiled_decode.run(  # type: ignore[union-attr]
                 items[0].token_ids[0], items[0].start_pos, items[0].block_table)
@@ -153,10 +154,10 @@ class ModelRunner:
                 and all(len(it.token_ids) == 1 and it.want_logits for it in items))
 
     def _prefill_graph_eligible(self, items: list[BatchItem]) -> bool:
-        """One fresh prompt (nothing cached before it) wanting logits, within a bucket, with no per-layer hook."""
+        """One fresh prompt or first chunk (nothing cached before it) within a bucket, with no per-layer hook."""
         graphs = self.prefill_graphs
         return (graphs is not None and self.layer_hook is None and len(items) == 1 and items[0].start_pos == 0
-                and items[0].want_logits and graphs.bucket_for(len(items[0].token_ids)) is not None)
+                and graphs.bucket_for(len(items[0].token_ids)) is not None)
 
     def _compiled_eligible(self, items: list[BatchItem]) -> bool:
         """One decode token wanting logits, with no per-layer Python hook to call."""
