@@ -29,7 +29,7 @@ class _CapturedPrefill:
     """One bucket: its graph, the device buffer it reads (ids, slots, last row) and the logits it writes."""
 
     graph: torch.cuda.CUDAGraph
-    inputs: torch.Tensor  # int64 [2 * bucket + 1]: token ids, KV slots, the last real token's row
+    inputs: torch.Tensor  # int64: token ids [bucket], KV slots [bucket], the last real token's row, block table
     logits: torch.Tensor  # [1, vocab] float32
 
 
@@ -60,13 +60,14 @@ class PrefillGraphs:
         if bucket in self._steps:
             return
         dev = self.model.device
-        inputs = torch.zeros(2 * bucket + 1, dtype=torch.int64, device=dev)
-        ids, slots, last = inputs[:bucket], inputs[bucket : 2 * bucket], inputs[2 * bucket :]
+        table_len = -(-bucket // self.kv_cache.block_size)
+        inputs = torch.zeros(2 * bucket + 1 + table_len, dtype=torch.int64, device=dev)
+        ids, slots, last = inputs[:bucket], inputs[bucket : 2 * bucket], inputs[2 * bucket : 2 * bucket + 1]
         slots.fill_(PAD_SLOT)
         positions = torch.arange(bucket, device=dev)
         meta = AttentionMetadata(
             query_starts=[0], query_lens=[bucket], context_lens=[bucket],
-            block_tables=torch.zeros(1, 1, dtype=torch.long, device=dev),  # no cached prefix: never read
+            block_tables=inputs[2 * bucket + 1 :].view(1, table_len),  # the prompt's blocks, padded with block 0
             context_lens_tensor=torch.tensor([bucket], device=dev), slot_mapping=slots,
         )
         meta.seq_info  # built now: a host-to-device copy cannot be captured
@@ -110,11 +111,13 @@ class PrefillGraphs:
         if bucket not in self._steps:
             self.capture(bucket)
         step = self._steps[bucket]
-        host = [0] * (2 * bucket + 1)
+        host = [0] * step.inputs.numel()
         host[:n] = token_ids
         host[bucket : bucket + n] = [block_table[p // bs] * bs + p % bs for p in range(n)]
         host[bucket + n : 2 * bucket] = [PAD_SLOT] * (bucket - n)
         host[2 * bucket] = n - 1
+        used = -(-n // bs)
+        host[2 * bucket + 1 : 2 * bucket + 1 + used] = block_table[:used]
         step.inputs.copy_(torch.tensor(host, dtype=torch.int64).pin_memory(), non_blocking=True)
         step.graph.replay()
         self.graph_replays += 1
