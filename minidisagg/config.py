@@ -265,6 +265,9 @@ class EngineConfig:
     max_model_len: Optional[int] = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     cuda_graphs: bool = True  # decode by CUDA graph replay where possible (CUDA + Triton kernels only)
+    # Fresh prompts (or first chunks) of up to 2048 tokens by CUDA graph replay too, one graph per token
+    # bucket (``engine/prefill_graphs.py``). Off by default: each bucket's capture costs memory and a stall.
+    prefill_cuda_graphs: bool = False
     # Queue decode step n+1 on the device before step n's tokens reach the host, so the host's work
     # between steps overlaps the device's (vLLM's asynchronous scheduling). None: on where decode
     # runs by CUDA graphs, off elsewhere (on a CPU nothing runs in the background to overlap).

@@ -81,6 +81,11 @@ def naive_attention(q: torch.Tensor, meta, keys: list[torch.Tensor], values: lis
     return torch.cat(outs)
 
 
+def new_tokens(meta, per_seq: list[torch.Tensor]) -> torch.Tensor:
+    """This step's rows [T, KH, D] of per-sequence K (or V): each sequence's last ``query_len`` positions."""
+    return torch.cat([x[ctx - n :] for x, n, ctx in zip(per_seq, meta.query_lens, meta.context_lens)])
+
+
 def check_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, seed: int) -> None:
     """Compare in float64 with ``dtype``'s tolerance; the message names the case and the seed."""
     assert got.dtype == dtype and got.shape == expected.shape, f"{what}: {got.dtype} {tuple(got.shape)} (seed {seed})"
@@ -92,7 +97,8 @@ def check_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, w
 def run_checks(kind: str, seed: int, device: str, dtype: torch.dtype, large: bool = False) -> list[str]:
     """Every decode or prefill case for ``seed``; raises AssertionError on a mismatch, returns one line per case."""
     from minidisagg.kernels.attention import invariant_attention, paged_attention
-    from minidisagg.kernels.attention_triton import decode_attention_triton, prefill_attention_triton
+    from minidisagg.kernels.attention_triton import decode_attention_triton
+    from minidisagg.kernels.prefill_triton import prefill_attention_triton
     from minidisagg.kernels.triton_support import use_triton
 
     rnd = random.Random(seed)
@@ -103,8 +109,8 @@ def run_checks(kind: str, seed: int, device: str, dtype: torch.dtype, large: boo
         if kind == "decode":
             specs = [(ctx, 1) for ctx in rnd.sample([1, 17, 300] + ([2000, 5000, 8192] if large else []), 6 if large else 3)]
         else:
-            prefix = lambda: rnd.randint(1, 700 if large else 40)  # noqa: E731
-            lens = [1, 7, 33] + ([512, 129] if large else [])
+            prefix = lambda: rnd.randint(1, 3000 if large else 80)  # noqa: E731
+            lens = [1, 7, 33] + ([512, 129, 1024] if large else [70])
             specs = [(n, n) for n in lens] + [(n + prefix(), n) for n in lens]
             rnd.shuffle(specs)
         q, k_cache, v_cache, meta, keys, values = build_batch(gen, specs, heads, head_dim, block_size, dtype, device)
@@ -128,17 +134,29 @@ def run_checks(kind: str, seed: int, device: str, dtype: torch.dtype, large: boo
             check_close(got, expected, dtype, f"prefill_attention_triton, {where}", seed)
             strided = prefill_attention_triton(q, k_strided, v_strided, meta, scale)
             assert torch.equal(strided, got), f"prefill_attention_triton, block_major pool, {where} (seed {seed})"
-            small = prefill_attention_triton(q, k_cache, v_cache, meta, scale, block_m=16, block_n=16)
-            check_close(small, expected, dtype, f"prefill_attention_triton, 16x16 tiles, {where}", seed)
-            lines.append(f"ok {where}")
+            # this step's K/V read from strided views of one fused q/k/v projection instead of the pages
+            fused = torch.cat([q, new_tokens(meta, keys).to(device), new_tokens(meta, values).to(device)], dim=1)
+            q_view, k_view, v_view = fused.split([heads[0], heads[1], heads[1]], dim=1)
+            direct = prefill_attention_triton(q_view, k_cache, v_cache, meta, scale, k_view, v_view)
+            check_close(direct, expected, dtype, f"prefill_attention_triton, new K/V from the projection, {where}", seed)
+            # pinned tiles: query tiles shorter and longer than key tiles, key tiles across page edges
+            block_m, block_n = rnd.choice([(16, 16), (16, 64), (64, 16), (16, 32)])
+            for k_arg, v_arg in ((None, None), (k_view, v_view)):
+                pinned = prefill_attention_triton(q, k_cache, v_cache, meta, scale, k_arg, v_arg, block_m=block_m,
+                                                  block_n=block_n)
+                check_close(pinned, expected, dtype, f"prefill_attention_triton, {block_m}x{block_n} tiles, "
+                            f"new K/V from {'pages' if k_arg is None else 'the projection'}, {where}", seed)
+            lines.append(f"ok {where}, tiles default and {block_m}x{block_n}")
 
     # the dispatch point takes the Triton kernel here, and the torch path in batch-invariant mode
     assert use_triton(q), f"use_triton(q) is False on {device} (seed {seed})"
-    k_new = torch.zeros(q.shape[0], k_cache.shape[2], head_dim, dtype=dtype, device=device)  # unused by Triton
-    routed = paged_attention(q, k_new, k_new, k_cache, v_cache, meta, scale)
+    k_new, v_new = new_tokens(meta, keys).to(device), new_tokens(meta, values).to(device)
+    routed = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale)
+    if kind == "prefill":
+        got = prefill_attention_triton(q, k_cache, v_cache, meta, scale, k_new, v_new)
     assert torch.equal(routed, got), f"paged_attention did not take the Triton {kind} kernel (seed {seed})"
     meta.batch_invariant = True
-    routed = paged_attention(q, k_new, k_new, k_cache, v_cache, meta, scale)
+    routed = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale)
     assert torch.equal(routed, invariant_attention(q, k_cache, v_cache, meta, scale)), f"batch_invariant (seed {seed})"
     lines.append(f"ok paged_attention dispatch ({kind})")
     return lines

@@ -55,7 +55,9 @@ def gpu_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default="smollm2-135m,llama-1b,llama-8b",
                         help="comma-separated model names (random weights of their shapes)")
     parser.add_argument("--batches", default="1,8,32,128")
-    parser.add_argument("--prefill", default="512,2048,8192")
+    parser.add_argument("--prefill", default="128,512,2048,8192")
+    parser.add_argument("--parts", default="kernels,decode,prefill",
+                        help="which parts to run: kernels (attention and elementwise), decode, prefill")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")

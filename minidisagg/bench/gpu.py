@@ -32,6 +32,7 @@ from rich.progress import Progress
 from minidisagg.bench.args import gpu_parser
 from minidisagg.bench.common import default_out_dir, git_commit, write_result_files
 from minidisagg.bench.gpu_rows import Row, decode_row, engine_llm, prefill_row
+from minidisagg.engine.prefill_graphs import PREFILL_BUCKETS
 from minidisagg.roofline import measure_copy_bandwidth, measure_matmul_rate, measure_read_bandwidth
 
 GOALS: dict[str, tuple[str, Callable[[dict[str, Any]], bool]]] = {
@@ -51,9 +52,15 @@ def card_slug(name: str) -> str:
 
 def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths: Sequence[int],
                   hf_eager: bool, hf_compiled: Sequence[str], prompt_len: int, new_tokens: int,
-                  console: Console, rows_log: Optional[Path] = None) -> dict[str, Any]:
-    """Measure everything on ``cuda:0``; returns the JSON-ready result (rows also appended to ``rows_log``)."""
-    from minidisagg.bench.gpu_kernels import decode_attention_row, elementwise_rows, prefill_attention_row
+                  console: Console, rows_log: Optional[Path] = None,
+                  parts: Sequence[str] = ("kernels", "decode", "prefill")) -> dict[str, Any]:
+    """Measure ``parts`` on ``cuda:0``; returns the JSON-ready result (rows also appended to ``rows_log``)."""
+    from minidisagg.bench.gpu_kernels import (PREFILL_ATTENTION_CASES, decode_attention_row, elementwise_rows,
+                                              prefill_attention_rows)
+
+    unknown = set(parts) - {"kernels", "decode", "prefill"}
+    if unknown:
+        raise ValueError(f"unknown --parts {sorted(unknown)}; choose from kernels, decode, prefill")
 
     if not torch.cuda.is_available():
         raise ValueError("bench gpu needs a CUDA device; torch sees none")
@@ -66,7 +73,8 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
                   f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
     rows: list[Row] = []
     checks: dict[str, Any] = {}
-    steps = (len(models) * (len(batches) + 2 + len(prefill_lengths) + int(hf_eager)) + len(hf_compiled) + 4)
+    steps = (len(models) * (len(batches) + 2 + 2 * len(prefill_lengths) + int(hf_eager)) + len(hf_compiled)
+             + 6 + len(PREFILL_ATTENTION_CASES))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench gpu", total=steps)
 
@@ -79,34 +87,31 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
                           + (f" ({row.fraction_of_limit:.2f} of limit)" if row.fraction_of_limit else ""))
             progress.advance(task)
 
-        done(decode_attention_row(32, 8192, copy_bw))
-        done(decode_attention_row(1, 8192, copy_bw))
-        done(prefill_attention_row(2048, mm_rate))
-        for row in elementwise_rows(16384, copy_bw):
-            done(row)
-        for model in models:
-            graph_tokens: list[list[int]] = []
-            for batch in batches:
-                row, tokens = decode_row(model, batch, prompt_len, new_tokens, copy_bw)
-                graph_tokens = tokens if batch == batches[0] else graph_tokens
+        if "kernels" in parts:
+            done(decode_attention_row(32, 8192, copy_bw))
+            done(decode_attention_row(1, 8192, copy_bw))
+            for row in prefill_attention_rows(mm_rate):
                 done(row)
-            row, sync_tokens = decode_row(model, batches[0], prompt_len, new_tokens, copy_bw, async_scheduling=False)
-            done(row)
-            row, eager_tokens = decode_row(model, batches[0], prompt_len, new_tokens, copy_bw, cuda_graphs=False)
-            done(row)
-            same = sum(a == b for a, b in zip(graph_tokens, eager_tokens))
-            checks[f"{model} greedy tokens, CUDA graphs == eager (bs{batches[0]})"] = f"{same}/{len(eager_tokens)} sequences"
-            same = sum(a == b for a, b in zip(graph_tokens, sync_tokens))
-            checks[f"{model} greedy tokens, async == sync scheduling (bs{batches[0]})"] = f"{same}/{len(sync_tokens)} sequences"
-            llm = engine_llm(model, max_num_seqs=1, max_model_len=max(prefill_lengths) + 16, cuda_graphs=False)
-            try:
-                for n in prefill_lengths:
-                    done(prefill_row(model, n, mm_rate, llm))
-            finally:
-                llm.shutdown()
-                del llm
-                torch.cuda.empty_cache()
-            _attach_hf(rows, model, prompt_len, hf_eager, model in hf_compiled, console, progress, task)
+            for row in elementwise_rows(16384, copy_bw):
+                done(row)
+        for model in models:
+            if "decode" in parts:
+                _decode_rows(model, batches, prompt_len, new_tokens, copy_bw, checks, done)
+            if "prefill" in parts:
+                llm = engine_llm(model, max_num_seqs=1, max_model_len=max(prefill_lengths) + 16, cuda_graphs=False)
+                try:
+                    for n in prefill_lengths:
+                        done(prefill_row(model, n, mm_rate, llm))
+                    graphed = [n for n in prefill_lengths if n <= max(PREFILL_BUCKETS)]
+                    llm.engine.runner.enable_prefill_graphs(sorted(set(graphed)))  # type: ignore[union-attr]
+                    for n in graphed:
+                        done(prefill_row(model, n, mm_rate, llm, suffix=" graphs"))
+                finally:
+                    llm.shutdown()
+                    del llm
+                    torch.cuda.empty_cache()
+            if "decode" in parts:
+                _attach_hf(rows, model, prompt_len, hf_eager, model in hf_compiled, console, progress, task)
     return {
         "card": card, "torch": torch.__version__, "triton": _triton_version(), "cuda": torch.version.cuda,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "minidisagg_commit": git_commit(),
@@ -114,6 +119,24 @@ def run_gpu_bench(models: Sequence[str], batches: Sequence[int], prefill_lengths
         "read_GBps": round(read_bw / 1e9, 1), "prompt_len": prompt_len, "new_tokens": new_tokens,
         "rows": [r.as_dict() for r in rows], "checks": checks, "goals": evaluate_goals([r.as_dict() for r in rows]),
     }
+
+
+def _decode_rows(model: str, batches: Sequence[int], prompt_len: int, new_tokens: int, copy_bw: float,
+                 checks: dict[str, Any], done: Callable[[Row], None]) -> None:
+    """Decode rows of ``model`` (graphs at each batch, then sync and eager at the first) and their equality checks."""
+    graph_tokens: list[list[int]] = []
+    for batch in batches:
+        row, tokens = decode_row(model, batch, prompt_len, new_tokens, copy_bw)
+        graph_tokens = tokens if batch == batches[0] else graph_tokens
+        done(row)
+    row, sync_tokens = decode_row(model, batches[0], prompt_len, new_tokens, copy_bw, async_scheduling=False)
+    done(row)
+    row, eager_tokens = decode_row(model, batches[0], prompt_len, new_tokens, copy_bw, cuda_graphs=False)
+    done(row)
+    same = sum(a == b for a, b in zip(graph_tokens, eager_tokens))
+    checks[f"{model} greedy tokens, CUDA graphs == eager (bs{batches[0]})"] = f"{same}/{len(eager_tokens)} sequences"
+    same = sum(a == b for a, b in zip(graph_tokens, sync_tokens))
+    checks[f"{model} greedy tokens, async == sync scheduling (bs{batches[0]})"] = f"{same}/{len(sync_tokens)} sequences"
 
 
 def _attach_hf(rows: list[Row], model: str, prompt_len: int, eager: bool, compiled: bool, console: Console,
@@ -201,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     result = run_gpu_bench(_csv(args.models), [int(b) for b in _csv(args.batches)], [int(n) for n in _csv(args.prefill)],
                            not args.no_hf, [] if args.no_hf else _csv(args.hf_compiled), args.prompt_len,
-                           args.new_tokens, console, rows_log=out_dir / "gpu-rows-in-progress.jsonl")
+                           args.new_tokens, console, rows_log=out_dir / "gpu-rows-in-progress.jsonl",
+                           parts=_csv(args.parts))
     (out_dir / "gpu-rows-in-progress.jsonl").unlink(missing_ok=True)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     for name, verdict in result["goals"].items():

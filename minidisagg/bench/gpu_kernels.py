@@ -21,7 +21,7 @@ from minidisagg.bench.gpu_rows import Row
 from minidisagg.config import LLAMA_8B
 from minidisagg.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference, prefill_attention_reference
-from minidisagg.kernels.attention_triton import decode_attention_triton, prefill_attention_triton
+from minidisagg.kernels.attention_triton import decode_attention_triton
 from minidisagg.kernels.cache_write import write_kv_reference, write_kv_triton
 from minidisagg.kernels.norm import rms_norm_reference, rms_norm_triton
 from minidisagg.kernels.rope import apply_rope_reference, apply_rope_triton, cos_sin_cache
@@ -93,33 +93,103 @@ def decode_attention_row(batch: int, ctx: int, copy_bytes_per_s: float,
                                          f"max err vs torch {err:.2e}")
 
 
-def prefill_attention_row(num_tokens: int, mm_flops_per_s: float) -> Row:
-    """``attention prefill varlen <T>``: causal attention FLOPs over the matmul rate (two sequences)."""
+def prefill_attention_inputs(lens: list[int], prefix: int = 0, block_size: int = 16):
+    """Llama-8B prefill attention inputs: sequences of ``lens`` new tokens, each after ``prefix`` cached ones.
+
+    The new tokens' q/k/v are views of one fused projection, as in the engine; every sequence's
+    pages (prefix and new tokens) sit in shuffled blocks of the pool. Returns (q, k, v, k_cache, v_cache, meta).
+    """
     cfg = LLAMA_8B
-    lens = [num_tokens // 2, num_tokens - num_tokens // 2]
-    block_size = 16
-    per_seq = [-(-n // block_size) for n in lens]
-    k_cache = torch.zeros(sum(per_seq), block_size, cfg.num_kv_heads, cfg.head_dim, device=CUDA, dtype=DTYPE)
-    v_cache = torch.zeros_like(k_cache)
-    k = torch.randn(num_tokens, cfg.num_kv_heads, cfg.head_dim, device=CUDA, dtype=DTYPE)
-    v = torch.randn_like(k)
-    q = torch.randn(num_tokens, cfg.num_heads, cfg.head_dim, device=CUDA, dtype=DTYPE)
-    tables = torch.zeros(2, max(per_seq), dtype=torch.long, device=CUDA)
-    tables[0, : per_seq[0]] = torch.arange(per_seq[0])
-    tables[1, : per_seq[1]] = torch.arange(per_seq[0], per_seq[0] + per_seq[1])
-    slots = torch.cat([tables[i, torch.arange(n, device=CUDA) // block_size] * block_size
-                       + torch.arange(n, device=CUDA) % block_size for i, n in enumerate(lens)])
-    meta = AttentionMetadata([0, lens[0]], lens, lens, tables, torch.tensor(lens, device=CUDA), slots)
+    ctx = [prefix + n for n in lens]
+    per_seq = [-(-c // block_size) for c in ctx]
+    k_cache = torch.randn(sum(per_seq), block_size, cfg.num_kv_heads, cfg.head_dim, device=CUDA, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    blocks = torch.randperm(sum(per_seq), device=CUDA)
+    tables = torch.zeros(len(lens), max(per_seq), dtype=torch.long, device=CUDA)
+    for i, start in enumerate([sum(per_seq[:i]) for i in range(len(lens))]):
+        tables[i, : per_seq[i]] = blocks[start : start + per_seq[i]]
+    fused = torch.randn(sum(lens), cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim, device=CUDA, dtype=DTYPE)
+    q, k, v = fused.split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=1)
+    slots = torch.cat([tables[i, torch.arange(prefix, c, device=CUDA) // block_size] * block_size
+                       + torch.arange(prefix, c, device=CUDA) % block_size for i, c in enumerate(ctx)])
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    meta = AttentionMetadata(starts, list(lens), ctx, tables, torch.tensor(ctx, device=CUDA), slots)
     write_kv_reference(k, v, k_cache, v_cache, slots)
+    return q, k, v, k_cache, v_cache, meta
+
+
+def sdpa_flash_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> Callable[[], torch.Tensor]:
+    """One sequence through torch SDPA's fused kernels, K/V heads repeated beforehand: flash for a fresh
+    prompt; with a ``prefix``, a lower-right causal mask, which torch runs in its memory-efficient kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    group = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).contiguous()[None]
+    kh = k.repeat_interleave(group, dim=1).transpose(0, 1).contiguous()[None]
+    vh = v.repeat_interleave(group, dim=1).transpose(0, 1).contiguous()[None]
+    mask = causal_lower_right(qh.shape[2], kh.shape[2]) if prefix else None
+
+    def call() -> torch.Tensor:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=not prefix)
+    return call
+
+
+def prefill_attention_row(name: str, lens: list[int], mm_flops_per_s: float, prefix: int = 0) -> Row:
+    """``attention prefill <name>``: causal attention FLOPs over the matmul rate, beside torch SDPA.
+
+    ``lens`` new tokens per sequence after ``prefix`` cached tokens each (a chunk over a paged
+    context when ``prefix`` > 0); the engine's call: new K/V from the projection, the prefix from pages.
+    """
+    from minidisagg.kernels.prefill_triton import prefill_attention_triton
+
+    cfg = LLAMA_8B
+    q, k, v, k_cache, v_cache, meta = prefill_attention_inputs(lens, prefix)
     scale = cfg.head_dim**-0.5
-    err = _max_err(prefill_attention_triton(q, k_cache, v_cache, meta, scale),
-                   prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale))
-    # not capturable (it builds its tile list on the host, as eager prefill does): calls queued back to back
-    t = time_device_s(lambda: prefill_attention_triton(q, k_cache, v_cache, meta, scale), CUDA, graph=False)
-    flops = sum(2 * 2 * cfg.num_heads * cfg.head_dim * n * (n + 1) / 2 for n in lens)
+    call = lambda: prefill_attention_triton(q, k_cache, v_cache, meta, scale, k, v)  # noqa: E731
+    flops = sum(2 * 2 * cfg.num_heads * cfg.head_dim * n * (prefix + (n + 1) / 2) for n in lens)
+    reps = {"calls_per_sample": 3, "samples": 7} if flops > 1e12 else {}
+    sdpa = None
+    if len(lens) == 1:  # one sequence: torch's fused kernel is both the reference and the speed to compare with
+        keys, values = _gathered(k_cache, v_cache, meta) if prefix else (k, v)
+        sdpa = sdpa_flash_call(q, keys, values, prefix)
+        err = _max_err(call(), sdpa()[0].transpose(0, 1))
+    else:
+        err = _max_err(call(), prefill_attention_reference(q, k, v, k_cache, v_cache, meta, scale))
+    # eager prefill runs it outside graphs (and autotuning is not capturable): calls queued back to back
+    t = time_device_s(call, CUDA, graph=False, **reps)
+    note = f"{flops / t / 1e12:.0f} TFLOP/s; max err vs torch {err:.2e}"
+    if sdpa is not None:
+        t_sdpa = time_device_s(sdpa, CUDA, graph=False, **reps)
+        note += (f"; torch SDPA {'efficient' if prefix else 'flash'} {1e6 * t_sdpa:.0f} us "
+                 f"({flops / t_sdpa / mm_flops_per_s:.3f} of the matmul rate)")
     floor = flops / mm_flops_per_s
-    return Row(f"attention prefill varlen {num_tokens}", round(1e6 * t, 2), "us", round(1e6 * floor, 2),
-               round(floor / t, 3), note=f"{flops / t / 1e12:.0f} TFLOP/s; max err vs torch {err:.2e}")
+    return Row(f"attention prefill {name}", round(1e6 * t, 2), "us", round(1e6 * floor, 2), round(floor / t, 3),
+               note=note)
+
+
+def _gathered(k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first sequence's whole context [ctx, KH, D] gathered from its pages (SDPA needs it contiguous)."""
+    ctx, bs = meta.context_lens[0], k_cache.shape[1]
+    blocks = meta.block_tables[0, : -(-ctx // bs)]
+    return k_cache[blocks].flatten(0, 1)[:ctx], v_cache[blocks].flatten(0, 1)[:ctx]
+
+
+PREFILL_ATTENTION_CASES: list[tuple[str, list[int], int]] = [
+    ("varlen 2048", [1024, 1024], 0), ("causal 2048", [2048], 0), ("causal 8192", [8192], 0),
+    ("causal 32768", [32768], 0), ("chunk 512 ctx 8192", [512], 8192),
+]
+
+
+def prefill_attention_rows(mm_flops_per_s: float) -> list[Row]:
+    """Every case of ``PREFILL_ATTENTION_CASES``: fresh prompts at 2k (two sequences, one), 8k, 32k; a chunk."""
+    rows = []
+    for name, lens, prefix in PREFILL_ATTENTION_CASES:
+        rows.append(prefill_attention_row(name, lens, mm_flops_per_s, prefix))
+        torch.cuda.empty_cache()
+    return rows
 
 
 def elementwise_rows(num_tokens: int, copy_bytes_per_s: float) -> list[Row]:

@@ -108,8 +108,9 @@ def decode_row(model: str, batch: int, prompt_len: int, new_tokens: int, copy_by
     return with_floor(f"decode {model} bs{batch}{suffix}", ms, floor_ms), tokens
 
 
-def prefill_row(model: str, num_tokens: int, mm_flops_per_s: float, llm: LLM) -> Row:
-    """The row ``prefill <model> <num_tokens>``: one prompt through the model runner, timed on the device."""
+def prefill_row(model: str, num_tokens: int, mm_flops_per_s: float, llm: LLM, suffix: str = "") -> Row:
+    """The row ``prefill <model> <num_tokens><suffix>``: one prompt through the model runner, timed on the device
+    (by prefill CUDA graphs where the runner has them enabled and the prompt fits a bucket)."""
     runner = llm.engine.runner  # type: ignore[union-attr]
     bs = runner.kv_cache.block_size
     blocks = list(range(math.ceil(num_tokens / bs)))
@@ -117,6 +118,6 @@ def prefill_row(model: str, num_tokens: int, mm_flops_per_s: float, llm: LLM) ->
     item = BatchItem(tokens, 0, blocks, True)
     t_s = time_fn_s(lambda: runner.execute([item]), torch.device("cuda"), warmup=2, iters=5)
     floor_s = prefill_flops(llm.loaded.config, num_tokens) / mm_flops_per_s
-    row = with_floor(f"prefill {model} {num_tokens}", 1000 * t_s, 1000 * floor_s)
+    row = with_floor(f"prefill {model} {num_tokens}{suffix}", 1000 * t_s, 1000 * floor_s)
     row.note = f"{prefill_flops(llm.loaded.config, num_tokens) / t_s / 1e12:.0f} TFLOP/s"
     return row

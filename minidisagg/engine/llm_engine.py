@@ -148,6 +148,8 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                   async_scheduling=config.async_scheduling, compile_cpu=config.compile_cpu,
                                   native_cpu_decode=config.native_cpu_decode)
+        if config.prefill_cuda_graphs and config.cuda_graphs and self.runner.decode_graphs is not None:
+            self.runner.enable_prefill_graphs()
         if self.runner.async_scheduling and decode_stage is DecodeStage:
             decode_stage = AsyncDecodeStage
         self.prefill_stage: Stage = prefill_stage(self.runner)
@@ -217,7 +219,7 @@ class LLMEngine:
         seq.timeline.finish_s = self.clock.now()
 
     def capture_cuda_graphs(self) -> int:
-        """Capture every decode CUDA graph bucket now; returns how many (0 without graphs).
+        """Capture every decode (and prefill, if enabled) CUDA graph bucket now; returns how many (0 without graphs).
 
         Graphs are otherwise captured the first time a batch size needs one, which stalls that
         step for a while; servers capture them all at start, so no request pays for a capture.
@@ -226,7 +228,10 @@ class LLMEngine:
         if graphs is None:
             return 0
         graphs.capture_all()
-        return len(graphs.captured_batch_sizes)
+        prefill = self.runner.prefill_graphs
+        if prefill is not None:
+            prefill.capture_all()
+        return len(graphs.captured_batch_sizes) + (len(prefill.captured_buckets) if prefill is not None else 0)
 
     def request_ids(self) -> list[str]:
         """Ids of every request this engine holds (pending, waiting, running, or finished and not released)."""

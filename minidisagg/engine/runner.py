@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
 from minidisagg.accel import stock  # noqa: F401  (records the stock model's functions before any user code runs)
 from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from minidisagg.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
 from minidisagg.kernels.attention import AttentionMetadata
 from minidisagg.kernels.triton_support import use_triton
 from minidisagg.kv.cache import PagedKVCache
@@ -52,8 +53,15 @@ class ModelRunner:
         # The opt-in C++ CPU decode step (``EngineConfig.native_cpu_decode``), set up at the first step it could run.
         self._native_decode_wanted = native_cpu_decode and not batch_invariant and self.device.type == "cpu"
         self._native_decode: Optional[NativeCpuDecode] = None
+        self.prefill_graphs: Optional[PrefillGraphs] = None  # opt-in: ``enable_prefill_graphs``
         if compile_cpu:
             self.enable_compiled_cpu_decode()
+
+    def enable_prefill_graphs(self, buckets: Sequence[int] = PREFILL_BUCKETS) -> None:
+        """Run fresh single-prompt prefills of up to ``max(buckets)`` tokens by CUDA graph replay (CUDA only)."""
+        if not graphs_supported(self.model, self.batch_invariant):
+            raise ValueError("prefill CUDA graphs need a CUDA model on the Triton kernels, without batch_invariant")
+        self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, buckets)
 
     def enable_compiled_cpu_decode(self) -> None:
         """Run batch-1 CPU decode steps through one compiled graph (``EngineConfig.compile_cpu``), if possible."""
@@ -117,6 +125,9 @@ class ModelRunner:
             return self.decode_graphs.run(  # type: ignore[union-attr]
                 [it.token_ids[0] for it in items], [it.start_pos for it in items], [it.block_table for it in items],
                 device_token_ids)
+        if device_token_ids is None and self._prefill_graph_eligible(items):
+            logits = self.prefill_graphs.run(items[0].token_ids, items[0].block_table)  # type: ignore[union-attr]
+            return logits if items[0].want_logits else logits[:0]
         if device_token_ids is None and self._compiled_eligible(items):
             logits = self.compiled_decode.run(  # type: ignore[union-attr]
                 items[0].token_ids[0], items[0].start_pos, items[0].block_table)
@@ -141,6 +152,12 @@ class ModelRunner:
         graphs = self.decode_graphs
         return (graphs is not None and self.layer_hook is None and graphs.bucket_for(len(items)) is not None
                 and all(len(it.token_ids) == 1 and it.want_logits for it in items))
+
+    def _prefill_graph_eligible(self, items: list[BatchItem]) -> bool:
+        """One fresh prompt or first chunk (nothing cached before it) within a bucket, with no per-layer hook."""
+        graphs = self.prefill_graphs
+        return (graphs is not None and self.layer_hook is None and len(items) == 1 and items[0].start_pos == 0
+                and graphs.bucket_for(len(items[0].token_ids)) is not None)
 
     def _compiled_eligible(self, items: list[BatchItem]) -> bool:
         """One decode token wanting logits, with no per-layer Python hook to call."""

@@ -165,7 +165,12 @@ def paged_attention(
 
         if meta.is_decode:
             return attention_triton.decode_attention_triton(q, k_cache, v_cache, meta, scale, meta.num_splits)
-        return attention_triton.prefill_attention_triton(q, k_cache, v_cache, meta, scale)
+        from minidisagg.kernels import prefill_triton
+
+        # this step's K/V straight from the projection (no block-table lookups) where its layout allows
+        direct = k.dtype == q.dtype and k.stride() == v.stride() and k.stride(-1) == 1 and k.shape == v.shape
+        new_kv = (k, v) if direct else (None, None)
+        return prefill_triton.prefill_attention_triton(q, k_cache, v_cache, meta, scale, *new_kv)
     if meta.is_decode:
         if use_cpu_native(q) or in_cpu_graph(q):  # pages read in place, in C++ (kernels/cpu_native.py)
             return torch.ops.minidisagg_cpu.decode_attention(q, k_cache, v_cache, meta.block_tables,

@@ -35,3 +35,9 @@ class AttentionMetadata:
     def host_block_tables(self) -> list[list[int]]:
         """``block_tables`` as Python lists, read once per batch (for the CPU path: on a GPU it would sync)."""
         return self.block_tables.tolist()
+
+    @functools.cached_property
+    def seq_info(self) -> torch.Tensor:
+        """[num_seqs, 3] int32 (query start, query length, context length) on the tables' device, built once per batch."""
+        rows = list(zip(self.query_starts, self.query_lens, self.context_lens))
+        return torch.tensor(rows, dtype=torch.int32).to(self.block_tables.device, non_blocking=True)

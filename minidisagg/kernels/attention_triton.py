@@ -1,10 +1,10 @@
-"""Triton attention over the paged KV cache: flash-decoding for decode, flash-attention for prefill.
+"""Triton attention over the paged KV cache: flash-decoding for decode (prefill: ``prefill_triton.py``).
 
 The torch references live in ``attention.py``; ``paged_attention`` there routes here when
 ``use_triton`` says so. This module imports triton at import time, so it is imported only then
 (the whole module is "built on first use"; ``TRITON_INTERPRET`` must be set before that).
 
-Both kernels read keys straight from the pages: token ``pos`` of a sequence sits in block
+The kernel reads keys straight from the pages: token ``pos`` of a sequence sits in block
 ``block_table[pos // block_size]`` at row ``pos % block_size``. Addresses are formed per token,
 so a key tile (BLOCK_N tokens) may span several pages and any block size works (5 as well as 16).
 Softmax runs online in base 2 (scores pre-multiplied by scale * log2(e)) with float32 state.
@@ -25,7 +25,6 @@ LOG2_E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 64  # a decode split never covers fewer keys than one key tile (unless forced)
 MAX_SPLITS = 64
 DECODE_BLOCK_N = 64
-PREFILL_BLOCK_N = 64
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows on GPUs
 
 
@@ -126,46 +125,6 @@ def _decode_combine_kernel(
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
-@triton.jit
-def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, tiles_ptr, out_ptr, scale_log2,
-    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One (query tile, head): up to BLOCK_M consecutive queries of one sequence, causal over its cache."""
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.load(tiles_ptr + tile * 4)
-    row0 = tl.load(tiles_ptr + tile * 4 + 1)  # packed row of the tile's first query
-    num_rows = tl.load(tiles_ptr + tile * 4 + 2)
-    pos0 = tl.load(tiles_ptr + tile * 4 + 3)  # its position in the sequence (ctx - q_len + offset)
-    rows = tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM_P)
-    io_mask = (rows < num_rows)[:, None] & (dims < HEAD_DIM)[None, :]
-    token_rows = (row0 + rows).to(tl.int64)
-    q = tl.load(q_ptr + token_rows[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=io_mask, other=0.0)
-    query_pos = pos0 + rows
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    kv_head = head // GROUP
-    # keys before the tile's first query are visible to every row: no causal mask there
-    full_end = (pos0 // BLOCK_N) * BLOCK_N
-    m, l, acc = _attend_keys(
-        q, m, l, acc, query_pos, k_cache_ptr, v_cache_ptr, table, 0, full_end, kv_head, scale_log2,
-        stride_cb, stride_ct, stride_ch, HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-    )
-    m, l, acc = _attend_keys(
-        q, m, l, acc, query_pos, k_cache_ptr, v_cache_ptr, table, full_end, pos0 + num_rows, kv_head, scale_log2,
-        stride_cb, stride_ct, stride_ch, HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-    )
-    out = acc / l[:, None]
-    tl.store(out_ptr + token_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=io_mask)
-
-
 def decode_num_splits(max_context_len: int, num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
     """Context splits for decode: enough programs to fill the device twice, none under MIN_SPLIT_TOKENS keys."""
     by_length = math.ceil(max_context_len / MIN_SPLIT_TOKENS)
@@ -178,7 +137,7 @@ def num_sms_of(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """The layouts the kernels assume: unit stride along head_dim, K and V caches alike, q in the cache dtype."""
     assert q.dtype == k_cache.dtype == v_cache.dtype, f"q {q.dtype} vs cache {k_cache.dtype}/{v_cache.dtype}"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
@@ -195,7 +154,7 @@ def decode_attention_triton(
     ``num_splits`` defaults to ``decode_num_splits``; pin it (e.g. for a CUDA graph) and any
     context length still works, since each sequence divides its own keys between the splits.
     """
-    _check_inputs(q, k_cache, v_cache)
+    check_inputs(q, k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -225,37 +184,4 @@ def decode_attention_triton(
             part_max, part_sum, part_acc, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_P=next_pow2(head_dim), SPLITS_P=next_pow2(num_splits),
         )
-    return out
-
-
-def prefill_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-    block_m: int | None = None, block_n: int = PREFILL_BLOCK_N,
-) -> torch.Tensor:
-    """Packed varlen causal attention read from the paged cache: q [T, H, D], returns [T, H, D].
-
-    Works for any mix of fresh prompts, chunks over a cached prefix (ctx > q_len) and decodes;
-    the new tokens' K/V must already be in the cache.
-    """
-    _check_inputs(q, k_cache, v_cache)
-    num_heads, head_dim = q.shape[1:]
-    group = num_heads // k_cache.shape[2]
-    if block_m is None:
-        block_m = min(64, max(MIN_DOT_ROWS, next_pow2(max(meta.query_lens))))
-    tiles = [
-        (i, start + t0, min(block_m, n - t0), ctx - n + t0)
-        for i, (start, n, ctx) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens))
-        for t0 in range(0, n, block_m)
-    ]
-    out = torch.empty_like(q)
-    if not tiles:
-        return out
-    tiles_tensor = torch.tensor(tiles, dtype=torch.int32, device=q.device)
-    _prefill_kernel[(len(tiles), num_heads)](
-        q, k_cache, v_cache, meta.block_tables, tiles_tensor, out, scale * LOG2_E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        meta.block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=next_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-    )
     return out
