@@ -96,7 +96,7 @@ def quantise(pages: torch.Tensor, wire_dtype: str, out: torch.Tensor | None = No
 
 def dequantise(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Pages in ``dtype`` from wire ``values`` and their ``scales`` (the product is taken in float32)."""
-    return (values.to(SCALE_DTYPE) * _broadcast(scales)).to(dtype)
+    return (values * _broadcast(scales)).to(dtype)  # int8 or fp8 times float32 promotes to float32
 
 
 @dataclass
