@@ -96,7 +96,9 @@ def quantise(pages: torch.Tensor, wire_dtype: str, out: torch.Tensor | None = No
 
 def dequantise(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Pages in ``dtype`` from wire ``values`` and their ``scales`` (the product is taken in float32)."""
-    return (values * _broadcast(scales)).to(dtype)  # int8 or fp8 times float32 promotes to float32
+    if values.dtype == torch.int8:  # int8 times float32 promotes to float32 without a copy of its own
+        return (values * _broadcast(scales)).to(dtype)
+    return (values.to(SCALE_DTYPE) * _broadcast(scales)).to(dtype)  # torch does not promote float8
 
 
 @dataclass
