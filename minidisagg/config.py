@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+KV_WIRE_DTYPES = ("auto", "int8", "fp8_e4m3")  # how KV pages travel between workers (``kv/wire_quant.py``)
 MAX_POSITION = 2**20  # the longest context a ModelConfig may declare (about a million tokens)
 
 
@@ -219,7 +220,9 @@ class LinkConfig:
     far behind is dropped. A frame on a router link, or a client's JSON line on a router, must
     arrive whole within ``frame_deadline_s`` of its first byte, else its connection is dropped;
     each listening port serves at most ``max_connections`` connections at once (one thread
-    each) and refuses more, saying why.
+    each) and refuses more, saying why. ``kv_wire_dtype`` is how KV pages travel from prefill to
+    decode: ``auto`` in the pool's dtype, ``int8`` or ``fp8_e4m3`` quantised per (block, KV head)
+    and dequantised into the decode pool on arrival (``kv/wire_quant.py``); both sides must agree.
     """
 
     kv_lease_s: float = 30.0
@@ -230,6 +233,7 @@ class LinkConfig:
     subscriber_queue_size: int = 4096
     frame_deadline_s: float = 10.0
     max_connections: int = 256
+    kv_wire_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check_seconds("LinkConfig", "kv_lease_s", self.kv_lease_s)
@@ -251,6 +255,9 @@ class LinkConfig:
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ValueError(f"LinkConfig.max_connections must be an integer >= 1 (connections per listening port), "
                              f"got {cap!r}")
+        if self.kv_wire_dtype not in KV_WIRE_DTYPES:
+            raise ValueError(f"LinkConfig.kv_wire_dtype must be one of {list(KV_WIRE_DTYPES)}, "
+                             f"got {self.kv_wire_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence as Seq
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.config import CacheConfig, EngineConfig, LinkConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.engine.clock import Clock
 from minidisagg.engine.llm_engine import LLMEngine, PromptInput, RequestOutput
@@ -84,7 +84,10 @@ class LLM:
     runs (``benchmarks/NOTES.md``; lab 5 shows when overlap would win: a slow link, a long prefill).
     ``workers`` (``mode="disagg"``) connects to worker processes already running, on this host or
     others (``prefill=p0@HOST:PORT,...;decode=d0@HOST:PORT,...``, the router's ``--peers``), proving
-    ``worker_security`` (their secret) to them, instead of launching its own.
+    ``worker_security`` (their secret) to them, instead of launching its own. ``kv_wire_dtype``
+    (``mode="disagg"``) is how KV pages travel from prefill to decode: ``"auto"`` in the pool's
+    dtype, ``"int8"`` or ``"fp8_e4m3"`` quantised per block and KV head (``kv/wire_quant.py``);
+    the pools stay in the model's dtype.
 
     >>> llm = LLM("smollm2-135m")
     >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -130,6 +133,7 @@ class LLM:
         worker_threads: int = 0,
         workers: Optional[str] = None,
         worker_security: Optional[LinkSecurity] = None,
+        kv_wire_dtype: str = "auto",
     ) -> None:
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes,
                             layout=kv_layout)
@@ -145,9 +149,13 @@ class LLM:
             async_scheduling=async_scheduling,
             compile_cpu=compile_cpu,
             native_cpu_decode=native_cpu_decode,
+            link=LinkConfig(kv_wire_dtype=kv_wire_dtype),
         )
         if mode not in ("colocated", "disagg"):
             raise ValueError(f"mode must be 'colocated' or 'disagg', got {mode!r}")
+        if kv_wire_dtype != "auto" and (mode != "disagg" or workers is not None):
+            raise ValueError("kv_wire_dtype applies to the KV links of mode='disagg' workers this LLM starts; "
+                             "workers already running take it from their own --kv-wire-dtype")
         self.mode = mode
         if workers is not None and mode != "disagg":
             raise ValueError("workers= names disaggregated worker processes: give mode='disagg' with it")

@@ -87,7 +87,8 @@ class DisaggCluster:
             self.decode_workers: list = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
                                          for i in range(num_decode)]
             heartbeat_s = config.link.kv_lease_s / 3
-            senders = lambda: {w.name: InprocSender(w, heartbeat_s) for w in self.decode_workers}  # noqa: E731
+            senders = lambda: {w.name: InprocSender(w, heartbeat_s, config.link.kv_wire_dtype)  # noqa: E731
+                               for w in self.decode_workers}
             self.prefill_workers: list = [
                 PrefillWorker(f"p{i}", loaded, config, self.clock, senders(), self._outputs.put, overlap=overlap)
                 for i in range(num_prefill)
@@ -139,6 +140,7 @@ class DisaggCluster:
                  repr(link.max_reserved_share_per_peer), "--reconnect-deadline-s", repr(link.reconnect_deadline_s),
                  "--subscriber-queue-size", str(link.subscriber_queue_size),
                  "--frame-deadline-s", repr(link.frame_deadline_s), "--max-connections", str(link.max_connections)]
+        args += ["--kv-wire-dtype", link.kv_wire_dtype]
         if loaded.random_weights:
             args += ["--random-weights", "--seed", str(loaded.seed)]
         security = LinkSecurity(secret=new_secret())  # this launch's: its workers accept only who proves it

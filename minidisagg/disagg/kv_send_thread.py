@@ -108,7 +108,7 @@ class KVSendThread:
                 send(transfer.transfer_id, layer, pages)
                 kv_trace(f"sent-{layer}", transfer.transfer_id)
                 transfer.seq.timeline.kv_send_s += time.perf_counter() - sent_at
-                transfer.num_bytes += pages.numel() * pages.element_size()
+                transfer.num_bytes += transfer.sender.wire_nbytes(pages.shape, pages.dtype)  # scales included
             else:
                 # the engine no longer touches a handed-off seq
                 state = dataclasses.replace(SequenceState.of(transfer.seq), owner=transfer.submission.owner)

@@ -208,7 +208,7 @@ class PrefillWorker:
                 log.warning("%s", transfer.error)
             kv_trace("sent-0", tid)
             seq.timeline.kv_send_s += time.perf_counter() - sent_at
-            transfer.num_bytes = self.layout.request_nbytes(len(seq.block_table))
+            transfer.num_bytes = transfer.sender.wire_nbytes(transfer.shape, self.layout.dtype)
 
     def _on_handoff(self, seq: Sequence) -> None:
         transfer = self._transfers[seq.request_id]

@@ -97,6 +97,7 @@ class WorkerServer:
         self.subscribers = Subscribers(link.subscriber_queue_size, self.subscriber_dropped)
         self.frame_deadline_s = link.frame_deadline_s
         self.connections = ConnectionLimit(link.max_connections)  # served at once; ``serve_forever`` refuses more
+        self.kv_wire_dtype = link.kv_wire_dtype  # how KV pages travel between prefill and decode
         self.failure: Optional[str] = None  # why the engine loop died, once it has
 
     @property
@@ -272,7 +273,7 @@ class DecodeServer(WorkerServer):
 
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         if role == "prefill":
-            serve_kv_link(sock, self.worker, self.worker.layout, self.stop_event, peer)
+            serve_kv_link(sock, self.worker, self.worker.layout, self.stop_event, peer, wire_dtype=self.kv_wire_dtype)
         else:
             self.serve_router(sock, peer, self._on_router_request)
 
@@ -302,14 +303,14 @@ class PrefillServer(WorkerServer):
         reconnect, heartbeat_s = ReconnectPolicy.of(config.link), config.link.kv_lease_s / 3  # see ``LinkConfig``
         if decode_ranks is None:
             senders = {name: SocketSender(h, p, sender_hello, security=security, reconnect=reconnect,
-                                          heartbeat_s=heartbeat_s) for name, (h, p) in decode_peers.items()}
+                                          heartbeat_s=heartbeat_s, wire_dtype=config.link.kv_wire_dtype) for name, (h, p) in decode_peers.items()}
         else:
             from minidisagg.transport.dist import DistSender
 
             if missing := sorted(set(decode_peers) - set(decode_ranks)):
                 raise ValueError(f"no torch.distributed rank for decode worker(s) {missing}")
             senders = {name: DistSender(h, p, sender_hello, decode_ranks[name], security=security, reconnect=reconnect,
-                                        heartbeat_s=heartbeat_s) for name, (h, p) in decode_peers.items()}
+                                        heartbeat_s=heartbeat_s, wire_dtype=config.link.kv_wire_dtype) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
         self._submitters: dict[str, socket.socket] = {}  # request id -> the router connection that sent it
         self._submit_lock = threading.Lock()

@@ -31,7 +31,7 @@ class WorkerRendezvous(Protocol):
 
 def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: str) -> None:
     """Add the ``serve`` subcommand and its flags to ``sub`` (the CLI's subparsers)."""
-    from minidisagg.config import LinkConfig  # dataclasses only: no torch
+    from minidisagg.config import KV_WIRE_DTYPES, LinkConfig  # dataclasses only: no torch
 
     serve = sub.add_parser("serve", help="serve the OpenAI API over HTTP (--mode), or run one prefill, decode or "
                                          "router process (--role)")
@@ -101,6 +101,9 @@ def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: st
     serve.add_argument("--max-connections", type=int, default=LinkConfig.max_connections,
                        help="connections served at once per listening port (one thread each); more are refused "
                             "with a message saying so")
+    serve.add_argument("--kv-wire-dtype", choices=list(KV_WIRE_DTYPES), default=LinkConfig.kv_wire_dtype,
+                       help="prefill and decode (the same on both): how KV pages travel, auto (the pool's dtype) or "
+                            "quantised per block and KV head to int8 or fp8_e4m3, dequantised on arrival")
     serve.add_argument("--dist-init", default="", help="dist transport: rendezvous, e.g. tcp://127.0.0.1:29500; "
                                                       "prefill --peers then read name=host:port@rank")
     serve.add_argument("--dist-rank", type=int, default=None, help="this worker's rank (decodes first by convention)")
@@ -190,7 +193,8 @@ def serve_worker(args: argparse.Namespace, rendezvous: Optional[WorkerRendezvous
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     link = LinkConfig(kv_lease_s=args.kv_lease_s, max_reserved_share_per_peer=args.max_reserved_share_per_peer,
                       reconnect_deadline_s=args.reconnect_deadline_s, subscriber_queue_size=args.subscriber_queue_size,
-                      frame_deadline_s=args.frame_deadline_s, max_connections=args.max_connections)
+                      frame_deadline_s=args.frame_deadline_s, max_connections=args.max_connections,
+                      kv_wire_dtype=args.kv_wire_dtype)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
                           cuda_graphs=not args.no_cuda_graphs, link=link,

@@ -27,6 +27,7 @@ import torch
 
 from minidisagg.config import LinkConfig
 from minidisagg.engine.sequence import SequenceState
+from minidisagg.kv.wire_quant import check_wire_dtype, wire_nbytes
 
 HEARTBEAT_S = LinkConfig.kv_lease_s / 3  # a sender renews its reservations' leases three times per lease
 
@@ -123,13 +124,22 @@ class TransferStats:
 
 
 class KVSender(ABC):
-    """The prefill side of one link to one decode worker."""
+    """The prefill side of one link to one decode worker.
+
+    ``wire_dtype`` (``LinkConfig.kv_wire_dtype``): how pages travel, ``auto`` (the pool's dtype) or
+    quantised (``int8``, ``fp8_e4m3``: ``kv/wire_quant.py``); the decode side must expect the same.
+    """
 
     name = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, wire_dtype: str = "auto") -> None:
         self.stats = TransferStats()
         self.device = torch.device("cpu")  # where this link's pages travel from
+        self.wire_dtype = check_wire_dtype(wire_dtype)
+
+    def wire_nbytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
+        """Bytes this link puts on the wire for pages of ``shape`` and ``dtype`` (scales included)."""
+        return wire_nbytes(shape, self.wire_dtype, dtype)
 
     @abstractmethod
     def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:

@@ -177,14 +177,16 @@ class DistSender(SocketSender):
 
     def __init__(self, host: str, port: int, hello: Hello, dst_rank: int, timeout_s: float = FRAME_TIMEOUT_S,
                  connect_retries: int = CONNECT_RETRIES, security: Optional[LinkSecurity] = None,
-                 reconnect: Optional[ReconnectPolicy] = None, heartbeat_s: float = HEARTBEAT_S) -> None:
-        """The control link authenticates and heals like a ``SocketSender``'s; the pages follow by rank."""
+                 reconnect: Optional[ReconnectPolicy] = None, heartbeat_s: float = HEARTBEAT_S,
+                 wire_dtype: str = "auto") -> None:
+        """The control link authenticates and heals like a ``SocketSender``'s; the pages follow by rank
+        (as ``WireMessage`` bytes where ``wire_dtype`` quantises them)."""
         if not dist.is_initialized():
             raise RuntimeError("DistSender needs torch.distributed.init_process_group (see init_dist) first")
         if not 0 <= dst_rank < dist.get_world_size() or dst_rank == dist.get_rank():
             raise ValueError(f"decode rank {dst_rank} is not a peer of rank {dist.get_rank()} "
                              f"in a world of {dist.get_world_size()}")
-        super().__init__(host, port, hello, timeout_s, connect_retries, security, reconnect, heartbeat_s)
+        super().__init__(host, port, hello, timeout_s, connect_retries, security, reconnect, heartbeat_s, wire_dtype)
         self.src_rank = dist.get_rank()
         self.dst_rank = dst_rank
         self.device = transfer_device()
@@ -206,8 +208,8 @@ class DistSender(SocketSender):
 
     def _send_pages(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
         """A payload-free LAYER frame, then the pages by ``torch.distributed`` (both under the link's lock)."""
-        pages = pages.detach().to(self.device).contiguous()
         header = {**self._layer_header(transfer_id, layer, pages, stacked), "via": "dist", "src_rank": self.src_rank}
+        pages = self._wire_payload(pages, self.device)
         t0 = time.perf_counter()
         with self._lock:
             self._check_usable(transfer_id)
@@ -248,6 +250,8 @@ class DistSender(SocketSender):
         header = {"transfer_id": transfer_id, "layer": 0, "shape": list(shape), "num_layers": shape[1],
                   "dtype": str(dtype).removeprefix("torch."), "via": "dist", "src_rank": self.src_rank,
                   "pieces": len(pieces), "announced": True, "order": "blocks"}
+        if self.wire_dtype != "auto":  # each piece then travels as a WireMessage of its own
+            header["wire_dtype"] = self.wire_dtype
         self._exchange(FrameKind.LAYER, header, None)
 
     def send_pieces(self, transfer_id: str, pieces: Iterable[tuple[int, torch.Tensor]]) -> None:
@@ -257,7 +261,7 @@ class DistSender(SocketSender):
         t0 = time.perf_counter()
         try:
             for _, pages in pieces:
-                pages = pages.detach().to(self.device).contiguous()
+                pages = self._wire_payload(pages, self.device)
                 self._isend(pages)
                 self.stats.bytes_sent += pages.numel() * pages.element_size()
         except RuntimeError as exc:

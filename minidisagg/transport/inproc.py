@@ -1,4 +1,9 @@
-"""In-process transport: the decode worker is in the same process; pages are handed over as tensors."""
+"""In-process transport: the decode worker is in the same process; pages are handed over as tensors.
+
+With a quantised ``wire_dtype`` the pages are encoded as a wire message and decoded into the
+receiver's dtype at the hand-over, exactly what a socket link does at its two ends, so results
+and ``bytes_sent`` agree across transports.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 import torch
 
 from minidisagg.engine.sequence import SequenceState
+from minidisagg.kv.wire_quant import WireMessage
 from minidisagg.transport.base import HEARTBEAT_S, KVReceiver, KVSender, LeaseRenewing, TransferError
 
 
@@ -16,8 +22,8 @@ class InprocSender(KVSender):
 
     name = "inproc"
 
-    def __init__(self, receiver: KVReceiver, heartbeat_s: float = HEARTBEAT_S) -> None:
-        super().__init__()
+    def __init__(self, receiver: KVReceiver, heartbeat_s: float = HEARTBEAT_S, wire_dtype: str = "auto") -> None:
+        super().__init__(wire_dtype)
         self.receiver = receiver
         self.heartbeat_s = heartbeat_s
         self._next_heartbeat_s = 0.0
@@ -48,19 +54,24 @@ class InprocSender(KVSender):
         with self._lock:
             self._granted.discard(transfer_id)
 
+    def _over_the_wire(self, pages: torch.Tensor) -> torch.Tensor:
+        """``pages`` as the receiver gets them: themselves, or quantised and dequantised (``wire_dtype``)."""
+        self.stats.bytes_sent += self.wire_nbytes(pages.shape, pages.dtype)
+        if self.wire_dtype == "auto":
+            return pages
+        return WireMessage.encode(pages, self.wire_dtype).decode(pages.dtype)
+
     def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Give the receiver the layer's pages to scatter into its pool."""
         t0 = time.perf_counter()
-        self.receiver.write_layer(transfer_id, layer, pages)
+        self.receiver.write_layer(transfer_id, layer, self._over_the_wire(pages))
         self.stats.send_s += time.perf_counter() - t0
-        self.stats.bytes_sent += pages.numel() * pages.element_size()
 
     def send_layers(self, transfer_id: str, first_layer: int, pages: torch.Tensor) -> None:
         """Give the receiver consecutive layers' pages to scatter at once."""
         t0 = time.perf_counter()
-        self.receiver.write_layers(transfer_id, first_layer, pages)
+        self.receiver.write_layers(transfer_id, first_layer, self._over_the_wire(pages))
         self.stats.send_s += time.perf_counter() - t0
-        self.stats.bytes_sent += pages.numel() * pages.element_size()
 
     def commit(self, transfer_id: str, state: SequenceState, num_bytes: int, timeout_s: float) -> None:
         """Hand the sequence over; errors from the receiver become TransferError."""

@@ -14,6 +14,10 @@ writer: pages still in flight land first) and sends an unasked ERROR ``{"transfe
 answered with the same notice, and its DONE is refused with the reason. Notices carry
 ``event`` so a sender can tell them from the reply it waits for. A PING ``{"renew": [ids]}``
 renews those transfers' leases: the sender's heartbeat while their prefill is still queued.
+
+Pages quantised for the wire (``kv/wire_quant.py``) arrive as a ``WireMessage`` and are decoded
+into the pool's dtype before they are written. A LAYER whose ``wire_dtype`` (absent: ``auto``)
+is not the one this link expects, or whose message is corrupt, drops the link with the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KVLayout, split_ranges
+from minidisagg.kv.wire_quant import WireFormatError, WireMessage, check_wire_dtype
 from minidisagg.transport.base import KVPeer, KVReceiver, LeaseExpired, PeerAwareReceiver, QuotaExceeded
 from minidisagg.transport.framing import FrameError, FrameKind, HeaderError, PeerClosed, recv_frame, send_frame
 from minidisagg.transport.socket import FRAME_TIMEOUT_S
@@ -46,11 +51,13 @@ def _is_int(value: object) -> bool:
 
 
 def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, stop: threading.Event,
-                  peer: str = "", frame_timeout_s: float = FRAME_TIMEOUT_S) -> None:
+                  peer: str = "", frame_timeout_s: float = FRAME_TIMEOUT_S, wire_dtype: str = "auto") -> None:
     """Serve one prefill worker's link until it says BYE, drops, or sends garbage.
 
     Whatever happens, reservations made over this link and not committed are cancelled.
+    ``wire_dtype``: how this link's pages must travel (``LinkConfig.kv_wire_dtype``).
     """
+    wire_dtype = check_wire_dtype(wire_dtype)
     session: Optional[KVPeer] = receiver.open_peer(peer or "a prefill worker") \
         if isinstance(receiver, PeerAwareReceiver) else None
     reserved: dict[str, int] = {}  # transfer id -> number of blocks
@@ -130,11 +137,16 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             expected = [count, *expected]
         if shape != expected or _DTYPES.get(header.get("dtype", "")) != layout.dtype:
             raise FrameError(f"LAYER pages {shape} {header.get('dtype')}; expected {expected} {layout.dtype_name}")
+        if header.get("wire_dtype", "auto") != wire_dtype:
+            raise FrameError(f"LAYER pages travel as wire_dtype {header.get('wire_dtype', 'auto')!r}, but this decode "
+                             f"worker expects {wire_dtype!r}: give both workers the same kv_wire_dtype")
         return expected
 
-    def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor:
-        """Check a LAYER header against its reservation; the staging tensor its pages go into."""
+    def checked_buffer(header: dict[str, Any], device: torch.device) -> torch.Tensor | WireMessage:
+        """Check a LAYER header against its reservation; the staging tensor (or wire message) its pages go into."""
         expected = checked_shape(header)
+        if wire_dtype != "auto":  # a message of its own: receives may be waited for later
+            return WireMessage.empty(expected, wire_dtype, device)
         if header.get("announced") and device.type != "cuda":  # waited for later: its own buffer
             return torch.empty(expected, dtype=layout.dtype, device=device)
         key = (tuple(expected), str(device))
@@ -150,11 +162,11 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             raise FrameError(f"LAYER via={header.get('via')!r} must not carry a payload")
         if block_first(header):
             raise FrameError("LAYER in block order travels only via=dist")
-        buffer = checked_buffer(header, torch.device("cpu"))
-        if nbytes != buffer.numel() * buffer.element_size():
-            raise FrameError(f"LAYER payload of {nbytes} bytes; expected {buffer.numel() * buffer.element_size()}")
-        header["_tensor"] = buffer
-        return memoryview(buffer.view(torch.uint8).numpy()).cast("B")
+        header["_tensor"] = buffer = checked_buffer(header, torch.device("cpu"))
+        raw = buffer.data if isinstance(buffer, WireMessage) else buffer.view(torch.uint8)
+        if nbytes != raw.numel():
+            raise FrameError(f"LAYER payload of {nbytes} bytes; expected {raw.numel()}")
+        return memoryview(raw.numpy()).cast("B")
 
     def pieces_of(header: dict[str, Any]) -> list[tuple[int, int]] | None:
         """The ranges (of layers, or of blocks in block order) a stacked message comes in (None: one layer)."""
@@ -174,8 +186,13 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             raise FrameError(f"LAYER with non-boolean announced {header.get('announced')!r}")
         return split_ranges(count, pieces)
 
-    def write_pages(tid: str, first: int, pages: torch.Tensor, order: str) -> None:
+    def write_pages(tid: str, first: int, pages: torch.Tensor | WireMessage, order: str) -> None:
         """Pages into the reservation: ``order`` is layer (one), layers (stacked) or blocks (block first)."""
+        if isinstance(pages, WireMessage):
+            try:
+                pages = pages.decode(layout.dtype)
+            except WireFormatError as exc:
+                raise FrameError(f"LAYER for {tid}: {exc}") from None
         if order == "blocks":
             receiver.write_blocks(tid, first, pages)
         elif order == "layers":
@@ -189,7 +206,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
 
         device = kv_dist.transfer_device()
         ranges = pieces_of(header)
-        checked_shape(header)
+        expected = checked_shape(header)
         order = "blocks" if block_first(header) else "layers" if ranges else "layer"
         src_rank = kv_dist.check_src_rank(header.get("src_rank"))
         if dist_source.setdefault("rank", src_rank) != src_rank:
@@ -205,12 +222,15 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
             for first, end in ranges or [(0, 0)]:
                 # block order: straight into the pool where the reserved blocks are one range of it
                 view = receiver.block_region(tid, first, end) if order == "blocks" and live else None
-                if view is not None:
+                if wire_dtype != "auto":  # one message per piece, decoded into the pool once it is here
+                    view = WireMessage.empty([end - first, *expected[1:]] if ranges else expected, wire_dtype, device)
+                elif view is not None:
                     kv_trace("in-place", tid)
                 else:
                     buffer = checked_buffer(header, device) if buffer is None else buffer
                     view = buffer[first:end] if ranges else buffer
-                posted.append((kv_dist.post_receive(view, src_rank), view, first if order == "blocks" else layer + first,
+                target = view.data if isinstance(view, WireMessage) else view
+                posted.append((kv_dist.post_receive(target, src_rank), view, first if order == "blocks" else layer + first,
                                order))
             if header.get("announced") and not on_gpu and live:
                 deferred.setdefault(tid, []).extend(posted)
@@ -280,7 +300,7 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                     if via == "dist":
                         receive_dist(h)
                         kv_trace(f"layer-queued-{h.get('layer')}", tid)
-                    elif via != "socket" or not isinstance(h.get("_tensor"), torch.Tensor):
+                    elif via != "socket" or not isinstance(h.get("_tensor"), (torch.Tensor, WireMessage)):
                         raise FrameError(f"LAYER via={via!r} without pages")
                     elif block_first(h):
                         raise FrameError("LAYER in block order travels only via=dist")

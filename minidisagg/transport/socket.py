@@ -9,6 +9,10 @@ dead peer drops that one connection, and every reservation it held goes back to 
 RESERVE or DONE the receiver refuses (a bad field, a full or unhealthy worker, a peer over its
 quota) is answered with an ERROR naming the reason, and the link stays up; a refused DONE gives
 its reservation back. A connection that breaks is re-established (``SocketSender``).
+
+With a quantised ``wire_dtype`` a LAYER's payload is a ``WireMessage`` (scales, then int8 or
+fp8 values) and its header says ``"wire_dtype"``; ``shape`` and ``dtype`` stay those of the
+pages it decodes to. A header without ``wire_dtype`` carries the pages as they are (``auto``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KV_LAYOUT_NAME, KVLayout
+from minidisagg.kv.wire_quant import WireMessage
 from minidisagg.transport.auth import LinkSecurity
 from minidisagg.transport.backoff import ReconnectPolicy
 from minidisagg.transport.base import HEARTBEAT_S, KVSender, TransferError
@@ -57,11 +62,12 @@ class SocketSender(KVSender):
 
     def __init__(self, host: str, port: int, hello: Hello, timeout_s: float = FRAME_TIMEOUT_S,
                  connect_retries: int = 50, security: Optional[LinkSecurity] = None,
-                 reconnect: Optional[ReconnectPolicy] = None, heartbeat_s: float = HEARTBEAT_S) -> None:
+                 reconnect: Optional[ReconnectPolicy] = None, heartbeat_s: float = HEARTBEAT_S,
+                 wire_dtype: str = "auto") -> None:
         """``security``: the deployment's secret (and TLS) this link proves and checks, again on every
         reconnect; None: neither. ``reconnect``: how a broken link heals; ``heartbeat_s``: how often
-        leases are renewed."""
-        super().__init__()
+        leases are renewed; ``wire_dtype``: how pages travel (``KVSender``)."""
+        super().__init__(wire_dtype)
         self.host, self.port, self.hello = host, port, hello
         self.security = security or LinkSecurity()
         self.address = f"{host}:{port}"
@@ -250,14 +256,25 @@ class SocketSender(KVSender):
                   "dtype": str(pages.dtype).removeprefix("torch.")}
         if stacked:
             header["num_layers"] = pages.shape[0]
+        if self.wire_dtype != "auto":
+            header["wire_dtype"] = self.wire_dtype
         return header
 
+    def _wire_payload(self, pages: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """What goes on the wire for ``pages``, contiguous on ``device``: the pages, or their ``WireMessage``
+        (quantised where the pages are, so a GPU moves the smaller message)."""
+        pages = pages.detach()
+        if self.wire_dtype != "auto":
+            pages = WireMessage.encode(pages, self.wire_dtype).data
+        return pages.to(device).contiguous()
+
     def _send_pages(self, transfer_id: str, layer: int, pages: torch.Tensor, stacked: bool) -> None:
-        pages = pages.detach().to("cpu").contiguous()
+        header = self._layer_header(transfer_id, layer, pages, stacked)
+        payload = self._wire_payload(pages, "cpu")
         t0 = time.perf_counter()
-        self._exchange(FrameKind.LAYER, self._layer_header(transfer_id, layer, pages, stacked), None, pages)
+        self._exchange(FrameKind.LAYER, header, None, payload)
         self.stats.send_s += time.perf_counter() - t0
-        self.stats.bytes_sent += pages.numel() * pages.element_size()
+        self.stats.bytes_sent += payload.numel() * payload.element_size()
 
     def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """One LAYER frame; the payload is the pages' own memory (no copy)."""
