@@ -186,7 +186,8 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
                mode=args.mode, transport=args.transport if disagg else "inproc", num_prefill=args.num_prefill,
                num_decode=args.num_decode, routing=args.routing, kv_overlap=args.overlap,
                kv_failure_policy=args.kv_failure_policy, request_timeout_s=args.request_timeout_s,
-               worker_threads=args.threads, workers=workers, worker_security=security)
+               worker_threads=args.threads, workers=workers, worker_security=security,
+               kv_wire_dtype=args.kv_wire_dtype)
 
 
 def serve_http(args: argparse.Namespace) -> int:
