@@ -49,6 +49,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[str] = None
     num_preemptions: int = 0
+    num_cached_tokens: Optional[int] = None  # prompt tokens whose KV came from the prefix cache (set at admission)
     generator: Optional[torch.Generator] = None
     text_decoder: Optional[TextDecoder] = None  # keeps the output text up to date; made on first use
 
