@@ -246,6 +246,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.WAITING:
                 continue
             admitted = self._allocate_prefill(chunk)
+            while admitted is None and not self.running and self._preempt_waiting_behind(seq, fitted):
+                admitted = self._allocate_prefill(chunk)  # nothing running will free blocks: take them from later prompts
             if admitted is not None:
                 fitted.append(admitted)
             elif not any(owner != seq.seq_id for owner in self.blocks.owners()):
@@ -253,6 +255,15 @@ class Scheduler:
             else:
                 break  # keep arrival order: later prompts wait behind this one
         return fitted
+
+    def _preempt_waiting_behind(self, seq: Sequence, fitted: list[PrefillChunk]) -> bool:
+        """Preempt the newest other waiting sequence holding blocks (a part-done prefill); False if none."""
+        taken = {c.seq.seq_id for c in fitted}
+        for other in reversed(self.waiting):
+            if other is not seq and other.seq_id not in taken and self.blocks.block_table(other.seq_id):
+                self.preempt(other)
+                return True
+        return False
 
     def _allocate_prefill(self, chunk: PrefillChunk) -> Optional[PrefillChunk]:
         """Take the chunk's blocks, or None; a sequence starting its KV first shares its longest cached prefix.

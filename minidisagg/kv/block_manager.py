@@ -171,13 +171,17 @@ class BlockManager:
         is evicted from its tail and its head stays findable longest.
         """
         table = self._tables.pop(seq_key, [])
-        self._keys.pop(seq_key, None)
+        keys = self._keys.pop(seq_key, [])
         released = []
         for block in table:
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 released.append(block)
         cache = self.prefix_cache
+        if cache is not None:  # a copy computed twice gets its key now, if the cached twin was evicted meanwhile
+            for block, key in zip(table, keys):
+                if self._refs[block] == 0:
+                    cache.register(block, key)
         parked = {b for b in reversed(released) if cache is not None and cache.park(b)}
         self._free.extend(b for b in released if b not in parked)
         return len(table)
