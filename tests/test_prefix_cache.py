@@ -290,3 +290,90 @@ def test_every_policy_with_caching_finishes_everything_and_leaves_every_block_fr
     assert blocks.num_free_blocks == blocks.num_blocks and not blocks.owners()
     assert seqs[7].num_cached_tokens >= len(last.prompt_token_ids) // bs * bs > 0, f"seed {seed}"
     assert sched.num_preemptions == sum(s.num_preemptions for s in seqs)
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+def shared_prefix_prompts(rng: random.Random, n: int, vocab: int) -> list[list[int]]:
+    """``n`` prompts, each one of two random stems plus a short random tail (some repeat a whole prompt)."""
+    stems = [[rng.randrange(3, vocab) for _ in range(rng.randint(5, 18))] for _ in range(2)]
+    prompts: list[list[int]] = []
+    for _ in range(n):
+        if prompts and rng.random() < 0.2:
+            prompts.append(list(rng.choice(prompts)))
+        else:
+            prompts.append(rng.choice(stems) + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 6))])
+    return prompts
+
+
+def run_engine(loaded, prompts, arrivals, **config):
+    """Greedy tokens and outputs of every prompt through one engine on a simulated clock; checks no block leaked."""
+    from conftest import make_engine, run_all
+    from minidisagg.engine.clock import SimulatedClock
+
+    engine = make_engine(loaded, batch_invariant=True, clock=SimulatedClock(), **config)
+    ids = [engine.add_request({"prompt_token_ids": p}, GREEDY, arrival_time=t) for p, t in zip(prompts, arrivals)]
+    done = run_all(engine)
+    blocks = engine.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks and not blocks.owners(), "KV blocks leaked"
+    prefill_tokens = sum(s.num_tokens for s in engine.stats.steps if s.stage == "prefill")
+    return [done[i] for i in ids], prefill_tokens, engine
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_greedy_tokens_with_prefix_caching_equal_those_without(tiny_loaded, seed, policy):
+    rng = random.Random(seed)
+    prompts = shared_prefix_prompts(rng, 8, tiny_loaded.config.vocab_size)
+    arrivals = sorted(rng.uniform(0, 0.3) for _ in prompts)
+    common = dict(policy=policy, block_size=4, max_num_batched_tokens=rng.choice([12, 64]), max_num_seqs=3,
+                  num_blocks=rng.choice([9, 64]))  # 9 blocks: preemptions and evictions; 64: neither
+    ref, _, _ = run_engine(tiny_loaded, prompts, arrivals, **common)
+    outs, prefill_tokens, engine = run_engine(tiny_loaded, prompts, arrivals, enable_prefix_caching=True, **common)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref], f"seed {seed}, {common}"
+    assert all(o.num_cached_tokens == 0 for o in ref)
+    for o in outs:
+        assert o.num_cached_tokens % 4 == 0 and 0 <= o.num_cached_tokens < len(o.prompt_token_ids)
+    if not engine.stats.num_preemptions:  # each prefill computed exactly what the cache lacked
+        assert prefill_tokens == sum(len(o.prompt_token_ids) - o.num_cached_tokens for o in outs)
+
+
+def test_on_the_real_model_num_cached_tokens_is_the_longest_prefix_computed_before(smollm2_loaded, seed):
+    from conftest import make_engine, run_all  # two tokens a request: the real model is slow in this mode on a CPU
+
+    rng = random.Random(seed + 1)
+    bs = rng.choice([2, 4])
+    engines = [make_engine(smollm2_loaded, batch_invariant=True, block_size=bs, num_blocks=64,
+                           enable_prefix_caching=on) for on in (True, False)]
+    computed: set[tuple[int, ...]] = set()  # every full-block prefix whose KV an earlier request computed
+
+    def ask(prompt: list[int]) -> list[int]:
+        outs = []
+        for engine in engines:
+            rid = engine.add_request({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=2))
+            outs.append(run_all(engine)[rid])
+        assert outs[0].token_ids == outs[1].token_ids, f"seed {seed}: cached KV changed the greedy tokens"
+        want = max(j for j in range((len(prompt) - 1) // bs + 1) if j == 0 or tuple(prompt[:j * bs]) in computed)
+        assert outs[0].num_cached_tokens == want * bs, f"seed {seed}, prompt {prompt}"
+        tokens = prompt + outs[0].token_ids
+        computed.update(tuple(tokens[:j * bs]) for j in range(1, (len(tokens) - 1) // bs + 1))  # all KV but the last
+        return tokens
+
+    vocab = smollm2_loaded.config.vocab_size
+    stem = [rng.randrange(3, vocab) for _ in range(rng.randint(5, 14))]
+    first = ask(stem + [rng.randrange(3, vocab)])
+    ask(stem + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 4))])  # the same stem, another tail
+    ask(first + [rng.randrange(3, vocab) for _ in range(3)])  # a follow-up turn: the first prompt, its reply, more
+    assert len(stem) // bs and computed
+
+
+def test_llm_front_door_reports_cached_tokens_and_the_same_text():
+    from minidisagg.llm import LLM
+
+    llm = LLM("tiny", device="cpu", batch_invariant=True, enable_prefix_caching=True, block_size=4)
+    plain = LLM("tiny", device="cpu", batch_invariant=True, block_size=4)
+    prompt = list(range(100, 121))
+    first, second = llm.generate([prompt], GREEDY)[0], llm.generate([prompt], GREEDY)[0]
+    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 20)
+    assert first.token_ids == second.token_ids == plain.generate([prompt], GREEDY)[0].token_ids
