@@ -387,7 +387,7 @@ class LLMEngine:
             raise ValueError(f"request {rid}: generator_state_b64 cannot be restored here: {exc}") from None
         seq = Sequence(next(self._ids), rid, list(state.prompt_token_ids), params, timeline, prompt=state.prompt,
                        output_token_ids=list(state.output_token_ids), num_computed_tokens=num_computed_tokens,
-                       blocks=self.blocks, generator=generator)
+                       blocks=self.blocks, generator=generator, num_cached_tokens=state.num_cached_tokens)
         self.blocks.rename(key, seq.seq_id)
         self.scheduler.adopt(seq)
         self._seqs[seq.request_id] = seq
