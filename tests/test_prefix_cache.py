@@ -377,3 +377,24 @@ def test_llm_front_door_reports_cached_tokens_and_the_same_text():
     first, second = llm.generate([prompt], GREEDY)[0], llm.generate([prompt], GREEDY)[0]
     assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 20)
     assert first.token_ids == second.token_ids == plain.generate([prompt], GREEDY)[0].token_ids
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_disaggregated_prefill_worker_computes_only_what_its_cache_lacks(tiny_loaded, seed, overlap):
+    from minidisagg.config import EngineConfig
+    from minidisagg.disagg.cluster import DisaggCluster
+    from test_disagg_inproc import assert_no_leaks, colocated, serve
+
+    rng = random.Random(seed + 2)
+    prompts = shared_prefix_prompts(rng, 6, tiny_loaded.config.vocab_size)
+    config = EngineConfig(batch_invariant=True, cache=CacheConfig(block_size=4, enable_prefix_caching=True))
+    cluster = DisaggCluster(tiny_loaded, config, overlap=overlap)
+    try:
+        outs = [serve(cluster, [p], GREEDY)[0] for p in prompts]  # one at a time: each finds the ones before
+        assert [o.token_ids for o in outs] == colocated(tiny_loaded, prompts, GREEDY), f"seed {seed}"
+        assert outs[0].num_cached_tokens == 0 and any(o.num_cached_tokens for o in outs), f"seed {seed}"
+        steps = cluster.prefill_workers[0].engine.stats.steps
+        assert sum(s.num_tokens for s in steps) == sum(len(o.prompt_token_ids) - o.num_cached_tokens for o in outs)
+        assert_no_leaks(cluster)
+    finally:
+        cluster.shutdown()
