@@ -398,3 +398,27 @@ def test_a_disaggregated_prefill_worker_computes_only_what_its_cache_lacks(tiny_
         assert_no_leaks(cluster)
     finally:
         cluster.shutdown()
+
+
+def test_num_cached_tokens_crosses_the_wire_and_a_bad_count_is_refused(tiny_loaded):
+    from conftest import make_engine, run_all
+    from minidisagg.disagg.serve import output_to_dict
+    from minidisagg.disagg.validate import InvalidMessage, MessageLimits, check_output, check_sequence_state
+    from minidisagg.engine.sequence import SequenceState
+
+    engine = make_engine(tiny_loaded, block_size=4, enable_prefix_caching=True)
+    prompt = list(range(100, 110))
+    for _ in range(2):
+        rid = engine.add_request({"prompt_token_ids": prompt}, GREEDY)
+        out = run_all(engine)[rid]
+    assert out.num_cached_tokens == 8
+    assert check_output(output_to_dict(out)).num_cached_tokens == 8
+    with pytest.raises(InvalidMessage, match="num_cached_tokens"):
+        check_output({**output_to_dict(out), "num_cached_tokens": len(prompt)})  # the last token is always computed
+    state = SequenceState(rid, prompt, out.token_ids[:1], {"temperature": 0.0}, {"arrival_s": 0.0},
+                          num_cached_tokens=8)
+    limits = MessageLimits(tiny_loaded.config.vocab_size, 2048)
+    assert SequenceState.from_dict(state.to_dict()).num_cached_tokens == 8
+    check_sequence_state(state, limits, 1.0)
+    with pytest.raises(InvalidMessage, match="num_cached_tokens"):
+        check_sequence_state(SequenceState.from_dict({**state.to_dict(), "num_cached_tokens": -4}), limits, 1.0)
