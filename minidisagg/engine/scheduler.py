@@ -272,7 +272,7 @@ class Scheduler:
         at most the tokens left, so the step computes only what the cache lacks.
         """
         seq = chunk.seq
-        cached = []
+        cached: list[int] = []
         if seq.num_computed_tokens == 0 and not self.blocks.block_table(seq.seq_id):
             cached = self.blocks.cached_prefix(seq.all_token_ids)
         num_cached_tokens = len(cached) * self.blocks.block_size
