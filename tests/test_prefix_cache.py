@@ -80,7 +80,7 @@ def test_hash_chain_is_the_same_in_another_process_whatever_its_hash_seed():
 
 # ---- the allocator ----------------------------------------------------------------------------------
 def start(bm: BlockManager, seq: FakeSeq, num_tokens: int) -> int:
-    """Admit ``seq`` sharing its longest cached prefix, compute its first ``num_tokens`` tokens, cache its full blocks."""
+    """Admit ``seq`` sharing its longest cached prefix, compute ``num_tokens`` tokens, cache its full blocks."""
     cached = bm.cached_prefix(seq.all_token_ids)
     num_cached = len(cached) * bm.block_size
     table = bm.allocate_slots(seq, num_tokens - num_cached, cached_blocks=cached)
@@ -113,8 +113,9 @@ def test_sharing_counts_references_and_a_freed_chain_stays_cached_until_reused(s
     assert start(bm, c, len(prefix)) == 2 * bs
     with pytest.raises(ValueError, match="already has KV"):
         bm.allocate_slots(c, 1, cached_blocks=c.table[:1])
+    uncached = [b for b in range(16) if bm.prefix_cache.key_of(b) is None]
     with pytest.raises(ValueError, match="prefix cache holds"):
-        bm.allocate_slots(FakeSeq("d", [1] * 9), 1, cached_blocks=[b for b in range(16) if bm.prefix_cache.key_of(b) is None][:1])
+        bm.allocate_slots(FakeSeq("d", [1] * 9), 1, cached_blocks=uncached[:1])
     bm.free("c")
     assert bm.num_free_blocks == 16
 

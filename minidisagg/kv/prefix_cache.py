@@ -72,7 +72,7 @@ class PrefixCache:
         return self._block_of.get(key)
 
     def match(self, token_ids: Sequence[int], block_size: int, max_blocks: int) -> list[int]:
-        """Blocks of the longest run of ``token_ids``' first full blocks (at most ``max_blocks``) that are all cached."""
+        """Blocks of the longest run of ``token_ids``' leading full blocks (at most ``max_blocks``) all cached."""
         blocks: list[int] = []
         key: Optional[bytes] = None
         for i in range(min(max_blocks, len(token_ids) // block_size)):
