@@ -423,3 +423,16 @@ def test_num_cached_tokens_crosses_the_wire_and_a_bad_count_is_refused(tiny_load
     check_sequence_state(state, limits, 1.0)
     with pytest.raises(InvalidMessage, match="num_cached_tokens"):
         check_sequence_state(SequenceState.from_dict({**state.to_dict(), "num_cached_tokens": -4}), limits, 1.0)
+
+
+def test_socket_workers_take_the_flag_and_report_cached_tokens(tiny_loaded):
+    from minidisagg.llm import LLM
+
+    prompt = list(range(200, 221))
+    ref = LLM("tiny", device="cpu", batch_invariant=True, block_size=4).generate([prompt], GREEDY)[0].token_ids
+    with LLM("tiny", device="cpu", batch_invariant=True, block_size=4, enable_prefix_caching=True, mode="disagg",
+             transport="socket") as llm:
+        first, second = llm.generate([prompt], GREEDY)[0], llm.generate([prompt + [7]], GREEDY)[0]
+        again = llm.generate([prompt], GREEDY)[0]
+    assert (first.num_cached_tokens, second.num_cached_tokens, again.num_cached_tokens) == (0, 20, 20)
+    assert first.token_ids == again.token_ids == ref
