@@ -174,8 +174,13 @@ class CacheConfig:
     num_blocks: Optional[int] = None
     memory_budget_bytes: Optional[int] = None
     layout: Optional[str] = None  # "layer_major" or "block_major" (kv/cache.py); None: by device
+    # Keep full blocks' KV after their request ends and share it with later prompts that start with
+    # the same tokens (``kv/prefix_cache.py``), so their prefill computes only what is new.
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.layout not in (None, "layer_major", "block_major"):

@@ -79,6 +79,8 @@ class LLM:
     model whose code was changed. ``kv_layout``
     picks how the KV pool sits in memory (``PagedKVCache``: ``"layer_major"``, the CPU default, or
     ``"block_major"``, the CUDA default, whose request pages cross a ``dist`` link without a copy).
+    ``enable_prefix_caching=True`` keeps full KV blocks after their request ends and reuses them for
+    later prompts that start with the same tokens (``RequestOutput.num_cached_tokens`` says how many).
     ``kv_overlap=True`` sends each layer's KV while later layers are still computing; it is off by
     default because sending after the prefill gave as much goodput or more in this engine's two-GPU
     runs (``benchmarks/NOTES.md``; lab 5 shows when overlap would win: a slow link, a long prefill).
@@ -109,6 +111,7 @@ class LLM:
         num_kv_blocks: Optional[int] = None,
         kv_memory_budget_bytes: Optional[int] = None,
         kv_layout: Optional[str] = None,
+        enable_prefix_caching: bool = False,
         batch_invariant: bool = False,
         cuda_graphs: bool = True,
         prefill_cuda_graphs: bool = False,
@@ -136,7 +139,7 @@ class LLM:
         kv_wire_dtype: str = "auto",
     ) -> None:
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_memory_budget_bytes,
-                            layout=kv_layout)
+                            layout=kv_layout, enable_prefix_caching=enable_prefix_caching)
         self.config = EngineConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

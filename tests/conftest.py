@@ -62,7 +62,7 @@ def make_engine(loaded, **overrides):
     from minidisagg.config import CacheConfig, EngineConfig
     from minidisagg.engine.llm_engine import LLMEngine
 
-    cache_fields = {k: overrides.pop(k) for k in ("num_blocks", "block_size", "layout") if k in overrides}
+    cache_fields = {k: overrides.pop(k) for k in ("num_blocks", "block_size", "layout", "enable_prefix_caching") if k in overrides}
     clock = overrides.pop("clock", None)
     config = EngineConfig(cache=CacheConfig(**cache_fields), **overrides)
     return LLMEngine(loaded, config, clock=clock)

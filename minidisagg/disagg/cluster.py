@@ -127,6 +127,8 @@ class DisaggCluster:
             args += ["--kv-memory-budget-bytes", str(config.cache.memory_budget_bytes)]
         if config.cache.layout is not None:
             args += ["--kv-layout", config.cache.layout]
+        if config.cache.enable_prefix_caching:
+            args.append("--enable-prefix-caching")
         if config.max_model_len is not None:
             args += ["--max-model-len", str(config.max_model_len)]
         if not config.cuda_graphs:

@@ -74,6 +74,8 @@ def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: st
     serve.add_argument("--kv-layout", choices=("layer_major", "block_major"), default=None,
                        help="KV pool memory layout (default: block_major on CUDA, layer_major on a CPU)")
     serve.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    serve.add_argument("--enable-prefix-caching", action="store_true",
+                       help="reuse the KV of full blocks across requests that share a prefix")
     serve.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                        help="queue decode step n+1 before step n's tokens reach the host (auto: with CUDA graphs)")
     serve.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
@@ -200,7 +202,8 @@ def serve_worker(args: argparse.Namespace, rendezvous: Optional[WorkerRendezvous
                           cuda_graphs=not args.no_cuda_graphs, link=link,
                           async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
                           cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                                            memory_budget_bytes=args.kv_memory_budget_bytes, layout=args.kv_layout))
+                                            memory_budget_bytes=args.kv_memory_budget_bytes, layout=args.kv_layout,
+                                            enable_prefix_caching=args.enable_prefix_caching))
     if args.role == "router":
         from minidisagg.disagg.router_server import serve_router
 

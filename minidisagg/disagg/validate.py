@@ -209,6 +209,7 @@ def check_sequence_state(state: SequenceState, limits: MessageLimits, now_s: flo
         require_str(state.prompt, "state.prompt", optional=True, max_chars=1 << 22)
         check_timeline(state.timeline, "state.timeline", now_s)
         require_str(state.owner, "state.owner", optional=True)
+        require_int(state.num_cached_tokens, "state.num_cached_tokens", 0, len(prompt) - 1)
         gen = require_str(state.generator_state_b64, "state.generator_state_b64", optional=True, max_chars=1 << 16)
         if gen is not None:
             try:
@@ -291,6 +292,7 @@ def check_output(header: object, vocab_size: Optional[int] = None) -> RequestOut
             if d.get(name) is not None and not isinstance(d[name], str):
                 raise InvalidMessage(name, f"must be a string or null, got {_show(d[name])}")
         num_preemptions = require_int(d.get("num_preemptions", 0), "num_preemptions", 0)
+        num_cached_tokens = require_int(d.get("num_cached_tokens", 0), "num_cached_tokens", 0, max(0, len(prompt_ids) - 1))
         timeline = RequestTimeline(**check_timeline(d["timeline"], "timeline"))
         metrics = None
         if d["finished"] and token_ids:
@@ -303,7 +305,7 @@ def check_output(header: object, vocab_size: Optional[int] = None) -> RequestOut
         raise
     assert rid is not None
     return RequestOutput(rid, d.get("prompt"), prompt_ids, d.get("text") or "", token_ids, d["finished"],
-                         d.get("finish_reason"), metrics, timeline, num_preemptions, d.get("error"))
+                         d.get("finish_reason"), metrics, timeline, num_preemptions, d.get("error"), num_cached_tokens)
 
 
 def _show(value: object, max_chars: int = 60) -> str:

@@ -48,6 +48,7 @@ class RequestOutput:
     timeline: RequestTimeline
     num_preemptions: int = 0
     error: Optional[str] = None  # why a request failed (finish_reason "error")
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class LLMEngine:
         num_blocks = default_num_blocks(loaded, config)
         self.kv_cache = PagedKVCache(loaded.config, num_blocks, config.cache.block_size, loaded.model.dtype,
                                      loaded.model.device, config.cache.layout)
-        self.blocks = BlockManager(num_blocks, config.cache.block_size)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.runner = ModelRunner(loaded.model, self.kv_cache, config.batch_invariant, cuda_graphs=config.cuda_graphs,
                                   max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                   async_scheduling=config.async_scheduling, compile_cpu=config.compile_cpu,
@@ -320,7 +321,8 @@ class LLMEngine:
         if seq.is_finished and seq.output_token_ids:
             metrics = RequestMetrics.from_timeline(seq.timeline)
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), text, list(seq.output_token_ids),
-                             seq.is_finished, seq.finish_reason, metrics, seq.timeline, seq.num_preemptions)
+                             seq.is_finished, seq.finish_reason, metrics, seq.timeline, seq.num_preemptions,
+                             num_cached_tokens=seq.num_cached_tokens or 0)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (the LLM front end calls this after returning its output)."""
@@ -390,7 +392,7 @@ class LLMEngine:
             raise ValueError(f"request {rid}: generator_state_b64 cannot be restored here: {exc}") from None
         seq = Sequence(next(self._ids), rid, list(state.prompt_token_ids), params, timeline, prompt=state.prompt,
                        output_token_ids=list(state.output_token_ids), num_computed_tokens=num_computed_tokens,
-                       blocks=self.blocks, generator=generator)
+                       blocks=self.blocks, generator=generator, num_cached_tokens=state.num_cached_tokens)
         self.blocks.rename(key, seq.seq_id)
         self.scheduler.adopt(seq)
         self._seqs[seq.request_id] = seq

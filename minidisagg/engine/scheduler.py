@@ -245,13 +245,46 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is not SequenceStatus.WAITING:
                 continue
-            if self.blocks.allocate_slots(seq, chunk.num_tokens) is not None:
-                fitted.append(chunk)
+            admitted = self._allocate_prefill(chunk)
+            while admitted is None and not self.running and self._preempt_waiting_behind(seq, fitted):
+                admitted = self._allocate_prefill(chunk)  # nothing running will free blocks: take them from later prompts
+            if admitted is not None:
+                fitted.append(admitted)
             elif not any(owner != seq.seq_id for owner in self.blocks.owners()):
                 self.finish(seq, "length")  # even the empty pool cannot hold it
             else:
                 break  # keep arrival order: later prompts wait behind this one
         return fitted
+
+    def _preempt_waiting_behind(self, seq: Sequence, fitted: list[PrefillChunk]) -> bool:
+        """Preempt the newest other waiting sequence holding blocks (a part-done prefill); False if none."""
+        taken = {c.seq.seq_id for c in fitted}
+        for other in reversed(self.waiting):
+            if other is not seq and other.seq_id not in taken and self.blocks.block_table(other.seq_id):
+                self.preempt(other)
+                return True
+        return False
+
+    def _allocate_prefill(self, chunk: PrefillChunk) -> Optional[PrefillChunk]:
+        """Take the chunk's blocks, or None; a sequence starting its KV first shares its longest cached prefix.
+
+        A cache hit moves ``num_computed_tokens`` past the shared blocks and shrinks the chunk to
+        at most the tokens left, so the step computes only what the cache lacks.
+        """
+        seq = chunk.seq
+        cached: list[int] = []
+        if seq.num_computed_tokens == 0 and not self.blocks.block_table(seq.seq_id):
+            cached = self.blocks.cached_prefix(seq.all_token_ids)
+        num_cached_tokens = len(cached) * self.blocks.block_size
+        num_tokens = min(chunk.num_tokens, seq.num_tokens - num_cached_tokens)
+        if self.blocks.allocate_slots(seq, num_tokens, cached_blocks=cached) is None:
+            return None
+        if seq.num_cached_tokens is None:  # the first admission counts (as in vLLM), not a recompute's
+            seq.num_cached_tokens = num_cached_tokens
+        if not cached:
+            return chunk
+        seq.num_computed_tokens = num_cached_tokens
+        return PrefillChunk(seq, num_tokens)
 
     def _pick_victim(self, exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):
@@ -270,9 +303,12 @@ class Scheduler:
         A sequence whose prefill completed starts running; each token is appended and timed at
         ``now_s``; a sequence that meets a stopping rule finishes and frees its blocks. With
         ``hand_off``, a sequence that has just sampled its first token leaves the running queue
-        with its blocks still owned (``hand_off``), for a decode worker to continue.
+        with its blocks still owned (``hand_off``), for a decode worker to continue. With prefix
+        caching, the full blocks the stage has just computed become cached first.
         """
         update = StepUpdate()
+        for seq in seqs:  # before any of them finishes and lets its blocks go
+            self.blocks.cache_full_blocks(seq)
         for seq, token in zip(seqs, token_ids):
             if token is None:
                 continue

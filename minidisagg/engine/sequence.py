@@ -49,6 +49,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: Optional[str] = None
     num_preemptions: int = 0
+    num_cached_tokens: Optional[int] = None  # prompt tokens whose KV came from the prefix cache (set at admission)
     generator: Optional[torch.Generator] = None
     text_decoder: Optional[TextDecoder] = None  # keeps the output text up to date; made on first use
 
@@ -101,6 +102,7 @@ class SequenceState:
     prompt: Optional[str] = None
     generator_state_b64: Optional[str] = None
     owner: Optional[str] = None
+    num_cached_tokens: int = 0  # prompt tokens the prefill side took from its prefix cache
 
     @classmethod
     def of(cls, seq: Sequence) -> "SequenceState":
@@ -109,7 +111,8 @@ class SequenceState:
         if seq.generator is not None:
             gen = base64.b64encode(seq.generator.get_state().numpy().tobytes()).decode()
         return cls(seq.request_id, list(seq.prompt_token_ids), list(seq.output_token_ids),
-                   plain_dict(seq.params), plain_dict(seq.timeline), seq.prompt, gen)
+                   plain_dict(seq.params), plain_dict(seq.timeline), seq.prompt, gen,
+                   num_cached_tokens=seq.num_cached_tokens or 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

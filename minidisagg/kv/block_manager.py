@@ -1,9 +1,16 @@
-"""Block allocator: hands out fixed-size KV blocks and keeps each sequence's block table."""
+"""Block allocator: hands out fixed-size KV blocks and keeps each sequence's block table.
+
+With prefix caching (``kv/prefix_cache.py``) a block may sit in several tables at once: each
+block counts the tables holding it, and a cached block whose count drops to zero stays cached
+(evictable) instead of returning to the free list.
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Hashable, Optional, Protocol
+from typing import Hashable, Optional, Protocol, Sequence
+
+from minidisagg.kv.prefix_cache import PrefixCache, hash_chain
 
 
 class OutOfBlocksError(RuntimeError):
@@ -22,26 +29,44 @@ class KVOwner(Protocol):
         """Tokens whose KV is already in the pool."""
 
 
+class TokenKVOwner(KVOwner, Protocol):
+    """A ``KVOwner`` whose token ids can be read: what prefix caching hashes."""
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Every token of the sequence, in order."""
+
+
 class BlockManager:
     """Free-list allocator over ``num_blocks`` blocks of ``block_size`` token slots.
 
     Sequences are identified by an opaque key (the engine uses the sequence id). A block
     table lists a sequence's blocks in token order; token ``i`` of the sequence lives in
-    block ``table[i // block_size]`` at offset ``i % block_size``.
+    block ``table[i // block_size]`` at offset ``i % block_size``. With
+    ``enable_prefix_caching``, full blocks whose KV is computed are cached by content
+    (``cache_full_blocks``) and shared by later sequences with the same prefix
+    (``cached_prefix``, then ``allocate_slots(..., cached_blocks=...)``).
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if not isinstance(num_blocks, int) or not isinstance(block_size, int) or num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._tables: dict[object, list[int]] = {}
+        self._refs = [0] * num_blocks  # how many tables hold each block
+        self.prefix_cache: Optional[PrefixCache] = PrefixCache() if enable_prefix_caching else None
+        self._keys: dict[object, list[bytes]] = {}  # per sequence: keys of its leading full, computed blocks
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks not owned by any sequence."""
-        return len(self._free)
+        """Blocks not owned by any sequence (free, or cached and evictable)."""
+        return len(self._free) + (self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0)
+
+    def ref_count(self, block: int) -> int:
+        """How many sequences' tables hold ``block``."""
+        return self._refs[block]
 
     @property
     def capacity_tokens(self) -> int:
@@ -64,18 +89,65 @@ class BlockManager:
         """Whether the sequence can be grown to ``num_tokens`` tokens now."""
         return self.num_extra_blocks(seq_key, num_tokens) <= self.num_free_blocks
 
-    def allocate_slots(self, seq: KVOwner, num_new_tokens: int, lookahead: int = 0) -> Optional[list[int]]:
+    def allocate_slots(self, seq: KVOwner, num_new_tokens: int, lookahead: int = 0,
+                       cached_blocks: Sequence[int] = ()) -> Optional[list[int]]:
         """Give ``seq`` slots for ``num_new_tokens`` more tokens (plus ``lookahead``) past its computed ones.
 
-        All or nothing: returns the sequence's block table, or None, changing nothing, when the pool
-        lacks the blocks. The scheduler asks through this; it never writes a block table itself.
+        ``cached_blocks`` (from ``cached_prefix``, for a sequence that owns nothing yet) become the
+        head of its table, shared, their tokens counted as computed before the new ones. All or
+        nothing: returns the sequence's block table, or None, changing nothing, when the pool lacks
+        the blocks. The scheduler asks through this; it never writes a block table itself.
         """
         if num_new_tokens < 0 or lookahead < 0:
             raise ValueError(f"num_new_tokens and lookahead must be >= 0, got {num_new_tokens}, {lookahead}")
-        target = seq.num_computed_tokens + num_new_tokens + lookahead
-        if not self.can_grow(seq.seq_id, target):
+        target = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens + lookahead
+        if not cached_blocks:
+            return self.grow(seq.seq_id, target) if self.can_grow(seq.seq_id, target) else None
+        cache = self.prefix_cache
+        if cache is None or any(cache.key_of(b) is None for b in cached_blocks):
+            raise ValueError("cached_blocks must be blocks the prefix cache holds (from cached_prefix)")
+        if seq.seq_id in self._tables or seq.num_computed_tokens:
+            raise ValueError(f"{seq.seq_id!r} already has KV: a cached prefix can only start a sequence")
+        num_parked = sum(1 for b in cached_blocks if self._refs[b] == 0)  # sharing them takes them off the LRU
+        if self.blocks_needed(target) - len(cached_blocks) + num_parked > self.num_free_blocks:
             return None
+        for block in cached_blocks:
+            if self._refs[block] == 0:
+                cache.unpark(block)
+            self._refs[block] += 1
+        self._tables[seq.seq_id] = list(cached_blocks)
+        self._keys[seq.seq_id] = [cache.key_of(b) for b in cached_blocks]  # type: ignore[misc]
         return self.grow(seq.seq_id, target)
+
+    def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Cached blocks holding the longest run of ``token_ids``' full blocks, always leaving the last token out.
+
+        The last token is left to compute because sampling needs its logits. Nothing is taken:
+        pass the result to ``allocate_slots`` to share the blocks. Empty without prefix caching.
+        """
+        if self.prefix_cache is None or not token_ids:
+            return []
+        return self.prefix_cache.match(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size)
+
+    def cache_full_blocks(self, seq: TokenKVOwner) -> int:
+        """Cache the sequence's full blocks whose KV is now computed; returns how many became cached.
+
+        A block whose key another block already carries (two sequences computed the same prefix at
+        once) stays uncached and returns to the free list when its sequence ends.
+        """
+        table = self._tables.get(seq.seq_id)
+        if self.prefix_cache is None or not table:
+            return 0
+        keys = self._keys.setdefault(seq.seq_id, [])
+        num_full = min(seq.num_computed_tokens // self.block_size, len(table))
+        if num_full <= len(keys):
+            return 0
+        bs = self.block_size
+        tokens = seq.all_token_ids[len(keys) * bs:num_full * bs]
+        new_keys = hash_chain(tokens, bs, num_full - len(keys), keys[-1] if keys else None)
+        added = sum(self.prefix_cache.register(table[i], key) for i, key in enumerate(new_keys, start=len(keys)))
+        keys.extend(new_keys)
+        return added
 
     def grow(self, seq_key: object, num_tokens: int) -> list[int]:
         """Ensure the sequence owns enough blocks for ``num_tokens`` tokens; returns its table."""
@@ -86,13 +158,32 @@ class BlockManager:
             return self._tables.get(seq_key, [])
         table = self._tables.setdefault(seq_key, [])
         for _ in range(extra):
-            table.append(self._free.popleft())
+            block = self._free.popleft() if self._free else self.prefix_cache.evict()  # type: ignore[union-attr]
+            self._refs[block] = 1
+            table.append(block)
         return table
 
     def free(self, seq_key: object) -> int:
-        """Return all of the sequence's blocks to the pool; returns how many were freed."""
+        """Let go of all of the sequence's blocks; returns how many it held.
+
+        A block no other sequence holds returns to the free list, or, if cached, stays cached as
+        evictable: the sequence's last blocks are parked as the least recently used, so a chain
+        is evicted from its tail and its head stays findable longest.
+        """
         table = self._tables.pop(seq_key, [])
-        self._free.extend(table)
+        keys = self._keys.pop(seq_key, [])
+        released = []
+        for block in table:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                released.append(block)
+        cache = self.prefix_cache
+        if cache is not None:  # a copy computed twice gets its key now, if the cached twin was evicted meanwhile
+            for block, key in zip(table, keys):
+                if self._refs[block] == 0:
+                    cache.register(block, key)
+        parked = {b for b in reversed(released) if cache is not None and cache.park(b)}
+        self._free.extend(b for b in released if b not in parked)
         return len(table)
 
     def rename(self, old_key: object, new_key: object) -> list[int]:
@@ -101,6 +192,8 @@ class BlockManager:
             raise ValueError(f"{new_key!r} already owns blocks")
         table = self._tables.pop(old_key, [])
         self._tables[new_key] = table
+        if old_key in self._keys:
+            self._keys[new_key] = self._keys.pop(old_key)
         return table
 
     def owners(self) -> list[object]:
