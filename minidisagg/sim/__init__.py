@@ -1,0 +1,14 @@
+"""A discrete-event simulator of serving fleets that runs the engine's own scheduler on a cost model.
+
+``simulate(FleetSpec(...), costs, Trace.of(workload))``: colocated replicas or xPyD pools, each
+instance a real ``Scheduler`` with its ``BlockManager``, every step priced by a calibrated
+``StepCostModel``, KV moved over shared links. See ``sim/instance.py`` for the fast path.
+"""
+
+from minidisagg.sim.fleet import Fleet, FleetSpec, simulate
+from minidisagg.sim.instance import InstanceConfig, SimInstance
+from minidisagg.sim.link import LinkSpec, SharedLink, links_from_transport_json
+from minidisagg.sim.results import CompactTimeline, SimResult, Trace
+
+__all__ = ["Fleet", "FleetSpec", "simulate", "InstanceConfig", "SimInstance", "LinkSpec", "SharedLink",
+           "links_from_transport_json", "CompactTimeline", "SimResult", "Trace"]
