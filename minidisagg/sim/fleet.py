@@ -98,8 +98,13 @@ class Fleet:
         params = self._params.get(out)
         if params is None:
             params = self._params[out] = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
+        prompt = int(self.trace.prompt_len[i])
+        for inst in (self.decode[0], *self.prefill[:1]):
+            if inst.blocks.blocks_needed(prompt + out) > inst.blocks.num_blocks:
+                raise ValueError(f"request {i}: {prompt} + {out} tokens need {inst.blocks.blocks_needed(prompt + out)} "
+                                 f"KV blocks; an instance's pool has {inst.blocks.num_blocks} (raise num_blocks)")
         timeline = RequestTimeline(now_s) if self.keep_timelines else CompactTimeline(now_s)
-        seq = Sequence(i, str(i), [FILLER_TOKEN_ID] * int(self.trace.prompt_len[i]), params, timeline)
+        seq = Sequence(i, str(i), [FILLER_TOKEN_ID] * prompt, params, timeline)
         if self.keep_timelines:
             self.result.timelines[i] = timeline
         d = self.pick_decode.pick()
