@@ -229,6 +229,8 @@ class SimInstance:
     def _fitting_steps(self, running: list[Sequence], most: int) -> int:
         """The most steady steps (up to ``most``) whose slots the free blocks cover, so none can preempt."""
         blocks, free = self.blocks, self.blocks.num_free_blocks
+        if free >= len(running) * (most // blocks.block_size + 1):
+            return most  # a sequence grows by at most that many blocks in ``most`` steps
 
         def extra(m: int) -> int:
             return sum(blocks.num_extra_blocks(s.seq_id, s.num_computed_tokens + m) for s in running)
