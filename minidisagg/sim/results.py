@@ -38,6 +38,7 @@ class Trace:
             raise ValueError("Trace: every request needs prompt_len >= 1 and output_len >= 1")
 
     def __len__(self) -> int:
+        """Number of requests."""
         return len(self.arrival_s)
 
     @classmethod
