@@ -177,3 +177,24 @@ def test_bad_inputs_are_refused_with_a_reason():
                  Trace.of([TimedRequest(0.0, 10, 3)]))
     with pytest.raises(ValueError, match="routing policy"):
         InstancePicker(2, "random")
+
+
+def test_the_planner_sweeps_every_split_and_ranks_them_by_goodput_per_gpu():
+    from minidisagg.metrics import SLO, goodput
+    from minidisagg.sim.plan import plan_splits
+    from minidisagg.workload import Uniform, poisson_workload
+
+    costs = StepCostModel(5e-3, 6e-5, 1e-10, (1, 8, 32), (7e-3, 7.5e-3, 9e-3))
+    base = FleetSpec(1, instance=InstanceConfig("chunked", 64, 512, 4096))
+    slo = SLO(ttft_s=0.3, tpot_s=0.012)
+    trace_at = lambda rate: Trace.of(poisson_workload(rate, 120, Uniform(64, 512), Uniform(8, 64), seed=1))  # noqa: E731
+    plans = plan_splits(3, base, costs, trace_at, [2.0, 8.0, 32.0], slo)
+    assert sorted(p.label for p in plans) == ["1P2D", "2P1D", "colocated x3"]
+    per_gpu = [p.goodput_per_gpu_rps for p in plans]
+    assert per_gpu == sorted(per_gpu, reverse=True)
+    for p in plans:
+        assert p.rates_rps == (6.0, 24.0, 96.0)
+        assert p.goodput_rps == goodput(p.rates_rps, p.attainments, 0.9)
+        assert p.attainments[0] >= p.attainments[-1]  # 16x the load cannot serve more of the requests in SLO
+    assert [p.attainments for p in plan_splits(3, base, costs, trace_at, [2.0, 8.0, 32.0], slo)] == \
+        [p.attainments for p in plans]  # deterministic
