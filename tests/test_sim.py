@@ -198,3 +198,19 @@ def test_the_planner_sweeps_every_split_and_ranks_them_by_goodput_per_gpu():
         assert p.attainments[0] >= p.attainments[-1]  # 16x the load cannot serve more of the requests in SLO
     assert [p.attainments for p in plan_splits(3, base, costs, trace_at, [2.0, 8.0, 32.0], slo)] == \
         [p.attainments for p in plans]  # deterministic
+
+
+def test_the_sim_command_plans_from_a_saved_cost_model_and_refuses_bad_counts(tmp_path, capsys):
+    from minidisagg.cli import main
+    from minidisagg.sim.costs import load_costs, save_costs
+
+    path = save_costs(HAND_COSTS, tmp_path / "costs.json", model="hand")
+    assert load_costs(path) == HAND_COSTS
+    assert main(["sim", "plan", "--costs", str(path), "--gpus", "2", "--rates-per-gpu", "0.01,0.05",
+                 "--slo-ttft-ms", "60000", "--slo-tpot-ms", "1000", "--prompt-mean", "16", "--output-mean", "4",
+                 "--requests-per-gpu", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "1P1D" in out and "colocated x2" in out
+    assert main(["sim", "plan", "--costs", str(path), "--gpus", "two", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1"]) == 2
+    assert "--gpus" in capsys.readouterr().out
+
