@@ -214,3 +214,16 @@ def test_the_sim_command_plans_from_a_saved_cost_model_and_refuses_bad_counts(tm
     assert main(["sim", "plan", "--costs", str(path), "--gpus", "two", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1"]) == 2
     assert "--gpus" in capsys.readouterr().out
 
+
+
+def test_links_fitted_to_the_committed_transport_measurements_reproduce_them():
+    from pathlib import Path
+
+    from minidisagg.sim.link import links_from_transport_json
+
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / "transport-2026-11-27.json"
+    specs = links_from_transport_json(path)
+    tcp = specs["raw TCP sendall/recv_into"]
+    assert 0.5 < tcp.bandwidth_GBps < 20 and tcp.latency_s >= 0
+    with pytest.raises(ValueError, match="bench transport"):
+        links_from_transport_json(Path(__file__))  # not JSON rows at all -> refused

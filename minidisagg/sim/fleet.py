@@ -28,7 +28,11 @@ from minidisagg.stages.modelled import FILLER_TOKEN_ID
 
 @dataclass(frozen=True)
 class FleetSpec:
-    """What to simulate: ``num_prefill`` = 0 means ``num_decode`` colocated replicas, else an xPyD deployment."""
+    """What to simulate: ``num_prefill`` = 0 means ``num_decode`` colocated replicas, else an xPyD deployment.
+
+    In xPyD each prefill instance sends its KV over a link of its own (``link``: its NVLink port or NIC),
+    which its concurrent transfers share; ``messages_per_transfer`` latencies are paid per transfer.
+    """
 
     num_decode: int
     num_prefill: int = 0

@@ -99,7 +99,12 @@ class SharedLink:
 
 def links_from_transport_json(path: str | Path) -> dict[str, LinkSpec]:
     """``LinkSpec``s fitted (latency + bytes / bandwidth) to each transport of a committed ``bench transport`` JSON."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); is it a bench transport result?") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not an object with rows; is it a bench transport result?")
     points: dict[str, list[tuple[float, float]]] = {}
     for row in data.get("rows", []):
         name, size, gbps = row.get("transport"), row.get("message_bytes"), row.get("GBps_best", row.get("GBps"))
