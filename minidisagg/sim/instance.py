@@ -9,13 +9,15 @@ instance's timelines against an ``LLMEngine`` replay with modelled stages, bit f
 The fast path. Between two changes, a decode-only instance repeats one step: every running
 sequence decodes, each takes a slot, none stops. When nothing waits, the policy is a built-in
 one (each plans every running decode when no prompt waits), the batch fits ``max_num_seqs`` and
-the pool has the blocks, the instance plans such a stretch at once: the step times come from
-``StepCostModel.decode_costs_s`` accumulated in order (the same floating-point sums a step-by-step
-run makes), and one event is set at the start of the stretch's last step, the first that can stop
-a sequence. There the stretch is applied in bulk (tokens, KV progress, blocks, token times) and
-that last step runs through the real scheduler. Anything that reaches the instance earlier (an
-arrival, a reservation, an adopted sequence) cuts the stretch at the first step that starts after
-it, so the instance is then in exactly the state step-by-step simulation would have reached.
+the pool has the blocks, the instance plans
+such a stretch at once, up to and including the first step that stops a sequence: the step times come
+from ``StepCostModel.decode_costs_s`` accumulated in order (the same floating-point sums a step-by-step
+run makes), and one event is set at the stretch's end. There the stretch is applied in bulk (tokens, KV
+progress, blocks, token times), and the sequences its last step stops are stopped by the scheduler's own
+``StopRules.reason`` and ``Scheduler.finish``, as ``update_from_output`` would. Anything that reaches the
+instance earlier (an arrival, a reservation, an adopted sequence) cuts the stretch: the steps that started
+before it are applied, the one in flight is planned again through ``Scheduler.schedule``, and the instance
+is in exactly the state step-by-step simulation would have reached.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ class InstanceConfig:
 @dataclass
 class _Stretch:
     seqs: list[Sequence]
-    starts_s: list[float]  # start of step 0 .. start of the last step (the one run for real)
+    times_s: list[float]  # start of step 0, then the end of each step
     version: int
+    finishes: bool  # whether its last step stops a sequence
 
 
 @dataclass
@@ -127,7 +130,7 @@ class SimInstance:
         # steps that started before now_s; step 0 started when the stretch was planned, even at now_s itself
         # (a step of the stretch starting exactly at now_s counts as not started: a tie between two instances'
         # float times, which step-by-step simulation would break by event order)
-        k = max(1, bisect.bisect_left(st.starts_s, now_s))
+        k = max(1, bisect.bisect_left(st.times_s, now_s, 0, len(st.times_s) - 1))
         self._stretch = None
         self._version += 1  # the stretch's event is void
         self._apply_stretch(st, k - 1)
@@ -193,6 +196,10 @@ class SimInstance:
         if self._runs:
             self._run_stage()
             return
+        self._step_done(now_s)
+
+    def _step_done(self, now_s: float) -> None:
+        """The end of a step, as ``LLMEngine.step`` ends one: finished sequences get their finish time; next step."""
         freed = False
         for seq in self.scheduler.drain_finished():
             seq.timeline.finish_s = now_s if seq.timeline.finish_s is None else seq.timeline.finish_s
@@ -204,7 +211,7 @@ class SimInstance:
 
     # ---- the fast path -------------------------------------------------------------------------------
     def _plan_stretch(self, now_s: float) -> bool:
-        """Plan a stretch of identical decode-only steps; False when the next step is not one (or alone)."""
+        """Plan a stretch of identical decode-only steps, up to the first that stops a sequence; False if none fits."""
         sched = self.scheduler
         running = sched.running
         b = len(running)
@@ -212,18 +219,18 @@ class SimInstance:
             return False
         max_len = self.config.max_model_len
         steps = min(min(s.params.max_tokens - len(s.output_token_ids), max_len - s.num_tokens) for s in running)
-        if steps < 2:
+        if steps < 1:
             return False
-        fast = self._fitting_steps(running, steps - 1)
+        fast = self._fitting_steps(running, steps)
         if fast < 1:
             return False
         pairs0 = sum(s.num_tokens for s in running)
         pairs = pairs0 + b * np.arange(fast, dtype=np.int64)
         costs = self.costs.decode_costs_s(b, pairs.astype(np.float64))
-        starts = np.add.accumulate(np.concatenate(([now_s], costs))).tolist()
-        self._stretch = _Stretch(list(running), starts, self._version)
+        times = np.add.accumulate(np.concatenate(([now_s], costs))).tolist()
+        self._stretch = _Stretch(list(running), times, self._version, fast == steps)
         self.stats.stretches += 1
-        self.loop.push(starts[-1], STEP, self._stretch_due, self._version)
+        self.loop.push(times[-1], STEP, self._stretch_due, self._version)
         return True
 
     def _fitting_steps(self, running: list[Sequence], most: int) -> int:
@@ -247,13 +254,19 @@ class SimInstance:
         if version != self._version or self._stretch is None:
             return
         st, self._stretch = self._stretch, None
-        self._apply_stretch(st, len(st.starts_s) - 1)
-        self._plan_step()
+        self._apply_stretch(st, len(st.times_s) - 1)
+        if st.finishes:  # its last step stops sequences: the scheduler's own stopping rules and finish
+            stop = self.scheduler.stop
+            for seq in st.seqs:
+                reason = stop.reason(seq, seq.output_token_ids[-1])
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)
+        self._step_done(now_s)
 
     def _apply_stretch(self, st: _Stretch, num_steps: int) -> None:
         """Apply the first ``num_steps`` steps of a stretch: what ``schedule`` + decode + update would each do."""
         if num_steps > 0:
-            times = st.starts_s[1:num_steps + 1]
+            times = st.times_s[1:num_steps + 1]
             filler = [FILLER_TOKEN_ID] * num_steps
             for seq in st.seqs:
                 seq.num_computed_tokens += num_steps
@@ -261,8 +274,8 @@ class SimInstance:
                 seq.output_token_ids.extend(filler)
                 record_tokens(seq.timeline, times)
             self.stats.fast_steps += num_steps
-            self.stats.busy_s += times[-1] - st.starts_s[0]
-        self.clock.wait_until(st.starts_s[num_steps])
+            self.stats.busy_s += times[-1] - st.times_s[0]
+        self.clock.wait_until(st.times_s[num_steps])
 
 
 def record_tokens(timeline: object, times_s: list[float]) -> None:
