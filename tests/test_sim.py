@@ -227,3 +227,13 @@ def test_links_fitted_to_the_committed_transport_measurements_reproduce_them():
     assert 0.5 < tcp.bandwidth_GBps < 20 and tcp.latency_s >= 0
     with pytest.raises(ValueError, match="bench transport"):
         links_from_transport_json(Path(__file__))  # not JSON rows at all -> refused
+
+
+def test_a_pool_held_by_partly_prefilled_prompts_is_reported_not_hung():
+    """Chunked prefill can give a small pool away to several half-prefilled prompts; the scheduler then plans
+    nothing (``LLMEngine`` would spin). The simulator says so instead of returning partial results."""
+    rng = random.Random(5051)
+    spec = _spec(rng, False, "chunked")
+    costs, trace = _costs(rng), _trace(rng, 200, rng.choice([10.0, 100.0, 1000.0]))
+    with pytest.raises(RuntimeError, match="partly prefilled"):
+        simulate(spec, costs, trace)

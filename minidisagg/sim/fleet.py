@@ -86,6 +86,15 @@ class Fleet:
         self._arrivals = iter(range(len(trace)))
         self._next_arrival()
         self.loop.run()
+        stuck = [i for i in self.prefill + self.decode if i.is_idle and i.scheduler.has_work()]
+        if stuck:
+            inst = stuck[0]
+            waiting = [(s.num_computed_tokens, s.num_tokens) for s in list(inst.scheduler.waiting)[:4]]
+            raise RuntimeError(f"the fleet stalled: {len(stuck)} instance(s) hold requests their scheduler plans no step "
+                               f"for; e.g. one with {inst.blocks.num_free_blocks} of {inst.blocks.num_blocks} blocks "
+                               f"free, {inst.scheduler.num_running} running and waiting (computed, total tokens) "
+                               f"{waiting}: partly prefilled prompts can hold a small pool between them (more "
+                               f"num_blocks, or a smaller token budget)")
         self.result.check_complete()
         self.result.num_events = self.loop.num_events
         self.result.instances = self.prefill + self.decode

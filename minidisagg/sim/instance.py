@@ -127,14 +127,21 @@ class SimInstance:
         st = self._stretch
         if st is None:
             return
+        n = len(st.times_s) - 1
         # steps that started before now_s; step 0 started when the stretch was planned, even at now_s itself
         # (a step of the stretch starting exactly at now_s counts as not started: a tie between two instances'
         # float times, which step-by-step simulation would break by event order)
-        k = max(1, bisect.bisect_left(st.times_s, now_s, 0, len(st.times_s) - 1))
+        k = max(1, bisect.bisect_left(st.times_s, now_s, 0, n))
         self._stretch = None
         self._version += 1  # the stretch's event is void
-        self._apply_stretch(st, k - 1)
-        self._plan_step()  # step k - 1, from its start, through the scheduler
+        if k == n and st.finishes:  # the step in flight stops sequences: plan it through the scheduler
+            self._apply_stretch(st, k - 1)
+            self._plan_step()
+            return
+        # the step in flight stops nobody, and what it does is seen by no one before it ends: apply it with
+        # the others (its slots were taken when it started), and start the next step when it ends
+        self._apply_stretch(st, k)
+        self.loop.push(st.times_s[k], STEP, self._start, self._version)
 
     def wake(self, now_s: float) -> None:
         """Start stepping at ``now_s`` if the instance is idle."""
