@@ -1,4 +1,4 @@
-"""The ``minidisagg`` command line: demo, generate, fetch, doctor, serve, bench, course, lab, slides."""
+"""The ``minidisagg`` command line: demo, generate, fetch, doctor, serve, bench, course, lab, slides, sim."""
 
 from __future__ import annotations
 
@@ -187,6 +187,7 @@ BENCH_SUITES = {
 COURSE_ACTIONS = {"build": "minidisagg.course.build", "verify": "minidisagg.course.verify",
                   "grade": "minidisagg.course.grade", "leaderboard": "minidisagg.course.leaderboard_cli"}
 SLIDES_ACTIONS = {"build": "minidisagg.course.slides"}
+SIM_ACTIONS = ("calibrate", "plan")
 
 
 def _run_module_main(module_name: str, rest: Sequence[str]) -> int:
@@ -218,6 +219,11 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_slides(args: argparse.Namespace) -> int:
     """Slides: ``build`` renders slides/*.ipynb to self-contained reveal.js HTML."""
     return _run_module_main(SLIDES_ACTIONS[args.action], args.rest)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """The fleet simulator: ``calibrate`` a step-cost model on this device, ``plan`` fleet splits with it."""
+    return _run_module_main("minidisagg.sim.command", [args.action, *args.rest])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     slides.add_argument("action", choices=list(SLIDES_ACTIONS))
     slides.add_argument("rest", nargs=argparse.REMAINDER)
     slides.set_defaults(func=cmd_slides)
+
+    sim = sub.add_parser("sim", help="fleet simulator on the engine's scheduler (calibrate, plan)")
+    sim.add_argument("action", choices=list(SIM_ACTIONS))
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=cmd_sim)
     return parser
 
 

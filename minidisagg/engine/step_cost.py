@@ -123,6 +123,17 @@ class StepCostModel:
         base = max(0.1 * self.decode_s[0], interpolate(self.decode_batch_sizes, self.decode_s, b))
         return base + self.decode_context_s * max(0.0, shape.attention_pairs - b * self.decode_reference_context)
 
+    def decode_costs_s(self, batch_size: int, attention_pairs: np.ndarray) -> np.ndarray:
+        """``cost_s`` of decode steps of ``batch_size`` sequences at each of ``attention_pairs``, bit for bit, at once.
+
+        The same arithmetic as ``cost_s`` in the same order, elementwise: a simulator advancing many
+        decode steps in one go gets exactly the times that stepping one by one would.
+        """
+        b = batch_size
+        base = max(0.1 * self.decode_s[0], interpolate(self.decode_batch_sizes, self.decode_s, b))
+        pairs = np.asarray(attention_pairs, dtype=np.float64)
+        return base + self.decode_context_s * np.maximum(0.0, pairs - b * self.decode_reference_context)
+
     def prefill_cost_s(self, num_tokens: int, context_tokens: int = 0) -> float:
         """One chunk of ``num_tokens`` after ``context_tokens`` already in the cache."""
         pairs = num_tokens * (context_tokens + (num_tokens + 1) / 2)

@@ -1,0 +1,16 @@
+"""A discrete-event simulator of serving fleets that runs the engine's own scheduler on a cost model.
+
+``simulate(FleetSpec(...), costs, Trace.of(workload))``: colocated replicas or xPyD pools, each
+instance a real ``Scheduler`` with its ``BlockManager``, every step priced by a calibrated
+``StepCostModel``, KV moved over shared links; ``plan_splits`` searches xPyD splits for goodput per GPU. See ``sim/instance.py`` for the fast path.
+"""
+
+from minidisagg.sim.fleet import Fleet, FleetSpec, simulate
+from minidisagg.sim.instance import InstanceConfig, SimInstance
+from minidisagg.sim.plan import SplitResult, plan_splits, sweep_split
+from minidisagg.sim.link import LinkSpec, SharedLink, links_from_transport_json
+from minidisagg.sim.results import CompactTimeline, SimResult, Trace
+
+__all__ = ["Fleet", "FleetSpec", "simulate", "InstanceConfig", "SimInstance", "LinkSpec", "SharedLink",
+           "links_from_transport_json", "CompactTimeline", "SimResult", "Trace", "SplitResult", "plan_splits",
+           "sweep_split"]

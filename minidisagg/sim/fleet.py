@@ -1,0 +1,199 @@
+"""A fleet of simulated instances: colocated replicas behind a router, or xPyD pools joined by KV links.
+
+Colocated: each request goes to one replica (round robin or least loaded) and is served there.
+xPyD, as ``disagg`` serves it: the router picks a prefill and a decode instance for each request;
+the decode instance reserves blocks for the prompt's KV first (credit-based admission, as the
+prefill worker asks ``reserve_many``: a full decode instance makes the prefill wait); the prefill
+instance, running ``prefill_first``, hands the sequence off after its first token; its KV crosses
+the prefill instance's link (shared by its concurrent transfers), and the decode instance adopts it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.sequence import Sequence
+from minidisagg.engine.step_cost import StepCostModel
+from minidisagg.metrics import RequestTimeline
+from minidisagg.sim.events import INPUT, EventLoop
+from minidisagg.sim.instance import InstanceConfig, InstanceHooks, SimInstance
+from minidisagg.sim.link import LinkSpec, SharedLink
+from minidisagg.sim.results import CompactTimeline, SimResult, Trace
+from minidisagg.sim.router import InstancePicker
+from minidisagg.stages.modelled import FILLER_TOKEN_ID
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """What to simulate: ``num_prefill`` = 0 means ``num_decode`` colocated replicas, else an xPyD deployment.
+
+    In xPyD each prefill instance sends its KV over a link of its own (``link``: its NVLink port or NIC),
+    which its concurrent transfers share; ``messages_per_transfer`` latencies are paid per transfer.
+    """
+
+    num_decode: int
+    num_prefill: int = 0
+    instance: InstanceConfig = InstanceConfig()
+    prefill_instance: Optional[InstanceConfig] = None  # default: ``instance`` with the prefill_first policy
+    routing: str = "round_robin"
+    link: LinkSpec = LinkSpec("nvlink", 300.0, 0.0)
+    kv_bytes_per_token: int = 131072  # Llama-3-8B bf16: 2 x 32 layers x 8 KV heads x 128 x 2 bytes
+    messages_per_transfer: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_decode < 1 or self.num_prefill < 0:
+            raise ValueError(f"need num_decode >= 1 and num_prefill >= 0, got {self.num_prefill}P{self.num_decode}D")
+
+    @property
+    def num_instances(self) -> int:
+        """Instances in the fleet (GPUs, at one instance per GPU)."""
+        return self.num_decode + self.num_prefill
+
+
+class Fleet:
+    """Runs one trace through the fleet described by a ``FleetSpec``; ``run`` returns a ``SimResult``."""
+
+    def __init__(self, spec: FleetSpec, costs: StepCostModel, prefill_costs: Optional[StepCostModel] = None,
+                 fast: bool = True, keep_timelines: bool = False) -> None:
+        self.spec = spec
+        self.loop = EventLoop()
+        self.keep_timelines = keep_timelines
+        disagg = spec.num_prefill > 0
+        hooks = InstanceHooks(self._finished, blocks_freed=self._blocks_freed if disagg else None)
+        self.decode = [SimInstance(i, costs, spec.instance, self.loop, hooks, fast) for i in range(spec.num_decode)]
+        self.prefill: list[SimInstance] = []
+        if disagg:
+            cfg = spec.prefill_instance or InstanceConfig(**{**spec.instance.__dict__, "policy": "prefill_first"})
+            phooks = InstanceHooks(self._prefill_finished, handed_off=self._handed_off)
+            self.prefill = [SimInstance(i, prefill_costs or costs, cfg, self.loop, phooks, fast)
+                            for i in range(spec.num_prefill)]
+            self.links = [SharedLink(spec.link, self.loop) for _ in self.prefill]
+        self.pick_decode = InstancePicker(spec.num_decode, spec.routing)
+        self.pick_prefill = InstancePicker(max(1, spec.num_prefill), spec.routing)
+        self._params: dict[int, SamplingParams] = {}
+        self._credits: list[deque] = [deque() for _ in self.decode]  # requests waiting for decode blocks
+        self._route_p: dict[int, int] = {}
+        self._route_d: dict[int, int] = {}
+
+    # ---- requests in ------------------------------------------------------------------------------
+    def run(self, trace: Trace) -> SimResult:
+        """Simulate every request of ``trace`` to its end; results come back in trace order."""
+        self.trace = trace
+        self.result = SimResult.empty(trace, self.keep_timelines)
+        self._arrivals = iter(range(len(trace)))
+        self._next_arrival()
+        self.loop.run()
+        stuck = [i for i in self.prefill + self.decode if i.is_idle and i.scheduler.has_work()]
+        if stuck:
+            inst = stuck[0]
+            waiting = [(s.num_computed_tokens, s.num_tokens) for s in list(inst.scheduler.waiting)[:4]]
+            raise RuntimeError(f"the fleet stalled: {len(stuck)} instance(s) hold requests their scheduler plans no step "
+                               f"for; e.g. one with {inst.blocks.num_free_blocks} of {inst.blocks.num_blocks} blocks "
+                               f"free, {inst.scheduler.num_running} running and waiting (computed, total tokens) "
+                               f"{waiting}: partly prefilled prompts can hold a small pool between them (more "
+                               f"num_blocks, or a smaller token budget)")
+        self.result.check_complete()
+        self.result.num_events = self.loop.num_events
+        self.result.instances = self.prefill + self.decode
+        return self.result
+
+    def _next_arrival(self) -> None:
+        i = next(self._arrivals, None)
+        if i is not None:
+            self.loop.push(float(self.trace.arrival_s[i]), INPUT, self._arrive, i)
+
+    def _arrive(self, now_s: float, i: int) -> None:
+        self._next_arrival()
+        out = int(self.trace.output_len[i])
+        params = self._params.get(out)
+        if params is None:
+            params = self._params[out] = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
+        prompt = int(self.trace.prompt_len[i])
+        for inst in (self.decode[0], *self.prefill[:1]):
+            if inst.blocks.blocks_needed(prompt + out) > inst.blocks.num_blocks:
+                raise ValueError(f"request {i}: {prompt} + {out} tokens need {inst.blocks.blocks_needed(prompt + out)} "
+                                 f"KV blocks; an instance's pool has {inst.blocks.num_blocks} (raise num_blocks)")
+        timeline = RequestTimeline(now_s) if self.keep_timelines else CompactTimeline(now_s)
+        seq = Sequence(i, str(i), [FILLER_TOKEN_ID] * prompt, params, timeline)
+        if self.keep_timelines:
+            self.result.timelines[i] = timeline
+        d = self.pick_decode.pick()
+        self._route_d[i] = d
+        if not self.prefill:
+            seq.blocks = self.decode[d].blocks
+            self.decode[d].submit(seq, now_s)
+            return
+        self._route_p[i] = self.pick_prefill.pick()
+        self._credits[d].append(seq)
+        self._grant(d, now_s)
+
+    # ---- xPyD ---------------------------------------------------------------------------------------
+    def _grant(self, d: int, now_s: float) -> None:
+        """Reserve decode blocks for waiting requests of decode instance ``d`` (arrival order; those that fit)."""
+        queue = self._credits[d]
+        if not queue:
+            return
+        inst = self.decode[d]
+        inst.interrupt(now_s)
+        blocks = inst.blocks
+        still = deque()
+        for seq in queue:
+            needed = blocks.blocks_needed(len(seq.prompt_token_ids))
+            if needed + inst.scheduler.num_running > blocks.num_free_blocks:
+                still.append(seq)
+                continue
+            blocks.grow(("kv", seq.seq_id), len(seq.prompt_token_ids))
+            p = self.prefill[self._route_p[seq.seq_id]]
+            seq.blocks = p.blocks
+            p.submit(seq, now_s)
+        self._credits[d] = still
+
+    def _handed_off(self, inst: SimInstance, seq: Sequence, now_s: float) -> None:
+        seq.timeline.transfer_start_s = now_s
+        num_bytes = self.spec.kv_bytes_per_token * seq.num_computed_tokens
+        seq.timeline.kv_transfer_bytes = num_bytes
+        self.links[inst.index].send(now_s, num_bytes, self.spec.messages_per_transfer, self._landed, (inst, seq))
+
+    def _landed(self, now_s: float, payload: tuple[SimInstance, Sequence]) -> None:
+        p, seq = payload
+        p.scheduler.release_handed_off(seq)
+        p.wake(now_s)  # its freed blocks may let a waiting prompt in
+        d = self.decode[self._route_d[seq.seq_id]]
+        d.interrupt(now_s)
+        tl = seq.timeline
+        tl.transfer_end_s = tl.decode_start_s = now_s
+        adopted = Sequence(seq.seq_id, seq.request_id, seq.prompt_token_ids, seq.params, tl,
+                           output_token_ids=list(seq.output_token_ids), num_computed_tokens=seq.num_tokens - 1,
+                           blocks=d.blocks)
+        d.blocks.rename(("kv", seq.seq_id), seq.seq_id)
+        d.scheduler.adopt(adopted)
+        d.wake(now_s)
+
+    def _blocks_freed(self, inst: SimInstance, now_s: float) -> None:
+        self._grant(inst.index, now_s)
+
+    def _prefill_finished(self, inst: SimInstance, seq: Sequence, now_s: float) -> None:
+        """A request that ended at its prefill (one output token): its decode reservation goes back."""
+        d = self._route_d[seq.seq_id]
+        self.decode[d].interrupt(now_s)
+        self.decode[d].blocks.free(("kv", seq.seq_id))
+        self._finished(inst, seq, now_s)
+        self._grant(d, now_s)
+
+    # ---- requests out ------------------------------------------------------------------------------
+    def _finished(self, inst: SimInstance, seq: Sequence, now_s: float) -> None:
+        i = seq.seq_id
+        self.result.record(i, seq, inst.index)
+        self.pick_decode.done(self._route_d.pop(i))
+        if self.prefill:
+            self.pick_prefill.done(self._route_p.pop(i))
+
+
+def simulate(spec: FleetSpec, costs: StepCostModel, trace: Trace, fast: bool = True,
+             keep_timelines: bool = False, prefill_costs: Optional[StepCostModel] = None) -> SimResult:
+    """Run ``trace`` through the fleet ``spec``, every instance priced by ``costs``."""
+    return Fleet(spec, costs, prefill_costs, fast, keep_timelines).run(trace)
+

@@ -1,0 +1,239 @@
+"""The fleet simulator: the engine's scheduler on a cost model, its fast path, links, router, determinism."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from minidisagg.config import CacheConfig, EngineConfig
+from minidisagg.disagg.router import Router
+from minidisagg.engine.clock import SimulatedClock
+from minidisagg.engine.llm_engine import LLMEngine
+from minidisagg.engine.replay import replay
+from minidisagg.engine.step_cost import DECODE, StepCostModel, StepShape
+from minidisagg.sim import FleetSpec, InstanceConfig, LinkSpec, SharedLink, Trace, simulate
+from minidisagg.sim.events import EventLoop
+from minidisagg.sim.router import InstancePicker
+from minidisagg.stages.modelled import use_modelled_stages
+from minidisagg.workload import TimedRequest
+
+
+def _costs(rng: random.Random) -> StepCostModel:
+    return StepCostModel(rng.uniform(1e-3, 5e-3), rng.uniform(1e-5, 5e-5), rng.uniform(0, 1e-8), (1, 4, 16, 64),
+                         tuple(sorted(rng.uniform(5e-3, 3e-2) for _ in range(4))), rng.uniform(0, 1e-6),
+                         rng.choice([0, 32]))
+
+
+def _trace(rng: random.Random, n: int, rate_rps: float, max_prompt: int = 300, max_out: int = 60) -> Trace:
+    t, reqs = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate_rps)
+        reqs.append(TimedRequest(t, rng.randint(1, max_prompt), rng.randint(1, max_out)))
+    return Trace.of(reqs)
+
+
+def _spec(rng: random.Random, disagg: bool, policy: str) -> FleetSpec:
+    inst = InstanceConfig(policy, max_num_seqs=rng.choice([4, 16, 64]), max_num_batched_tokens=rng.choice([64, 512]),
+                          num_blocks=rng.choice([100, 400]), block_size=rng.choice([4, 16]))
+    link = LinkSpec("l", rng.uniform(0.001, 1.0), rng.uniform(0, 1e-3))
+    if disagg:
+        return FleetSpec(rng.randint(1, 3), rng.randint(1, 3), inst, routing=rng.choice(["round_robin", "least_loaded"]),
+                         link=link, kv_bytes_per_token=rng.choice([1000, 100000]), messages_per_transfer=rng.randint(1, 4))
+    return FleetSpec(rng.randint(1, 3), 0, inst, routing=rng.choice(["round_robin", "least_loaded"]))
+
+
+def _all_blocks_back(res) -> bool:
+    return all(i.blocks.num_free_blocks == i.blocks.num_blocks and not i.blocks.owners() for i in res.instances)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_the_fast_path_gives_the_step_by_step_timelines_bit_for_bit(case):
+    rng = random.Random(1000 + case)
+    disagg = case % 3 == 2
+    spec = _spec(rng, disagg, ["chunked", "prefill_first", "decode_first"][case % 3])
+    costs, trace = _costs(rng), _trace(rng, 150, rng.choice([20.0, 200.0]))
+    fast = simulate(spec, costs, trace, fast=True, keep_timelines=True)
+    slow = simulate(spec, costs, trace, fast=False, keep_timelines=True)
+    assert sum(i.stats.fast_steps for i in fast.instances) > 0  # the fast path did take over steps
+    assert sum(i.stats.fast_steps for i in slow.instances) == 0
+    for a, b in zip(fast.timelines, slow.timelines):
+        assert a.token_times_s == b.token_times_s and a.finish_s == b.finish_s
+        assert (a.transfer_start_s, a.transfer_end_s) == (b.transfer_start_s, b.transfer_end_s)
+    for name in ("ttft_s", "tpot_s", "e2e_s", "num_output_tokens", "instance"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert _all_blocks_back(fast) and _all_blocks_back(slow)
+
+
+@pytest.mark.parametrize("disagg", [False, True])
+def test_a_seed_gives_the_same_run_bit_for_bit_and_every_request_finishes_once(disagg):
+    runs = []
+    for _ in range(2):
+        rng = random.Random(7)
+        spec, costs, trace = _spec(rng, disagg, "chunked"), _costs(rng), _trace(rng, 300, 100.0)
+        runs.append((simulate(spec, costs, trace), trace))
+    (a, trace), (b, _) = runs
+    for name in ("ttft_s", "tpot_s", "e2e_s", "num_output_tokens", "instance"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert np.array_equal(a.num_output_tokens, trace.output_len)  # each request got exactly its tokens, once
+    assert np.all(a.ttft_s > 0) and np.all(a.e2e_s >= a.ttft_s)
+    assert _all_blocks_back(a)
+
+
+def test_compact_and_full_timelines_give_the_same_figures():
+    rng = random.Random(3)
+    spec, costs, trace = _spec(rng, True, "chunked"), _costs(rng), _trace(rng, 200, 50.0)
+    full, compact = simulate(spec, costs, trace, keep_timelines=True), simulate(spec, costs, trace)
+    ms = full.metrics()
+    assert np.array_equal(compact.ttft_s, [m.ttft_s for m in ms])
+    assert np.array_equal(compact.tpot_s, [m.tpot_s for m in ms])
+    assert np.array_equal(compact.e2e_s, [m.e2e_s for m in ms])
+
+
+HAND_COSTS = StepCostModel(1.0, 0.1, 0.0, (1,), (0.5,))  # prefill of n tokens: 1 + 0.1 n s; decode: 0.5 s
+
+
+def test_one_request_colocated_has_the_hand_computed_latencies():
+    res = simulate(FleetSpec(1), HAND_COSTS, Trace.of([TimedRequest(1.0, 10, 3)]), keep_timelines=True)
+    assert res.timelines[0].token_times_s == [3.0, 3.5, 4.0]  # prefill 2.0 s from 1.0, then two 0.5 s decodes
+    assert (res.ttft_s[0], res.tpot_s[0], res.e2e_s[0]) == (2.0, 0.5, 3.0)
+
+
+def test_one_request_disaggregated_adds_the_link_time():
+    link = LinkSpec("slow", 1e-5, 0.25)  # 10 kB/s: 10 tokens x 1000 B take 1 s, then 0.25 s latency
+    spec = FleetSpec(1, 1, link=link, kv_bytes_per_token=1000)
+    res = simulate(spec, HAND_COSTS, Trace.of([TimedRequest(1.0, 10, 3)]), keep_timelines=True)
+    tl = res.timelines[0]
+    assert tl.token_times_s == [3.0, 4.75, 5.25] and tl.finish_s == 5.25
+    assert (tl.transfer_start_s, tl.transfer_end_s, tl.kv_transfer_bytes) == (3.0, 4.25, 10000)
+    assert (res.ttft_s[0], res.e2e_s[0]) == (2.0, 4.25)
+
+
+def test_transfers_sharing_a_link_share_its_bandwidth():
+    loop, landed = EventLoop(), {}
+    link = SharedLink(LinkSpec("l", 1e-6, 0.0), loop)  # 1000 B/s
+    link.send(0.0, 1000, 1, lambda t, p: landed.__setitem__(p, t), "a")
+    link.send(0.0, 1000, 1, lambda t, p: landed.__setitem__(p, t), "b")
+    loop.push(0.5, 1, lambda t, p: link.send(t, 250, 1, lambda t2, q: landed.__setitem__(q, t2), "c"))
+    loop.run()
+    # a, b at 500 B/s each until 0.5 s (250 B each sent); three share 333 B/s: c's 250 B are through at 1.25 s,
+    # when a and b have 500 B left each, which at 500 B/s take 1 s more: all 2250 B in 2.25 s at 1000 B/s
+    assert landed["c"] == pytest.approx(1.25) and landed["a"] == pytest.approx(2.25) and landed["b"] == pytest.approx(2.25)
+    assert link.num_active == 0 and link.max_concurrent == 3
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded"])
+def test_the_picker_chooses_as_the_real_router(policy):
+    rng = random.Random(5)
+    router, picker = Router(1, 7, policy), InstancePicker(7, policy)
+    live: list[int] = []
+    for _ in range(500):
+        if live and rng.random() < 0.45:
+            picker.done(live.pop(rng.randrange(len(live))))
+            continue
+        expected = router.pick([0], list(picker.loads))[1]
+        live.append(picker.pick())
+        assert live[-1] == expected
+
+
+def test_vectorised_decode_costs_equal_cost_s_bit_for_bit():
+    rng = random.Random(11)
+    for _ in range(20):
+        costs, b = _costs(rng), rng.randint(1, 100)
+        pairs = np.array([float(rng.randint(0, 10**6)) for _ in range(50)])
+        expected = [costs.cost_s(StepShape(DECODE, b, b, float(p))) for p in pairs]
+        assert costs.decode_costs_s(b, pairs).tolist() == expected
+
+
+def test_an_instance_keeps_the_timelines_of_the_engine_replay_with_modelled_stages(tiny_loaded):
+    """The simulator's instance and ``LLMEngine`` with modelled stages step alike: same token times, bit for bit."""
+    rng = random.Random(2)
+    costs = _costs(rng)
+    workload = [TimedRequest(r.arrival_s, r.prompt_len, r.output_len)
+                for r in [TimedRequest(rng.uniform(0, 0.3), rng.randint(1, 90), rng.randint(1, 25)) for _ in range(30)]]
+    workload.sort(key=lambda r: r.arrival_s)
+    for policy in ("chunked", "prefill_first"):
+        cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, policy=policy,
+                           cache=CacheConfig(block_size=16, num_blocks=60))
+        engine = LLMEngine(tiny_loaded, cfg, clock=SimulatedClock(cost_model=costs))
+        use_modelled_stages(engine, costs)
+        outs = replay(engine, workload)
+        inst = InstanceConfig(policy, 8, 64, 60, 16, engine.max_model_len)
+        res = simulate(FleetSpec(1, instance=inst), costs, Trace.of(workload), keep_timelines=True)
+        assert [o.timeline.token_times_s for o in outs] == [tl.token_times_s for tl in res.timelines]
+        assert [o.timeline.finish_s for o in outs] == [tl.finish_s for tl in res.timelines]
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="non-decreasing"):
+        Trace(np.array([1.0, 0.5]), np.array([1, 1]), np.array([1, 1]))
+    with pytest.raises(ValueError, match="bandwidth"):
+        LinkSpec("x", 0.0)
+    with pytest.raises(ValueError, match="num_decode"):
+        FleetSpec(0)
+    with pytest.raises(ValueError, match="raise num_blocks"):
+        simulate(FleetSpec(1, instance=InstanceConfig(num_blocks=2, block_size=4)), HAND_COSTS,
+                 Trace.of([TimedRequest(0.0, 10, 3)]))
+    with pytest.raises(ValueError, match="routing policy"):
+        InstancePicker(2, "random")
+
+
+def test_the_planner_sweeps_every_split_and_ranks_them_by_goodput_per_gpu():
+    from minidisagg.metrics import SLO, goodput
+    from minidisagg.sim.plan import plan_splits
+    from minidisagg.workload import Uniform, poisson_workload
+
+    costs = StepCostModel(5e-3, 6e-5, 1e-10, (1, 8, 32), (7e-3, 7.5e-3, 9e-3))
+    base = FleetSpec(1, instance=InstanceConfig("chunked", 64, 512, 4096))
+    slo = SLO(ttft_s=0.3, tpot_s=0.012)
+    trace_at = lambda rate: Trace.of(poisson_workload(rate, 120, Uniform(64, 512), Uniform(8, 64), seed=1))  # noqa: E731
+    plans = plan_splits(3, base, costs, trace_at, [2.0, 8.0, 32.0], slo)
+    assert sorted(p.label for p in plans) == ["1P2D", "2P1D", "colocated x3"]
+    per_gpu = [p.goodput_per_gpu_rps for p in plans]
+    assert per_gpu == sorted(per_gpu, reverse=True)
+    for p in plans:
+        assert p.rates_rps == (6.0, 24.0, 96.0)
+        assert p.goodput_rps == goodput(p.rates_rps, p.attainments, 0.9)
+        assert p.attainments[0] >= p.attainments[-1]  # 16x the load cannot serve more of the requests in SLO
+    assert [p.attainments for p in plan_splits(3, base, costs, trace_at, [2.0, 8.0, 32.0], slo)] == \
+        [p.attainments for p in plans]  # deterministic
+
+
+def test_the_sim_command_plans_from_a_saved_cost_model_and_refuses_bad_counts(tmp_path, capsys):
+    from minidisagg.cli import main
+    from minidisagg.sim.costs import load_costs, save_costs
+
+    path = save_costs(HAND_COSTS, tmp_path / "costs.json", model="hand")
+    assert load_costs(path) == HAND_COSTS
+    assert main(["sim", "plan", "--costs", str(path), "--gpus", "2", "--rates-per-gpu", "0.01,0.05",
+                 "--slo-ttft-ms", "60000", "--slo-tpot-ms", "1000", "--prompt-mean", "16", "--output-mean", "4",
+                 "--requests-per-gpu", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "1P1D" in out and "colocated x2" in out
+    assert main(["sim", "plan", "--costs", str(path), "--gpus", "two", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1"]) == 2
+    assert "--gpus" in capsys.readouterr().out
+
+
+
+def test_links_fitted_to_the_committed_transport_measurements_reproduce_them():
+    from pathlib import Path
+
+    from minidisagg.sim.link import links_from_transport_json
+
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / "transport-2026-11-27.json"
+    specs = links_from_transport_json(path)
+    tcp = specs["raw TCP sendall/recv_into"]
+    assert 0.5 < tcp.bandwidth_GBps < 20 and tcp.latency_s >= 0
+    with pytest.raises(ValueError, match="bench transport"):
+        links_from_transport_json(Path(__file__))  # not JSON rows at all -> refused
+
+
+def test_a_pool_held_by_partly_prefilled_prompts_is_reported_not_hung():
+    """Chunked prefill can give a small pool away to several half-prefilled prompts; the scheduler then plans
+    nothing (``LLMEngine`` would spin). The simulator says so instead of returning partial results."""
+    rng = random.Random(5051)
+    spec = _spec(rng, False, "chunked")
+    costs, trace = _costs(rng), _trace(rng, 200, rng.choice([10.0, 100.0, 1000.0]))
+    with pytest.raises(RuntimeError, match="partly prefilled"):
+        simulate(spec, costs, trace)
