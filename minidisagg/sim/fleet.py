@@ -93,7 +93,7 @@ class Fleet:
             raise RuntimeError(f"the fleet stalled: {len(stuck)} instance(s) hold requests their scheduler plans no step "
                                f"for; e.g. one with {inst.blocks.num_free_blocks} of {inst.blocks.num_blocks} blocks "
                                f"free, {inst.scheduler.num_running} running and waiting (computed, total tokens) "
-                               f"{waiting}: partly prefilled prompts can hold a small pool between them (more "
+                               f"{waiting}: no plan although requests wait (more "
                                f"num_blocks, or a smaller token budget)")
         self.result.check_complete()
         self.result.num_events = self.loop.num_events
