@@ -83,6 +83,21 @@ def test_a_client_leaving_mid_stream_leaves_every_pool_whole(server):
     wait_for(lambda: all(free == total for free, total in pools(url).values()), "every worker's KV pool to be whole")
 
 
+def test_a_client_leaving_during_prefill_leaves_every_pool_whole(server):
+    """The client hangs up once the response starts, while its long prompt is still on the prefill worker."""
+    url, _ = server
+    wait_for(lambda: set(pools(url)) == {"p0", "d0"}, "both workers' pools in /metrics")
+    prompt = [(7919 * i) % 40000 + 100 for i in range(1900)]  # about the whole context: a long prefill
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 140, "ignore_eos": True, "stream": True}
+    for _ in range(3):
+        with httpx.Client(timeout=TIMEOUT_S) as http:
+            with http.stream("POST", url + "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+    left_s = time.monotonic()
+    wait_for(lambda: all(free == total for free, total in pools(url).values()), "every worker's KV pool to be whole")
+    assert time.monotonic() - left_s < 15.0, "the abandoned requests' KV blocks were held long after their clients left"
+
+
 def test_sigterm_leaves_no_process_behind(server):
     url, proc = server
     workers = child_pids(proc.pid)

@@ -39,7 +39,7 @@ class RemoteWorker:
     frame the worker could not read) is logged, never taken for a lost connection. Every TOKENS
     frame is checked (``validate.check_output``; token ids against ``vocab_size`` when given): a
     malformed one fails its request. ``owner`` is the router's owner token (``owners``): each
-    submission carries it and each decode worker is told it on connect, so this router's
+    submission carries it and each worker is told it on connect, so this router's
     requests are its own. A frame begun must be whole within ``frame_deadline_s``.
     """
 
@@ -79,7 +79,7 @@ class RemoteWorker:
             # One timeout for the socket's whole life: two threads share it, and changing a socket's
             # timeout while another thread blocks in recv can make that recv fail with EAGAIN.
             sock.settimeout(self.timeout_s)
-            if self.owner is not None and theirs.role == "decode":
+            if self.owner is not None and theirs.role in ("decode", "prefill"):
                 send_frame(sock, FrameKind.REQUEST, {"owner": self.owner})
         except BaseException:
             sock.close()
@@ -218,7 +218,7 @@ class RemoteWorker:
             pass
 
     def abort(self, request_id: str) -> None:
-        """Ask a decode server to drop one of this router's requests (best effort)."""
+        """Ask the worker to drop one of this router's requests, freeing its KV there (best effort)."""
         try:
             self._send({"abort": request_id})
         except OSError:

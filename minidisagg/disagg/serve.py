@@ -3,9 +3,10 @@
 Who connects to whom (every connection starts with the proof of the deployment's shared secret,
 ``transport/auth.py``, over TLS where configured, then a HELLO carrying the model fingerprint):
 
-- the router connects to each prefill server (role ``router``) and sends REQUEST frames;
-  the prefill server answers on that connection with TOKENS (a request that stopped at its
-  first token) or ERROR (a request it could not hand over);
+- the router connects to each prefill server (role ``router``), says which router it is (REQUEST
+  ``{"owner": token}``) and sends REQUEST frames (submissions, and ``{"abort": id}`` for its own
+  requests only); the prefill server answers on that connection with TOKENS (a request that
+  stopped at its first token) or ERROR (a request it could not hand over, or aborted);
 - each prefill server connects to every decode server (role ``prefill``): the KV link;
 - the router connects to each decode server (role ``router``), says which router it is (REQUEST
   ``{"owner": token}``, ``owners``) and receives TOKENS frames for its requests, the last one
@@ -312,6 +313,7 @@ class PrefillServer(WorkerServer):
                                         heartbeat_s=heartbeat_s) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
         self._submitters: dict[str, socket.socket] = {}  # request id -> the router connection that sent it
+        self.routers: OwnerConnections[socket.socket] = OwnerConnections()  # router connections by owner token
         self._submit_lock = threading.Lock()
         super().__init__(loaded, layout, host, port, config.link, security)
         self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)
@@ -332,6 +334,14 @@ class PrefillServer(WorkerServer):
             self.subscribers.send(kind, header)
 
     def _on_request(self, header: dict[str, Any], sock: socket.socket) -> None:
+        """A submission; or ``{"owner": token}`` (this connection speaks for that router), ``{"abort": id}``."""
+        if isinstance(header, dict) and ("abort" in header or "owner" in header):
+            what, value = check_decode_request(header)
+            if what == "owner":
+                self.routers.register(sock, value)
+            else:
+                self.worker.abort_as(value, self.routers.token_of(sock))  # NotOwner names the id; nothing is aborted
+            return
         sub = check_submission(header, self.limits, self.worker.engine.clock.now(), self.worker.senders)
         with self._submit_lock:  # the worker may answer before submit returns: note the sender first
             for rid in [rid for rid in self._submitters if not self.worker.holds(rid)]:
@@ -351,6 +361,10 @@ class PrefillServer(WorkerServer):
 
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         self.serve_router(sock, peer, self._on_request)
+
+    def connection_closed(self, sock: socket.socket) -> None:
+        """Forget the connection's owner registration (its requests still reach their decode workers)."""
+        self.routers.remove(sock)
 
     def stop(self) -> None:
         super().stop()
