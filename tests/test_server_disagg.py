@@ -17,6 +17,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from minidisagg.engine.sampling import SamplingParams  # noqa: E402
+from minidisagg.engine.text_decoder import REPLACEMENT_CHAR, TextDecoder  # noqa: E402
 from minidisagg.llm import LLM  # noqa: E402
 from serve_process import STOP_TIMEOUT_S, child_pids, running, serve_process  # noqa: E402
 
@@ -68,6 +69,22 @@ def test_greedy_text_equals_the_colocated_engine(server, reference):
     text = httpx.get(url + "/metrics", timeout=TIMEOUT_S).text
     moved = float(re.search(r"^minidisagg_kv_transfer_bytes_total (\S+)$", text, re.M).group(1))
     assert moved > 0  # every request's KV crossed from the prefill worker to the decode worker
+
+
+def test_streaming_sends_a_chunk_per_token_as_colocated(server, reference):
+    """Decode workers stream token by token: each token that completes a character gets a chunk of its own."""
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+    want = reference.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+    decoder = TextDecoder(reference.get_tokenizer())
+    texts = [decoder.text(want.token_ids[:k]).rstrip(REPLACEMENT_CHAR) for k in range(1, len(want.token_ids))]
+    texts.append(want.text)
+    expected = sum(1 for before, after in zip([""] + texts, texts) if len(after) > len(before))
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
+    assert "".join(chunks) == want.text
+    assert len(chunks) == expected and expected >= len(want.token_ids) // 2, (len(chunks), expected, want.token_ids)
 
 
 def test_a_client_leaving_mid_stream_leaves_every_pool_whole(server):

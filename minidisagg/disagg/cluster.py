@@ -81,7 +81,7 @@ class DisaggCluster:
         self.router = Router(num_prefill, num_decode, routing)
         self.owner = secrets.token_hex(16)  # this router's owner token on remote workers (``owners``)
         self._id_tag = secrets.token_hex(6)  # in every id workers see: other routers cannot guess ours
-        self._outputs: queue.Queue[RequestOutput | FailedRequest] = queue.Queue()
+        self._outputs: queue.Queue[RequestOutput | FailedRequest | None] = queue.Queue()  # None: ``wake``
         self.processes: list = []
         if transport == "inproc":
             self.decode_workers: list = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
@@ -214,6 +214,10 @@ class DisaggCluster:
         # Workers see one id per attempt, so late outputs of an abandoned attempt are recognised.
         self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=self.wire_id(sub.request_id, attempts)))
 
+    def wake(self) -> None:
+        """End a ``step`` waiting for outputs now (thread-safe): a caller has a request to add or abort."""
+        self._outputs.put(None)
+
     def has_unfinished(self) -> bool:
         """Whether any request is still waiting to arrive or in flight."""
         return bool(self._live or self._future)
@@ -235,6 +239,8 @@ class DisaggCluster:
         # so those are recognised as late outputs of a dead worker, and never recomputed on it.
         outputs: list[RequestOutput] = self._check_workers()
         for item in items:
+            if item is None:  # ``wake``
+                continue
             out = self._handle(item)
             if out is not None:
                 outputs.append(out)

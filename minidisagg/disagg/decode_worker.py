@@ -67,6 +67,8 @@ class DecodeWorker(DecodeReservations):
         self._sink = sink
         self.owners = RequestOwners()  # request id -> owner token, from commit until the request ends
         self.owner_connected: Callable[[str], bool] = lambda token: True  # a server tells whether that router is here
+        # called after each batch of outputs handed to ``sink`` (one decode step's): a server sends them as one frame
+        self.flush_outputs: Callable[[], None] = lambda: None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_lease_check_s = 0.0
@@ -126,6 +128,7 @@ class DecodeWorker(DecodeReservations):
                 self._lock.release()
             for out in failed + adopted:
                 self.sink(out)
+            self.flush_outputs()
         else:
             kv_trace("queued", transfer_id)
             with self._adoptions_lock:
@@ -133,6 +136,7 @@ class DecodeWorker(DecodeReservations):
         if self.health.error is not None:  # the loop failed since the check above: nobody will decode it
             for out in self._fail_held(self.health.reason or "decode loop failed"):
                 self.sink(out)
+            self.flush_outputs()
         self._wake.set()
 
     def _adopt(self, item: _Adoption) -> RequestOutput:
@@ -198,6 +202,7 @@ class DecodeWorker(DecodeReservations):
                         self.engine.release(out.request_id)
         for out in failed + adopted + outputs:
             self.sink(out)
+        self.flush_outputs()
         return bool(failed or adopted or outputs)
 
     def run_forever(self) -> None:
@@ -211,6 +216,7 @@ class DecodeWorker(DecodeReservations):
         def fail_held(reason: str) -> None:
             for out in self._fail_held(reason):
                 self.sink(out)
+            self.flush_outputs()
 
         self.health.run(loop, fail_held)
 

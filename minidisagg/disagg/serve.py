@@ -10,7 +10,8 @@ Who connects to whom (every connection starts with the proof of the deployment's
 - each prefill server connects to every decode server (role ``prefill``): the KV link;
 - the router connects to each decode server (role ``router``), says which router it is (REQUEST
   ``{"owner": token}``, ``owners``) and receives TOKENS frames for its requests, the last one
-  marked finished; it may send REQUEST ``{"abort": id}`` for its own requests only.
+  marked finished, token by token (``token_stream``); it may send REQUEST ``{"abort": id}`` for its
+  own requests only.
 
 Every REQUEST is checked field by field (``validate``) before the worker sees it. A bad one,
 or a frame whose JSON header cannot be parsed, is answered with an ERROR naming the field, sent
@@ -43,6 +44,7 @@ from minidisagg.disagg.outbox import Subscribers
 from minidisagg.disagg.owners import OwnerConnections
 from minidisagg.disagg.prefill_requests import FailedRequest, Submission
 from minidisagg.disagg.prefill_worker import PrefillWorker
+from minidisagg.disagg.token_stream import DeltaFramer
 from minidisagg.disagg.validate import (
     InvalidMessage,
     MessageLimits,
@@ -67,7 +69,6 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 30.0
 FLUSH_TIMEOUT_S = 1.0  # at stop, how long the outputs still queued for routers may take to leave
-STREAM_EVERY_TOKENS = 8  # a decode server streams a request's output every this many tokens (and when it ends)
 
 
 def output_to_dict(out: RequestOutput) -> dict[str, Any]:
@@ -219,23 +220,28 @@ class DecodeServer(WorkerServer):
         self.routers: OwnerConnections[socket.socket] = OwnerConnections()  # router connections by owner token
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
         self.worker.owner_connected = lambda token: bool(self.routers.connections(token))
+        self.framer = DeltaFramer(output_to_dict, self._send_tokens)  # token by token, one frame per step (``token_stream``)
+        self.worker.flush_outputs = self._flush
         super().__init__(loaded, self.worker.layout, host, port, config.link, security)
         self._watch_worker(self.worker)
         self.worker.start()
 
     def _emit(self, out: RequestOutput) -> None:
         """An output goes to its owner's connections (``owners``); one without an owner to every router
-        connection that registered no owner token."""
-        # Each frame carries the whole output so far; sending one per token would make the decode loop
-        # pay O(n^2) encoding per request. Stream every STREAM_EVERY_TOKENS tokens, and always the last.
-        if not (out.finished or len(out.token_ids) % STREAM_EVERY_TOKENS == 1):
-            return
-        token = self.worker.owners.owner_of(out.request_id)
+        connection that registered no owner token. Sent when the worker's step ends (``_flush``)."""
+        self.framer.add(self.worker.owners.owner_of(out.request_id), out)
+
+    def _flush(self) -> None:
+        self.framer.flush()
+        if len(self.worker.owners) + 64 < self.framer.num_streaming:  # requests aborted without a last output
+            self.framer.forget(lambda rid: rid not in self.worker.owners)
+
+    def _send_tokens(self, token: Optional[str], header: dict[str, Any]) -> None:
         if token is None:
-            self.subscribers.send(FrameKind.TOKENS, output_to_dict(out), exclude=self.routers.registered())
+            self.subscribers.send(FrameKind.TOKENS, header, exclude=self.routers.registered())
             return
         for conn in self.routers.connections(token):  # none left: the owner is gone (or reconnecting)
-            self.subscribers.send_to(conn, FrameKind.TOKENS, output_to_dict(out))
+            self.subscribers.send_to(conn, FrameKind.TOKENS, header)
 
     def _on_router_request(self, header: dict[str, Any], sock: socket.socket) -> None:
         """``{"owner": token}``: this connection speaks for that router; ``{"abort": id}``: abort one of its requests."""
