@@ -5,7 +5,10 @@ the wall clock, ``step`` until done; latencies from the engine's timelines) and 
 server (``bench serve``'s client, streaming; latencies seen by the client). Same prompts, same
 Poisson arrivals, greedy, ``ignore_eos`` so both runs generate the same number of tokens.
 
-    python benchmarks/serve_overhead.py --model smollm2-135m --num-prompts 16 --rate 1 [--out FILE]
+    python benchmarks/serve_overhead.py --model smollm2-135m --num-prompts 16 --rate 1 [--mode disagg] [--out FILE]
+
+``--mode disagg`` runs both on one prefill and one decode worker process (socket transport) behind the
+router, so the HTTP figures include the decode server's token stream and the router's hand-offs.
 """
 
 from __future__ import annotations
@@ -91,11 +94,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--switch-interval-s", type=float, default=None,
                         help="sys.setswitchinterval for the whole run (default: Python's 0.005)")
+    parser.add_argument("--mode", choices=["colocated", "disagg"], default="colocated")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.switch_interval_s is not None:
         sys.setswitchinterval(args.switch_interval_s)
-    llm = LLM(args.model, device=args.device)
+    disagg = {"mode": "disagg", "transport": "socket", "num_prefill": 1, "num_decode": 1} if args.mode == "disagg" else {}
+    llm = LLM(args.model, device=args.device, **disagg)
     requests = synthetic(args.num_prompts, args.input_len, args.output_len, args.seed)
     in_process(llm, requests, float("inf"), args.seed)  # warm-up: the first run of each shape pays for set-up
     t0 = time.perf_counter()
@@ -115,6 +120,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    llm.shutdown()
 
 
 if __name__ == "__main__":
