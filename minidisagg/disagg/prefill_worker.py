@@ -135,15 +135,13 @@ class PrefillWorker:
             transfer.error = ABORTED  # at once: the sender thread skips its queued pages and DONE from now on
         self._aborts.put(request_id)
 
-    def _drop_aborted(self) -> bool:
-        """Carry out the aborts queued since the last call (on the loop's thread); whether there were any."""
-        dropped = False
+    def _drop_aborted(self) -> None:
+        """Carry out the aborts queued since the last call (on the loop's thread: the engine is its own)."""
         while True:
             try:
                 rid = self._aborts.get_nowait()
             except queue.Empty:
-                return dropped
-            dropped = True
+                return
             if any(sub.request_id == rid for sub in self._pending):  # no reservation yet
                 self._pending = [sub for sub in self._pending if sub.request_id != rid]
                 self._emit(FailedRequest(rid, ABORTED))

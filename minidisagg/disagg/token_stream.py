@@ -36,6 +36,7 @@ class DeltaFramer:
         self._sent: dict[str, int] = {}  # request id -> tokens sent so far (requests not finished yet)
         self._batch: list[tuple[Hashable, Optional[dict[str, Any]], Optional[list[Any]]]] = []
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time: batches leave in the order they were taken
 
     def add(self, destination: Hashable, out: RequestOutput) -> None:
         """Queue ``out`` for ``destination`` until ``flush``: whole if it is the request's first or last, else a delta."""
@@ -51,9 +52,7 @@ class DeltaFramer:
                 return
             else:
                 self._sent[out.request_id] = len(out.token_ids)
-        header = self.whole(out)
-        with self._lock:
-            self._batch.append((destination, header, None))
+            self._batch.append((destination, self.whole(out), None))  # under the lock: before its deltas
 
     @property
     def num_streaming(self) -> int:
@@ -67,20 +66,24 @@ class DeltaFramer:
                 del self._sent[rid]
 
     def flush(self) -> None:
-        """Send what was queued, in order: per destination, each whole output alone and each run of deltas as one frame."""
-        with self._lock:
-            batch, self._batch = self._batch, []
-        runs: dict[Hashable, list[Any]] = {}
-        for destination, header, delta in batch:
-            if header is not None:
-                if runs.get(destination):
-                    self.send(destination, {"deltas": runs.pop(destination)})
-                self.send(destination, header)
-            else:
-                runs.setdefault(destination, []).append(delta)
-        for destination, deltas in runs.items():
-            if deltas:
-                self.send(destination, {"deltas": deltas})
+        """Send what was queued, in order: per destination, each whole output alone and each run of deltas as one frame.
+
+        ``send`` must not block for long (``outbox.Subscribers`` only queues).
+        """
+        with self._flush_lock:
+            with self._lock:
+                batch, self._batch = self._batch, []
+            runs: dict[Hashable, list[Any]] = {}
+            for destination, header, delta in batch:
+                if header is not None:
+                    if runs.get(destination):
+                        self.send(destination, {"deltas": runs.pop(destination)})
+                    self.send(destination, header)
+                else:
+                    runs.setdefault(destination, []).append(delta)
+            for destination, deltas in runs.items():
+                if deltas:
+                    self.send(destination, {"deltas": deltas})
 
 
 def check_deltas(header: object, vocab_size: Optional[int] = None) -> list[Delta]:
