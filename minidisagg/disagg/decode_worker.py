@@ -191,16 +191,22 @@ class DecodeWorker(DecodeReservations):
                 self._next_lease_check_s = now_s + LEASE_CHECK_S
                 self.expire_leases()
             adopted, failed = self._adopt_queued()
+            start = self.engine.clock.now()
+            if failed or adopted:  # their first tokens leave now, not a decode step later
+                for out in adopted:
+                    out.timeline.decode_start_s = start
+                for out in failed + adopted:
+                    self.sink(out)
+                self.flush_outputs()
             outputs: list[RequestOutput] = []
             if self.engine.has_unfinished():
-                start = self.engine.clock.now()
                 outputs = self.engine.step()
-                for out in adopted + outputs:
+                for out in outputs:
                     if out.timeline.decode_start_s is None:
                         out.timeline.decode_start_s = start
                     if out.finished:
                         self.engine.release(out.request_id)
-        for out in failed + adopted + outputs:
+        for out in outputs:
             self.sink(out)
         self.flush_outputs()
         return bool(failed or adopted or outputs)
