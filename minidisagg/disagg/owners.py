@@ -6,7 +6,8 @@ random token (its *owner* token) and
 
 - puts it in every submission (``Submission.owner``); the prefill worker hands it on with the
   request's state (``SequenceState.owner``);
-- tells each decode worker, once per connection, REQUEST ``{"owner": token}``.
+- tells each worker, once per connection, REQUEST ``{"owner": token}`` (a prefill worker checks aborts
+  against it the same way, ``PrefillWorker.abort_as``).
 
 A decode worker then (``RequestOwners``) takes no second request under an id it already
 decodes, lets a router abort only requests carrying its own token (another's abort gets an
