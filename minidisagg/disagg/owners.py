@@ -75,6 +75,11 @@ class RequestOwners:
         with self._lock:
             return self._owners.get(request_id)
 
+    def request_ids(self) -> list[str]:
+        """The ids of every request held here (whatever its owner)."""
+        with self._lock:
+            return list(self._owners)
+
     def held_by(self, owner: str) -> list[str]:
         """The ids of the requests held here under ``owner``."""
         with self._lock:

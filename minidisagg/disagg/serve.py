@@ -271,7 +271,8 @@ class DecodeServer(WorkerServer):
         """With no router left to read them, abort every request decoding here, so their KV blocks are freed."""
         if num_left:
             return
-        request_ids = self.worker.engine.request_ids()
+        # those decoding, and those committed but not adopted yet
+        request_ids = sorted(set(self.worker.engine.request_ids()) | set(self.worker.owners.request_ids()))
         for request_id in request_ids:
             self.worker.abort(request_id)
         log.warning("decode: %s was the last router subscribed; aborted its %d request(s) and freed their KV",
