@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,6 +36,7 @@ IDLE_WAIT_S = 0.05
 WAITER_GRACE_S = 0.05
 FAIL_LOCK_TIMEOUT_S = 5.0
 LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
+MAX_ABORTED_IDS = 4096  # aborted ids remembered, so a commit that crossed its abort is refused
 
 
 @dataclass
@@ -75,6 +76,7 @@ class DecodeWorker(DecodeReservations):
         self._adoptions: deque[_Adoption] = deque()  # committed transfers the loop adopts before its next step
         self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
+        self._aborted: OrderedDict[str, None] = OrderedDict()  # the latest aborted ids (``abort``)
         self.limits = MessageLimits(loaded.config.vocab_size, self.engine.max_model_len)
 
     @property
@@ -102,6 +104,8 @@ class DecodeWorker(DecodeReservations):
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
         self.owners.claim(state.request_id, state.owner, f"decode worker {self.name}")  # ValueError: a duplicate id
         try:
+            if state.request_id in self._aborted:  # after the claim: an abort from now on finds it (``abort``)
+                raise ValueError(f"request {state.request_id} was aborted before its KV arrived")
             if state.owner is not None and not self.owner_connected(state.owner):  # after the claim: see ``owners``
                 raise ValueError(f"request {state.request_id}: the router that submitted it has no connection to "
                                  f"decode worker {self.name}, so nobody would read its outputs")
@@ -287,9 +291,14 @@ class DecodeWorker(DecodeReservations):
         """Stop decoding one request and free its blocks (also one committed but not adopted yet).
 
         Its id is released last, under the engine: a commit still on its way in then finds it gone and is
-        refused (``_adopt``), while one the loop adopted first is aborted here.
+        refused (``_adopt``), while one the loop adopted first is aborted here. The id is remembered (the
+        latest ``MAX_ABORTED_IDS``), so a commit that arrives after its abort (the abort overtook the KV) is
+        refused too.
         """
         with self._fair_lock.transport_access():
+            self._aborted[request_id] = None  # one whose DONE is still on its way is refused at commit
+            while len(self._aborted) > MAX_ABORTED_IDS:
+                self._aborted.popitem(last=False)
             with self._adoptions_lock:
                 dropped = [a for a in self._adoptions if a.state.request_id == request_id]
                 self._adoptions = deque(a for a in self._adoptions if a.state.request_id != request_id)
