@@ -539,26 +539,29 @@ def test_a_decode_worker_whose_last_router_stops_reading_aborts_its_requests(tin
     in for a long stream of outputs: they fill the socket's buffers in a moment.)"""
     decode = DecodeServer(tiny_loaded, replace(CONFIG, link=LinkConfig(subscriber_queue_size=2)))
     serve(decode)
-    deaf = socket.socket()
-    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    deaf.connect((HOST, decode.port))
-    client_handshake(deaf, make_hello("router", tiny_loaded.config.fingerprint(), decode.worker.layout), TIMEOUT_S)
     sender = sender_to(tiny_loaded, decode)
+    deaf = socket.socket()
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while len(decode.subscribers) < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
         with caplog.at_level(logging.WARNING):
+            # committed before the router subscribes: its queue of two frames would overflow (a frame per
+            # decode step) before the last commit, and a request committed with no router left is not this test's
             for i in range(4):
                 assert sender.reserve(f"t{i}", 40, TIMEOUT_S)
                 sender.commit(f"t{i}", state(f"r{i}", 40, max_tokens=1900), 0, TIMEOUT_S)
+            deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            deaf.connect((HOST, decode.port))
+            client_handshake(deaf, make_hello("router", tiny_loaded.config.fingerprint(), decode.worker.layout),
+                             TIMEOUT_S)
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(decode.subscribers) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             bulky = {"request_id": "bulk", "pad": "x" * (500 << 10)}
             for _ in range(100):  # 50 MB, far more than any socket buffer; never blocks the caller
                 if len(decode.subscribers) == 0:
                     break
                 decode.subscribers.send(FrameKind.TOKENS, bulky)
                 time.sleep(0.01)
-            assert pool_whole(decode.worker), "the requests of a dropped router kept their blocks"
+            assert pool_whole(decode.worker), f"the requests of a dropped router kept their blocks: {caplog.text[-1500:]}"
         assert "overflowed" in caplog.text and "aborted its 4 request(s)" in caplog.text
     finally:
         sender.close()

@@ -15,7 +15,7 @@ from conftest import token_prompts
 from minidisagg import LLM, SamplingParams
 from minidisagg.disagg.launch import free_ports
 from minidisagg.disagg.router_server import parse_router_peers
-from minidisagg.disagg.torchrun import advertised_host, router_peers, worker_role
+from minidisagg.disagg.torchrun import advertised_host, router_peers, worker_port, worker_role
 from minidisagg.transport.auth import SECRET_ENV, LinkSecurity, new_secret
 from serve_process import serve_process
 
@@ -90,6 +90,15 @@ def stop_nodes(nodes: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(node.pid, signal.SIGKILL)
             node.wait(5)
+
+
+def test_the_workers_of_one_node_listen_on_ports_of_their_own():
+    base = 20000 + os.getpid() % 20000
+    ports = [worker_port(base, local_rank) for local_rank in range(4)]  # --port given: base + LOCAL_RANK
+    assert ports == [base, base + 1, base + 2, base + 3]
+    assert [worker_port(None, r) for r in range(3)] == [0, 0, 0]  # none given: each picks a free one
+    with pytest.raises(SystemExit, match="65535"):
+        worker_port(65534, 2)
 
 
 def test_two_torchrun_nodes_serve_like_colocated_and_leave_no_process(tmp_path, module_seed, monkeypatch):

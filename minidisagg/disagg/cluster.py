@@ -81,7 +81,7 @@ class DisaggCluster:
         self.router = Router(num_prefill, num_decode, routing)
         self.owner = secrets.token_hex(16)  # this router's owner token on remote workers (``owners``)
         self._id_tag = secrets.token_hex(6)  # in every id workers see: other routers cannot guess ours
-        self._outputs: queue.Queue[RequestOutput | FailedRequest] = queue.Queue()
+        self._outputs: queue.Queue[RequestOutput | FailedRequest | None] = queue.Queue()  # None: ``wake``
         self.processes: list = []
         if transport == "inproc":
             self.decode_workers: list = [DecodeWorker(f"d{i}", loaded, config, self.clock, self._outputs.put)
@@ -218,6 +218,10 @@ class DisaggCluster:
         # Workers see one id per attempt, so late outputs of an abandoned attempt are recognised.
         self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=self.wire_id(sub.request_id, attempts)))
 
+    def wake(self) -> None:
+        """End a ``step`` waiting for outputs now (thread-safe): a caller has a request to add or abort."""
+        self._outputs.put(None)
+
     def has_unfinished(self) -> bool:
         """Whether any request is still waiting to arrive or in flight."""
         return bool(self._live or self._future)
@@ -239,6 +243,8 @@ class DisaggCluster:
         # so those are recognised as late outputs of a dead worker, and never recomputed on it.
         outputs: list[RequestOutput] = self._check_workers()
         for item in items:
+            if item is None:  # ``wake``
+                continue
             out = self._handle(item)
             if out is not None:
                 outputs.append(out)
@@ -277,7 +283,12 @@ class DisaggCluster:
         rid, _, attempt = item.request_id.rpartition("@")
         live = self._live.get(rid)
         if live is None or self.wire_id(rid, live.attempts) != item.request_id:
-            return None  # a late output of a request that already failed, timed out or moved on
+            # A late output of a request that already failed, timed out or moved on. One still decoding was
+            # committed while it was aborted (its DONE crossed the abort): abort it again, so its blocks go now.
+            if isinstance(item, RequestOutput) and not item.finished:
+                for worker in self.decode_workers:
+                    worker.abort(item.request_id)
+            return None
         if isinstance(item, FailedRequest):
             if self.kv_failure_policy == "recompute" and live.attempts < self.max_attempts:
                 self._live.pop(rid)
@@ -301,8 +312,11 @@ class DisaggCluster:
         live = self._live.pop(request_id)
         sub = live.submission
         tl = RequestTimeline(arrival_s=sub.arrival_s, finish_s=self.clock.now())
+        wire_id = self.wire_id(request_id, live.attempts)
+        if not live.on_decode:  # queued, prefilling or its KV still on the way: the prefill worker frees it too
+            self.prefill_workers[live.prefill].abort(wire_id)
         for worker in self.decode_workers:
-            worker.abort(self.wire_id(request_id, live.attempts))
+            worker.abort(wire_id)
         return RequestOutput(request_id, sub.prompt, list(sub.prompt_token_ids), "", [], True, "error", None, tl,
                              error=error)
 
@@ -312,7 +326,7 @@ class DisaggCluster:
         return [self._fail(rid, f"no result within request_timeout_s={self.request_timeout_s}") for rid in late]
 
     def abort(self, request_id: str) -> None:
-        """Give up on a request (its late outputs are dropped; decode blocks are freed)."""
+        """Give up on a request (its late outputs are dropped; its blocks are freed on the prefill and decode workers)."""
         self._future.pop(request_id, None)
         if request_id in self._live:
             self._fail(request_id, "aborted")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,6 +36,7 @@ IDLE_WAIT_S = 0.05
 WAITER_GRACE_S = 0.05
 FAIL_LOCK_TIMEOUT_S = 5.0
 LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
+MAX_ABORTED_IDS = 4096  # aborted ids remembered, so a commit that crossed its abort is refused
 
 
 @dataclass
@@ -67,12 +68,15 @@ class DecodeWorker(DecodeReservations):
         self._sink = sink
         self.owners = RequestOwners()  # request id -> owner token, from commit until the request ends
         self.owner_connected: Callable[[str], bool] = lambda token: True  # a server tells whether that router is here
+        # called after each batch of outputs handed to ``sink`` (one decode step's): a server sends them as one frame
+        self.flush_outputs: Callable[[], None] = lambda: None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_lease_check_s = 0.0
         self._adoptions: deque[_Adoption] = deque()  # committed transfers the loop adopts before its next step
         self._adoptions_lock = threading.Lock()  # transport threads append, the loop and abort take
         self._thread: Optional[threading.Thread] = None
+        self._aborted: OrderedDict[str, None] = OrderedDict()  # the latest aborted ids (``abort``)
         self.limits = MessageLimits(loaded.config.vocab_size, self.engine.max_model_len)
 
     @property
@@ -100,6 +104,8 @@ class DecodeWorker(DecodeReservations):
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
         self.owners.claim(state.request_id, state.owner, f"decode worker {self.name}")  # ValueError: a duplicate id
         try:
+            if state.request_id in self._aborted:  # after the claim: an abort from now on finds it (``abort``)
+                raise ValueError(f"request {state.request_id} was aborted before its KV arrived")
             if state.owner is not None and not self.owner_connected(state.owner):  # after the claim: see ``owners``
                 raise ValueError(f"request {state.request_id}: the router that submitted it has no connection to "
                                  f"decode worker {self.name}, so nobody would read its outputs")
@@ -126,6 +132,7 @@ class DecodeWorker(DecodeReservations):
                 self._lock.release()
             for out in failed + adopted:
                 self.sink(out)
+            self.flush_outputs()
         else:
             kv_trace("queued", transfer_id)
             with self._adoptions_lock:
@@ -133,6 +140,7 @@ class DecodeWorker(DecodeReservations):
         if self.health.error is not None:  # the loop failed since the check above: nobody will decode it
             for out in self._fail_held(self.health.reason or "decode loop failed"):
                 self.sink(out)
+            self.flush_outputs()
         self._wake.set()
 
     def _adopt(self, item: _Adoption) -> RequestOutput:
@@ -187,17 +195,24 @@ class DecodeWorker(DecodeReservations):
                 self._next_lease_check_s = now_s + LEASE_CHECK_S
                 self.expire_leases()
             adopted, failed = self._adopt_queued()
+            start = self.engine.clock.now()
+            if failed or adopted:  # their first tokens leave now, not a decode step later
+                for out in adopted:
+                    out.timeline.decode_start_s = start
+                for out in failed + adopted:
+                    self.sink(out)
+                self.flush_outputs()
             outputs: list[RequestOutput] = []
             if self.engine.has_unfinished():
-                start = self.engine.clock.now()
                 outputs = self.engine.step()
-                for out in adopted + outputs:
+                for out in outputs:
                     if out.timeline.decode_start_s is None:
                         out.timeline.decode_start_s = start
                     if out.finished:
                         self.engine.release(out.request_id)
-        for out in failed + adopted + outputs:
+        for out in outputs:
             self.sink(out)
+        self.flush_outputs()
         return bool(failed or adopted or outputs)
 
     def run_forever(self) -> None:
@@ -211,6 +226,7 @@ class DecodeWorker(DecodeReservations):
         def fail_held(reason: str) -> None:
             for out in self._fail_held(reason):
                 self.sink(out)
+            self.flush_outputs()
 
         self.health.run(loop, fail_held)
 
@@ -275,9 +291,14 @@ class DecodeWorker(DecodeReservations):
         """Stop decoding one request and free its blocks (also one committed but not adopted yet).
 
         Its id is released last, under the engine: a commit still on its way in then finds it gone and is
-        refused (``_adopt``), while one the loop adopted first is aborted here.
+        refused (``_adopt``), while one the loop adopted first is aborted here. The id is remembered (the
+        latest ``MAX_ABORTED_IDS``), so a commit that arrives after its abort (the abort overtook the KV) is
+        refused too.
         """
         with self._fair_lock.transport_access():
+            self._aborted[request_id] = None  # one whose DONE is still on its way is refused at commit
+            while len(self._aborted) > MAX_ABORTED_IDS:
+                self._aborted.popitem(last=False)
             with self._adoptions_lock:
                 dropped = [a for a in self._adoptions if a.state.request_id == request_id]
                 self._adoptions = deque(a for a in self._adoptions if a.state.request_id != request_id)

@@ -110,8 +110,7 @@ def _order(rng: random.Random, i: int) -> FuzzInput:
              ("decode", "router", FrameKind.RESERVE, {"transfer_id": tid, "num_tokens": 4}),
              ("decode", "router", FrameKind.LAYER, {"transfer_id": tid}),
              ("prefill", "router", FrameKind.DONE, {"transfer_id": tid}),
-             ("prefill", "router", FrameKind.CANCEL, {"transfer_id": tid}),
-             ("prefill", "router", FrameKind.REQUEST, {"abort": "fz"})]
+             ("prefill", "router", FrameKind.CANCEL, {"transfer_id": tid})]
     cases += [(target, "router", kind, {"x": 1}) for target in ("decode", "prefill")
               for kind in (FrameKind.GRANT, FrameKind.ACK, FrameKind.TOKENS, FrameKind.HEALTH, FrameKind.HELLO,
                            FrameKind.HELLO_OK, FrameKind.AUTH_CHALLENGE, FrameKind.AUTH_RESPONSE, FrameKind.ERROR)]

@@ -153,8 +153,8 @@ def ids_input(rng: random.Random, i: int) -> FuzzInput:
     prompt = [rng.randrange(1, 500) for _ in range(4)]
 
     def act(t: FuzzTarget) -> None:
-        if what == "abort an unknown id":
-            peer = t.peer("decode", "router")
+        if what == "abort an unknown id":  # both workers take aborts, best effort: no answer, nothing dropped
+            peer = t.peer("decode" if on_decode else "prefill", "router")
             peer.send(FrameKind.REQUEST, {"abort": f"fz-unknown-{i}"})
             drain(peer)
             return
@@ -162,8 +162,8 @@ def ids_input(rng: random.Random, i: int) -> FuzzInput:
             _foreign_transfer(t, f"fz-foreign-{i}")
             return
         victim = t.victim(on_decode)
-        if what.startswith("abort a foreign request"):
-            peer = t.peer("decode", "router")
+        if what.startswith("abort a foreign request"):  # to the worker that holds it (prefill: it may have left)
+            peer = t.peer("decode" if on_decode else "prefill", "router")
             if what.endswith("guessed owner"):
                 peer.send(FrameKind.REQUEST, {"owner": guessed_owner})
             peer.send(FrameKind.REQUEST, {"abort": victim})
@@ -182,7 +182,8 @@ def ids_input(rng: random.Random, i: int) -> FuzzInput:
                 peer.send(kind, header, payload)
             drain(peer, 0.5)
 
-    where = "" if what in ("abort an unknown id", "use another link's transfer id") else \
+    where = "" if what == "use another link's transfer id" else \
+        (" (to decode)" if on_decode else " (to prefill)") if what == "abort an unknown id" else \
         " (on decode)" if on_decode else " (while it may still be prefilling)"
     return FuzzInput("ids", f"{what}{where}", act)
 

@@ -2,7 +2,9 @@
 
 Each queued item is ``(kind, transfer, payload)``: ``announce`` (the page header, for links that
 announce), ``layer`` / ``layers`` (pages, payload ``(first layer, pages)``), ``commit`` (DONE,
-payload the handed-off sequence) or ``cancel``. A failed operation fails that transfer only: its
+payload the handed-off sequence), ``cancel`` or ``abort`` (the router gave the request up: its
+reservation goes back unless DONE went through already; the loop set ``error`` first, so the
+operations queued before it are skipped). A failed operation fails that transfer only: its
 ``error`` is set, its reservation cancelled, and every later operation on it is skipped. A
 committed transfer, or a failed one at its commit, is kept for the loop to reap (``next_finished``).
 """
@@ -42,6 +44,7 @@ class OutgoingTransfer:
     shape: Optional[tuple[int, ...]] = None  # of the announced stacked pages (``PrefillWorker._announce``)
     pieces: list[tuple[int, int]] = field(default_factory=list)  # their planned block ranges
     handed_off: bool = False
+    committed: bool = False  # DONE was acknowledged: the decode worker holds the request
     kv_ready: Optional[tuple[float, Optional[torch.cuda.Event]]] = None  # when its pages were complete
 
 
@@ -87,6 +90,13 @@ class KVSendThread:
 
     def send(self, kind: str, transfer: OutgoingTransfer, payload: object) -> None:
         """Carry out one link operation (on the sender thread, or inline when it is idle: ``PrefillWorker``)."""
+        if kind == "abort":
+            if not transfer.committed:
+                try:
+                    transfer.sender.cancel(transfer.transfer_id)
+                except Exception:  # noqa: BLE001 - best effort: a dropped link frees reservations by itself
+                    log.warning("could not give back the reservation of aborted transfer %s", transfer.transfer_id)
+            return
         if transfer.error is not None:
             if kind == "commit":
                 self._finished.put(transfer)
@@ -115,6 +125,7 @@ class KVSendThread:
                 kv_trace("commit", transfer.transfer_id)
                 transfer.sender.commit(transfer.transfer_id, state, transfer.num_bytes, self.timeout_s)
                 kv_trace("acked", transfer.transfer_id)
+                transfer.committed = True
                 self._finished.put(transfer)
         except Exception as exc:  # a dead peer, a timeout, a refusal: fail this request only
             transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"

@@ -6,7 +6,8 @@ random token (its *owner* token) and
 
 - puts it in every submission (``Submission.owner``); the prefill worker hands it on with the
   request's state (``SequenceState.owner``);
-- tells each decode worker, once per connection, REQUEST ``{"owner": token}``.
+- tells each worker, once per connection, REQUEST ``{"owner": token}`` (a prefill worker checks aborts
+  against it the same way, ``PrefillWorker.abort_as``).
 
 A decode worker then (``RequestOwners``) takes no second request under an id it already
 decodes, lets a router abort only requests carrying its own token (another's abort gets an
@@ -73,6 +74,11 @@ class RequestOwners:
         """The request's owner token (None: no such request, or one without an owner)."""
         with self._lock:
             return self._owners.get(request_id)
+
+    def request_ids(self) -> list[str]:
+        """The ids of every request held here (whatever its owner)."""
+        with self._lock:
+            return list(self._owners)
 
     def held_by(self, owner: str) -> list[str]:
         """The ids of the requests held here under ``owner``."""

@@ -6,6 +6,12 @@ are ``prefill_requests``'s ``Submission`` and ``FailedRequest``.
 A prefill loop that dies is a health failure (``health``): the worker fails every request it
 holds with a ``FailedRequest``, frees their blocks here, gives their reservations back on the
 decode side, and refuses new submissions.
+
+A router may abort a request it submitted (``abort_as``: the owner-token check of ``owners``),
+wherever it is here: waiting for credit, prefilling, or handed off with its pages and DONE still
+queued for the sender thread. The loop drops it between steps, frees its blocks here and gives
+its reservation back on the decode side (unless DONE already went through: the decode worker
+holds it then, and the router aborts it there).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from minidisagg.config import EngineConfig
 from minidisagg.disagg.health import LoopHealth
 from minidisagg.disagg.kv_send_thread import KVSendThread, OutgoingTransfer
+from minidisagg.disagg.owners import RequestOwners
 from minidisagg.disagg.prefill_requests import FailedRequest, Submission
 from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
@@ -35,6 +42,7 @@ from minidisagg.transport.trace import kv_trace
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
+ABORTED = "aborted by its router"
 
 
 def kv_ready_mark(device: torch.device, clock: Clock) -> tuple[float, Optional[torch.cuda.Event]]:
@@ -86,7 +94,9 @@ class PrefillWorker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.health = LoopHealth(f"prefill worker {name}")
-        self._held_ids: set[str] = set()  # requests submitted here and not yet finished, failed or handed over
+        # requests submitted here and not yet finished, failed or handed over, with their routers' owner tokens
+        self.owners = RequestOwners()
+        self._aborts: queue.Queue[str] = queue.Queue()  # ids to drop, taken by the loop between steps
 
     @property
     def error(self) -> Optional[BaseException]:
@@ -101,20 +111,57 @@ class PrefillWorker:
         """Queue a request (thread-safe); ValueError if this worker is unhealthy or already holds the id."""
         with self.health.guard():  # a submission lands before the loop fails, and is failed with the rest, or is refused
             self.health.check()
-            if submission.request_id in self._held_ids:
+            if submission.request_id in self.owners:
                 raise ValueError(f"request id {submission.request_id!r} is already in flight on {self.name}")
-            self._held_ids.add(submission.request_id)
+            self.owners.claim(submission.request_id, submission.owner, f"prefill worker {self.name}")
             self._inbox.put(submission)
 
     def holds(self, request_id: str) -> bool:
         """Whether ``request_id`` was submitted here and is not yet finished, failed or handed over."""
         with self.health.guard():
-            return request_id in self._held_ids
+            return request_id in self.owners
+
+    def abort_as(self, request_id: str, owner: Optional[str]) -> None:
+        """Abort for a router whose owner token is ``owner``: ``NotOwner`` (nothing aborted) if another router owns it."""
+        self.owners.check_abort(request_id, owner)
+        self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request held here (thread-safe, best effort: an unknown id is ignored); the loop frees its KV."""
+        if request_id not in self.owners:
+            return
+        transfer = self._transfers.get(request_id)
+        if transfer is not None and transfer.seq.status is SequenceStatus.HANDED_OFF and transfer.error is None:
+            transfer.error = ABORTED  # at once: the sender thread skips its queued pages and DONE from now on
+        self._aborts.put(request_id)
+
+    def _drop_aborted(self) -> None:
+        """Carry out the aborts queued since the last call (on the loop's thread: the engine is its own)."""
+        while True:
+            try:
+                rid = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            if any(sub.request_id == rid for sub in self._pending):  # no reservation yet
+                self._pending = [sub for sub in self._pending if sub.request_id != rid]
+                self._emit(FailedRequest(rid, ABORTED))
+                continue
+            transfer = self._transfers.get(rid)
+            if transfer is None or transfer.error not in (None, ABORTED):  # handed over, finished or failed already
+                continue
+            transfer.error = ABORTED  # the sender thread skips its queued pages and DONE
+            if transfer.seq.status is not SequenceStatus.HANDED_OFF:  # queued or prefilling: free it now
+                self._transfers.pop(rid)
+                self.engine.abort(rid)
+                self.engine.release(rid)
+                self._emit(FailedRequest(rid, ABORTED))
+            # else its skipped DONE brings it to ``_reap``, which frees its blocks and fails it
+            self._sends.put("abort", transfer)  # its reservation back, behind what is queued for it
 
     def _emit(self, item: RequestOutput | FailedRequest) -> None:
         """Pass a request's last word to the sink; it no longer counts as held here."""
         with self.health.guard():
-            self._held_ids.discard(item.request_id)
+            self.owners.release(item.request_id)
         self.sink(item)
 
     # ---- admission with credits ------------------------------------------------------------
@@ -124,6 +171,7 @@ class PrefillWorker:
                 self._pending.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
+        self._drop_aborted()
         still_pending = []
         for sub, tid, granted in self._reserve_pending():
             if isinstance(granted, TransferError):
@@ -238,6 +286,7 @@ class PrefillWorker:
                 and not self.engine.has_unfinished())
         for transfer in to_commit:
             if idle:
+                self._drop_aborted()  # one aborted while an earlier DONE waited for its ACK skips its own
                 self._sends.send("commit", transfer, transfer.seq)
             else:
                 self._sends.put("commit", transfer, transfer.seq)
@@ -248,7 +297,7 @@ class PrefillWorker:
             self.engine.release_handed_off(transfer.seq)
             self._transfers.pop(transfer.submission.request_id, None)
             with self.health.guard():
-                self._held_ids.discard(transfer.submission.request_id)
+                self.owners.release(transfer.submission.request_id)
             if transfer.error is not None:
                 self._emit(FailedRequest(transfer.submission.request_id, transfer.error))
 
@@ -262,13 +311,16 @@ class PrefillWorker:
         if self.engine.has_unfinished():
             for out in self.engine.step():
                 if out.finished:  # stopped at its first token: nothing to ship
-                    transfer = self._transfers.pop(out.request_id)
+                    transfer = self._transfers.pop(out.request_id, None)
+                    if transfer is None:  # aborted (``_drop_aborted``): freed already
+                        continue
                     if transfer.shape is None:
                         transfer.sender.cancel(transfer.transfer_id)
                     else:  # after its announcement, in the link's order
                         self._sends.put("cancel", transfer)
                     self.engine.release(out.request_id)
                     self._emit(out)
+            self._drop_aborted()  # one aborted during this step skips its DONE
             self._commit_handed_off()
             worked = True
         self._reap()

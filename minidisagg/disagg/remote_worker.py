@@ -20,6 +20,7 @@ from typing import Optional
 
 from minidisagg.disagg.prefill_requests import FailedRequest, Submission
 from minidisagg.disagg.serve import submission_to_dict
+from minidisagg.disagg.token_stream import DeltaReceiver, check_deltas
 from minidisagg.disagg.validate import InvalidMessage, check_output
 from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.transport.auth import Link, LinkSecurity
@@ -39,7 +40,7 @@ class RemoteWorker:
     frame the worker could not read) is logged, never taken for a lost connection. Every TOKENS
     frame is checked (``validate.check_output``; token ids against ``vocab_size`` when given): a
     malformed one fails its request. ``owner`` is the router's owner token (``owners``): each
-    submission carries it and each decode worker is told it on connect, so this router's
+    submission carries it and each worker is told it on connect, so this router's
     requests are its own. A frame begun must be whole within ``frame_deadline_s``.
     """
 
@@ -68,6 +69,7 @@ class RemoteWorker:
         self._closing = False
         self._stop = threading.Event()
         self._healer: Optional[threading.Thread] = None
+        self._streams = DeltaReceiver()  # the outputs so far of requests decoding there
         self.sock = self._open(timeout_s, retries=20)
         self._reader = self._start_reader(self.sock)
 
@@ -79,7 +81,7 @@ class RemoteWorker:
             # One timeout for the socket's whole life: two threads share it, and changing a socket's
             # timeout while another thread blocks in recv can make that recv fail with EAGAIN.
             sock.settimeout(self.timeout_s)
-            if self.owner is not None and theirs.role == "decode":
+            if self.owner is not None and theirs.role in ("decode", "prefill"):
                 send_frame(sock, FrameKind.REQUEST, {"owner": self.owner})
         except BaseException:
             sock.close()
@@ -112,6 +114,7 @@ class RemoteWorker:
                 self.num_failures += 1
                 log.warning("%s", reason)
             sock.close()
+            self._streams.clear()
             if self.reconnect.enabled and (self._healer is None or not self._healer.is_alive()):
                 self._healer = threading.Thread(target=self._heal, name=f"router-heal-{self.name}", daemon=True)
                 self._healer.start()
@@ -171,7 +174,13 @@ class RemoteWorker:
         header = frame.header
         if frame.kind == FrameKind.TOKENS:
             try:
-                self.outputs.put(check_output(header, self.vocab_size))
+                if isinstance(header, dict) and "deltas" in header:  # a decode step's new tokens (``token_stream``)
+                    for delta in check_deltas(header, self.vocab_size):
+                        out = self._streams.apply(delta)
+                        if out is not None:
+                            self.outputs.put(out)
+                else:
+                    self.outputs.put(self._streams.whole(check_output(header, self.vocab_size)))
             except InvalidMessage as exc:
                 log.warning("%s sent a malformed TOKENS frame: %s", self.name, exc)
                 if exc.request_id is not None:
@@ -218,7 +227,8 @@ class RemoteWorker:
             pass
 
     def abort(self, request_id: str) -> None:
-        """Ask a decode server to drop one of this router's requests (best effort)."""
+        """Ask the worker to drop one of this router's requests, freeing its KV there (best effort)."""
+        self._streams.forget(request_id)
         try:
             self._send({"abort": request_id})
         except OSError:

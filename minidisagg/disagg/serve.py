@@ -3,13 +3,15 @@
 Who connects to whom (every connection starts with the proof of the deployment's shared secret,
 ``transport/auth.py``, over TLS where configured, then a HELLO carrying the model fingerprint):
 
-- the router connects to each prefill server (role ``router``) and sends REQUEST frames;
-  the prefill server answers on that connection with TOKENS (a request that stopped at its
-  first token) or ERROR (a request it could not hand over);
+- the router connects to each prefill server (role ``router``), says which router it is (REQUEST
+  ``{"owner": token}``) and sends REQUEST frames (submissions, and ``{"abort": id}`` for its own
+  requests only); the prefill server answers on that connection with TOKENS (a request that
+  stopped at its first token) or ERROR (a request it could not hand over, or aborted);
 - each prefill server connects to every decode server (role ``prefill``): the KV link;
 - the router connects to each decode server (role ``router``), says which router it is (REQUEST
   ``{"owner": token}``, ``owners``) and receives TOKENS frames for its requests, the last one
-  marked finished; it may send REQUEST ``{"abort": id}`` for its own requests only.
+  marked finished, token by token (``token_stream``); it may send REQUEST ``{"abort": id}`` for its
+  own requests only.
 
 Every REQUEST is checked field by field (``validate``) before the worker sees it. A bad one,
 or a frame whose JSON header cannot be parsed, is answered with an ERROR naming the field, sent
@@ -42,6 +44,7 @@ from minidisagg.disagg.outbox import Subscribers
 from minidisagg.disagg.owners import OwnerConnections
 from minidisagg.disagg.prefill_requests import FailedRequest, Submission
 from minidisagg.disagg.prefill_worker import PrefillWorker
+from minidisagg.disagg.token_stream import DeltaFramer
 from minidisagg.disagg.validate import (
     InvalidMessage,
     MessageLimits,
@@ -66,7 +69,6 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 30.0
 FLUSH_TIMEOUT_S = 1.0  # at stop, how long the outputs still queued for routers may take to leave
-STREAM_EVERY_TOKENS = 8  # a decode server streams a request's output every this many tokens (and when it ends)
 
 
 def output_to_dict(out: RequestOutput) -> dict[str, Any]:
@@ -219,23 +221,28 @@ class DecodeServer(WorkerServer):
         self.routers: OwnerConnections[socket.socket] = OwnerConnections()  # router connections by owner token
         self.worker = DecodeWorker("decode", loaded, config, clock or WallClock(), self._emit)
         self.worker.owner_connected = lambda token: bool(self.routers.connections(token))
+        self.framer = DeltaFramer(output_to_dict, self._send_tokens)  # token by token, one frame per step (``token_stream``)
+        self.worker.flush_outputs = self._flush
         super().__init__(loaded, self.worker.layout, host, port, config.link, security)
         self._watch_worker(self.worker)
         self.worker.start()
 
     def _emit(self, out: RequestOutput) -> None:
         """An output goes to its owner's connections (``owners``); one without an owner to every router
-        connection that registered no owner token."""
-        # Each frame carries the whole output so far; sending one per token would make the decode loop
-        # pay O(n^2) encoding per request. Stream every STREAM_EVERY_TOKENS tokens, and always the last.
-        if not (out.finished or len(out.token_ids) % STREAM_EVERY_TOKENS == 1):
-            return
-        token = self.worker.owners.owner_of(out.request_id)
+        connection that registered no owner token. Sent when the worker's step ends (``_flush``)."""
+        self.framer.add(self.worker.owners.owner_of(out.request_id), out)
+
+    def _flush(self) -> None:
+        self.framer.flush()
+        if len(self.worker.owners) + 64 < self.framer.num_streaming:  # requests aborted without a last output
+            self.framer.forget(lambda rid: rid not in self.worker.owners)
+
+    def _send_tokens(self, token: Optional[str], header: dict[str, Any]) -> None:
         if token is None:
-            self.subscribers.send(FrameKind.TOKENS, output_to_dict(out), exclude=self.routers.registered())
+            self.subscribers.send(FrameKind.TOKENS, header, exclude=self.routers.registered())
             return
         for conn in self.routers.connections(token):  # none left: the owner is gone (or reconnecting)
-            self.subscribers.send_to(conn, FrameKind.TOKENS, output_to_dict(out))
+            self.subscribers.send_to(conn, FrameKind.TOKENS, header)
 
     def _on_router_request(self, header: dict[str, Any], sock: socket.socket) -> None:
         """``{"owner": token}``: this connection speaks for that router; ``{"abort": id}``: abort one of its requests."""
@@ -265,7 +272,8 @@ class DecodeServer(WorkerServer):
         """With no router left to read them, abort every request decoding here, so their KV blocks are freed."""
         if num_left:
             return
-        request_ids = self.worker.engine.request_ids()
+        # those decoding, and those committed but not adopted yet
+        request_ids = sorted(set(self.worker.engine.request_ids()) | set(self.worker.owners.request_ids()))
         for request_id in request_ids:
             self.worker.abort(request_id)
         log.warning("decode: %s was the last router subscribed; aborted its %d request(s) and freed their KV",
@@ -313,6 +321,7 @@ class PrefillServer(WorkerServer):
                                         heartbeat_s=heartbeat_s, wire_dtype=config.link.kv_wire_dtype) for name, (h, p) in decode_peers.items()}
         self.worker.senders.update(senders)
         self._submitters: dict[str, socket.socket] = {}  # request id -> the router connection that sent it
+        self.routers: OwnerConnections[socket.socket] = OwnerConnections()  # router connections by owner token
         self._submit_lock = threading.Lock()
         super().__init__(loaded, layout, host, port, config.link, security)
         self.limits = MessageLimits(loaded.config.vocab_size, self.worker.engine.max_model_len)
@@ -333,6 +342,14 @@ class PrefillServer(WorkerServer):
             self.subscribers.send(kind, header)
 
     def _on_request(self, header: dict[str, Any], sock: socket.socket) -> None:
+        """A submission; or ``{"owner": token}`` (this connection speaks for that router), ``{"abort": id}``."""
+        if isinstance(header, dict) and ("abort" in header or "owner" in header):
+            what, value = check_decode_request(header)
+            if what == "owner":
+                self.routers.register(sock, value)
+            else:
+                self.worker.abort_as(value, self.routers.token_of(sock))  # NotOwner names the id; nothing is aborted
+            return
         sub = check_submission(header, self.limits, self.worker.engine.clock.now(), self.worker.senders)
         with self._submit_lock:  # the worker may answer before submit returns: note the sender first
             for rid in [rid for rid in self._submitters if not self.worker.holds(rid)]:
@@ -352,6 +369,10 @@ class PrefillServer(WorkerServer):
 
     def serve_role(self, role: str, sock: socket.socket, peer: str) -> None:
         self.serve_router(sock, peer, self._on_request)
+
+    def connection_closed(self, sock: socket.socket) -> None:
+        """Forget the connection's owner registration (its requests still reach their decode workers)."""
+        self.routers.remove(sock)
 
     def stop(self) -> None:
         super().stop()

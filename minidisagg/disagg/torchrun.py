@@ -10,7 +10,7 @@
 Ranks come from torchrun's environment (``TorchrunEnv``): ranks ``0..D-1`` are the decode
 workers ``d0..``, ranks ``D..D+P-1`` the prefill workers ``p0..``, as ``launch_local`` assigns
 them. Every worker joins torchrun's store (``join_torchrun_store``), listens on a port of its own
-choosing and writes ``name=host:port`` there; a prefill worker reads the decode workers'
+choosing (``--port P``: local rank ``i`` takes ``P + i``) and writes ``name=host:port`` there; a prefill worker reads the decode workers'
 addresses from the store, so no port is picked in advance. On each node, local rank 0 then
 waits for every worker's address and writes the router's ``--peers`` line to ``--peers-file``:
 the front (``minidisagg serve --role router --peers "$(cat peers.txt)"``) runs beside it.
@@ -50,6 +50,16 @@ def advertised_host(host: str, toward: str) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as probe:  # connecting a UDP socket sends nothing
         probe.connect((toward, 9))
         return probe.getsockname()[0]
+
+
+def worker_port(base_port: Optional[int], local_rank: int) -> int:
+    """The port a worker listens on: ``base_port + local_rank`` (the workers of a node never collide), else 0 (any)."""
+    if not base_port:
+        return 0
+    port = base_port + local_rank
+    if port > 65535:
+        raise SystemExit(f"--port {base_port} + LOCAL_RANK {local_rank} = {port} is past 65535; pick a lower --port")
+    return port
 
 
 def router_peers(addresses: Sequence[str], num_decode: int) -> str:
@@ -136,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"torchrun started {env.world_size} processes in all, but --num-prefill "
                          f"{args.num_prefill} + --num-decode {args.num_decode} = {args.num_prefill + args.num_decode}")
     args.role, args.worker_name = worker_role(env.rank, args.num_prefill, args.num_decode)
-    args.port = args.port or 0
+    args.port = worker_port(args.port, env.local_rank)
     args.dist_rank, args.dist_world = env.rank, env.world_size
     args.dist_init = f"tcp://{env.master_addr}:{env.master_port}"  # names the store in errors; torchrun's is used
     if args.device == "cuda":  # one GPU per process of a node, as torchrun's examples do

@@ -253,7 +253,9 @@ DECODE_REQUESTS = ("abort", "owner")
 
 
 def check_decode_request(header: object) -> tuple[str, str]:
-    """A REQUEST frame for a decode worker -> ``(what, value)``: ``("abort", request_id)`` or ``("owner", token)``.
+    """A control REQUEST frame for a worker -> ``(what, value)``: ``("abort", request_id)`` or ``("owner", token)``.
+
+    A decode worker takes only these; a prefill worker takes them beside submissions.
 
     ``{"abort": request_id}`` drops a request; ``{"owner": token}`` tells the worker which router
     this connection belongs to (the token its requests carry as ``SequenceState.owner``).

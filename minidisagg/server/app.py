@@ -86,6 +86,16 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
+async def _next_unless_gone(sub: Submitted, watcher: asyncio.Future) -> Optional[tuple[int, TokenEvent]]:
+    """The next event of ``sub``, or None once the client has gone (``watcher``, ``_until_disconnect``, is done)."""
+    getter = asyncio.ensure_future(sub.next())
+    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if not getter.done():
+        getter.cancel()
+        return None
+    return getter.result()
+
+
 async def _collect(sub: Submitted, request: Request) -> Optional[list[tuple[str, str, int, int]]]:
     """Wait for every request to finish: (text, finish_reason, prompt tokens, completion tokens) each.
 
@@ -96,12 +106,10 @@ async def _collect(sub: Submitted, request: Request) -> Optional[list[tuple[str,
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
         while sub.open:
-            getter = asyncio.ensure_future(sub.next())
-            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+            got = await _next_unless_gone(sub, watcher)
+            if got is None:
                 return None
-            index, event = getter.result()
+            index, event = got
             texts[index] += event.text
             _check_failed(event)
             if event.finished:
@@ -113,15 +121,24 @@ async def _collect(sub: Submitted, request: Request) -> Optional[list[tuple[str,
             for i, e in sorted(ends.items())]
 
 
-async def _stream(sub: Submitted, chat: bool, model: str, response_id: str, include_usage: bool) -> AsyncIterator[bytes]:
-    """Server-sent events: a chunk per new text, a last chunk with the finish reason, usage, ``[DONE]``."""
+async def _stream(sub: Submitted, chat: bool, model: str, response_id: str, include_usage: bool,
+                  request: Request) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per new text, a last chunk with the finish reason, usage, ``[DONE]``.
+
+    A client that leaves is noticed at once, not at the next write (while a long prompt is still
+    being prefilled nothing is written for a while): its requests are aborted then.
+    """
     created = p.now_s()
     prompt_tokens = completion_tokens = 0
+    watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
         if chat:
             yield _sse(p.chat_chunk(response_id, created, model, {"role": "assistant", "content": ""}, None))
         while sub.open:
-            index, event = await sub.next()
+            got = await _next_unless_gone(sub, watcher)
+            if got is None:
+                return
+            index, event = got
             if event.finished and event.finish_reason not in FINISH_REASONS:
                 yield _sse(_failure(event).body())
                 break
@@ -141,6 +158,7 @@ async def _stream(sub: Submitted, chat: bool, model: str, response_id: str, incl
                 yield _sse(p.usage_chunk(response_id, created, model, kind, p.usage(prompt_tokens, completion_tokens)))
         yield b"data: [DONE]\n\n"
     finally:  # a client that disconnects lands here too: its requests are aborted, their KV blocks freed
+        watcher.cancel()
         sub.abort_open()
 
 
@@ -210,7 +228,7 @@ def create_app(engine_loop: EngineLoop, info: ModelInfo, api_key: Optional[str] 
                       stream: bool, include_usage: bool) -> Response:
         """Stream the submitted requests' events, or wait for them and answer once."""
         if stream:
-            return StreamingResponse(_stream(sub, chat, model, response_id, include_usage),
+            return StreamingResponse(_stream(sub, chat, model, response_id, include_usage, request),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _collect(sub, request)
         if results is None:

@@ -115,12 +115,19 @@ class EngineLoop:
                                      f"retry later")
             self._accepted += 1
         self._control.put(("add", (request_id, prompt, params, sink, time.perf_counter())))
-        self._wake.set()
+        self._wake_up()
 
     def abort(self, request_id: str) -> None:
         """Stop a request (its client went away); its KV blocks return to the pool."""
         self._control.put(("abort", request_id))
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        """Wake the loop: from its idle wait, and from an engine ``step`` that waits on other processes (``wake``)."""
         self._wake.set()
+        wake = getattr(self.engine, "wake", None)
+        if wake is not None:
+            wake()
 
     # ---- the loop's thread ------------------------------------------------------------------
     def _run(self) -> None:
