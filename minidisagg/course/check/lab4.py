@@ -347,6 +347,6 @@ GRADING = LabGrading(
         GradedTask(task="Lab 4, Task 2", function="serve_prompts", points=3, hidden=hidden_task2,
                    reference="minidisagg.course.handoff_lab:serve_prompts_reference", design=True),
     ),
-    predictions=("Lab 4, Q1", "Lab 4, Q2", "Lab 4, Q3"),
-    written=("W1", "W2"),
+    predictions=("Lab 4, Q1", "Lab 4, Q2", "Lab 4, Q3", "Lab 4, Q4"),
+    written=("W1", "W2", "W3"),
 )
