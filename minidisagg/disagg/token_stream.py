@@ -66,9 +66,11 @@ class DeltaFramer:
                 del self._sent[rid]
 
     def flush(self) -> None:
-        """Send what was queued, in order: per destination, each whole output alone and each run of deltas as one frame.
+        """Send what was queued: per destination, the whole outputs in order, then every delta in one frame.
 
-        ``send`` must not block for long (``outbox.Subscribers`` only queues).
+        A request's whole first output was queued before its deltas, so it still arrives first; a delta
+        queued before its request's whole last output arrives after it, and the router drops it (the last
+        output holds every token). ``send`` must not block for long (``outbox.Subscribers`` only queues).
         """
         with self._flush_lock:
             with self._lock:
@@ -76,14 +78,11 @@ class DeltaFramer:
             runs: dict[Hashable, list[Any]] = {}
             for destination, header, delta in batch:
                 if header is not None:
-                    if runs.get(destination):
-                        self.send(destination, {"deltas": runs.pop(destination)})
                     self.send(destination, header)
                 else:
                     runs.setdefault(destination, []).append(delta)
             for destination, deltas in runs.items():
-                if deltas:
-                    self.send(destination, {"deltas": deltas})
+                self.send(destination, {"deltas": deltas})
 
 
 def check_deltas(header: object, vocab_size: Optional[int] = None) -> list[Delta]:
