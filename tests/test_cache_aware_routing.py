@@ -147,6 +147,7 @@ def test_the_index_sized_to_a_pool_never_forgets_a_block_the_pool_still_holds(se
 
 def test_bad_configuration_is_refused_with_a_clear_message(tiny_loaded):
     from minidisagg.disagg.cluster import DisaggCluster
+    from minidisagg.disagg.replicas import ReplicaCluster
     from minidisagg.sim.router import InstancePicker
 
     assert "cache_aware" in ROUTING_POLICIES
@@ -171,6 +172,8 @@ def test_bad_configuration_is_refused_with_a_clear_message(tiny_loaded):
         InstancePicker(2, "cache_aware")
     with pytest.raises(ValueError, match="enable_prefix_caching=True"):
         DisaggCluster(tiny_loaded, EngineConfig(), num_prefill=2, routing="cache_aware")
+    with pytest.raises(ValueError, match="replicas take 'least_loaded' or 'round_robin'"):
+        ReplicaCluster("tiny", EngineConfig(), ["cpu", "cpu"], routing="cache_aware")
 
 
 # ---- a 2P1D cluster ---------------------------------------------------------------------------------
