@@ -141,7 +141,8 @@ def markdown(result: dict[str, Any], date: str) -> str:
         f"one at a time, first token only; block size {a['block_size']}, {a['num_kv_blocks']} KV blocks a worker; "
         f"{a['repeats']} repeats (workloads of seeds {a['seed']}..{a['seed'] + a['repeats'] - 1}), means.",
         "",
-        "| routing | realised hit rate | router's predicted hit rate | prompt tokens computed | mean TTFT | median TTFT |",
+        "| routing | realised hit rate | router's predicted hit rate | prompt tokens computed | mean TTFT "
+        "| median TTFT |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for p in POLICIES:

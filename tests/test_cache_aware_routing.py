@@ -68,7 +68,8 @@ def test_choices_follow_the_documented_score_on_random_prompts_and_loads(seed):
         choice = index.choose(prompt, alive, queued)
         where = f"seed {seed}, step {step}, bs {bs}, weight {weight}"
         assert choice.prefill == want, where
-        assert choice.overlap_blocks == want_overlaps[want] and choice.predicted_cached_tokens == want_overlaps[want] * bs
+        assert choice.overlap_blocks == want_overlaps[want], where
+        assert choice.predicted_cached_tokens == want_overlaps[want] * bs, where
         assert choice.score_blocks == pytest.approx(want_overlaps[want] - weight * queued[want] / bs)
         routed += len(prompt)
         predicted += choice.predicted_cached_tokens
