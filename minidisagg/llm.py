@@ -81,6 +81,9 @@ class LLM:
     ``"block_major"``, the CUDA default, whose request pages cross a ``dist`` link without a copy).
     ``enable_prefix_caching=True`` keeps full KV blocks after their request ends and reuses them for
     later prompts that start with the same tokens (``RequestOutput.num_cached_tokens`` says how many).
+    ``routing`` (``mode="disagg"``) spreads requests over the workers: ``"round_robin"``,
+    ``"least_loaded"``, or ``"cache_aware"`` (with prefix caching on: each prompt goes to the prefill
+    worker likely to hold its longest prefix, balanced against load; ``disagg/prefix_index.py``).
     ``kv_overlap=True`` sends each layer's KV while later layers are still computing; it is off by
     default because sending after the prefill gave as much goodput or more in this engine's two-GPU
     runs (``benchmarks/NOTES.md``; lab 5 shows when overlap would win: a slow link, a long prefill).

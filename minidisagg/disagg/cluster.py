@@ -21,6 +21,7 @@ from minidisagg.config import EngineConfig
 from minidisagg.disagg.decode_worker import DecodeWorker
 from minidisagg.disagg.prefill_requests import FailedRequest, Submission
 from minidisagg.disagg.prefill_worker import PrefillWorker
+from minidisagg.disagg.prefix_index import DEFAULT_INDEX_BLOCKS, worker_pool_blocks
 from minidisagg.disagg.router import Router
 from minidisagg.engine.clock import WallClock
 from minidisagg.engine.llm_engine import PromptInput, RequestOutput, validate_prompt
@@ -51,6 +52,7 @@ class _Live:
     attempts: int = 1
     tokens_seen: int = 0
     on_decode: bool = False  # its KV reached the decode worker: the prefill worker no longer matters
+    new_tokens: int = 0  # prompt tokens its prefill worker must compute (cache_aware: less the predicted hit)
 
 
 class DisaggCluster:
@@ -78,7 +80,13 @@ class DisaggCluster:
         self.kv_failure_policy = kv_failure_policy
         self.request_timeout_s = request_timeout_s
         self.max_attempts = max_attempts
-        self.router = Router(num_prefill, num_decode, routing)
+        if routing == "cache_aware" and not config.cache.enable_prefix_caching:
+            raise ValueError("routing='cache_aware' needs enable_prefix_caching=True: without it no worker keeps "
+                             "a prefix to route to")
+        self.router = Router(num_prefill, num_decode, routing, config.cache.block_size,
+                             config.cache.num_blocks or DEFAULT_INDEX_BLOCKS)
+        self.num_prompt_tokens_served = 0  # over finished requests: the realised ``prefix_hit_rate``
+        self.num_cached_tokens_served = 0
         self.owner = secrets.token_hex(16)  # this router's owner token on remote workers (``owners``)
         self._id_tag = secrets.token_hex(6)  # in every id workers see: other routers cannot guess ours
         self._outputs: queue.Queue[RequestOutput | FailedRequest | None] = queue.Queue()  # None: ``wake``
@@ -205,16 +213,27 @@ class DisaggCluster:
                 del self._future[rid]
                 self._route(sub, attempts=1, arrival=sub.arrival_s)
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens finished requests took from a prefix cache over all their prompt tokens (0 before any)."""
+        return self.num_cached_tokens_served / self.num_prompt_tokens_served if self.num_prompt_tokens_served else 0.0
+
     def _route(self, sub: Submission, attempts: int, arrival: float, tokens_seen: int = 0) -> None:
+        cache_aware = self.router.policy == "cache_aware"  # its prefill loads: tokens left to prefill
         prefill_loads = [0] * len(self.prefill_workers)
         decode_loads = [0] * len(self.decode_workers)
         for live in self._live.values():
-            prefill_loads[live.prefill] += 1
+            prefill_loads[live.prefill] += (0 if live.on_decode else live.new_tokens) if cache_aware else 1
             decode_loads[live.decode] += 1
-        p, d = self.router.pick(prefill_loads, decode_loads, sorted(self._dead_prefills), sorted(self._dead_decodes))
+        for i, worker in enumerate(self.prefill_workers if cache_aware else ()):
+            self.router.resize(i, worker_pool_blocks(worker))
+        p, d = self.router.pick(prefill_loads, decode_loads, sorted(self._dead_prefills), sorted(self._dead_decodes),
+                                prompt_token_ids=sub.prompt_token_ids)
+        cached = self.router.last_choice.predicted_cached_tokens if cache_aware else 0  # type: ignore[union-attr]
         sub.decode_target = self.decode_workers[d].name
         deadline = max(arrival, self.clock.now()) + self.request_timeout_s
-        self._live[sub.request_id] = _Live(sub, p, d, deadline, attempts, tokens_seen)
+        self._live[sub.request_id] = _Live(sub, p, d, deadline, attempts, tokens_seen,
+                                           new_tokens=len(sub.prompt_token_ids) - cached)
         # Workers see one id per attempt, so late outputs of an abandoned attempt are recognised.
         self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=self.wire_id(sub.request_id, attempts)))
 
@@ -268,6 +287,8 @@ class DisaggCluster:
                 if failures <= self._failures_seen.get((kind, index), 0):
                     continue
                 self._failures_seen[(kind, index)] = failures
+                if kind == "prefill":
+                    self.router.forget(index)
                 mine = [(r, live.attempts) for r, live in self._live.items()
                         if getattr(live, kind) == index and not (kind == "prefill" and live.on_decode)]
                 for rid, attempt in mine:
@@ -306,6 +327,8 @@ class DisaggCluster:
         live.tokens_seen = len(item.token_ids)
         if item.finished:
             del self._live[rid]
+            self.num_prompt_tokens_served += len(item.prompt_token_ids)
+            self.num_cached_tokens_served += item.num_cached_tokens
         return dataclasses.replace(item, request_id=rid)
 
     def _fail(self, request_id: str, error: str) -> RequestOutput:

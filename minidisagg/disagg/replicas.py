@@ -124,6 +124,9 @@ class ReplicaCluster:
             raise ValueError("a ReplicaCluster needs at least one device")
         if request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        if routing == "cache_aware":
+            raise ValueError("routing='cache_aware' picks prefill workers of mode='disagg'; replicas take "
+                             "'least_loaded' or 'round_robin'")
         self.loaded = load_model(model, device=devices[0] if devices[0] == "cpu" else "auto", dtype=dtype,
                                  seed=seed, random_weights=random_weights, weights=False)
         self.model_config = self.loaded.config

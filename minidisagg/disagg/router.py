@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
+
+from minidisagg.disagg.prefix_index import DEFAULT_INDEX_BLOCKS, CacheAwareChoice, CacheAwareIndex
 
 RoutingPolicy = Callable[[Sequence[int]], int]
-ROUTING_POLICIES = ("round_robin", "least_loaded")
+LOAD_POLICIES = ("round_robin", "least_loaded")  # those that look at loads alone
+ROUTING_POLICIES = (*LOAD_POLICIES, "cache_aware")
 
 
 class Router:
-    """Assigns requests over ``num_prefill`` x ``num_decode`` workers by round robin or least load."""
+    """Assigns requests over ``num_prefill`` x ``num_decode`` workers by round robin, least load or cached prefix.
 
-    def __init__(self, num_prefill: int, num_decode: int, policy: str = "round_robin") -> None:
+    ``cache_aware`` (``prefix_index`` says how and why) sends a prompt to the prefill worker
+    with the longest cached prefix, balanced against its queue, and the decode side least loaded;
+    it needs the KV ``block_size`` of the workers and, in ``pick``, the prompt's token ids.
+    """
+
+    def __init__(self, num_prefill: int, num_decode: int, policy: str = "round_robin",
+                 block_size: Optional[int] = None, index_blocks: int = DEFAULT_INDEX_BLOCKS,
+                 load_weight: float = 1.0) -> None:
         if num_prefill < 1 or num_decode < 1:
             raise ValueError(f"need at least one prefill and one decode worker, got {num_prefill}P{num_decode}D")
         if policy not in ROUTING_POLICIES:
@@ -22,14 +32,47 @@ class Router:
         self.num_decode = num_decode
         self._next_prefill = itertools.cycle(range(num_prefill))
         self._next_decode = itertools.cycle(range(num_decode))
+        self.cache_index: Optional[CacheAwareIndex] = None
+        self.last_choice: Optional[CacheAwareChoice] = None  # cache_aware: the latest pick's overlap and score
+        if policy == "cache_aware":
+            if block_size is None:
+                raise ValueError("routing='cache_aware' needs the workers' KV block_size (Router(..., block_size=...))")
+            self.cache_index = CacheAwareIndex(num_prefill, block_size, index_blocks, load_weight)
+
+    @property
+    def predicted_hit_rate(self) -> Optional[float]:
+        """cache_aware: prompt tokens expected to be found cached over all routed; None for the other policies."""
+        return None if self.cache_index is None else self.cache_index.predicted_hit_rate
+
+    def resize(self, prefill: int, pool_blocks: Optional[int]) -> None:
+        """cache_aware: prefill worker ``prefill``'s KV pool holds ``pool_blocks`` (None: unknown, no change)."""
+        if self.cache_index is not None and pool_blocks is not None:
+            index = self.cache_index.workers[prefill]
+            if index.capacity_blocks != pool_blocks:
+                index.resize(pool_blocks)
+
+    def forget(self, prefill: int) -> None:
+        """cache_aware: prefill worker ``prefill`` failed; whatever it cached is no longer assumed."""
+        if self.cache_index is not None:
+            self.cache_index.workers[prefill].clear()
 
     def pick(self, prefill_loads: Sequence[int], decode_loads: Sequence[int],
-             exclude_prefill: Sequence[int] = (), exclude_decode: Sequence[int] = ()) -> tuple[int, int]:
-        """(prefill index, decode index) for the next request, skipping the dead workers listed."""
+             exclude_prefill: Sequence[int] = (), exclude_decode: Sequence[int] = (),
+             prompt_token_ids: Optional[Sequence[int]] = None) -> tuple[int, int]:
+        """(prefill index, decode index) for the next request, skipping the dead workers listed.
+
+        Loads are requests in flight per worker, except that cache_aware reads ``prefill_loads``
+        as the prompt tokens each prefill worker has still to compute.
+        """
         alive_p = [i for i in range(self.num_prefill) if i not in exclude_prefill]
         alive_d = [i for i in range(self.num_decode) if i not in exclude_decode]
         if not alive_p or not alive_d:
             raise RuntimeError(f"no {'prefill' if not alive_p else 'decode'} worker is alive")
+        if self.cache_index is not None:
+            if prompt_token_ids is None:
+                raise ValueError("routing='cache_aware' needs the prompt: pick(..., prompt_token_ids=...)")
+            self.last_choice = self.cache_index.choose(prompt_token_ids, alive_p, prefill_loads)
+            return self.last_choice.prefill, min(alive_d, key=lambda i: (decode_loads[i], i))
         if self.policy == "least_loaded":
             p = min(alive_p, key=lambda i: (prefill_loads[i], i))
             d = min(alive_d, key=lambda i: (decode_loads[i], i))

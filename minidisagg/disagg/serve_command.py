@@ -32,6 +32,7 @@ class WorkerRendezvous(Protocol):
 def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: str) -> None:
     """Add the ``serve`` subcommand and its flags to ``sub`` (the CLI's subparsers)."""
     from minidisagg.config import KV_WIRE_DTYPES, LinkConfig  # dataclasses only: no torch
+    from minidisagg.disagg.router import ROUTING_POLICIES  # hashlib and dataclasses only: no torch
 
     serve = sub.add_parser("serve", help="serve the OpenAI API over HTTP (--mode), or run one prefill, decode or "
                                          "router process (--role)")
@@ -84,8 +85,8 @@ def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: st
     serve.add_argument("--cpu-cores", default="", help="pin this process to these cores, e.g. 0 or 0,1")
     serve.add_argument("--clock-origin", type=float, default=None, help="shared perf_counter origin")
     serve.add_argument("--ready-file", default="", help="write the bound port here once listening")
-    serve.add_argument("--routing", choices=["round_robin", "least_loaded"], default="round_robin",
-                       help="router: how requests are spread over workers")
+    serve.add_argument("--routing", choices=list(ROUTING_POLICIES), default="round_robin",
+                       help="router: how requests are spread over workers (cache_aware needs --enable-prefix-caching)")
     serve.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
                        help="router: what happens to requests of a worker that dies")
     serve.add_argument("--request-timeout-s", type=float, default=600.0, help="router: deadline of every request")

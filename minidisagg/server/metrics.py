@@ -36,6 +36,12 @@ class ServerMetrics:
                                     registry=r)
         self.kv_total_blocks = Gauge(f"{PREFIX}_kv_total_blocks", "KV cache blocks in the pool, per worker",
                                      ["worker"], registry=r)
+        self.prefix_cache_hit_tokens = Counter(
+            f"{PREFIX}_prefix_cache_hit_tokens", "prompt tokens of finished requests taken from a prefix cache, not "
+            f"computed (over {PREFIX}_prompt_tokens: the realised hit rate)", registry=r)
+        self.router_predicted_hit_rate = Gauge(
+            f"{PREFIX}_router_predicted_prefix_hit_rate", "cache_aware routing: prompt tokens the router expected "
+            "to be cached where it sent them, over all it routed", registry=r)
         self.kv_transfer_bytes = Counter(f"{PREFIX}_kv_transfer_bytes", "KV cache bytes moved between workers",
                                          registry=r)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 
-from minidisagg.disagg.router import ROUTING_POLICIES
+from minidisagg.disagg.router import LOAD_POLICIES
 
 
 class InstancePicker:
@@ -20,8 +20,8 @@ class InstancePicker:
     def __init__(self, num_instances: int, policy: str = "round_robin") -> None:
         if num_instances < 1:
             raise ValueError(f"need at least one instance, got {num_instances}")
-        if policy not in ROUTING_POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r}; known: {list(ROUTING_POLICIES)}")
+        if policy not in LOAD_POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; the simulator knows {list(LOAD_POLICIES)}")
         self.policy = policy
         self.loads = [0] * num_instances
         self._next = 0
