@@ -4,8 +4,8 @@ One run, side by side, on one machine:
 
 1. bytes: a real prefill's pages (smollm2-135m, block_size 16, head_dim 64) as they cross the
    wire, int8 and fp8_e4m3 against the same pages in float32 and in bfloat16, with the
-   arithmetic they should match: (1 + (4 + head_dim) / (block_size * head_dim)) / itemsize (a
-   float32 scale per block-head, a uint8 code per block-head-channel); and ``kv_transfer_bytes``
+   arithmetic they should match: (1 + (4 + head_dim + block_size) / (block_size * head_dim)) / itemsize
+   (a float32 scale per block-head, a uint8 code per channel and one per token); and ``kv_transfer_bytes``
    of a real disaggregated run per wire dtype;
 2. time: quantise (``WireMessage.encode``) and dequantise (``decode``, with its checks) per MB of
    pool-dtype pages, next to a plain ``clone`` of the same pages (the copy a gather costs anyway);
@@ -96,7 +96,7 @@ def bytes_and_time(loaded: Any, prompt_ids: list[int], block_size: int, repeats:
         for wire in WIRE_DTYPES:
             message = WireMessage.encode(source, wire)
             assert message.nbytes == wire_nbytes(source.shape, wire, pool_dtype)
-            formula = (1 + (4 + cfg.head_dim) / (block_size * cfg.head_dim)) / source.element_size()
+            formula = (1 + (4 + cfg.head_dim + block_size) / (block_size * cfg.head_dim)) / source.element_size()
             row[wire] = {
                 "wire_bytes": message.nbytes, "ratio": message.nbytes / row["page_bytes"], "ratio_formula": formula,
                 "encode_ms_per_mb": median_s(lambda: WireMessage.encode(source, wire), device, repeats) * 1e3 / mb,
