@@ -91,7 +91,7 @@ class LLM:
     others (``prefill=p0@HOST:PORT,...;decode=d0@HOST:PORT,...``, the router's ``--peers``), proving
     ``worker_security`` (their secret) to them, instead of launching its own. ``kv_wire_dtype``
     (``mode="disagg"``) is how KV pages travel from prefill to decode: ``"auto"`` in the pool's
-    dtype, ``"int8"`` or ``"fp8_e4m3"`` quantised per block and KV head (``kv/wire_quant.py``);
+    dtype, ``"int8"`` or ``"fp8_e4m3"`` quantised with a scale per block, KV head, channel and token (``kv/wire_quant.py``);
     the pools stay in the model's dtype.
 
     >>> llm = LLM("smollm2-135m")
