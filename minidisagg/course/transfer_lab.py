@@ -29,6 +29,7 @@ from minidisagg.kv.cache import KV_POOL_LAYOUTS, PagedKVCache
 from minidisagg.kv.pages import KVLayout, block_region, gather_blocks, scatter_blocks
 from minidisagg.metrics import RequestMetrics
 from minidisagg.models.registry import LoadedModel
+from minidisagg.sim.link import LinkSpec
 from minidisagg.transport.base import KVSender
 
 # Nominal per-direction figures of three link classes (vendor datasheet numbers, not measured here).
@@ -102,18 +103,9 @@ class PrefillCostModel:
 
 
 @dataclass(frozen=True)
-class LinkModel:
-    """Seconds to move bytes over a link: a fixed cost per message plus bytes / bandwidth."""
-
-    name: str
-    bandwidth_GBps: float
-    latency_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (self.bandwidth_GBps > 0 and math.isfinite(self.bandwidth_GBps)):
-            raise ValueError(f"LinkModel.bandwidth_GBps must be positive and finite, got {self.bandwidth_GBps}")
-        if not self.latency_s >= 0:
-            raise ValueError(f"LinkModel.latency_s must be >= 0, got {self.latency_s}")
+class LinkModel(LinkSpec):
+    """Seconds to move bytes over a link: a fixed cost per message plus bytes / bandwidth (the simulator's
+    ``LinkSpec``, taking numpy arrays of sizes too)."""
 
     def seconds(self, num_bytes: Any, num_messages: int = 1) -> Any:
         """Time to send ``num_bytes`` split into ``num_messages`` messages (an int or a numpy array of bytes)."""

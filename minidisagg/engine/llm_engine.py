@@ -23,7 +23,7 @@ from minidisagg.kv.cache import PagedKVCache
 from minidisagg.metrics import RequestMetrics, RequestTimeline
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.async_decode import AsyncDecodeStage
-from minidisagg.stages.base import Stage, StageResult
+from minidisagg.stages.base import Stage, StageResult, planned_runs
 from minidisagg.stages.decode import DecodeStage
 from minidisagg.stages.prefill import PrefillStage
 
@@ -264,15 +264,7 @@ class LLMEngine:
             self._admit_arrivals()
         plan = self.scheduler.schedule()
         touched: dict[int, Sequence] = {}
-        now = self.clock.now()
-        for chunk in plan.prefills:
-            tl = chunk.seq.timeline
-            tl.scheduled_s = now if tl.scheduled_s is None else tl.scheduled_s
-            tl.prefill_start_s = now if tl.prefill_start_s is None else tl.prefill_start_s
-        runs: list[tuple[Stage, list]] = [(self.prefill_stage, plan.prefills), (self.decode_stage, plan.decodes)]
-        if not plan.prefill_before_decode:
-            runs.reverse()
-        for stage, work in runs:
+        for stage, work in planned_runs(plan, self.prefill_stage, self.decode_stage, self.clock.now()):
             if work:
                 shape = StepShape.of_work(stage.name, work)
                 result = stage.run(work)

@@ -35,7 +35,7 @@ from minidisagg.engine.sequence import Sequence
 from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.sim.events import STEP, EventLoop
-from minidisagg.stages.base import Stage, StageResult
+from minidisagg.stages.base import Stage, StageResult, planned_runs
 from minidisagg.stages.modelled import FILLER_TOKEN_ID, ModelledDecodeStage, ModelledPrefillStage
 
 FAST_PATH_POLICIES = ("prefill_first", "decode_first", "chunked")  # plan every running decode when nothing waits
@@ -170,14 +170,7 @@ class SimInstance:
 
     def _plan_step(self) -> None:
         plan = self.scheduler.schedule()
-        now = self.clock.now()
-        for chunk in plan.prefills:
-            tl = chunk.seq.timeline
-            tl.scheduled_s = now if tl.scheduled_s is None else tl.scheduled_s
-            tl.prefill_start_s = now if tl.prefill_start_s is None else tl.prefill_start_s
-        runs: list[tuple[Stage, list]] = [(self.prefill_stage, plan.prefills), (self.decode_stage, plan.decodes)]
-        if not plan.prefill_before_decode:
-            runs.reverse()
+        runs = planned_runs(plan, self.prefill_stage, self.decode_stage, self.clock.now())
         self._runs = [(stage, work) for stage, work in runs if work]
         if not self._runs:  # nothing fits (blocks held by reservations or hand-offs): wait for blocks_freed
             self._busy = False

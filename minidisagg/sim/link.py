@@ -1,8 +1,8 @@
 """KV links for the simulator: bandwidth and per-message latency, shared fairly by concurrent transfers.
 
 A transfer of ``num_bytes`` alone on a link takes ``latency_s x num_messages + num_bytes / bandwidth``,
-the same line as the course's ``LinkModel.seconds`` (``course.transfer_lab``; its fits of measured
-transports give both numbers). Transfers that overlap on one link share its bandwidth equally
+the line the course's ``LinkModel`` (``course.transfer_lab``, a ``LinkSpec`` that also takes arrays of
+sizes) fits to measured transports. Transfers that overlap on one link share its bandwidth equally
 (processor sharing, as TCP flows and NCCL channels roughly do): each gets ``bandwidth / n`` while
 ``n`` are active, and the latency is paid after the bytes are through. ``links_from_transport_json``
 reads a committed ``bench transport`` result.
@@ -31,9 +31,9 @@ class LinkSpec:
 
     def __post_init__(self) -> None:
         if not (self.bandwidth_GBps > 0 and math.isfinite(self.bandwidth_GBps)):
-            raise ValueError(f"LinkSpec.bandwidth_GBps must be positive and finite, got {self.bandwidth_GBps}")
+            raise ValueError(f"{type(self).__name__}.bandwidth_GBps must be positive and finite, got {self.bandwidth_GBps}")
         if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
-            raise ValueError(f"LinkSpec.latency_s must be >= 0 and finite, got {self.latency_s}")
+            raise ValueError(f"{type(self).__name__}.latency_s must be >= 0 and finite, got {self.latency_s}")
 
     def seconds(self, num_bytes: int, num_messages: int = 1) -> float:
         """Time of one transfer alone on the link."""

@@ -10,6 +10,7 @@ from typing import Generic, Optional, TypeVar
 from minidisagg.engine.batch import BatchItem
 from minidisagg.engine.runner import ModelRunner
 from minidisagg.engine.sampling import sample
+from minidisagg.engine.scheduler import StepPlan
 from minidisagg.engine.sequence import Sequence
 
 
@@ -60,3 +61,13 @@ class Stage(ABC, Generic[WorkT]):
         tokens = [next(sampled) if it.want_logits else None for it in items]
         self.runner.synchronize()
         return tokens, time.perf_counter() - t0
+
+
+def planned_runs(plan: StepPlan, prefill_stage: Stage, decode_stage: Stage, now_s: float) -> list[tuple[Stage, list]]:
+    """The plan's work by stage in the plan's order, each planned prefill's first scheduling and start stamped."""
+    for chunk in plan.prefills:
+        tl = chunk.seq.timeline
+        tl.scheduled_s = now_s if tl.scheduled_s is None else tl.scheduled_s
+        tl.prefill_start_s = now_s if tl.prefill_start_s is None else tl.prefill_start_s
+    runs: list[tuple[Stage, list]] = [(prefill_stage, plan.prefills), (decode_stage, plan.decodes)]
+    return runs if plan.prefill_before_decode else runs[::-1]
