@@ -220,10 +220,10 @@ def test_hidden_task2_names_the_mistake(wrong, says):
         lab4.GRADING.task("Lab 4, Task 2").hidden(wrong)
 
 
-def test_grading_declares_two_tasks_three_predictions_and_two_written_questions():
+def test_grading_declares_two_tasks_four_predictions_and_three_written_questions():
     grading = lab4.GRADING
     assert [t.function for t in grading.tasks] == ["hand_off_kv", "serve_prompts"]
     assert all(t.design for t in grading.tasks)
-    assert grading.predictions == ("Lab 4, Q1", "Lab 4, Q2", "Lab 4, Q3") and grading.written == ("W1", "W2")
+    assert grading.predictions == ("Lab 4, Q1", "Lab 4, Q2", "Lab 4, Q3", "Lab 4, Q4") and grading.written == ("W1", "W2", "W3")
     assert grading.task("Lab 4, Task 1").load_reference() is hand_off_kv_reference
     assert grading.task("Lab 4, Task 2").load_reference() is serve_prompts_reference
