@@ -52,6 +52,17 @@ def test_hostile_inputs_leave_every_process_serving_and_every_pool_whole(deploym
     assert "Traceback" not in logs, "a hostile input reached an unexpected error path:\n" + logs[-4000:]
 
 
+def test_a_router_that_floods_pings_and_never_reads_is_dropped_by_each_worker(deployment):
+    """However much the kernel's socket buffers absorb on this machine, the worker must hang up on it."""
+    floods = {i.name: i for i in generate_inputs(random.randrange(1 << 30), 200, ("flood",))
+              if i.name.startswith("PINGs it never reads")}
+    assert sorted(floods) == ["PINGs it never reads (20000) to decode", "PINGs it never reads (20000) to prefill"]
+    results = run_fuzz(deployment, list(floods.values()))
+    assert len(results) == 2, results
+    for r in results:
+        assert r.alive and r.pools_whole and not r.lost and not r.notes, r
+
+
 @pytest.mark.slow
 def test_a_decode_worker_stopped_by_sigstop_fails_its_requests_in_time_and_serves_after(deployment):
     """The stop lasts STOP_S (40 s; ``MINIDISAGG_SIGSTOP_S`` shortens it, never below the deadline)."""

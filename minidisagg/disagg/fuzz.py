@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Callable
 
 from minidisagg.disagg.fuzz_frames import (
@@ -37,7 +36,8 @@ from minidisagg.transport.framing import PREFIX, FrameKind
 
 __all__ = ["CATEGORIES", "FuzzInput", "FuzzTarget", "Peer", "frame_bytes", "generate_inputs"]
 CATEGORIES = ("prefix", "header", "request", "kv", "order", "ids", "slowloris", "flood", "handshake", "router")
-PING_FLOOD = 20_000  # more HEALTH answers than a router's output queue and the socket buffers hold
+PING_FLOOD = 20_000  # PINGs sent at once: more HEALTH answers than a router's output queue holds
+PING_FLOOD_WAIT_S = 30.0  # how long a router that never reads may keep sending PINGs before it must be dropped
 
 
 def _prefix(rng: random.Random, i: int) -> FuzzInput:
@@ -167,11 +167,14 @@ def _flood(rng: random.Random, i: int) -> FuzzInput:
             return
         if how == "PINGs it never reads":  # its answers pile up: its queue overflows and it is dropped
             deaf = t.peer(target, "router", deaf=True)
-            deaf.send_raw(frame_bytes(FrameKind.PING, {}) * PING_FLOOD)
+            flood = frame_bytes(FrameKind.PING, {}) * PING_FLOOD
+            deaf.send_raw(flood)
             t.serve_one()  # others are served while its answers pile up
-            time.sleep(1.0)  # reading nothing, as a stuck router would
-            if not deaf.wait_closed(10.0):  # the worker dropped it: the rest of what it was sent, then EOF
-                t.note(f"a router that never read {PING_FLOOD} HEALTH answers was not dropped")
+            # more PINGs, never reading (as a stuck router would), until the worker hangs up: how many answers
+            # the kernel's buffers absorb differs between machines, so no fixed count is sure to overflow
+            if not deaf.send_until_dropped(flood, PING_FLOOD_WAIT_S):
+                t.note(f"a router that sent PINGs for {PING_FLOOD_WAIT_S:g} s and never read the HEALTH answers "
+                       "was not dropped")
             return
         for _ in range(int(count)):
             peer = t.raw(target)

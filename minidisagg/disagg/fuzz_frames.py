@@ -40,6 +40,10 @@ class Peer(Protocol):
     def wait_closed(self, timeout_s: float) -> bool:
         """Whether the other side closed the connection within ``timeout_s`` (what it sent is discarded)."""
 
+    def send_until_dropped(self, data: bytes, timeout_s: float) -> bool:
+        """Send ``data`` again and again, never reading, until the other side hangs up (True) or ``timeout_s``
+        passes (False)."""
+
 
 class FuzzTarget(Protocol):
     """What an act may use (``fuzz_checks.FuzzContext``); everything it opens is closed after the act."""
@@ -183,6 +187,21 @@ class SocketPeer:
                 return True
             if remaining_s <= 0:
                 return False
+
+    def send_until_dropped(self, data: bytes, timeout_s: float) -> bool:
+        """Send ``data`` again and again, never reading, until the other side hangs up (True) or ``timeout_s``
+        passes (False: still connected, or it stopped reading what it is sent)."""
+        deadline = time.monotonic() + timeout_s
+        while (remaining_s := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(remaining_s)  # a whole copy or nothing: a cut frame would be dropped for that
+            try:
+                self.sock.sendall(data)
+            except socket.timeout:
+                return False
+            except OSError:  # reset or broken pipe: the other side closed the connection
+                return True
+            time.sleep(0.05)
+        return False
 
     def close(self) -> None:
         """Close the connection."""
