@@ -16,7 +16,6 @@ from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.sampling import SamplingParams
 from minidisagg.engine.scheduler import POLICIES
 from minidisagg.stages.async_decode import AsyncDecodeStage
-from minidisagg.stages.decode import DecodeStage
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from minidisagg.engine import compiled
 from minidisagg.kernels import cpu_native
 from minidisagg.kernels.activation import silu_and_mul_reference
 from minidisagg.kernels.attention import AttentionMetadata, decode_attention_reference
-from minidisagg.kernels.cache_write import write_kv_reference
 from minidisagg.kernels.linear import linear_in_graph
 from minidisagg.kernels.norm import rms_norm_reference
 from minidisagg.kernels.rope import cos_sin_cache

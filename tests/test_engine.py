@@ -196,7 +196,7 @@ def test_kv_cache_contents_match_a_fresh_prefill(tiny_loaded):
     engine = make_engine(tiny_loaded, batch_invariant=True)
     rid = engine.add_request({"prompt_token_ids": [21, 22, 23, 24]}, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
     while True:
-        outs = engine.step()
+        engine.step()
         seq = engine._seqs[rid]
         if seq.num_tokens == 12:
             break

@@ -15,7 +15,6 @@ from minidisagg.disagg.serve import DecodeServer
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.wire_quant import (QMAX, WireFormatError, WireMessage, channel_scales, check_wire_dtype, value_scales,
                                       wire_nbytes)
-from minidisagg.transport.base import TransferError
 from minidisagg.transport.framing import FrameKind, recv_frame, send_frame
 from minidisagg.transport.socket import SocketSender, make_hello
 

@@ -5,7 +5,6 @@ real stages do and "samples" seeded random tokens."""
 from __future__ import annotations
 
 import random
-from typing import Optional
 
 import pytest
 
