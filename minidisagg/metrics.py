@@ -56,6 +56,7 @@ class RequestTimeline:
     kv_send_s: float = 0.0  # time spent actually sending pages (excludes waiting for layers to be computed)
     kv_ready_s: float | None = None  # the pages were complete on the prefill device (announced transfers)
     kv_landed_s: float | None = None  # ... and in the decode worker's pool
+    kv_reused_tokens: int = 0  # prompt tokens whose KV the decode worker's prefix cache held: not sent
 
     def record_token(self, t_s: float) -> None:
         """Record that one more output token became available at time ``t_s``."""
@@ -87,7 +88,8 @@ class RequestMetrics:
     prefill ends (pages still in flight, DONE, adoption); ``kv_move_s`` (pages complete on the
     prefill device -> in the decode pool, both read off device events) is the data path alone,
     the figure to hold against a link's bandwidth. It is known for announced transfers only
-    (``transport/dist.py``) and may start before the prefill ends.
+    (``transport/dist.py``) and may start before the prefill ends. ``kv_reused_tokens``: prompt
+    tokens whose KV the decode worker's prefix cache already held, so their pages never moved.
     """
 
     ttft_s: float
@@ -103,6 +105,7 @@ class RequestMetrics:
     kv_transfer_bytes: int = 0
     kv_send_s: float = 0.0
     kv_move_s: float | None = None
+    kv_reused_tokens: int = 0
 
     @property
     def kv_transfer_s(self) -> float | None:
@@ -142,6 +145,7 @@ class RequestMetrics:
             kv_transfer_bytes=tl.kv_transfer_bytes,
             kv_send_s=tl.kv_send_s,
             kv_move_s=_span(tl.kv_ready_s, tl.kv_landed_s),
+            kv_reused_tokens=tl.kv_reused_tokens,
         )
 
     def as_dict(self) -> dict[str, float | int | list[float] | None]:

@@ -221,9 +221,13 @@ class PacedSender(KVSender):
         self.inner, self.bandwidth_GBps = inner, bandwidth_GBps
         self.name = f"{inner.name} paced to {bandwidth_GBps:g} GB/s"
 
-    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
+    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float, block_keys: Sequence[bytes] = ()) -> bool:
         """Reserve on the wrapped link."""
-        return self.inner.reserve(transfer_id, num_tokens, timeout_s)
+        return self.inner.reserve(transfer_id, num_tokens, timeout_s, block_keys)
+
+    def take_num_shared_blocks(self, transfer_id: str) -> int:
+        """What the wrapped link's grant said about shared blocks."""
+        return self.inner.take_num_shared_blocks(transfer_id)
 
     def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Send, then wait until the pages would have crossed a link of the set bandwidth."""

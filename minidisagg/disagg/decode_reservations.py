@@ -18,6 +18,7 @@ from minidisagg.disagg.health import LoopHealth
 from minidisagg.disagg.leases import LeaseTable, PeerSession
 from minidisagg.engine.llm_engine import LLMEngine
 from minidisagg.kv.pages import KVLayout, block_region, scatter_blocks, scatter_layer, scatter_pages
+from minidisagg.kv.prefix_cache import BLOCK_HASH_BYTES
 from minidisagg.transport.base import LeaseExpired
 
 log = logging.getLogger(__name__)
@@ -42,28 +43,43 @@ class DecodeReservations:
                                  lease_clock)
         self._reserved = self.leases.blocks  # transfer id -> blocks; changed only through ``leases``
 
-    def reserve(self, transfer_id: str, num_tokens: int, peer: Optional[PeerSession] = None) -> bool:
+    def reserve(self, transfer_id: str, num_tokens: int, peer: Optional[PeerSession] = None,
+                block_keys: Sequence[bytes] = ()) -> bool:
         """Reserve blocks for an incoming request; False when the pool cannot take it now.
 
         ``peer`` (a link's ``open_peer``) holds the reservation: ``QuotaExceeded`` (a ValueError)
-        if it would take that peer past ``max_reserved_share_per_peer`` of the pool.
+        if it would take that peer past ``max_reserved_share_per_peer`` of the pool. ``block_keys``:
+        the hash chain (``kv.prefix_cache``) of the prompt's leading full blocks; where this
+        worker's prefix cache holds a leading run of them, the reservation shares those blocks and
+        only the rest take pages (``num_shared_blocks``).
         """
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}")
         if num_tokens >= self.engine.max_model_len:
             raise ValueError(f"num_tokens={num_tokens} can never fit this engine's context of "
                              f"{self.engine.max_model_len} tokens (prompt plus at least one generated token)")
+        blocks_of = self.engine.blocks
+        if not isinstance(block_keys, (list, tuple)) or len(block_keys) > blocks_of.blocks_needed(num_tokens) or any(
+                not isinstance(k, bytes) or len(k) != BLOCK_HASH_BYTES for k in block_keys):
+            raise ValueError(f"block_keys must be at most {blocks_of.blocks_needed(num_tokens)} keys of "
+                             f"{BLOCK_HASH_BYTES} bytes (one per full block of the prompt)")
         with self._fair_lock.transport_access():
             self.health.check()
             if transfer_id in self._reserved:
                 raise ValueError(f"transfer {transfer_id!r} already holds a reservation")
+            cache = blocks_of.prefix_cache  # the last token's block always travels: its KV is the newest
+            shared = cache.match_keys(block_keys[:(num_tokens - 1) // blocks_of.block_size]) if cache else []
             if peer is not None:
-                self.leases.check_quota(peer, self.engine.blocks.blocks_needed(num_tokens))
-            blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens)
+                self.leases.check_quota(peer, blocks_of.blocks_needed(num_tokens) - len(shared))
+            blocks = self.engine.reserve(f"transfer:{transfer_id}", num_tokens, tuple(shared))
             if blocks is None:
                 return False
-            self.leases.add(transfer_id, blocks, peer)
+            self.leases.add(transfer_id, blocks[len(shared):], peer, len(shared))
             return True
+
+    def num_shared_blocks(self, transfer_id: str) -> int:
+        """How many leading blocks of a reservation this worker already held (no pages travel for them)."""
+        return self.leases.num_shared_blocks(transfer_id)
 
     def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Scatter one layer's pages into the reservation (no lock: the blocks are ours alone)."""

@@ -100,7 +100,7 @@ class DecodeWorker(DecodeReservations):
         blocks = self._blocks_of(transfer_id)
         check_sequence_state(state, self.limits, self.engine.clock.now())  # InvalidMessage (a ValueError) names the field
         num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
-        if self.engine.blocks.blocks_needed(num_tokens - 1) > len(blocks):
+        if self.engine.blocks.blocks_needed(num_tokens - 1) > len(blocks) + self.leases.num_shared_blocks(transfer_id):
             raise ValueError(f"request {state.request_id}: reservation {transfer_id!r} is too small for its KV")
         self.owners.claim(state.request_id, state.owner, f"decode worker {self.name}")  # ValueError: a duplicate id
         try:
@@ -152,6 +152,7 @@ class DecodeWorker(DecodeReservations):
             raise ValueError(f"request {item.state.request_id} was aborted before it could be adopted")
         seq = self.engine.adopt(item.state, f"transfer:{tid}")
         kv_trace("adopted", tid)
+        seq.timeline.kv_reused_tokens = self.leases.num_shared_blocks(tid) * self.engine.blocks.block_size
         self.leases.remove(tid)
         now = self.engine.clock.now()
         seq.timeline.transfer_end_s = now

@@ -46,6 +46,12 @@ class OutgoingTransfer:
     handed_off: bool = False
     committed: bool = False  # DONE was acknowledged: the decode worker holds the request
     kv_ready: Optional[tuple[float, Optional[torch.cuda.Event]]] = None  # when its pages were complete
+    num_shared_blocks: int = 0  # leading blocks the decode worker's prefix cache held: their pages stay here
+
+    @property
+    def page_blocks(self) -> list[int]:
+        """The blocks whose pages travel: the request's block table after those the decode worker shares."""
+        return self.seq.block_table[self.num_shared_blocks:]
 
 
 class KVSendThread:

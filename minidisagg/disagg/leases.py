@@ -27,7 +27,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 from minidisagg.transport.base import LeaseExpired, QuotaExceeded
 
@@ -44,6 +44,7 @@ class Lease:
     peer: Optional["PeerSession"] = None
     committed: bool = False
     expired: bool = False
+    num_shared_blocks: int = 0  # leading blocks shared from the prefix cache (not in ``num_blocks``: no pages for them)
 
 
 class LeaseTable:
@@ -79,12 +80,20 @@ class LeaseTable:
                 f"{self.quota_blocks} blocks (max_reserved_share_per_peer={self.max_share:g} of {self.pool_blocks} "
                 f"blocks): retry once its transfers commit")
 
-    def add(self, transfer_id: str, blocks: list[int], peer: Optional["PeerSession"]) -> None:
-        """Record a new reservation and start its lease."""
+    def add(self, transfer_id: str, blocks: list[int], peer: Optional["PeerSession"],
+            num_shared_blocks: int = 0) -> None:
+        """Record a new reservation (``blocks``: those its pages go into, after ``num_shared_blocks`` shared ones)."""
         with self._lock:
             self._expired.pop(transfer_id, None)
             self.blocks[transfer_id] = blocks
-            self._leases[transfer_id] = Lease(transfer_id, len(blocks), self.clock() + self.lease_s, peer)
+            self._leases[transfer_id] = Lease(transfer_id, len(blocks), self.clock() + self.lease_s, peer,
+                                              num_shared_blocks=num_shared_blocks)
+
+    def num_shared_blocks(self, transfer_id: str) -> int:
+        """How many leading blocks of the reservation were shared from the prefix cache (0 if it has none)."""
+        with self._lock:
+            lease = self._leases.get(transfer_id)
+            return 0 if lease is None else lease.num_shared_blocks
 
     def blocks_of(self, transfer_id: str) -> list[int]:
         """A reservation's blocks, renewing its lease (ValueError when there is none, ``LeaseExpired`` if it ran out)."""
@@ -163,8 +172,9 @@ class LeaseHolder(Protocol):
 
     leases: LeaseTable
 
-    def reserve(self, transfer_id: str, num_tokens: int, peer: Optional["PeerSession"] = None) -> bool:
-        """Reserve blocks held by ``peer``."""
+    def reserve(self, transfer_id: str, num_tokens: int, peer: Optional["PeerSession"] = None,
+                block_keys: Sequence[bytes] = ()) -> bool:
+        """Reserve blocks held by ``peer``, sharing the cached ones ``block_keys`` name."""
 
     def release_peer(self, peer: "PeerSession") -> int:
         """Free every uncommitted reservation of ``peer``; the number of blocks."""
@@ -179,11 +189,11 @@ class PeerSession:
         self._expired: deque[tuple[str, str]] = deque()
         self._closed = False
 
-    def reserve(self, transfer_id: str, num_tokens: int) -> bool:
+    def reserve(self, transfer_id: str, num_tokens: int, block_keys: Sequence[bytes] = ()) -> bool:
         """Reserve blocks held by this peer (``QuotaExceeded`` over its share of the pool)."""
         if self._closed:
             raise ValueError(f"peer {self.name} is closed")
-        return self._holder.reserve(transfer_id, num_tokens, peer=self)
+        return self._holder.reserve(transfer_id, num_tokens, peer=self, block_keys=block_keys)
 
     def renew(self, transfer_id: str) -> None:
         """Progress on one of this peer's transfers (``LeaseExpired`` if its lease already ran out)."""

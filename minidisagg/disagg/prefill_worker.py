@@ -35,6 +35,7 @@ from minidisagg.engine.clock import Clock, event_time_s
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sequence import Sequence, SequenceStatus
 from minidisagg.kv.pages import KVLayout, gather_block_pieces, gather_layer, gather_pages
+from minidisagg.kv.prefix_cache import hash_chain
 from minidisagg.models.registry import LoadedModel
 from minidisagg.stages.prefill import LayerwisePrefillStage
 from minidisagg.transport.base import KVSender, TransferError
@@ -173,7 +174,7 @@ class PrefillWorker:
                 break
         self._drop_aborted()
         still_pending = []
-        for sub, tid, granted in self._reserve_pending():
+        for sub, tid, granted, num_shared in self._reserve_pending():
             if isinstance(granted, TransferError):
                 self._emit(FailedRequest(sub.request_id, f"decode worker {sub.decode_target} unreachable: {granted}"))
                 continue
@@ -188,24 +189,34 @@ class PrefillWorker:
                 sender.cancel(tid)
                 self._emit(FailedRequest(sub.request_id, str(exc)))
                 continue
-            self._transfers[sub.request_id] = OutgoingTransfer(tid, sub, sender, self.engine.sequence(sub.request_id))
+            self._transfers[sub.request_id] = OutgoingTransfer(tid, sub, sender, self.engine.sequence(sub.request_id),
+                                                               num_shared_blocks=num_shared)
         self._pending = still_pending
 
-    def _reserve_pending(self) -> list[tuple[Submission, str, bool | TransferError]]:
-        """Ask each decode worker for blocks for every pending request it is to get, in one exchange per worker."""
+    def _reserve_pending(self) -> list[tuple[Submission, str, bool | TransferError, int]]:
+        """Ask each decode worker for blocks for every pending request it is to get, in one exchange per worker.
+
+        With prefix caching each ask carries the prompt's full blocks' keys; each answer comes with
+        how many leading blocks the decode worker already held (their pages need not travel).
+        """
         by_target: dict[str, list[tuple[int, Submission, str]]] = {}
         for i, sub in enumerate(self._pending):
             by_target.setdefault(sub.decode_target, []).append((i, sub, self.next_transfer_id()))
-        answers: list[tuple[int, Submission, str, bool | TransferError]] = []
+        answers: list[tuple[int, Submission, str, bool | TransferError, int]] = []
+        bs, caching = self.engine.blocks.block_size, self.engine.blocks.prefix_cache is not None
         for target, items in by_target.items():
+            sender = self.senders[target]
+            keys = [hash_chain(s.prompt_token_ids, bs, (len(s.prompt_token_ids) - 1) // bs) if caching else []
+                    for _, s, _ in items]
             try:
-                granted = self.senders[target].reserve_many(
-                    [(tid, len(sub.prompt_token_ids)) for _, sub, tid in items], self.timeout_s)
+                granted = sender.reserve_many([(tid, len(sub.prompt_token_ids)) for _, sub, tid in items],
+                                              self.timeout_s, keys)
             except (TransferError, OSError, ValueError) as exc:
                 error = exc if isinstance(exc, TransferError) else TransferError(str(exc))
                 granted = [error] * len(items)
-            answers.extend((i, sub, tid, g) for (i, sub, tid), g in zip(items, granted))
-        return [(sub, tid, g) for _, sub, tid, g in sorted(answers, key=lambda a: a[0])]  # arrival order
+            answers.extend((i, sub, tid, g, sender.take_num_shared_blocks(tid) if g is True else 0)
+                           for (i, sub, tid), g in zip(items, granted))
+        return [(sub, tid, g, n) for _, sub, tid, g, n in sorted(answers, key=lambda a: a[0])]  # arrival order
 
     # ---- hand-off: called on this worker's thread from inside engine.step() ---------------
 
@@ -213,7 +224,7 @@ class PrefillWorker:
         for seq in seqs:
             transfer = self._transfers.get(seq.request_id)
             if transfer is not None:
-                pages = gather_layer(self.engine.kv_cache, layer, seq.block_table)
+                pages = gather_layer(self.engine.kv_cache, layer, transfer.page_blocks)
                 self._sends.put("layer", transfer, (layer, pages))
 
     def _announce(self, seqs: list[Sequence]) -> None:
@@ -222,7 +233,7 @@ class PrefillWorker:
             transfer = self._transfers.get(seq.request_id)
             if transfer is None or not transfer.sender.announces or transfer.shape is not None:
                 continue
-            transfer.shape = self.layout.block_shape(len(seq.block_table))
+            transfer.shape = self.layout.block_shape(len(transfer.page_blocks))
             transfer.pieces = transfer.sender.plan_pieces(transfer.shape, self.layout.dtype)
             self._announced.append(transfer)
             self._sends.put("announce", transfer)
@@ -250,7 +261,7 @@ class PrefillWorker:
             kv_trace("send-0", tid)
             sent_at = time.perf_counter()
             try:
-                transfer.sender.send_pieces(tid, gather_block_pieces(cache, seq.block_table, transfer.pieces))
+                transfer.sender.send_pieces(tid, gather_block_pieces(cache, transfer.page_blocks, transfer.pieces))
             except TransferError as exc:
                 transfer.error = f"KV transfer to {transfer.submission.decode_target} failed: {exc}"
                 log.warning("%s", transfer.error)
@@ -271,7 +282,7 @@ class PrefillWorker:
             self._to_commit.append(transfer)
             return
         if not self.overlap:  # the prefill is over: every layer in one message
-            self._sends.put("layers", transfer, (0, gather_pages(self.engine.kv_cache, seq.block_table)))
+            self._sends.put("layers", transfer, (0, gather_pages(self.engine.kv_cache, transfer.page_blocks)))
         self._sends.put("commit", transfer, seq)
 
     def _commit_handed_off(self) -> None:

@@ -328,18 +328,24 @@ class LLMEngine:
         self.scheduler.release_handed_off(seq)
         self._seqs.pop(seq.request_id, None)
 
-    def reserve(self, key: str, num_tokens: int) -> Optional[list[int]]:
-        """Reserve blocks for ``num_tokens`` incoming tokens under ``key``; None when the pool is too full."""
+    def reserve(self, key: str, num_tokens: int, cached_blocks: tuple[int, ...] = ()) -> Optional[list[int]]:
+        """Reserve blocks for ``num_tokens`` incoming tokens under ``key``; None when the pool is too full.
+
+        ``cached_blocks``: prefix-cached blocks holding the leading tokens' KV, shared at its head.
+        """
         if num_tokens + 1 > self.blocks.capacity_tokens:
             raise ValueError(f"{num_tokens} tokens can never fit this KV pool ({self.blocks.capacity_tokens} slots)")
         # Leave a block of headroom per running sequence, so incoming KV does not starve their growth.
         headroom = self.scheduler.num_running
-        needed = self.blocks.blocks_needed(num_tokens)
+        needed = self.blocks.blocks_needed(num_tokens) - len(cached_blocks)
         if self.blocks.block_table(key) or needed + headroom > self.blocks.num_free_blocks:
             return None
         # A decode step queued ahead may still write KV into blocks freed since (by a sequence that
         # stopped): let it finish before another writer, on another stream, receives into them.
         self.decode_stage.settle()
+        if cached_blocks:
+            table = self.blocks.share_prefix(key, cached_blocks, num_tokens, spare_blocks=headroom)
+            return None if table is None else list(table)
         return list(self.blocks.grow(key, num_tokens))
 
     def cancel_reservation(self, key: str) -> int:
@@ -374,6 +380,8 @@ class LLMEngine:
         num_computed_tokens = num_tokens - 1  # every token's KV but the newest one's
         if self.blocks.blocks_needed(num_computed_tokens) > len(self.blocks.block_table(key)):
             raise ValueError(f"request {rid}: reservation {key!r} is too small for its KV")
+        if not self.blocks.holds_prefix_of(key, state.prompt_token_ids):  # the blocks shared from the prefix cache
+            raise ValueError(f"request {rid}: the cached blocks its reservation shares hold another prompt's KV")
         try:
             params, timeline = state.sampling_params(), state.restore_timeline()
         except (TypeError, ValueError) as exc:  # unknown fields, bad values

@@ -103,21 +103,40 @@ class BlockManager:
         target = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens + lookahead
         if not cached_blocks:
             return self.grow(seq.seq_id, target) if self.can_grow(seq.seq_id, target) else None
+        if seq.num_computed_tokens:
+            raise ValueError(f"{seq.seq_id!r} already has KV: a cached prefix can only start a sequence")
+        return self.share_prefix(seq.seq_id, cached_blocks, target)
+
+    def share_prefix(self, seq_key: object, cached_blocks: Sequence[int], num_tokens: int,
+                     spare_blocks: int = 0) -> Optional[list[int]]:
+        """Start ``seq_key``'s table with ``cached_blocks`` (shared, one more reference each), grown to ``num_tokens``.
+
+        All or nothing: None, changing nothing, when the pool lacks the other blocks plus
+        ``spare_blocks`` left over. ValueError for blocks the prefix cache does not hold, or a key
+        that owns blocks already.
+        """
         cache = self.prefix_cache
         if cache is None or any(cache.key_of(b) is None for b in cached_blocks):
             raise ValueError("cached_blocks must be blocks the prefix cache holds (from cached_prefix)")
-        if seq.seq_id in self._tables or seq.num_computed_tokens:
-            raise ValueError(f"{seq.seq_id!r} already has KV: a cached prefix can only start a sequence")
+        if seq_key in self._tables:
+            raise ValueError(f"{seq_key!r} already has KV: a cached prefix can only start a sequence")
+        if len(cached_blocks) > self.blocks_needed(num_tokens):
+            raise ValueError(f"{len(cached_blocks)} cached blocks are more than {num_tokens} tokens fill")
         num_parked = sum(1 for b in cached_blocks if self._refs[b] == 0)  # sharing them takes them off the LRU
-        if self.blocks_needed(target) - len(cached_blocks) + num_parked > self.num_free_blocks:
+        if self.blocks_needed(num_tokens) - len(cached_blocks) + num_parked + spare_blocks > self.num_free_blocks:
             return None
         for block in cached_blocks:
             if self._refs[block] == 0:
                 cache.unpark(block)
             self._refs[block] += 1
-        self._tables[seq.seq_id] = list(cached_blocks)
-        self._keys[seq.seq_id] = [cache.key_of(b) for b in cached_blocks]  # type: ignore[misc]
-        return self.grow(seq.seq_id, target)
+        self._tables[seq_key] = list(cached_blocks)
+        self._keys[seq_key] = [cache.key_of(b) for b in cached_blocks]  # type: ignore[misc]
+        return self.grow(seq_key, num_tokens)
+
+    def holds_prefix_of(self, seq_key: object, token_ids: Sequence[int]) -> bool:
+        """Whether the sequence's leading blocks with keys (shared from the cache) hold ``token_ids``' leading KV."""
+        keys, bs = self._keys.get(seq_key, []), self.block_size
+        return len(keys) * bs <= len(token_ids) and keys == hash_chain(token_ids, bs, len(keys))
 
     def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """Cached blocks holding the longest run of ``token_ids``' full blocks, always leaving the last token out.

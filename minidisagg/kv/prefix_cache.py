@@ -83,6 +83,16 @@ class PrefixCache:
             blocks.append(block)
         return blocks
 
+    def match_keys(self, keys: Sequence[bytes]) -> list[int]:
+        """Blocks of the longest leading run of ``keys`` (a hash chain another process computed) all cached."""
+        blocks: list[int] = []
+        for key in keys:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
     def register(self, block: int, key: bytes) -> bool:
         """Cache ``block`` (its KV computed) under ``key``; False if the key has a block already, or the block a key."""
         if key in self._block_of or block in self._key_of:

@@ -3,7 +3,10 @@
 A transfer has four moves, the same over every transport:
 
 1. ``reserve``: ask the decode worker to set aside blocks for the request (credit-based
-   flow control: when it is full, the answer is no and the prefill side waits);
+   flow control: when it is full, the answer is no and the prefill side waits). With prefix
+   caching the ask carries the hash keys of the prompt's full blocks; a decode worker whose
+   prefix cache holds a leading run of them shares those blocks and says how many
+   (``take_num_shared_blocks``): the pages below travel for the blocks after them only;
 2. ``send_layer``: the pages of one layer, [2, num_blocks, block_size, kv_heads, head_dim],
    possibly while later layers are still being computed (or ``send_layers``: several
    consecutive layers stacked into one message, once the prefill has ended; or, on links that
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -54,7 +57,7 @@ class KVPeer(Protocol):
 
     name: str
 
-    def reserve(self, transfer_id: str, num_tokens: int) -> bool:
+    def reserve(self, transfer_id: str, num_tokens: int, block_keys: Sequence[bytes] = ()) -> bool:
         """Reserve as ``KVReceiver.reserve``, held by this peer (``QuotaExceeded`` over its share)."""
 
     def renew(self, transfer_id: str) -> None:
@@ -83,11 +86,33 @@ class PeerAwareReceiver(Protocol):
         """Start tracking one link (``name`` says who it is, for messages)."""
 
 
+@runtime_checkable
+class PrefixSharingReceiver(Protocol):
+    """A ``KVReceiver`` whose ``reserve`` takes ``block_keys`` and may share cached blocks for them."""
+
+    def num_shared_blocks(self, transfer_id: str) -> int:
+        """How many leading blocks of the reservation it already held: no pages are written into them."""
+
+
+def reserve_sharing(reserve: Callable[..., bool], receiver: object, transfer_id: str, num_tokens: int,
+                    block_keys: Sequence[bytes]) -> tuple[bool, int]:
+    """Reserve through ``reserve`` (``receiver``'s own, or its link's ``KVPeer``'s), offering ``block_keys`` where
+    ``receiver`` shares prefixes: (granted, leading blocks it already held)."""
+    if not block_keys or not isinstance(receiver, PrefixSharingReceiver):
+        return reserve(transfer_id, num_tokens), 0
+    granted = reserve(transfer_id, num_tokens, block_keys=list(block_keys))
+    return granted, receiver.num_shared_blocks(transfer_id) if granted else 0
+
+
 class KVReceiver(Protocol):
     """What a decode worker offers to transports (all methods are thread-safe)."""
 
     def reserve(self, transfer_id: str, num_tokens: int) -> bool:
-        """Reserve blocks for ``num_tokens`` tokens; False when the pool is full right now."""
+        """Reserve blocks for ``num_tokens`` tokens; False when the pool is full right now.
+
+        A ``PrefixSharingReceiver`` also takes ``block_keys``; the page calls below then address
+        the reservation's blocks after the shared ones (position 0 is the first new block).
+        """
 
     def write_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
         """Scatter one layer's pages into the reserved blocks."""
@@ -134,6 +159,7 @@ class KVSender(ABC):
 
     def __init__(self, wire_dtype: str = "auto") -> None:
         self.stats = TransferStats()
+        self._shared_blocks: dict[str, int] = {}  # transfer id -> leading blocks the decode side holds (granted > 0)
         self.device = torch.device("cpu")  # where this link's pages travel from
         self.wire_dtype = check_wire_dtype(wire_dtype)
 
@@ -142,8 +168,24 @@ class KVSender(ABC):
         return wire_nbytes(shape, self.wire_dtype, dtype)
 
     @abstractmethod
-    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
-        """Ask for blocks; True when granted, False when the decode worker is full."""
+    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float, block_keys: Sequence[bytes] = ()) -> bool:
+        """Ask for blocks; True when granted, False when the decode worker is full.
+
+        ``block_keys``: the prompt's full blocks' hash chain (``kv.prefix_cache``), for the decode
+        worker to share what its prefix cache holds (``take_num_shared_blocks``).
+        """
+
+    def take_num_shared_blocks(self, transfer_id: str) -> int:
+        """How many leading blocks of a granted reservation the decode side already held (asked once: forgotten then).
+
+        The transfer's pages start after them: ``block_table[n:]``.
+        """
+        return self._shared_blocks.pop(transfer_id, 0)
+
+    def _note_shared(self, transfer_id: str, num_blocks: int) -> None:
+        """Remember what a grant said about shared blocks, for ``take_num_shared_blocks``."""
+        if num_blocks:
+            self._shared_blocks[transfer_id] = num_blocks
 
     @abstractmethod
     def send_layer(self, transfer_id: str, layer: int, pages: torch.Tensor) -> None:
@@ -185,17 +227,20 @@ class KVSender(ABC):
         """
         raise NotImplementedError(f"the {self.name} transport does not announce pages")
 
-    def reserve_many(self, requests: Sequence[tuple[str, int]], timeout_s: float) -> list[bool | TransferError]:
-        """Reserve for several transfers, each (transfer id, number of tokens).
+    def reserve_many(self, requests: Sequence[tuple[str, int]], timeout_s: float,
+                     block_keys: Sequence[Sequence[bytes]] = ()) -> list[bool | TransferError]:
+        """Reserve for several transfers, each (transfer id, number of tokens), with ``block_keys[i]`` (if given).
 
         Each entry of the answer is True (granted), False (the decode worker is full now) or the
         TransferError that refused that one request. A broken link raises TransferError for all.
         The default asks one at a time; a transport over a network pipelines the questions.
         """
         answers: list[bool | TransferError] = []
-        for transfer_id, num_tokens in requests:
+        for i, (transfer_id, num_tokens) in enumerate(requests):
+            keys = block_keys[i] if block_keys else ()
             try:
-                answers.append(self.reserve(transfer_id, num_tokens, timeout_s))
+                answers.append(self.reserve(transfer_id, num_tokens, timeout_s, keys) if keys
+                               else self.reserve(transfer_id, num_tokens, timeout_s))
             except TransferError as exc:
                 if self.is_broken:
                     raise

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Sequence
 
 import torch
 
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.wire_quant import WireMessage
-from minidisagg.transport.base import HEARTBEAT_S, KVReceiver, KVSender, LeaseRenewing, TransferError
+from minidisagg.transport.base import HEARTBEAT_S, KVReceiver, KVSender, LeaseRenewing, TransferError, reserve_sharing
 
 
 class InprocSender(KVSender):
@@ -30,12 +31,13 @@ class InprocSender(KVSender):
         self._granted: set[str] = set()  # reserved, not yet committed or cancelled
         self._lock = threading.Lock()
 
-    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
-        """Reserve blocks on the receiver."""
-        granted = self.receiver.reserve(transfer_id, num_tokens)
+    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float, block_keys: Sequence[bytes] = ()) -> bool:
+        """Reserve blocks on the receiver (sharing what its prefix cache holds of ``block_keys``)."""
+        granted, num_shared = reserve_sharing(self.receiver.reserve, self.receiver, transfer_id, num_tokens, block_keys)
         if granted:
             with self._lock:
                 self._granted.add(transfer_id)
+            self._note_shared(transfer_id, num_shared)
         return granted
 
     def renew_leases(self) -> None:
@@ -53,6 +55,7 @@ class InprocSender(KVSender):
     def _forget(self, transfer_id: str) -> None:
         with self._lock:
             self._granted.discard(transfer_id)
+        self._shared_blocks.pop(transfer_id, None)
 
     def _over_the_wire(self, pages: torch.Tensor) -> torch.Tensor:
         """``pages`` as the receiver gets them: themselves, or quantised and dequantised (``wire_dtype``)."""

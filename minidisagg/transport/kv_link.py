@@ -7,6 +7,10 @@ quota) is answered with an ERROR naming the reason, and the link stays up; a ref
 its reservation back. A refusal for the quota carries ``"over_quota": true``: the sender waits
 and asks again, as for a full pool.
 
+A RESERVE may carry ``block_keys`` (hex): the decode side shares the blocks its prefix cache
+holds for a leading run of them, says how many in the GRANT (``cached_blocks``), and the
+transfer's pages then cover only the blocks after them.
+
 With a receiver that tracks links (``PeerAwareReceiver``, the decode worker), each reservation
 is a lease (``disagg.leases``). When one expires, this link frees its blocks (it is their only
 writer: pages still in flight land first) and sends an unasked ERROR ``{"transfer_id",
@@ -34,7 +38,8 @@ import torch
 from minidisagg.engine.sequence import SequenceState
 from minidisagg.kv.pages import KVLayout, split_ranges
 from minidisagg.kv.wire_quant import WireFormatError, WireMessage, check_wire_dtype
-from minidisagg.transport.base import KVPeer, KVReceiver, LeaseExpired, PeerAwareReceiver, QuotaExceeded
+from minidisagg.transport.base import (KVPeer, KVReceiver, LeaseExpired, PeerAwareReceiver, QuotaExceeded,
+                                      reserve_sharing)
 from minidisagg.transport.framing import FrameError, FrameKind, HeaderError, PeerClosed, recv_frame, send_frame
 from minidisagg.transport.socket import FRAME_TIMEOUT_S
 from minidisagg.transport.trace import kv_trace
@@ -276,7 +281,11 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                         raise ValueError(f"RESERVE num_tokens must be an integer >= 1, got {num_tokens!r}")
                     if tid in reserved:
                         raise ValueError(f"RESERVE transfer_id {tid!r} already holds a reservation on this link")
-                    ok = session.reserve(tid, num_tokens) if session is not None else receiver.reserve(tid, num_tokens)
+                    keys = h.get("block_keys", [])
+                    if not isinstance(keys, list) or not all(isinstance(k, str) and len(k) <= 64 for k in keys):
+                        raise ValueError("RESERVE block_keys must be a list of hex strings")
+                    ok, num_shared = reserve_sharing(session.reserve if session is not None else receiver.reserve,
+                                                     receiver, tid, num_tokens, [bytes.fromhex(k) for k in keys])
                 except ValueError as exc:
                     reply_tid = tid if isinstance(tid, str) else None
                     error = {"transfer_id": reply_tid, "message": str(exc)}
@@ -284,10 +293,11 @@ def serve_kv_link(sock: socket.socket, receiver: KVReceiver, layout: KVLayout, s
                         error["over_quota"] = True
                     send_frame(sock, FrameKind.ERROR, error, timeout_s=frame_timeout_s)
                     continue
-                if ok:
-                    reserved[tid] = -(-num_tokens // layout.block_size)
+                if ok:  # the pages fill the blocks after those the decode side shared from its prefix cache
+                    reserved[tid] = -(-num_tokens // layout.block_size) - num_shared
                     expired.pop(tid, None)
-                send_frame(sock, FrameKind.GRANT, {"transfer_id": tid, "ok": ok}, timeout_s=frame_timeout_s)
+                grant = {"transfer_id": tid, "ok": ok, **({"cached_blocks": num_shared} if num_shared else {})}
+                send_frame(sock, FrameKind.GRANT, grant, timeout_s=frame_timeout_s)
             elif frame.kind == FrameKind.LAYER:
                 via = h.get("via", "socket")
                 kv_trace(f"layer-frame-{h.get('layer')}", tid)

@@ -189,15 +189,19 @@ class SocketSender(KVSender):
         return reply.header
 
     # ---- the KVSender calls -------------------------------------------------------------------
-    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float) -> bool:
+    def reserve(self, transfer_id: str, num_tokens: int, timeout_s: float, block_keys: Sequence[bytes] = ()) -> bool:
         """RESERVE -> GRANT (False: the pool is full, the peer is over its quota, or the link is healing)."""
-        answer = self.reserve_many([(transfer_id, num_tokens)], timeout_s)[0]
+        answer = self.reserve_many([(transfer_id, num_tokens)], timeout_s, [block_keys])[0]
         if isinstance(answer, TransferError):
             raise answer
         return answer
 
-    def reserve_many(self, requests: Sequence[tuple[str, int]], timeout_s: float) -> list[bool | TransferError]:
+    def reserve_many(self, requests: Sequence[tuple[str, int]], timeout_s: float,
+                     block_keys: Sequence[Sequence[bytes]] = ()) -> list[bool | TransferError]:
         """Every RESERVE first, then every reply: one round trip for the lot instead of one per request.
+
+        ``block_keys[i]`` travel as hex (``"block_keys"``); a GRANT's ``"cached_blocks"`` says how
+        many leading blocks the decode side shared (``take_num_shared_blocks``).
 
         A refusal for the peer's quota counts as "not now" (False), as a full pool does. So does a
         link that is healing: the connection that broke took its reservations with it, and the
@@ -209,10 +213,12 @@ class SocketSender(KVSender):
                 return [False] * len(requests)
             self._check_usable(None)
             try:
+                for i, (transfer_id, num_tokens) in enumerate(requests):
+                    header: dict[str, Any] = {"transfer_id": transfer_id, "num_tokens": num_tokens}
+                    if block_keys and block_keys[i]:
+                        header["block_keys"] = [key.hex() for key in block_keys[i]]
+                    send_frame(self.sock, FrameKind.RESERVE, header, timeout_s=timeout_s)
                 for transfer_id, num_tokens in requests:
-                    send_frame(self.sock, FrameKind.RESERVE, {"transfer_id": transfer_id, "num_tokens": num_tokens},
-                               timeout_s=timeout_s)
-                for transfer_id, _ in requests:
                     reply = self._read_reply(timeout_s)
                     if reply.header.get("transfer_id") != transfer_id or reply.kind not in (FrameKind.GRANT,
                                                                                             FrameKind.ERROR):
@@ -221,6 +227,7 @@ class SocketSender(KVSender):
                         answers.append(bool(reply.header.get("ok")))
                         if answers[-1]:
                             self._transfers.add(transfer_id)
+                            self._note_shared(transfer_id, self._checked_shared(reply.header, num_tokens))
                     elif reply.header.get("over_quota") is True:
                         answers.append(False)
                     else:
@@ -231,6 +238,14 @@ class SocketSender(KVSender):
                     return [False] * len(requests)
                 raise error from exc
         return answers
+
+    def _checked_shared(self, grant: dict[str, Any], num_tokens: int) -> int:
+        """A GRANT's ``cached_blocks``: 0 if absent; FrameError unless fewer than the request's blocks."""
+        num_shared = grant.get("cached_blocks", 0)
+        if isinstance(num_shared, bool) or not isinstance(num_shared, int) or \
+                not 0 <= num_shared < -(-num_tokens // self.hello.block_size):
+            raise FrameError(f"GRANT with cached_blocks {num_shared!r} for {num_tokens} tokens")
+        return num_shared
 
     def renew_leases(self) -> None:
         """Every ``heartbeat_s``: PING ``{"renew": [transfer ids]}`` for the transfers reserved here, ACKed.
@@ -293,6 +308,7 @@ class SocketSender(KVSender):
             with self._lock:
                 self._transfers.discard(transfer_id)
                 self._notices.pop(transfer_id, None)
+                self._shared_blocks.pop(transfer_id, None)
         if not reply.get("ok"):
             raise TransferError(f"{self.address} could not adopt {transfer_id}: {reply.get('error')}")
         self.stats.num_transfers += 1
@@ -309,6 +325,7 @@ class SocketSender(KVSender):
         with self._lock:
             self._transfers.discard(transfer_id)
             self._notices.pop(transfer_id, None)
+            self._shared_blocks.pop(transfer_id, None)
 
     def close(self) -> None:
         """Stop healing, say BYE and close."""
