@@ -145,9 +145,9 @@ def test_a_stub_fails_check_and_hidden(task, capsys):
         graded.hidden(not_done)
 
 
-def test_grading_lists_three_tasks_two_of_them_design_four_predictions_two_written():
+def test_grading_lists_three_tasks_two_of_them_design_six_predictions_two_written():
     assert [t.design for t in GRADING.tasks] == [False, True, True]
-    assert GRADING.predictions == ("Lab 6, Q1", "Lab 6, Q2", "Lab 6, Q3", "Lab 6, Q4")
+    assert GRADING.predictions == ("Lab 6, Q1", "Lab 6, Q2", "Lab 6, Q3", "Lab 6, Q4", "Lab 6, Q5", "Lab 6, Q6")
     assert GRADING.written == ("W1", "W2")
     for t in GRADING.tasks:
         assert callable(t.load_reference())

@@ -2,15 +2,15 @@
 
 ``simulate(FleetSpec(...), costs, Trace.of(workload))``: colocated replicas or xPyD pools, each
 instance a real ``Scheduler`` with its ``BlockManager``, every step priced by a calibrated
-``StepCostModel``, KV moved over shared links; ``plan_splits`` searches xPyD splits for goodput per GPU. See ``sim/instance.py`` for the fast path.
+``StepCostModel``, KV moved over shared links; ``plan_splits`` / ``plan_fleet`` search xPyD splits for goodput per GPU (``cost_table``: costs from a committed GPU benchmark). See ``sim/instance.py`` for the fast path.
 """
 
 from minidisagg.sim.fleet import Fleet, FleetSpec, simulate
 from minidisagg.sim.instance import InstanceConfig, SimInstance
-from minidisagg.sim.plan import SplitResult, plan_splits, sweep_split
+from minidisagg.sim.plan import FleetPlan, SplitResult, plan_fleet, plan_splits, search_splits, sweep_split
 from minidisagg.sim.link import LinkSpec, SharedLink, links_from_transport_json
 from minidisagg.sim.results import CompactTimeline, SimResult, Trace
 
 __all__ = ["Fleet", "FleetSpec", "simulate", "InstanceConfig", "SimInstance", "LinkSpec", "SharedLink",
            "links_from_transport_json", "CompactTimeline", "SimResult", "Trace", "SplitResult", "plan_splits",
-           "sweep_split"]
+           "sweep_split", "search_splits", "plan_fleet", "FleetPlan"]

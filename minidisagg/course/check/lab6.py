@@ -263,6 +263,6 @@ GRADING = LabGrading(
         GradedTask(task="Lab 6, Task 3", function="my_entry", points=3, hidden=hidden_task3,
                    reference="minidisagg.course.leaderboard:reference_entry", design=True),
     ),
-    predictions=("Lab 6, Q1", "Lab 6, Q2", "Lab 6, Q3", "Lab 6, Q4"),
+    predictions=("Lab 6, Q1", "Lab 6, Q2", "Lab 6, Q3", "Lab 6, Q4", "Lab 6, Q5", "Lab 6, Q6"),
     written=("W1", "W2"),
 )
