@@ -92,3 +92,10 @@ def break_even_axes(ax: Any, sweep: dict[str, list[Optional[int]]], bandwidths_G
            title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+
+
+def compare_sweeps(a: Sequence[Optional[int]], b: Sequence[Optional[int]]) -> tuple[int, int]:
+    """(bandwidths where ``a``'s break-even is shorter than ``b``'s, where it is longer); no break-even counts as longest."""
+    inf = float("inf")
+    pairs = [(inf if x is None else x, inf if y is None else y) for x, y in zip(a, b)]
+    return sum(x < y for x, y in pairs), sum(x > y for x, y in pairs)

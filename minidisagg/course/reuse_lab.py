@@ -67,11 +67,16 @@ class ChatTurn:
     """One turn of the chat, served by an engine with prefix caching and one without."""
 
     turn: int
-    prompt_tokens: int
+    prompt_ids: tuple[int, ...]
     cached_tokens: int
     ttft_cached_s: float
     ttft_plain_s: float
     same_first_token: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's length in tokens (the whole history so far)."""
+        return len(self.prompt_ids)
 
     @property
     def hit_rate(self) -> float:
@@ -108,7 +113,7 @@ def run_chat(loaded: LoadedModel, user_turns: Sequence[str] = CHAT_TURNS, system
         ids = chat_prompt(loaded, system, history, user)
         outs = {on: serve_one(engines[on], ids, params) for on in ((True, False) if i % 2 == 0 else (False, True))}
         cached, plain = outs[True], outs[False]
-        turns.append(ChatTurn(i + 1, len(ids), cached.num_cached_tokens, cached.metrics.ttft_s, plain.metrics.ttft_s,
+        turns.append(ChatTurn(i + 1, tuple(ids), cached.num_cached_tokens, cached.metrics.ttft_s, plain.metrics.ttft_s,
                               cached.token_ids[:1] == plain.token_ids[:1]))
         history.append((user, loaded.tokenizer.decode(cached.token_ids, skip_special_tokens=True)))
     return turns
