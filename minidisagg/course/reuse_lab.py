@@ -230,8 +230,3 @@ def dequantise_per_head(values: torch.Tensor, scales: torch.Tensor, dtype: torch
     """Pages in ``dtype`` from int8 ``values`` and their per-(block, head) ``scales`` [..., kv_heads]."""
     return (values.float() * scales.float().unsqueeze(-2).unsqueeze(-1)).to(dtype)
 
-
-def max_error_by_kv(pages: torch.Tensor, back: torch.Tensor) -> dict[str, float]:
-    """Largest absolute error of K and of V after a round trip, for pages [layers, 2, blocks, ...]."""
-    error = (back.float() - pages.float()).abs()
-    return {"K": float(error[:, 0].max()), "V": float(error[:, 1].max())}

@@ -147,7 +147,7 @@ def hidden_task2(choose_prefill: Callable[..., int]) -> CheckResult:
 
 # ---------------------------------------------------------------- Task 3: the per-block quantiser
 
-HALF_STEP_SLACK = 1e-5  # float32 rounding of x / scale and back
+HALF_STEP_SLACK = 1e-4  # float32 rounding of x / scale and back (a value up to 127 steps from 0)
 
 
 def random_pages(rng: random.Random, wide: bool = False) -> torch.Tensor:
