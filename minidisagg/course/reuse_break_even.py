@@ -88,10 +88,12 @@ def break_even_axes(ax: Any, sweep: dict[str, list[Optional[int]]], bandwidths_G
     for (name, lengths), style in zip(sweep.items(), styles):
         y = np.array([np.nan if n is None else n for n in lengths], dtype=float)
         ax.plot(bandwidths_GBps, y, linestyle=style, lw=2, label=name)
-    ax.set(xscale="log", yscale="log", xlabel="link GB/s", ylabel="break-even prompt (tokens)", ylim=(1, max_len),
-           title=title)
+    ax.set(xscale="log", yscale="log", xlabel="link GB/s", ylabel="break-even prompt (tokens)", ylim=(0.7, max_len),
+           xlim=(min(bandwidths_GBps), max(bandwidths_GBps)), title=title)
+    ax.text(0.98, 0.04, f"where a line ends: no break-even up to {max_len} tokens", transform=ax.transAxes,
+            ha="right", fontsize=7, color="dimgray")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def compare_sweeps(a: Sequence[Optional[int]], b: Sequence[Optional[int]]) -> tuple[int, int]:
