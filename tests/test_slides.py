@@ -67,7 +67,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_there_is_an_overview_and_one_deck_per_lab():
-    assert [p.name[:2] for p in DECKS] == ["00", "01", "02", "03", "04", "05", "06"]
+    assert [p.name[:2] for p in DECKS] == ["00", "01", "02", "03", "04", "05", "06", "07"]
 
 
 @pytest.mark.parametrize("deck", DECKS, ids=lambda p: p.stem)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_LABS = ("lab1", "lab2", "lab3", "lab4", "lab5", "lab6")
+_LABS = ("lab1", "lab2", "lab3", "lab4", "lab5", "lab6", "lab7")
 
 
 def __getattr__(name: str) -> ModuleType:
