@@ -282,7 +282,7 @@ def test_lease_expiry_a_refused_commit_and_a_closed_link_drop_shared_references_
     cached_before = blocks.prefix_cache.num_cached_blocks
 
     assert worker.reserve("expiring", len(prompt), block_keys=keys)
-    assert worker.num_shared_blocks("expiring") == PREFIX_TOKENS // BS and blocks.ref_count(blocks.block_table(
+    assert worker.num_shared_blocks("expiring") == n and blocks.ref_count(blocks.block_table(
         "transfer:expiring")[0]) == 1
     clock.now_s += 10
     assert worker.expire_leases() == ["expiring"]
@@ -300,7 +300,7 @@ def test_lease_expiry_a_refused_commit_and_a_closed_link_drop_shared_references_
 
     peer = worker.open_peer("a link")
     assert peer.reserve("held", len(prompt), block_keys=keys) and worker.num_shared_blocks("held") > 0
-    assert peer.close() == -(-len(prompt) // BS) - PREFIX_TOKENS // BS  # the blocks it wrote into, not the shared
+    assert peer.close() == -(-len(prompt) // BS) - n  # the blocks it wrote into, not the shared
     assert_pool_whole_but_cached(blocks, cached_before)
 
     sender = InprocSender(worker)
