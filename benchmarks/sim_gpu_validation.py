@@ -41,6 +41,7 @@ KV_BYTES_PER_TOKEN = {"llama-8b": 131072, "llama-1b": 32768}  # bf16: 2 x layers
 NUM_BLOCKS = 16384  # the GPU pools hold far more than these sweeps keep in flight
 GOAL_CROSSING = 0.20  # goodput (the 90% crossing) within 20%
 NUM_GPUS = 2
+SENSITIVITY = "anchored, decode +10%"  # not a fit: how far a 10% slower decode step moves the figures
 
 
 def rows_file_for(sweep_date: str, rows_files: list[str]) -> str:
@@ -125,7 +126,10 @@ def main() -> None:
             rows_costs = costs_from_gpu_rows(rows_path, model, KV_BYTES_PER_TOKEN[model])
             anchor, scales = anchored(rows_costs, m["calibration"], model)
             for sweep in m["sweeps"]:
-                r = simulate_sweep(sweep, data["settings"], model, m["kv_probe"], {"anchored": anchor, "rows": rows_costs})
+                slower = dataclasses.replace(anchor, decode_s=tuple(1.1 * t for t in anchor.decode_s),
+                                             decode_context_s=1.1 * anchor.decode_context_s)
+                models = {"anchored": anchor, "rows": rows_costs, SENSITIVITY: slower}
+                r = simulate_sweep(sweep, data["settings"], model, m["kv_probe"], models)
                 r.update(card=data["card"], model=model, sweep_file=Path(sweep_path).name, rows_file=Path(rows_path).name,
                          anchor_scales=scales)
                 results.append(r)
@@ -167,8 +171,9 @@ def signs(results: list[dict], key: str) -> list[dict]:
 def write(results: list[dict], out_dir: str) -> None:
     """The JSON and Markdown results."""
     date = datetime.date.today().isoformat()
-    summary = {key: _errors(results, key) for key in ("anchored", "rows")}
-    sign_rows = {key: signs(results, key) for key in ("anchored", "rows")}
+    keys = ("anchored", "rows", SENSITIVITY)
+    summary = {key: _errors(results, key) for key in keys}
+    sign_rows = {key: signs(results, key) for key in keys}
     out = Path(out_dir)
     (out / f"sim-validation-gpu-{date}.json").write_text(json.dumps(
         {"benchmark": "sim_gpu_validation", "date": date, "summary": summary, "signs": sign_rows, "sweeps": results},
@@ -188,7 +193,7 @@ def write(results: list[dict], out_dir: str) -> None:
     for key, s in summary.items():
         lines.append(f"| {key} | {s['attainment_mean_abs_error']:.2f} | {100 * s['crossing_median_abs_rel_error']:.0f}% | "
                      f"{s['crossings_within_goal']} / {s['crossings_compared']} | {s['sweeps_without_measured_crossing']} |")
-    for key in ("anchored", "rows"):
+    for key in keys:
         rows = sign_rows[key]
         decided = [s for s in rows if s["decided"]]
         outside = [s for s in decided if not s["within_run_spread"]]
@@ -200,8 +205,9 @@ def write(results: list[dict], out_dir: str) -> None:
                   "|---|---|---|---:|---:|---|---|"]
         lines += [f"| {s['sweep_file'].removesuffix('.json')} | {s['model']} | {s['workload']} | "
                   f"{s['measured_disagg_minus_colocated_per_gpu_rps']:+.2f} | "
-                  f"{s['simulated_disagg_minus_colocated_per_gpu_rps']:+.2f} | {'yes' if s['sign_agrees'] else 'NO'} | "
-                  f"{'yes' if s['within_run_spread'] else 'no'} |" for s in rows]
+                  f"{s['simulated_disagg_minus_colocated_per_gpu_rps']:+.2f} | "
+                  + (f"{'yes' if s['sign_agrees'] else 'NO'} | {'yes' if s['within_run_spread'] else 'no'} |"
+                     if s["decided"] else "n/a | n/a |") for s in rows]
     scales = sorted({(r["sweep_file"], r["model"], round(r["anchor_scales"]["prefill_scale"], 3),
                       round(r["anchor_scales"]["decode_scale"], 3), r["rows_file"]) for r in results})
     lines += ["", "Anchor scales (sweep run's unloaded calibration over the rows model): " + "; ".join(

@@ -13,8 +13,9 @@ Cost models come from the measured runs themselves, never from the round they pr
 - 1P1D: the prefill worker's steps read from the requests' timelines (prefill start to end, by batch) and the
   decode worker's from its token times (one step per distinct time, context from the token index);
 - the socket link: ``run_bandwidth`` at the KV's message sizes in this run, median GB/s.
-A run of round r is predicted by the model fitted on round (r + 1) mod rounds (held out), and for
-comparison by its own round's model (fit). Writes ``benchmarks/results/sim-validation-cpu-<date>.json`` and ``.md``.
+A run is predicted by a model fitted on the other runs of its round (held out: never its own steps, but the
+same minutes of host load; a 1P1D run's workers from the other workload's 1P1D run), and for comparison by
+one fitted on the other rounds, by its own round's (in sample), and by the engine's calibration. Writes ``benchmarks/results/sim-validation-cpu-<date>.json`` and ``.md``.
 
     PYTHONPATH=. python benchmarks/sim_validation.py --rounds 2
 """
@@ -26,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import os
+import pickle
 import statistics
 import time
 from pathlib import Path
@@ -124,7 +126,7 @@ def run_one(loaded, name: str, settings: DemoSettings, config: str, planned, ste
         warm_step_s = warm_up(engine, settings)
         workload = retimed(planned, warm_step_s, step_s) if name == "demo" else list(planned)
         if config != DISAGG:
-            engine.clock.timings.clear()
+            engine.clock.restart()
         load_before = os.getloadavg()[0]
         run = timed_replay(engine, config, "wall", workload, settings)
     finally:
@@ -135,6 +137,11 @@ def run_one(loaded, name: str, settings: DemoSettings, config: str, planned, ste
            "workload_": workload}
     if config == DISAGG:
         row["timings_"] = disagg_timings(outs, workload)
+        fields = ("arrival_s", "prefill_start_s", "prefill_end_s", "transfer_start_s", "transfer_end_s")
+        row["timelines"] = [{**{k: None if getattr(o.timeline, k) is None else round(getattr(o.timeline, k) - run.start_s, 4)
+                                for k in fields}, "prompt_len": r.prompt_len,
+                             "token_times_s": [round(t - run.start_s, 4) for t in o.timeline.token_times_s[:3]]}
+                            for o, r in zip(outs, workload)]
     else:
         row["timings_"] = engine.clock.timings
     return row
@@ -180,10 +187,16 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-disagg", action="store_true", help="colocated only (no worker processes)")
     ap.add_argument("--workloads", default="demo,lab3")
+    ap.add_argument("--save-raw", help="also pickle the measured runs here (for --from-raw)")
+    ap.add_argument("--from-raw", help="analyse runs saved by --save-raw instead of measuring")
     args = ap.parse_args()
     if args.rounds < 2:
         raise SystemExit("--rounds must be >= 2: every round is predicted by a model fitted on another")
     t0 = time.perf_counter()
+    if args.from_raw:  # analyse measured runs saved by --save-raw again, without measuring
+        with open(args.from_raw, "rb") as f:
+            raw = pickle.load(f)
+        return analyse(raw, args, t0)
     loaded = load_model("smollm2-135m", device="cpu")
     settings = {"demo": DemoSettings(), "lab3": DemoSettings(scenario=Scenario())}
     names = args.workloads.split(",")
@@ -208,17 +221,32 @@ def main() -> None:
                     rows.append(row)
                     print(rnd, name, config, {k: f"{1e3 * v:.1f}" for k, v in row["measured_s"].items()},
                           row["load_1min"], flush=True)
+    raw = {"rows": rows, "calibrated": calibrated, "link": link, "link_rows": link_rows,
+           "kv_bytes_per_token": kv_bytes_per_token, "num_layers": num_layers}
+    if args.save_raw:
+        with open(args.save_raw, "wb") as f:
+            pickle.dump(raw, f)
+    analyse(raw, args, t0)
+
+
+def analyse(raw: dict, args, t0: float) -> None:
+    """Fit, predict every measured run under each scheme, and write the results."""
+    rows, calibrated, link, link_rows = raw["rows"], raw["calibrated"], raw["link"], raw["link_rows"]
+    kv_bytes_per_token, num_layers = raw["kv_bytes_per_token"], raw["num_layers"]
+    settings = {"demo": DemoSettings(), "lab3": DemoSettings(scenario=Scenario())}
+    args.rounds = max(r["round"] for r in rows) + 1
     models = [fit_round([r for r in rows if r["round"] == rnd]) for rnd in range(args.rounds)]
     for r in rows:
-        held = models[(r["round"] + 1) % args.rounds]
-        own = models[r["round"]]
+        others = fit_round([x for x in rows if x["round"] != r["round"]])
+        beside = fit_round([x for x in rows if x["round"] == r["round"] and x is not r])
         cal = (calibrated, (calibrated, calibrated))
-        for key, (colo, dis) in (("held_out", held), ("fit", own), ("calibrated", cal)):
+        variants = (("held_out", beside), ("other_rounds", others), ("fit", models[r["round"]]), ("calibrated", cal))
+        for key, (colo, dis) in variants:
             pred = predict(r, colo, dis, link, kv_bytes_per_token, num_layers, settings)
             r[f"predicted_{key}_s"] = pred
             r[f"error_{key}"] = {k: (pred[k] - r["measured_s"][k]) / r["measured_s"][k] for k in pred}
-        print(r["round"], r["workload"], r["config"], {k: f"{1e3 * r['measured_s'][k]:.0f}/"
-                                                       f"{1e3 * r['predicted_held_out_s'][k]:.0f}" for k in r["measured_s"]})
+        print(r["round"], r["workload"], r["config"], {k: f"{1e3 * v:.0f}/{1e3 * r['predicted_held_out_s'][k]:.0f}"
+                                                       for k, v in r["measured_s"].items()}, flush=True)
     write(rows, models, calibrated, link, link_rows, args, t0)
 
 
@@ -230,7 +258,7 @@ def write(rows, models, calibrated, link, link_rows, args, t0: float) -> None:
         reps = [r["measured_s"] for r in rows if (r["workload"], r["config"]) == g]
         spread[f"{g[0]} {g[1]}"] = {k: (max(x[k] for x in reps) - min(x[k] for x in reps))
                                     / statistics.median(x[k] for x in reps) for k in reps[0]}
-    summary = {key: summarise(rows, f"error_{key}") for key in ("held_out", "fit", "calibrated")}
+    summary = {key: summarise(rows, f"error_{key}") for key in ("held_out", "other_rounds", "fit", "calibrated")}
     median_spread = {n: statistics.median(s[n] for s in spread.values()) for n, _, _ in FIGURES}
     date = datetime.date.today().isoformat()
     public = [{k: v for k, v in r.items() if not k.endswith("_")} for r in rows]
@@ -250,8 +278,9 @@ def write(rows, models, calibrated, link, link_rows, args, t0: float) -> None:
              "smollm2-135m, one torch thread; the demo's workload (4 steady decodes, two 512-token prompts) and lab 3's "
              "(4 decodes, two 384-token prompts); colocated prefill_first and chunked, and 1P1D over the socket "
              "(two one-thread worker processes). Measured: the real engine on wall time, warmed up. Predicted: "
-             "`minidisagg.sim` on the same requests, with cost models fitted to another round's measured steps "
-             "(held out; `sim.costs.fit_costs`, medians), beside the same round's fit and the engine's calibration "
+             "`minidisagg.sim` on the same requests, with cost models fitted (`sim.costs.fit_costs`, medians) to the "
+             "measured steps of the same round's other runs, never the run predicted (held out; the same minutes "
+             "of host load), beside fits on the other rounds, the in-sample fit and the engine's calibration "
              "(fastest of 3 repeats per shape, this run). Socket link measured in this run: "
              f"{link.bandwidth_GBps:.2f} GB/s + {1e6 * link.latency_s:.0f} us a message.", "",
              "| workload | config | round | load | " + " | ".join(f"{n} ms: measured / held out (fit, calibrated)"
@@ -265,9 +294,14 @@ def write(rows, models, calibrated, link, link_rows, args, t0: float) -> None:
                      + " | ".join(cells) + " |")
     lines += ["", "Median absolute relative error over the runs:", "",
               "| prediction | " + " | ".join(n for n, _, _ in FIGURES) + " |", "|---|" + "---:|" * len(FIGURES)]
-    for key, label in (("held_out", "held out (another round's fit)"), ("fit", "fit (the run's own round)"),
-                       ("calibrated", "engine calibration (fastest of 3)")):
+    for key, label in (("held_out", "held out: fitted on the same round's other runs (headline)"),
+                       ("other_rounds", "held out: fitted on the other rounds"),
+                       ("fit", "in sample: fitted on the run's own round, itself included"),
+                       ("calibrated", "engine calibration (fastest of 3 per shape), no fit")):
         lines.append(f"| {label} | " + " | ".join(f"{100 * summary[key][n]:.0f}%" for n, _, _ in FIGURES) + " |")
+    for config in sorted({r["config"] for r in rows}):
+        mine = summarise([r for r in rows if r["config"] == config], "error_held_out")
+        lines.append(f"| held out, {config} runs only | " + " | ".join(f"{100 * mine[n]:.0f}%" for n, _, _ in FIGURES) + " |")
     lines.append("| measured runs' own spread, median over configs ((max - min) / median) | "
                  + " | ".join(f"{100 * median_spread[n]:.0f}%" for n, _, _ in FIGURES) + " |")
     lines += ["", "Spread of the measured runs by config: " + "; ".join(

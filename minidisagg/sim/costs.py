@@ -85,6 +85,11 @@ class RecordingClock(WallClock):
         self.timings: list[StepTiming] = []
         self._last_end_s: Optional[float] = None
 
+    def restart(self) -> None:
+        """Forget what was recorded (a warm-up, say); the next run counts no host time before it."""
+        self.timings.clear()
+        self._last_end_s = None
+
     def wait_until(self, t_s: float) -> None:
         """Sleep until ``t_s``; the next run's overhead counts from the end of the sleep."""
         super().wait_until(t_s)
