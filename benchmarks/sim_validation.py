@@ -222,7 +222,8 @@ def main() -> None:
                     print(rnd, name, config, {k: f"{1e3 * v:.1f}" for k, v in row["measured_s"].items()},
                           row["load_1min"], flush=True)
     raw = {"rows": rows, "calibrated": calibrated, "link": link, "link_rows": link_rows,
-           "kv_bytes_per_token": kv_bytes_per_token, "num_layers": num_layers}
+           "kv_bytes_per_token": kv_bytes_per_token, "num_layers": num_layers,
+           "measured_s": time.perf_counter() - t0, "load_1min_end": os.getloadavg()[0]}
     if args.save_raw:
         with open(args.save_raw, "wb") as f:
             pickle.dump(raw, f)
@@ -247,10 +248,11 @@ def analyse(raw: dict, args, t0: float) -> None:
             r[f"error_{key}"] = {k: (pred[k] - r["measured_s"][k]) / r["measured_s"][k] for k in pred}
         print(r["round"], r["workload"], r["config"], {k: f"{1e3 * v:.0f}/{1e3 * r['predicted_held_out_s'][k]:.0f}"
                                                        for k, v in r["measured_s"].items()}, flush=True)
-    write(rows, models, calibrated, link, link_rows, args, t0)
+    write(rows, models, calibrated, link, link_rows, args, raw.get("measured_s", time.perf_counter() - t0),
+          raw.get("load_1min_end", os.getloadavg()[0]))
 
 
-def write(rows, models, calibrated, link, link_rows, args, t0: float) -> None:
+def write(rows, models, calibrated, link, link_rows, args, elapsed_s: float, load_end: float) -> None:
     """The JSON and Markdown results."""
     groups = sorted({(r["workload"], r["config"]) for r in rows})
     spread = {}
@@ -270,7 +272,7 @@ def write(rows, models, calibrated, link, link_rows, args, t0: float) -> None:
               "fitted_models": [{"colocated": costs_to_dict(c), "1p1d_prefill": costs_to_dict(p),
                                  "1p1d_decode": costs_to_dict(d)} for c, (p, d) in models],
               "goals": {k: {"target": v, "met": held[k] <= v} for k, v in GOALS.items()},
-              "elapsed_s": time.perf_counter() - t0, "cpu_count": os.cpu_count()}
+              "elapsed_s": elapsed_s, "cpu_count": os.cpu_count()}
     out = Path(args.out)
     (out / f"sim-validation-cpu-{date}.json").write_text(json.dumps(result, indent=1))
     pct = lambda x: f"{100 * x:+.0f}%"  # noqa: E731
@@ -310,8 +312,7 @@ def write(rows, models, calibrated, link, link_rows, args, t0: float) -> None:
             f"{k} <= {100 * v:.0f}%: {'met' if held[k] <= v else 'NOT met'}" for k, v in GOALS.items()), "",
         f"Engine calibration: {calibrated.describe()}", "",
         f"Held-out model of round 0 (colocated): {models[0][0].describe()}", "",
-        f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-        f"took {time.perf_counter() - t0:.0f} s."]
+        f"Load average (1 min) at the end: {load_end:.1f} on {os.cpu_count()} cores; measuring took {elapsed_s:.0f} s."]
     (out / f"sim-validation-cpu-{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
