@@ -15,7 +15,8 @@ Cost models come from the measured runs themselves, never from the round they pr
 - the socket link: ``run_bandwidth`` at the KV's message sizes in this run, median GB/s.
 A run is predicted by a model fitted on the other runs of its round (held out: never its own steps, but the
 same minutes of host load; a 1P1D run's workers from the other workload's 1P1D run), and for comparison by
-one fitted on the other rounds, by its own round's (in sample), and by the engine's calibration. Writes ``benchmarks/results/sim-validation-cpu-<date>.json`` and ``.md``.
+one fitted on the other rounds, by its own round's (in sample), and by the engine's calibration.
+Writes ``benchmarks/results/sim-validation-cpu-<date>.json`` and ``.md``.
 
     PYTHONPATH=. python benchmarks/sim_validation.py --rounds 2
 """
@@ -133,14 +134,16 @@ def run_one(loaded, name: str, settings: DemoSettings, config: str, planned, ste
         if config == DISAGG:
             engine.shutdown()
     outs = run.decodes + run.longs
-    row = {"workload": name, "config": config, "measured_s": figures(outs), "load_1min": [load_before, os.getloadavg()[0]],
-           "workload_": workload}
+    row = {"workload": name, "config": config, "measured_s": figures(outs),
+           "load_1min": [load_before, os.getloadavg()[0]], "workload_": workload}
     if config == DISAGG:
         row["timings_"] = disagg_timings(outs, workload)
         fields = ("arrival_s", "prefill_start_s", "prefill_end_s", "transfer_start_s", "transfer_end_s")
-        row["timelines"] = [{**{k: None if getattr(o.timeline, k) is None else round(getattr(o.timeline, k) - run.start_s, 4)
-                                for k in fields}, "prompt_len": r.prompt_len,
-                             "token_times_s": [round(t - run.start_s, 4) for t in o.timeline.token_times_s[:3]]}
+
+        def since(t_s):  # seconds from the replay's start, for the record
+            return None if t_s is None else round(t_s - run.start_s, 4)
+        row["timelines"] = [{**{k: since(getattr(o.timeline, k)) for k in fields}, "prompt_len": r.prompt_len,
+                             "token_times_s": [since(t) for t in o.timeline.token_times_s[:3]]}
                             for o, r in zip(outs, workload)]
     else:
         row["timings_"] = engine.clock.timings

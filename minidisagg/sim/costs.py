@@ -123,10 +123,11 @@ def fit_costs(timings: Sequence[StepTiming], decode_reference_context: Optional[
     """A ``StepCostModel`` fitted to recorded stage runs (``RecordingClock.timings``), robust to load spikes.
 
     Prefill: the runs grouped by shape (tokens, attention pairs), each shape's median time, then the usual
-    non-negative line (``fit_prefill``). Decode: one slope per context token shared by every batch size (each
-    batch size's runs split at their median context, the halves' median times compared; a weighted mean over
-    batch sizes), then each batch size's median time less that slope's share, at ``decode_reference_context`` tokens a sequence (default: the
-    smallest mean context seen). ``fields`` go to the model (device, load_1min, cpu_threads).
+    non-negative line (``fit_prefill``). Decode: one slope per context token shared by every batch size
+    (each batch size's runs split at their median context, the halves' median times compared; a weighted
+    mean over batch sizes), then each batch size's median time less that slope's share, at
+    ``decode_reference_context`` tokens a sequence (default: the smallest mean context seen). ``fields`` go
+    to the model (device, load_1min, cpu_threads).
     """
     _check_timings(timings)
     by_shape: dict[tuple[int, float], list[float]] = {}
