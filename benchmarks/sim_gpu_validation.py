@@ -180,7 +180,11 @@ def write(results: list[dict], out_dir: str) -> None:
         indent=1))
     lines = [f"# Simulator against the committed two-GPU sweeps ({date})", "",
              "Attainment measured / simulated (anchored cost model) at each measured rate, the same requests; "
-             "goodput = the 90% crossing, per GPU (two GPUs); `rows` = the bench gpu rows unscaled.", "",
+             "goodput = the 90% crossing, per GPU (two GPUs). Cost model: the committed H100 `bench gpu` rows nearest "
+             "in date (`sim.costs.costs_from_gpu_rows`), scaled to the sweep run's own unloaded TTFT and TPOT "
+             "(`anchored`; `rows` = unscaled; `decode +10%`: a sensitivity, not a fit). The sweep points never enter "
+             "a model. Goals: the crossing within 20%; the sign of disaggregated against colocated right in every case.",
+             "",
              "| sweep | model | config | workload | rate req/s: attainment measured / simulated | "
              "goodput/GPU measured / anchored / rows |", "|---|---|---|---|---|---|"]
     for r in results:
