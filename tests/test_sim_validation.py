@@ -131,3 +131,29 @@ def test_links_from_rows_recover_latency_and_bandwidth():
     assert links_from_transport_rows(rows)["socket"].bandwidth_GBps == pytest.approx(2 * gbps, rel=1e-6)
     with pytest.raises(ValueError, match="no rows with transport"):
         links_from_transport_rows([{"transport": "socket"}])
+
+
+def test_costs_from_gpu_rows_reads_prefill_decode_and_bandwidth(tmp_path):
+    from minidisagg.sim.costs import costs_from_gpu_rows
+
+    rng = random.Random(8)
+    fixed, per_token, per_pair = rng.uniform(1e-3, 8e-3), rng.uniform(5e-6, 3e-5), rng.uniform(5e-10, 3e-9)
+    rows = [{"name": f"prefill llama-8b {n}", "value": 1e3 * (fixed + per_token * n + per_pair * n * (n + 1) / 2),
+             "unit": "ms"} for n in (512, 2048, 8192)]
+    decode = {1: rng.uniform(5, 7), 8: 7.5, 32: 8.0}
+    rows += [{"name": f"decode llama-8b bs{b}", "value": ms, "unit": "ms"} for b, ms in decode.items()]
+    rows += [{"name": "decode llama-8b bs1 eager", "value": 99.0, "unit": "ms"},  # not a CUDA-graph step
+             {"name": "prefill llama-1b 512", "value": 1.0, "unit": "ms"}]  # another model
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"card": "test card", "read_GBps": 2500.0, "prompt_len": 128, "new_tokens": 48,
+                                "rows": rows}))
+    costs = costs_from_gpu_rows(path, "llama-8b", 131072)
+    assert costs.prefill_fixed_s == pytest.approx(fixed, rel=1e-6)
+    assert costs.prefill_per_token_s == pytest.approx(per_token, rel=1e-6)
+    assert costs.prefill_per_pair_s == pytest.approx(per_pair, rel=1e-6)
+    assert costs.decode_batch_sizes == (1, 8, 32)
+    assert costs.decode_s == pytest.approx(tuple(ms / 1e3 for ms in decode.values()))
+    assert costs.decode_reference_context == 152
+    assert costs.decode_context_s == pytest.approx(131072 / 2500e9)
+    with pytest.raises(ValueError, match="'prefill llama-1b N' rows"):
+        costs_from_gpu_rows(path, "llama-1b", 32768)
