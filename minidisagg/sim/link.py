@@ -105,13 +105,25 @@ def links_from_transport_json(path: str | Path) -> dict[str, LinkSpec]:
         raise ValueError(f"{path}: not JSON ({exc}); is it a bench transport result?") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an object with rows; is it a bench transport result?")
+    try:
+        return links_from_transport_rows(data.get("rows", []))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def links_from_transport_rows(rows: list[dict], gbps_key: str = "GBps_best") -> dict[str, LinkSpec]:
+    """``LinkSpec``s fitted (latency + bytes / bandwidth) to ``bench transport`` rows, e.g. just measured by
+    ``bench.transport_bandwidth.run_bandwidth``: each transport's (message bytes, GB/s) points, least squares.
+
+    ``gbps_key``: ``GBps_best`` (the fastest sample: the link itself) or ``GBps`` (the median: the link as a
+    loaded host delivers it)."""
     points: dict[str, list[tuple[float, float]]] = {}
-    for row in data.get("rows", []):
-        name, size, gbps = row.get("transport"), row.get("message_bytes"), row.get("GBps_best", row.get("GBps"))
+    for row in rows:
+        name, size, gbps = row.get("transport"), row.get("message_bytes"), row.get(gbps_key, row.get("GBps"))
         if name and size and gbps and gbps > 0:
             points.setdefault(name, []).append((float(size), float(size) / (gbps * 1e9)))
     if not points:
-        raise ValueError(f"{path}: no rows with transport, message_bytes and GBps; is it a bench transport result?")
+        raise ValueError("no rows with transport, message_bytes and GBps; is it a bench transport result?")
     specs = {}
     for name, pts in points.items():
         pts.sort()
