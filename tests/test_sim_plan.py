@@ -129,3 +129,24 @@ def test_sim_plan_writes_json_and_both_figures_and_refuses_bad_ranges(tmp_path, 
     assert "not in the cost table" in capsys.readouterr().out
     assert main(["sim", "plan", "--gpus", "8", "--slo-ttft", "1", "--slo-tpot", "1"]) == 2
     assert "--model and --card" in capsys.readouterr().out
+
+
+def test_lab6_reads_the_newest_cpu_validation_in_either_schema(tmp_path):
+    from minidisagg.course.fleet_lab import latest_validation, optimistic_fraction
+
+    errors = {f: random.uniform(-0.5, 0.5) for f in ("TTFT p50", "ITL p99")}
+    old = {"rows": [{"rel_error": errors}], "median_abs_rel_error": {f: abs(e) for f, e in errors.items()}}
+    (tmp_path / "sim-validation-cpu-2026-12-07.json").write_text(json.dumps(old))
+    assert latest_validation(tmp_path)["median_abs_rel_error"] == old["median_abs_rel_error"]
+    held = {"held_out": {"TTFT p50": 0.2, "ITL p99": 0.1}, "fit": {"TTFT p50": 0.05, "ITL p99": 0.05}}
+    new = {"rows": [{"error_held_out": {"TTFT p50": -0.2, "ITL p99": 0.1}, "error_fit": errors}],
+           "median_abs_rel_error": held}
+    (tmp_path / "sim-validation-cpu-2026-12-08.json").write_text(json.dumps(new))
+    (tmp_path / "sim-validation-cpu-2026-12-08-run2.json").write_text("{}")  # a session's other runs are not read
+    (tmp_path / "sim-validation-gpu-2026-12-09.json").write_text("{}")  # nor the GPU sweeps' comparison
+    got = latest_validation(tmp_path)
+    assert got["path"].name == "sim-validation-cpu-2026-12-08.json"
+    assert got["median_abs_rel_error"] == held["held_out"] and optimistic_fraction(got) == 0.5
+    (tmp_path / "sim-validation-cpu-2026-12-09.json").write_text(json.dumps({"rows": [{}], "median_abs_rel_error": held}))
+    with pytest.raises(ValueError, match="without 'error_held_out'"):
+        latest_validation(tmp_path)

@@ -21,19 +21,33 @@ from minidisagg.sim.cost_table import GpuTable, costs_from_gpu_table, find_gpu_t
 from minidisagg.sim.plan import SplitResult, plan_splits
 from minidisagg.workload import poisson_workload
 
-_DATE = re.compile(r"\d{4}-\d\d-\d\d")
+
+_VALIDATION_FILE = re.compile(r"sim-validation-cpu-(\d{4}-\d\d-\d\d)")  # a session's headline file, not -runN
 
 
 def latest_validation(results: Optional[Path] = None) -> dict[str, Any]:
-    """The newest committed ``sim-validation-*.json`` (by its date, then name), with its ``path`` added."""
-    found = [p for p in (results or gs.results_dir()).glob("sim-validation-*.json") if _DATE.search(p.stem)]
+    """The newest committed CPU validation (``sim-validation-cpu-<date>.json``), with its ``path`` added.
+
+    Files written before held-out fitting carry one ``median_abs_rel_error`` per figure and rows with a
+    ``rel_error``; later ones nest the errors by prediction (``held_out``, ``fit``, ...). Either way the
+    result gives the held-out (or only) errors as ``median_abs_rel_error`` and each row's as ``rel_error``.
+    """
+    found = [p for p in (results or gs.results_dir()).glob("sim-validation-cpu-*.json")
+             if _VALIDATION_FILE.fullmatch(p.stem)]
     if not found:
-        raise FileNotFoundError("no benchmarks/results/sim-validation-*.json: run benchmarks/sim_validation.py")
-    path = max(found, key=lambda p: (_DATE.findall(p.stem)[-1], p.stem))
+        raise FileNotFoundError("no benchmarks/results/sim-validation-cpu-<date>.json: run benchmarks/sim_validation.py")
+    path = max(found, key=lambda p: p.stem)
     data = json.loads(path.read_text())
-    if not data.get("rows") or not data.get("median_abs_rel_error"):
+    errors, rows = data.get("median_abs_rel_error"), data.get("rows")
+    if not rows or not isinstance(errors, dict) or not errors:
         raise ValueError(f"{path.name}: no rows or median_abs_rel_error; is it a sim_validation result?")
-    return {**data, "path": path}
+    held_out = isinstance(next(iter(errors.values())), dict)
+    try:
+        errors = errors["held_out"] if held_out else errors
+        rows = [{**row, "rel_error": row["error_held_out"] if held_out else row["rel_error"]} for row in rows]
+    except KeyError as exc:
+        raise ValueError(f"{path.name}: a sim_validation result without {exc}") from None
+    return {**data, "median_abs_rel_error": errors, "rows": rows, "path": path}
 
 
 def optimistic_fraction(validation: dict[str, Any]) -> float:
