@@ -58,6 +58,25 @@ def test_cache_aware_routing_finds_more_than_round_robin_on_the_engine(smollm):
     assert ca.prompt_tokens_computed == round((1 - ca.hit_rate) * sum(len(p) for p in prompts))
 
 
+def test_a_decode_worker_holding_the_prefix_receives_only_the_tail(smollm):
+    r = random.Random()
+    prefix, tail = 16 * r.randint(2, 5), r.randint(1, 15)
+    prompts = rl.decode_reuse_prompts(smollm.config.vocab_size, prefix, tail, requests=3, seed=r.randrange(1 << 30))
+    assert all(p[:prefix] == prompts[0][:prefix] and len(p) == prefix + tail for p in prompts)
+    assert len({p[prefix] for p in prompts}) == 3  # the tails differ from their first token on
+    runs = rl.run_decode_reuse(smollm, prompts, block_size=16)
+    first, *later = runs
+    assert (first.kv_reused_tokens, first.kv_transfer_bytes) == (0, first.full_bytes)
+    blocks = prefix // 16 + 1
+    assert first.full_bytes > 0 and first.full_bytes % blocks == 0
+    for run in later:
+        assert run.kv_reused_tokens == prefix and run.full_bytes == first.full_bytes
+        assert run.kv_transfer_bytes == run.tail_bytes == first.full_bytes // blocks  # the one partial block
+        assert len(run.token_ids) == 2
+    with pytest.raises(ValueError, match="tail of at least one token"):
+        rl.decode_reuse_prompts(smollm.config.vocab_size, prefix, 0)
+
+
 def test_greedy_runs_with_an_identity_wire_agree_exactly(smollm):
     prompts = [list(smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in ("Hi", "Why?")]
     runs = greedy_runs(smollm, prompts, 16, 4, {"same pages": lambda p: p.clone(), "per head": lambda p: rl.dequantise_per_head(

@@ -1,4 +1,5 @@
-"""Figures lecture 7 draws from the committed CPU runs of prefix caching, cache-aware routing and the int8 / fp8 wire.
+"""Figures lecture 7 draws from the committed CPU runs of prefix caching (colocated and 1P1D), cache-aware routing
+and the int8 / fp8 wire.
 
 Each figure names the file it reads (``benchmarks/results/``); the break-even figure is modelled from
 lab 5's Llama-8B H200 prefill estimate with the committed runs' hit rate and int8 byte ratio.
@@ -19,6 +20,7 @@ from minidisagg.course.reuse_figures import wire_figure
 from minidisagg.course.transfer_lab import PrefillCostModel, kv_layout
 
 PREFIX_RUN = "prefix-cache-cpu-2026-12-07.json"
+DECODE_REUSE_RUN = "prefix-cache-disagg-cpu-2026-12-08.json"
 ROUTING_RUN = "cache-aware-routing-cpu-2026-12-07.json"
 WIRE_RUN = "kv-wire-quant-cpu-2026-12-07.json"
 WIRES = ("bfloat16", "int8", "fp8_e4m3")
@@ -35,6 +37,26 @@ def prefix_figure(run: dict[str, Any]) -> Any:
     ax.set_xticks(x, ["first request", "second request (same prefix)"])
     ax.set(ylabel="median TTFT (ms)", title=f"{run['args']['prefix_tokens']}-token shared prefix ({run['_file']})")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def decode_reuse_figure(run: dict[str, Any], transport: str = "inproc") -> Any:
+    """KV bytes the first and second request sharing a prefix moved in a 1P1D cluster, with and without prefix caching."""
+    s = run["summary"][transport]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    x = np.arange(2)
+    for offset, (engine, color) in zip((-0.2, 0.2), (("plain", "tab:gray"), ("cached", "tab:green"))):
+        ax.bar(x + offset, [s[f"{engine}_{which}_kv_transfer_bytes"][0] / 1e6 for which in ("first", "second")], 0.4,
+               color=color, label="no cache" if engine == "plain" else "prefix caching at both workers")
+    cached_second_mb = s["cached_second_kv_transfer_bytes"][0] / 1e6
+    ax.annotate(f"{s['second_over_first_bytes_cached']:.3f}x the first's", (1.2, cached_second_mb),
+                xytext=(0, 4), textcoords="offset points", ha="center", fontsize=9)
+    ax.set_xticks(x, ["first request", "second request (same prefix)"])
+    ax.set(ylabel="KV bytes moved (MB)",
+           title=f"1P1D {transport}, {run['args']['prefix_tokens']}-token shared prefix ({run['_file']})")
+    ax.set_ylim(0, 1.35 * s["plain_first_kv_transfer_bytes"][0] / 1e6)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
     fig.tight_layout()
     return fig
 

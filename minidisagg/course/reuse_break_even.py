@@ -6,9 +6,10 @@ compute (``check.lab5.reference_break_even``, called here unchanged). A trick ch
 - a compressed wire (``kv_wire_dtype``) multiplies the bytes by its ratio to the pool's pages;
 - prefix caching with hit rate ``h`` on the prefill worker leaves ``1 - h`` of the prompt to compute:
   the per-token and attention terms of the prefill scale by ``1 - h`` (the new tokens still attend to
-  the cached ones), the fixed part stays. The whole prompt's KV still crosses, as it does in this engine;
-- prefix reuse at both ends (the decode worker keeps the prefix too, as a shared KV store would) also
-  sends only the uncached ``1 - h`` of the bytes.
+  the cached ones), the fixed part stays. The whole prompt's KV still crosses, as it does in this engine
+  when the decode worker does not hold the prefix;
+- prefix reuse at both ends (the decode worker holds the prefix too: this engine's decode-side prefix
+  cache, or a shared KV store) also sends only the uncached ``1 - h`` of the bytes.
 
 Scaling the bytes by ``f`` is the same as dividing the link's bandwidth by ``f`` (its per-message cost
 stays), which is how the scaled problem is handed to lab 5's search.

@@ -150,9 +150,10 @@ class RoutingRun:
         return statistics.fmean(self.ttfts_s)
 
 
-def _serve_cluster(cluster: DisaggCluster, prompt: Sequence[int]) -> RequestOutput:
-    """One request to its first token, alone in the cluster."""
-    rid = cluster.add_request({"prompt_token_ids": list(prompt)}, FIRST_TOKEN_ONLY)
+def _serve_cluster(cluster: DisaggCluster, prompt: Sequence[int],
+                   params: SamplingParams = FIRST_TOKEN_ONLY) -> RequestOutput:
+    """One request to its end (by default its first token), alone in the cluster."""
+    rid = cluster.add_request({"prompt_token_ids": list(prompt)}, params)
     while cluster.has_unfinished():
         for out in cluster.step():
             if out.finished and out.request_id == rid:
@@ -201,6 +202,54 @@ def engine_choose_prefill(overlap_blocks: Sequence[int], queued_tokens: Sequence
     for worker, blocks in zip(index.workers, overlap_blocks):
         worker.insert(keys[:blocks])
     return index.choose(prompt, list(range(len(overlap_blocks))), list(queued_tokens)).prefill
+
+
+@dataclass(frozen=True)
+class DecodeReuseRequest:
+    """One request of a 1P1D cluster whose decode worker keeps a prefix cache: what crossed the link and what not."""
+
+    prompt_tokens: int
+    kv_transfer_bytes: int
+    kv_reused_tokens: int
+    tail_bytes: int  # the bytes of the blocks after its reused prefix, by the decode worker's page layout
+    full_bytes: int  # the bytes of all its blocks: what would cross with no decode-side cache
+    token_ids: tuple[int, ...]
+
+
+def decode_reuse_prompts(vocab_size: int, prefix_tokens: int = 256, tail_tokens: int = 8, requests: int = 3,
+                         seed: int = 0) -> list[list[int]]:
+    """``requests`` prompts: one shared prefix of random token ids, each with its own random tail (distinct first tokens)."""
+    if requests > vocab_size - 3 or prefix_tokens < 0 or tail_tokens < 1:
+        raise ValueError("need a tail of at least one token and fewer requests than the vocabulary has tokens")
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab_size) for _ in range(prefix_tokens)]
+    heads = rng.sample(range(3, vocab_size), requests)  # tails differ from their first token on
+    return [prefix + [h] + [rng.randrange(3, vocab_size) for _ in range(tail_tokens - 1)] for h in heads]
+
+
+def run_decode_reuse(loaded: LoadedModel, prompts: Sequence[Sequence[int]], block_size: int = 16,
+                     num_blocks: int = 96, max_tokens: int = 2) -> list[DecodeReuseRequest]:
+    """The prompts one after another through an in-process 1P1D cluster, prefix caching on at both workers.
+
+    Each request's ``kv_transfer_bytes`` and ``kv_reused_tokens`` are the engine's own counters; ``tail_bytes``
+    and ``full_bytes`` are what its page layout says the blocks after the reused prefix, and all its blocks, take.
+    """
+    config = EngineConfig(cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=True))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    cluster = DisaggCluster(loaded, config, num_prefill=1, num_decode=1, request_timeout_s=TIMEOUT_S)
+    try:
+        layout = cluster.decode_workers[0].layout
+        runs = []
+        for prompt in prompts:
+            out = _serve_cluster(cluster, prompt, params)
+            blocks = -(-len(prompt) // block_size)
+            m = out.metrics
+            runs.append(DecodeReuseRequest(len(prompt), m.kv_transfer_bytes, m.kv_reused_tokens,
+                                           layout.request_nbytes(blocks - m.kv_reused_tokens // block_size),
+                                           layout.request_nbytes(blocks), tuple(out.token_ids)))
+    finally:
+        cluster.shutdown()
+    return runs
 
 
 # ---------------------------------------------------------------- 3. a lossy wire
