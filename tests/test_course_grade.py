@@ -33,7 +33,7 @@ def test_the_stub_scores_zero_and_the_solution_full_marks(lab_path):
 
 
 def test_the_command_refuses_what_is_not_a_lab_and_still_writes_its_report(tmp_path):
-    junk = tmp_path / "07_not_a_lab.ipynb"
+    junk = tmp_path / "99_not_a_lab.ipynb"  # no lab has this number
     junk.write_text("{ this is not json")
     missing = tmp_path / "01_missing.ipynb"
     report = tmp_path / "report.json"
