@@ -157,9 +157,16 @@ class BlockManager:
         if extra == 0:
             return self._tables.get(seq_key, [])
         table = self._tables.setdefault(seq_key, [])
+        free, refs = self._free, self._refs
+        if len(free) >= extra:  # the common case: no cached block needs evicting
+            new = [free.popleft() for _ in range(extra)]
+            for block in new:
+                refs[block] = 1
+            table.extend(new)
+            return table
         for _ in range(extra):
-            block = self._free.popleft() if self._free else self.prefix_cache.evict()  # type: ignore[union-attr]
-            self._refs[block] = 1
+            block = free.popleft() if free else self.prefix_cache.evict()  # type: ignore[union-attr]
+            refs[block] = 1
             table.append(block)
         return table
 
@@ -173,16 +180,19 @@ class BlockManager:
         table = self._tables.pop(seq_key, [])
         keys = self._keys.pop(seq_key, [])
         released = []
+        refs = self._refs
         for block in table:
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
+            refs[block] -= 1
+            if not refs[block]:
                 released.append(block)
         cache = self.prefix_cache
-        if cache is not None:  # a copy computed twice gets its key now, if the cached twin was evicted meanwhile
-            for block, key in zip(table, keys):
-                if self._refs[block] == 0:
-                    cache.register(block, key)
-        parked = {b for b in reversed(released) if cache is not None and cache.park(b)}
+        if cache is None:
+            self._free.extend(released)
+            return len(table)
+        for block, key in zip(table, keys):  # a copy computed twice gets its key now, if the cached twin was evicted
+            if self._refs[block] == 0:
+                cache.register(block, key)
+        parked = {b for b in reversed(released) if cache.park(b)}
         self._free.extend(b for b in released if b not in parked)
         return len(table)
 
