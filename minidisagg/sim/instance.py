@@ -149,6 +149,7 @@ class SimInstance:
             first = self.steady.accounted
             fitting = self.steady.fitting_steps(first, seg.end - first)
             if first + fitting < seg.end:
+                self.stats.extra["shortened"] = self.stats.extra.get("shortened", 0) + 1
                 self._cut(first + fitting)
 
     def adopt(self, seq: Sequence, now_s: float) -> None:
@@ -165,6 +166,7 @@ class SimInstance:
             if k < seg.end:
                 self._cut(k)
             return
+        self.stats.extra["joined"] = self.stats.extra.get("joined", 0) + 1
         if k == seg.end:
             return  # it joins the next segment
         self._end_segment(seg, k)
