@@ -53,7 +53,10 @@ class BlockManager:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # The free list, in the order blocks are handed out: blocks never used yet (``_fresh`` onwards, in
+        # order: a pool of many blocks costs nothing to make), then freed ones in the order they came back.
+        self._fresh = 0
+        self._free: deque[int] = deque()
         self._tables: dict[object, list[int]] = {}
         self._refs = [0] * num_blocks  # how many tables hold each block
         self.prefix_cache: Optional[PrefixCache] = PrefixCache() if enable_prefix_caching else None
@@ -62,7 +65,8 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks not owned by any sequence (free, or cached and evictable)."""
-        return len(self._free) + (self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0)
+        free = self.num_blocks - self._fresh + len(self._free)
+        return free + (self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0)
 
     def ref_count(self, block: int) -> int:
         """How many sequences' tables hold ``block``."""
@@ -158,16 +162,17 @@ class BlockManager:
             return self._tables.get(seq_key, [])
         table = self._tables.setdefault(seq_key, [])
         free, refs = self._free, self._refs
-        if len(free) >= extra:  # the common case: no cached block needs evicting
-            new = [free.popleft() for _ in range(extra)]
-            for block in new:
-                refs[block] = 1
-            table.extend(new)
-            return table
-        for _ in range(extra):
-            block = free.popleft() if free else self.prefix_cache.evict()  # type: ignore[union-attr]
+        num_fresh = min(extra, self.num_blocks - self._fresh)
+        new = list(range(self._fresh, self._fresh + num_fresh))
+        self._fresh += num_fresh
+        if len(free) >= extra - num_fresh:  # the common case: no cached block needs evicting
+            new += [free.popleft() for _ in range(extra - num_fresh)]
+        else:
+            new += [free.popleft() if free else self.prefix_cache.evict()  # type: ignore[union-attr]
+                    for _ in range(extra - num_fresh)]
+        for block in new:
             refs[block] = 1
-            table.append(block)
+        table.extend(new)
         return table
 
     def free(self, seq_key: object) -> int:
