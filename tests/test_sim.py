@@ -277,3 +277,25 @@ def test_lazy_batches_shorten_segments_and_meet_preemption_somewhere():
         shortened += sum(i.stats.extra.get("shortened", 0) for i in res.instances)
         preempted += sum(i.scheduler.num_preemptions for i in res.instances[spec.num_prefill:])
     assert shortened > 0 and preempted > 0
+
+
+def test_a_run_leaves_no_reference_cycles_per_request():
+    """The fleet pauses Python's cyclic collector while it runs: that is safe only if requests leave no cycles."""
+    import gc
+
+    def cyclic_garbage(num_requests: int) -> int:
+        rng = random.Random(9)
+        spec, costs = _spec(rng, True, "chunked"), _costs(rng)
+        simulate(spec, costs, _trace(rng, num_requests, 200.0))
+        return gc.collect()
+
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        few, many = cyclic_garbage(100), cyclic_garbage(1100)
+    finally:
+        if enabled:
+            gc.enable()
+    assert many - few < 100, f"{many - few} more objects in cycles for 1000 more requests"
+    assert gc.isenabled() == enabled
