@@ -133,9 +133,10 @@ class SteadyBatch:
         if num_steps < 1:
             return 0
         b = len(self.sync)
-        pairs = (self._q + b * start) + b * np.arange(num_steps, dtype=np.int64)
-        step_s = costs.decode_costs_s(b, pairs.astype(np.float64))
-        self.times_s.extend(np.add.accumulate(np.concatenate(([self.time_s(start)], step_s))).tolist()[1:])
+        first = self._q + b * start  # whole numbers below 2**53: exact in float64, as the int sums are
+        step_s = costs.decode_costs_s(b, np.arange(first, first + b * num_steps, b, dtype=np.float64))
+        step_s[0] += self.time_s(start)  # then the running sum: start + c0, + c1, ... in the order stepping adds them
+        self.times_s.extend(np.add.accumulate(step_s).tolist())
         return num_steps
 
     def truncate(self, end: int) -> None:
