@@ -161,7 +161,7 @@ class SimInstance:
             return
         k = self._started(seg, now_s)
         self.steady.account(k)
-        if len(self.scheduler.running) > self.config.max_num_seqs or not self.steady.add(seq, k):
+        if self._leave_steady or len(self.scheduler.running) > self.config.max_num_seqs or not self.steady.add(seq, k):
             self._leave_steady = True  # the scheduler plans the step after the one in flight
             if k < seg.end:
                 self._cut(k)
