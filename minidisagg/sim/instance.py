@@ -78,7 +78,10 @@ class InstanceHooks:
 
 @dataclass
 class InstanceStats:
-    """Counters: steps run through the scheduler, steps applied by the fast path, stretches."""
+    """Counters: steps run through the scheduler, steps the fast path ran, segments it planned (``stretches``).
+
+    ``extra``: ``joined`` (sequences adopted into a running segment), ``shortened`` (segments a reservation cut).
+    """
 
     scheduled_steps: int = 0
     fast_steps: int = 0
