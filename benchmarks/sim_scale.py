@@ -4,8 +4,9 @@ xPyD fleets (half prefill, half decode instances, least-loaded routing) on a Lla
 model, Poisson arrivals at a rate that keeps every instance busy but not overloaded; each point is
 simulated once with the fast path and, where small enough, once step by step (the ratio is the
 fast path's gain, measured side by side). Writes ``benchmarks/results/sim-scale-<date>.json`` and ``.md``.
+Each row records the host's load average (``/proc/loadavg``) before and after it: the host is shared.
 
-    PYTHONPATH=. python benchmarks/sim_scale.py --points 8:2000 8:20000 64:20000 --big 1024:100000
+    PYTHONPATH=. python benchmarks/sim_scale.py --points 8:2000 8:20000 64:20000 --big 1024:100000 1024:1000000
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def one(num_instances: int, num_requests: int, fast: bool) -> dict:
     spec = FleetSpec(num_decode=num_instances - num_instances // 2, num_prefill=num_instances // 2,
                      instance=InstanceConfig("chunked", max_num_seqs=256, max_num_batched_tokens=2048, num_blocks=16384),
                      routing="least_loaded")
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     res = simulate(spec, H100_8B, trace, fast=fast)
     host_s = time.perf_counter() - t0
@@ -50,14 +52,16 @@ def one(num_instances: int, num_requests: int, fast: bool) -> dict:
             "requests_per_host_s": num_requests / host_s, "events": res.num_events,
             "scheduled_steps": sum(s.scheduled_steps for s in stats), "fast_steps": sum(s.fast_steps for s in stats),
             "simulated_s": float((res.arrival_s + res.e2e_s).max()), "ttft_p50_s": res.percentile("ttft_s", 50),
-            "tpot_p50_s": res.percentile("tpot_s", 50), "load_1min": os.getloadavg()[0]}
+            "tpot_p50_s": res.percentile("tpot_s", 50), "load_1min_before": load_before,
+            "load_1min": os.getloadavg()[0], "requests_per_decode_instance": num_requests / spec.num_decode}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--points", nargs="+", default=["8:2000", "8:20000", "64:20000", "256:20000"],
+    ap.add_argument("--points", nargs="+", default=["8:20000", "64:20000", "1024:20000"],
                     help="INSTANCES:REQUESTS, each run fast and step by step")
-    ap.add_argument("--big", nargs="*", default=["1024:100000"], help="INSTANCES:REQUESTS, fast path only")
+    ap.add_argument("--big", nargs="*", default=["8:200000", "1024:100000", "1024:1000000"],
+                    help="INSTANCES:REQUESTS, fast path only")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     rows = []
@@ -80,12 +84,12 @@ def main() -> None:
     lines = [f"# Simulator speed ({date})", "", f"{result['machine']}; cost model: {H100_8B.describe()}", "",
              "xPyD, half prefill and half decode instances, least-loaded routing, chunked decode instances, "
              f"{PER_DECODE_RPS:.0f} requests/s per decode instance, prompts 128..1024, outputs 32..256 tokens.", "",
-             "| instances | requests | path | host s | requests / host s | events | scheduler steps | fast-path steps | load |",
+             "| instances | requests | path | host s | requests / host s | events | scheduler steps | fast-path steps | load before, after |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['instances']} | {r['requests']} | {'fast' if r['fast'] else 'step by step'} | "
                      f"{r['host_s']:.1f} | {r['requests_per_host_s']:.0f} | {r['events']} | {r['scheduled_steps']} | "
-                     f"{r['fast_steps']} | {r['load_1min']:.1f} |")
+                     f"{r['fast_steps']} | {r['load_1min_before']:.1f}, {r['load_1min']:.1f} |")
     lines += ["", f"Goal: {goal_rate:.0f} requests per host second (1M on 1024 instances in 60 s)."]
     (out / f"sim-scale-{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

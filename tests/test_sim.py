@@ -240,3 +240,87 @@ def test_a_pool_held_by_partly_prefilled_prompts_preempts_one_and_everything_fin
     fast.check_complete()
     assert (fast.num_output_tokens > 0).all() and fast.num_output_tokens.tolist() == slow.num_output_tokens.tolist()
     assert fast.ttft_s.tolist() == slow.ttft_s.tolist()
+
+
+def _pressure_case(case: int) -> tuple[FleetSpec, StepCostModel, Trace]:
+    """xPyD with decode pools of 60 or 120 small blocks under 100 to 400 requests/s."""
+    rng = random.Random(2000 + case)
+    inst = InstanceConfig("chunked", max_num_seqs=rng.choice([8, 32]), max_num_batched_tokens=rng.choice([64, 256]),
+                          num_blocks=rng.choice([60, 120]), block_size=rng.choice([4, 8]))
+    spec = FleetSpec(rng.randint(1, 2), rng.randint(1, 3), inst, routing=rng.choice(["round_robin", "least_loaded"]),
+                     link=LinkSpec("l", rng.uniform(0.01, 1.0), rng.uniform(0, 1e-3)), kv_bytes_per_token=1000)
+    return spec, _costs(rng), _trace(rng, 250, rng.choice([100.0, 400.0]), max_prompt=150, max_out=80)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_lazy_decode_batches_under_block_pressure_match_step_by_step_bit_for_bit(case):
+    """Decode pools so small that reservations shorten planned segments, adoptions join running ones and the
+    scheduler preempts: the lazily advanced batches give the step-by-step timelines, blocks and all."""
+    spec, costs, trace = _pressure_case(case)
+    fast = simulate(spec, costs, trace, fast=True, keep_timelines=True)
+    slow = simulate(spec, costs, trace, fast=False, keep_timelines=True)
+    for a, b in zip(fast.timelines, slow.timelines):
+        assert a.token_times_s == b.token_times_s and a.finish_s == b.finish_s
+        assert (a.transfer_start_s, a.transfer_end_s) == (b.transfer_start_s, b.transfer_end_s)
+    assert np.array_equal(fast.instance, slow.instance)
+    decode = fast.instances[spec.num_prefill:]
+    assert sum(i.stats.fast_steps for i in decode) > 0 and sum(i.stats.extra.get("joined", 0) for i in decode) > 0
+    assert _all_blocks_back(fast) and _all_blocks_back(slow)
+
+
+def test_lazy_batches_shorten_segments_and_meet_preemption_somewhere():
+    """Over the block-pressure cases above, every new path of the lazy batch is taken at least once."""
+    shortened = preempted = 0
+    for case in range(6):
+        spec, costs, trace = _pressure_case(case)
+        res = simulate(spec, costs, trace)
+        shortened += sum(i.stats.extra.get("shortened", 0) for i in res.instances)
+        preempted += sum(i.scheduler.num_preemptions for i in res.instances[spec.num_prefill:])
+    assert shortened > 0 and preempted > 0
+
+
+def test_a_run_leaves_no_reference_cycles_per_request():
+    """The fleet pauses Python's cyclic collector while it runs: that is safe only if requests leave no cycles."""
+    import gc
+
+    def cyclic_garbage(num_requests: int) -> int:
+        rng = random.Random(9)
+        spec, costs = _spec(rng, True, "chunked"), _costs(rng)
+        simulate(spec, costs, _trace(rng, num_requests, 200.0))
+        return gc.collect()
+
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        few, many = cyclic_garbage(100), cyclic_garbage(1100)
+    finally:
+        if enabled:
+            gc.enable()
+    assert many - few < 100, f"{many - few} more objects in cycles for 1000 more requests"
+    assert gc.isenabled() == enabled
+
+
+def test_fast_and_step_by_step_agree_over_random_fleets_at_the_edges():
+    """40 random fleets at the edges (block size 1, two sequences a step, pools of 40 blocks, one-token outputs):
+    wherever step-by-step simulation completes, the fast path gives its timelines bit for bit."""
+    compared = 0
+    for case in range(40):
+        rng = random.Random(3000 + case)
+        inst = InstanceConfig(rng.choice(["chunked", "prefill_first", "decode_first"]), rng.choice([2, 4, 8, 32]),
+                              rng.choice([32, 64, 256]), rng.choice([40, 60, 120, 400]), rng.choice([1, 2, 4, 8, 16]))
+        num_prefill = rng.randint(1, 3) if rng.random() < 0.7 else 0
+        spec = FleetSpec(rng.randint(1, 3), num_prefill, inst, routing=rng.choice(["round_robin", "least_loaded"]),
+                         link=LinkSpec("l", rng.uniform(0.01, 1.0), rng.uniform(0, 1e-3)), kv_bytes_per_token=1000)
+        costs = _costs(rng)
+        trace = _trace(rng, 100, rng.choice([50.0, 200.0, 800.0]), max_prompt=120, max_out=rng.choice([5, 40, 80]))
+        try:
+            slow = simulate(spec, costs, trace, fast=False, keep_timelines=True)
+        except (RuntimeError, ValueError):
+            continue  # a pool too small for some prompt: refused either way
+        fast = simulate(spec, costs, trace, fast=True, keep_timelines=True)
+        assert [tl.token_times_s for tl in fast.timelines] == [tl.token_times_s for tl in slow.timelines], case
+        assert [tl.finish_s for tl in fast.timelines] == [tl.finish_s for tl in slow.timelines], case
+        assert np.array_equal(fast.instance, slow.instance) and _all_blocks_back(fast), case
+        compared += 1
+    assert compared >= 30

@@ -273,7 +273,7 @@ class Scheduler:
         """
         seq = chunk.seq
         cached: list[int] = []
-        if seq.num_computed_tokens == 0 and not self.blocks.block_table(seq.seq_id):
+        if seq.num_computed_tokens == 0 and self.blocks.prefix_cache is not None and not self.blocks.block_table(seq.seq_id):
             cached = self.blocks.cached_prefix(seq.all_token_ids)
         num_cached_tokens = len(cached) * self.blocks.block_size
         num_tokens = min(chunk.num_tokens, seq.num_tokens - num_cached_tokens)

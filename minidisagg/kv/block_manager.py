@@ -53,7 +53,10 @@ class BlockManager:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # The free list, in the order blocks are handed out: blocks never used yet (``_fresh`` onwards, in
+        # order: a pool of many blocks costs nothing to make), then freed ones in the order they came back.
+        self._fresh = 0
+        self._free: deque[int] = deque()
         self._tables: dict[object, list[int]] = {}
         self._refs = [0] * num_blocks  # how many tables hold each block
         self.prefix_cache: Optional[PrefixCache] = PrefixCache() if enable_prefix_caching else None
@@ -62,7 +65,8 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks not owned by any sequence (free, or cached and evictable)."""
-        return len(self._free) + (self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0)
+        free = self.num_blocks - self._fresh + len(self._free)
+        return free + (self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0)
 
     def ref_count(self, block: int) -> int:
         """How many sequences' tables hold ``block``."""
@@ -176,10 +180,18 @@ class BlockManager:
         if extra == 0:
             return self._tables.get(seq_key, [])
         table = self._tables.setdefault(seq_key, [])
-        for _ in range(extra):
-            block = self._free.popleft() if self._free else self.prefix_cache.evict()  # type: ignore[union-attr]
-            self._refs[block] = 1
-            table.append(block)
+        free, refs = self._free, self._refs
+        num_fresh = min(extra, self.num_blocks - self._fresh)
+        new = list(range(self._fresh, self._fresh + num_fresh))
+        self._fresh += num_fresh
+        if len(free) >= extra - num_fresh:  # the common case: no cached block needs evicting
+            new += [free.popleft() for _ in range(extra - num_fresh)]
+        else:
+            new += [free.popleft() if free else self.prefix_cache.evict()  # type: ignore[union-attr]
+                    for _ in range(extra - num_fresh)]
+        for block in new:
+            refs[block] = 1
+        table.extend(new)
         return table
 
     def free(self, seq_key: object) -> int:
@@ -192,16 +204,19 @@ class BlockManager:
         table = self._tables.pop(seq_key, [])
         keys = self._keys.pop(seq_key, [])
         released = []
+        refs = self._refs
         for block in table:
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
+            refs[block] -= 1
+            if not refs[block]:
                 released.append(block)
         cache = self.prefix_cache
-        if cache is not None:  # a copy computed twice gets its key now, if the cached twin was evicted meanwhile
-            for block, key in zip(table, keys):
-                if self._refs[block] == 0:
-                    cache.register(block, key)
-        parked = {b for b in reversed(released) if cache is not None and cache.park(b)}
+        if cache is None:
+            self._free.extend(released)
+            return len(table)
+        for block, key in zip(table, keys):  # a copy computed twice gets its key now, if the cached twin was evicted
+            if self._refs[block] == 0:
+                cache.register(block, key)
+        parked = {b for b in reversed(released) if cache.park(b)}
         self._free.extend(b for b in released if b not in parked)
         return len(table)
 

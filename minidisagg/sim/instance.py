@@ -7,17 +7,20 @@ at that stage's end. Only the model's forward pass is replaced; ``tests/test_sim
 instance's timelines against an ``LLMEngine`` replay with modelled stages, bit for bit.
 
 The fast path. Between two changes, a decode-only instance repeats one step: every running
-sequence decodes, each takes a slot, none stops. When nothing waits, the policy is a built-in
-one (each plans every running decode when no prompt waits), the batch fits ``max_num_seqs`` and
-the pool has the blocks, the instance plans
-such a stretch at once, up to and including the first step that stops a sequence: the step times come
-from ``StepCostModel.decode_costs_s`` accumulated in order (the same floating-point sums a step-by-step
-run makes), and one event is set at the stretch's end. There the stretch is applied in bulk (tokens, KV
-progress, blocks, token times), and the sequences its last step stops are stopped by the scheduler's own
-``StopRules.reason`` and ``Scheduler.finish``, as ``update_from_output`` would. Anything that reaches the
-instance earlier (an arrival, a reservation, an adopted sequence) cuts the stretch: the steps that started
-before it are applied, the one in flight is planned again through ``Scheduler.schedule``, and the instance
-is in exactly the state step-by-step simulation would have reached.
+sequence decodes, each takes a slot, none stops. When nothing waits, the policy is a built-in one
+(each plans every running decode when no prompt waits), the batch fits ``max_num_seqs`` and the pool
+has the blocks, the instance keeps its running sequences in a ``SteadyBatch`` (``sim/steady.py``) and
+plans a *segment* of such steps at once, up to the first step that stops a sequence or the last the
+free blocks cover: one event at its end, step times from ``StepCostModel.decode_costs_s`` summed in
+order (the floating-point sums a step-by-step run makes). There the sequences that stop are brought
+up to date and stopped by the scheduler's own ``StopRules.reason`` and ``Scheduler.finish``, as
+``update_from_output`` would; the others stay lazy and the next segment starts. What reaches the
+instance meanwhile is taken in where step-by-step simulation would see it: a sequence adopted while
+step k runs joins at step k + 1 (the segment is cut there and planned again with the larger batch),
+a reservation of blocks counts against the blocks the started steps took and shortens the segment if
+the rest no longer fits, and a new prompt cuts the segment after the step in flight, where every
+sequence is brought up to date and the scheduler plans the next step. ``tests/test_sim.py`` holds
+all of it bit for bit against step-by-step simulation.
 """
 
 from __future__ import annotations
@@ -27,14 +30,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
-
 from minidisagg.engine.clock import SimulatedClock
 from minidisagg.engine.scheduler import Scheduler, StepBudget, StopRules
 from minidisagg.engine.sequence import Sequence
 from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.sim.events import STEP, EventLoop
+from minidisagg.sim.steady import SteadyBatch
 from minidisagg.stages.base import Stage, StageResult, planned_runs
 from minidisagg.stages.modelled import FILLER_TOKEN_ID, ModelledDecodeStage, ModelledPrefillStage
 
@@ -59,11 +61,10 @@ class InstanceConfig:
 
 
 @dataclass
-class _Stretch:
-    seqs: list[Sequence]
-    times_s: list[float]  # start of step 0, then the end of each step
-    version: int
-    finishes: bool  # whether its last step stops a sequence
+class _Segment:
+    start: int  # global step indices of the ``SteadyBatch``: steps start .. end - 1
+    end: int
+    at_start: bool  # planned when its first step started (else earlier, when a sequence joined)
 
 
 @dataclass
@@ -77,7 +78,10 @@ class InstanceHooks:
 
 @dataclass
 class InstanceStats:
-    """Counters: steps run through the scheduler, steps applied by the fast path, stretches."""
+    """Counters: steps run through the scheduler, steps the fast path ran, segments it planned (``stretches``).
+
+    ``extra``: ``joined`` (sequences adopted into a running segment), ``shortened`` (segments a reservation cut).
+    """
 
     scheduled_steps: int = 0
     fast_steps: int = 0
@@ -108,7 +112,10 @@ class SimInstance:
         self._busy = False
         self._runs: list[tuple[Stage, list]] = []
         self._result: Optional[StageResult] = None
-        self._stretch: Optional[_Stretch] = None
+        self.steady = SteadyBatch(self.blocks, config.max_model_len)
+        self._segment: Optional[_Segment] = None
+        self._step = 0  # the steady batch's step at the last segment's end
+        self._leave_steady = False  # a sequence joined that cannot run lazily: let the scheduler plan next
         self._version = 0
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -118,30 +125,59 @@ class SimInstance:
         if not p.ignore_eos or p.stop_token_ids or p.stop:
             raise ValueError(f"request {seq.request_id}: the simulator's tokens are fillers; it needs ignore_eos=True "
                              f"and no stop tokens or strings (its length is max_tokens)")
-        self.interrupt(now_s)
+        seg = self._segment
+        if seg is not None:  # end the segment after the step in flight: the next step admits the prompt
+            k = self._started(seg, now_s)
+            self.steady.account(k)
+            if k < seg.end:
+                self._cut(k)
         self.pending.append(seq)
         self.wake(now_s)
 
+    @property
+    def num_free_blocks(self) -> int:
+        """Free KV blocks at the current instant: the pool's, less those the decode steps started so far took."""
+        return self.steady.free_blocks
+
     def interrupt(self, now_s: float) -> None:
-        """Something from outside touches this instance at ``now_s``: cut a planned stretch there first."""
-        st = self._stretch
-        if st is None:
+        """Something from outside reads or changes the pool at ``now_s``: count the blocks of the steps started by then."""
+        seg = self._segment
+        if seg is not None:
+            self.steady.account(self._started(seg, now_s))
+
+    def reserved(self, now_s: float) -> None:
+        """Blocks were taken at ``now_s`` (after ``interrupt``): shorten the planned segment to what still fits."""
+        seg = self._segment
+        if seg is not None:
+            first = self.steady.accounted
+            fitting = self.steady.fitting_steps(first, seg.end - first)
+            if first + fitting < seg.end:
+                self.stats.extra["shortened"] = self.stats.extra.get("shortened", 0) + 1
+                self._cut(first + fitting)
+
+    def adopt(self, seq: Sequence, now_s: float) -> None:
+        """Start decoding a sequence prefilled elsewhere (``Scheduler.adopt``) from the next step to start."""
+        self.scheduler.adopt(seq)
+        seg = self._segment
+        if seg is None:
+            self.wake(now_s)
             return
-        n = len(st.times_s) - 1
-        # steps that started before now_s; step 0 started when the stretch was planned, even at now_s itself
-        # (a step of the stretch starting exactly at now_s counts as not started: a tie between two instances'
-        # float times, which step-by-step simulation would break by event order)
-        k = max(1, bisect.bisect_left(st.times_s, now_s, 0, n))
-        self._stretch = None
-        self._version += 1  # the stretch's event is void
-        if k == n and st.finishes:  # the step in flight stops sequences: plan it through the scheduler
-            self._apply_stretch(st, k - 1)
-            self._plan_step()
+        k = self._started(seg, now_s)
+        self.steady.account(k)
+        if self._leave_steady or len(self.scheduler.running) > self.config.max_num_seqs or not self.steady.add(seq, k):
+            self._leave_steady = True  # the scheduler plans the step after the one in flight
+            if k < seg.end:
+                self._cut(k)
             return
-        # the step in flight stops nobody, and what it does is seen by no one before it ends: apply it with
-        # the others (its slots were taken when it started), and start the next step when it ends
-        self._apply_stretch(st, k)
-        self.loop.push(st.times_s[k], STEP, self._start, self._version)
+        self.stats.extra["joined"] = self.stats.extra.get("joined", 0) + 1
+        if k == seg.end:
+            return  # it joins the next segment
+        self._end_segment(seg, k)
+        if not self._plan_segment(k, at_start=False):
+            self._leave_steady = True
+            self._segment = _Segment(k, k, False)
+            self._version += 1
+            self.loop.push(self.steady.time_s(k), STEP, self._segment_done, self._version)
 
     def wake(self, now_s: float) -> None:
         """Start stepping at ``now_s`` if the instance is idle."""
@@ -159,13 +195,16 @@ class SimInstance:
         if version != self._version:
             return
         self.clock.wait_until(now_s)
-        while self.pending:
-            self.scheduler.add(self.pending.popleft())
+        if self.pending:
+            self._release()
+            while self.pending:
+                self.scheduler.add(self.pending.popleft())
         if not self.scheduler.has_work():
             self._busy = False
             return
-        if self.fast and self._plan_stretch(now_s):
+        if self.fast and not self._leave_steady and self._enter_steady(now_s):
             return
+        self._release()
         self._plan_step()
 
     def _plan_step(self) -> None:
@@ -210,78 +249,68 @@ class SimInstance:
         self._start(now_s, self._version)
 
     # ---- the fast path -------------------------------------------------------------------------------
-    def _plan_stretch(self, now_s: float) -> bool:
-        """Plan a stretch of identical decode-only steps, up to the first that stops a sequence; False if none fits."""
-        sched = self.scheduler
-        running = sched.running
-        b = len(running)
+    def _started(self, seg: _Segment, now_s: float) -> int:
+        """The first step of ``seg`` not started before ``now_s`` (a step starting exactly then has not)."""
+        st = self.steady
+        k = bisect.bisect_left(st.times_s, now_s, seg.start - st.offset, seg.end - st.offset) + st.offset
+        return max(k, seg.start + 1) if seg.at_start else k  # a segment planned at its start has started its first
+
+    def _enter_steady(self, now_s: float) -> bool:
+        """Plan a segment of decode-only steps from now; False if the scheduler must plan this step."""
+        sched, st = self.scheduler, self.steady
+        b = len(sched.running)
         if sched.waiting or self.pending or sched.lookahead_tokens or not 1 <= b <= sched.budget.max_num_seqs:
             return False
-        max_len = self.config.max_model_len
-        steps = min(min(s.params.max_tokens - len(s.output_token_ids), max_len - s.num_tokens) for s in running)
-        if steps < 1:
+        if not len(st):
+            st.reset(self._step, now_s)
+            for seq in sched.running:
+                if not st.add(seq, self._step):
+                    return False
+        elif len(st) != b:
             return False
-        fast = self._fitting_steps(running, steps)
-        if fast < 1:
+        return self._plan_segment(self._step, at_start=True)
+
+    def _plan_segment(self, start: int, at_start: bool) -> bool:
+        num_steps = self.steady.plan(start, self.costs)
+        if num_steps < 1:
             return False
-        pairs0 = sum(s.num_tokens for s in running)
-        pairs = pairs0 + b * np.arange(fast, dtype=np.int64)
-        costs = self.costs.decode_costs_s(b, pairs.astype(np.float64))
-        times = np.add.accumulate(np.concatenate(([now_s], costs))).tolist()
-        self._stretch = _Stretch(list(running), times, self._version, fast == steps)
+        self._segment = _Segment(start, start + num_steps, at_start)
         self.stats.stretches += 1
-        self.loop.push(times[-1], STEP, self._stretch_due, self._version)
+        self._version += 1
+        self.loop.push(self.steady.time_s(start + num_steps), STEP, self._segment_done, self._version)
         return True
 
-    def _fitting_steps(self, running: list[Sequence], most: int) -> int:
-        """The most steady steps (up to ``most``) whose slots the free blocks cover, so none can preempt."""
-        blocks, free = self.blocks, self.blocks.num_free_blocks
-        if free >= len(running) * (most // blocks.block_size + 1):
-            return most  # a sequence grows by at most that many blocks in ``most`` steps
+    def _cut(self, end: int) -> None:
+        """End the planned segment at step ``end`` (an event there) instead of where it was planned to end."""
+        self._segment.end = end  # type: ignore[union-attr]
+        self.steady.truncate(end)
+        self._version += 1
+        self.loop.push(self.steady.time_s(end), STEP, self._segment_done, self._version)
 
-        def extra(m: int) -> int:
-            return sum(blocks.num_extra_blocks(s.seq_id, s.num_computed_tokens + m) for s in running)
+    def _end_segment(self, seg: _Segment, end: int) -> None:
+        st = self.steady
+        self.stats.fast_steps += end - seg.start
+        self.stats.busy_s += st.time_s(end) - st.time_s(seg.start)
+        self._segment = None
+        self._step = end
 
-        if extra(most) <= free:
-            return most
-        lo, hi = 0, most  # extra(lo) <= free < extra(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if extra(mid) <= free else (lo, mid)
-        return lo
-
-    def _stretch_due(self, now_s: float, version: int) -> None:
-        if version != self._version or self._stretch is None:
+    def _segment_done(self, now_s: float, version: int) -> None:
+        if version != self._version or self._segment is None:
             return
-        st, self._stretch = self._stretch, None
-        self._apply_stretch(st, len(st.times_s) - 1)
-        if st.finishes:  # its last step stops sequences: the scheduler's own stopping rules and finish
-            stop = self.scheduler.stop
-            for seq in st.seqs:
-                reason = stop.reason(seq, seq.output_token_ids[-1])
-                if reason is not None:
-                    self.scheduler.finish(seq, reason)
+        seg = self._segment
+        self.steady.account(seg.end)
+        self._end_segment(seg, seg.end)
+        stop = self.scheduler.stop
+        for seq in self.steady.pop_stopping(seg.end):  # the scheduler's own stopping rules and finish
+            reason = stop.reason(seq, seq.output_token_ids[-1])
+            if reason is None:
+                raise RuntimeError(f"request {seq.request_id} was due to stop at step {seg.end}; its stopping rules disagree")
+            self.scheduler.finish(seq, reason)
         self._step_done(now_s)
 
-    def _apply_stretch(self, st: _Stretch, num_steps: int) -> None:
-        """Apply the first ``num_steps`` steps of a stretch: what ``schedule`` + decode + update would each do."""
-        if num_steps > 0:
-            times = st.times_s[1:num_steps + 1]
-            filler = [FILLER_TOKEN_ID] * num_steps
-            for seq in st.seqs:
-                seq.num_computed_tokens += num_steps
-                self.blocks.grow(seq.seq_id, seq.num_computed_tokens)
-                seq.output_token_ids.extend(filler)
-                record_tokens(seq.timeline, times)
-            self.stats.fast_steps += num_steps
-            self.stats.busy_s += times[-1] - st.times_s[0]
-        self.clock.wait_until(st.times_s[num_steps])
+    def _release(self) -> None:
+        """Bring every lazily advanced sequence up to date: the scheduler plans the next step."""
+        if len(self.steady):
+            self.steady.release(self._step)
+        self._leave_steady = False
 
-
-def record_tokens(timeline: object, times_s: list[float]) -> None:
-    """Record tokens at ``times_s`` (increasing, after every earlier token) on a timeline, as ``record_token`` would."""
-    many = getattr(timeline, "record_tokens", None)
-    if many is not None:
-        many(times_s)
-    else:
-        timeline.token_times_s.extend(times_s)  # type: ignore[attr-defined]

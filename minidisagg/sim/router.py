@@ -50,3 +50,6 @@ class InstancePicker:
         self.loads[i] += delta
         if self.policy == "least_loaded":
             heapq.heappush(self._heap, (self.loads[i], i))
+            if len(self._heap) > 4 * len(self.loads):  # stale entries that never reach the top: rebuild, O(1) amortized
+                self._heap = [(load, j) for j, load in enumerate(self.loads)]
+                heapq.heapify(self._heap)
