@@ -266,3 +266,32 @@ def test_models_health_and_metrics(served):
                  "minidisagg_e2e_request_latency_seconds_bucket", "minidisagg_num_requests_waiting",
                  "minidisagg_kv_free_blocks", "minidisagg_http_requests_total"):
         assert name in text, name
+
+
+def test_serve_flags_reach_the_engine_prefix_caching_and_threads():
+    """``minidisagg serve --enable-prefix-caching --threads N``: the engine caches prefixes, torch uses N threads."""
+    import torch
+
+    from minidisagg.cli import build_parser
+    from minidisagg.server.launch import llm_from_args
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    llms = []
+    try:
+        for mode in ("colocated", "disagg"):
+            args = build_parser().parse_args(["serve", "tiny", "--device", "cpu", "--dtype", "float32", "--mode", mode,
+                                              "--transport", "socket", "--enable-prefix-caching", "--routing",
+                                              "cache_aware", "--threads", str(want), "--num-kv-blocks", "64"])
+            llms.append(llm_from_args(args))
+            assert llms[-1].config.cache.enable_prefix_caching and torch.get_num_threads() == want
+        prompt = list(range(100, 140))  # two full blocks of 16, then a tail
+        for llm in llms:
+            params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+            first, second = (llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0] for _ in range(2))
+            assert first.num_cached_tokens == 0 and second.num_cached_tokens == 32, llm.mode
+            assert second.token_ids == first.token_ids
+    finally:
+        for llm in llms:
+            llm.shutdown()
+        torch.set_num_threads(before)

@@ -168,8 +168,13 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
     """The ``LLM`` the serve flags describe: one colocated engine, or a router over worker processes.
 
     With ``--peers`` (``--mode disagg``) the workers are already running, and the router connects to them.
+    ``--threads`` sets torch's CPU threads here too, where a colocated or in-process engine runs.
     """
     disagg = args.mode == "disagg"
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     workers, security = (args.peers or None) if disagg else None, None
     if workers is not None:  # worker processes already running (another launcher, torchrun): connect to them
         from minidisagg.transport.auth import link_security
@@ -187,7 +192,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
                num_decode=args.num_decode, routing=args.routing, kv_overlap=args.overlap,
                kv_failure_policy=args.kv_failure_policy, request_timeout_s=args.request_timeout_s,
                worker_threads=args.threads, workers=workers, worker_security=security,
-               kv_wire_dtype=args.kv_wire_dtype)
+               kv_wire_dtype=args.kv_wire_dtype, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def serve_http(args: argparse.Namespace) -> int:
