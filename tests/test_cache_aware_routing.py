@@ -85,7 +85,7 @@ def test_a_shared_prefix_goes_to_the_worker_that_served_it_unless_its_queue_outw
     for i, system in enumerate(systems):  # three new prefixes spread over three empty workers
         home[i], home_d[i] = router.pick([0, 0, 0], [0, 0], prompt_token_ids=system + random_tokens(rng, 3))
     assert sorted(home.values()) == [0, 1, 2], f"seed {seed}: prompts that match nowhere go to the emptier caches"
-    assert sorted(home_d.values())[:2] == [0, 1], f"seed {seed}: the decode side too"
+    assert set(home_d.values()) == {0, 1}, f"seed {seed}: the decode side too"
     for _ in range(10):  # later turns find their system prompt's workers, whatever their own tail
         i = rng.randrange(3)
         p, d = router.pick([0, 0, 0], [0, 0], prompt_token_ids=systems[i] + random_tokens(rng, rng.randint(1, 9)))
