@@ -221,7 +221,7 @@ def test_cache_aware_routing_hits_more_than_round_robin_with_the_colocated_token
     assert predicted == pytest.approx(aware_rate) and rr_predicted is None, f"seed {seed}"
 
 
-def test_the_server_exports_the_realised_and_predicted_hit_rates(tiny_loaded, seed):
+def test_the_server_exports_the_realised_and_predicted_hit_rates_and_decode_reuse(tiny_loaded, seed):
     from minidisagg.disagg.cluster import DisaggCluster
     from minidisagg.server.engine_loop import EngineLoop
     from minidisagg.server.metrics import ServerMetrics
@@ -229,12 +229,13 @@ def test_the_server_exports_the_realised_and_predicted_hit_rates(tiny_loaded, se
     rng = random.Random(seed)
     system = random_tokens(rng, 12)
     config = EngineConfig(batch_invariant=True, cache=CacheConfig(block_size=4, enable_prefix_caching=True))
-    cluster = DisaggCluster(tiny_loaded, config, num_prefill=2, num_decode=1, routing="cache_aware")
+    cluster = DisaggCluster(tiny_loaded, config, num_prefill=2, num_decode=2, routing="cache_aware")
     metrics = ServerMetrics()
     loop = EngineLoop(cluster, metrics)
     loop.start()
     try:
-        for i in range(3):  # one at a time: the second and third find the system prompt where the first left it
+        for i in range(3):  # one at a time: the second and third find the system prompt where the first left it,
+            # on its prefill worker (not computed) and on its decode worker (not sent)
             done = threading.Event()
             loop.submit(f"q{i}", {"prompt_token_ids": system + random_tokens(rng, 2), "prompt": None}, GREEDY,
                         lambda event, done=done: done.set() if event.finished else None)
@@ -248,3 +249,7 @@ def test_the_server_exports_the_realised_and_predicted_hit_rates(tiny_loaded, se
     predicted = float(re.search(r"^minidisagg_router_predicted_prefix_hit_rate (\S+)$", text, re.M).group(1))
     assert (hit, prompt) == (24, 42) and hit / prompt == pytest.approx(cluster.prefix_hit_rate)
     assert predicted == pytest.approx(cluster.router.predicted_hit_rate) == pytest.approx(24 / 42)
+    reused = float(re.search(r"^minidisagg_decode_kv_reused_tokens_total (\S+)$", text, re.M).group(1))
+    predicted = float(re.search(r"^minidisagg_router_predicted_decode_reuse_rate (\S+)$", text, re.M).group(1))
+    assert reused == 24 and reused / prompt == pytest.approx(cluster.decode_reuse_rate)
+    assert predicted == pytest.approx(cluster.router.predicted_decode_reuse_rate) == pytest.approx(24 / 42)
