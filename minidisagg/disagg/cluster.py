@@ -223,7 +223,8 @@ class DisaggCluster:
     @property
     def decode_reuse_rate(self) -> float:
         """Prompt tokens of finished requests whose KV the decode worker's prefix cache held (not sent), over all."""
-        return self.num_kv_reused_tokens_served / self.num_prompt_tokens_served if self.num_prompt_tokens_served else 0.0
+        served = self.num_prompt_tokens_served
+        return self.num_kv_reused_tokens_served / served if served else 0.0
 
     def _route(self, sub: Submission, attempts: int, arrival: float, tokens_seen: int = 0) -> None:
         # cache_aware loads (``prefix_index``): prefill, prompt tokens left to compute; decode, KV tokens held
