@@ -140,12 +140,15 @@ def test_a_concurrent_flood_is_spread_over_both_decode_workers_and_still_reuses(
     want = colocated(tiny_loaded, prompts, GREEDY)
     cluster = DisaggCluster(tiny_loaded, config(64), num_prefill=1, num_decode=2, routing="cache_aware")
     try:
-        picks = []
-        ids = []
+        picks, held, ids = [], [0, 0], []
         for p in prompts:  # all arrive at once: each is routed against the KV the ones before it hold
             ids.append(cluster.add_request({"prompt_token_ids": p}, GREEDY))
-            picks.append(cluster.router.last_decode_choice.worker)
-        assert sorted(picks.count(d) for d in (0, 1)) == [4, 4], f"seed {seed}: {picks}"
+            choice = cluster.router.last_decode_choice
+            picks.append(choice.worker)
+            held[choice.worker] += len(p) - choice.predicted_cached_tokens
+        # the second copies the prefix to the idle worker; from then on each goes where less KV is held, so the
+        # two stay within one request's tail (1 to 3 tokens) of each other
+        assert min(picks.count(d) for d in (0, 1)) >= 2 and abs(held[0] - held[1]) < BS, f"seed {seed}: {picks}"
         done = {}
         while cluster.has_unfinished():
             done.update((o.request_id, o) for o in cluster.step() if o.finished)
