@@ -1,4 +1,4 @@
-"""Cache-aware routing against round robin: prefix hit rate and TTFT with 2 prefill workers and a few system prompts.
+"""Cache-aware routing against round robin: prefix hits with 2 prefill workers (2P1D) and with 2 decode workers (1P2D).
 
 A chat workload: ``--systems`` system prompts of ``--system-tokens`` random tokens, each followed by
 ``--turns`` user turns of a few random tokens (under one block, so a turn adds no block of its own),
@@ -9,20 +9,23 @@ blocks: by default two system prompts fit beside a request's own blocks, three d
 system prompt goes decides whether its blocks are still there next time. The realised hit rate is
 the prompt tokens taken from a prefix cache over all prompt tokens (``DisaggCluster.prefix_hit_rate``).
 
+The decode-side case serves the same workload through 1P2D clusters: there the choice of the decode
+worker decides whether its prefix cache holds the prompt's leading blocks, whose pages then do not
+travel. It reports the realised decode reuse (``DisaggCluster.decode_reuse_rate``, from the outputs'
+``kv_reused_tokens``), the router's predicted one, and the KV bytes moved per request.
+
     python benchmarks/cache_aware_routing.py --model smollm2-135m --repeats 2 [--out-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import random
 import statistics
 import time
 from typing import Any
 
-from minidisagg.bench.common import machine_info, write_result_files
+from minidisagg.bench.common import add_output_args, finish_run, machine_info
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.engine.llm_engine import RequestOutput
@@ -30,7 +33,9 @@ from minidisagg.engine.sampling import SamplingParams
 from minidisagg.models.registry import LoadedModel, load_model
 
 FIRST_TOKEN_ONLY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+TWO_TOKENS = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)  # a one-token request never leaves prefill
 POLICIES = ("round_robin", "cache_aware")
+CASES = {"prefill": (2, 1), "decode": (1, 2)}  # side whose choice is measured -> (prefill workers, decode workers)
 TIMEOUT_S = 600.0
 
 
@@ -44,9 +49,9 @@ def workload(rng: random.Random, vocab: int, systems: int, system_tokens: int, t
     return prompts
 
 
-def serve_one(cluster: DisaggCluster, prompt: list[int]) -> RequestOutput:
-    """One request to its first token, alone in the cluster."""
-    rid = cluster.add_request({"prompt_token_ids": prompt}, FIRST_TOKEN_ONLY)
+def serve_one(cluster: DisaggCluster, prompt: list[int], params: SamplingParams = FIRST_TOKEN_ONLY) -> RequestOutput:
+    """One request to its end, alone in the cluster."""
+    rid = cluster.add_request({"prompt_token_ids": prompt}, params)
     deadline = time.monotonic() + TIMEOUT_S
     while cluster.has_unfinished():
         if time.monotonic() > deadline:
@@ -59,15 +64,18 @@ def serve_one(cluster: DisaggCluster, prompt: list[int]) -> RequestOutput:
     raise RuntimeError(f"request {rid} left the cluster without an output")
 
 
-def one_repeat(loaded: LoadedModel, prompts: list[list[int]], block_size: int, num_blocks: int) -> dict[str, Any]:
-    """The workload through a round-robin cluster and a cache-aware one, alternating request by request."""
+def one_repeat(loaded: LoadedModel, prompts: list[list[int]], block_size: int, num_blocks: int,
+               case: str = "prefill") -> dict[str, Any]:
+    """The workload through a round-robin cluster and a cache-aware one (``CASES[case]``), alternating requests."""
     config = EngineConfig(cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=True))
-    clusters = {p: DisaggCluster(loaded, config, num_prefill=2, num_decode=1, routing=p) for p in POLICIES}
+    num_prefill, num_decode = CASES[case]
+    clusters = {p: DisaggCluster(loaded, config, num_prefill=num_prefill, num_decode=num_decode, routing=p)
+                for p in POLICIES}
     outs: dict[str, list[RequestOutput]] = {p: [] for p in POLICIES}
     try:
         for prompt in prompts:
             for policy, cluster in clusters.items():
-                outs[policy].append(serve_one(cluster, prompt))
+                outs[policy].append(serve_one(cluster, prompt, FIRST_TOKEN_ONLY if case == "prefill" else TWO_TOKENS))
     finally:
         for cluster in clusters.values():
             cluster.shutdown()
@@ -78,6 +86,9 @@ def one_repeat(loaded: LoadedModel, prompts: list[list[int]], block_size: int, n
                        "mean_ttft_s": statistics.fmean(ttfts), "median_ttft_s": statistics.median(ttfts),
                        "prompt_tokens_computed": sum(len(o.prompt_token_ids) - o.num_cached_tokens
                                                      for o in outs[policy]),
+                       "decode_reuse_rate": cluster.decode_reuse_rate,
+                       "predicted_decode_reuse_rate": cluster.router.predicted_decode_reuse_rate,
+                       "kv_bytes_per_request": statistics.fmean(o.metrics.kv_transfer_bytes for o in outs[policy]),
                        "first_tokens": [o.token_ids[0] for o in outs[policy]]}
     row["same_first_tokens"] = row["round_robin"]["first_tokens"] == row["cache_aware"]["first_tokens"]
     return row
@@ -95,65 +106,75 @@ def main() -> None:
     ap.add_argument("--num-kv-blocks", type=int, default=20, help="per worker (default: 2 system prompts fit, 3 not)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--stem", default=None, help="file name stem (default cache-aware-routing-<device>-<date>)")
+    add_output_args(ap, "cache-aware-routing")
     args = ap.parse_args()
     loaded = load_model(args.model, device=args.device, dtype="float32")
     info = machine_info()
-    rows = []
     warm = workload(random.Random(-1), loaded.config.vocab_size, 1, args.system_tokens, 1, args.block_size)
     one_repeat(loaded, warm, args.block_size, args.num_kv_blocks)  # warm-up: first-call costs stay out
+    rows: list[dict[str, Any]] = []
     for r in range(args.repeats):
         prompts = workload(random.Random(args.seed + r), loaded.config.vocab_size, args.systems, args.system_tokens,
                            args.turns, args.block_size)
-        rows.append(one_repeat(loaded, prompts, args.block_size, args.num_kv_blocks))
-        print(f"repeat {r}: " + "; ".join(
-            f"{p} hit rate {rows[-1][p]['hit_rate']:.3f}, mean TTFT {rows[-1][p]['mean_ttft_s'] * 1e3:.1f} ms"
-            for p in POLICIES))
-    summary = {p: {k: statistics.fmean(row[p][k] for row in rows)
-                   for k in ("hit_rate", "mean_ttft_s", "median_ttft_s", "prompt_tokens_computed")}
-               for p in POLICIES}
-    summary["cache_aware"]["predicted_hit_rate"] = statistics.fmean(r["cache_aware"]["predicted_hit_rate"]
-                                                                    for r in rows)
-    summary["ttft_ratio_cache_aware_over_round_robin"] = statistics.fmean(
-        row["cache_aware"]["mean_ttft_s"] / row["round_robin"]["mean_ttft_s"] for row in rows)
+        for case in CASES:
+            rows.append({"case": case, **one_repeat(loaded, prompts, args.block_size, args.num_kv_blocks, case)})
+            print(f"repeat {r}, {case} side: " + "; ".join(
+                f"{p} hit rate {rows[-1][p]['hit_rate']:.3f}, decode reuse {rows[-1][p]['decode_reuse_rate']:.3f}, "
+                f"{rows[-1][p]['kv_bytes_per_request'] / 1e6:.2f} MB/request, "
+                f"mean TTFT {rows[-1][p]['mean_ttft_s'] * 1e3:.1f} ms" for p in POLICIES))
+    summary = {case: summarise([row for row in rows if row["case"] == case]) for case in CASES}
+    finish_run("cache_aware_routing", args, info, rows, summary, "cache-aware-routing", markdown)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over repeats of one case's figures, per policy, and the ratios of cache_aware to round_robin."""
+    keys = ("hit_rate", "mean_ttft_s", "median_ttft_s", "prompt_tokens_computed", "decode_reuse_rate",
+            "kv_bytes_per_request")
+    summary: dict[str, Any] = {p: {k: statistics.fmean(row[p][k] for row in rows) for k in keys} for p in POLICIES}
+    for k in ("predicted_hit_rate", "predicted_decode_reuse_rate"):
+        summary["cache_aware"][k] = statistics.fmean(row["cache_aware"][k] for row in rows)
+    for k in ("mean_ttft_s", "kv_bytes_per_request"):  # None where nothing moved (first token only: no KV moves)
+        summary[f"{k}_ratio_cache_aware_over_round_robin"] = statistics.fmean(
+            row["cache_aware"][k] / row["round_robin"][k] for row in rows) if all(
+            row["round_robin"][k] for row in rows) else None
     summary["same_first_tokens"] = all(row["same_first_tokens"] for row in rows)
-    result = {"benchmark": "cache_aware_routing", "model": args.model, "device": args.device, "args": vars(args),
-              "machine": info, "loadavg_end": list(os.getloadavg()), "rows": rows, "summary": summary}
-    date = datetime.date.today().isoformat()
-    stem = args.stem or f"cache-aware-routing-{args.device}-{date}"
-    md = markdown(result, date)
-    print(md)
-    json_path, md_path = write_result_files(result, stem, md, args.out_dir)
-    print(f"wrote {json_path} and {md_path}")
+    return summary
 
 
 def markdown(result: dict[str, Any], date: str) -> str:
-    """The result as a Markdown table with its machine and workload."""
-    s, m, a = result["summary"], result["machine"], result["args"]
+    """The result as Markdown tables, one per case, with the machine and the workload."""
+    m, a = result["machine"], result["args"]
     n = a["systems"] * a["turns"]
     lines = [
-        f"# Cache-aware routing against round robin, 2 prefill workers ({date})",
+        f"# Cache-aware routing against round robin, 2 prefill workers and 2 decode workers ({date})",
         "",
         f"{result['model']} on {result['device']} ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
         f"load average {m['loadavg_start'][0]:.1f} at start, {result['loadavg_end'][0]:.1f} at the end); "
         f"{a['systems']} system prompts of {a['system_tokens']} tokens x {a['turns']} user turns = {n} requests, "
-        f"one at a time, first token only; block size {a['block_size']}, {a['num_kv_blocks']} KV blocks a worker; "
+        f"one at a time, first token only (1P2D: two tokens, so the KV moves); block size {a['block_size']}, "
+        f"{a['num_kv_blocks']} KV blocks a worker; "
         f"{a['repeats']} repeats (workloads of seeds {a['seed']}..{a['seed'] + a['repeats'] - 1}), means.",
-        "",
-        "| routing | realised hit rate | router's predicted hit rate | prompt tokens computed | mean TTFT "
-        "| median TTFT |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for p in POLICIES:
-        predicted = s[p].get("predicted_hit_rate")
-        lines.append(f"| {p} | {s[p]['hit_rate']:.3f} | {'-' if predicted is None else f'{predicted:.3f}'} "
-                     f"| {s[p]['prompt_tokens_computed']:.0f} | {s[p]['mean_ttft_s'] * 1e3:.1f} ms "
-                     f"| {s[p]['median_ttft_s'] * 1e3:.1f} ms |")
-    lines += ["", f"Mean TTFT, cache_aware / round_robin (mean over repeats): "
-                  f"{s['ttft_ratio_cache_aware_over_round_robin']:.3f}x; the same first tokens under both: "
-                  f"{s['same_first_tokens']}.", ""]
-    return "\n".join(lines)
+    for case, (num_p, num_d) in CASES.items():
+        s = result["summary"][case]
+        lines += ["", f"## {num_p}P{num_d}D: the {case} worker's choice", "",
+                  "| routing | prefill hit rate (predicted) | decode reuse (predicted) | KV bytes / request "
+                  "| prompt tokens computed | mean TTFT | median TTFT |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for p in POLICIES:
+            def rate(key: str) -> str:
+                predicted = s[p].get(f"predicted_{key}")
+                return f"{s[p][key]:.3f}" + ("" if predicted is None else f" ({predicted:.3f})")
+            reuse = rate("decode_reuse_rate") if s[p]["kv_bytes_per_request"] else "- (no KV moved)"
+            lines.append(f"| {p} | {rate('hit_rate')} | {reuse} "
+                         f"| {s[p]['kv_bytes_per_request'] / 1e3:.0f} kB | {s[p]['prompt_tokens_computed']:.0f} "
+                         f"| {s[p]['mean_ttft_s'] * 1e3:.1f} ms | {s[p]['median_ttft_s'] * 1e3:.1f} ms |")
+        kv_ratio = s["kv_bytes_per_request_ratio_cache_aware_over_round_robin"]
+        lines += ["", f"cache_aware / round_robin (mean over repeats): mean TTFT "
+                      f"{s['mean_ttft_s_ratio_cache_aware_over_round_robin']:.3f}x, KV bytes per request "
+                      f"{'- (none moved)' if kv_ratio is None else f'{kv_ratio:.3f}x'}; the same first tokens "
+                      f"under both: {s['same_first_tokens']}."]
+    return "\n".join(lines + [""])
 
 
 if __name__ == "__main__":

@@ -24,14 +24,12 @@ its tail's blocks.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import random
 import statistics
 import threading
 from typing import Any, Callable
 
-from minidisagg.bench.common import machine_info, write_result_files
+from minidisagg.bench.common import add_output_args, finish_run, machine_info
 from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.disagg.router_server import RemoteCluster
@@ -180,8 +178,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--stem", default=None, help="file name stem (default prefix-cache[-disagg]-<device>-<date>)")
+    add_output_args(ap, "prefix-cache[-disagg]")
     ap.add_argument("--disagg", action="store_true", help="through 1P1D deployments: KV bytes moved per request")
     ap.add_argument("--transports", default="inproc,socket", help="with --disagg: comma-separated")
     args = ap.parse_args()
@@ -208,14 +205,7 @@ def main() -> None:
                "median_second_over_first_plain": statistics.median(ratio_plain),
                "second_num_cached_tokens": sorted({row["cached_second_num_cached_tokens"] for row in rows}),
                "first_token_same_with_and_without_cache": same_token}
-    result = {"benchmark": "prefix_cache", "model": args.model, "device": args.device, "args": vars(args),
-              "machine": info, "loadavg_end": list(os.getloadavg()), "rows": rows, "summary": summary}
-    date = datetime.date.today().isoformat()
-    stem = args.stem or f"prefix-cache-{args.device}-{date}"
-    md = markdown(result, date)
-    print(md)
-    json_path, md_path = write_result_files(result, stem, md, args.out_dir)
-    print(f"wrote {json_path} and {md_path}")
+    finish_run("prefix_cache", args, info, rows, summary, "prefix-cache", markdown)
 
 
 def main_disagg(args: argparse.Namespace, loaded: LoadedModel, prompts: tuple[list[int], list[int]],
@@ -227,14 +217,7 @@ def main_disagg(args: argparse.Namespace, loaded: LoadedModel, prompts: tuple[li
             rows.append(disagg_repeat(loaded, prompts, args.block_size, transport))
             print(f"repeat {r}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in rows[-1].items()))
-    result = {"benchmark": "prefix_cache_disagg", "model": args.model, "device": args.device, "args": vars(args),
-              "machine": info, "loadavg_end": list(os.getloadavg()), "rows": rows, "summary": disagg_summary(rows)}
-    date = datetime.date.today().isoformat()
-    md = disagg_markdown(result, date)
-    print(md)
-    json_path, md_path = write_result_files(result, args.stem or f"prefix-cache-disagg-{args.device}-{date}", md,
-                                            args.out_dir)
-    print(f"wrote {json_path} and {md_path}")
+    finish_run("prefix_cache_disagg", args, info, rows, disagg_summary(rows), "prefix-cache-disagg", disagg_markdown)
 
 
 def markdown(result: dict[str, Any], date: str) -> str:

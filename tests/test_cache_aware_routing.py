@@ -67,7 +67,7 @@ def test_choices_follow_the_documented_score_on_random_prompts_and_loads(seed):
         want = ref.choose(prompt, alive, queued)
         choice = index.choose(prompt, alive, queued)
         where = f"seed {seed}, step {step}, bs {bs}, weight {weight}"
-        assert choice.prefill == want, where
+        assert choice.worker == want, where
         assert choice.overlap_blocks == want_overlaps[want], where
         assert choice.predicted_cached_tokens == want_overlaps[want] * bs, where
         assert choice.score_blocks == pytest.approx(want_overlaps[want] - weight * queued[want] / bs)
@@ -81,14 +81,16 @@ def test_a_shared_prefix_goes_to_the_worker_that_served_it_unless_its_queue_outw
     bs = 4
     router = Router(3, 2, "cache_aware", block_size=bs, load_weight=1.0)
     systems = [random_tokens(rng, 6 * bs + rng.randrange(bs)) for _ in range(3)]
-    home = {}
+    home, home_d = {}, {}
     for i, system in enumerate(systems):  # three new prefixes spread over three empty workers
-        home[i] = router.pick([0, 0, 0], [0, 0], prompt_token_ids=system + random_tokens(rng, 3))[0]
+        home[i], home_d[i] = router.pick([0, 0, 0], [0, 0], prompt_token_ids=system + random_tokens(rng, 3))
     assert sorted(home.values()) == [0, 1, 2], f"seed {seed}: prompts that match nowhere go to the emptier caches"
-    for _ in range(10):  # later turns find their system prompt's worker, whatever their own tail
+    assert set(home_d.values()) == {0, 1}, f"seed {seed}: the decode side too"
+    for _ in range(10):  # later turns find their system prompt's workers, whatever their own tail
         i = rng.randrange(3)
-        p, d = router.pick([0, 0, 0], [5, 1], prompt_token_ids=systems[i] + random_tokens(rng, rng.randint(1, 9)))
-        assert p == home[i] and d == 1 and router.last_choice.overlap_blocks == 6
+        p, d = router.pick([0, 0, 0], [0, 0], prompt_token_ids=systems[i] + random_tokens(rng, rng.randint(1, 9)))
+        assert p == home[i] and d == home_d[i] and router.last_choice.overlap_blocks == 6
+        assert router.last_decode_choice.overlap_blocks == 6
     # the home worker is behind by 6 blocks' worth of tokens (the hit): a tie, broken for the smaller queue;
     # one token less and the hit wins; the others' queues are empty
     loads = [0, 0, 0]
@@ -219,7 +221,7 @@ def test_cache_aware_routing_hits_more_than_round_robin_with_the_colocated_token
     assert predicted == pytest.approx(aware_rate) and rr_predicted is None, f"seed {seed}"
 
 
-def test_the_server_exports_the_realised_and_predicted_hit_rates(tiny_loaded, seed):
+def test_the_server_exports_the_realised_and_predicted_hit_rates_and_decode_reuse(tiny_loaded, seed):
     from minidisagg.disagg.cluster import DisaggCluster
     from minidisagg.server.engine_loop import EngineLoop
     from minidisagg.server.metrics import ServerMetrics
@@ -227,12 +229,13 @@ def test_the_server_exports_the_realised_and_predicted_hit_rates(tiny_loaded, se
     rng = random.Random(seed)
     system = random_tokens(rng, 12)
     config = EngineConfig(batch_invariant=True, cache=CacheConfig(block_size=4, enable_prefix_caching=True))
-    cluster = DisaggCluster(tiny_loaded, config, num_prefill=2, num_decode=1, routing="cache_aware")
+    cluster = DisaggCluster(tiny_loaded, config, num_prefill=2, num_decode=2, routing="cache_aware")
     metrics = ServerMetrics()
     loop = EngineLoop(cluster, metrics)
     loop.start()
     try:
-        for i in range(3):  # one at a time: the second and third find the system prompt where the first left it
+        for i in range(3):  # one at a time: the second and third find the system prompt where the first left it,
+            # on its prefill worker (not computed) and on its decode worker (not sent)
             done = threading.Event()
             loop.submit(f"q{i}", {"prompt_token_ids": system + random_tokens(rng, 2), "prompt": None}, GREEDY,
                         lambda event, done=done: done.set() if event.finished else None)
@@ -246,3 +249,7 @@ def test_the_server_exports_the_realised_and_predicted_hit_rates(tiny_loaded, se
     predicted = float(re.search(r"^minidisagg_router_predicted_prefix_hit_rate (\S+)$", text, re.M).group(1))
     assert (hit, prompt) == (24, 42) and hit / prompt == pytest.approx(cluster.prefix_hit_rate)
     assert predicted == pytest.approx(cluster.router.predicted_hit_rate) == pytest.approx(24 / 42)
+    reused = float(re.search(r"^minidisagg_decode_kv_reused_tokens_total (\S+)$", text, re.M).group(1))
+    predicted = float(re.search(r"^minidisagg_router_predicted_decode_reuse_rate (\S+)$", text, re.M).group(1))
+    assert reused == 24 and reused / prompt == pytest.approx(cluster.decode_reuse_rate)
+    assert predicted == pytest.approx(cluster.router.predicted_decode_reuse_rate) == pytest.approx(24 / 42)

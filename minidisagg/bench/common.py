@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from rich.console import Console
@@ -60,6 +62,30 @@ def write_result_files(result: dict[str, Any], stem: str, markdown: str,
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
+
+
+def add_output_args(ap: argparse.ArgumentParser, stem_default: str) -> None:
+    """``--out-dir`` and ``--stem`` (default ``<stem_default>-<device>-<date>``) of a benchmark script."""
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--stem", default=None, help=f"file name stem (default {stem_default}-<device>-<date>)")
+
+
+def finish_run(benchmark: str, args: argparse.Namespace, info: dict[str, Any], rows: list, summary: dict[str, Any],
+               stem_default: str, markdown: Callable[[dict[str, Any], str], str]) -> dict[str, Any]:
+    """Assemble a benchmark script's result, print its Markdown and write ``<stem>.{json,md}``; the result.
+
+    ``args`` carries ``model``, ``device``, ``stem`` and ``out_dir`` (``add_output_args``); the stem
+    defaults to ``<stem_default>-<device>-<date>``.
+    """
+    result = {"benchmark": benchmark, "model": args.model, "device": args.device, "args": vars(args),
+              "machine": info, "loadavg_end": list(os.getloadavg()), "rows": rows, "summary": summary}
+    date = datetime.date.today().isoformat()
+    md = markdown(result, date)
+    print(md)
+    json_path, md_path = write_result_files(result, args.stem or f"{stem_default}-{args.device}-{date}", md,
+                                            args.out_dir)
+    print(f"wrote {json_path} and {md_path}")
+    return result
 
 
 def compact_png(path: Path) -> None:

@@ -53,6 +53,7 @@ class _Live:
     tokens_seen: int = 0
     on_decode: bool = False  # its KV reached the decode worker: the prefill worker no longer matters
     new_tokens: int = 0  # prompt tokens its prefill worker must compute (cache_aware: less the predicted hit)
+    new_kv_tokens: int = 0  # prompt tokens of KV its decode worker must take in (cache_aware: less the predicted reuse)
 
 
 class DisaggCluster:
@@ -87,6 +88,7 @@ class DisaggCluster:
                              config.cache.num_blocks or DEFAULT_INDEX_BLOCKS)
         self.num_prompt_tokens_served = 0  # over finished requests: the realised ``prefix_hit_rate``
         self.num_cached_tokens_served = 0
+        self.num_kv_reused_tokens_served = 0  # ... whose KV the decode worker already held: ``decode_reuse_rate``
         self.owner = secrets.token_hex(16)  # this router's owner token on remote workers (``owners``)
         self._id_tag = secrets.token_hex(6)  # in every id workers see: other routers cannot guess ours
         self._outputs: queue.Queue[RequestOutput | FailedRequest | None] = queue.Queue()  # None: ``wake``
@@ -218,22 +220,32 @@ class DisaggCluster:
         """Prompt tokens finished requests took from a prefix cache over all their prompt tokens (0 before any)."""
         return self.num_cached_tokens_served / self.num_prompt_tokens_served if self.num_prompt_tokens_served else 0.0
 
+    @property
+    def decode_reuse_rate(self) -> float:
+        """Prompt tokens of finished requests whose KV the decode worker's prefix cache held (not sent), over all."""
+        served = self.num_prompt_tokens_served
+        return self.num_kv_reused_tokens_served / served if served else 0.0
+
     def _route(self, sub: Submission, attempts: int, arrival: float, tokens_seen: int = 0) -> None:
-        cache_aware = self.router.policy == "cache_aware"  # its prefill loads: tokens left to prefill
+        # cache_aware loads (``prefix_index``): prefill, prompt tokens left to compute; decode, KV tokens held
+        cache_aware = self.router.policy == "cache_aware"
         prefill_loads = [0] * len(self.prefill_workers)
         decode_loads = [0] * len(self.decode_workers)
         for live in self._live.values():
             prefill_loads[live.prefill] += (0 if live.on_decode else live.new_tokens) if cache_aware else 1
-            decode_loads[live.decode] += 1
-        for i, worker in enumerate(self.prefill_workers if cache_aware else ()):
-            self.router.resize(i, worker_pool_blocks(worker))
+            decode_loads[live.decode] += live.new_kv_tokens + live.tokens_seen if cache_aware else 1
+        for side, workers in (("prefill", self.prefill_workers), ("decode", self.decode_workers)) if cache_aware else ():
+            for i, worker in enumerate(workers):
+                self.router.resize(i, worker_pool_blocks(worker), side)
         p, d = self.router.pick(prefill_loads, decode_loads, sorted(self._dead_prefills), sorted(self._dead_decodes),
                                 prompt_token_ids=sub.prompt_token_ids)
-        cached = self.router.last_choice.predicted_cached_tokens if cache_aware else 0  # type: ignore[union-attr]
+        choices = (self.router.last_choice, self.router.last_decode_choice) if cache_aware else (None, None)
+        cached, reused = (0 if c is None else c.predicted_cached_tokens for c in choices)
         sub.decode_target = self.decode_workers[d].name
         deadline = max(arrival, self.clock.now()) + self.request_timeout_s
-        self._live[sub.request_id] = _Live(sub, p, d, deadline, attempts, tokens_seen,
-                                           new_tokens=len(sub.prompt_token_ids) - cached)
+        n = len(sub.prompt_token_ids)
+        self._live[sub.request_id] = _Live(sub, p, d, deadline, attempts, tokens_seen, new_tokens=n - cached,
+                                           new_kv_tokens=n - reused)
         # Workers see one id per attempt, so late outputs of an abandoned attempt are recognised.
         self.prefill_workers[p].submit(dataclasses.replace(sub, request_id=self.wire_id(sub.request_id, attempts)))
 
@@ -287,8 +299,7 @@ class DisaggCluster:
                 if failures <= self._failures_seen.get((kind, index), 0):
                     continue
                 self._failures_seen[(kind, index)] = failures
-                if kind == "prefill":
-                    self.router.forget(index)
+                self.router.forget(index, kind)
                 mine = [(r, live.attempts) for r, live in self._live.items()
                         if getattr(live, kind) == index and not (kind == "prefill" and live.on_decode)]
                 for rid, attempt in mine:
@@ -329,6 +340,7 @@ class DisaggCluster:
             del self._live[rid]
             self.num_prompt_tokens_served += len(item.prompt_token_ids)
             self.num_cached_tokens_served += item.num_cached_tokens
+            self.num_kv_reused_tokens_served += item.metrics.kv_reused_tokens if item.metrics is not None else 0
         return dataclasses.replace(item, request_id=rid)
 
     def _fail(self, request_id: str, error: str) -> RequestOutput:

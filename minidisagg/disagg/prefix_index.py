@@ -1,4 +1,4 @@
-"""Cache-aware routing: which block keys each prefill worker likely holds, and which worker a prompt should go to.
+"""Cache-aware routing: which block keys each worker likely holds, and which worker a prompt should go to.
 
 **Inferred, not reported.** The router computes each prompt's block hash chain with the prefix
 cache's own ``hash_chain`` (the keys a worker's ``PrefixCache`` files the blocks under) and records,
@@ -33,6 +33,18 @@ so a weight below 1 leans towards cache affinity. ``load_weight = 0`` ignores lo
 The highest score wins; ties go to the smaller queue, then to the worker whose index holds fewer
 keys (the emptier cache: a prompt that matches nowhere starts its prefix where it evicts least,
 as SGLang's router sends such prompts to the smallest tree), then to the lower index.
+
+**The decode side** uses the same index and the same score, one ``CacheAwareIndex`` per side. A
+decode worker with prefix caching shares the cached blocks of a prompt's leading full blocks
+(``decode_reservations``): their pages do not travel and take no new pool blocks. Its load is in
+the same unit, KV tokens over ``block_size`` (blocks): the tokens its requests in flight hold in its
+pool (prompt less the predicted reuse, plus the tokens generated so far). Blocks, not requests,
+because the pool is what a decode worker runs out of (a full pool refuses reservations and evicts
+the very prefixes the index counts on), because a cached block saves exactly one block of that
+pool and of the wire, and because a decode step reads every held block's KV, so its step time
+grows with the blocks held, not with the count of requests. With ``load_weight = 1`` a worker
+busier by more blocks than the prompt's overlap loses to an idle one: a flood of one prefix copies
+the prefix to a second worker instead of queueing all of it on one.
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ def prompt_block_keys(token_ids: Sequence[int], block_size: int) -> list[bytes]:
 
 
 def worker_pool_blocks(worker: object) -> Optional[int]:
-    """A prefill worker's KV pool size: its engine's (inproc) or its latest HEALTH report's; None if unknown."""
+    """A worker's KV pool size: its engine's (inproc) or its latest HEALTH report's; None if unknown."""
     engine = getattr(worker, "engine", None)
     if engine is not None:
         return engine.blocks.num_blocks
@@ -116,14 +128,14 @@ class WorkerPrefixIndex:
 class CacheAwareChoice:
     """Where one prompt went and what the router expects it to find cached there."""
 
-    prefill: int
+    worker: int
     overlap_blocks: int
     predicted_cached_tokens: int
     score_blocks: float
 
 
 class CacheAwareIndex:
-    """One ``WorkerPrefixIndex`` per prefill worker, the scoring rule, and the predicted hit counts."""
+    """One ``WorkerPrefixIndex`` per worker of one side (prefill or decode), the scoring rule, the predicted hits."""
 
     def __init__(self, num_workers: int, block_size: int, capacity_blocks: int = DEFAULT_INDEX_BLOCKS,
                  load_weight: float = 1.0) -> None:
@@ -142,9 +154,13 @@ class CacheAwareIndex:
         return self.num_predicted_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
     def choose(self, token_ids: Sequence[int], alive: Sequence[int], queued_tokens: Sequence[int]) -> CacheAwareChoice:
-        """Score every alive worker for this prompt, record its blocks on the best one, and return the choice."""
+        """Score every alive worker for this prompt, record its blocks on the best one, and return the choice.
+
+        ``queued_tokens``: each worker's load in tokens (prefill: prompt tokens still to compute;
+        decode: KV tokens its requests in flight hold), divided by ``block_size`` in the score.
+        """
         if not alive:
-            raise ValueError("no prefill worker to choose from")
+            raise ValueError("no worker to choose from")
         if len(queued_tokens) != len(self.workers):
             raise ValueError(f"queued_tokens has {len(queued_tokens)} entries for {len(self.workers)} workers")
         keys = prompt_block_keys(token_ids, self.block_size)
@@ -158,7 +174,7 @@ class CacheAwareIndex:
                 best = (rank, CacheAwareChoice(w, overlap, overlap * self.block_size, score))
         assert best is not None
         choice = best[1]
-        self.workers[choice.prefill].insert(keys)
+        self.workers[choice.worker].insert(keys)
         self.num_prompt_tokens += len(token_ids)
         self.num_predicted_cached_tokens += choice.predicted_cached_tokens
         return choice

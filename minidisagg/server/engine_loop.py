@@ -203,6 +203,8 @@ class EngineLoop:
                 self.metrics.kv_transfer_bytes.inc(out.metrics.kv_transfer_bytes)
             if out.num_cached_tokens:
                 self.metrics.prefix_cache_hit_tokens.inc(out.num_cached_tokens)
+            if out.metrics is not None and out.metrics.kv_reused_tokens:
+                self.metrics.decode_kv_reused_tokens.inc(out.metrics.kv_reused_tokens)
             if out.finish_reason == "error" or out.error:
                 self._end(out.request_id, "error", out.error or "the request failed", engine_abort=False,
                           text=text, token_ids=new_tokens)
@@ -256,9 +258,13 @@ class EngineLoop:
         running = scheduler.num_running if scheduler is not None else len(self._live)
         self.metrics.running.set(running)
         self.metrics.waiting.set(max(0, self._accepted - running))
-        predicted = getattr(getattr(self.engine, "router", None), "predicted_hit_rate", None)
+        router = getattr(self.engine, "router", None)
+        predicted = getattr(router, "predicted_hit_rate", None)
         if predicted is not None:
             self.metrics.router_predicted_hit_rate.set(predicted)
+        predicted_decode = getattr(router, "predicted_decode_reuse_rate", None)
+        if predicted_decode is not None:
+            self.metrics.router_predicted_decode_reuse_rate.set(predicted_decode)
         if self.kv_blocks is not None:
             for worker, (free, total) in self.kv_blocks().items():
                 self.metrics.kv_free_blocks.labels(worker).set(free)

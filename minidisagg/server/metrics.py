@@ -42,6 +42,13 @@ class ServerMetrics:
         self.router_predicted_hit_rate = Gauge(
             f"{PREFIX}_router_predicted_prefix_hit_rate", "cache_aware routing: prompt tokens the router expected "
             "to be cached where it sent them, over all it routed", registry=r)
+        self.decode_kv_reused_tokens = Counter(
+            f"{PREFIX}_decode_kv_reused_tokens", "prompt tokens of finished requests whose KV the decode worker's "
+            f"prefix cache held, so it was not sent (over {PREFIX}_prompt_tokens: the realised decode reuse rate)",
+            registry=r)
+        self.router_predicted_decode_reuse_rate = Gauge(
+            f"{PREFIX}_router_predicted_decode_reuse_rate", "cache_aware routing: prompt tokens the router expected "
+            "the chosen decode worker to hold already, over all it routed", registry=r)
         self.kv_transfer_bytes = Counter(f"{PREFIX}_kv_transfer_bytes", "KV cache bytes moved between workers",
                                          registry=r)
 
