@@ -201,7 +201,7 @@ def engine_choose_prefill(overlap_blocks: Sequence[int], queued_tokens: Sequence
     index = CacheAwareIndex(len(overlap_blocks), block_size)
     for worker, blocks in zip(index.workers, overlap_blocks):
         worker.insert(keys[:blocks])
-    return index.choose(prompt, list(range(len(overlap_blocks))), list(queued_tokens)).prefill
+    return index.choose(prompt, list(range(len(overlap_blocks))), list(queued_tokens)).worker
 
 
 @dataclass(frozen=True)
