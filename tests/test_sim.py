@@ -350,3 +350,13 @@ def test_fast_and_step_by_step_agree_over_random_fleets_at_the_edges():
         assert np.array_equal(fast.instance, slow.instance) and _all_blocks_back(fast), case
         compared += 1
     assert compared >= 30
+
+
+def test_the_commit_cost_is_a_saved_field_and_refused_below_zero(tmp_path):
+    from minidisagg.sim.costs import load_costs, save_costs
+
+    costs = dataclasses.replace(HAND_COSTS, decode_commit_s=0.002)
+    assert load_costs(save_costs(costs, tmp_path / "c.json")).decode_commit_s == 0.002
+    assert "2.0 ms per KV commit" in costs.describe()
+    with pytest.raises(ValueError, match="KV commit must be >= 0"):
+        dataclasses.replace(HAND_COSTS, decode_commit_s=-1e-3)
