@@ -10,8 +10,15 @@ prompts, decode by batch with CUDA graphs; KV read per context token at the meas
 rows file nearest in date to the sweep. ``anchored`` (the headline) then scales its prefill and its decode
 so that they match the sweep run's own unloaded calibration (``calibration``: TTFT of a mean prompt, TPOT
 of a lone request, measured before the sweeps on the sweep's cards): this carries the model to the H200 and
-to the engine version the sweep ran; ``rows`` is the unscaled model, for comparison. The sweep points
-themselves never enter a model.
+to the engine version the sweep ran; ``rows`` is the unscaled model, for comparison. The decode instance's
+per-request KV commit (``StepCostModel.decode_commit_s``) is fitted from measured timelines: at the lowest
+measured rate of each disaggregated sweep of a file and model, the measured median ``transfer_s`` (prefill
+end to adoption on the decode worker) less the simulated one with no commit cost (the link plus the wait for
+the decode step boundary); one value for every file, the median of these over all of them, floored at 0
+(``commit_residuals``, then ``main``): the commit is host work of the decode worker, and a median is not moved
+by the early runs whose lowest rate already queued hundreds of milliseconds. ``anchored, commit 0`` leaves it
+out, for comparison. Apart from those lowest rates' TTFT breakdowns the sweep
+points never enter a model.
 
 Compared: SLO attainment per rate, goodput (the 90% crossing, ``metrics.goodput``) per GPU, and the sign of
 the best disaggregated against the best colocated goodput. Layer-wise overlap of the KV transfer is not
@@ -42,6 +49,7 @@ NUM_BLOCKS = 16384  # the GPU pools hold far more than these sweeps keep in flig
 GOAL_CROSSING = 0.20  # goodput (the 90% crossing) within 20%
 NUM_GPUS = 2
 SENSITIVITY = "anchored, decode +10%"  # not a fit: how far a 10% slower decode step moves the figures
+NO_COMMIT = "anchored, commit 0"  # the decode instance's KV commit left out: what the fitted commit adds
 
 
 def rows_file_for(sweep_date: str, rows_files: list[str]) -> str:
@@ -82,24 +90,61 @@ def fleet_for(config: str, settings: dict, model: str, probe: dict) -> FleetSpec
                                           NUM_BLOCKS), link=link, kv_bytes_per_token=KV_BYTES_PER_TOKEN[model])
 
 
+def _generator(sweep: dict, settings: dict) -> Sweep:
+    spec = {w.name: w for w in workloads(False)}[sweep["workload"]]
+    return Sweep(sweep["config"], spec, SLO(**sweep["slo"]), [], settings["window_s"], settings["min_requests"],
+                 settings["max_requests"], 0.0, 0.0, seed=settings["seed"])
+
+
+def _breakdown(res) -> dict:
+    """Median queue (arrival to prefill start) and transfer (prefill end to adoption) seconds of a simulated run."""
+    ms = res.metrics()
+    spans = {"queue_s": [m.queue_s for m in ms], "transfer_s": [m.transfer_s for m in ms if m.transfer_s is not None]}
+    return {k: statistics.median(v) if v else None for k, v in spans.items()}
+
+
+def commit_residuals(sweeps: list[dict], settings: dict, model: str, probe: dict, costs: StepCostModel) -> list[float]:
+    """At each disaggregated sweep's lowest rate: measured less simulated (no commit cost) median transfer_s."""
+    residuals = []
+    for sweep in sweeps:
+        if not sweep["config"].startswith("disagg") or not sweep["points"]:
+            continue
+        low = min(sweep["points"], key=lambda p: p["rate_rps"])
+        measured = (low.get("breakdown_median_s") or {}).get("transfer_s")
+        if measured is None:
+            continue
+        res = simulate(fleet_for(sweep["config"], settings, model, probe), dataclasses.replace(costs, decode_commit_s=0.0),
+                       Trace.of(_generator(sweep, settings).requests_at(low["rate_rps"])), keep_timelines=True)
+        residuals.append(measured - _breakdown(res)["transfer_s"])
+    return residuals
+
+
+def _costs_of(data: dict, model: str, m: dict, rows_files: list[str]) -> tuple[str, StepCostModel, StepCostModel, dict]:
+    rows_path = rows_file_for(data["date"], rows_files)
+    rows_costs = costs_from_gpu_rows(rows_path, model, KV_BYTES_PER_TOKEN[model])
+    return (rows_path, rows_costs, *anchored(rows_costs, m["calibration"], model))
+
+
 def simulate_sweep(sweep: dict, settings: dict, model: str, probe: dict, models: dict) -> dict:
     """Simulated attainment at each measured rate of one committed sweep, under each cost model."""
-    spec = {w.name: w for w in workloads(False)}[sweep["workload"]]
     slo = SLO(**sweep["slo"])
-    gen = Sweep(sweep["config"], spec, slo, [], settings["window_s"], settings["min_requests"],
-                settings["max_requests"], 0.0, 0.0, seed=settings["seed"])
+    gen = _generator(sweep, settings)
     fleet = fleet_for(sweep["config"], settings, model, probe)
     points = sorted(sweep["points"], key=lambda p: p["rate_rps"])
     rates = [p["rate_rps"] for p in points]
     out = {"config": sweep["config"], "workload": sweep["workload"], "rates_rps": rates,
            "measured": [p["attainment"] for p in points], "measured_goodput_rps": goodput(rates, [p["attainment"]
                                                                                                  for p in points])}
+    disagg = sweep["config"].startswith("disagg")
     for key, costs in models.items():
-        sims = [simulate(fleet, costs, Trace.of(gen.requests_at(r))) for r in rates]
+        sims = [simulate(fleet, costs, Trace.of(gen.requests_at(r)), keep_timelines=disagg) for r in rates]
         out[key] = {"attainment": [s.attainment(slo) for s in sims],
                     "ttft_p50_s": [s.percentile("ttft_s", 50) for s in sims],
                     "tpot_p50_s": [s.percentile("tpot_s", 50) for s in sims]}
         out[key]["goodput_rps"] = goodput(rates, out[key]["attainment"])
+        if disagg:
+            out[key]["breakdown_median_s"] = [_breakdown(s) for s in sims]
+    out["measured_breakdown_median_s"] = [p.get("breakdown_median_s") for p in points]
     out["measured_ttft_p50_s"] = [p["ttft_p50_s"] for p in points]
     out["measured_tpot_p50_s"] = [p["tpot_p50_s"] for p in points]
     return out
@@ -118,24 +163,34 @@ def main() -> None:
     args = ap.parse_args()
     sweep_files = args.sweeps or sorted(p for p in glob.glob("benchmarks/results/disagg-h[12]00-2026-*.json"))
     rows_files = args.rows or sorted(glob.glob("benchmarks/results/gpu-h100-*.json"))
-    results = []
-    for sweep_path in sweep_files:
-        data = json.loads(Path(sweep_path).read_text())
-        rows_path = rows_file_for(data["date"], rows_files)
+    results, residuals = [], {}
+    files = [(path, json.loads(Path(path).read_text())) for path in sweep_files]
+    for sweep_path, data in files:  # the KV commit first: one value fitted over every file
         for model, m in data["models"].items():
-            rows_costs = costs_from_gpu_rows(rows_path, model, KV_BYTES_PER_TOKEN[model])
-            anchor, scales = anchored(rows_costs, m["calibration"], model)
+            anchor = _costs_of(data, model, m, rows_files)[2]
+            residuals[f"{Path(sweep_path).stem} {model}"] = commit_residuals(m["sweeps"], data["settings"], model,
+                                                                             m["kv_probe"], anchor)
+    every = [x for xs in residuals.values() for x in xs]
+    commit_s = max(0.0, statistics.median(every)) if every else 0.0
+    print(f"decode_commit_s fitted: {1e3 * commit_s:.2f} ms (median of {len(every)} residuals)", flush=True)
+    for sweep_path, data in files:
+        for model, m in data["models"].items():
+            rows_path, rows_costs, anchor, scales = _costs_of(data, model, m, rows_files)
+            scales["decode_commit_s"] = commit_s
+            no_commit = anchor
+            anchor = dataclasses.replace(anchor, decode_commit_s=commit_s)
+            rows_costs = dataclasses.replace(rows_costs, decode_commit_s=commit_s)
             for sweep in m["sweeps"]:
                 slower = dataclasses.replace(anchor, decode_s=tuple(1.1 * t for t in anchor.decode_s),
                                              decode_context_s=1.1 * anchor.decode_context_s)
-                models = {"anchored": anchor, "rows": rows_costs, SENSITIVITY: slower}
+                models = {"anchored": anchor, "rows": rows_costs, SENSITIVITY: slower, NO_COMMIT: no_commit}
                 r = simulate_sweep(sweep, data["settings"], model, m["kv_probe"], models)
                 r.update(card=data["card"], model=model, sweep_file=Path(sweep_path).name, rows_file=Path(rows_path).name,
                          anchor_scales=scales)
                 results.append(r)
                 print(Path(sweep_path).name, model, r["config"], r["workload"], r["measured"],
                       [round(a, 2) for a in r["anchored"]["attainment"]], flush=True)
-    write(results, args.out)
+    write(results, args.out, {"decode_commit_s": commit_s, "residuals_s": residuals})
 
 
 def _errors(results: list[dict], key: str) -> dict:
@@ -168,15 +223,15 @@ def signs(results: list[dict], key: str) -> list[dict]:
     return out
 
 
-def write(results: list[dict], out_dir: str) -> None:
+def write(results: list[dict], out_dir: str, commit: dict) -> None:
     """The JSON and Markdown results."""
     date = datetime.date.today().isoformat()
-    keys = ("anchored", "rows", SENSITIVITY)
+    keys = ("anchored", "rows", SENSITIVITY, NO_COMMIT)
     summary = {key: _errors(results, key) for key in keys}
     sign_rows = {key: signs(results, key) for key in keys}
     out = Path(out_dir)
     (out / f"sim-validation-gpu-{date}.json").write_text(json.dumps(
-        {"benchmark": "sim_gpu_validation", "date": date, "summary": summary, "signs": sign_rows, "sweeps": results},
+        {"benchmark": "sim_gpu_validation", "date": date, "commit_fit": commit, "summary": summary, "signs": sign_rows, "sweeps": results},
         indent=1))
     lines = [f"# Simulator against the committed two-GPU sweeps ({date})", "",
              "Attainment measured / simulated (anchored cost model) at each measured rate, the same requests; "
@@ -213,10 +268,24 @@ def write(results: list[dict], out_dir: str) -> None:
                   + (f"{'yes' if s['sign_agrees'] else 'NO'} | {'yes' if s['within_run_spread'] else 'no'} |"
                      if s["decided"] else "n/a | n/a |") for s in rows]
     scales = sorted({(r["sweep_file"], r["model"], round(r["anchor_scales"]["prefill_scale"], 3),
-                      round(r["anchor_scales"]["decode_scale"], 3), r["rows_file"]) for r in results})
-    lines += ["", "Anchor scales (sweep run's unloaded calibration over the rows model): " + "; ".join(
-        f"{f.removesuffix('.json')} {m}: prefill x{p}, decode x{d} (rows {rf.removesuffix('.json')})"
-        for f, m, p, d, rf in scales)]
+                      round(r["anchor_scales"]["decode_scale"], 3), r["anchor_scales"]["decode_commit_s"],
+                      r["rows_file"]) for r in results})
+    lines += ["", "Anchor scales (sweep run's unloaded calibration over the rows model) and the fitted KV commit: " +
+              "; ".join(f"{f.removesuffix('.json')} {m}: prefill x{p}, decode x{d}, commit {1e3 * c:.2f} ms "
+                        f"(rows {rf.removesuffix('.json')})" for f, m, p, d, c, rf in scales)]
+    lines += ["", "Disaggregated sweeps at their lowest rate, medians in ms, measured / anchored / anchored with "
+              "commit 0: queue (arrival to prefill start), transfer (prefill end to adoption), TTFT p50", "",
+              "| sweep | model | config | workload | rate | queue | transfer | TTFT p50 |", "|---|---|---|---|---:|---|---|---|"]
+    for r in results:
+        meas = r["measured_breakdown_median_s"][0] if r["config"].startswith("disagg") else None
+        if not meas:
+            continue
+        a, z = r["anchored"]["breakdown_median_s"][0], r[NO_COMMIT]["breakdown_median_s"][0]
+        cell = lambda k: f"{1e3 * meas[k]:.1f} / {1e3 * a[k]:.1f} / {1e3 * z[k]:.1f}"  # noqa: E731
+        lines.append(f"| {r['sweep_file'].removesuffix('.json')} | {r['model']} | {r['config']} | {r['workload']} | "
+                     f"{r['rates_rps'][0]} | {cell('queue_s')} | {cell('transfer_s')} | "
+                     f"{1e3 * r['measured_ttft_p50_s'][0]:.1f} / {1e3 * r['anchored']['ttft_p50_s'][0]:.1f} / "
+                     f"{1e3 * r[NO_COMMIT]['ttft_p50_s'][0]:.1f} |")
     (out / f"sim-validation-gpu-{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -11,7 +11,9 @@ Cost models come from the measured runs themselves, never from the round they pr
 - colocated: every stage run's shape and wall time plus the host time before it (``sim.costs.RecordingClock``),
   fitted by medians (``sim.costs.fit_costs``) over all colocated runs of one round;
 - 1P1D: the prefill worker's steps read from the requests' timelines (prefill start to end, by batch) and the
-  decode worker's from its token times (one step per distinct time, context from the token index);
+  decode worker's from its token times (one step per distinct time, context from the token index); its KV
+  commit (``decode_commit_s``) the median over adopted requests of adoption (the first token) less the later
+  of the KV's landing and the decode step boundary before it (``commit_samples``);
 - the socket link: ``run_bandwidth`` at the KV's message sizes in this run, median GB/s.
 A run is predicted by a model fitted on the other runs of its round (held out: never its own steps, but the
 same minutes of host load; a 1P1D run's workers from the other workload's 1P1D run), and for comparison by
@@ -98,6 +100,24 @@ def disagg_timings(outs, workload) -> tuple[list, list]:
     return prefill, decode
 
 
+def commit_samples(outs) -> list[float]:
+    """Per adopted request: seconds from the later of its KV's landing and the decode step end before it to its adoption."""
+    import bisect
+
+    step_ends = sorted(t for o in outs for t in o.timeline.token_times_s[1:])
+    samples = []
+    for o in outs:
+        tl = o.timeline
+        if tl.transfer_end_s is None or (tl.kv_landed_s is None and tl.transfer_start_s is None):
+            continue
+        i = bisect.bisect_right(step_ends, tl.transfer_end_s)
+        landed_s = tl.kv_landed_s if tl.kv_landed_s is not None else tl.transfer_start_s  # not every link says
+        since_s = max(landed_s, step_ends[i - 1] if i else landed_s)
+        if tl.transfer_end_s >= since_s:
+            samples.append(tl.transfer_end_s - since_s)
+    return samples
+
+
 def measure_link(kv_bytes_per_layer: int) -> tuple[LinkSpec, list[dict]]:
     """The socket transport's line (latency + bytes / median GB/s), measured now at the KV's message sizes."""
     from minidisagg.bench.transport_bandwidth import run_bandwidth
@@ -138,7 +158,8 @@ def run_one(loaded, name: str, settings: DemoSettings, config: str, planned, ste
            "load_1min": [load_before, os.getloadavg()[0]], "workload_": workload}
     if config == DISAGG:
         row["timings_"] = disagg_timings(outs, workload)
-        fields = ("arrival_s", "prefill_start_s", "prefill_end_s", "transfer_start_s", "transfer_end_s")
+        row["commit_samples_s"] = commit_samples(outs)
+        fields = ("arrival_s", "prefill_start_s", "prefill_end_s", "transfer_start_s", "kv_landed_s", "transfer_end_s")
 
         def since(t_s):  # seconds from the replay's start, for the record
             return None if t_s is None else round(t_s - run.start_s, 4)
@@ -176,6 +197,9 @@ def fit_round(rows: list[dict]) -> tuple:
     # each worker's own phase from its own steps; the other phase (never run there) from the colocated fit
     prefill = fit_costs(pre + [t for t in colo if t[0].phase == DECODE], cpu_threads=1)
     decode = fit_costs(dec + [t for t in colo if t[0].phase == PREFILL], cpu_threads=1)
+    commits = [c for r in rows if r["config"] == DISAGG for c in r.get("commit_samples_s", [])]
+    if commits:
+        decode = dataclasses.replace(decode, decode_commit_s=statistics.median(commits))
     return colocated, (prefill, decode)
 
 

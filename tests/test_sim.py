@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -21,9 +22,12 @@ from minidisagg.workload import TimedRequest
 
 
 def _costs(rng: random.Random) -> StepCostModel:
-    return StepCostModel(rng.uniform(1e-3, 5e-3), rng.uniform(1e-5, 5e-5), rng.uniform(0, 1e-8), (1, 4, 16, 64),
-                         tuple(sorted(rng.uniform(5e-3, 3e-2) for _ in range(4))), rng.uniform(0, 1e-6),
-                         rng.choice([0, 32]))
+    fixed_s = rng.uniform(1e-3, 5e-3)
+    costs = StepCostModel(fixed_s, rng.uniform(1e-5, 5e-5), rng.uniform(0, 1e-8), (1, 4, 16, 64),
+                          tuple(sorted(rng.uniform(5e-3, 3e-2) for _ in range(4))), rng.uniform(0, 1e-6),
+                          rng.choice([0, 32]))
+    # about half the models charge each KV commit on a decode instance (from drawn values: the draws stay as they were)
+    return dataclasses.replace(costs, decode_commit_s=fixed_s / 4) if fixed_s > 3e-3 else costs
 
 
 def _trace(rng: random.Random, n: int, rate_rps: float, max_prompt: int = 300, max_out: int = 60) -> Trace:
@@ -105,9 +109,31 @@ def test_one_request_disaggregated_adds_the_link_time():
     spec = FleetSpec(1, 1, link=link, kv_bytes_per_token=1000)
     res = simulate(spec, HAND_COSTS, Trace.of([TimedRequest(1.0, 10, 3)]), keep_timelines=True)
     tl = res.timelines[0]
-    assert tl.token_times_s == [3.0, 4.75, 5.25] and tl.finish_s == 5.25
+    # the decode instance is idle when the KV lands at 4.25: adopted at once, its first token leaves then
+    assert tl.token_times_s == [4.25, 4.75, 5.25] and tl.finish_s == 5.25
     assert (tl.transfer_start_s, tl.transfer_end_s, tl.kv_transfer_bytes) == (3.0, 4.25, 10000)
-    assert (res.ttft_s[0], res.e2e_s[0]) == (2.0, 4.25)
+    assert (res.ttft_s[0], res.e2e_s[0]) == (3.25, 4.25)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_1p1d_first_token_waits_for_the_decode_step_boundary_and_pays_the_commit(fast):
+    """As the decode worker does it: KV that lands mid-step is adopted at the step's end, each adoption costs
+    ``decode_commit_s``, the first token leaves then; a reservation asked for mid-step gets in at the step's end."""
+    costs = StepCostModel(1.0, 0.1, 0.0, (1, 2), (0.5, 0.5), decode_commit_s=0.125)  # prefill of 10 tokens: 2 s
+    spec = FleetSpec(1, 1, link=LinkSpec("slow", 1e-5, 0.25), kv_bytes_per_token=1000)  # 10 tokens' KV: 1.25 s
+    reqs = [TimedRequest(0.0, 10, 10), TimedRequest(2.5, 10, 2), TimedRequest(4.6, 10, 2)]
+    res = simulate(spec, costs, Trace.of(reqs), fast=fast, keep_timelines=True)
+    a, b, c = res.timelines
+    # A: prefill 0-2, lands 3.25 at an idle decode instance: commit 0.125, first token 3.375, steps of 0.5 from there
+    assert a.token_times_s[:6] == pytest.approx([3.375, 3.875, 4.375, 4.875, 5.375, 5.875])
+    # B: reserved at 2.5 (decode idle), prefill 2.5-4.5, lands 5.75 inside the step 5.375-5.875: adopted at 5.875,
+    # first token after its commit at 6.0 (not 4.5, the prefill's end; not 5.875, the landing plus the commit)
+    assert b.token_times_s == pytest.approx([6.0, 6.5]) and res.ttft_s[1] == pytest.approx(3.5)
+    assert a.token_times_s[6:] == pytest.approx([6.5, 7.0, 7.5, 8.0])  # the step after B's adoption starts at 6.0
+    # C: asks for blocks at 4.6, inside the decode step 4.375-4.875: reserved at 4.875, prefill 4.875-6.875, lands
+    # 8.125 at an idle decode instance (A ended at 8.0): first token 8.25
+    assert c.transfer_start_s == pytest.approx(6.875) and c.token_times_s == pytest.approx([8.25, 8.75])
+    assert res.ttft_s[2] == pytest.approx(8.25 - 4.6)
 
 
 def test_transfers_sharing_a_link_share_its_bandwidth():
@@ -324,3 +350,13 @@ def test_fast_and_step_by_step_agree_over_random_fleets_at_the_edges():
         assert np.array_equal(fast.instance, slow.instance) and _all_blocks_back(fast), case
         compared += 1
     assert compared >= 30
+
+
+def test_the_commit_cost_is_a_saved_field_and_refused_below_zero(tmp_path):
+    from minidisagg.sim.costs import load_costs, save_costs
+
+    costs = dataclasses.replace(HAND_COSTS, decode_commit_s=0.002)
+    assert load_costs(save_costs(costs, tmp_path / "c.json")).decode_commit_s == 0.002
+    assert "2.0 ms per KV commit" in costs.describe()
+    with pytest.raises(ValueError, match="KV commit must be >= 0"):
+        dataclasses.replace(HAND_COSTS, decode_commit_s=-1e-3)

@@ -91,6 +91,7 @@ class StepCostModel:
     load_1min: float = 0.0  # host load while calibrating, for the record
     cpu_threads: int = 0  # threads the CPU calibration ran on (0: not a CPU)
     prefill_points: tuple[tuple[int, float, float], ...] = ()  # what was measured: (tokens, pairs, fastest s)
+    decode_commit_s: float = 0.0  # a disaggregated decode instance taking in one request's KV, between its steps
 
     def __post_init__(self) -> None:
         xs, ys = self.decode_batch_sizes, self.decode_s
@@ -100,9 +101,10 @@ class StepCostModel:
             raise ValueError(f"StepCostModel: decode batch sizes must be increasing and >= 1, got {xs}")
         if not all(t > 0 for t in ys):
             raise ValueError(f"StepCostModel: decode times must be > 0, got {ys}")
-        coefs = (self.prefill_fixed_s, self.prefill_per_token_s, self.prefill_per_pair_s, self.decode_context_s)
+        coefs = (self.prefill_fixed_s, self.prefill_per_token_s, self.prefill_per_pair_s, self.decode_context_s,
+                 self.decode_commit_s)
         if min(coefs) < 0:
-            raise ValueError("StepCostModel: costs per step, token, pair and context token must be >= 0")
+            raise ValueError("StepCostModel: costs per step, token, pair, context token and KV commit must be >= 0")
         if not self.prefill_fixed_s + self.prefill_per_token_s > 0:
             raise ValueError("StepCostModel: a prefill must cost some time")
 
@@ -150,6 +152,7 @@ class StepCostModel:
                 f"{1e9 * self.prefill_per_pair_s:.2f} ns x attention pairs (fitted to {len(self.prefill_points)} "
                 f"measured shapes)\n"
                 f"decode ms by batch {{{dec}}} at {self.decode_reference_context} context tokens "
-                f"+ {1e9 * self.decode_context_s:.1f} ns per extra context token  "
+                f"+ {1e9 * self.decode_context_s:.1f} ns per extra context token"
+                f"{f' + {1e3 * self.decode_commit_s:.1f} ms per KV commit' if self.decode_commit_s else ''}  "
                 f"(calibrated on {self.device}{f', {self.cpu_threads} thread' if self.cpu_threads else ''}, "
                 f"host load {self.load_1min:.1f})")

@@ -1,11 +1,15 @@
 """A fleet of simulated instances: colocated replicas behind a router, or xPyD pools joined by KV links.
 
 Colocated: each request goes to one replica (round robin or least loaded) and is served there.
-xPyD, as ``disagg`` serves it: the router picks a prefill and a decode instance for each request;
-the decode instance reserves blocks for the prompt's KV first (credit-based admission, as the
-prefill worker asks ``reserve_many``: a full decode instance makes the prefill wait); the prefill
-instance, running ``prefill_first``, hands the sequence off after its first token; its KV crosses
-the prefill instance's link (shared by its concurrent transfers), and the decode instance adopts it.
+xPyD, as ``disagg`` serves it: the router picks a prefill and a decode instance for each request.
+At its next step boundary the prefill instance asks the decode instance to reserve blocks for the
+prompt's KV (``reserve_many``; credit-based admission: a full decode instance makes the request
+wait for blocks to free). The reservation takes the decode engine's lock, so it gets in at the
+decode instance's next step boundary, and the prefill instance waits for it before its step. The
+prefill instance, running ``prefill_first``, hands the sequence off after its first token; its KV
+crosses the prefill instance's link (shared by its concurrent transfers); the decode instance
+adopts it at its next step boundary (``decode_commit_s`` each), and only then is the first token
+emitted, as the decode worker emits it.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Fleet:
         self.prefill: list[SimInstance] = []
         if disagg:
             cfg = spec.prefill_instance or InstanceConfig(**{**spec.instance.__dict__, "policy": "prefill_first"})
-            phooks = InstanceHooks(self._prefill_finished, handed_off=self._handed_off)
+            phooks = InstanceHooks(self._prefill_finished, handed_off=self._handed_off, before_step=self._reserve_round)
             self.prefill = [SimInstance(i, prefill_costs or costs, cfg, self.loop, phooks, fast)
                             for i in range(spec.num_prefill)]
             self.links = [SharedLink(spec.link, self.loop) for _ in self.prefill]
@@ -76,6 +80,7 @@ class Fleet:
         self.pick_prefill = InstancePicker(max(1, spec.num_prefill), spec.routing)
         self._params: dict[int, SamplingParams] = {}
         self._credits: list[deque] = [deque() for _ in self.decode]  # requests waiting for decode blocks
+        self._inbox: list[list[Sequence]] = [[] for _ in self.prefill]  # arrived, not yet asked for blocks
         self._route_p: dict[int, int] = {}
         self._route_d: dict[int, int] = {}
 
@@ -137,11 +142,38 @@ class Fleet:
             seq.blocks = self.decode[d].blocks
             self.decode[d].submit(seq, now_s)
             return
-        self._route_p[i] = self.pick_prefill.pick()
-        self._credits[d].append(seq)
-        self._grant(d, now_s)
+        p = self._route_p[i] = self.pick_prefill.pick()
+        self._inbox[p].append(seq)
+        self.prefill[p].wake(now_s)
 
     # ---- xPyD ---------------------------------------------------------------------------------------
+    def _reserve_round(self, inst: SimInstance, now_s: float) -> Optional[float]:
+        """A prefill instance's step boundary: ask for blocks for what arrived; the step waits for the answers.
+
+        Each decode instance answers at its next step boundary (all asked at once: the wait is the longest).
+        """
+        inbox = self._inbox[inst.index]
+        if not inbox:
+            return None
+        self._inbox[inst.index] = []
+        by_decode: dict[int, list[Sequence]] = {}
+        for seq in inbox:
+            by_decode.setdefault(self._route_d[seq.seq_id], []).append(seq)
+        resume_s = now_s
+        for d, seqs in by_decode.items():
+            at_s = self.decode[d].next_boundary_s(now_s)
+            if at_s > now_s:
+                self.loop.push(at_s, INPUT, self._reserve, (d, seqs))
+            else:
+                self._reserve(now_s, (d, seqs))
+            resume_s = max(resume_s, at_s)
+        return resume_s
+
+    def _reserve(self, now_s: float, payload: tuple[int, list[Sequence]]) -> None:
+        d, seqs = payload
+        self._credits[d].extend(seqs)
+        self._grant(d, now_s)
+
     def _grant(self, d: int, now_s: float) -> None:
         """Reserve decode blocks for waiting requests of decode instance ``d`` (arrival order; those that fit)."""
         queue = self._credits[d]
@@ -165,7 +197,12 @@ class Fleet:
         self._credits[d] = still
 
     def _handed_off(self, inst: SimInstance, seq: Sequence, now_s: float) -> None:
-        seq.timeline.transfer_start_s = now_s
+        tl = seq.timeline
+        tl.transfer_start_s = now_s
+        if isinstance(tl, CompactTimeline):  # the client gets the first token from the decode instance
+            tl.clear_tokens()
+        else:
+            tl.token_times_s.clear()
         num_bytes = self.spec.kv_bytes_per_token * seq.num_computed_tokens
         seq.timeline.kv_transfer_bytes = num_bytes
         self.links[inst.index].send(now_s, num_bytes, self.spec.messages_per_transfer, self._landed, (inst, seq))
@@ -177,7 +214,7 @@ class Fleet:
         d = self.decode[self._route_d[seq.seq_id]]
         d.interrupt(now_s)
         tl = seq.timeline
-        tl.transfer_end_s = tl.decode_start_s = now_s
+        tl.kv_landed_s = now_s
         adopted = Sequence(seq.seq_id, seq.request_id, seq.prompt_token_ids, seq.params, tl,
                            output_token_ids=list(seq.output_token_ids), num_computed_tokens=seq.num_tokens - 1,
                            blocks=d.blocks)

@@ -21,6 +21,14 @@ a reservation of blocks counts against the blocks the started steps took and sho
 the rest no longer fits, and a new prompt cuts the segment after the step in flight, where every
 sequence is brought up to date and the scheduler plans the next step. ``tests/test_sim.py`` holds
 all of it bit for bit against step-by-step simulation.
+
+Adoption, as ``disagg.decode_worker`` does it. A sequence whose KV landed while a step runs is taken
+in at the next step boundary (``commit`` queues it; the loop adopts the queue before its next step),
+one whose KV lands at an idle instance at once; each adoption costs the instance
+``StepCostModel.decode_commit_s`` before the step starts, and the request's first token is emitted
+when its adoption is done. In the fast path the step that takes sequences in starts its work that
+much later (``SteadyBatch.plan``'s ``work_start_s``); ``next_boundary_s`` says when the step in
+flight ends (where a reservation, which waits for the engine's lock, gets in).
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ class InstanceHooks:
     finished: Callable[["SimInstance", Sequence, float], None]
     handed_off: Optional[Callable[["SimInstance", Sequence, float], None]] = None
     blocks_freed: Optional[Callable[["SimInstance", float], None]] = None
+    # at a step boundary, before admitting: None to go on, else the time to go on at (a reservation round trip)
+    before_step: Optional[Callable[["SimInstance", float], Optional[float]]] = None
 
 
 @dataclass
@@ -117,6 +127,9 @@ class SimInstance:
         self._step = 0  # the steady batch's step at the last segment's end
         self._leave_steady = False  # a sequence joined that cannot run lazily: let the scheduler plan next
         self._version = 0
+        self._adopting: list[list] = []  # [sequence, first token recorded] adopted at the boundary ``_adopting_step``
+        self._adopting_step = -1
+        self._resumed = False  # this step boundary's ``before_step`` wait is over
 
     # ---- inputs --------------------------------------------------------------------------------
     def submit(self, seq: Sequence, now_s: float) -> None:
@@ -156,14 +169,21 @@ class SimInstance:
                 self._cut(first + fitting)
 
     def adopt(self, seq: Sequence, now_s: float) -> None:
-        """Start decoding a sequence prefilled elsewhere (``Scheduler.adopt``) from the next step to start."""
+        """Start decoding a sequence prefilled elsewhere (``Scheduler.adopt``) from the next step to start.
+
+        Its first token is emitted once the next step boundary's adoptions up to it are done (``decode_commit_s`` each).
+        """
         self.scheduler.adopt(seq)
         seg = self._segment
         if seg is None:
+            self._adopting.append([seq, False])  # ``_start`` takes it in
             self.wake(now_s)
             return
         k = self._started(seg, now_s)
         self.steady.account(k)
+        if self._adopting_step != k:
+            self._adopting, self._adopting_step = [], k  # those of an earlier boundary were all taken in
+        self._adopting.append([seq, False])
         if self._leave_steady or len(self.scheduler.running) > self.config.max_num_seqs or not self.steady.add(seq, k):
             self._leave_steady = True  # the scheduler plans the step after the one in flight
             if k < seg.end:
@@ -172,8 +192,13 @@ class SimInstance:
         self.stats.extra["joined"] = self.stats.extra.get("joined", 0) + 1
         if k == seg.end:
             return  # it joins the next segment
+        work_start_s = self.steady.time_s(k)
+        for _ in self._adopting:
+            work_start_s += self.costs.decode_commit_s
+        self._adopting[-1][1] = True
+        self._first_token(seq, work_start_s)
         self._end_segment(seg, k)
-        if not self._plan_segment(k, at_start=False):
+        if not self._plan_segment(k, at_start=False, work_start_s=work_start_s):
             self._leave_steady = True
             self._segment = _Segment(k, k, False)
             self._version += 1
@@ -185,6 +210,19 @@ class SimInstance:
             self._busy = True
             self.loop.push(now_s, STEP, self._start, self._version)
 
+    def next_boundary_s(self, now_s: float) -> float:
+        """When the step in flight at ``now_s`` ends (``now_s`` if none is): where a call that waits for the engine gets in.
+
+        A step that starts exactly at ``now_s`` is in flight: the instance's own events at an instant come first.
+        """
+        seg, st = self._segment, self.steady
+        if seg is not None:
+            k = bisect.bisect_right(st.times_s, now_s, seg.start - st.offset, seg.end - st.offset) + st.offset
+            return st.time_s(max(k, seg.start + 1) if seg.at_start else k)
+        if self._result is not None:
+            return self.clock.now()  # the stage in flight ends then (a decode instance runs one stage a step)
+        return now_s
+
     @property
     def is_idle(self) -> bool:
         """Whether no step is running or planned."""
@@ -194,18 +232,45 @@ class SimInstance:
     def _start(self, now_s: float, version: int) -> None:
         if version != self._version:
             return
+        resumed, self._resumed = self._resumed, False
+        if self.hooks.before_step is not None and not resumed:
+            resume_s = self.hooks.before_step(self, now_s)
+            if resume_s is not None and resume_s > now_s:
+                self._resumed = True
+                self.loop.push(resume_s, STEP, self._start, self._version)
+                return
         self.clock.wait_until(now_s)
+        if self._adopting:
+            self._take_in()
         if self.pending:
             self._release()
             while self.pending:
                 self.scheduler.add(self.pending.popleft())
         if not self.scheduler.has_work():
+            if resumed:  # what arrived during the wait gets its own round trip, once what else happens now has
+                self.loop.push(now_s, STEP, self._start, self._version)
+                return
             self._busy = False
             return
         if self.fast and not self._leave_steady and self._enter_steady(now_s):
             return
         self._release()
         self._plan_step()
+
+    def _take_in(self) -> None:
+        """At a step boundary: the adoptions queued for it, ``decode_commit_s`` each, each emitting its first token."""
+        for entry in self._adopting:
+            self.clock.advance(self.costs.decode_commit_s)
+            self.stats.busy_s += self.costs.decode_commit_s
+            if not entry[1]:
+                self._first_token(entry[0], self.clock.now())
+        self._adopting, self._adopting_step = [], -1
+
+    @staticmethod
+    def _first_token(seq: Sequence, t_s: float) -> None:
+        tl = seq.timeline
+        tl.transfer_end_s = tl.decode_start_s = t_s
+        tl.record_token(t_s)
 
     def _plan_step(self) -> None:
         plan = self.scheduler.schedule()
@@ -268,10 +333,10 @@ class SimInstance:
                     return False
         elif len(st) != b:
             return False
-        return self._plan_segment(self._step, at_start=True)
+        return self._plan_segment(self._step, at_start=True, work_start_s=self.clock.now())
 
-    def _plan_segment(self, start: int, at_start: bool) -> bool:
-        num_steps = self.steady.plan(start, self.costs)
+    def _plan_segment(self, start: int, at_start: bool, work_start_s: Optional[float] = None) -> bool:
+        num_steps = self.steady.plan(start, self.costs, work_start_s)
         if num_steps < 1:
             return False
         self._segment = _Segment(start, start + num_steps, at_start)
@@ -298,6 +363,8 @@ class SimInstance:
         if version != self._version or self._segment is None:
             return
         seg = self._segment
+        if self._adopting_step != seg.end:  # those adopted at a boundary inside the segment are taken in
+            self._adopting, self._adopting_step = [], -1
         self.steady.account(seg.end)
         self._end_segment(seg, seg.end)
         stop = self.scheduler.stop

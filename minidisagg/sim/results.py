@@ -70,6 +70,11 @@ class CompactTimeline(RequestTimeline):
         self.last_token_s = t_s
         self.num_tokens += 1
 
+    def clear_tokens(self) -> None:
+        """Forget the tokens counted so far."""
+        self.first_token_s = self.last_token_s = math.nan
+        self.num_tokens = 0
+
     def record_tokens(self, times_s: list[float]) -> None:
         """Count tokens at increasing ``times_s``, all after the last one."""
         if times_s:

@@ -22,7 +22,7 @@ A change to the batch (a sequence adopted, one stopping) costs O(log batch + blo
 from __future__ import annotations
 
 import heapq
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -119,10 +119,11 @@ class SteadyBatch:
             t += 1
         return min(most, cycles * bs + t)
 
-    def plan(self, start: int, costs: DecodeCosts) -> int:
+    def plan(self, start: int, costs: DecodeCosts, work_start_s: Optional[float] = None) -> int:
         """Time the steps from ``start`` (which starts at ``time_s(start)``) to the next stop or as far as blocks go.
 
-        Returns how many; the times of any steps planned beyond ``start`` before are replaced.
+        ``work_start_s``: when the first step's work starts, if later than its boundary (sequences taken in
+        first). Returns how many; the times of any steps planned beyond ``start`` before are replaced.
         """
         if start - self.offset > PRUNE_STEPS:
             lowest = min(self.sync.values())
@@ -135,7 +136,7 @@ class SteadyBatch:
         b = len(self.sync)
         first = self._q + b * start  # whole numbers below 2**53: exact in float64, as the int sums are
         step_s = costs.decode_costs_s(b, np.arange(first, first + b * num_steps, b, dtype=np.float64))
-        step_s[0] += self.time_s(start)  # then the running sum: start + c0, + c1, ... in the order stepping adds them
+        step_s[0] += self.time_s(start) if work_start_s is None else work_start_s  # then the running sum: start + c0, + c1, ... in the order stepping adds them
         self.times_s.extend(np.add.accumulate(step_s).tolist())
         return num_steps
 
