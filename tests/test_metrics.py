@@ -78,6 +78,7 @@ def test_as_dict() -> None:
     assert set(d) == {
         "ttft_s", "tpot_s", "itl_s", "e2e_s", "queue_s", "prefill_s",
         "num_output_tokens", "transfer_s", "decode_queue_s", "decode_s", "kv_transfer_bytes", "kv_send_s", "kv_move_s",
+        "kv_reused_tokens",
     }
     assert d["kv_move_s"] is None
 
