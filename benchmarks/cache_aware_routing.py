@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 from typing import Any
 
 from minidisagg.bench.common import add_output_args, finish_run, machine_info
@@ -30,6 +29,7 @@ from minidisagg.config import CacheConfig, EngineConfig
 from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.engine.llm_engine import RequestOutput
 from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.steppable import run_one
 from minidisagg.models.registry import LoadedModel, load_model
 
 FIRST_TOKEN_ONLY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -50,18 +50,8 @@ def workload(rng: random.Random, vocab: int, systems: int, system_tokens: int, t
 
 
 def serve_one(cluster: DisaggCluster, prompt: list[int], params: SamplingParams = FIRST_TOKEN_ONLY) -> RequestOutput:
-    """One request to its end, alone in the cluster."""
-    rid = cluster.add_request({"prompt_token_ids": prompt}, params)
-    deadline = time.monotonic() + TIMEOUT_S
-    while cluster.has_unfinished():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"request {rid} did not finish within {TIMEOUT_S} s")
-        for out in cluster.step():
-            if out.finished and out.request_id == rid:
-                if out.error:
-                    raise RuntimeError(f"request {rid} failed: {out.error}")
-                return out
-    raise RuntimeError(f"request {rid} left the cluster without an output")
+    """One request to its end, alone in the cluster (``TimeoutError`` past ``TIMEOUT_S``)."""
+    return run_one(cluster, {"prompt_token_ids": prompt}, params, timeout_s=TIMEOUT_S, raise_on_error=True)
 
 
 def one_repeat(loaded: LoadedModel, prompts: list[list[int]], block_size: int, num_blocks: int,

@@ -36,30 +36,17 @@ from minidisagg.disagg.router_server import RemoteCluster
 from minidisagg.disagg.serve import DecodeServer, PrefillServer
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.steppable import run_one_on_thread
 from minidisagg.models.registry import LoadedModel, load_model
 
+TIMEOUT_S = 600.0  # one request, alone, on a loaded 2-core host: minutes at most
 FIRST_TOKEN_ONLY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 FOUR_TOKENS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)  # the first from prefill, 3 decoded
 
 
 def serve_one(engine: Any, prompt: list[int], params: SamplingParams = FIRST_TOKEN_ONLY) -> RequestOutput:
     """Run one request alone to its end (an engine, or a deployment's router, stepped on a thread of its own)."""
-    found: dict[str, RequestOutput] = {}
-
-    def run() -> None:
-        rid = engine.add_request({"prompt_token_ids": prompt}, params)
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished and out.request_id == rid:
-                    found["out"] = out
-        engine.release(rid)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-    if "out" not in found:
-        raise RuntimeError("the request did not finish (see the traceback above)")
-    return found["out"]
+    return run_one_on_thread(engine, {"prompt_token_ids": prompt}, params, timeout_s=TIMEOUT_S)
 
 
 def one_repeat(loaded: LoadedModel, prompts: tuple[list[int], list[int]], block_size: int) -> dict[str, Any]:

@@ -84,6 +84,8 @@ class LLM:
     ``routing`` (``mode="disagg"``) spreads requests over the workers: ``"round_robin"``,
     ``"least_loaded"``, or ``"cache_aware"`` (with prefix caching on: each prompt goes to the prefill
     worker likely to hold its longest prefix, balanced against load; ``disagg/prefix_index.py``).
+    ``routing_load_weight`` sets that balance: ``0`` follows the cache alone, ``1`` (the default) counts a
+    block of queued tokens as much as a block found cached.
     ``kv_overlap=True`` sends each layer's KV while later layers are still computing; it is off by
     default because sending after the prefill gave as much goodput or more in this engine's two-GPU
     runs (``benchmarks/NOTES.md``; lab 5 shows when overlap would win: a slow link, a long prefill).
@@ -131,6 +133,7 @@ class LLM:
         num_prefill: int = 1,
         num_decode: int = 1,
         routing: str = "round_robin",
+        routing_load_weight: float = 1.0,
         kv_overlap: bool = False,
         kv_failure_policy: str = "fail",
         request_timeout_s: float = 600.0,
@@ -173,6 +176,7 @@ class LLM:
             from minidisagg.disagg.router_server import RemoteCluster, parse_router_peers
 
             self.engine = RemoteCluster(self.loaded, self.config, *parse_router_peers(workers), routing=routing,
+                                        routing_load_weight=routing_load_weight,
                                         kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s,
                                         security=worker_security)
         elif mode == "colocated":
@@ -181,6 +185,7 @@ class LLM:
         else:
             self.engine = DisaggCluster(self.loaded, self.config, transport=transport, num_prefill=num_prefill,
                                         num_decode=num_decode, routing=routing, overlap=kv_overlap,
+                                        routing_load_weight=routing_load_weight,
                                         kv_failure_policy=kv_failure_policy, request_timeout_s=request_timeout_s,
                                         model_ref=model, prefill_devices=prefill_devices,
                                         decode_devices=decode_devices, worker_threads=worker_threads)

@@ -269,7 +269,8 @@ def test_models_health_and_metrics(served):
 
 
 def test_serve_flags_reach_the_engine_prefix_caching_and_threads():
-    """``minidisagg serve --enable-prefix-caching --threads N``: the engine caches prefixes, torch uses N threads."""
+    """``minidisagg serve --enable-prefix-caching --threads N --routing-load-weight W``: the engine caches
+    prefixes, torch uses N threads, the disaggregated router weighs load by W on both sides."""
     import torch
 
     from minidisagg.cli import build_parser
@@ -282,9 +283,13 @@ def test_serve_flags_reach_the_engine_prefix_caching_and_threads():
         for mode in ("colocated", "disagg"):
             args = build_parser().parse_args(["serve", "tiny", "--device", "cpu", "--dtype", "float32", "--mode", mode,
                                               "--transport", "socket", "--enable-prefix-caching", "--routing",
-                                              "cache_aware", "--threads", str(want), "--num-kv-blocks", "64"])
+                                              "cache_aware", "--threads", str(want), "--num-kv-blocks", "64",
+                                              "--routing-load-weight", "0.25"])
             llms.append(llm_from_args(args))
             assert llms[-1].config.cache.enable_prefix_caching and torch.get_num_threads() == want
+            if mode == "disagg":
+                router = llms[-1].engine.router
+                assert router.cache_index.load_weight == router.decode_index.load_weight == 0.25
         prompt = list(range(100, 140))  # two full blocks of 16, then a tail
         for llm in llms:
             params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
@@ -295,3 +300,13 @@ def test_serve_flags_reach_the_engine_prefix_caching_and_threads():
         for llm in llms:
             llm.shutdown()
         torch.set_num_threads(before)
+
+
+def test_a_load_weight_without_cache_aware_routing_is_refused():
+    from minidisagg.cli import build_parser
+    from minidisagg.server.launch import llm_from_args
+
+    args = build_parser().parse_args(["serve", "tiny", "--device", "cpu", "--dtype", "float32", "--mode", "disagg",
+                                      "--routing", "round_robin", "--routing-load-weight", "0.5"])
+    with pytest.raises(ValueError, match="weighs load in routing='cache_aware' only"):
+        llm_from_args(args)

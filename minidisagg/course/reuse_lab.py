@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -21,6 +20,7 @@ from minidisagg.disagg.cluster import DisaggCluster
 from minidisagg.disagg.prefix_index import CacheAwareIndex, prompt_block_keys
 from minidisagg.engine.llm_engine import LLMEngine, RequestOutput
 from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.steppable import run_one, run_one_on_thread
 from minidisagg.kv.wire_quant import WireMessage
 from minidisagg.models.registry import LoadedModel
 
@@ -35,28 +35,7 @@ CHAT_TURNS = ("How do I boil an egg?", "And if I want the yolk soft?", "Can I co
 
 def serve_one(engine: LLMEngine, prompt_ids: Sequence[int], params: SamplingParams = FIRST_TOKEN_ONLY) -> RequestOutput:
     """Run one request alone to its end, the engine stepped on a thread of its own; its output."""
-    found: dict[str, RequestOutput] = {}
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rid = engine.add_request({"prompt_token_ids": list(prompt_ids)}, params)
-            while engine.has_unfinished():
-                for out in engine.step():
-                    if out.finished and out.request_id == rid:
-                        found["out"] = out
-            engine.release(rid)
-        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
-            failure.append(err)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(TIMEOUT_S)
-    if failure:
-        raise failure[0]
-    if "out" not in found:
-        raise TimeoutError(f"the request did not finish within {TIMEOUT_S} s")
-    return found["out"]
+    return run_one_on_thread(engine, {"prompt_token_ids": list(prompt_ids)}, params, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- 1. a multi-turn chat
@@ -152,15 +131,8 @@ class RoutingRun:
 
 def _serve_cluster(cluster: DisaggCluster, prompt: Sequence[int],
                    params: SamplingParams = FIRST_TOKEN_ONLY) -> RequestOutput:
-    """One request to its end (by default its first token), alone in the cluster."""
-    rid = cluster.add_request({"prompt_token_ids": list(prompt)}, params)
-    while cluster.has_unfinished():
-        for out in cluster.step():
-            if out.finished and out.request_id == rid:
-                if out.error:
-                    raise RuntimeError(f"request {rid} failed: {out.error}")
-                return out
-    raise RuntimeError(f"request {rid} left the cluster without an output")
+    """One request to its end (by default its first token), alone in the cluster, within ``TIMEOUT_S``."""
+    return run_one(cluster, {"prompt_token_ids": list(prompt)}, params, timeout_s=TIMEOUT_S, raise_on_error=True)
 
 
 def compare_routing(loaded: LoadedModel, prompts: Sequence[Sequence[int]], block_size: int = 16, num_blocks: int = 10,

@@ -63,8 +63,13 @@ class DisaggCluster:
                  num_prefill: int = 1, num_decode: int = 1, routing: str = "round_robin", overlap: bool = False,
                  kv_failure_policy: str = "fail", request_timeout_s: float = 600.0, max_attempts: int = 3,
                  model_ref: Optional[str] = None, pin_cores: bool = False, worker_threads: int = 0,
-                 prefill_devices: Optional[Seq[str]] = None, decode_devices: Optional[Seq[str]] = None) -> None:
-        """``prefill_devices`` / ``decode_devices`` pin each worker process ("cpu", "cuda:N"; not for inproc)."""
+                 prefill_devices: Optional[Seq[str]] = None, decode_devices: Optional[Seq[str]] = None,
+                 routing_load_weight: float = 1.0) -> None:
+        """``prefill_devices`` / ``decode_devices`` pin each worker process ("cpu", "cuda:N"; not for inproc).
+
+        ``routing_load_weight`` (``routing="cache_aware"`` only) trades cache affinity against load in the
+        router's score, ``overlap_blocks - load_weight * queued_tokens / block_size`` (``prefix_index``).
+        """
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; known: {list(TRANSPORTS)}")
         if kv_failure_policy not in KV_FAILURE_POLICIES:
@@ -84,8 +89,11 @@ class DisaggCluster:
         if routing == "cache_aware" and not config.cache.enable_prefix_caching:
             raise ValueError("routing='cache_aware' needs enable_prefix_caching=True: without it no worker keeps "
                              "a prefix to route to")
+        if routing != "cache_aware" and routing_load_weight != 1.0:
+            raise ValueError(f"routing_load_weight={routing_load_weight!r} weighs load in routing='cache_aware' "
+                             f"only; routing={routing!r} has no such score")
         self.router = Router(num_prefill, num_decode, routing, config.cache.block_size,
-                             config.cache.num_blocks or DEFAULT_INDEX_BLOCKS)
+                             config.cache.num_blocks or DEFAULT_INDEX_BLOCKS, routing_load_weight)
         self.num_prompt_tokens_served = 0  # over finished requests: the realised ``prefix_hit_rate``
         self.num_cached_tokens_served = 0
         self.num_kv_reused_tokens_served = 0  # ... whose KV the decode worker already held: ``decode_reuse_rate``

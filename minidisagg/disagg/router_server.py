@@ -93,7 +93,8 @@ class RemoteCluster(DisaggCluster):
     def __init__(self, loaded: LoadedModel, config: EngineConfig, prefill_addrs: dict[str, Address],
                  decode_addrs: dict[str, Address], routing: str = "round_robin", kv_failure_policy: str = "fail",
                  request_timeout_s: float = 600.0, max_attempts: int = 3, clock_origin_s: Optional[float] = None,
-                 connect_timeout_s: float = 30.0, security: Optional[LinkSecurity] = None) -> None:
+                 connect_timeout_s: float = 30.0, security: Optional[LinkSecurity] = None,
+                 routing_load_weight: float = 1.0) -> None:
         """``security``: the deployment's secret (and TLS) proved to every worker; None: neither."""
         self.security = security or LinkSecurity()
         if not prefill_addrs or not decode_addrs:
@@ -103,7 +104,8 @@ class RemoteCluster(DisaggCluster):
         self.connect_timeout_s = connect_timeout_s
         super().__init__(loaded, config, transport="socket", num_prefill=len(prefill_addrs),
                          num_decode=len(decode_addrs), routing=routing, kv_failure_policy=kv_failure_policy,
-                         request_timeout_s=request_timeout_s, max_attempts=max_attempts)
+                         request_timeout_s=request_timeout_s, max_attempts=max_attempts,
+                         routing_load_weight=routing_load_weight)
 
     @property
     def shared_clock(self) -> bool:
@@ -362,7 +364,7 @@ def serve_router(args: argparse.Namespace, config: EngineConfig, security: Optio
         log.warning("no tokenizer (%s): only prompt_token_ids requests are served, without text", exc)
     try:
         cluster = RemoteCluster(loaded, config, prefill_addrs, decode_addrs,
-                                routing=args.routing,
+                                routing=args.routing, routing_load_weight=args.routing_load_weight,
                                 kv_failure_policy=args.kv_failure_policy,
                                 request_timeout_s=args.request_timeout_s,
                                 clock_origin_s=args.clock_origin, security=security)

@@ -87,6 +87,9 @@ def add_serve_parser(sub: Any, model_help: str, device_help: str, dtype_help: st
     serve.add_argument("--ready-file", default="", help="write the bound port here once listening")
     serve.add_argument("--routing", choices=list(ROUTING_POLICIES), default="round_robin",
                        help="router: how requests are spread over workers (cache_aware needs --enable-prefix-caching)")
+    serve.add_argument("--routing-load-weight", type=float, default=1.0,
+                       help="router, --routing cache_aware: weight of a worker's queue against its cached prefix "
+                            "(score = cached blocks - weight x queued tokens / block size; 0 ignores load)")
     serve.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
                        help="router: what happens to requests of a worker that dies")
     serve.add_argument("--request-timeout-s", type=float, default=600.0, help="router: deadline of every request")

@@ -190,6 +190,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
                random_weights=args.random_weights, seed=args.seed, policy=args.policy,
                mode=args.mode, transport=args.transport if disagg else "inproc", num_prefill=args.num_prefill,
                num_decode=args.num_decode, routing=args.routing, kv_overlap=args.overlap,
+               routing_load_weight=args.routing_load_weight,
                kv_failure_policy=args.kv_failure_policy, request_timeout_s=args.request_timeout_s,
                worker_threads=args.threads, workers=workers, worker_security=security,
                kv_wire_dtype=args.kv_wire_dtype, enable_prefix_caching=args.enable_prefix_caching)
