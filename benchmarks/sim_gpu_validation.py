@@ -20,11 +20,17 @@ by the early runs whose lowest rate already queued hundreds of milliseconds. ``a
 out, for comparison. Apart from those lowest rates' TTFT breakdowns the sweep
 points never enter a model.
 
+``anchored + serving costs`` (the headline since 2026-12-08b) adds what the real serving path costs and the device
+rows lack, as the simulator's mechanisms, each fitted per card on the *other* committed files of that card (the
+predicted file never enters its own fit; ``SERVING_FITS``): the router's hand-over of each request
+(``FleetSpec.submit_s``), the reservation's round trip over the link (``LinkSpec.control_rtt_s``), host work per
+decoding sequence and step (``StepCostModel.decode_per_seq_s``) and the KV commit, refitted the same way.
+
 Compared: SLO attainment per rate, goodput (the 90% crossing, ``metrics.goodput``) per GPU, and the sign of
 the best disaggregated against the best colocated goodput. Layer-wise overlap of the KV transfer is not
 modelled (both disagg configurations simulate alike). Writes ``benchmarks/results/sim-validation-gpu-<date>``.
 
-    PYTHONPATH=. python benchmarks/sim_gpu_validation.py
+    PYTHONPATH=. python benchmarks/sim_gpu_validation.py [--tag b]
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ GOAL_CROSSING = 0.20  # goodput (the 90% crossing) within 20%
 NUM_GPUS = 2
 SENSITIVITY = "anchored, decode +10%"  # not a fit: how far a 10% slower decode step moves the figures
 NO_COMMIT = "anchored, commit 0"  # the decode instance's KV commit left out: what the fitted commit adds
+SERVING = "anchored + serving costs"  # the headline: the serving path's costs fitted on the card's other files
 
 
 def rows_file_for(sweep_date: str, rows_files: list[str]) -> str:
@@ -78,16 +85,18 @@ def anchored(costs: StepCostModel, calibration: dict, model: str) -> tuple[StepC
     return scaled, {"prefill_scale": sp, "decode_scale": sd}
 
 
-def fleet_for(config: str, settings: dict, model: str, probe: dict) -> FleetSpec:
-    """The deployment a sweep ran, as a simulated fleet."""
+def fleet_for(config: str, settings: dict, model: str, probe: dict, submit_s: float = 0.0,
+              control_rtt_s: float = 0.0) -> FleetSpec:
+    """The deployment a sweep ran, as a simulated fleet (with the router's hand-over and the reservation's round trip)."""
     if config.startswith("colocated-"):
         policy = config.split("-", 1)[1]
         budget = settings["chunked_token_budget"] if policy == "chunked" else settings["prefill_token_budget"]
         return FleetSpec(2, 0, InstanceConfig(policy, settings["max_num_seqs"], budget, NUM_BLOCKS),
-                         routing="least_loaded")
-    link = LinkSpec("measured", probe.get("achieved_GBps") or probe["best_GBps"], 0.0)
+                         routing="least_loaded", submit_s=submit_s)
+    link = LinkSpec("measured", probe.get("achieved_GBps") or probe["best_GBps"], 0.0, control_rtt_s=control_rtt_s)
     return FleetSpec(1, 1, InstanceConfig("prefill_first", settings["max_num_seqs"], settings["prefill_token_budget"],
-                                          NUM_BLOCKS), link=link, kv_bytes_per_token=KV_BYTES_PER_TOKEN[model])
+                                          NUM_BLOCKS), link=link, kv_bytes_per_token=KV_BYTES_PER_TOKEN[model],
+                     submit_s=submit_s)
 
 
 def _generator(sweep: dict, settings: dict) -> Sweep:
@@ -99,8 +108,17 @@ def _generator(sweep: dict, settings: dict) -> Sweep:
 def _breakdown(res) -> dict:
     """Median queue (arrival to prefill start) and transfer (prefill end to adoption) seconds of a simulated run."""
     ms = res.metrics()
-    spans = {"queue_s": [m.queue_s for m in ms], "transfer_s": [m.transfer_s for m in ms if m.transfer_s is not None]}
+    spans = {"queue_s": [tl.prefill_start_s - tl.arrival_s for tl in res.timelines],
+             "transfer_s": [m.transfer_s for m in ms if m.transfer_s is not None]}
     return {k: statistics.median(v) if v else None for k, v in spans.items()}
+
+
+def mean_decode_batch(res) -> float:
+    """Sequences decoding at once, on average over the run, per instance that decodes (Little's law on the timelines)."""
+    tls = res.timelines
+    start, end = min(tl.token_times_s[0] for tl in tls), max(tl.finish_s for tl in tls)
+    busy = sum(tl.finish_s - tl.token_times_s[0] for tl in tls)
+    return busy / max(end - start, 1e-12) / len({int(i) for i in res.instance}) if end > start else 1.0
 
 
 def commit_residuals(sweeps: list[dict], settings: dict, model: str, probe: dict, costs: StepCostModel) -> list[float]:
@@ -125,22 +143,103 @@ def _costs_of(data: dict, model: str, m: dict, rows_files: list[str]) -> tuple[s
     return (rows_path, rows_costs, *anchored(rows_costs, m["calibration"], model))
 
 
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """The real serving path's costs the device rows lack, as the simulator's mechanisms (``SERVING_FITS``)."""
+
+    decode_commit_s: float = 0.0
+    submit_s: float = 0.0
+    control_rtt_s: float = 0.0
+    decode_per_seq_s: float = 0.0
+
+    def apply(self, costs: StepCostModel) -> StepCostModel:
+        """``costs`` with this commit and per-sequence decode work."""
+        return dataclasses.replace(costs, decode_commit_s=self.decode_commit_s, decode_per_seq_s=self.decode_per_seq_s)
+
+
+def _run(sweep: dict, settings: dict, model: str, probe: dict, costs: StepCostModel, rate: float,
+         serving: Serving = Serving()):
+    fleet = fleet_for(sweep["config"], settings, model, probe, serving.submit_s, serving.control_rtt_s)
+    return simulate(fleet, serving.apply(costs), Trace.of(_generator(sweep, settings).requests_at(rate)),
+                    keep_timelines=True)
+
+
+def _lowest(sweep: dict) -> dict:
+    return min(sweep["points"], key=lambda p: p["rate_rps"])
+
+
+def queue_residuals(group: list[tuple], configs: str, serving: Serving) -> list[float]:
+    """At each ``configs`` sweep's lowest rate: measured less simulated median queue (arrival to prefill start)."""
+    out = []
+    for sweep, settings, model, probe, anchor in group:
+        if not sweep["config"].startswith(configs) or not sweep["points"]:
+            continue
+        low = _lowest(sweep)
+        measured = (low.get("breakdown_median_s") or {}).get("queue_s")
+        if measured is not None:
+            res = _run(sweep, settings, model, probe, anchor, low["rate_rps"], serving)
+            out.append(measured - _breakdown(res)["queue_s"])
+    return out
+
+
+def per_seq_residuals(group: list[tuple], serving: Serving) -> list[float]:
+    """At every rate of each disaggregated sweep (a decode-only instance): measured less simulated TPOT p50, over the
+    simulated mean decode batch: the host seconds per decoding sequence and step the simulator lacks."""
+    out = []
+    for sweep, settings, model, probe, anchor in group:
+        if not sweep["config"].startswith("disagg"):
+            continue
+        for point in sweep["points"]:
+            if point.get("tpot_p50_s") is None:
+                continue
+            res = _run(sweep, settings, model, probe, anchor, point["rate_rps"], serving)
+            out.append((point["tpot_p50_s"] - res.percentile("tpot_s", 50)) / mean_decode_batch(res))
+    return out
+
+
+def _median0(values: list[float]) -> float:
+    return max(0.0, statistics.median(values)) if values else 0.0
+
+
+def fit_serving(group: list[tuple], commit_residuals_s: list[float]) -> tuple[Serving, dict]:
+    """``SERVING_FITS`` on ``group`` (sweeps of the files used for fitting), in order; each a median, floored at 0."""
+    serving = Serving(decode_commit_s=_median0(commit_residuals_s))
+    submit = queue_residuals(group, "colocated", serving)
+    serving = dataclasses.replace(serving, submit_s=_median0(submit))
+    rtt = queue_residuals(group, "disagg", serving)
+    serving = dataclasses.replace(serving, control_rtt_s=_median0(rtt))
+    per_seq = per_seq_residuals(group, serving)
+    serving = dataclasses.replace(serving, decode_per_seq_s=_median0(per_seq))
+    return serving, {"commit_residuals": len(commit_residuals_s), "submit_residuals": len(submit),
+                     "rtt_residuals": len(rtt), "per_seq_residuals": len(per_seq)}
+
+
+SERVING_FITS = """Fitted per card, leaving the predicted file out: for each sweep file, on the other committed files of \
+the same card (H100: three of four; H200: two of three), medians, in this order: (1) the decode instance's KV commit \
+(the 1P1D hand-off's commit residuals at each disaggregated sweep's lowest rate); (2) the router's hand-over \
+(``submit_s``): measured less simulated median queue at each colocated sweep's lowest rate; (3) the reservation's \
+round trip (``control_rtt_s``): the same at each disaggregated sweep's lowest rate, with (1) and (2) in; (4) host \
+work per decoding sequence and step (``decode_per_seq_s``): measured less simulated TPOT p50 over the simulated mean \
+decode batch, at every rate of each disaggregated sweep, with (1) to (3) in."""
+
+
 def simulate_sweep(sweep: dict, settings: dict, model: str, probe: dict, models: dict) -> dict:
-    """Simulated attainment at each measured rate of one committed sweep, under each cost model."""
+    """Simulated attainment at each measured rate of one committed sweep, under each (cost model, serving costs)."""
     slo = SLO(**sweep["slo"])
     gen = _generator(sweep, settings)
-    fleet = fleet_for(sweep["config"], settings, model, probe)
     points = sorted(sweep["points"], key=lambda p: p["rate_rps"])
     rates = [p["rate_rps"] for p in points]
     out = {"config": sweep["config"], "workload": sweep["workload"], "rates_rps": rates,
            "measured": [p["attainment"] for p in points], "measured_goodput_rps": goodput(rates, [p["attainment"]
                                                                                                  for p in points])}
     disagg = sweep["config"].startswith("disagg")
-    for key, costs in models.items():
-        sims = [simulate(fleet, costs, Trace.of(gen.requests_at(r)), keep_timelines=disagg) for r in rates]
+    for key, (costs, serving) in models.items():
+        fleet = fleet_for(sweep["config"], settings, model, probe, serving.submit_s, serving.control_rtt_s)
+        sims = [simulate(fleet, serving.apply(costs), Trace.of(gen.requests_at(r)), keep_timelines=True) for r in rates]
         out[key] = {"attainment": [s.attainment(slo) for s in sims],
                     "ttft_p50_s": [s.percentile("ttft_s", 50) for s in sims],
-                    "tpot_p50_s": [s.percentile("tpot_s", 50) for s in sims]}
+                    "tpot_p50_s": [s.percentile("tpot_s", 50) for s in sims],
+                    "mean_decode_batch": [mean_decode_batch(s) for s in sims]}
         out[key]["goodput_rps"] = goodput(rates, out[key]["attainment"])
         if disagg:
             out[key]["breakdown_median_s"] = [_breakdown(s) for s in sims]
@@ -160,37 +259,46 @@ def main() -> None:
     ap.add_argument("--sweeps", nargs="*", help="bench disagg JSONs (default: every committed disagg-h100/h200 one)")
     ap.add_argument("--rows", nargs="*", help="bench gpu JSONs (default: every committed gpu-h100-*.json)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="", help="appended to the date in the results' names (e.g. b)")
     args = ap.parse_args()
     sweep_files = args.sweeps or sorted(p for p in glob.glob("benchmarks/results/disagg-h[12]00-2026-*.json"))
     rows_files = args.rows or sorted(glob.glob("benchmarks/results/gpu-h100-*.json"))
-    results, residuals = [], {}
-    files = [(path, json.loads(Path(path).read_text())) for path in sweep_files]
-    for sweep_path, data in files:  # the KV commit first: one value fitted over every file
+    results, residuals, groups = [], {}, {}
+    files = [(Path(path).stem, json.loads(Path(path).read_text())) for path in sweep_files]
+    for stem, data in files:  # the KV commit first: one value fitted over every file
         for model, m in data["models"].items():
             anchor = _costs_of(data, model, m, rows_files)[2]
-            residuals[f"{Path(sweep_path).stem} {model}"] = commit_residuals(m["sweeps"], data["settings"], model,
-                                                                             m["kv_probe"], anchor)
+            residuals[f"{stem} {model}"] = commit_residuals(m["sweeps"], data["settings"], model, m["kv_probe"], anchor)
+            groups.setdefault(stem, []).extend((sw, data["settings"], model, m["kv_probe"], anchor) for sw in m["sweeps"])
     every = [x for xs in residuals.values() for x in xs]
     commit_s = max(0.0, statistics.median(every)) if every else 0.0
     print(f"decode_commit_s fitted: {1e3 * commit_s:.2f} ms (median of {len(every)} residuals)", flush=True)
-    for sweep_path, data in files:
+    fits = {}
+    for stem, data in files:  # the serving costs: per card, on the other files of that card
+        others = [o for o, d in files if o != stem and d["card"] == data["card"]]
+        group = [g for o in others for g in groups[o]]
+        commits = [x for key, xs in residuals.items() if key.split()[0] in others for x in xs]
+        serving, counts = fit_serving(group, commits)
+        fits[stem] = {**dataclasses.asdict(serving), "fitted_on": others, **counts}
+        print(f"{stem}: serving costs fitted on {others}: {serving}", flush=True)
+    for stem, data in files:
+        serving = Serving(**{k: v for k, v in fits[stem].items() if k in {f.name for f in dataclasses.fields(Serving)}})
         for model, m in data["models"].items():
             rows_path, rows_costs, anchor, scales = _costs_of(data, model, m, rows_files)
             scales["decode_commit_s"] = commit_s
-            no_commit = anchor
-            anchor = dataclasses.replace(anchor, decode_commit_s=commit_s)
-            rows_costs = dataclasses.replace(rows_costs, decode_commit_s=commit_s)
+            old = Serving(decode_commit_s=commit_s)
+            slower = dataclasses.replace(anchor, decode_s=tuple(1.1 * t for t in anchor.decode_s),
+                                         decode_context_s=1.1 * anchor.decode_context_s)
+            models = {SERVING: (anchor, serving), "anchored": (anchor, old), "rows": (rows_costs, old),
+                      SENSITIVITY: (slower, old), NO_COMMIT: (anchor, Serving())}
             for sweep in m["sweeps"]:
-                slower = dataclasses.replace(anchor, decode_s=tuple(1.1 * t for t in anchor.decode_s),
-                                             decode_context_s=1.1 * anchor.decode_context_s)
-                models = {"anchored": anchor, "rows": rows_costs, SENSITIVITY: slower, NO_COMMIT: no_commit}
                 r = simulate_sweep(sweep, data["settings"], model, m["kv_probe"], models)
-                r.update(card=data["card"], model=model, sweep_file=Path(sweep_path).name, rows_file=Path(rows_path).name,
-                         anchor_scales=scales)
+                r.update(card=data["card"], model=model, sweep_file=f"{stem}.json", rows_file=Path(rows_path).name,
+                         anchor_scales=scales, serving=fits[stem])
                 results.append(r)
-                print(Path(sweep_path).name, model, r["config"], r["workload"], r["measured"],
-                      [round(a, 2) for a in r["anchored"]["attainment"]], flush=True)
-    write(results, args.out, {"decode_commit_s": commit_s, "residuals_s": residuals})
+                print(stem, model, r["config"], r["workload"], r["measured"],
+                      [round(a, 2) for a in r[SERVING]["attainment"]], flush=True)
+    write(results, args.out, {"decode_commit_s": commit_s, "residuals_s": residuals, "serving_fits": fits}, args.tag)
 
 
 def _errors(results: list[dict], key: str) -> dict:
@@ -223,10 +331,10 @@ def signs(results: list[dict], key: str) -> list[dict]:
     return out
 
 
-def write(results: list[dict], out_dir: str, commit: dict) -> None:
+def write(results: list[dict], out_dir: str, commit: dict, tag: str = "") -> None:
     """The JSON and Markdown results."""
-    date = datetime.date.today().isoformat()
-    keys = ("anchored", "rows", SENSITIVITY, NO_COMMIT)
+    date = datetime.date.today().isoformat() + tag
+    keys = (SERVING, "anchored", "rows", SENSITIVITY, NO_COMMIT)
     summary = {key: _errors(results, key) for key in keys}
     sign_rows = {key: signs(results, key) for key in keys}
     out = Path(out_dir)
@@ -240,13 +348,20 @@ def write(results: list[dict], out_dir: str, commit: dict) -> None:
              "(`anchored`; `rows` = unscaled; `decode +10%`: a sensitivity, not a fit). The sweep points never enter "
              "a model. Goals: the crossing within 20%; the sign of disaggregated against colocated right in every case.",
              "",
-             "| sweep | model | config | workload | rate req/s: attainment measured / simulated | "
-             "goodput/GPU measured / anchored / rows |", "|---|---|---|---|---|---|"]
+             SERVING_FITS.replace("``", "`"), "",
+             "| sweep (predicted) | fitted on | KV commit ms | router hand-over ms | reservation round trip ms | "
+             "decode host us per sequence and step |", "|---|---|---:|---:|---:|---:|"]
+    for stem, f in commit["serving_fits"].items():
+        lines.append(f"| {stem} | {', '.join(f['fitted_on'])} | {1e3 * f['decode_commit_s']:.2f} | {1e3 * f['submit_s']:.2f} | "
+                     f"{1e3 * f['control_rtt_s']:.2f} | {1e6 * f['decode_per_seq_s']:.1f} |")
+    lines += ["", f"| sweep | model | config | workload | rate req/s: attainment measured / {SERVING} / anchored | "
+              "goodput/GPU measured / serving / anchored / rows |", "|---|---|---|---|---|---|"]
     for r in results:
-        pts = ", ".join(f"{x}: {m:.2f}/{s:.2f}" for x, m, s in zip(r["rates_rps"], r["measured"], r["anchored"]["attainment"]))
+        pts = ", ".join(f"{x}: {m:.2f}/{s:.2f}/{a:.2f}" for x, m, s, a in zip(
+            r["rates_rps"], r["measured"], r[SERVING]["attainment"], r["anchored"]["attainment"]))
         lines.append(f"| {r['sweep_file'].removesuffix('.json')} | {r['model']} | {r['config']} | {r['workload']} | {pts} | "
-                     f"{r['measured_goodput_rps'] / NUM_GPUS:.2f} / {r['anchored']['goodput_rps'] / NUM_GPUS:.2f} / "
-                     f"{r['rows']['goodput_rps'] / NUM_GPUS:.2f} |")
+                     f"{r['measured_goodput_rps'] / NUM_GPUS:.2f} / {r[SERVING]['goodput_rps'] / NUM_GPUS:.2f} / "
+                     f"{r['anchored']['goodput_rps'] / NUM_GPUS:.2f} / {r['rows']['goodput_rps'] / NUM_GPUS:.2f} |")
     lines += ["", "| cost model | attainment mean abs error | crossing median abs rel error | crossings within 20% | "
               "sweeps whose measured attainment never reached 0.9 |", "|---|---:|---:|---:|---:|"]
     for key, s in summary.items():
@@ -273,18 +388,19 @@ def write(results: list[dict], out_dir: str, commit: dict) -> None:
     lines += ["", "Anchor scales (sweep run's unloaded calibration over the rows model) and the fitted KV commit: " +
               "; ".join(f"{f.removesuffix('.json')} {m}: prefill x{p}, decode x{d}, commit {1e3 * c:.2f} ms "
                         f"(rows {rf.removesuffix('.json')})" for f, m, p, d, c, rf in scales)]
-    lines += ["", "Disaggregated sweeps at their lowest rate, medians in ms, measured / anchored / anchored with "
-              "commit 0: queue (arrival to prefill start), transfer (prefill end to adoption), TTFT p50", "",
+    lines += ["", f"Disaggregated sweeps at their lowest rate, medians in ms, measured / {SERVING} / anchored / anchored "
+              "with commit 0: queue (arrival to prefill start), transfer (prefill end to adoption), TTFT p50", "",
               "| sweep | model | config | workload | rate | queue | transfer | TTFT p50 |", "|---|---|---|---|---:|---|---|---|"]
     for r in results:
         meas = r["measured_breakdown_median_s"][0] if r["config"].startswith("disagg") else None
         if not meas:
             continue
-        a, z = r["anchored"]["breakdown_median_s"][0], r[NO_COMMIT]["breakdown_median_s"][0]
-        cell = lambda k: f"{1e3 * meas[k]:.1f} / {1e3 * a[k]:.1f} / {1e3 * z[k]:.1f}"  # noqa: E731
+        v, a, z = (r[k]["breakdown_median_s"][0] for k in (SERVING, "anchored", NO_COMMIT))
+        cell = lambda k: f"{1e3 * meas[k]:.1f} / {1e3 * v[k]:.1f} / {1e3 * a[k]:.1f} / {1e3 * z[k]:.1f}"  # noqa: E731
         lines.append(f"| {r['sweep_file'].removesuffix('.json')} | {r['model']} | {r['config']} | {r['workload']} | "
                      f"{r['rates_rps'][0]} | {cell('queue_s')} | {cell('transfer_s')} | "
-                     f"{1e3 * r['measured_ttft_p50_s'][0]:.1f} / {1e3 * r['anchored']['ttft_p50_s'][0]:.1f} / "
+                     f"{1e3 * r['measured_ttft_p50_s'][0]:.1f} / {1e3 * r[SERVING]['ttft_p50_s'][0]:.1f} / "
+                     f"{1e3 * r['anchored']['ttft_p50_s'][0]:.1f} / "
                      f"{1e3 * r[NO_COMMIT]['ttft_p50_s'][0]:.1f} |")
     (out / f"sim-validation-gpu-{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -27,7 +27,9 @@ def _costs(rng: random.Random) -> StepCostModel:
                           tuple(sorted(rng.uniform(5e-3, 3e-2) for _ in range(4))), rng.uniform(0, 1e-6),
                           rng.choice([0, 32]))
     # about half the models charge each KV commit on a decode instance (from drawn values: the draws stay as they were)
-    return dataclasses.replace(costs, decode_commit_s=fixed_s / 4) if fixed_s > 3e-3 else costs
+    costs = dataclasses.replace(costs, decode_commit_s=fixed_s / 4) if fixed_s > 3e-3 else costs
+    # ... and about half (another half) host work per decoding sequence and step
+    return dataclasses.replace(costs, decode_per_seq_s=costs.decode_s[0] / 32) if costs.decode_context_s > 5e-7 else costs
 
 
 def _trace(rng: random.Random, n: int, rate_rps: float, max_prompt: int = 300, max_out: int = 60) -> Trace:
@@ -42,10 +44,14 @@ def _spec(rng: random.Random, disagg: bool, policy: str) -> FleetSpec:
     inst = InstanceConfig(policy, max_num_seqs=rng.choice([4, 16, 64]), max_num_batched_tokens=rng.choice([64, 512]),
                           num_blocks=rng.choice([100, 400]), block_size=rng.choice([4, 16]))
     link = LinkSpec("l", rng.uniform(0.001, 1.0), rng.uniform(0, 1e-3))
+    # some fleets hand requests over late and make reservations cross the link (from drawn values, as above)
+    link = dataclasses.replace(link, control_rtt_s=4 * link.latency_s) if link.latency_s > 5e-4 else link
+    submit_s = 2e-3 if inst.max_num_seqs == 16 else 0.0
     if disagg:
         return FleetSpec(rng.randint(1, 3), rng.randint(1, 3), inst, routing=rng.choice(["round_robin", "least_loaded"]),
-                         link=link, kv_bytes_per_token=rng.choice([1000, 100000]), messages_per_transfer=rng.randint(1, 4))
-    return FleetSpec(rng.randint(1, 3), 0, inst, routing=rng.choice(["round_robin", "least_loaded"]))
+                         link=link, kv_bytes_per_token=rng.choice([1000, 100000]), messages_per_transfer=rng.randint(1, 4),
+                         submit_s=submit_s)
+    return FleetSpec(rng.randint(1, 3), 0, inst, routing=rng.choice(["round_robin", "least_loaded"]), submit_s=submit_s)
 
 
 def _all_blocks_back(res) -> bool:
@@ -134,6 +140,41 @@ def test_a_1p1d_first_token_waits_for_the_decode_step_boundary_and_pays_the_comm
     # 8.125 at an idle decode instance (A ended at 8.0): first token 8.25
     assert c.transfer_start_s == pytest.approx(6.875) and c.token_times_s == pytest.approx([8.25, 8.75])
     assert res.ttft_s[2] == pytest.approx(8.25 - 4.6)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_hand_over_the_reservation_round_trip_and_per_sequence_work_have_the_hand_computed_times(fast):
+    """Router hand-over 0.25 s, reservation round trip 0.5 s (0.25 s each way), 0.25 s per decoding sequence."""
+    costs = StepCostModel(1.0, 0.1, 0.0, (1, 2), (0.5, 0.5), decode_commit_s=0.125, decode_per_seq_s=0.25)
+    spec = FleetSpec(1, 1, link=LinkSpec("slow", 1e-5, 0.25, control_rtt_s=0.5), kv_bytes_per_token=1000, submit_s=0.25)
+    res = simulate(spec, costs, Trace.of([TimedRequest(0.0, 10, 3), TimedRequest(4.2, 10, 2)]), fast=fast,
+                   keep_timelines=True)
+    a, b = res.timelines
+    # A: at the prefill instance at 0.25; its ask reaches the idle decode instance at 0.5, the answer is back at 0.75;
+    # prefill 0.75-2.75; KV lands 4.0 (1 s + 0.25 s); commit 0.125: first token 4.125; decode steps 0.5 + 0.25 x 1
+    assert a.prefill_start_s == pytest.approx(0.75) and a.transfer_start_s == pytest.approx(2.75)
+    assert a.token_times_s == pytest.approx([4.125, 4.875, 5.625])
+    # B: at the prefill instance at 4.45; its ask reaches the decode instance at 4.7, inside the step 4.125-4.875:
+    # reserved at 4.875, answer back at 5.125; prefill 5.125-7.125; lands 8.375 at an idle instance: first token 8.5
+    assert b.prefill_start_s == pytest.approx(5.125) and b.token_times_s == pytest.approx([8.5, 9.25])
+    colo = simulate(FleetSpec(1, submit_s=0.25), dataclasses.replace(HAND_COSTS, decode_per_seq_s=0.25),
+                    Trace.of([TimedRequest(1.0, 10, 3)]), fast=fast, keep_timelines=True)
+    assert colo.timelines[0].token_times_s == pytest.approx([3.25, 4.0, 4.75])  # at 1.25; prefill 2 s; steps 0.75 s
+
+
+def test_the_new_serving_costs_are_refused_below_zero_and_saved(tmp_path):
+    from minidisagg.sim.costs import load_costs, save_costs
+
+    with pytest.raises(ValueError, match="decode_per_seq_s"):
+        dataclasses.replace(HAND_COSTS, decode_per_seq_s=-1e-6)
+    with pytest.raises(ValueError, match="control_rtt_s"):
+        LinkSpec("l", 1.0, 0.0, control_rtt_s=-1.0)
+    with pytest.raises(ValueError, match="submit_s"):
+        FleetSpec(1, submit_s=float("nan"))
+    costs = dataclasses.replace(HAND_COSTS, decode_per_seq_s=3e-5)
+    assert costs.decode_cost_s(4, 0) == pytest.approx(4 * 0.5 + 4 * 3e-5)  # one point: decode scales with the batch
+    assert "30.0 us per sequence" in costs.describe()
+    assert load_costs(save_costs(costs, tmp_path / "c.json")).decode_per_seq_s == 3e-5
 
 
 def test_transfers_sharing_a_link_share_its_bandwidth():
@@ -336,8 +377,10 @@ def test_fast_and_step_by_step_agree_over_random_fleets_at_the_edges():
         inst = InstanceConfig(rng.choice(["chunked", "prefill_first", "decode_first"]), rng.choice([2, 4, 8, 32]),
                               rng.choice([32, 64, 256]), rng.choice([40, 60, 120, 400]), rng.choice([1, 2, 4, 8, 16]))
         num_prefill = rng.randint(1, 3) if rng.random() < 0.7 else 0
+        link = LinkSpec("l", rng.uniform(0.01, 1.0), rng.uniform(0, 1e-3))
+        link = dataclasses.replace(link, control_rtt_s=4 * link.latency_s) if link.latency_s > 5e-4 else link
         spec = FleetSpec(rng.randint(1, 3), num_prefill, inst, routing=rng.choice(["round_robin", "least_loaded"]),
-                         link=LinkSpec("l", rng.uniform(0.01, 1.0), rng.uniform(0, 1e-3)), kv_bytes_per_token=1000)
+                         link=link, kv_bytes_per_token=1000, submit_s=1e-3 if inst.max_num_seqs == 4 else 0.0)
         costs = _costs(rng)
         trace = _trace(rng, 100, rng.choice([50.0, 200.0, 800.0]), max_prompt=120, max_out=rng.choice([5, 40, 80]))
         try:

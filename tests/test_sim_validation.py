@@ -157,3 +157,29 @@ def test_costs_from_gpu_rows_reads_prefill_decode_and_bandwidth(tmp_path):
     assert costs.decode_context_s == pytest.approx(131072 / 2500e9)
     with pytest.raises(ValueError, match="'prefill llama-1b N' rows"):
         costs_from_gpu_rows(path, "llama-1b", 32768)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_a_calibration_point_keeps_the_median_or_the_fastest_of_its_runs(seed):
+    from minidisagg.engine.calibrate import kept_s
+
+    rng = random.Random(seed)
+    times = [rng.uniform(1e-3, 1e-2) for _ in range(rng.choice([3, 4, 5]))]
+    ordered = sorted(times)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    assert kept_s(times, "median") == pytest.approx(median) and kept_s(times) == ordered[0]
+    with pytest.raises(ValueError, match="keep must be one of"):
+        kept_s(times, "mean")
+
+
+def test_sim_calibrate_keeps_the_median_as_fit_costs_does(monkeypatch):
+    import minidisagg.engine.calibrate as calibrate
+    import minidisagg.models.registry as registry
+    from minidisagg.sim.costs import calibrate_costs
+
+    asked = {}
+    monkeypatch.setattr(registry, "load_model", lambda *a, **k: "loaded")
+    monkeypatch.setattr(calibrate, "calibrate_step_costs", lambda loaded, plan, progress, keep: asked.update(keep=keep))
+    calibrate_costs("tiny", repeats=3)
+    assert asked == {"keep": "median"}

@@ -1,7 +1,8 @@
 """Calibrate a ``StepCostModel`` on the loaded model's device, with the engine's own stages.
 
 Every point is the fastest of several runs of the same shape: another program's load only ever
-adds time, so the minimum is the figure least disturbed by it. The runs are interleaved, every shape
+adds time, so the minimum is the figure least disturbed by it (``keep="median"`` keeps the median run
+instead: the figure a fit to serving runs by medians, ``sim.costs.fit_costs``, is comparable with). The runs are interleaved, every shape
 once per round for ``repeats`` rounds (cheap shapes a few times a round), so a load that comes and
 goes touches every shape alike rather than whichever happened to be timed at that moment. Calibration runs on wall
 time; the replays that use the model then run on a ``SimulatedClock(cost_model=...)``.
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from rich.progress import Progress
@@ -73,13 +75,29 @@ def _fastest(engine: LLMEngine, mark: int, stage: str, **match: int) -> list[flo
             if s.stage == stage and all(getattr(s, k) == v for k, v in match.items())]
 
 
+KEEP = ("fastest", "median")
+
+
+def kept_s(times: Sequence[float], keep: str = "fastest") -> float:
+    """The figure a calibration point keeps of its runs' seconds: the fastest, or the median."""
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {list(KEEP)}, got {keep!r}")
+    if not times:
+        raise ValueError("a calibration point needs at least one run")
+    return min(times) if keep == "fastest" else statistics.median(times)
+
+
 def calibrate_step_costs(loaded: LoadedModel, plan: CalibrationPlan, progress: bool = True,
-                         seed: int = 0) -> StepCostModel:
-    """Time every shape in ``plan`` with the engine's prefill and decode stages; return the fitted model."""
+                         seed: int = 0, keep: str = "fastest") -> StepCostModel:
+    """Time every shape in ``plan`` with the engine's prefill and decode stages; return the fitted model.
+
+    ``keep``: which of a shape's runs makes its point (``kept_s``).
+    """
+    kept_s([1.0], keep)  # refuse a bad ``keep`` before anything is timed
     if loaded.device.type != "cpu":
-        return _calibrate(loaded, plan, progress, seed, threads=0)
+        return _calibrate(loaded, plan, progress, seed, threads=0, keep=keep)
     with cpu_threads(1):
-        return _calibrate(loaded, plan, progress, seed, threads=1)
+        return _calibrate(loaded, plan, progress, seed, threads=1, keep=keep)
 
 
 @contextlib.contextmanager
@@ -98,7 +116,8 @@ def cpu_threads(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _calibrate(loaded: LoadedModel, plan: CalibrationPlan, progress: bool, seed: int, threads: int) -> StepCostModel:
+def _calibrate(loaded: LoadedModel, plan: CalibrationPlan, progress: bool, seed: int, threads: int,
+               keep: str) -> StepCostModel:
     gen = torch.Generator().manual_seed(seed)
     chunk = plan.prefill_tokens[len(plan.prefill_tokens) // 2]
     offsets = list(range(0, max(plan.max_context_tokens, 2 * chunk), chunk))
@@ -141,16 +160,16 @@ def _calibrate(loaded: LoadedModel, plan: CalibrationPlan, progress: bool, seed:
                 run(whole, ref, batch=b, max_tokens=steps + 1)
             bar.advance(task)
     whole_steps, chunked_steps = whole.stats.steps[marks[0]:], chunked.stats.steps[marks[1]:]
-    points = [(n, n * (n + 1) / 2, min(s.measured_s for s in whole_steps if s.stage == PREFILL and s.num_tokens == n))
-              for n in plan.prefill_tokens]
+    points = [(n, n * (n + 1) / 2, kept_s([s.measured_s for s in whole_steps if s.stage == PREFILL and s.num_tokens == n],
+                                          keep)) for n in plan.prefill_tokens]
     chunk_runs = [s for s in chunked_steps if s.stage == PREFILL]
     per_prompt = len(offsets)
     for i, offset in enumerate(offsets):  # the i-th chunk of every chunked prompt ran at this offset
         times = [s.measured_s for s in chunk_runs[i::per_prompt]]
-        points.append((chunk, chunk * (offset + (chunk + 1) / 2), min(times)))
-    decode_s = [min(s.measured_s for s in whole_steps if s.stage == DECODE and s.num_seqs == b)
+        points.append((chunk, chunk * (offset + (chunk + 1) / 2), kept_s(times, keep)))
+    decode_s = [kept_s([s.measured_s for s in whole_steps if s.stage == DECODE and s.num_seqs == b], keep)
                 for b in plan.decode_batch_sizes]
-    long_s = min(s.measured_s for s in chunked_steps if s.stage == DECODE)
+    long_s = kept_s([s.measured_s for s in chunked_steps if s.stage == DECODE], keep)
     context_s = max(0.0, (long_s - decode_s[0]) / (ctx_long - ref))
     return StepCostModel.fitted(points, plan.decode_batch_sizes, decode_s, decode_context_s=context_s,
                                 decode_reference_context=ref, device=str(loaded.device), load_1min=os.getloadavg()[0],

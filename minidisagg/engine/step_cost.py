@@ -13,7 +13,9 @@ The model:
   token goes through every weight (linear) and attends to every earlier token (pairs);
 - decode: interpolated over the batch size (measured at ``decode_reference_context`` tokens per
   sequence; a CPU's products change kernels with the batch, so this need not be monotone), plus
-  ``decode_context_s`` per context token beyond that.
+  ``decode_context_s`` per context token beyond that, plus ``decode_per_seq_s`` per sequence (host work
+  per sequence and step that a batch-by-batch device timing leaves out: its inputs, its sampled token's
+  bookkeeping, its output message; 0 unless fitted to a serving run).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class StepCostModel:
     cpu_threads: int = 0  # threads the CPU calibration ran on (0: not a CPU)
     prefill_points: tuple[tuple[int, float, float], ...] = ()  # what was measured: (tokens, pairs, fastest s)
     decode_commit_s: float = 0.0  # a disaggregated decode instance taking in one request's KV, between its steps
+    decode_per_seq_s: float = 0.0  # host work per sequence in each decode step, on top of the device's batch time
 
     def __post_init__(self) -> None:
         xs, ys = self.decode_batch_sizes, self.decode_s
@@ -105,6 +108,9 @@ class StepCostModel:
                  self.decode_commit_s)
         if min(coefs) < 0:
             raise ValueError("StepCostModel: costs per step, token, pair, context token and KV commit must be >= 0")
+        if not self.decode_per_seq_s >= 0:
+            raise ValueError(f"StepCostModel: decode_per_seq_s (host seconds per sequence and decode step) must be >= 0, "
+                             f"got {self.decode_per_seq_s}")
         if not self.prefill_fixed_s + self.prefill_per_token_s > 0:
             raise ValueError("StepCostModel: a prefill must cost some time")
 
@@ -122,7 +128,7 @@ class StepCostModel:
             return (self.prefill_fixed_s + self.prefill_per_token_s * shape.num_tokens
                     + self.prefill_per_pair_s * shape.attention_pairs)
         b = shape.num_seqs
-        base = max(0.1 * self.decode_s[0], interpolate(self.decode_batch_sizes, self.decode_s, b))
+        base = max(0.1 * self.decode_s[0], interpolate(self.decode_batch_sizes, self.decode_s, b)) + self.decode_per_seq_s * b
         return base + self.decode_context_s * max(0.0, shape.attention_pairs - b * self.decode_reference_context)
 
     def decode_costs_s(self, batch_size: int, attention_pairs: np.ndarray) -> np.ndarray:
@@ -132,7 +138,7 @@ class StepCostModel:
         decode steps in one go gets exactly the times that stepping one by one would.
         """
         b = batch_size
-        base = max(0.1 * self.decode_s[0], interpolate(self.decode_batch_sizes, self.decode_s, b))
+        base = max(0.1 * self.decode_s[0], interpolate(self.decode_batch_sizes, self.decode_s, b)) + self.decode_per_seq_s * b
         pairs = np.asarray(attention_pairs, dtype=np.float64)
         return base + self.decode_context_s * np.maximum(0.0, pairs - b * self.decode_reference_context)
 
@@ -153,6 +159,7 @@ class StepCostModel:
                 f"measured shapes)\n"
                 f"decode ms by batch {{{dec}}} at {self.decode_reference_context} context tokens "
                 f"+ {1e9 * self.decode_context_s:.1f} ns per extra context token"
+                f"{f' + {1e6 * self.decode_per_seq_s:.1f} us per sequence' if self.decode_per_seq_s else ''}"
                 f"{f' + {1e3 * self.decode_commit_s:.1f} ms per KV commit' if self.decode_commit_s else ''}  "
                 f"(calibrated on {self.device}{f', {self.cpu_threads} thread' if self.cpu_threads else ''}, "
                 f"host load {self.load_1min:.1f})")

@@ -1,7 +1,7 @@
 """Step-cost models for the simulator: calibrate one, or fit one to a run's own steps; save it as JSON, load it back.
 
 Two sources. ``calibrate_costs`` is the engine's own calibration (``engine.calibrate``: stages timed shape
-by shape, the fastest of several repeats), the figure least disturbed by other programs. ``fit_costs``
+by shape, the median of several repeats, as ``fit_costs`` takes medians, so the two compare). ``fit_costs``
 fits the same model to the steps a serving run actually took (``RecordingClock`` records each stage run's
 shape and wall time, plus the host time spent since the previous run: scheduling, sampling, bookkeeping),
 by medians: a model fitted on one run of a busy host predicts another run of that host, load included.
@@ -162,13 +162,16 @@ def fit_costs(timings: Sequence[StepTiming], decode_reference_context: Optional[
 
 def calibrate_costs(model: str, device: str = "auto", max_prompt_tokens: int = 2048, max_batch: int = 64,
                     max_context_tokens: int = 0, repeats: int = 3, random_weights: bool = True) -> StepCostModel:
-    """Time the engine's stages on ``device`` for ``model`` (random weights by default: costs need shapes only)."""
+    """Time the engine's stages on ``device`` for ``model`` (random weights by default: costs need shapes only).
+
+    Each shape keeps the median of its ``repeats`` runs (``engine.calibrate.kept_s``), as ``fit_costs`` does.
+    """
     from minidisagg.engine.calibrate import CalibrationPlan, calibrate_step_costs
     from minidisagg.models.registry import load_model
 
     loaded = load_model(model, device=device, random_weights=random_weights)
     plan = CalibrationPlan.covering(max_prompt_tokens, max_batch, max_context_tokens or None, repeats=repeats)
-    return calibrate_step_costs(loaded, plan, progress=False)
+    return calibrate_step_costs(loaded, plan, progress=False, keep="median")
 
 
 if __name__ == "__main__":  # python -m minidisagg.sim.costs MODEL MAX_PROMPT MAX_BATCH MAX_CONTEXT OUT.json

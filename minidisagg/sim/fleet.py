@@ -9,12 +9,14 @@ decode instance's next step boundary, and the prefill instance waits for it befo
 prefill instance, running ``prefill_first``, hands the sequence off after its first token; its KV
 crosses the prefill instance's link (shared by its concurrent transfers); the decode instance
 adopts it at its next step boundary (``decode_commit_s`` each), and only then is the first token
-emitted, as the decode worker emits it.
+emitted, as the decode worker emits it. Two serving costs are optional: the router's hand-over of each
+request (``FleetSpec.submit_s``) and the reservation's round trip over the link (``LinkSpec.control_rtt_s``).
 """
 
 from __future__ import annotations
 
 import gc
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +39,8 @@ class FleetSpec:
 
     In xPyD each prefill instance sends its KV over a link of its own (``link``: its NVLink port or NIC),
     which its concurrent transfers share; ``messages_per_transfer`` latencies are paid per transfer.
+    ``submit_s``: the router's hand-over of a request (its submission message, the instance's inbox): the
+    request reaches its instance this long after it arrived (it is routed on arrival).
     """
 
     num_decode: int
@@ -47,10 +51,13 @@ class FleetSpec:
     link: LinkSpec = LinkSpec("nvlink", 300.0, 0.0)
     kv_bytes_per_token: int = 131072  # Llama-3-8B bf16: 2 x 32 layers x 8 KV heads x 128 x 2 bytes
     messages_per_transfer: int = 1
+    submit_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < 0:
             raise ValueError(f"need num_decode >= 1 and num_prefill >= 0, got {self.num_prefill}P{self.num_decode}D")
+        if not (self.submit_s >= 0 and math.isfinite(self.submit_s)):
+            raise ValueError(f"FleetSpec.submit_s must be >= 0 and finite, got {self.submit_s}")
 
     @property
     def num_instances(self) -> int:
@@ -138,11 +145,22 @@ class Fleet:
             self.result.timelines[i] = timeline
         d = self.pick_decode.pick()
         self._route_d[i] = d
+        if self.prefill:
+            self._route_p[i] = self.pick_prefill.pick()
+        if self.spec.submit_s > 0:
+            self.loop.push(now_s + self.spec.submit_s, INPUT, self._submit, seq)
+        else:
+            self._submit(now_s, seq)
+
+    def _submit(self, now_s: float, seq: Sequence) -> None:
+        """The routed request reaches its instance (a prefill instance's next step boundary asks for its blocks)."""
+        i = seq.seq_id
         if not self.prefill:
+            d = self._route_d[i]
             seq.blocks = self.decode[d].blocks
             self.decode[d].submit(seq, now_s)
             return
-        p = self._route_p[i] = self.pick_prefill.pick()
+        p = self._route_p[i]
         self._inbox[p].append(seq)
         self.prefill[p].wake(now_s)
 
@@ -159,6 +177,14 @@ class Fleet:
         by_decode: dict[int, list[Sequence]] = {}
         for seq in inbox:
             by_decode.setdefault(self._route_d[seq.seq_id], []).append(seq)
+        half_s = self.spec.link.control_rtt_s / 2
+        if half_s > 0:  # the asks travel half the round trip; the answers, the other half
+            self.loop.push(now_s + half_s, INPUT, self._asks_arrive, (inst, by_decode))
+            return math.inf  # ``_asks_arrive`` resumes the instance once the last answer is back
+        return self._ask(now_s, by_decode)
+
+    def _ask(self, now_s: float, by_decode: dict[int, list[Sequence]]) -> float:
+        """Asks for blocks reach their decode instances at ``now_s``: each answers at its next step boundary."""
         resume_s = now_s
         for d, seqs in by_decode.items():
             at_s = self.decode[d].next_boundary_s(now_s)
@@ -168,6 +194,10 @@ class Fleet:
                 self._reserve(now_s, (d, seqs))
             resume_s = max(resume_s, at_s)
         return resume_s
+
+    def _asks_arrive(self, now_s: float, payload: tuple[SimInstance, dict[int, list[Sequence]]]) -> None:
+        inst, by_decode = payload
+        inst.resume(self._ask(now_s, by_decode) + self.spec.link.control_rtt_s / 2)
 
     def _reserve(self, now_s: float, payload: tuple[int, list[Sequence]]) -> None:
         d, seqs = payload

@@ -34,6 +34,7 @@ flight ends (where a reservation, which waits for the engine's lock, gets in).
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -223,6 +224,10 @@ class SimInstance:
             return self.clock.now()  # the stage in flight ends then (a decode instance runs one stage a step)
         return now_s
 
+    def resume(self, now_s: float) -> None:
+        """End at ``now_s`` the wait that ``hooks.before_step`` left open (it returned ``math.inf``): the step starts."""
+        self.loop.push(now_s, STEP, self._start, self._version)
+
     @property
     def is_idle(self) -> bool:
         """Whether no step is running or planned."""
@@ -237,7 +242,8 @@ class SimInstance:
             resume_s = self.hooks.before_step(self, now_s)
             if resume_s is not None and resume_s > now_s:
                 self._resumed = True
-                self.loop.push(resume_s, STEP, self._start, self._version)
+                if resume_s != math.inf:  # inf: the answer's time is not known yet; ``resume`` is called then
+                    self.loop.push(resume_s, STEP, self._start, self._version)
                 return
         self.clock.wait_until(now_s)
         if self._adopting:

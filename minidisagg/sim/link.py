@@ -23,17 +23,25 @@ Landed = Callable[[float, object], None]
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """A link's measured figures: bandwidth in GB/s and a fixed cost per message in seconds."""
+    """A link's measured figures: bandwidth in GB/s and a fixed cost per message in seconds.
+
+    ``control_rtt_s``: the round trip of a control exchange between the instances it joins, half each way
+    (a prefill instance asking its decode instance for blocks and hearing back: ``sim.fleet``); 0 makes the
+    answer come at the decode instance's step boundary itself.
+    """
 
     name: str
     bandwidth_GBps: float
     latency_s: float = 0.0
+    control_rtt_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.bandwidth_GBps > 0 and math.isfinite(self.bandwidth_GBps)):
             raise ValueError(f"{type(self).__name__}.bandwidth_GBps must be positive and finite, got {self.bandwidth_GBps}")
         if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
             raise ValueError(f"{type(self).__name__}.latency_s must be >= 0 and finite, got {self.latency_s}")
+        if not (self.control_rtt_s >= 0 and math.isfinite(self.control_rtt_s)):
+            raise ValueError(f"{type(self).__name__}.control_rtt_s must be >= 0 and finite, got {self.control_rtt_s}")
 
     def seconds(self, num_bytes: int, num_messages: int = 1) -> float:
         """Time of one transfer alone on the link."""
