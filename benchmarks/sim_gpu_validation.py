@@ -345,8 +345,8 @@ def write(results: list[dict], out_dir: str, commit: dict, tag: str = "") -> Non
              "Attainment measured / simulated (anchored cost model) at each measured rate, the same requests; "
              "goodput = the 90% crossing, per GPU (two GPUs). Cost model: the committed H100 `bench gpu` rows nearest "
              "in date (`sim.costs.costs_from_gpu_rows`), scaled to the sweep run's own unloaded TTFT and TPOT "
-             "(`anchored`; `rows` = unscaled; `decode +10%`: a sensitivity, not a fit). The sweep points never enter "
-             "a model. Goals: the crossing within 20%; the sign of disaggregated against colocated right in every case.",
+             "(`anchored`; `rows` = unscaled; `decode +10%`: a sensitivity, not a fit). A sweep file's points never enter "
+             "the model that predicts it: the fits below are made on the card's other files. Goals: the crossing within 20%; the sign of disaggregated against colocated right in every case.",
              "",
              SERVING_FITS.replace("``", "`"), "",
              "| sweep (predicted) | fitted on | KV commit ms | router hand-over ms | reservation round trip ms | "
