@@ -7,9 +7,18 @@ so that ``import minidisagg.cli`` and ``minidisagg --help`` do not pay for torch
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# OpenMP threads that finish a parallel region sleep at once rather than spin, unless the user chose.
+# On a CPU host busier than its cores, torch's spinning threads made an engine stepped from a process's
+# main thread 5-20x slower at times (a 2 s batch took up to 48 s), and PASSIVE removed that tail
+# (``benchmarks/omp_wait_policy.py``, ``benchmarks/NOTES.md``). libgomp reads this once, when torch
+# loads it: it applies to this process if torch is not imported yet, and to every process started from
+# here (Jupyter kernels, nbval, worker processes) either way. Set ``OMP_WAIT_POLICY=ACTIVE`` to opt out.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # public name -> the module that defines it
 _EXPORTS = {
