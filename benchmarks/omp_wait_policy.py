@@ -1,6 +1,7 @@
 """Why stepping the engine from a process's main thread ran 5-10x slower on a loaded CPU host: OpenMP's wait policy.
 
-Each round starts one child process per ``OMP_WAIT_POLICY`` (unset, ``PASSIVE``, ``ACTIVE``; the policy
+Each round starts one child process per ``OMP_WAIT_POLICY`` (unset, ``PASSIVE``, ``ACTIVE``, and unset with
+``GOMP_SPINCOUNT=10000``, a short spin; the policy
 must be set before torch loads its OpenMP runtime, hence processes). A child loads the model once, then
 times the same greedy work stepped from its main thread and from a second thread, alternately: a batch
 of 8 prompts x 16 new tokens, and one prompt x 32 new tokens (batch-1 decode, where each op is small
@@ -22,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
-POLICIES = ("unset", "PASSIVE", "ACTIVE")
+POLICIES = ("unset", "PASSIVE", "ACTIVE", "spin 10k")  # spin 10k: unset policy, GOMP_SPINCOUNT=10000
 PLACEMENTS = ("main thread", "second thread")
 WORKLOADS = {"8 prompts x 16 tokens": (8, 16), "1 prompt x 32 tokens": (1, 32)}
 
@@ -69,7 +70,11 @@ def run(model: str, rounds: int, repeats: int) -> list[dict[str, Any]]:
     for r, policy in track(plan, description="children (policy, round)"):
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)
-        if policy != "unset":
+        env.pop("GOMP_SPINCOUNT", None)
+        env["MINIDISAGG_KEEP_OMP_POLICY"] = "1"  # the child's ``import minidisagg`` leaves the policy as given
+        if policy == "spin 10k":
+            env["GOMP_SPINCOUNT"] = "10000"
+        elif policy != "unset":
             env["OMP_WAIT_POLICY"] = policy
         out = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--repeats", str(repeats)],
                              env=env, capture_output=True, text=True, timeout=1800)

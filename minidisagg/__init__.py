@@ -17,8 +17,10 @@ __version__ = "0.1.0"
 # main thread 5-20x slower at times (a 2 s batch took up to 48 s), and PASSIVE removed that tail
 # (``benchmarks/omp_wait_policy.py``, ``benchmarks/NOTES.md``). libgomp reads this once, when torch
 # loads it: it applies to this process if torch is not imported yet, and to every process started from
-# here (Jupyter kernels, nbval, worker processes) either way. Set ``OMP_WAIT_POLICY=ACTIVE`` to opt out.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# here (Jupyter kernels, nbval, worker processes) either way. Set ``OMP_WAIT_POLICY=ACTIVE`` to opt out
+# (``MINIDISAGG_KEEP_OMP_POLICY=1`` leaves the variable unset, as the benchmark that compares them needs).
+if not os.environ.get("MINIDISAGG_KEEP_OMP_POLICY"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # public name -> the module that defines it
 _EXPORTS = {
