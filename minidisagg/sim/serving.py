@@ -1,0 +1,135 @@
+"""The serving path's costs, fitted on the committed two-GPU sweeps, for planning with the simulator.
+
+``benchmarks/sim_gpu_validation.py`` fits, per card and per predicted sweep file, what the real serving path
+costs beyond the device rows (its JSON, ``sim-validation-gpu-<date>[tag].json``, holds them under
+``commit_fit.serving_fits``): the decode instance's KV commit (``StepCostModel.decode_commit_s``), the router's
+hand-over of a request (``FleetSpec.submit_s``), the reservation's round trip over the link
+(``LinkSpec.control_rtt_s``) and host work per decoding sequence and step (``StepCostModel.decode_per_seq_s``).
+Each fit was made on the card's *other* sweep files. ``load_serving_costs`` takes the median of a card's fits
+(or, for a held-out prediction, only the fits that never saw a named sweep file), and ``apply_serving_costs``
+puts them into a fleet and its step-cost model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from minidisagg.engine.step_cost import StepCostModel
+from minidisagg.sim.cost_table import default_results_dir
+from minidisagg.sim.fleet import FleetSpec
+
+VALUES = ("decode_commit_s", "submit_s", "control_rtt_s", "decode_per_seq_s")
+_VALIDATION = re.compile(r"^sim-validation-gpu-(?P<date>\d{4}-\d\d-\d\d)(?P<tag>[A-Za-z0-9_-]*)$")
+_SWEEP_CARD = re.compile(r"^disagg-(?P<card>[A-Za-z0-9]+)-")
+
+
+@dataclass(frozen=True)
+class ServingCosts:
+    """The four serving-path costs of one card, in seconds, and where they were read."""
+
+    decode_commit_s: float
+    submit_s: float
+    control_rtt_s: float
+    decode_per_seq_s: float
+    card: str
+    source: Path
+    fitted_on: tuple[str, ...] = ()  # the sweep files (stems) the fits it was taken from were made on
+    num_fits: int = 1  # how many per-file fits its values are the median of
+
+    def describe(self) -> str:
+        """One line: the values and their source."""
+        what = (f"median of {self.num_fits} fits" if self.num_fits > 1
+                else f"the fit made on {', '.join(self.fitted_on) or 'no listed files'}")
+        return (f"serving costs ({self.card}, {what} in {self.source.name}): KV commit {1e3 * self.decode_commit_s:.2f} ms, router hand-over "
+                f"{1e3 * self.submit_s:.2f} ms, reservation round trip {1e3 * self.control_rtt_s:.2f} ms, "
+                f"decode host work {1e6 * self.decode_per_seq_s:.0f} us per sequence and step")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the values, the card, the source file's name and the files fitted on."""
+        return {**{k: getattr(self, k) for k in VALUES}, "card": self.card, "source": self.source.name,
+                "fitted_on": list(self.fitted_on), "num_fits": self.num_fits}
+
+
+def _card_of(sweep: str) -> Optional[str]:
+    m = _SWEEP_CARD.match(Path(sweep).stem if sweep.endswith(".json") else sweep)
+    return m["card"].lower() if m else None
+
+
+def read_serving_fits(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``commit_fit.serving_fits`` of one validation JSON (``{}`` for files written before they existed).
+
+    ValueError when the file cannot be read or a fit lacks one of the four values.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read a GPU validation result ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("commit_fit"), dict):
+        raise ValueError(f"{path}: no 'commit_fit'; is it a benchmarks/sim_gpu_validation.py result?")
+    fits = data["commit_fit"].get("serving_fits", {})
+    if not isinstance(fits, dict):
+        raise ValueError(f"{path}: 'serving_fits' is not a mapping of sweep file to fit")
+    for stem, fit in fits.items():
+        bad = [k for k in VALUES if not isinstance(fit, dict) or not isinstance(fit.get(k), (int, float))
+               or not fit[k] >= 0]
+        if bad:
+            raise ValueError(f"{path}: the serving fit for {stem} lacks a value >= 0 for {', '.join(bad)}")
+    return fits
+
+
+def validation_files(results_dir: Optional[Path] = None) -> list[Path]:
+    """The committed ``sim-validation-gpu-<date>[tag].json`` files, newest first (by date, then tag)."""
+    found = [p for p in Path(results_dir or default_results_dir()).glob("sim-validation-gpu-*.json")
+             if _VALIDATION.match(p.stem)]
+    return sorted(found, key=lambda p: (_VALIDATION.match(p.stem)["date"], _VALIDATION.match(p.stem)["tag"]),
+                  reverse=True)
+
+
+def find_serving_fits(card: str, results_dir: Optional[Path] = None) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """(the newest validation file with serving fits for ``card``, those fits by sweep stem).
+
+    Files without serving fits (written before they existed) are passed over; a corrupt file is not: ValueError.
+    ValueError, listing the cards that have fits, when none has ``card``'s.
+    """
+    cards: set[str] = set()
+    files = validation_files(results_dir)
+    for path in files:
+        fits = read_serving_fits(path)
+        cards |= {c for stem in fits if (c := _card_of(stem))}
+        mine = {stem: fit for stem, fit in fits.items() if _card_of(stem) == card.lower()}
+        if mine:
+            return path, mine
+    where = results_dir or default_results_dir()
+    if not files:
+        raise ValueError(f"no sim-validation-gpu-<date>.json in {where}: run benchmarks/sim_gpu_validation.py")
+    raise ValueError(f"no serving-cost fits for card {card!r} in {where} (fits for: {', '.join(sorted(cards)) or 'none'})")
+
+
+def load_serving_costs(card: str, results_dir: Optional[Path] = None, exclude: Optional[str] = None) -> ServingCosts:
+    """The median of ``card``'s serving fits in the newest committed validation.
+
+    ``exclude``: a sweep file (``disagg-h100-2026-11-28`` or its ``.json`` name) that must not have entered the
+    fit, for predicting that file held out: only the fits whose ``fitted_on`` lacks it are used (the one the
+    validation made to predict it). ValueError when none is left.
+    """
+    path, fits = find_serving_fits(card, results_dir)
+    if exclude is not None:
+        held = Path(exclude).stem if exclude.endswith(".json") else exclude
+        fits = {stem: fit for stem, fit in fits.items() if held not in fit.get("fitted_on", ())}
+        if not fits:
+            raise ValueError(f"{path.name}: every {card} serving fit was made on {held}; none can predict it held out")
+    values = {k: statistics.median(float(fit[k]) for fit in fits.values()) for k in VALUES}
+    fitted_on = sorted({f for fit in fits.values() for f in fit.get("fitted_on", ())})
+    return ServingCosts(**values, card=card.lower(), source=path, fitted_on=tuple(fitted_on), num_fits=len(fits))
+
+
+def apply_serving_costs(serving: ServingCosts, fleet: FleetSpec, costs: StepCostModel) -> tuple[FleetSpec, StepCostModel]:
+    """(``fleet`` with the router hand-over and the link's round trip, ``costs`` with the commit and host work)."""
+    fleet = replace(fleet, submit_s=serving.submit_s, link=replace(fleet.link, control_rtt_s=serving.control_rtt_s))
+    return fleet, replace(costs, decode_commit_s=serving.decode_commit_s, decode_per_seq_s=serving.decode_per_seq_s)
