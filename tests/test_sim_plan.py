@@ -119,6 +119,7 @@ def test_sim_plan_writes_json_and_both_figures_and_refuses_bad_ranges(tmp_path, 
     data = json.loads(out.read_text())
     assert [s["num_gpus"] for s in data["fleet_sizes"]] == [2, 4]
     assert all(s["splits"] and s["best"] == s["splits"][0]["label"] for s in data["fleet_sizes"])
+    assert data["serving_costs"] is None and "no --card" in data["serving_costs_note"]  # a --costs file names no card
     for name in ("fleet-attainment.png", "fleet-splits.png"):
         png = out.with_name(name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -150,3 +151,38 @@ def test_lab6_reads_the_newest_cpu_validation_in_either_schema(tmp_path):
     (tmp_path / "sim-validation-cpu-2026-12-09.json").write_text(json.dumps({"rows": [{}], "median_abs_rel_error": held}))
     with pytest.raises(ValueError, match="without 'error_held_out'"):
         latest_validation(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the stand-in plan has no splits to draw
+def test_sim_plan_simulates_the_cards_serving_costs_unless_told_not_to(monkeypatch, capsys, tmp_path):
+    import minidisagg.sim.plan as plan_module
+    from minidisagg.cli import main
+    from minidisagg.sim.plan import FleetPlan
+    from minidisagg.sim.serving import load_serving_costs
+
+    seen = []
+
+    def planned(gpu_counts, base, costs, trace_for, rates, slo, target=0.9, **kwargs):
+        seen.append((base, costs))
+        return FleetPlan({}, tuple(rates), slo, target)
+
+    monkeypatch.setattr(plan_module, "plan_fleet", planned)
+    card = random.choice(["h100", "h200"])
+    argv = ["sim", "plan", "--model", "llama-8b", "--card", card, "--gpus", "4", "--rates-per-gpu", "1,2",
+            "--slo-ttft", "500", "--slo-tpot", "10", "--no-progress"]
+    out = tmp_path / "plan.json"
+    assert main(argv + ["--out", str(out)]) == 0
+    with_text = capsys.readouterr().out
+    assert main(argv + ["--no-serving-costs"]) == 0
+    without_text = capsys.readouterr().out
+    serving = load_serving_costs(card, RESULTS)
+    (with_base, with_costs), (without_base, without_costs) = seen
+    assert (with_base.submit_s, with_base.link.control_rtt_s) == (serving.submit_s, serving.control_rtt_s) != (0.0, 0.0)
+    assert (with_costs.decode_commit_s, with_costs.decode_per_seq_s) == (serving.decode_commit_s, serving.decode_per_seq_s)
+    assert (without_base.submit_s, without_base.link.control_rtt_s) == (0.0, 0.0)
+    assert (without_costs.decode_commit_s, without_costs.decode_per_seq_s) == (0.0, 0.0)
+    assert with_costs.decode_s == without_costs.decode_s and with_base.instance == without_base.instance
+    assert f"serving costs ({card}, median of {serving.num_fits} fits in {serving.source.name})" in with_text
+    assert "serving costs: none (--no-serving-costs)" in without_text
+    data = json.loads(out.read_text())
+    assert data["serving_costs"]["source"] == serving.source.name and data["serving_costs"]["submit_s"] == serving.submit_s

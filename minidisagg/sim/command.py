@@ -78,15 +78,36 @@ def _cost_source(args: argparse.Namespace):
             table.tp_note(args.model))
 
 
+def _serving_costs(args: argparse.Namespace):
+    """(the card's committed serving-path costs or None, why none): None with --no-serving-costs, without --card,
+    or when the committed GPU validation has no fits for the card; a corrupt validation file is an error."""
+    from minidisagg.sim.serving import NoServingFits, load_serving_costs
+
+    if args.no_serving_costs:
+        return None, "--no-serving-costs"
+    if not args.card:
+        return None, "no --card to read them for"
+    try:
+        return load_serving_costs(args.card), ""
+    except NoServingFits as exc:
+        return None, str(exc)
+
+
 def plan(argv: Sequence[str]) -> int:
     """``sim plan``: for each fleet size, the xPyD splits (and colocated) ranked by goodput per GPU under the SLO."""
     ap = argparse.ArgumentParser(prog="minidisagg sim plan", description=plan.__doc__ + " Costs come from a "
                                  "calibrated --costs file or from the committed GPU benchmark of --model on --card.")
     ap.add_argument("--costs", help="a step-cost JSON (minidisagg sim calibrate)")
     ap.add_argument("--model", help="with --card: read the model's rows from benchmarks/results/gpu-<card>-*.json")
-    ap.add_argument("--card", help="h100, h200, ...: the newest committed table of that card")
+    ap.add_argument("--card", help="h100, h200, ...: the newest committed table of that card, and its serving costs "
+                    "(with --costs: only its serving costs)")
     ap.add_argument("--table", help="with --model: this gpu-*.json instead of the newest for --card")
     ap.add_argument("--tp", type=int, default=1, help=TP_HELP)
+    ap.add_argument("--no-serving-costs", action="store_true",
+                    help="plan on the device costs alone. By default the serving path's costs fitted for --card on the "
+                         "committed two-GPU sweeps (benchmarks/results/sim-validation-gpu-*.json: KV commit, router "
+                         "hand-over, reservation round trip, decode host work per sequence) are added, where that file "
+                         "has the card")
     ap.add_argument("--gpus", default="2..8", help="N, A..B (powers of two between, e.g. 8..1024) or a comma list")
     ap.add_argument("--workload", choices=("chat", "summarization"),
                     help="bench disagg's workload (default: log-normal around --prompt-mean and --output-mean)")
@@ -121,12 +142,15 @@ def plan(argv: Sequence[str]) -> int:
     from minidisagg.sim.instance import InstanceConfig
     from minidisagg.sim.link import LinkSpec
     from minidisagg.sim.plan import capacity_per_gpu_rps, plan_fleet, rate_grid
-    from minidisagg.sim.plan_report import plan_lines, write_plan
+    from minidisagg.sim.plan_report import plan_lines, serving_meta, write_plan
     from minidisagg.sim.results import Trace
+    from minidisagg.sim.serving import apply_serving_costs
     from minidisagg.workload import LogNormal, poisson_workload
 
     counts = _gpu_counts(args.gpus)
     costs, source, tp_note = _cost_source(args)
+    serving, why_none = _serving_costs(args)
+    serving_record = serving_meta(serving, why_none)
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     if args.workload:
         from minidisagg.bench.disagg_sweep import workloads
@@ -137,19 +161,22 @@ def plan(argv: Sequence[str]) -> int:
         mean_prompt, mean_output = args.prompt_mean, args.output_mean
         prompts = LogNormal(mean_prompt, 0.5, 16, 8 * mean_prompt)
         outputs = LogNormal(mean_output, 0.5, 4, 8 * mean_output)
+    kv_bytes = args.kv_bytes_per_token or (PRESETS[args.model].kv_bytes_per_token(2) if args.model in PRESETS else 131072)
+    base = FleetSpec(1, instance=InstanceConfig(args.policy, args.max_num_seqs, args.token_budget, args.num_blocks),
+                     link=LinkSpec("link", args.link_gbps), kv_bytes_per_token=kv_bytes)
+    if serving is not None:
+        base, costs = apply_serving_costs(serving, base, costs)
     if args.rates_per_gpu == "auto":
         rates = rate_grid(capacity_per_gpu_rps(costs, mean_prompt, mean_output, args.max_num_seqs))
     else:
         rates = _floats(args.rates_per_gpu, "--rates-per-gpu")
-    kv_bytes = args.kv_bytes_per_token or (PRESETS[args.model].kv_bytes_per_token(2) if args.model in PRESETS else 131072)
-    base = FleetSpec(1, instance=InstanceConfig(args.policy, args.max_num_seqs, args.token_budget, args.num_blocks),
-                     link=LinkSpec("link", args.link_gbps), kv_bytes_per_token=kv_bytes)
 
     def trace_for(gpus: int, rate: float) -> Trace:
         n = max(1, min(args.requests_per_gpu * gpus, args.max_requests))
         return Trace.of(poisson_workload(rate, n, prompts, outputs, seed=args.seed + int(rate * 1000)))
 
     print(source)
+    print(serving_record["serving_costs_note"])
     print(tp_note)
     print(f"SLO: TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms at {args.target:.0%}; prompts ~"
           f"{mean_prompt}, outputs ~{mean_output} tokens; rates per GPU {', '.join(f'{r:g}' for r in rates)} req/s")
@@ -166,8 +193,9 @@ def plan(argv: Sequence[str]) -> int:
     if args.out:
         meta = {"source": source, "tensor_parallel": tp_note, "model": args.model, "card": args.card,
                 "workload": args.workload or f"log-normal prompts ~{mean_prompt}, outputs ~{mean_output}",
-                "link_GBps": args.link_gbps, "kv_bytes_per_token": kv_bytes}
-        title = f"{args.model or 'costs'} on {args.card or args.costs}, {args.workload or 'log-normal'} workload"
+                "link_GBps": args.link_gbps, "kv_bytes_per_token": kv_bytes, **serving_record}
+        title = (f"{args.model or 'costs'} on {args.card or args.costs}, {args.workload or 'log-normal'} workload"
+                 + (", with serving costs" if serving else ""))
         for path in write_plan(fleet, args.out, title, **meta):
             print(f"written to {path}")
     return 0

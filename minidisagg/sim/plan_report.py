@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from minidisagg.sim.plan import FleetPlan, SplitResult
+from minidisagg.sim.serving import ServingCosts
 
 
 def split_to_dict(r: SplitResult) -> dict[str, Any]:
@@ -28,6 +29,13 @@ def plan_to_dict(plan: FleetPlan, **meta: Any) -> dict[str, Any]:
                       "splits": [split_to_dict(r) for r in results]})
     return {**meta, "slo": {"ttft_s": plan.slo.ttft_s, "tpot_s": plan.slo.tpot_s}, "target": plan.target,
             "rates_per_gpu_rps": list(plan.rates_per_gpu_rps), "fleet_sizes": sizes}
+
+
+def serving_meta(serving: Optional[ServingCosts], why_none: str = "") -> dict[str, Any]:
+    """The plan's record of the serving-path costs it simulated: their line, values and source file, or why none."""
+    if serving is None:
+        return {"serving_costs": None, "serving_costs_note": f"serving costs: none ({why_none or 'not asked for'})"}
+    return {"serving_costs": serving.as_dict(), "serving_costs_note": serving.describe()}
 
 
 def plan_lines(plan: FleetPlan, top: int = 5) -> list[str]:

@@ -28,6 +28,10 @@ _VALIDATION = re.compile(r"^sim-validation-gpu-(?P<date>\d{4}-\d\d-\d\d)(?P<tag>
 _SWEEP_CARD = re.compile(r"^disagg-(?P<card>[A-Za-z0-9]+)-")
 
 
+class NoServingFits(ValueError):
+    """No committed validation has serving fits for the card asked (unlike a corrupt file, a reason to plan without)."""
+
+
 @dataclass(frozen=True)
 class ServingCosts:
     """The four serving-path costs of one card, in seconds, and where they were read."""
@@ -95,7 +99,7 @@ def find_serving_fits(card: str, results_dir: Optional[Path] = None) -> tuple[Pa
     """(the newest validation file with serving fits for ``card``, those fits by sweep stem).
 
     Files without serving fits (written before they existed) are passed over; a corrupt file is not: ValueError.
-    ValueError, listing the cards that have fits, when none has ``card``'s.
+    ``NoServingFits`` (a ValueError), listing the cards that have fits, when none has ``card``'s.
     """
     cards: set[str] = set()
     files = validation_files(results_dir)
@@ -107,8 +111,8 @@ def find_serving_fits(card: str, results_dir: Optional[Path] = None) -> tuple[Pa
             return path, mine
     where = results_dir or default_results_dir()
     if not files:
-        raise ValueError(f"no sim-validation-gpu-<date>.json in {where}: run benchmarks/sim_gpu_validation.py")
-    raise ValueError(f"no serving-cost fits for card {card!r} in {where} (fits for: {', '.join(sorted(cards)) or 'none'})")
+        raise NoServingFits(f"no sim-validation-gpu-<date>.json in {where}: run benchmarks/sim_gpu_validation.py")
+    raise NoServingFits(f"no serving-cost fits for card {card!r} in {where} (fits for: {', '.join(sorted(cards)) or 'none'})")
 
 
 def load_serving_costs(card: str, results_dir: Optional[Path] = None, exclude: Optional[str] = None) -> ServingCosts:
