@@ -19,6 +19,7 @@ from minidisagg.metrics import SLO, goodput
 from minidisagg.sim import FleetSpec, InstanceConfig, LinkSpec, Trace
 from minidisagg.sim.cost_table import GpuTable, costs_from_gpu_table, find_gpu_table
 from minidisagg.sim.plan import SplitResult, plan_splits
+from minidisagg.sim.serving import ServingCosts, apply_serving_costs, load_serving_costs, validation_files
 from minidisagg.workload import poisson_workload
 
 
@@ -120,13 +121,23 @@ def workload_trace(case: TwoGpuCase, rate_rps: float, seed: int, num_requests: O
     return Trace.of(poisson_workload(rate_rps, n, spec.prompt_len, spec.output_len, seed=seed))
 
 
-def simulate_two_gpu(case: TwoGpuCase, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, SplitResult]:
+def held_out_serving(case: TwoGpuCase, results: Optional[Path] = None) -> ServingCosts:
+    """The card's serving-path costs fitted without ``case``'s own sweep file (as the GPU validation predicts it)."""
+    return load_serving_costs(case.card, results, exclude=case.run)
+
+
+def simulate_two_gpu(case: TwoGpuCase, seeds: tuple[int, ...] = (0, 1, 2),
+                     serving: Optional[ServingCosts] = None, with_serving: bool = True) -> dict[str, SplitResult]:
     """``plan_splits`` of two GPUs on the card's committed costs, at the run's rates and SLO; mean attainment over seeds.
 
-    Each seed is one window of arrivals like the run's; averaging a few keeps one unlucky window from deciding.
+    The serving path's costs are added (``serving``, default ``held_out_serving(case)``: never fitted on the run
+    predicted) unless ``with_serving`` is False. Each seed is one window of arrivals like the run's; averaging a
+    few keeps one unlucky window from deciding.
     """
     costs, _ = card_costs(case.card, case.model)
     base = fleet_base(case.settings, case.model, case.link_GBps)
+    if with_serving:
+        base, costs = apply_serving_costs(serving or held_out_serving(case), base, costs)
     per_gpu = [r / 2 for r in case.rates_rps]
     by_seed = [plan_splits(2, base, costs, lambda rate, s=seed: workload_trace(case, rate, s), per_gpu, case.slo)
                for seed in seeds]
@@ -138,3 +149,29 @@ def simulate_two_gpu(case: TwoGpuCase, seeds: tuple[int, ...] = (0, 1, 2)) -> di
         out[label] = SplitResult(first.num_prefill, first.num_decode, first.rates_rps, atts,
                                  goodput(first.rates_rps, atts, 0.9))
     return out
+
+
+SERVING_KEY, DEVICE_ONLY_KEY = "anchored + serving costs", "anchored"  # the GPU validation's two headline models
+
+
+def gpu_validation_summary(results: Optional[Path] = None) -> dict[str, Any]:
+    """The newest committed GPU validation's headline figures, with and without the serving costs.
+
+    ``{"path": ..., "with": {...}, "without": {...}}``, each with ``crossings_within`` of ``crossings_compared``
+    (goodput within 20% of the measured one) and ``signs_right`` of ``signs_decided`` (the sign of best
+    disaggregated minus best colocated goodput, where a measured crossing exists).
+    """
+    for path in validation_files(results or gs.results_dir()):
+        data = json.loads(path.read_text())
+        summary, signs = data.get("summary", {}), data.get("signs", {})
+        if not all(k in summary and k in signs for k in (SERVING_KEY, DEVICE_ONLY_KEY)):
+            continue
+        out: dict[str, Any] = {"path": path}
+        for name, key in (("with", SERVING_KEY), ("without", DEVICE_ONLY_KEY)):
+            decided = [s for s in signs[key] if s["decided"]]
+            out[name] = {"crossings_within": summary[key]["crossings_within_goal"],
+                         "crossings_compared": summary[key]["crossings_compared"],
+                         "signs_right": sum(bool(s["sign_agrees"]) for s in decided), "signs_decided": len(decided)}
+        return out
+    raise FileNotFoundError("no committed sim-validation-gpu-<date>.json compares the simulator with and without "
+                            "serving costs: run benchmarks/sim_gpu_validation.py")
