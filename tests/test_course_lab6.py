@@ -151,3 +151,50 @@ def test_grading_lists_three_tasks_two_of_them_design_six_predictions_two_writte
     assert GRADING.written == ("W1", "W2")
     for t in GRADING.tasks:
         assert callable(t.load_reference())
+
+
+def test_the_gpu_validation_summary_counts_crossings_and_signs_with_and_without_serving_costs(tmp_path):
+    import json
+    import random
+
+    from minidisagg.course import fleet_lab as fl
+
+    rng = random.Random()
+    with pytest.raises(FileNotFoundError, match="with and without serving costs"):
+        fl.gpu_validation_summary(tmp_path)
+    expected, data = {}, {"summary": {}, "signs": {}, "commit_fit": {}}
+    for name, key in (("with", fl.SERVING_KEY), ("without", fl.DEVICE_ONLY_KEY)):
+        compared = rng.randint(5, 50)
+        within = rng.randint(0, compared)
+        signs = [{"decided": rng.random() < 0.7, "sign_agrees": rng.random() < 0.5} for _ in range(rng.randint(3, 30))]
+        signs = [{**s, "sign_agrees": s["decided"] and s["sign_agrees"]} for s in signs]
+        data["summary"][key] = {"crossings_within_goal": within, "crossings_compared": compared}
+        data["signs"][key] = signs
+        expected[name] = {"crossings_within": within, "crossings_compared": compared,
+                          "signs_right": sum(s["sign_agrees"] for s in signs), "signs_decided": sum(s["decided"] for s in signs)}
+    (tmp_path / "sim-validation-gpu-2026-01-02.json").write_text(json.dumps(data))
+    (tmp_path / "sim-validation-gpu-2026-01-03.json").write_text(json.dumps({"summary": {"rows": {}}, "signs": {}}))
+    got = fl.gpu_validation_summary(tmp_path)  # the newer file lacks the two models: passed over
+    assert got["path"].name == "sim-validation-gpu-2026-01-02.json"
+    assert {k: got[k] for k in ("with", "without")} == expected
+
+
+def test_the_two_gpu_prediction_adds_serving_costs_fitted_without_its_run():
+    import dataclasses
+    import random
+
+    from minidisagg.course import fleet_lab as fl
+
+    case = fl.two_gpu_case("h100", "llama-8b", "summarization")
+    serving = fl.held_out_serving(case)
+    assert case.run not in serving.fitted_on and serving.fitted_on and serving.num_fits == 1
+    seeds = (random.Random().randrange(100),)
+    device_only = fl.simulate_two_gpu(case, seeds, with_serving=False)
+    zero = dataclasses.replace(serving, decode_commit_s=0.0, submit_s=0.0, control_rtt_s=0.0, decode_per_seq_s=0.0)
+    assert fl.simulate_two_gpu(case, seeds, serving=zero) == device_only  # zero serving costs change nothing
+    # a slow serving path (a reservation round trip near the TTFT target, heavy host work per decoding sequence)
+    slow = dataclasses.replace(serving, control_rtt_s=case.slo.ttft_s * random.uniform(0.8, 0.95),
+                               decode_per_seq_s=case.slo.tpot_s / 8)
+    slowed = fl.simulate_two_gpu(case, seeds, serving=slow)
+    assert slowed["1P1D"].goodput_per_gpu_rps < device_only["1P1D"].goodput_per_gpu_rps, (seeds, slowed, device_only)
+    assert slowed["colocated x2"].goodput_per_gpu_rps <= device_only["colocated x2"].goodput_per_gpu_rps
