@@ -7,6 +7,7 @@ block counts the tables holding it, and a cached block whose count drops to zero
 
 from __future__ import annotations
 
+from array import array
 from typing import Hashable, Optional, Protocol, Sequence
 
 from minidisagg.kv.prefix_cache import PrefixCache, hash_chain
@@ -54,9 +55,10 @@ class BlockManager:
         self.block_size = block_size
         # The free list, in the order blocks are handed out: blocks never used yet (``_fresh`` onwards, in
         # order: a pool of many blocks costs nothing to make), then freed ones in the order they came back,
-        # ``_free[_head:]`` (a list read from ``_head`` on: runs of blocks are taken and given back by slices).
+        # ``_free[_head:]`` (an array of machine ints read from ``_head`` on: runs of blocks are taken and given
+        # back by slices, and a pool that has cycled through its blocks keeps no int object per free block).
         self._fresh = 0
-        self._free: list[int] = []
+        self._free = array("q")
         self._head = 0
         self._tables: dict[object, list[int]] = {}
         # How many tables hold each block: only the prefix cache shares blocks; without it a block is in one
