@@ -44,6 +44,7 @@ from minidisagg.engine.sequence import Sequence
 from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.sim.events import STEP, EventLoop
+from minidisagg.sim.prefill import plan_hand_off_prefill
 from minidisagg.sim.steady import SteadyBatch
 from minidisagg.stages.base import Stage, StageResult, planned_runs
 from minidisagg.stages.modelled import FILLER_TOKEN_ID, ModelledDecodeStage, ModelledPrefillStage
@@ -117,6 +118,8 @@ class SimInstance:
         self.prefill_stage = ModelledPrefillStage(None, costs)  # type: ignore[arg-type] - no runner: no model
         self.decode_stage = ModelledDecodeStage(None, costs)  # type: ignore[arg-type]
         self.fast = fast and config.policy in FAST_PATH_POLICIES and hasattr(costs, "decode_costs_s")
+        # a prefill instance that hands every sequence off: its steps are planned by ``sim/prefill.py`` where it can
+        self._fast_prefill = fast and config.policy == "prefill_first" and hooks.handed_off is not None
         self.stats = InstanceStats()
         self.pending: deque[Sequence] = deque()
         self._busy = False
@@ -273,13 +276,19 @@ class SimInstance:
         tl.record_token(t_s)
 
     def _plan_step(self) -> None:
-        plan = self.scheduler.schedule()
+        plan = plan_hand_off_prefill(self.scheduler) if self._fast_prefill else None
+        fast = plan is not None
+        if plan is None:
+            plan = self.scheduler.schedule()
         runs = planned_runs(plan, self.prefill_stage, self.decode_stage, self.clock.now())
         self._runs = [(stage, work) for stage, work in runs if work]
         if not self._runs:  # nothing fits (blocks held by reservations or hand-offs): wait for blocks_freed
             self._busy = False
             return
-        self.stats.scheduled_steps += 1
+        if fast:
+            self.stats.fast_steps += 1
+        else:
+            self.stats.scheduled_steps += 1
         self._run_stage()
 
     def _run_stage(self) -> None:
