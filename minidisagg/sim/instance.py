@@ -47,7 +47,7 @@ from minidisagg.sim.events import STEP, EventLoop
 from minidisagg.sim.prefill import plan_hand_off_prefill
 from minidisagg.sim.steady import SteadyBatch
 from minidisagg.stages.base import Stage, StageResult, planned_runs
-from minidisagg.stages.modelled import FILLER_TOKEN_ID, ModelledDecodeStage, ModelledPrefillStage
+from minidisagg.stages.modelled import ModelledDecodeStage, ModelledPrefillStage
 
 FAST_PATH_POLICIES = ("prefill_first", "decode_first", "chunked")  # plan every running decode when nothing waits
 
