@@ -7,10 +7,15 @@ block counts the tables holding it, and a cached block whose count drops to zero
 
 from __future__ import annotations
 
-from array import array
 from typing import Hashable, Optional, Protocol, Sequence
 
 from minidisagg.kv.prefix_cache import PrefixCache, hash_chain
+
+
+# Block ids as shared int objects (ids 0 .. n - 1 for the largest pool made so far): every pool's tables and free
+# list refer to these, so a thousand pools that have cycled through their blocks hold pointers, not an int object
+# per block each.
+_BLOCK_IDS: list[int] = []
 
 
 class OutOfBlocksError(RuntimeError):
@@ -55,10 +60,12 @@ class BlockManager:
         self.block_size = block_size
         # The free list, in the order blocks are handed out: blocks never used yet (``_fresh`` onwards, in
         # order: a pool of many blocks costs nothing to make), then freed ones in the order they came back,
-        # ``_free[_head:]`` (an array of machine ints read from ``_head`` on: runs of blocks are taken and given
-        # back by slices, and a pool that has cycled through its blocks keeps no int object per free block).
+        # ``_free[_head:]`` (a list read from ``_head`` on: runs of blocks are taken and given back by slices).
+        if len(_BLOCK_IDS) < num_blocks:
+            _BLOCK_IDS.extend(range(len(_BLOCK_IDS), num_blocks))
+        self._ids = _BLOCK_IDS
         self._fresh = 0
-        self._free = array("q")
+        self._free: list[int] = []
         self._head = 0
         self._tables: dict[object, list[int]] = {}
         # How many tables hold each block: only the prefix cache shares blocks; without it a block is in one
@@ -191,7 +198,7 @@ class BlockManager:
         table = self._tables.setdefault(seq_key, [])
         num_fresh = min(extra, self.num_blocks - self._fresh)
         if num_fresh:
-            table.extend(range(self._fresh, self._fresh + num_fresh))
+            table.extend(self._ids[self._fresh:self._fresh + num_fresh])
             self._fresh += num_fresh
         rest = extra - num_fresh
         if rest:
