@@ -22,6 +22,11 @@ the rest no longer fits, and a new prompt cuts the segment after the step in fli
 sequence is brought up to date and the scheduler plans the next step. ``tests/test_sim.py`` holds
 all of it bit for bit against step-by-step simulation.
 
+A disaggregated prefill instance (``prefill_first``, every sequence handed off after its first token)
+decodes nothing between steps; where its scheduler's plan is known in advance (whole prompts from the
+front of the queue, all of which the free blocks hold), ``sim/prefill.py`` makes it without
+``Scheduler.schedule``; the stage and ``update_from_output`` run as in any step.
+
 Adoption, as ``disagg.decode_worker`` does it. A sequence whose KV landed while a step runs is taken
 in at the next step boundary (``commit`` queues it; the loop adopts the queue before its next step),
 one whose KV lands at an idle instance at once; each adoption costs the instance
@@ -89,7 +94,8 @@ class InstanceHooks:
 
 @dataclass
 class InstanceStats:
-    """Counters: steps run through the scheduler, steps the fast path ran, segments it planned (``stretches``).
+    """Counters: steps planned by the scheduler, steps the fast path ran (decode segments' steps and prefill steps
+    planned by ``sim/prefill.py``), segments it planned (``stretches``).
 
     ``extra``: ``joined`` (sequences adopted into a running segment), ``shortened`` (segments a reservation cut).
     """
