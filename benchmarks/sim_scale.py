@@ -70,7 +70,11 @@ def one(num_instances: int, num_requests: int, fast: bool) -> dict:
 
 def _git_commit(path: Path) -> str:
     res = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return res.stdout.strip() if res.returncode == 0 else "unknown"
+    if res.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "minidisagg"],
+                           capture_output=True, text=True).stdout.strip()
+    return res.stdout.strip() + ("+changes" if dirty else "")
 
 
 def run_row(code_dir: Path, label: str, point: str, fast: bool) -> dict:
