@@ -3,19 +3,27 @@
 xPyD fleets (half prefill, half decode instances, least-loaded routing) on a Llama-8B-like H100 cost
 model, Poisson arrivals at a rate that keeps every instance busy but not overloaded; each point is
 simulated once with the fast path and, where small enough, once step by step (the ratio is the
-fast path's gain, measured side by side). Writes ``benchmarks/results/sim-scale-<date>.json`` and ``.md``.
-Each row records the host's load average (``/proc/loadavg``) before and after it: the host is shared.
+fast path's gain, measured side by side). Writes ``benchmarks/results/<name>.json`` and ``.md`` (``--name``,
+default ``sim-scale-<date>``; an existing file is not overwritten). Each row runs in a fresh process and records
+the host's load average (``/proc/loadavg``) before and after it (the host is shared) and a digest of the
+simulated per-request figures. ``--baseline DIR`` runs every row also with the ``minidisagg`` found in ``DIR``
+(e.g. ``git archive <commit> | tar -x -C DIR``), just before the current code's: both on the same trace and
+host minutes, and equal digests show both simulated the same outputs.
 
     PYTHONPATH=. python benchmarks/sim_scale.py --points 8:2000 8:20000 64:20000 --big 1024:100000 1024:1000000
+    PYTHONPATH=. python benchmarks/sim_scale.py --baseline /tmp/old --baseline-label 75ca7af --name sim-scale-x
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,50 +56,91 @@ def one(num_instances: int, num_requests: int, fast: bool) -> dict:
     res = simulate(spec, H100_8B, trace, fast=fast)
     host_s = time.perf_counter() - t0
     stats = [i.stats for i in res.instances]
+    digest = hashlib.sha256()
+    for name in ("ttft_s", "tpot_s", "e2e_s", "num_output_tokens", "instance"):
+        digest.update(getattr(res, name).tobytes())
     return {"instances": num_instances, "requests": num_requests, "fast": fast, "host_s": host_s,
             "requests_per_host_s": num_requests / host_s, "events": res.num_events,
             "scheduled_steps": sum(s.scheduled_steps for s in stats), "fast_steps": sum(s.fast_steps for s in stats),
             "simulated_s": float((res.arrival_s + res.e2e_s).max()), "ttft_p50_s": res.percentile("ttft_s", 50),
             "tpot_p50_s": res.percentile("tpot_s", 50), "load_1min_before": load_before,
-            "load_1min": os.getloadavg()[0], "requests_per_decode_instance": num_requests / spec.num_decode}
+            "load_1min": os.getloadavg()[0], "requests_per_decode_instance": num_requests / spec.num_decode,
+            "outputs_sha256": digest.hexdigest()}
+
+
+def _git_commit(path: Path) -> str:
+    res = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if res.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "minidisagg"],
+                           capture_output=True, text=True).stdout.strip()
+    return res.stdout.strip() + ("+changes" if dirty else "")
+
+
+def run_row(code_dir: Path, label: str, point: str, fast: bool) -> dict:
+    """One row in a fresh process whose ``minidisagg`` is the one in ``code_dir``; ``code`` names it."""
+    env = {**os.environ, "PYTHONPATH": str(code_dir)}
+    proc = subprocess.run([sys.executable, __file__, "--one", f"{point}:{'fast' if fast else 'slow'}"], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} {point}: {proc.stderr[-2000:]}")
+    return {"code": label, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", nargs="+", default=["8:20000", "64:20000", "1024:20000"],
                     help="INSTANCES:REQUESTS, each run fast and step by step")
-    ap.add_argument("--big", nargs="*", default=["8:200000", "1024:100000", "1024:1000000"],
+    ap.add_argument("--big", nargs="*", default=["8:200000", "1024:100000", "1024:300000", "1024:1000000"],
                     help="INSTANCES:REQUESTS, fast path only")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default=None, help="file name without extension (default: sim-scale-<date>)")
+    ap.add_argument("--baseline", default=None, help="a directory holding another minidisagg to run each row with too")
+    ap.add_argument("--baseline-label", default=None, help="what to call the baseline code (default: its git commit)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # INSTANCES:REQUESTS:fast|slow, a row as JSON
     args = ap.parse_args()
-    rows = []
-    for point in args.points:
-        n, r = map(int, point.split(":"))
-        for fast in (True, False):
-            rows.append(one(n, r, fast))
-            print(rows[-1], flush=True)
-    for point in args.big:
-        n, r = map(int, point.split(":"))
-        rows.append(one(n, r, True))
-        print(rows[-1], flush=True)
+    if args.one:
+        n, r, path = args.one.split(":")
+        print(json.dumps(one(int(n), int(r), path == "fast")))
+        return
     date = datetime.date.today().isoformat()
+    name = args.name or f"sim-scale-{date}"
+    out = Path(args.out)
+    if (out / f"{name}.json").exists() or (out / f"{name}.md").exists():
+        raise SystemExit(f"{out / name}.json or .md exists: pass another --name")
+    here = Path(__file__).resolve().parent.parent
+    codes = [(here, _git_commit(here))]
+    if args.baseline:
+        base = Path(args.baseline).resolve()
+        codes.insert(0, (base, args.baseline_label or _git_commit(base)))
+    jobs = [(p, True) for p in args.points] + [(p, False) for p in args.points] + [(p, True) for p in args.big]
+    jobs.sort(key=lambda j: (j[0] in args.big, int(j[0].split(":")[1]), int(j[0].split(":")[0]), not j[1]))
+    rows = []
+    for point, fast in jobs:
+        for code_dir, label in codes:
+            rows.append(run_row(code_dir, label, point, fast))
+            print(rows[-1], flush=True)
     goal_rate = 1_000_000 / 60
-    result = {"benchmark": "sim_scale", "date": date, "machine": f"{platform.processor() or platform.machine()}, "
+    result = {"benchmark": "sim_scale", "date": date, "code": [label for _, label in codes],
+              "python": platform.python_version(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores (shared)", "cost_model": H100_8B.describe(), "rows": rows,
               "goal": "1M requests on 1024 instances in <= 60 s: 16,667 requests per host second"}
-    out = Path(args.out)
-    (out / f"sim-scale-{date}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Simulator speed ({date})", "", f"{result['machine']}; cost model: {H100_8B.describe()}", "",
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Simulator speed ({date}; code {', '.join(result['code'])})", "",
+             f"{result['machine']}, Python {result['python']}; cost model: {H100_8B.describe()}", "",
              "xPyD, half prefill and half decode instances, least-loaded routing, chunked decode instances, "
-             f"{PER_DECODE_RPS:.0f} requests/s per decode instance, prompts 128..1024, outputs 32..256 tokens.", "",
-             "| instances | requests | path | host s | requests / host s | events | scheduler steps | fast-path steps | load before, after |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{PER_DECODE_RPS:.0f} requests/s per decode instance, prompts 128..1024, outputs 32..256 tokens. "
+             "Each row in a fresh process; rows of one point and path run one after the other.", "",
+             "| code | instances | requests | path | host s | requests / host s | events | scheduler steps | "
+             "fast-path steps | load before, after | outputs sha256 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['instances']} | {r['requests']} | {'fast' if r['fast'] else 'step by step'} | "
+        lines.append(f"| {r['code']} | {r['instances']} | {r['requests']} | {'fast' if r['fast'] else 'step by step'} | "
                      f"{r['host_s']:.1f} | {r['requests_per_host_s']:.0f} | {r['events']} | {r['scheduled_steps']} | "
-                     f"{r['fast_steps']} | {r['load_1min_before']:.1f}, {r['load_1min']:.1f} |")
+                     f"{r['fast_steps']} | {r['load_1min_before']:.1f}, {r['load_1min']:.1f} | "
+                     f"{r['outputs_sha256'][:12]} |")
     lines += ["", f"Goal: {goal_rate:.0f} requests per host second (1M on 1024 instances in 60 s)."]
-    (out / f"sim-scale-{date}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

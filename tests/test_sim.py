@@ -15,7 +15,13 @@ from minidisagg.engine.llm_engine import LLMEngine
 from minidisagg.engine.replay import replay
 from minidisagg.engine.step_cost import DECODE, StepCostModel, StepShape
 from minidisagg.sim import FleetSpec, InstanceConfig, LinkSpec, SharedLink, Trace, simulate
+from minidisagg.engine.sampling import SamplingParams
+from minidisagg.engine.scheduler import Scheduler, StepBudget
+from minidisagg.engine.sequence import Sequence
+from minidisagg.kv.block_manager import BlockManager
+from minidisagg.metrics import RequestTimeline
 from minidisagg.sim.events import EventLoop
+from minidisagg.sim.prefill import plan_hand_off_prefill
 from minidisagg.sim.router import InstancePicker
 from minidisagg.stages.modelled import use_modelled_stages
 from minidisagg.workload import TimedRequest
@@ -74,6 +80,68 @@ def test_the_fast_path_gives_the_step_by_step_timelines_bit_for_bit(case):
     for name in ("ttft_s", "tpot_s", "e2e_s", "num_output_tokens", "instance"):
         assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
     assert _all_blocks_back(fast) and _all_blocks_back(slow)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_prefill_steps_planned_without_the_scheduler_are_bit_for_bit_under_block_pressure(case):
+    """Disaggregated fleets whose prefill pools often cannot hold every waiting prompt: the fast plan and the
+    scheduler's plan alternate there; the run equals step by step (which always asks the scheduler)."""
+    rng = random.Random(2000 + case)
+    spec = _spec(rng, True, "chunked")
+    prefill = InstanceConfig("prefill_first", max_num_seqs=rng.choice([2, 8]), max_num_batched_tokens=rng.choice([256, 1024]),
+                             num_blocks=rng.choice([100, 150]), block_size=4)
+    # a slow link: KV waiting to leave holds the prefill pools' blocks
+    spec = dataclasses.replace(spec, prefill_instance=prefill, link=LinkSpec("l", rng.uniform(0.02, 0.1), 1e-4),
+                               kv_bytes_per_token=100000)
+    costs, trace = _costs(rng), _trace(rng, 150, 300.0)
+    fast = simulate(spec, costs, trace, fast=True, keep_timelines=True)
+    slow = simulate(spec, costs, trace, fast=False, keep_timelines=True)
+    pre = fast.instances[:spec.num_prefill]
+    assert sum(i.stats.fast_steps for i in pre) > 0 and sum(i.stats.scheduled_steps for i in pre) > 0
+    for a, b in zip(fast.timelines, slow.timelines):
+        assert a.token_times_s == b.token_times_s and a.finish_s == b.finish_s
+        assert (a.prefill_start_s, a.prefill_end_s, a.transfer_start_s, a.transfer_end_s) == \
+            (b.prefill_start_s, b.prefill_end_s, b.transfer_start_s, b.transfer_end_s)
+    for name in ("ttft_s", "tpot_s", "e2e_s", "num_output_tokens", "instance"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert _all_blocks_back(fast) and _all_blocks_back(slow)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_hand_off_prefill_plan_is_the_schedulers_plan_or_none(seed):
+    """On random queues and pools: the same chunks, blocks and free count as ``Scheduler.schedule``, or no change."""
+    rng = random.Random(seed)
+    bs, num_blocks = rng.choice([1, 4, 16]), rng.randint(4, 200)
+    budget = StepBudget(rng.randint(1, 6), rng.randint(1, 400))
+    pools = [BlockManager(num_blocks, bs) for _ in range(2)]
+    for j in range(rng.randint(0, 3)):  # blocks held elsewhere (reservations, hand-offs in flight)
+        n = rng.randint(1, num_blocks * bs // 4)
+        for pool in pools:
+            pool.grow(("held", j), n)
+    queues = [Scheduler("prefill_first", budget, pool) for pool in pools]
+    for i in range(rng.randint(1, 8)):
+        prompt, params = [7] * rng.randint(1, 200), SamplingParams(max_tokens=rng.randint(1, 4), ignore_eos=True)
+        for sched in queues:
+            sched.add(Sequence(i, str(i), list(prompt), params, RequestTimeline(0.0)))
+    if rng.random() < 0.2:  # a recompute: a waiting sequence that holds KV already
+        victim = queues[0].waiting[-1]
+        if pools[0].can_grow(victim.seq_id, 1):
+            for sched in queues:
+                seq = sched.waiting[-1]
+                sched.blocks.grow(seq.seq_id, 1)
+                seq.num_computed_tokens = 1
+    before = pools[0].num_free_blocks
+    plan = plan_hand_off_prefill(queues[0])
+    expected = queues[1].schedule()
+    if plan is None:
+        assert pools[0].num_free_blocks == before and all(s.num_cached_tokens is None for s in queues[0].waiting)
+        return
+    assert [(c.seq.seq_id, c.num_tokens) for c in plan.prefills] == [(c.seq.seq_id, c.num_tokens) for c in expected.prefills]
+    assert not plan.decodes and not expected.decodes and plan.prefill_before_decode
+    assert pools[0].num_free_blocks == pools[1].num_free_blocks
+    for c in plan.prefills:
+        assert pools[0].block_table(c.seq.seq_id) == pools[1].block_table(c.seq.seq_id)
+        assert c.seq.num_cached_tokens == 0
 
 
 @pytest.mark.parametrize("disagg", [False, True])

@@ -7,10 +7,15 @@ block counts the tables holding it, and a cached block whose count drops to zero
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Hashable, Optional, Protocol, Sequence
 
 from minidisagg.kv.prefix_cache import PrefixCache, hash_chain
+
+
+# Block ids as shared int objects (ids 0 .. n - 1 for the largest pool made so far): every pool's tables and free
+# list refer to these, so a thousand pools that have cycled through their blocks hold pointers, not an int object
+# per block each.
+_BLOCK_IDS: list[int] = []
 
 
 class OutOfBlocksError(RuntimeError):
@@ -54,22 +59,31 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         # The free list, in the order blocks are handed out: blocks never used yet (``_fresh`` onwards, in
-        # order: a pool of many blocks costs nothing to make), then freed ones in the order they came back.
+        # order: a pool of many blocks costs nothing to make), then freed ones in the order they came back,
+        # ``_free[_head:]`` (a list read from ``_head`` on: runs of blocks are taken and given back by slices).
+        if len(_BLOCK_IDS) < num_blocks:
+            _BLOCK_IDS.extend(range(len(_BLOCK_IDS), num_blocks))
+        self._ids = _BLOCK_IDS
         self._fresh = 0
-        self._free: deque[int] = deque()
+        self._free: list[int] = []
+        self._head = 0
         self._tables: dict[object, list[int]] = {}
-        self._refs = [0] * num_blocks  # how many tables hold each block
+        # How many tables hold each block: only the prefix cache shares blocks; without it a block is in one
+        # table or free, and nothing is counted per block.
+        self._refs: Optional[list[int]] = [0] * num_blocks if enable_prefix_caching else None
         self.prefix_cache: Optional[PrefixCache] = PrefixCache() if enable_prefix_caching else None
         self._keys: dict[object, list[bytes]] = {}  # per sequence: keys of its leading full, computed blocks
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks not owned by any sequence (free, or cached and evictable)."""
-        free = self.num_blocks - self._fresh + len(self._free)
+        free = self.num_blocks - self._fresh + len(self._free) - self._head
         return free + (self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0)
 
     def ref_count(self, block: int) -> int:
-        """How many sequences' tables hold ``block``."""
+        """How many sequences' tables hold ``block`` (without a prefix cache, 0 or 1, found by a scan of the tables)."""
+        if self._refs is None:
+            return int(any(block in table for table in self._tables.values()))
         return self._refs[block]
 
     @property
@@ -126,13 +140,15 @@ class BlockManager:
             raise ValueError(f"{seq_key!r} already has KV: a cached prefix can only start a sequence")
         if len(cached_blocks) > self.blocks_needed(num_tokens):
             raise ValueError(f"{len(cached_blocks)} cached blocks are more than {num_tokens} tokens fill")
-        num_parked = sum(1 for b in cached_blocks if self._refs[b] == 0)  # sharing them takes them off the LRU
+        refs = self._refs
+        assert refs is not None  # a prefix cache counts references
+        num_parked = sum(1 for b in cached_blocks if refs[b] == 0)  # sharing them takes them off the LRU
         if self.blocks_needed(num_tokens) - len(cached_blocks) + num_parked + spare_blocks > self.num_free_blocks:
             return None
         for block in cached_blocks:
-            if self._refs[block] == 0:
+            if refs[block] == 0:
                 cache.unpark(block)
-            self._refs[block] += 1
+            refs[block] += 1
         self._tables[seq_key] = list(cached_blocks)
         self._keys[seq_key] = [cache.key_of(b) for b in cached_blocks]  # type: ignore[misc]
         return self.grow(seq_key, num_tokens)
@@ -180,18 +196,26 @@ class BlockManager:
         if extra == 0:
             return self._tables.get(seq_key, [])
         table = self._tables.setdefault(seq_key, [])
-        free, refs = self._free, self._refs
         num_fresh = min(extra, self.num_blocks - self._fresh)
-        new = list(range(self._fresh, self._fresh + num_fresh))
-        self._fresh += num_fresh
-        if len(free) >= extra - num_fresh:  # the common case: no cached block needs evicting
-            new += [free.popleft() for _ in range(extra - num_fresh)]
-        else:
-            new += [free.popleft() if free else self.prefix_cache.evict()  # type: ignore[union-attr]
-                    for _ in range(extra - num_fresh)]
-        for block in new:
-            refs[block] = 1
-        table.extend(new)
+        if num_fresh:
+            table.extend(self._ids[self._fresh:self._fresh + num_fresh])
+            self._fresh += num_fresh
+        rest = extra - num_fresh
+        if rest:
+            head, free = self._head, self._free
+            take = min(rest, len(free) - head)  # then evict cached blocks, if the free list runs out
+            table.extend(free[head:head + take])
+            head += take
+            if head > 4096 and 2 * head > len(free):  # drop the consumed front now and then: O(1) amortized
+                del free[:head]
+                head = 0
+            self._head = head
+            if take < rest:
+                table.extend(self.prefix_cache.evict() for _ in range(rest - take))  # type: ignore[union-attr]
+        refs = self._refs
+        if refs is not None:
+            for block in table[len(table) - extra:]:
+                refs[block] = 1
         return table
 
     def free(self, seq_key: object) -> int:
@@ -203,18 +227,17 @@ class BlockManager:
         """
         table = self._tables.pop(seq_key, [])
         keys = self._keys.pop(seq_key, [])
+        refs, cache = self._refs, self.prefix_cache
+        if refs is None or cache is None:  # no sharing: every block of the table is free again
+            self._free.extend(table)
+            return len(table)
         released = []
-        refs = self._refs
         for block in table:
             refs[block] -= 1
             if not refs[block]:
                 released.append(block)
-        cache = self.prefix_cache
-        if cache is None:
-            self._free.extend(released)
-            return len(table)
         for block, key in zip(table, keys):  # a copy computed twice gets its key now, if the cached twin was evicted
-            if self._refs[block] == 0:
+            if refs[block] == 0:
                 cache.register(block, key)
         parked = {b for b in reversed(released) if cache.park(b)}
         self._free.extend(b for b in released if b not in parked)

@@ -38,15 +38,19 @@ class EventLoop:
 
     def push(self, t_s: float, priority: int, handler: Handler, arg: Any = None) -> None:
         """Call ``handler(t_s, arg)`` at ``t_s`` (never before the current time)."""
-        if not t_s >= self.now_s or not math.isfinite(t_s):
+        if not self.now_s <= t_s < math.inf:  # also refuses NaN
             raise ValueError(f"an event at {t_s} s is before the loop's time {self.now_s} s (or not finite)")
         heapq.heappush(self._heap, (t_s, priority, next(self._order), handler, arg))
 
     def run(self) -> None:
         """Process events in order until the queue is empty."""
         heap, pop = self._heap, heapq.heappop
-        while heap:
-            t_s, _, _, handler, arg = pop(heap)
-            self.now_s = t_s
-            self.num_events += 1
-            handler(t_s, arg)
+        n = 0
+        try:
+            while heap:
+                t_s, _, _, handler, arg = pop(heap)
+                self.now_s = t_s
+                n += 1
+                handler(t_s, arg)
+        finally:
+            self.num_events += n

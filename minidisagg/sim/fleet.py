@@ -90,6 +90,7 @@ class Fleet:
         self._inbox: list[list[Sequence]] = [[] for _ in self.prefill]  # arrived, not yet asked for blocks
         self._route_p: dict[int, int] = {}
         self._route_d: dict[int, int] = {}
+        self._capacity_tokens = min(i.blocks.capacity_tokens for i in (self.decode[0], *self.prefill[:1]))
 
     # ---- requests in ------------------------------------------------------------------------------
     def run(self, trace: Trace) -> SimResult:
@@ -135,10 +136,12 @@ class Fleet:
         if params is None:
             params = self._params[out] = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
         prompt = int(self.trace.prompt_len[i])
-        for inst in (self.decode[0], *self.prefill[:1]):
-            if inst.blocks.blocks_needed(prompt + out) > inst.blocks.num_blocks:
-                raise ValueError(f"request {i}: {prompt} + {out} tokens need {inst.blocks.blocks_needed(prompt + out)} "
-                                 f"KV blocks; an instance's pool has {inst.blocks.num_blocks} (raise num_blocks)")
+        if prompt + out > self._capacity_tokens:  # more than a pool holds: name the first such pool
+            for inst in (self.decode[0], *self.prefill[:1]):
+                if inst.blocks.blocks_needed(prompt + out) > inst.blocks.num_blocks:
+                    raise ValueError(f"request {i}: {prompt} + {out} tokens need "
+                                     f"{inst.blocks.blocks_needed(prompt + out)} KV blocks; an instance's pool has "
+                                     f"{inst.blocks.num_blocks} (raise num_blocks)")
         timeline = RequestTimeline(now_s) if self.keep_timelines else CompactTimeline(now_s)
         seq = Sequence(i, str(i), [FILLER_TOKEN_ID] * prompt, params, timeline)
         if self.keep_timelines:

@@ -22,6 +22,11 @@ the rest no longer fits, and a new prompt cuts the segment after the step in fli
 sequence is brought up to date and the scheduler plans the next step. ``tests/test_sim.py`` holds
 all of it bit for bit against step-by-step simulation.
 
+A disaggregated prefill instance (``prefill_first``, every sequence handed off after its first token)
+decodes nothing between steps; where its scheduler's plan is known in advance (whole prompts from the
+front of the queue, all of which the free blocks hold), ``sim/prefill.py`` makes it without
+``Scheduler.schedule``; the stage and ``update_from_output`` run as in any step.
+
 Adoption, as ``disagg.decode_worker`` does it. A sequence whose KV landed while a step runs is taken
 in at the next step boundary (``commit`` queues it; the loop adopts the queue before its next step),
 one whose KV lands at an idle instance at once; each adoption costs the instance
@@ -45,9 +50,10 @@ from minidisagg.engine.sequence import Sequence
 from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.kv.block_manager import BlockManager
 from minidisagg.sim.events import STEP, EventLoop
+from minidisagg.sim.prefill import plan_hand_off_prefill
 from minidisagg.sim.steady import SteadyBatch
 from minidisagg.stages.base import Stage, StageResult, planned_runs
-from minidisagg.stages.modelled import FILLER_TOKEN_ID, ModelledDecodeStage, ModelledPrefillStage
+from minidisagg.stages.modelled import ModelledDecodeStage, ModelledPrefillStage
 
 FAST_PATH_POLICIES = ("prefill_first", "decode_first", "chunked")  # plan every running decode when nothing waits
 
@@ -89,7 +95,8 @@ class InstanceHooks:
 
 @dataclass
 class InstanceStats:
-    """Counters: steps run through the scheduler, steps the fast path ran, segments it planned (``stretches``).
+    """Counters: steps planned by the scheduler, steps the fast path ran (decode segments' steps and prefill steps
+    planned by ``sim/prefill.py``), segments it planned (``stretches``).
 
     ``extra``: ``joined`` (sequences adopted into a running segment), ``shortened`` (segments a reservation cut).
     """
@@ -118,6 +125,8 @@ class SimInstance:
         self.prefill_stage = ModelledPrefillStage(None, costs)  # type: ignore[arg-type] - no runner: no model
         self.decode_stage = ModelledDecodeStage(None, costs)  # type: ignore[arg-type]
         self.fast = fast and config.policy in FAST_PATH_POLICIES and hasattr(costs, "decode_costs_s")
+        # a prefill instance that hands every sequence off: its steps are planned by ``sim/prefill.py`` where it can
+        self._fast_prefill = fast and config.policy == "prefill_first" and hooks.handed_off is not None
         self.stats = InstanceStats()
         self.pending: deque[Sequence] = deque()
         self._busy = False
@@ -279,13 +288,19 @@ class SimInstance:
         tl.record_token(t_s)
 
     def _plan_step(self) -> None:
-        plan = self.scheduler.schedule()
+        plan = plan_hand_off_prefill(self.scheduler) if self._fast_prefill else None
+        fast = plan is not None
+        if plan is None:
+            plan = self.scheduler.schedule()
         runs = planned_runs(plan, self.prefill_stage, self.decode_stage, self.clock.now())
         self._runs = [(stage, work) for stage, work in runs if work]
         if not self._runs:  # nothing fits (blocks held by reservations or hand-offs): wait for blocks_freed
             self._busy = False
             return
-        self.stats.scheduled_steps += 1
+        if fast:
+            self.stats.fast_steps += 1
+        else:
+            self.stats.scheduled_steps += 1
         self._run_stage()
 
     def _run_stage(self) -> None:

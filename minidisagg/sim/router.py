@@ -37,6 +37,9 @@ class InstancePicker:
             while heap[0][0] != loads[heap[0][1]]:
                 heapq.heappop(heap)  # stale: that instance's load has changed since
             i = heap[0][1]
+            loads[i] += 1
+            heapq.heapreplace(heap, (loads[i], i))  # the entry just read is stale now: its successor replaces it
+            return i
         self._change(i, 1)
         return i
 

@@ -99,7 +99,10 @@ class SteadyBatch:
         """Blocks the batch takes in steps ``start .. start + num_steps - 1``."""
         bs, per_phase = self.block_size, self._per_phase
         full, rem = divmod(num_steps, bs)
-        return full * len(self.sync) + sum(per_phase[(start + t) % bs] for t in range(rem))
+        first = start % bs  # the phases start % bs .. (start + rem - 1) % bs, wrapping around once at most
+        last = first + rem
+        taken = sum(per_phase[first:last]) + (sum(per_phase[:last - bs]) if last > bs else 0)
+        return full * len(self.sync) + taken
 
     def account(self, step: int) -> None:
         """Steps before ``step`` have started: count the blocks they took."""
