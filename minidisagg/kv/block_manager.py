@@ -7,6 +7,7 @@ block counts the tables holding it, and a cached block whose count drops to zero
 
 from __future__ import annotations
 
+import threading
 from typing import Hashable, Optional, Protocol, Sequence
 
 from minidisagg.kv.prefix_cache import PrefixCache, hash_chain
@@ -16,6 +17,7 @@ from minidisagg.kv.prefix_cache import PrefixCache, hash_chain
 # list refer to these, so a thousand pools that have cycled through their blocks hold pointers, not an int object
 # per block each.
 _BLOCK_IDS: list[int] = []
+_BLOCK_IDS_LOCK = threading.Lock()  # pools made on several threads at once must not extend it twice
 
 
 class OutOfBlocksError(RuntimeError):
@@ -62,7 +64,8 @@ class BlockManager:
         # order: a pool of many blocks costs nothing to make), then freed ones in the order they came back,
         # ``_free[_head:]`` (a list read from ``_head`` on: runs of blocks are taken and given back by slices).
         if len(_BLOCK_IDS) < num_blocks:
-            _BLOCK_IDS.extend(range(len(_BLOCK_IDS), num_blocks))
+            with _BLOCK_IDS_LOCK:  # _BLOCK_IDS[i] == i must hold
+                _BLOCK_IDS.extend(range(len(_BLOCK_IDS), num_blocks))
         self._ids = _BLOCK_IDS
         self._fresh = 0
         self._free: list[int] = []
