@@ -204,7 +204,8 @@ def _median0(values: list[float]) -> float:
     return max(0.0, statistics.median(values)) if values else 0.0
 
 
-def fit_serving(group: list[tuple], commit_residuals_s: list[float], card: str, source: Path) -> tuple[ServingCosts, dict]:
+def fit_serving(group: list[tuple], commit_residuals_s: list[float], card: str,
+                source: Path) -> tuple[ServingCosts, dict]:
     """``SERVING_FITS`` on ``group`` (sweeps of the files used for fitting), in order; floored at 0."""
     serving = serving_costs(card, source, decode_commit_s=_median0(commit_residuals_s))
     submit = queue_residuals(group, "colocated", serving)
