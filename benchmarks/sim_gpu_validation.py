@@ -24,7 +24,10 @@ points never enter a model.
 rows lack, as the simulator's mechanisms, each fitted per card on the *other* committed files of that card (the
 predicted file never enters its own fit; ``SERVING_FITS``): the router's hand-over of each request
 (``FleetSpec.submit_s``), the reservation's round trip over the link (``LinkSpec.control_rtt_s``), host work per
-decoding sequence and step (``StepCostModel.decode_per_seq_s``) and the KV commit, refitted the same way.
+decoding sequence and step (``StepCostModel.decode_per_seq_s``) and the KV commit, refitted the same way; since
+2026-12-08c also the decode attention's extra cost per context token (``ServingCosts.decode_context_extra``), fitted
+jointly with the per-sequence work by least squares (``sim.serving.fit_decode_terms``) on the batch that Little's law
+gives the measured run (the simulated mean batch x measured / simulated TPOT), not the simulated one.
 
 Compared: SLO attainment per rate, goodput (the 90% crossing, ``metrics.goodput``) per GPU, and the sign of
 the best disaggregated against the best colocated goodput. Layer-wise overlap of the KV transfer is not
@@ -49,14 +52,11 @@ from minidisagg.engine.step_cost import StepCostModel
 from minidisagg.metrics import SLO, goodput
 from minidisagg.sim import FleetSpec, InstanceConfig, LinkSpec, Trace, simulate
 from minidisagg.sim.costs import costs_from_gpu_rows
+from minidisagg.sim.serving import VALUES, ServingCosts, apply_serving_costs, fit_decode_terms
+from minidisagg.sim.validation_report import NO_COMMIT, SENSITIVITY, SERVING, write
 
 KV_BYTES_PER_TOKEN = {"llama-8b": 131072, "llama-1b": 32768}  # bf16: 2 x layers x KV heads x head dim x 2 bytes
 NUM_BLOCKS = 16384  # the GPU pools hold far more than these sweeps keep in flight
-GOAL_CROSSING = 0.20  # goodput (the 90% crossing) within 20%
-NUM_GPUS = 2
-SENSITIVITY = "anchored, decode +10%"  # not a fit: how far a 10% slower decode step moves the figures
-NO_COMMIT = "anchored, commit 0"  # the decode instance's KV commit left out: what the fitted commit adds
-SERVING = "anchored + serving costs"  # the headline: the serving path's costs fitted on the card's other files
 
 
 def rows_file_for(sweep_date: str, rows_files: list[str]) -> str:
@@ -85,18 +85,16 @@ def anchored(costs: StepCostModel, calibration: dict, model: str) -> tuple[StepC
     return scaled, {"prefill_scale": sp, "decode_scale": sd}
 
 
-def fleet_for(config: str, settings: dict, model: str, probe: dict, submit_s: float = 0.0,
-              control_rtt_s: float = 0.0) -> FleetSpec:
-    """The deployment a sweep ran, as a simulated fleet (with the router's hand-over and the reservation's round trip)."""
+def fleet_for(config: str, settings: dict, model: str, probe: dict) -> FleetSpec:
+    """The deployment a sweep ran, as a simulated fleet (no serving costs: ``apply_serving_costs`` adds them)."""
     if config.startswith("colocated-"):
         policy = config.split("-", 1)[1]
         budget = settings["chunked_token_budget"] if policy == "chunked" else settings["prefill_token_budget"]
         return FleetSpec(2, 0, InstanceConfig(policy, settings["max_num_seqs"], budget, NUM_BLOCKS),
-                         routing="least_loaded", submit_s=submit_s)
-    link = LinkSpec("measured", probe.get("achieved_GBps") or probe["best_GBps"], 0.0, control_rtt_s=control_rtt_s)
+                         routing="least_loaded")
+    link = LinkSpec("measured", probe.get("achieved_GBps") or probe["best_GBps"], 0.0)
     return FleetSpec(1, 1, InstanceConfig("prefill_first", settings["max_num_seqs"], settings["prefill_token_budget"],
-                                          NUM_BLOCKS), link=link, kv_bytes_per_token=KV_BYTES_PER_TOKEN[model],
-                     submit_s=submit_s)
+                                          NUM_BLOCKS), link=link, kv_bytes_per_token=KV_BYTES_PER_TOKEN[model])
 
 
 def _generator(sweep: dict, settings: dict) -> Sweep:
@@ -143,32 +141,28 @@ def _costs_of(data: dict, model: str, m: dict, rows_files: list[str]) -> tuple[s
     return (rows_path, rows_costs, *anchored(rows_costs, m["calibration"], model))
 
 
-@dataclasses.dataclass(frozen=True)
-class Serving:
-    """The real serving path's costs the device rows lack, as the simulator's mechanisms (``SERVING_FITS``)."""
-
-    decode_commit_s: float = 0.0
-    submit_s: float = 0.0
-    control_rtt_s: float = 0.0
-    decode_per_seq_s: float = 0.0
-
-    def apply(self, costs: StepCostModel) -> StepCostModel:
-        """``costs`` with this commit and per-sequence decode work."""
-        return dataclasses.replace(costs, decode_commit_s=self.decode_commit_s, decode_per_seq_s=self.decode_per_seq_s)
+def serving_costs(card: str, source: Path, **values: float) -> ServingCosts:
+    """``ServingCosts`` of ``card`` with the given values, the others 0 (no serving costs at all when none is given)."""
+    return ServingCosts(**{k: values.get(k, 0.0) for k in VALUES}, card=card, source=source)
 
 
 def _run(sweep: dict, settings: dict, model: str, probe: dict, costs: StepCostModel, rate: float,
-         serving: Serving = Serving()):
-    fleet = fleet_for(sweep["config"], settings, model, probe, serving.submit_s, serving.control_rtt_s)
-    return simulate(fleet, serving.apply(costs), Trace.of(_generator(sweep, settings).requests_at(rate)),
-                    keep_timelines=True)
+         serving: ServingCosts):
+    fleet, priced = apply_serving_costs(serving, fleet_for(sweep["config"], settings, model, probe), costs)
+    return simulate(fleet, priced, Trace.of(_generator(sweep, settings).requests_at(rate)), keep_timelines=True)
+
+
+def mean_decode_context(requests) -> float:
+    """Context tokens of a decoding sequence, on average over its decode steps (prompt + half its output), per step."""
+    steps = [max(0, r.output_len - 1) for r in requests]
+    return sum((r.prompt_len + r.output_len / 2) * n for r, n in zip(requests, steps)) / max(1, sum(steps))
 
 
 def _lowest(sweep: dict) -> dict:
     return min(sweep["points"], key=lambda p: p["rate_rps"])
 
 
-def queue_residuals(group: list[tuple], configs: str, serving: Serving) -> list[float]:
+def queue_residuals(group: list[tuple], configs: str, serving: ServingCosts) -> list[float]:
     """At each ``configs`` sweep's lowest rate: measured less simulated median queue (arrival to prefill start)."""
     out = []
     for sweep, settings, model, probe, anchor in group:
@@ -182,9 +176,14 @@ def queue_residuals(group: list[tuple], configs: str, serving: Serving) -> list[
     return out
 
 
-def per_seq_residuals(group: list[tuple], serving: Serving) -> list[float]:
-    """At every rate of each disaggregated sweep (a decode-only instance): measured less simulated TPOT p50, over the
-    simulated mean decode batch: the host seconds per decoding sequence and step the simulator lacks."""
+def decode_residuals(group: list[tuple], serving: ServingCosts) -> list[tuple[float, float, float]]:
+    """At every rate of each disaggregated sweep (a decode-only instance), ``fit_decode_terms``' point: (the measured
+    run's mean decode batch by Little's law, that batch's context seconds, measured less simulated TPOT p50).
+
+    Little's law: the same requests at the same rate keep ``batch / TPOT`` alike, so the measured run decoded
+    ``simulated batch x measured / simulated TPOT`` sequences at once; dividing by the simulated batch instead
+    overstates the per-sequence cost wherever the measured steps are the slower ones.
+    """
     out = []
     for sweep, settings, model, probe, anchor in group:
         if not sweep["config"].startswith("disagg"):
@@ -193,7 +192,11 @@ def per_seq_residuals(group: list[tuple], serving: Serving) -> list[float]:
             if point.get("tpot_p50_s") is None:
                 continue
             res = _run(sweep, settings, model, probe, anchor, point["rate_rps"], serving)
-            out.append((point["tpot_p50_s"] - res.percentile("tpot_s", 50)) / mean_decode_batch(res))
+            sim_tpot = res.percentile("tpot_s", 50)
+            batch = mean_decode_batch(res) * point["tpot_p50_s"] / sim_tpot
+            context = mean_decode_context(_generator(sweep, settings).requests_at(point["rate_rps"]))
+            context_s = batch * anchor.decode_context_s * max(0.0, context - anchor.decode_reference_context)
+            out.append((batch, context_s, point["tpot_p50_s"] - sim_tpot))
     return out
 
 
@@ -201,17 +204,19 @@ def _median0(values: list[float]) -> float:
     return max(0.0, statistics.median(values)) if values else 0.0
 
 
-def fit_serving(group: list[tuple], commit_residuals_s: list[float]) -> tuple[Serving, dict]:
-    """``SERVING_FITS`` on ``group`` (sweeps of the files used for fitting), in order; each a median, floored at 0."""
-    serving = Serving(decode_commit_s=_median0(commit_residuals_s))
+def fit_serving(group: list[tuple], commit_residuals_s: list[float], card: str,
+                source: Path) -> tuple[ServingCosts, dict]:
+    """``SERVING_FITS`` on ``group`` (sweeps of the files used for fitting), in order; floored at 0."""
+    serving = serving_costs(card, source, decode_commit_s=_median0(commit_residuals_s))
     submit = queue_residuals(group, "colocated", serving)
     serving = dataclasses.replace(serving, submit_s=_median0(submit))
     rtt = queue_residuals(group, "disagg", serving)
     serving = dataclasses.replace(serving, control_rtt_s=_median0(rtt))
-    per_seq = per_seq_residuals(group, serving)
-    serving = dataclasses.replace(serving, decode_per_seq_s=_median0(per_seq))
+    points = decode_residuals(group, serving)
+    per_seq, extra = fit_decode_terms(points) if points else (0.0, 0.0)
+    serving = dataclasses.replace(serving, decode_per_seq_s=per_seq, decode_context_extra=extra)
     return serving, {"commit_residuals": len(commit_residuals_s), "submit_residuals": len(submit),
-                     "rtt_residuals": len(rtt), "per_seq_residuals": len(per_seq)}
+                     "rtt_residuals": len(rtt), "decode_residuals": len(points)}
 
 
 SERVING_FITS = """Fitted per card, leaving the predicted file out: for each sweep file, on the other committed files of \
@@ -219,8 +224,11 @@ the same card (H100: three of four; H200: two of three), medians, in this order:
 (the 1P1D hand-off's commit residuals at each disaggregated sweep's lowest rate); (2) the router's hand-over \
 (``submit_s``): measured less simulated median queue at each colocated sweep's lowest rate; (3) the reservation's \
 round trip (``control_rtt_s``): the same at each disaggregated sweep's lowest rate, with (1) and (2) in; (4) host \
-work per decoding sequence and step (``decode_per_seq_s``): measured less simulated TPOT p50 over the simulated mean \
-decode batch, at every rate of each disaggregated sweep, with (1) to (3) in."""
+work per decoding sequence and step (``decode_per_seq_s``) and the decode attention's extra cost per context token \
+(``decode_context_extra``, a fraction of the rows' KV read): measured less simulated TPOT p50 at every rate of each \
+disaggregated sweep, with (1) to (3) in, fitted by non-negative least squares as per sequence x the measured run's \
+mean decode batch (Little's law: the simulated batch x measured / simulated TPOT) + extra x that batch's context \
+seconds."""
 
 
 def simulate_sweep(sweep: dict, settings: dict, model: str, probe: dict, models: dict) -> dict:
@@ -234,8 +242,8 @@ def simulate_sweep(sweep: dict, settings: dict, model: str, probe: dict, models:
                                                                                                  for p in points])}
     disagg = sweep["config"].startswith("disagg")
     for key, (costs, serving) in models.items():
-        fleet = fleet_for(sweep["config"], settings, model, probe, serving.submit_s, serving.control_rtt_s)
-        sims = [simulate(fleet, serving.apply(costs), Trace.of(gen.requests_at(r)), keep_timelines=True) for r in rates]
+        fleet, priced = apply_serving_costs(serving, fleet_for(sweep["config"], settings, model, probe), costs)
+        sims = [simulate(fleet, priced, Trace.of(gen.requests_at(r)), keep_timelines=True) for r in rates]
         out[key] = {"attainment": [s.attainment(slo) for s in sims],
                     "ttft_p50_s": [s.percentile("ttft_s", 50) for s in sims],
                     "tpot_p50_s": [s.percentile("tpot_s", 50) for s in sims],
@@ -249,11 +257,6 @@ def simulate_sweep(sweep: dict, settings: dict, model: str, probe: dict, models:
     return out
 
 
-def crossing_error(measured: float, simulated: float, lowest_rate: float) -> float | None:
-    """Relative error of the 90% crossing; None where the measured sweep never reached 90% (no crossing to compare)."""
-    return None if measured <= 0 else (simulated - measured) / measured
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweeps", nargs="*", help="bench disagg JSONs (default: every committed disagg-h100/h200 one)")
@@ -263,6 +266,8 @@ def main() -> None:
     args = ap.parse_args()
     sweep_files = args.sweeps or sorted(p for p in glob.glob("benchmarks/results/disagg-h[12]00-2026-*.json"))
     rows_files = args.rows or sorted(glob.glob("benchmarks/results/gpu-h100-*.json"))
+    date = datetime.date.today().isoformat() + args.tag
+    source = Path(args.out) / f"sim-validation-gpu-{date}.json"
     results, residuals, groups = [], {}, {}
     files = [(Path(path).stem, json.loads(Path(path).read_text())) for path in sweep_files]
     for stem, data in files:  # the KV commit first: one value fitted over every file
@@ -278,19 +283,20 @@ def main() -> None:
         others = [o for o, d in files if o != stem and d["card"] == data["card"]]
         group = [g for o in others for g in groups[o]]
         commits = [x for key, xs in residuals.items() if key.split()[0] in others for x in xs]
-        serving, counts = fit_serving(group, commits)
-        fits[stem] = {**dataclasses.asdict(serving), "fitted_on": others, **counts}
+        serving, counts = fit_serving(group, commits, data["card"], source)
+        serving = dataclasses.replace(serving, fitted_on=tuple(others))
+        fits[stem] = {**serving.as_dict(), **counts}
         print(f"{stem}: serving costs fitted on {others}: {serving}", flush=True)
     for stem, data in files:
-        serving = Serving(**{k: v for k, v in fits[stem].items() if k in {f.name for f in dataclasses.fields(Serving)}})
+        serving = serving_costs(data["card"], source, **{k: fits[stem][k] for k in VALUES})
         for model, m in data["models"].items():
             rows_path, rows_costs, anchor, scales = _costs_of(data, model, m, rows_files)
             scales["decode_commit_s"] = commit_s
-            old = Serving(decode_commit_s=commit_s)
+            old = serving_costs(data["card"], source, decode_commit_s=commit_s)
             slower = dataclasses.replace(anchor, decode_s=tuple(1.1 * t for t in anchor.decode_s),
                                          decode_context_s=1.1 * anchor.decode_context_s)
             models = {SERVING: (anchor, serving), "anchored": (anchor, old), "rows": (rows_costs, old),
-                      SENSITIVITY: (slower, old), NO_COMMIT: (anchor, Serving())}
+                      SENSITIVITY: (slower, old), NO_COMMIT: (anchor, serving_costs(data["card"], source))}
             for sweep in m["sweeps"]:
                 r = simulate_sweep(sweep, data["settings"], model, m["kv_probe"], models)
                 r.update(card=data["card"], model=model, sweep_file=f"{stem}.json", rows_file=Path(rows_path).name,
@@ -298,112 +304,9 @@ def main() -> None:
                 results.append(r)
                 print(stem, model, r["config"], r["workload"], r["measured"],
                       [round(a, 2) for a in r[SERVING]["attainment"]], flush=True)
-    write(results, args.out, {"decode_commit_s": commit_s, "residuals_s": residuals, "serving_fits": fits}, args.tag)
-
-
-def _errors(results: list[dict], key: str) -> dict:
-    """Attainment and crossing errors of one cost model over every sweep."""
-    att = [abs(s - m) for r in results for m, s in zip(r["measured"], r[key]["attainment"])]
-    cross = [crossing_error(r["measured_goodput_rps"], r[key]["goodput_rps"], r["rates_rps"][0]) for r in results]
-    rel = [abs(c) for c in cross if c is not None]
-    return {"attainment_mean_abs_error": statistics.mean(att), "crossing_median_abs_rel_error": statistics.median(rel),
-            "crossings_within_goal": sum(c <= GOAL_CROSSING for c in rel), "crossings_compared": len(rel),
-            "sweeps_without_measured_crossing": sum(c is None for c in cross)}
-
-
-def signs(results: list[dict], key: str) -> list[dict]:
-    """Best disaggregated against best colocated goodput per GPU, for each sweep file, model and workload."""
-    out = []
-    for f, model, wl in sorted({(r["sweep_file"], r["model"], r["workload"]) for r in results}):
-        group = [r for r in results if (r["sweep_file"], r["model"], r["workload"]) == (f, model, wl)]
-        colo = [r for r in group if r["config"].startswith("colocated")]
-        dis = [r for r in group if r["config"].startswith("disagg")]
-        if not colo or not dis:
-            continue
-        meas = (max(r["measured_goodput_rps"] for r in dis) - max(r["measured_goodput_rps"] for r in colo)) / NUM_GPUS
-        sim = (max(r[key]["goodput_rps"] for r in dis) - max(r[key]["goodput_rps"] for r in colo)) / NUM_GPUS
-        best = max(r["measured_goodput_rps"] for r in group) / NUM_GPUS
-        decided = best > 0  # else no configuration reached 0.9 at its lowest measured rate: nothing to compare
-        out.append({"sweep_file": f, "card": group[0]["card"], "model": model, "workload": wl,
-                    "measured_disagg_minus_colocated_per_gpu_rps": meas, "simulated_disagg_minus_colocated_per_gpu_rps": sim,
-                    "decided": decided, "sign_agrees": decided and (meas > 0) == (sim > 0) and (meas < 0) == (sim < 0),
-                    "within_run_spread": abs(meas) <= 0.25 * best})  # two-GPU goodput varies about 25% run to run
-    return out
-
-
-def write(results: list[dict], out_dir: str, commit: dict, tag: str = "") -> None:
-    """The JSON and Markdown results."""
-    date = datetime.date.today().isoformat() + tag
-    keys = (SERVING, "anchored", "rows", SENSITIVITY, NO_COMMIT)
-    summary = {key: _errors(results, key) for key in keys}
-    sign_rows = {key: signs(results, key) for key in keys}
-    out = Path(out_dir)
-    (out / f"sim-validation-gpu-{date}.json").write_text(json.dumps(
-        {"benchmark": "sim_gpu_validation", "date": date, "commit_fit": commit, "summary": summary, "signs": sign_rows, "sweeps": results},
-        indent=1))
-    lines = [f"# Simulator against the committed two-GPU sweeps ({date})", "",
-             "Attainment measured / simulated (anchored cost model) at each measured rate, the same requests; "
-             "goodput = the 90% crossing, per GPU (two GPUs). Cost model: the committed H100 `bench gpu` rows nearest "
-             "in date (`sim.costs.costs_from_gpu_rows`), scaled to the sweep run's own unloaded TTFT and TPOT "
-             "(`anchored`; `rows` = unscaled; `decode +10%`: a sensitivity, not a fit). A sweep file's points never enter "
-             "the model that predicts it: the fits below are made on the card's other files. Goals: the crossing within 20%; the sign of disaggregated against colocated right in every case.",
-             "",
-             SERVING_FITS.replace("``", "`"), "",
-             "| sweep (predicted) | fitted on | KV commit ms | router hand-over ms | reservation round trip ms | "
-             "decode host us per sequence and step |", "|---|---|---:|---:|---:|---:|"]
-    for stem, f in commit["serving_fits"].items():
-        lines.append(f"| {stem} | {', '.join(f['fitted_on'])} | {1e3 * f['decode_commit_s']:.2f} | {1e3 * f['submit_s']:.2f} | "
-                     f"{1e3 * f['control_rtt_s']:.2f} | {1e6 * f['decode_per_seq_s']:.1f} |")
-    lines += ["", f"| sweep | model | config | workload | rate req/s: attainment measured / {SERVING} / anchored | "
-              "goodput/GPU measured / serving / anchored / rows |", "|---|---|---|---|---|---|"]
-    for r in results:
-        pts = ", ".join(f"{x}: {m:.2f}/{s:.2f}/{a:.2f}" for x, m, s, a in zip(
-            r["rates_rps"], r["measured"], r[SERVING]["attainment"], r["anchored"]["attainment"]))
-        lines.append(f"| {r['sweep_file'].removesuffix('.json')} | {r['model']} | {r['config']} | {r['workload']} | {pts} | "
-                     f"{r['measured_goodput_rps'] / NUM_GPUS:.2f} / {r[SERVING]['goodput_rps'] / NUM_GPUS:.2f} / "
-                     f"{r['anchored']['goodput_rps'] / NUM_GPUS:.2f} / {r['rows']['goodput_rps'] / NUM_GPUS:.2f} |")
-    lines += ["", "| cost model | attainment mean abs error | crossing median abs rel error | crossings within 20% | "
-              "sweeps whose measured attainment never reached 0.9 |", "|---|---:|---:|---:|---:|"]
-    for key, s in summary.items():
-        lines.append(f"| {key} | {s['attainment_mean_abs_error']:.2f} | {100 * s['crossing_median_abs_rel_error']:.0f}% | "
-                     f"{s['crossings_within_goal']} / {s['crossings_compared']} | {s['sweeps_without_measured_crossing']} |")
-    for key in keys:
-        rows = sign_rows[key]
-        decided = [s for s in rows if s["decided"]]
-        outside = [s for s in decided if not s["within_run_spread"]]
-        lines += ["", f"Best disaggregated minus best colocated goodput per GPU, req/s ({key}): sign right in "
-                  f"{sum(s['sign_agrees'] for s in decided)} of {len(decided)} cases with a measured crossing "
-                  f"({sum(s['sign_agrees'] for s in outside)} of {len(outside)} where the measured gap exceeds the "
-                  f"~25% run-to-run spread); {len(rows) - len(decided)} cases had no configuration reach 0.9", "",
-                  "| sweep | model | workload | measured | simulated | sign agrees | measured gap within the ~25% run spread |",
-                  "|---|---|---|---:|---:|---|---|"]
-        lines += [f"| {s['sweep_file'].removesuffix('.json')} | {s['model']} | {s['workload']} | "
-                  f"{s['measured_disagg_minus_colocated_per_gpu_rps']:+.2f} | "
-                  f"{s['simulated_disagg_minus_colocated_per_gpu_rps']:+.2f} | "
-                  + (f"{'yes' if s['sign_agrees'] else 'NO'} | {'yes' if s['within_run_spread'] else 'no'} |"
-                     if s["decided"] else "n/a | n/a |") for s in rows]
-    scales = sorted({(r["sweep_file"], r["model"], round(r["anchor_scales"]["prefill_scale"], 3),
-                      round(r["anchor_scales"]["decode_scale"], 3), r["anchor_scales"]["decode_commit_s"],
-                      r["rows_file"]) for r in results})
-    lines += ["", "Anchor scales (sweep run's unloaded calibration over the rows model) and the fitted KV commit: " +
-              "; ".join(f"{f.removesuffix('.json')} {m}: prefill x{p}, decode x{d}, commit {1e3 * c:.2f} ms "
-                        f"(rows {rf.removesuffix('.json')})" for f, m, p, d, c, rf in scales)]
-    lines += ["", f"Disaggregated sweeps at their lowest rate, medians in ms, measured / {SERVING} / anchored / anchored "
-              "with commit 0: queue (arrival to prefill start), transfer (prefill end to adoption), TTFT p50", "",
-              "| sweep | model | config | workload | rate | queue | transfer | TTFT p50 |", "|---|---|---|---|---:|---|---|---|"]
-    for r in results:
-        meas = r["measured_breakdown_median_s"][0] if r["config"].startswith("disagg") else None
-        if not meas:
-            continue
-        v, a, z = (r[k]["breakdown_median_s"][0] for k in (SERVING, "anchored", NO_COMMIT))
-        cell = lambda k: f"{1e3 * meas[k]:.1f} / {1e3 * v[k]:.1f} / {1e3 * a[k]:.1f} / {1e3 * z[k]:.1f}"  # noqa: E731
-        lines.append(f"| {r['sweep_file'].removesuffix('.json')} | {r['model']} | {r['config']} | {r['workload']} | "
-                     f"{r['rates_rps'][0]} | {cell('queue_s')} | {cell('transfer_s')} | "
-                     f"{1e3 * r['measured_ttft_p50_s'][0]:.1f} / {1e3 * r[SERVING]['ttft_p50_s'][0]:.1f} / "
-                     f"{1e3 * r['anchored']['ttft_p50_s'][0]:.1f} / "
-                     f"{1e3 * r[NO_COMMIT]['ttft_p50_s'][0]:.1f} |")
-    (out / f"sim-validation-gpu-{date}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = write(results, args.out, {"decode_commit_s": commit_s, "residuals_s": residuals, "serving_fits": fits},
+               SERVING_FITS, args.tag)
+    print(md.read_text())
 
 
 if __name__ == "__main__":

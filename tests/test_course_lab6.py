@@ -190,7 +190,8 @@ def test_the_two_gpu_prediction_adds_serving_costs_fitted_without_its_run():
     assert case.run not in serving.fitted_on and serving.fitted_on and serving.num_fits == 1
     seeds = (random.Random().randrange(100),)
     device_only = fl.simulate_two_gpu(case, seeds, with_serving=False)
-    zero = dataclasses.replace(serving, decode_commit_s=0.0, submit_s=0.0, control_rtt_s=0.0, decode_per_seq_s=0.0)
+    zero = dataclasses.replace(serving, decode_commit_s=0.0, submit_s=0.0, control_rtt_s=0.0, decode_per_seq_s=0.0,
+                               decode_context_extra=0.0)
     assert fl.simulate_two_gpu(case, seeds, serving=zero) == device_only  # zero serving costs change nothing
     # a slow serving path (a reservation round trip near the TTFT target, heavy host work per decoding sequence)
     slow = dataclasses.replace(serving, control_rtt_s=case.slo.ttft_s * random.uniform(0.8, 0.95),

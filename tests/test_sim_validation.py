@@ -183,3 +183,37 @@ def test_sim_calibrate_keeps_the_median_as_fit_costs_does(monkeypatch):
     monkeypatch.setattr(calibrate, "calibrate_step_costs", lambda loaded, plan, progress, keep: asked.update(keep=keep))
     calibrate_costs("tiny", repeats=3)
     assert asked == {"keep": "median"}
+
+
+def test_the_validation_report_counts_crossings_and_signs_by_hand(tmp_path):
+    from minidisagg.sim.validation_report import KEYS, SERVING, errors, signs, write
+
+    rng = random.Random()
+    scale = rng.uniform(0.5, 2.0)  # goodputs scaled alike: the relative errors and the signs do not change
+
+    def sweep(config: str, measured: float, simulated: float, att: tuple[float, float]) -> dict:
+        model = {"attainment": [att[0] + 0.05, att[1] - 0.1], "goodput_rps": simulated * scale,
+                 "ttft_p50_s": [0.1, 0.2], "tpot_p50_s": [0.01, 0.02], "mean_decode_batch": [1.0, 2.0]}
+        return {"config": config, "workload": "chat", "rates_rps": [1.0, 2.0], "measured": list(att),
+                "measured_goodput_rps": measured * scale, "sweep_file": "disagg-h100-2026-01-01.json", "card": "h100",
+                "model": "llama-8b", "rows_file": "gpu-h100-2026-01-01.json",
+                "anchor_scales": {"prefill_scale": 1.0, "decode_scale": 1.0, "decode_commit_s": 0.0},
+                "measured_breakdown_median_s": [None, None], "measured_ttft_p50_s": [0.1, 0.2],
+                "measured_tpot_p50_s": [0.01, 0.02], **{k: dict(model) for k in KEYS}}
+    results = [sweep("colocated-prefill_first", 4.0, 5.0, (1.0, 0.5)),  # +25%: outside the goal
+               sweep("disagg-overlap", 6.0, 6.6, (1.0, 0.8)),  # +10%: inside
+               sweep("disagg-no-overlap", 0.0, 1.0, (0.5, 0.2))]  # never reached 0.9: not compared
+    e = errors(results, SERVING)
+    assert e["crossings_compared"] == 2 and e["crossings_within_goal"] == 1 and e["sweeps_without_measured_crossing"] == 1
+    assert e["crossing_median_abs_rel_error"] == pytest.approx((0.25 + 0.1) / 2)
+    assert e["attainment_mean_abs_error"] == pytest.approx((0.05 + 0.1) * 3 / 6)
+    (row,) = signs(results, SERVING)
+    assert row["measured_disagg_minus_colocated_per_gpu_rps"] == pytest.approx((6.0 - 4.0) * scale / 2)
+    assert row["simulated_disagg_minus_colocated_per_gpu_rps"] == pytest.approx((6.6 - 5.0) * scale / 2)
+    assert row["decided"] and row["sign_agrees"] and not row["within_run_spread"]  # gap 2 > 25% of the best, 6
+    fits = {"disagg-h100-2026-01-01": {"decode_commit_s": 1e-3, "submit_s": 2e-3, "control_rtt_s": 5e-3,
+                                       "decode_per_seq_s": 5e-5, "decode_context_extra": 0.5, "fitted_on": ["x"]}}
+    md = write(results, str(tmp_path), {"decode_commit_s": 1e-3, "residuals_s": {}, "serving_fits": fits}, "fitted so", "z")
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert data["summary"][SERVING]["crossings_within_goal"] == 1 and md.name.endswith("z.md")
+    assert "| 50.0 | +50% |" in md.read_text() and "fitted so" in md.read_text()
