@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -61,12 +62,29 @@ def _child(model: str, repeats: int) -> dict[str, Any]:
     return {"times_s": times, "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0]}
 
 
-def run(model: str, rounds: int, repeats: int) -> list[dict[str, Any]]:
-    """All rounds: one child per policy per round, in turn; the per-child results."""
+def busy_processes(count: int) -> list[subprocess.Popen]:
+    """``count`` processes that spin a CPU each until killed: a host as busy as a shared one, on purpose."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def run(model: str, rounds: int, repeats: int, policies: tuple[str, ...] = POLICIES,
+        background_load: int = 0) -> list[dict[str, Any]]:
+    """All rounds: one child per policy per round, in turn (beside ``background_load`` busy processes); results."""
     from rich.progress import track
 
+    plan = [(r, p) for r in range(rounds) for p in policies]
+    busy = busy_processes(background_load)
+    try:
+        return _children(plan, model, repeats, track)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+def _children(plan: list[tuple[int, str]], model: str, repeats: int, track: Callable) -> list[dict[str, Any]]:
+    """One child process per (round, policy) of ``plan``, in order; their results."""
     runs = []
-    plan = [(r, p) for r in range(rounds) for p in POLICIES]
     for r, policy in track(plan, description="children (policy, round)"):
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)
@@ -88,7 +106,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     """Median seconds per (workload, policy, placement) over every run, plus the spread (max / min)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for workload in WORKLOADS:
-        for policy in POLICIES:
+        for policy in [p for p in POLICIES if any(r["policy"] == p for r in runs)]:
             for placement in PLACEMENTS:
                 xs = [t for r in runs if r["policy"] == policy for t in r["times_s"][workload][placement]]
                 out.setdefault(workload, {})[f"{policy}, {placement}"] = {
@@ -103,10 +121,11 @@ def to_markdown(result: dict[str, Any], date: str) -> str:
     lines = [f"# OpenMP wait policy and the stepping thread ({date})", "",
              f"{result['model']} float32 on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
              f"{m['torch_threads']} torch threads); {args['rounds']} rounds x {args['repeats']} runs per child; "
+             f"{args.get('background_load', 0)} busy processes beside it; "
              f"load average (1 min) {min(loads):.1f} to {max(loads):.1f}.", "",
              "| workload | policy, placement | median s | min-max s | / PASSIVE, second thread |", "|---|---|---:|---:|---:|"]
     for workload, cells in result["summary"].items():
-        base = cells["PASSIVE, second thread"]["median_s"]
+        base = cells["PASSIVE, second thread"]["median_s"] if "PASSIVE, second thread" in cells else math.nan
         for cell, v in cells.items():
             lines.append(f"| {workload} | {cell} | {v['median_s']:.2f} | {v['min_s']:.2f}-{v['max_s']:.2f} | "
                          f"{v['median_s'] / base:.2f}x |")
@@ -119,6 +138,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="runs per workload and placement in each child")
+    ap.add_argument("--policies", default=",".join(POLICIES), help=f"a subset of {', '.join(POLICIES)}")
+    ap.add_argument("--background-load", type=int, default=0, help="busy processes to run beside the children")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     from minidisagg.bench.common import add_output_args, finish_run, machine_info
 
@@ -129,7 +150,10 @@ def main() -> None:
         return
     args.device = "cpu"
     info = machine_info()
-    runs = run(args.model, args.rounds, args.repeats)
+    policies = tuple(p.strip() for p in args.policies.split(","))
+    if not set(policies) <= set(POLICIES) or not policies:
+        ap.error(f"--policies: choose from {', '.join(POLICIES)}")
+    runs = run(args.model, args.rounds, args.repeats, policies, args.background_load)
     finish_run("omp_wait_policy", args, info, runs, summarise(runs), "omp-wait-policy", to_markdown)
 
 

@@ -12,15 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# OpenMP threads that finish a parallel region sleep at once rather than spin, unless the user chose.
-# On a CPU host busier than its cores, torch's spinning threads made an engine stepped from a process's
-# main thread 5-20x slower at times (a 2 s batch took up to 48 s), and PASSIVE removed that tail
-# (``benchmarks/omp_wait_policy.py``, ``benchmarks/NOTES.md``). libgomp reads this once, when torch
-# loads it: it applies to this process if torch is not imported yet, and to every process started from
-# here (Jupyter kernels, nbval, worker processes) either way. Set ``OMP_WAIT_POLICY=ACTIVE`` to opt out
-# (``MINIDISAGG_KEEP_OMP_POLICY=1`` leaves the variable unset, as the benchmark that compares them needs).
-if not os.environ.get("MINIDISAGG_KEEP_OMP_POLICY"):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that finish a parallel region spin at most 10,000 times before they sleep, unless the user
+# chose (GNU OpenMP, torch's runtime on Linux, spins 300,000 by default). On a CPU host busier than its
+# cores, the default made an engine stepped from a process's main thread up to 20-40x slower at times (a
+# 2 s batch took up to 48 s); the short spin cut that tail to under 4x the median and cost nothing on a
+# quiet host, where never spinning (OMP_WAIT_POLICY=PASSIVE) was 1.25-1.4x slower (``benchmarks/omp_wait_policy.py``,
+# ``benchmarks/NOTES.md``). libgomp reads this once, when torch loads it: it applies to this process if
+# torch is not imported yet, and to every process started from here (Jupyter kernels, nbval, worker
+# processes) either way. Setting OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself overrides it;
+# ``MINIDISAGG_KEEP_OMP_POLICY=1`` leaves both unset, as the benchmark that compares them needs.
+if not (os.environ.get("MINIDISAGG_KEEP_OMP_POLICY") or "OMP_WAIT_POLICY" in os.environ):
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # public name -> the module that defines it
 _EXPORTS = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import minidisagg  # noqa: F401,I001 - before torch: its OpenMP wait policy (minidisagg/__init__.py) applies here too
+import minidisagg  # noqa: F401,I001 - before torch: its OpenMP spin count (minidisagg/__init__.py) applies here too
 import torch
 
 # A notebook claim not seen raises under the test suite, so nbval fails the cell whose prose it contradicts
