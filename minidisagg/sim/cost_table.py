@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from minidisagg.config import PRESETS
 from minidisagg.engine.step_cost import StepCostModel
@@ -30,6 +30,14 @@ _DATE = re.compile(r"\d{4}-\d\d-\d\d")
 def default_results_dir() -> Path:
     """``benchmarks/results`` of the checkout this package lives in."""
     return Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def read_result_json(path: Path, what: str) -> Any:
+    """The parsed JSON of a committed results file; ValueError naming ``what`` it should be when it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read {what} ({exc})") from None
 
 
 def find_gpu_table(card: str, results_dir: Optional[Path] = None) -> Path:
@@ -60,10 +68,7 @@ class GpuTable:
     def load(cls, path: str | Path) -> "GpuTable":
         """Parse ``path``; ValueError when it is not a ``bench gpu`` result."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read a GPU cost table ({exc})") from None
+        data = read_result_json(path, "a GPU cost table")
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
             raise ValueError(f"{path}: no 'rows' list; is it a `minidisagg bench gpu` result?")
         decode: dict[str, dict[int, float]] = {}

@@ -14,7 +14,6 @@ puts them into a fleet and its step-cost model.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minidisagg.engine.step_cost import StepCostModel
-from minidisagg.sim.cost_table import default_results_dir
+from minidisagg.sim.cost_table import default_results_dir, read_result_json
 from minidisagg.sim.fleet import FleetSpec
 
 REQUIRED = ("decode_commit_s", "submit_s", "control_rtt_s", "decode_per_seq_s")  # in every file with serving fits
@@ -79,10 +78,7 @@ def read_serving_fits(path: str | Path) -> dict[str, dict[str, Any]]:
     (an ``OPTIONAL`` value may be absent: files written before it existed).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read a GPU validation result ({exc})") from None
+    data = read_result_json(path, "a GPU validation result")
     if not isinstance(data, dict) or not isinstance(data.get("commit_fit"), dict):
         raise ValueError(f"{path}: no 'commit_fit'; is it a benchmarks/sim_gpu_validation.py result?")
     fits = data["commit_fit"].get("serving_fits", {})
